@@ -1,0 +1,32 @@
+//! Tessera's card model.
+//!
+//! A card is the public identity of one device (a ClientCard) or of an
+//! organisation (an OrgCard): an exact `CardContent` snapshot plus three
+//! signatures, by the card's own key, by the AppKey and by the key service.
+//!
+//! Trust decisions take a [`VerifiedCard`], which only [`Verifier::verify`]
+//! makes, after checking all three signatures against pinned AppKey and KMS
+//! keys and the identity and kind asked for (the seed's automatic card
+//! verification): parse, don't validate.
+//!
+//! Also here: revocation records ([`revocation`]), the transparency log's
+//! Merkle tree and proof checks ([`transparency`]) and safety numbers
+//! ([`safety_number`]).
+
+mod card;
+mod error;
+mod identity;
+pub mod revocation;
+pub mod safety_number;
+pub mod transparency;
+mod verifier;
+
+pub use card::{CardId, CardKind, NewCard, ParsedCard, app_sign, kms_sign};
+pub use error::{CardError, SignatureRole};
+pub use identity::{
+    MAX_DEVICE_NAME_LEN, MAX_IDENTITY_LEN, validate_device_name, validate_identity,
+};
+pub use verifier::{VerifiedCard, Verifier};
+
+/// Protocol version of card contents and revocations.
+pub const VERSION: u32 = 1;

@@ -1,0 +1,768 @@
+//! Multi-recipient sign-then-encrypt envelopes (the seed's EncMsg).
+//!
+//! Sealing: the sender signs a `SignedPayload` naming the channel, a random
+//! message id, itself (identity and card id), the time and the sorted card
+//! ids of every recipient; the payload and signature are sealed with
+//! AES-256-GCM under a fresh content key, with the envelope header as
+//! associated data; the content key is wrapped for each recipient card with
+//! HPKE. Opening checks all of that before returning anything.
+//! `docs/protocol.md` gives the byte layout.
+
+use std::fmt;
+
+use tessera_proto::{
+    Message as _,
+    envelope::v1::{Envelope, EnvelopeHeader, SealedContent, SignedPayload, Stanza},
+};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use crate::{
+    EncryptionPublicKey, EncryptionSecret, KeyError, SignatureContext, SigningKey, VerifyingKey,
+    aead,
+    hpke_wrap::{self, ENC_LEN, HPKE_TAG_LEN, HpkeOpenError},
+    random::random_array,
+};
+
+/// Protocol version of envelopes, headers and payloads.
+pub const VERSION: u32 = 1;
+/// Length of a message id.
+pub const MESSAGE_ID_LEN: usize = 16;
+/// Most recipient cards one envelope may carry.
+pub const MAX_RECIPIENTS: usize = 10_000;
+
+/// Content type of a plain text message.
+pub const CONTENT_TYPE_TEXT: &str = "text/plain; charset=utf-8";
+/// Content type of a message carrying a `FileAttachment`.
+pub const CONTENT_TYPE_FILE: &str = "application/vnd.tessera.file+v1";
+/// Content type of a message carrying a `HistoryItem` from the organisation.
+pub const CONTENT_TYPE_HISTORY: &str = "application/vnd.tessera.history+v1";
+
+/// The content key is fresh for every message, so one fixed nonce is safe.
+const BODY_NONCE: [u8; 12] = [0u8; 12];
+
+/// Why an envelope could not be sealed or opened.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    #[error("malformed envelope: {0}")]
+    Malformed(&'static str),
+    #[error("unsupported envelope version {0}")]
+    UnsupportedVersion(u32),
+    #[error("an envelope needs at least one recipient")]
+    NoRecipients,
+    #[error("too many recipients: {got} (at most {max})")]
+    TooManyRecipients { got: usize, max: usize },
+    #[error("the same recipient card appears twice")]
+    DuplicateRecipient,
+    #[error("this card is not a recipient of the envelope")]
+    NotARecipient,
+    #[error("the content key could not be unwrapped: wrong key or altered stanza")]
+    KeyUnwrapFailed,
+    #[error("the message body does not authenticate: the header or ciphertext was altered")]
+    BodyDecryptFailed,
+    #[error("the sender's signature does not verify")]
+    BadSignature,
+    #[error("the sender named in the envelope is not the expected sender")]
+    SenderMismatch,
+    #[error("the recipients in the header differ from the recipients the sender signed")]
+    RecipientSetMismatch,
+    #[error("this card is not among the recipients the sender signed")]
+    NotInSignedRecipients,
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl From<HpkeOpenError> for EnvelopeError {
+    fn from(_: HpkeOpenError) -> Self {
+        Self::KeyUnwrapFailed
+    }
+}
+
+/// The sending device: its identity, card id and ClientKey.
+pub struct Sender<'a> {
+    pub identity: &'a str,
+    pub card_id: [u8; 32],
+    pub key: &'a SigningKey,
+}
+
+/// One recipient card.
+#[derive(Clone, Copy)]
+pub struct Recipient<'a> {
+    pub card_id: [u8; 32],
+    pub key: &'a EncryptionPublicKey,
+}
+
+/// What to send.
+pub struct Draft<'a> {
+    pub channel_id: &'a str,
+    pub content_type: &'a str,
+    pub body: &'a [u8],
+    pub sent_at_ms: i64,
+}
+
+/// A sealed envelope and what the sender keeps of it.
+pub struct Sealed {
+    pub message_id: [u8; MESSAGE_ID_LEN],
+    /// Encoded `Envelope`.
+    pub envelope: Vec<u8>,
+}
+
+/// The card that signed a payload, as the caller verified it.
+pub struct ExpectedSender<'a> {
+    pub identity: &'a str,
+    pub card_id: [u8; 32],
+    pub key: &'a VerifyingKey,
+}
+
+/// The recipient opening an envelope.
+pub struct Opener<'a> {
+    pub card_id: [u8; 32],
+    pub secret: &'a EncryptionSecret,
+}
+
+/// Seals `draft` from `sender` to every card in `recipients`.
+pub fn seal(
+    sender: &Sender<'_>,
+    draft: &Draft<'_>,
+    recipients: &[Recipient<'_>],
+) -> Result<Sealed, EnvelopeError> {
+    if recipients.is_empty() {
+        return Err(EnvelopeError::NoRecipients);
+    }
+    if recipients.len() > MAX_RECIPIENTS {
+        return Err(EnvelopeError::TooManyRecipients {
+            got: recipients.len(),
+            max: MAX_RECIPIENTS,
+        });
+    }
+    let mut sorted: Vec<Recipient<'_>> = recipients.to_vec();
+    sorted.sort_unstable_by_key(|r| r.card_id);
+    if sorted.windows(2).any(|w| w[0].card_id == w[1].card_id) {
+        return Err(EnvelopeError::DuplicateRecipient);
+    }
+
+    let message_id = random_array::<MESSAGE_ID_LEN>()?;
+    let payload = SignedPayload {
+        version: VERSION,
+        channel_id: draft.channel_id.to_owned(),
+        message_id: message_id.to_vec(),
+        sender_identity: sender.identity.to_owned(),
+        sender_card_id: sender.card_id.to_vec(),
+        sent_at_ms: draft.sent_at_ms,
+        recipient_card_ids: sorted.iter().map(|r| r.card_id.to_vec()).collect(),
+        content_type: draft.content_type.to_owned(),
+        body: draft.body.to_vec(),
+    }
+    .encode_to_vec();
+    let signature = sender.key.sign(SignatureContext::Message, &payload);
+    let mut body = SealedContent {
+        payload,
+        signature: signature.to_vec(),
+    }
+    .encode_to_vec();
+
+    let content_key = Zeroizing::new(random_array::<32>()?);
+    let stanzas = wrap_for_all(&sorted, &content_key)?;
+    let header = EnvelopeHeader {
+        version: VERSION,
+        sender_card_id: sender.card_id.to_vec(),
+        stanzas,
+    }
+    .encode_to_vec();
+    aead::AeadKey::new(&content_key).seal_in_place(BODY_NONCE, &header, &mut body);
+    let envelope = Envelope {
+        header,
+        ciphertext: body,
+    }
+    .encode_to_vec();
+    Ok(Sealed {
+        message_id,
+        envelope,
+    })
+}
+
+/// From this many recipients on, key wraps run on several threads: each is
+/// an independent X25519 agreement, the whole cost of a large fan-out.
+const PARALLEL_WRAP_FROM: usize = 16;
+
+fn wrap_one(r: &Recipient<'_>, content_key: &[u8; 32]) -> Result<Stanza, EnvelopeError> {
+    let wrapped = hpke_wrap::wrap_key(r.key, &r.card_id, content_key)?;
+    Ok(Stanza {
+        card_id: r.card_id.to_vec(),
+        encapsulated_key: wrapped.encapsulated_key.to_vec(),
+        wrapped_key: wrapped.ciphertext,
+    })
+}
+
+fn wrap_for_all(
+    recipients: &[Recipient<'_>],
+    content_key: &[u8; 32],
+) -> Result<Vec<Stanza>, EnvelopeError> {
+    let threads = if recipients.len() >= PARALLEL_WRAP_FROM {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    } else {
+        1
+    };
+    if threads <= 1 {
+        return recipients
+            .iter()
+            .map(|r| wrap_one(r, content_key))
+            .collect();
+    }
+    let per_thread = recipients.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut parts = recipients.chunks(per_thread);
+        let first = parts.next().unwrap_or_default();
+        let handles: Vec<_> = parts
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|r| wrap_one(r, content_key))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        // The calling thread takes the first share itself.
+        let mut stanzas: Vec<Stanza> = first
+            .iter()
+            .map(|r| wrap_one(r, content_key))
+            .collect::<Result<_, _>>()?;
+        stanzas.reserve(recipients.len() - stanzas.len());
+        for handle in handles {
+            let part = handle
+                .join()
+                .map_err(|_| EnvelopeError::Malformed("key wrap thread failed"))??;
+            stanzas.extend(part);
+        }
+        Ok(stanzas)
+    })
+}
+
+/// An envelope whose header has been parsed but nothing decrypted or trusted.
+pub struct ParsedEnvelope {
+    header_bytes: Vec<u8>,
+    header: EnvelopeHeader,
+    sender_card_id: [u8; 32],
+    ciphertext: Vec<u8>,
+}
+
+impl fmt::Debug for ParsedEnvelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParsedEnvelope")
+            .field("sender_card_id", &hex::encode(self.sender_card_id))
+            .field("stanzas", &self.header.stanzas.len())
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn card_id_of(bytes: &[u8], what: &'static str) -> Result<[u8; 32], EnvelopeError> {
+    bytes.try_into().map_err(|_| EnvelopeError::Malformed(what))
+}
+
+impl ParsedEnvelope {
+    /// Parses an encoded `Envelope` and checks the header's shape: version,
+    /// id lengths, a bounded number of distinct recipients.
+    pub fn parse(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        let envelope =
+            Envelope::decode(bytes).map_err(|_| EnvelopeError::Malformed("not an Envelope"))?;
+        let header = EnvelopeHeader::decode(envelope.header.as_slice())
+            .map_err(|_| EnvelopeError::Malformed("header is not an EnvelopeHeader"))?;
+        if header.version != VERSION {
+            return Err(EnvelopeError::UnsupportedVersion(header.version));
+        }
+        let sender_card_id = card_id_of(&header.sender_card_id, "sender card id is not 32 bytes")?;
+        if header.stanzas.is_empty() {
+            return Err(EnvelopeError::NoRecipients);
+        }
+        if header.stanzas.len() > MAX_RECIPIENTS {
+            return Err(EnvelopeError::TooManyRecipients {
+                got: header.stanzas.len(),
+                max: MAX_RECIPIENTS,
+            });
+        }
+        let mut ids = Vec::with_capacity(header.stanzas.len());
+        for stanza in &header.stanzas {
+            ids.push(card_id_of(
+                &stanza.card_id,
+                "stanza card id is not 32 bytes",
+            )?);
+            if stanza.encapsulated_key.len() != ENC_LEN
+                || stanza.wrapped_key.len() != 32 + HPKE_TAG_LEN
+            {
+                return Err(EnvelopeError::Malformed("stanza key lengths are wrong"));
+            }
+        }
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(EnvelopeError::DuplicateRecipient);
+        }
+        if envelope.ciphertext.len() < aead::TAG_LEN {
+            return Err(EnvelopeError::Malformed("ciphertext shorter than its tag"));
+        }
+        Ok(Self {
+            header_bytes: envelope.header,
+            header,
+            sender_card_id,
+            ciphertext: envelope.ciphertext,
+        })
+    }
+
+    /// The card the header says sent this (not yet authenticated).
+    pub fn sender_card_id(&self) -> &[u8; 32] {
+        &self.sender_card_id
+    }
+
+    /// Number of recipient stanzas.
+    pub fn recipient_count(&self) -> usize {
+        self.header.stanzas.len()
+    }
+
+    /// Whether the header has a stanza for `card_id`.
+    pub fn has_recipient(&self, card_id: &[u8; 32]) -> bool {
+        self.header
+            .stanzas
+            .iter()
+            .any(|s| s.card_id.as_slice() == card_id)
+    }
+
+    /// Decrypts with `opener`'s key and verifies the sender's signature
+    /// against `sender` (a card the caller verified). Returns the payload
+    /// only if every check holds.
+    pub fn open(
+        &self,
+        opener: &Opener<'_>,
+        sender: &ExpectedSender<'_>,
+    ) -> Result<VerifiedPayload, EnvelopeError> {
+        let stanza = self
+            .header
+            .stanzas
+            .iter()
+            .find(|s| s.card_id.as_slice() == opener.card_id)
+            .ok_or(EnvelopeError::NotARecipient)?;
+        let content_key = hpke_wrap::unwrap_key(
+            opener.secret,
+            &opener.card_id,
+            &stanza.encapsulated_key,
+            &stanza.wrapped_key,
+        )?;
+        let mut body = Zeroizing::new(self.ciphertext.clone());
+        let len = aead::AeadKey::new(&content_key)
+            .open_in_place(BODY_NONCE, &self.header_bytes, &mut body)
+            .map_err(|_| EnvelopeError::BodyDecryptFailed)?;
+        let sealed = SealedContent::decode(&body[..len])
+            .map_err(|_| EnvelopeError::Malformed("body is not a SealedContent"))?;
+
+        if self.sender_card_id != sender.card_id {
+            return Err(EnvelopeError::SenderMismatch);
+        }
+        let payload = VerifiedPayload::verify(sealed.payload, sealed.signature, sender)?;
+
+        // The stanzas must be exactly the recipients the sender signed: a
+        // stripped or added stanza, or an envelope re-addressed by a
+        // recipient who knows the content key, shows up here.
+        let mut stanza_ids: Vec<&[u8]> = self
+            .header
+            .stanzas
+            .iter()
+            .map(|s| s.card_id.as_slice())
+            .collect();
+        stanza_ids.sort_unstable();
+        let signed_ids: Vec<&[u8]> = payload
+            .recipient_card_ids
+            .iter()
+            .map(|id| id.as_slice())
+            .collect();
+        if !payload.recipient_card_ids.contains(&opener.card_id) {
+            return Err(EnvelopeError::NotInSignedRecipients);
+        }
+        if stanza_ids != signed_ids {
+            return Err(EnvelopeError::RecipientSetMismatch);
+        }
+        Ok(payload)
+    }
+}
+
+/// A payload whose signature verified against the expected sender's card.
+/// `Debug` never shows the body.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VerifiedPayload {
+    pub channel_id: String,
+    pub message_id: [u8; MESSAGE_ID_LEN],
+    pub sender_identity: String,
+    pub sender_card_id: [u8; 32],
+    pub sent_at_ms: i64,
+    /// Strictly ascending.
+    pub recipient_card_ids: Vec<[u8; 32]>,
+    pub content_type: String,
+    pub body: Vec<u8>,
+    /// The exact signed bytes and the signature, for backups and history.
+    pub signed_payload: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+impl fmt::Debug for VerifiedPayload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifiedPayload")
+            .field("channel_id", &self.channel_id)
+            .field("message_id", &hex::encode(self.message_id))
+            .field("sender_identity", &self.sender_identity)
+            .field("sender_card_id", &hex::encode(self.sender_card_id))
+            .field("sent_at_ms", &self.sent_at_ms)
+            .field("recipients", &self.recipient_card_ids.len())
+            .field("content_type", &self.content_type)
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VerifiedPayload {
+    /// Verifies a detached signed payload (as kept in backups and history
+    /// items) against `sender`, then parses it. The signature is checked
+    /// before any field is read.
+    pub fn verify(
+        signed_payload: Vec<u8>,
+        signature: Vec<u8>,
+        sender: &ExpectedSender<'_>,
+    ) -> Result<Self, EnvelopeError> {
+        sender
+            .key
+            .verify(SignatureContext::Message, &signed_payload, &signature)
+            .map_err(|_| EnvelopeError::BadSignature)?;
+        let p = SignedPayload::decode(signed_payload.as_slice())
+            .map_err(|_| EnvelopeError::Malformed("payload is not a SignedPayload"))?;
+        if p.version != VERSION {
+            return Err(EnvelopeError::UnsupportedVersion(p.version));
+        }
+        let sender_card_id =
+            card_id_of(&p.sender_card_id, "payload sender card id is not 32 bytes")?;
+        if sender_card_id != sender.card_id || p.sender_identity != sender.identity {
+            return Err(EnvelopeError::SenderMismatch);
+        }
+        let message_id: [u8; MESSAGE_ID_LEN] = p
+            .message_id
+            .as_slice()
+            .try_into()
+            .map_err(|_| EnvelopeError::Malformed("message id is not 16 bytes"))?;
+        let mut recipient_card_ids = Vec::with_capacity(p.recipient_card_ids.len());
+        for id in &p.recipient_card_ids {
+            recipient_card_ids.push(card_id_of(id, "signed recipient id is not 32 bytes")?);
+        }
+        if recipient_card_ids.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(EnvelopeError::Malformed(
+                "signed recipients are not strictly ascending",
+            ));
+        }
+        Ok(Self {
+            channel_id: p.channel_id,
+            message_id,
+            sender_identity: p.sender_identity,
+            sender_card_id,
+            sent_at_ms: p.sent_at_ms,
+            recipient_card_ids,
+            content_type: p.content_type,
+            body: p.body,
+            signed_payload,
+            signature,
+        })
+    }
+
+    /// Reads the sender card id of a detached payload without trusting it,
+    /// so the caller can fetch that card and then call [`Self::verify`].
+    pub fn claimed_sender(signed_payload: &[u8]) -> Result<(String, [u8; 32]), EnvelopeError> {
+        let p = SignedPayload::decode(signed_payload)
+            .map_err(|_| EnvelopeError::Malformed("payload is not a SignedPayload"))?;
+        let id = card_id_of(&p.sender_card_id, "payload sender card id is not 32 bytes")?;
+        Ok((p.sender_identity, id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DeviceKeys;
+
+    struct Device {
+        identity: &'static str,
+        card_id: [u8; 32],
+        keys: DeviceKeys,
+        public: EncryptionPublicKey,
+    }
+
+    fn device(identity: &'static str, n: u8) -> Device {
+        let keys = DeviceKeys::generate().unwrap();
+        let public = keys.encryption.public_key();
+        Device {
+            identity,
+            card_id: [n; 32],
+            keys,
+            public,
+        }
+    }
+
+    fn seal_from(sender: &Device, to: &[&Device], body: &[u8]) -> Sealed {
+        let recipients: Vec<Recipient<'_>> = to
+            .iter()
+            .map(|d| Recipient {
+                card_id: d.card_id,
+                key: &d.public,
+            })
+            .collect();
+        seal(
+            &Sender {
+                identity: sender.identity,
+                card_id: sender.card_id,
+                key: &sender.keys.signing,
+            },
+            &Draft {
+                channel_id: "general",
+                content_type: CONTENT_TYPE_TEXT,
+                body,
+                sent_at_ms: 1_700_000_000_000,
+            },
+            &recipients,
+        )
+        .unwrap()
+    }
+
+    fn open_as(
+        envelope: &[u8],
+        me: &Device,
+        sender: &Device,
+    ) -> Result<VerifiedPayload, EnvelopeError> {
+        let vk = sender.keys.signing.verifying_key();
+        ParsedEnvelope::parse(envelope)?.open(
+            &Opener {
+                card_id: me.card_id,
+                secret: &me.keys.encryption,
+            },
+            &ExpectedSender {
+                identity: sender.identity,
+                card_id: sender.card_id,
+                key: &vk,
+            },
+        )
+    }
+
+    /// Re-addresses an envelope the way a malicious recipient who knows the
+    /// content key could: new stanzas, body re-encrypted under the new header.
+    fn readdress(
+        envelope: &[u8],
+        me: &Device,
+        edit: impl FnOnce(&mut Vec<Stanza>, &[u8; 32]),
+    ) -> Vec<u8> {
+        let env = Envelope::decode(envelope).unwrap();
+        let mut header = EnvelopeHeader::decode(env.header.as_slice()).unwrap();
+        let stanza = header
+            .stanzas
+            .iter()
+            .find(|s| s.card_id.as_slice() == me.card_id)
+            .unwrap();
+        let key = hpke_wrap::unwrap_key(
+            &me.keys.encryption,
+            &me.card_id,
+            &stanza.encapsulated_key,
+            &stanza.wrapped_key,
+        )
+        .unwrap();
+        let mut body = env.ciphertext.clone();
+        let len = aead::AeadKey::new(&key)
+            .open_in_place(BODY_NONCE, &env.header, &mut body)
+            .unwrap();
+        body.truncate(len);
+        edit(&mut header.stanzas, &key);
+        let new_header = header.encode_to_vec();
+        aead::AeadKey::new(&key).seal_in_place(BODY_NONCE, &new_header, &mut body);
+        Envelope {
+            header: new_header,
+            ciphertext: body,
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn every_recipient_opens_and_verifies() {
+        let alice = device("alice", 1);
+        let bob1 = device("bob", 2);
+        let bob2 = device("bob", 3);
+        let sealed = seal_from(&alice, &[&bob1, &bob2, &alice], b"hello bob");
+        for me in [&bob1, &bob2, &alice] {
+            let p = open_as(&sealed.envelope, me, &alice).unwrap();
+            assert_eq!(p.body, b"hello bob");
+            assert_eq!(p.channel_id, "general");
+            assert_eq!(p.sender_identity, "alice");
+            assert_eq!(p.message_id, sealed.message_id);
+            assert_eq!(p.recipient_card_ids, vec![[1u8; 32], [2u8; 32], [3u8; 32]]);
+        }
+    }
+
+    #[test]
+    fn non_recipient_and_wrong_key_fail() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let eve = device("eve", 9);
+        let sealed = seal_from(&alice, &[&bob], b"secret");
+        assert_eq!(
+            open_as(&sealed.envelope, &eve, &alice),
+            Err(EnvelopeError::NotARecipient)
+        );
+        // Eve claims Bob's card id but has her own key.
+        let impostor = Device {
+            card_id: bob.card_id,
+            ..device("bob", 2)
+        };
+        assert_eq!(
+            open_as(&sealed.envelope, &impostor, &alice),
+            Err(EnvelopeError::KeyUnwrapFailed)
+        );
+    }
+
+    #[test]
+    fn wrong_sender_key_or_identity_fails() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let mallory = device("alice", 1); // same identity and card id, other key
+        let sealed = seal_from(&alice, &[&bob], b"hi");
+        assert_eq!(
+            open_as(&sealed.envelope, &bob, &mallory),
+            Err(EnvelopeError::BadSignature)
+        );
+        let carol = Device {
+            identity: "carol",
+            card_id: alice.card_id,
+            keys: DeviceKeys::generate().unwrap(),
+            public: alice.public,
+        };
+        let vk = alice.keys.signing.verifying_key();
+        let relabeled = ParsedEnvelope::parse(&sealed.envelope).unwrap().open(
+            &Opener {
+                card_id: bob.card_id,
+                secret: &bob.keys.encryption,
+            },
+            &ExpectedSender {
+                identity: carol.identity,
+                card_id: alice.card_id,
+                key: &vk,
+            },
+        );
+        assert_eq!(relabeled, Err(EnvelopeError::SenderMismatch));
+    }
+
+    #[test]
+    fn every_flipped_bit_is_detected() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let sealed = seal_from(&alice, &[&bob], b"flip me");
+        let mut detected = 0;
+        for i in 0..sealed.envelope.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = sealed.envelope.clone();
+                bad[i] ^= bit;
+                assert!(
+                    open_as(&bad, &bob, &alice).is_err(),
+                    "flip of bit {bit:#x} in byte {i} went unnoticed"
+                );
+                detected += 1;
+            }
+        }
+        assert_eq!(detected, sealed.envelope.len() * 2);
+    }
+
+    #[test]
+    fn stripped_stanza_is_detected() {
+        let alice = device("alice", 1);
+        let bob1 = device("bob", 2);
+        let bob2 = device("bob", 3);
+        let sealed = seal_from(&alice, &[&bob1, &bob2], b"to both");
+        // Dropping a stanza without the content key breaks the header binding.
+        let env = Envelope::decode(sealed.envelope.as_slice()).unwrap();
+        let mut header = EnvelopeHeader::decode(env.header.as_slice()).unwrap();
+        header
+            .stanzas
+            .retain(|s| s.card_id.as_slice() == bob1.card_id);
+        let stripped = Envelope {
+            header: header.encode_to_vec(),
+            ciphertext: env.ciphertext,
+        }
+        .encode_to_vec();
+        assert_eq!(
+            open_as(&stripped, &bob1, &alice),
+            Err(EnvelopeError::BodyDecryptFailed)
+        );
+        // A recipient re-encrypting the body under the stripped header is caught
+        // by the signed recipient set.
+        let readdressed = readdress(&sealed.envelope, &bob1, |stanzas, _| {
+            stanzas.retain(|s| s.card_id.as_slice() == [2u8; 32])
+        });
+        assert_eq!(
+            open_as(&readdressed, &bob1, &alice),
+            Err(EnvelopeError::RecipientSetMismatch)
+        );
+    }
+
+    #[test]
+    fn forwarding_to_someone_not_signed_for_is_detected() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let eve = device("eve", 9);
+        let sealed = seal_from(&alice, &[&bob], b"only for bob");
+        let eve_public = eve.public;
+        let forwarded = readdress(&sealed.envelope, &bob, |stanzas, key| {
+            let w = hpke_wrap::wrap_key(&eve_public, &[9u8; 32], key).unwrap();
+            stanzas.push(Stanza {
+                card_id: vec![9u8; 32],
+                encapsulated_key: w.encapsulated_key.to_vec(),
+                wrapped_key: w.ciphertext,
+            });
+        });
+        assert_eq!(
+            open_as(&forwarded, &eve, &alice),
+            Err(EnvelopeError::NotInSignedRecipients)
+        );
+        assert_eq!(
+            open_as(&forwarded, &bob, &alice),
+            Err(EnvelopeError::RecipientSetMismatch)
+        );
+    }
+
+    #[test]
+    fn seal_refuses_bad_recipient_lists() {
+        let alice = device("alice", 1);
+        let sender = Sender {
+            identity: "alice",
+            card_id: alice.card_id,
+            key: &alice.keys.signing,
+        };
+        let draft = Draft {
+            channel_id: "c",
+            content_type: CONTENT_TYPE_TEXT,
+            body: b"",
+            sent_at_ms: 0,
+        };
+        assert_eq!(
+            seal(&sender, &draft, &[]).map(|_| ()),
+            Err(EnvelopeError::NoRecipients)
+        );
+        let r = Recipient {
+            card_id: [5u8; 32],
+            key: &alice.public,
+        };
+        assert_eq!(
+            seal(&sender, &draft, &[r, r]).map(|_| ()),
+            Err(EnvelopeError::DuplicateRecipient)
+        );
+    }
+
+    #[test]
+    fn garbage_is_malformed_not_a_panic() {
+        for input in [
+            &b""[..],
+            b"\x00",
+            b"\xff\xff\xff",
+            &[0x0a, 0x05, 1, 2, 3, 4, 5],
+        ] {
+            assert!(ParsedEnvelope::parse(input).is_err());
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The raw primitives under Tessera's wrappers, exposed so known-answer tests
+//! (Wycheproof, RFC 8032, RFC 7748, RFC 9180) run against exactly the code
+//! paths Tessera uses. Protocol code never calls these: it goes through the
+//! domain-separated APIs of the crate root.
+
+use crate::{EncryptionSecret, KeyError, SignatureError, SigningKey, VerifyingKey, aead};
+
+/// AES-256-GCM seal with a 12-byte nonce (the wrapper behind envelopes,
+/// streams and keystores).
+pub fn aes256gcm_seal(key: &[u8; 32], nonce: [u8; 12], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    aead::seal(key, nonce, aad, plaintext)
+}
+
+/// AES-256-GCM open; `None` when authentication fails.
+pub fn aes256gcm_open(
+    key: &[u8; 32],
+    nonce: [u8; 12],
+    aad: &[u8],
+    ciphertext: &[u8],
+) -> Option<Vec<u8>> {
+    aead::open(key, nonce, aad, ciphertext).ok()
+}
+
+/// Plain Ed25519 signature with no domain separation.
+pub fn ed25519_sign(key: &SigningKey, message: &[u8]) -> [u8; 64] {
+    key.sign_raw(message)
+}
+
+/// Plain Ed25519 verification with no domain separation.
+pub fn ed25519_verify(
+    key: &VerifyingKey,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), SignatureError> {
+    if signature.len() != crate::SIGNATURE_LEN {
+        return Err(SignatureError::Length(signature.len()));
+    }
+    key.verify_raw(message, signature)
+}
+
+/// X25519 with the contributory check Tessera applies.
+pub fn x25519(secret: [u8; 32], peer: &[u8; 32]) -> Result<[u8; 32], KeyError> {
+    EncryptionSecret::from_bytes(secret).agree(peer).map(|s| *s)
+}
+
+/// HKDF-SHA256 (RFC 5869) through ring, as the stream format derives its key.
+/// `None` when `len` exceeds 255 * 32.
+pub fn hkdf_sha256(ikm: &[u8], salt: &[u8], info: &[u8], len: usize) -> Option<Vec<u8>> {
+    crate::stream::hkdf_sha256(ikm, salt, info, len)
+}
+
+/// HPKE SealBase from the DH output on (the sender's DH itself is ring's
+/// ephemeral X25519): the exact code behind every key wrap. Returns the
+/// ciphertext for sequence number 0.
+pub fn hpke_seal_base_from_dh(
+    dh: &[u8; 32],
+    enc: &[u8; 32],
+    recipient: &[u8; 32],
+    info: &[u8],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Vec<u8> {
+    crate::hpke_wrap::seal_from_dh(dh, enc, recipient, info, aad, plaintext)
+}
+
+/// The HPKE base-mode schedule from the DH output: (shared_secret, key, base_nonce).
+pub fn hpke_base_schedule(
+    dh: &[u8; 32],
+    enc: &[u8; 32],
+    recipient: &[u8; 32],
+    info: &[u8],
+) -> ([u8; 32], [u8; 32], [u8; 12]) {
+    crate::hpke_wrap::schedule_from_dh(dh, enc, recipient, info)
+}
+
+/// HPKE OpenBase, the function behind every key unwrap.
+pub fn hpke_open_base(
+    secret: [u8; 32],
+    info: &[u8],
+    aad: &[u8],
+    encapsulated_key: &[u8],
+    ciphertext: &[u8],
+) -> Option<Vec<u8>> {
+    crate::hpke_wrap::open_raw(
+        &EncryptionSecret::from_bytes(secret),
+        info,
+        aad,
+        encapsulated_key,
+        ciphertext,
+    )
+    .ok()
+    .map(|p| p.to_vec())
+}
+
+/// Wraps a 32-byte content key for one recipient card: the per-recipient
+/// step of [`crate::envelope::seal`], exposed for the benchmark.
+pub fn wrap_content_key(
+    recipient: &crate::EncryptionPublicKey,
+    card_id: &[u8; 32],
+    key: &[u8; 32],
+) -> Result<crate::SealedToKey, KeyError> {
+    crate::hpke_wrap::wrap_key(recipient, card_id, key)
+}

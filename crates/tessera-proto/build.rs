@@ -1,0 +1,38 @@
+//! Compiles `proto/` with protox (pure Rust: no protoc needed) and generates
+//! prost messages plus tonic stubs, the stubs gated behind the crate's
+//! `client` / `server` features.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let proto_root = manifest_dir.join("../../proto");
+    let files = [
+        "tessera/card/v1/card.proto",
+        "tessera/envelope/v1/envelope.proto",
+        "tessera/transparency/v1/log.proto",
+        "tessera/auth/v1/token.proto",
+        "tessera/kms/v1/kms.proto",
+        "tessera/server/v1/server.proto",
+        "tessera/backup/v1/backup.proto",
+    ];
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", proto_root.join(file).display());
+    }
+
+    let fds = protox::compile(files, [&proto_root])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("tessera_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(false)
+        .client_mod_attribute(".", r#"#[cfg(feature = "client")]"#)
+        .server_mod_attribute(".", r#"#[cfg(feature = "server")]"#)
+        .compile_fds(fds)?;
+    Ok(())
+}
