@@ -97,6 +97,25 @@ impl Tree {
         index
     }
 
+    /// Drops every leaf from `len` on (undoing appends that could not be stored).
+    pub fn truncate(&mut self, len: u64) {
+        for (level, hashes) in self.levels.iter_mut().enumerate() {
+            hashes.truncate((len >> level) as usize);
+        }
+        while self.levels.last().is_some_and(Vec::is_empty) {
+            self.levels.pop();
+        }
+    }
+
+    /// Builds the tree over `leaves` in order.
+    pub fn from_leaves(leaves: impl IntoIterator<Item = Hash>) -> Self {
+        let mut tree = Self::new();
+        for leaf in leaves {
+            tree.push(leaf);
+        }
+        tree
+    }
+
     /// MTH(D[start..end]); `start` is aligned to the largest power of two
     /// not above `end - start`, as in every range the RFC recursions visit.
     fn subtree(&self, start: u64, end: u64) -> Hash {
@@ -474,6 +493,24 @@ mod tests {
                     reference_root(&leaves[..old as usize])
                 );
             }
+        }
+    }
+
+    #[test]
+    fn truncate_undoes_appends() {
+        for keep in 0..20u64 {
+            let mut tree = Tree::new();
+            for i in 0..20u64 {
+                tree.push(leaf_hash(&entry(i)));
+            }
+            let expected = tree.root(keep).unwrap();
+            tree.truncate(keep);
+            assert_eq!(tree.len(), keep);
+            assert_eq!(tree.root(keep).unwrap(), expected);
+            tree.push(leaf_hash(b"new"));
+            let mut fresh = Tree::from_leaves((0..keep).map(|i| leaf_hash(&entry(i))));
+            fresh.push(leaf_hash(b"new"));
+            assert_eq!(tree.root(keep + 1), fresh.root(keep + 1));
         }
     }
 

@@ -38,13 +38,13 @@ impl Verifier {
         kind: CardKind,
     ) -> Result<VerifiedCard, CardError> {
         let parsed = ParsedCard::parse(card.clone())?;
-        if let Some(expected) = identity {
-            if parsed.identity() != expected {
-                return Err(CardError::IdentityMismatch {
-                    expected: expected.to_owned(),
-                    found: parsed.identity().to_owned(),
-                });
-            }
+        if let Some(expected) = identity
+            && parsed.identity() != expected
+        {
+            return Err(CardError::IdentityMismatch {
+                expected: expected.to_owned(),
+                found: parsed.identity().to_owned(),
+            });
         }
         if parsed.kind() != kind {
             return Err(CardError::KindMismatch {

@@ -1,0 +1,733 @@
+//! The directory: cards, their status, and the transparency log over every
+//! registration and revocation.
+//!
+//! Writes are serialised by one lock: each appends a log entry, updates the
+//! card records, signs a checkpoint, stores all of it atomically and flushes
+//! before the new checkpoint is published. Reads see the directory exactly
+//! as of the published checkpoint (records written by an append still in
+//! flight are filtered out by their log index), so every card returned comes
+//! with an inclusion proof in the checkpoint returned beside it.
+
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicBool, Ordering},
+};
+
+use tessera_card::{
+    CardId, CardKind, ParsedCard, SignatureRole,
+    revocation::ParsedRevocation,
+    transparency::{self, Tree, VerifiedCheckpoint},
+};
+use tessera_crypto::{SigningKey, VerifyingKey};
+use tessera_proto::{
+    card::v1 as card_pb,
+    kms::v1::{CardRecord, CardStatus, IdentityCards},
+    transparency::v1::{ConsistencyProof, InclusionProof, SignedCheckpoint},
+};
+use tessera_service::{Caller, storage::StorageError};
+use thiserror::Error;
+use tonic::Status;
+
+use crate::store::{Append, Store, StoredCard};
+
+/// Limits of the key service.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_identities_per_search: usize,
+    pub max_page_size: u32,
+    pub max_active_cards_per_identity: usize,
+    pub max_snapshot_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_identities_per_search: 100,
+            max_page_size: 1000,
+            max_active_cards_per_identity: 256,
+            max_snapshot_bytes: 4096,
+        }
+    }
+}
+
+/// What went wrong, sorted by who is at fault; converted to a gRPC status once.
+#[derive(Debug, Error)]
+pub enum KmsError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("the key service is unavailable after a storage failure; restart it")]
+    Unavailable,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl From<KmsError> for Status {
+    fn from(e: KmsError) -> Self {
+        match e {
+            KmsError::InvalidArgument(m) => Status::invalid_argument(m),
+            KmsError::PermissionDenied(m) => Status::permission_denied(m),
+            KmsError::NotFound(m) => Status::not_found(m),
+            KmsError::FailedPrecondition(m) => Status::failed_precondition(m),
+            KmsError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            KmsError::OutOfRange(m) => Status::out_of_range(m),
+            KmsError::Unavailable => Status::unavailable(e.to_string()),
+            KmsError::Storage(s) => s.into(),
+            KmsError::Internal(what) => {
+                tracing::error!(what, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+/// Why the directory could not open its stored state.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(
+        "the stored checkpoint was not signed by this service's key: the key file was replaced or the data directory belongs to another key service"
+    )]
+    ForeignCheckpoint,
+    #[error(
+        "the stored log does not match its checkpoint (size {size}, {detail}): the data is corrupt"
+    )]
+    Inconsistent { size: u64, detail: &'static str },
+}
+
+struct Published {
+    size: u64,
+    checkpoint: SignedCheckpoint,
+}
+
+pub struct Directory {
+    store: Arc<dyn Store>,
+    key: SigningKey,
+    app_key: VerifyingKey,
+    limits: Limits,
+    write: tokio::sync::Mutex<()>,
+    tree: RwLock<Tree>,
+    published: RwLock<Arc<Published>>,
+    failed: AtomicBool,
+}
+
+fn lock_error<T>(_: T) -> KmsError {
+    KmsError::Internal("lock poisoned")
+}
+
+impl Directory {
+    /// Rebuilds the tree from the stored leaf hashes and checks it against
+    /// the stored checkpoint.
+    pub fn open(
+        store: Arc<dyn Store>,
+        key: SigningKey,
+        app_key: VerifyingKey,
+        limits: Limits,
+    ) -> Result<Self, OpenError> {
+        let tree = Tree::from_leaves(store.leaf_hashes()?);
+        let published = match store.checkpoint()? {
+            Some(signed) => {
+                let cp = transparency::verify_checkpoint(&signed, &key.verifying_key())
+                    .map_err(|_| OpenError::ForeignCheckpoint)?;
+                if cp.tree_size != tree.len() {
+                    return Err(OpenError::Inconsistent {
+                        size: cp.tree_size,
+                        detail: "entry count differs",
+                    });
+                }
+                if tree.root(cp.tree_size) != Some(cp.root_hash) {
+                    return Err(OpenError::Inconsistent {
+                        size: cp.tree_size,
+                        detail: "root hash differs",
+                    });
+                }
+                Published {
+                    size: cp.tree_size,
+                    checkpoint: signed,
+                }
+            }
+            None if tree.is_empty() => {
+                let root = tree.root(0).ok_or(OpenError::Inconsistent {
+                    size: 0,
+                    detail: "empty root",
+                })?;
+                Published {
+                    size: 0,
+                    checkpoint: transparency::sign_checkpoint(
+                        &key,
+                        0,
+                        &root,
+                        tessera_service::now_secs(),
+                    ),
+                }
+            }
+            None => {
+                return Err(OpenError::Inconsistent {
+                    size: tree.len(),
+                    detail: "entries without a checkpoint",
+                });
+            }
+        };
+        tracing::info!(entries = tree.len(), log_id = %transparency::log_id(&key.verifying_key()), "log rebuilt from disk");
+        Ok(Self {
+            store,
+            key,
+            app_key,
+            limits,
+            write: tokio::sync::Mutex::new(()),
+            tree: RwLock::new(tree),
+            published: RwLock::new(Arc::new(published)),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn public_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    pub fn app_key(&self) -> &VerifyingKey {
+        &self.app_key
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn published(&self) -> Result<Arc<Published>, KmsError> {
+        Ok(self.published.read().map_err(lock_error)?.clone())
+    }
+
+    /// The latest checkpoint and its size.
+    pub fn checkpoint(&self) -> Result<(u64, SignedCheckpoint), KmsError> {
+        let p = self.published()?;
+        Ok((p.size, p.checkpoint.clone()))
+    }
+
+    /// A card record as the directory stood at `size` entries, or `None`
+    /// when the card was not registered yet.
+    fn record_at(
+        &self,
+        stored: &StoredCard,
+        size: u64,
+        tree: &Tree,
+    ) -> Result<Option<CardRecord>, KmsError> {
+        if stored.registration_index >= size {
+            return Ok(None);
+        }
+        let revoked = stored.revocation.is_some() && stored.revocation_index < size;
+        let superseded = !stored.superseded_by.is_empty() && stored.superseded_at_index < size;
+        let status = if revoked {
+            CardStatus::Revoked
+        } else if superseded {
+            CardStatus::Superseded
+        } else {
+            CardStatus::Active
+        };
+        let entry = self
+            .store
+            .entry(stored.registration_index)?
+            .ok_or(KmsError::Internal("registration entry missing"))?;
+        let hashes = tree
+            .inclusion_proof(stored.registration_index, size)
+            .ok_or(KmsError::Internal("inclusion proof out of range"))?;
+        Ok(Some(CardRecord {
+            card: stored.card.clone(),
+            status: status as i32,
+            revocation: if revoked {
+                stored.revocation.clone()
+            } else {
+                None
+            },
+            registration_entry: entry,
+            inclusion: Some(transparency::inclusion_proof_message(
+                stored.registration_index,
+                size,
+                hashes,
+            )),
+            superseded_by: if superseded {
+                stored.superseded_by.clone()
+            } else {
+                Vec::new()
+            },
+        }))
+    }
+
+    fn single_record(
+        &self,
+        stored: &StoredCard,
+    ) -> Result<(CardRecord, SignedCheckpoint), KmsError> {
+        let p = self.published()?;
+        let tree = self.tree.read().map_err(lock_error)?;
+        let record = self
+            .record_at(stored, p.size, &tree)?
+            .ok_or(KmsError::Internal("record not visible after append"))?;
+        Ok((record, p.checkpoint.clone()))
+    }
+
+    /// Appends one entry with the card records it changes; durable and
+    /// published when this returns `Ok`.
+    async fn append(
+        &self,
+        entry: Vec<u8>,
+        mut cards: Vec<StoredCard>,
+        set_index: impl Fn(&mut [StoredCard], u64),
+    ) -> Result<u64, KmsError> {
+        let index = self.tree.read().map_err(lock_error)?.len();
+        set_index(&mut cards, index);
+        let leaf_hash = transparency::leaf_hash(&entry);
+        let root = {
+            let mut tree = self.tree.write().map_err(lock_error)?;
+            tree.push(leaf_hash);
+            tree.root(index + 1)
+                .ok_or(KmsError::Internal("root of new size"))?
+        };
+        let checkpoint =
+            transparency::sign_checkpoint(&self.key, index + 1, &root, tessera_service::now_secs());
+        let applied = self.store.apply(Append {
+            index,
+            entry,
+            leaf_hash,
+            cards,
+            checkpoint: checkpoint.clone(),
+        });
+        if let Err(e) = applied {
+            // Nothing was written: undo the in-memory append.
+            self.tree.write().map_err(lock_error)?.truncate(index);
+            return Err(e.into());
+        }
+        if let Err(e) = self.store.flush().await {
+            // Written but maybe not durable: the in-memory state can no
+            // longer be trusted to match the disk. Stop accepting writes;
+            // a restart rebuilds from what is on disk.
+            self.failed.store(true, Ordering::SeqCst);
+            tracing::error!(error = %e, "flush failed; refusing further writes");
+            return Err(KmsError::Unavailable);
+        }
+        *self.published.write().map_err(lock_error)? = Arc::new(Published {
+            size: index + 1,
+            checkpoint,
+        });
+        Ok(index)
+    }
+
+    fn check_writable(&self) -> Result<(), KmsError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(KmsError::Unavailable);
+        }
+        Ok(())
+    }
+
+    /// Registers a card carrying valid self and app signatures.
+    pub async fn register(
+        &self,
+        card: card_pb::Card,
+    ) -> Result<(CardRecord, SignedCheckpoint), KmsError> {
+        tessera_service::limits::check_len(
+            "content_snapshot",
+            card.content_snapshot.len(),
+            self.limits.max_snapshot_bytes,
+        )
+        .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
+        let parsed =
+            ParsedCard::parse(card).map_err(|e| KmsError::InvalidArgument(e.to_string()))?;
+        parsed
+            .check_self_signature()
+            .map_err(|e| KmsError::InvalidArgument(e.to_string()))?;
+        parsed
+            .check_signature(SignatureRole::App, &self.app_key)
+            .map_err(|e| {
+                KmsError::PermissionDenied(format!("{e}: only cards the app signed are accepted"))
+            })?;
+
+        let _write = self.write.lock().await;
+        self.check_writable()?;
+        let id = parsed.id();
+        if let Some(existing) = self.store.card(&id)? {
+            // Same snapshot, same id: registering again is a no-op.
+            return self.single_record(&existing);
+        }
+        let mut changed = Vec::new();
+        let others = self.store.cards_of(parsed.identity())?;
+        let active = others
+            .iter()
+            .filter(|c| c.revocation.is_none() && c.superseded_by.is_empty())
+            .count();
+        if active >= self.limits.max_active_cards_per_identity {
+            return Err(KmsError::ResourceExhausted(format!(
+                "{} already has {active} active cards; the limit is {}",
+                parsed.identity(),
+                self.limits.max_active_cards_per_identity
+            )));
+        }
+        if let Some(previous) = parsed.previous_card_id() {
+            let mut prev = self.store.card(&previous)?.ok_or_else(|| {
+                KmsError::FailedPrecondition(format!(
+                    "previous card {previous} is not in the directory"
+                ))
+            })?;
+            if prev.identity != parsed.identity() || prev.kind != parsed.kind().to_proto() as i32 {
+                return Err(KmsError::FailedPrecondition(
+                    "previous card belongs to another identity or kind".into(),
+                ));
+            }
+            if prev.revocation.is_some() || !prev.superseded_by.is_empty() {
+                return Err(KmsError::FailedPrecondition(format!(
+                    "previous card {previous} is no longer active"
+                )));
+            }
+            prev.superseded_by = id.to_vec();
+            changed.push(prev);
+        }
+
+        let identity = parsed.identity().to_owned();
+        let kind = parsed.kind();
+        let mut card = parsed.into_card();
+        tessera_card::kms_sign(&mut card, &self.key);
+        let entry = transparency::registration_entry(&card, &identity, tessera_service::now_secs());
+        let new_record = StoredCard {
+            card: Some(card),
+            identity,
+            kind: kind.to_proto() as i32,
+            registration_index: 0,
+            revocation: None,
+            revocation_index: 0,
+            superseded_by: Vec::new(),
+            superseded_at_index: 0,
+        };
+        changed.insert(0, new_record);
+        self.append(entry, changed, |cards, index| {
+            cards[0].registration_index = index;
+            for prev in &mut cards[1..] {
+                prev.superseded_at_index = index;
+            }
+        })
+        .await?;
+        let stored = self
+            .store
+            .card(&id)?
+            .ok_or(KmsError::Internal("card missing after append"))?;
+        let (record, checkpoint) = self.single_record(&stored)?;
+        tracing::info!(card_id = %id, identity = %stored.identity, "card registered");
+        Ok((record, checkpoint))
+    }
+
+    /// Revokes a card with a revocation signed by its own key or the AppKey.
+    pub async fn revoke(
+        &self,
+        caller: &Caller,
+        revocation: card_pb::Revocation,
+    ) -> Result<(CardRecord, SignedCheckpoint), KmsError> {
+        let parsed = ParsedRevocation::parse(revocation)
+            .map_err(|e| KmsError::InvalidArgument(e.to_string()))?;
+        let _write = self.write.lock().await;
+        self.check_writable()?;
+        let id = parsed.card_id();
+        let mut stored = self
+            .store
+            .card(&id)?
+            .ok_or_else(|| KmsError::NotFound(format!("no card {id}")))?;
+        let card = ParsedCard::parse(stored.card.clone().unwrap_or_default())
+            .map_err(|_| KmsError::Internal("stored card does not parse"))?;
+        parsed.verify(&card, &self.app_key).map_err(|e| {
+            tracing::warn!(card_id = %id, caller = %caller.identity, "refused revocation: {e}");
+            KmsError::PermissionDenied(format!(
+                "{e}: a revocation must be signed by the card's own key or by the AppKey"
+            ))
+        })?;
+        if stored.revocation.is_some() {
+            return self.single_record(&stored);
+        }
+        let entry = transparency::revocation_entry(
+            parsed.revocation(),
+            &stored.identity,
+            tessera_service::now_secs(),
+        );
+        stored.revocation = Some(parsed.revocation().clone());
+        self.append(entry, vec![stored], |cards, index| {
+            cards[0].revocation_index = index
+        })
+        .await?;
+        let stored = self
+            .store
+            .card(&id)?
+            .ok_or(KmsError::Internal("card missing after revocation"))?;
+        tracing::info!(card_id = %id, by = %parsed.revoked_by(), "card revoked");
+        self.single_record(&stored)
+    }
+
+    /// Every active card of each identity, as of the latest checkpoint.
+    pub fn search(
+        &self,
+        identities: &[String],
+        kind: Option<CardKind>,
+    ) -> Result<(Vec<IdentityCards>, SignedCheckpoint), KmsError> {
+        if identities.len() > self.limits.max_identities_per_search {
+            return Err(KmsError::InvalidArgument(format!(
+                "{} identities in one search; the limit is {}",
+                identities.len(),
+                self.limits.max_identities_per_search
+            )));
+        }
+        for identity in identities {
+            tessera_service::limits::identity("identity", identity)
+                .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
+        }
+        let p = self.published()?;
+        let tree = self.tree.read().map_err(lock_error)?;
+        let mut results = Vec::with_capacity(identities.len());
+        for identity in identities {
+            let mut cards = Vec::new();
+            for stored in self.store.cards_of(identity)? {
+                if kind.is_some_and(|k| stored.kind != k.to_proto() as i32) {
+                    continue;
+                }
+                if let Some(record) = self.record_at(&stored, p.size, &tree)?
+                    && record.status == CardStatus::Active as i32
+                {
+                    cards.push(record);
+                }
+            }
+            results.push(IdentityCards {
+                identity: identity.clone(),
+                cards,
+            });
+        }
+        Ok((results, p.checkpoint.clone()))
+    }
+
+    /// One card by id, whatever its status.
+    pub fn get(&self, id: &CardId) -> Result<(CardRecord, SignedCheckpoint), KmsError> {
+        let p = self.published()?;
+        let tree = self.tree.read().map_err(lock_error)?;
+        let stored = self
+            .store
+            .card(id)?
+            .ok_or_else(|| KmsError::NotFound(format!("no card {id}")))?;
+        let record = self
+            .record_at(&stored, p.size, &tree)?
+            .ok_or_else(|| KmsError::NotFound(format!("no card {id}")))?;
+        Ok((record, p.checkpoint.clone()))
+    }
+
+    fn resolve_size(&self, requested: u64, latest: u64) -> Result<u64, KmsError> {
+        match requested {
+            0 => Ok(latest),
+            s if s > latest => Err(KmsError::OutOfRange(format!(
+                "tree size {s} is beyond the latest checkpoint ({latest})"
+            ))),
+            s => Ok(s),
+        }
+    }
+
+    pub fn consistency(
+        &self,
+        old: u64,
+        new: u64,
+    ) -> Result<(ConsistencyProof, SignedCheckpoint), KmsError> {
+        let p = self.published()?;
+        let new = self.resolve_size(new, p.size)?;
+        if old > new {
+            return Err(KmsError::InvalidArgument(format!(
+                "old size {old} is larger than new size {new}"
+            )));
+        }
+        let hashes = self
+            .tree
+            .read()
+            .map_err(lock_error)?
+            .consistency_proof(old, new)
+            .ok_or(KmsError::Internal("consistency proof out of range"))?;
+        Ok((
+            transparency::consistency_proof_message(old, new, hashes),
+            p.checkpoint.clone(),
+        ))
+    }
+
+    pub fn inclusion(
+        &self,
+        index: u64,
+        size: u64,
+    ) -> Result<(InclusionProof, Vec<u8>, SignedCheckpoint), KmsError> {
+        let p = self.published()?;
+        let size = self.resolve_size(size, p.size)?;
+        if index >= size {
+            return Err(KmsError::OutOfRange(format!(
+                "leaf {index} is beyond the tree of size {size}"
+            )));
+        }
+        let hashes = self
+            .tree
+            .read()
+            .map_err(lock_error)?
+            .inclusion_proof(index, size)
+            .ok_or(KmsError::Internal("inclusion proof out of range"))?;
+        let entry = self
+            .store
+            .entry(index)?
+            .ok_or(KmsError::Internal("log entry missing"))?;
+        Ok((
+            transparency::inclusion_proof_message(index, size, hashes),
+            entry,
+            p.checkpoint.clone(),
+        ))
+    }
+
+    pub fn entries(
+        &self,
+        from: u64,
+        limit: u32,
+    ) -> Result<(Vec<Vec<u8>>, SignedCheckpoint), KmsError> {
+        let limit = tessera_service::limits::page_size(limit, 100, self.limits.max_page_size)
+            .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
+        let p = self.published()?;
+        if from > p.size {
+            return Err(KmsError::OutOfRange(format!(
+                "index {from} is beyond the log's size {}",
+                p.size
+            )));
+        }
+        let available = (p.size - from).min(limit as u64) as usize;
+        Ok((self.store.entries(from, available)?, p.checkpoint.clone()))
+    }
+
+    /// The checkpoint's verified form (for tests and logs).
+    pub fn verified_checkpoint(&self) -> Result<VerifiedCheckpoint, KmsError> {
+        let p = self.published()?;
+        transparency::verify_checkpoint(&p.checkpoint, &self.key.verifying_key())
+            .map_err(|_| KmsError::Internal("own checkpoint does not verify"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tessera_card::{NewCard, app_sign};
+    use tessera_crypto::DeviceKeys;
+    use tessera_service::{
+        TokenIssuer, TokenVerifier,
+        token::{AUDIENCE_KMS, Role, bearer_header},
+    };
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn directory(store: MemoryStore, key: SigningKey, app: &SigningKey) -> Directory {
+        Directory::open(Arc::new(store), key, app.verifying_key(), Limits::default()).unwrap()
+    }
+
+    fn card(app: &SigningKey, identity: &str) -> card_pb::Card {
+        let mut card = NewCard {
+            identity,
+            kind: CardKind::Client,
+            device_name: "d",
+            created_at: 0,
+            previous_card_id: None,
+        }
+        .self_signed(&DeviceKeys::generate().unwrap())
+        .unwrap();
+        app_sign(&mut card, app);
+        card
+    }
+
+    #[tokio::test]
+    async fn directory_over_the_memory_store() {
+        let app = SigningKey::generate().unwrap();
+        let key_seed = [7u8; 32];
+        let store = MemoryStore::default();
+        let dir = directory(
+            store.clone(),
+            SigningKey::from_seed(&key_seed).unwrap(),
+            &app,
+        );
+        let (record, _) = dir.register(card(&app, "alice")).await.unwrap();
+        dir.register(card(&app, "alice")).await.unwrap();
+        let (found, cp) = dir.search(&["alice".into()], None).unwrap();
+        assert_eq!(found[0].cards.len(), 2);
+
+        let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(60));
+        let caller = TokenVerifier::new(issuer.public_key(), AUDIENCE_KMS)
+            .verify_header(&bearer_header(
+                &issuer
+                    .issue("alice", Role::User, None, false)
+                    .unwrap()
+                    .bytes,
+            ))
+            .unwrap();
+        let id = CardId::of_snapshot(&record.card.unwrap().content_snapshot);
+        let revocation = tessera_card::revocation::sign_revocation(
+            id,
+            tessera_card::revocation::RevokedBy::App,
+            &app,
+            "",
+            0,
+        )
+        .unwrap();
+        dir.revoke(&caller, revocation).await.unwrap();
+        assert_eq!(
+            dir.search(&["alice".into()], None).unwrap().0[0]
+                .cards
+                .len(),
+            1
+        );
+
+        // Reopening over the same store rebuilds the same log.
+        let reopened = directory(store, SigningKey::from_seed(&key_seed).unwrap(), &app);
+        assert_eq!(reopened.verified_checkpoint().unwrap().tree_size, 3);
+        assert_eq!(
+            reopened.verified_checkpoint().unwrap().root_hash,
+            dir.verified_checkpoint().unwrap().root_hash
+        );
+        let _ = cp;
+    }
+
+    #[tokio::test]
+    async fn a_store_signed_by_another_key_is_refused() {
+        let app = SigningKey::generate().unwrap();
+        let store = MemoryStore::default();
+        let dir = directory(store.clone(), SigningKey::generate().unwrap(), &app);
+        dir.register(card(&app, "bob")).await.unwrap();
+        let other = Directory::open(
+            Arc::new(store),
+            SigningKey::generate().unwrap(),
+            app.verifying_key(),
+            Limits::default(),
+        );
+        assert!(matches!(other, Err(OpenError::ForeignCheckpoint)));
+    }
+
+    #[tokio::test]
+    async fn reads_see_the_directory_as_of_the_published_checkpoint() {
+        let app = SigningKey::generate().unwrap();
+        let dir = directory(
+            MemoryStore::default(),
+            SigningKey::generate().unwrap(),
+            &app,
+        );
+        let (record, _) = dir.register(card(&app, "carol")).await.unwrap();
+        let stored = dir
+            .store
+            .card(&CardId::of_snapshot(&record.card.unwrap().content_snapshot))
+            .unwrap()
+            .unwrap();
+        let tree = dir.tree.read().unwrap();
+        // At size 0 the card did not exist yet; at size 1 it is active.
+        assert!(dir.record_at(&stored, 0, &tree).unwrap().is_none());
+        assert_eq!(
+            dir.record_at(&stored, 1, &tree).unwrap().unwrap().status,
+            CardStatus::Active as i32
+        );
+    }
+}

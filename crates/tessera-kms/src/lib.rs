@@ -1,0 +1,125 @@
+//! `tessera-kms`, the key-management service (the seed's "Virgil Key
+//! Management Service"): the directory where cards are registered, searched
+//! and revoked, with an append-only Merkle log over every registration and
+//! revocation so clients can check it shows everyone the same history.
+//!
+//! The library runs the service ([`Kms::open`], [`Kms::routes`]); `main.rs`
+//! is a thin binary over it. Operators: see `docs/operations.md`.
+
+mod directory;
+mod service;
+pub mod store;
+
+use std::{path::PathBuf, sync::Arc};
+
+pub use directory::{Directory, KmsError, Limits, OpenError};
+use tessera_crypto::{SigningKey, VerifyingKey, keystore};
+use tessera_proto::kms::v1::key_directory_server::KeyDirectoryServer;
+use tessera_service::{
+    TokenVerifier,
+    serve::{self, ServeError},
+    storage::StorageError,
+    token::AUDIENCE_KMS,
+};
+use thiserror::Error;
+use tonic::{server::NamedService, service::Routes};
+
+/// Largest request the service decodes, in bytes.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Everything the key service needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory of the sled database (`<data_dir>/db`) and, by default, the key.
+    pub data_dir: PathBuf,
+    /// The service's signing key; `<data_dir>/kms.key` when `None`.
+    pub key_path: Option<PathBuf>,
+    /// The AppKey public key: only cards it signed are registered.
+    pub app_public_key: VerifyingKey,
+    /// The app server's token public key.
+    pub token_public_key: VerifyingKey,
+    pub limits: Limits,
+    pub max_request_bytes: usize,
+}
+
+impl Config {
+    pub fn key_path(&self) -> PathBuf {
+        key_path(&self.data_dir, self.key_path.as_deref())
+    }
+}
+
+/// Where the service key lives.
+pub fn key_path(data_dir: &std::path::Path, explicit: Option<&std::path::Path>) -> PathBuf {
+    explicit.map_or_else(|| data_dir.join("kms.key"), std::path::Path::to_path_buf)
+}
+
+/// Why the service could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("key file: {0}")]
+    Key(#[from] keystore::KeystoreError),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Loads the service key, generating it (mode 0600) on first start.
+pub fn load_or_create_key(path: &std::path::Path) -> Result<SigningKey, StartError> {
+    let (key, created) = keystore::load_or_generate_signing(path)?;
+    if created {
+        tracing::info!(path = %path.display(), "generated a new key-service key");
+    }
+    Ok(key)
+}
+
+/// A key service ready to serve.
+pub struct Kms {
+    directory: Arc<Directory>,
+    tokens: TokenVerifier,
+    max_request_bytes: usize,
+}
+
+impl Kms {
+    /// Opens the sled store under `config.data_dir` and the key.
+    pub fn open(config: &Config) -> Result<Self, StartError> {
+        let key = load_or_create_key(&config.key_path())?;
+        let store = store::SledStore::open(&config.data_dir.join("db"))?;
+        Self::with_store(Arc::new(store), key, config)
+    }
+
+    /// Runs over any store (the in-memory one in unit tests).
+    pub fn with_store(
+        store: Arc<dyn store::Store>,
+        key: SigningKey,
+        config: &Config,
+    ) -> Result<Self, StartError> {
+        let directory = Directory::open(store, key, config.app_public_key, config.limits.clone())?;
+        Ok(Self {
+            directory: Arc::new(directory),
+            tokens: TokenVerifier::new(config.token_public_key, AUDIENCE_KMS),
+            max_request_bytes: config.max_request_bytes,
+        })
+    }
+
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+
+    /// The gRPC routes: the directory, health and reflection.
+    pub async fn routes(&self) -> Result<Routes, ServeError> {
+        let service = KeyDirectoryServer::new(service::KmsService {
+            directory: self.directory.clone(),
+            tokens: self.tokens.clone(),
+        })
+        .max_decoding_message_size(self.max_request_bytes)
+        .max_encoding_message_size(16 * 1024 * 1024);
+        serve::with_health_and_reflection(
+            Routes::new(service),
+            &[<KeyDirectoryServer<service::KmsService> as NamedService>::NAME],
+        )
+        .await
+    }
+}

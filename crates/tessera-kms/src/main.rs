@@ -1,0 +1,126 @@
+//! The `tessera-kms` binary: see `docs/operations.md`.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use tessera_crypto::VerifyingKey;
+use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits};
+use tessera_service::{config::init_tracing, serve, service_args};
+
+service_args!(
+    /// Options every service has.
+    CommonArgs,
+    prefix = "TESSERA_KMS",
+    listen = "127.0.0.1:7401",
+    data_dir = "./tessera-data/kms"
+);
+
+/// Tessera's key-management service: the card directory and its transparency log.
+#[derive(Parser, Debug)]
+#[command(name = "tessera-kms", version)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The service's signing key (generated with mode 0600 on first start) [default: <data-dir>/kms.key].
+    #[arg(long, env = "TESSERA_KMS_KEY_PATH")]
+    key_path: Option<PathBuf>,
+    /// AppKey public key (64 hex digits): only cards it signed are accepted.
+    #[arg(long, env = "TESSERA_KMS_APP_PUBLIC_KEY")]
+    app_public_key: Option<String>,
+    /// The app server's token public key (64 hex digits).
+    #[arg(long, env = "TESSERA_KMS_TOKEN_PUBLIC_KEY")]
+    token_public_key: Option<String>,
+    /// Most identities in one search.
+    #[arg(long, env = "TESSERA_KMS_MAX_IDENTITIES_PER_SEARCH", default_value_t = Limits::default().max_identities_per_search)]
+    max_identities_per_search: usize,
+    /// Largest page of log entries.
+    #[arg(long, env = "TESSERA_KMS_MAX_PAGE_SIZE", default_value_t = Limits::default().max_page_size)]
+    max_page_size: u32,
+    /// Most active cards one identity may have.
+    #[arg(long, env = "TESSERA_KMS_MAX_CARDS_PER_IDENTITY", default_value_t = Limits::default().max_active_cards_per_identity)]
+    max_cards_per_identity: usize,
+    /// Largest request, in bytes.
+    #[arg(long, env = "TESSERA_KMS_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Create the service key if missing and print its public key and log id as JSON.
+    Keys,
+}
+
+fn parse_key(name: &str, value: Option<&str>) -> Result<VerifyingKey, String> {
+    let value = value.ok_or_else(|| format!("--{name} is required to serve"))?;
+    let bytes = hex::decode(value.trim()).map_err(|_| format!("--{name}: not hex"))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("--{name}: {e}"))
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let common = cli.common.common();
+    init_tracing(common.log_format);
+    if let Some(Command::Keys) = cli.command {
+        let path = tessera_kms::key_path(&common.data_dir, cli.key_path.as_deref());
+        let key = tessera_kms::load_or_create_key(&path).map_err(|e| e.to_string())?;
+        let public = key.verifying_key();
+        let json = serde_json::json!({
+            "kms_public_key": hex::encode(public.as_bytes()),
+            "log_id": tessera_card::transparency::log_id(&public),
+            "key_path": path,
+        });
+        #[allow(clippy::print_stdout, reason = "the command's output")]
+        {
+            println!("{json}");
+        }
+        return Ok(());
+    }
+    let config = Config {
+        data_dir: common.data_dir.clone(),
+        key_path: cli.key_path,
+        app_public_key: parse_key("app-public-key", cli.app_public_key.as_deref())?,
+        token_public_key: parse_key("token-public-key", cli.token_public_key.as_deref())?,
+        limits: Limits {
+            max_identities_per_search: cli.max_identities_per_search,
+            max_page_size: cli.max_page_size,
+            max_active_cards_per_identity: cli.max_cards_per_identity,
+            ..Limits::default()
+        },
+        max_request_bytes: cli.max_request_bytes,
+    };
+    let kms = Kms::open(&config).map_err(|e| e.to_string())?;
+    let routes = kms.routes().await.map_err(|e| e.to_string())?;
+    let listener = serve::bind(common.listen)
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, data_dir = %common.data_dir.display(), "tessera-kms listening");
+    serve::serve(
+        routes,
+        listener,
+        &common.serve_options(),
+        serve::shutdown_signal(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!("tessera-kms stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            #[allow(clippy::print_stderr, reason = "the error for the operator")]
+            {
+                eprintln!("tessera-kms: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,688 @@
+//! The key service over real gRPC on 127.0.0.1:0 with a temporary sled
+//! directory, as it runs in production.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::time::Duration;
+
+use tessera_card::{
+    CardId, CardKind, NewCard, Verifier, app_sign,
+    revocation::{RevokedBy, sign_revocation},
+    transparency::{self, VerifiedCheckpoint},
+};
+use tessera_crypto::{DeviceKeys, SigningKey, VerifyingKey};
+use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits};
+use tessera_proto::{
+    card::v1::Card,
+    kms::v1::{
+        CardRecord, CardStatus, GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest,
+        GetInclusionProofRequest, GetServiceInfoRequest, ListLogEntriesRequest,
+        RegisterCardRequest, RevokeCardRequest, SearchCardsRequest,
+        key_directory_client::KeyDirectoryClient,
+    },
+    transparency::v1::SignedCheckpoint,
+};
+use tessera_service::{
+    TokenIssuer,
+    serve::{Running, ServeOptions},
+    token::{Role, bearer_header},
+};
+use tonic::{Code, Request, transport::Channel};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    app: SigningKey,
+    issuer: TokenIssuer,
+    kms_key: VerifyingKey,
+    running: Option<Running>,
+    client: KeyDirectoryClient<Channel>,
+    service_token: String,
+    user_token: String,
+}
+
+fn config(dir: &std::path::Path, app: &SigningKey, issuer: &TokenIssuer) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        key_path: None,
+        app_public_key: app.verifying_key(),
+        token_public_key: issuer.public_key(),
+        limits: Limits::default(),
+        max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+    }
+}
+
+async fn serve(
+    dir: &std::path::Path,
+    app: &SigningKey,
+    issuer: &TokenIssuer,
+) -> (Running, KeyDirectoryClient<Channel>, VerifyingKey) {
+    let kms = Kms::open(&config(dir, app, issuer)).unwrap();
+    let kms_key = kms.directory().public_key();
+    let listener = tessera_service::serve::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let running = Running::spawn(
+        kms.routes().await.unwrap(),
+        listener,
+        ServeOptions::default(),
+    )
+    .unwrap();
+    let channel = Channel::from_shared(running.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = KeyDirectoryClient::new(channel).max_decoding_message_size(16 << 20);
+    (running, client, kms_key)
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let app = SigningKey::generate().unwrap();
+        let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(600));
+        let (running, client, kms_key) = serve(dir.path(), &app, &issuer).await;
+        let service_token = bearer_header(
+            &issuer
+                .issue("tessera-server", Role::Service, None, false)
+                .unwrap()
+                .bytes,
+        );
+        let user_token = bearer_header(
+            &issuer
+                .issue("alice", Role::User, None, false)
+                .unwrap()
+                .bytes,
+        );
+        Self {
+            dir,
+            app,
+            issuer,
+            kms_key,
+            running: Some(running),
+            client,
+            service_token,
+            user_token,
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.running.take().unwrap().stop().await.unwrap();
+        let (running, client, kms_key) = serve(self.dir.path(), &self.app, &self.issuer).await;
+        assert_eq!(kms_key, self.kms_key, "the key survives a restart");
+        self.running = Some(running);
+        self.client = client;
+    }
+
+    fn verifier(&self) -> Verifier {
+        Verifier::new(self.app.verifying_key(), self.kms_key)
+    }
+
+    fn with<T>(&self, token: &str, message: T) -> Request<T> {
+        let mut r = Request::new(message);
+        r.metadata_mut()
+            .insert("authorization", token.parse().unwrap());
+        r
+    }
+
+    fn card(&self, identity: &str, device: &str) -> (DeviceKeys, Card) {
+        let keys = DeviceKeys::generate().unwrap();
+        let mut card = NewCard {
+            identity,
+            kind: CardKind::Client,
+            device_name: device,
+            created_at: 1_700_000_000,
+            previous_card_id: None,
+        }
+        .self_signed(&keys)
+        .unwrap();
+        app_sign(&mut card, &self.app);
+        (keys, card)
+    }
+
+    async fn register(
+        &mut self,
+        card: Card,
+    ) -> Result<(CardRecord, SignedCheckpoint), tonic::Status> {
+        let request = self.with(
+            &self.service_token.clone(),
+            RegisterCardRequest { card: Some(card) },
+        );
+        let r = self.client.register_card(request).await?.into_inner();
+        Ok((r.record.unwrap(), r.checkpoint.unwrap()))
+    }
+
+    async fn search(
+        &mut self,
+        identities: &[&str],
+    ) -> Result<tessera_proto::kms::v1::SearchCardsResponse, tonic::Status> {
+        let request = self.with(
+            &self.user_token.clone(),
+            SearchCardsRequest {
+                identities: identities.iter().map(|s| s.to_string()).collect(),
+                kind: 0,
+            },
+        );
+        Ok(self.client.search_cards(request).await?.into_inner())
+    }
+
+    async fn checkpoint(&mut self) -> VerifiedCheckpoint {
+        let request = self.with(&self.user_token.clone(), GetCheckpointRequest {});
+        let cp = self
+            .client
+            .get_checkpoint(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .checkpoint
+            .unwrap();
+        transparency::verify_checkpoint(&cp, &self.kms_key).unwrap()
+    }
+
+    /// What a client does with a record: verify the card, then its inclusion.
+    fn check_record(
+        &self,
+        record: &CardRecord,
+        checkpoint: &SignedCheckpoint,
+        identity: &str,
+    ) -> CardId {
+        let card = self
+            .verifier()
+            .verify(
+                record.card.as_ref().unwrap(),
+                Some(identity),
+                CardKind::Client,
+            )
+            .unwrap();
+        let cp = transparency::verify_checkpoint(checkpoint, &self.kms_key).unwrap();
+        transparency::verify_inclusion(
+            &cp,
+            &record.registration_entry,
+            record.inclusion.as_ref().unwrap(),
+        )
+        .unwrap();
+        match transparency::parse_entry(&record.registration_entry).unwrap() {
+            transparency::LogEvent::Registered { card: logged, .. } => {
+                assert_eq!(&logged, record.card.as_ref().unwrap())
+            }
+            other => panic!("registration entry is {other:?}"),
+        }
+        card.id()
+    }
+}
+
+#[tokio::test]
+async fn register_search_get_revoke_with_several_devices() {
+    let mut f = Fixture::start().await;
+    let (alice1_keys, alice1) = f.card("alice", "laptop");
+    let (_, alice2) = f.card("alice", "phone");
+    let (_, bob1) = f.card("bob", "desktop");
+    let (r1, cp1) = f.register(alice1.clone()).await.unwrap();
+    let id1 = f.check_record(&r1, &cp1, "alice");
+    let (r2, cp2) = f.register(alice2).await.unwrap();
+    let id2 = f.check_record(&r2, &cp2, "alice");
+    f.register(bob1).await.unwrap();
+
+    let found = f.search(&["alice", "bob", "carol"]).await.unwrap();
+    let names: Vec<_> = found.results.iter().map(|r| r.identity.as_str()).collect();
+    assert_eq!(names, ["alice", "bob", "carol"]);
+    let cp = found.checkpoint.unwrap();
+    let alice_ids: Vec<CardId> = found.results[0]
+        .cards
+        .iter()
+        .map(|r| f.check_record(r, &cp, "alice"))
+        .collect();
+    assert_eq!(alice_ids.len(), 2);
+    assert!(alice_ids.contains(&id1) && alice_ids.contains(&id2));
+    assert_eq!(found.results[1].cards.len(), 1);
+    assert!(
+        found.results[2].cards.is_empty(),
+        "never a card of an identity not asked for"
+    );
+    for r in &found.results[1].cards {
+        f.check_record(r, &cp, "bob");
+    }
+
+    // Self-revocation: the card leaves search but stays fetchable by id.
+    let revocation =
+        sign_revocation(id1, RevokedBy::SelfKey, &alice1_keys.signing, "lost", 1).unwrap();
+    let request = f.with(
+        &f.user_token.clone(),
+        RevokeCardRequest {
+            revocation: Some(revocation),
+        },
+    );
+    let revoked = f.client.revoke_card(request).await.unwrap().into_inner();
+    assert_eq!(revoked.record.unwrap().status, CardStatus::Revoked as i32);
+
+    let found = f.search(&["alice"]).await.unwrap();
+    assert_eq!(found.results[0].cards.len(), 1);
+    let request = f.with(
+        &f.user_token.clone(),
+        GetCardRequest {
+            card_id: id1.to_vec(),
+        },
+    );
+    let got = f.client.get_card(request).await.unwrap().into_inner();
+    let record = got.record.unwrap();
+    assert_eq!(record.status, CardStatus::Revoked as i32);
+    assert!(record.revocation.is_some());
+    f.check_record(&record, &got.checkpoint.unwrap(), "alice");
+
+    // Registering the same card again changes nothing.
+    let before = f.checkpoint().await;
+    let (again, _) = f.register(alice1).await.unwrap();
+    assert_eq!(again.status, CardStatus::Revoked as i32);
+    assert_eq!(f.checkpoint().await.tree_size, before.tree_size);
+    assert_eq!(before.tree_size, 4, "3 registrations + 1 revocation");
+}
+
+#[tokio::test]
+async fn cards_the_app_did_not_sign_are_refused() {
+    let mut f = Fixture::start().await;
+    let (_, mut unsigned) = f.card("alice", "laptop");
+    unsigned.app_signature.clear();
+    let err = f.register(unsigned).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("no app signature"),
+        "{}",
+        err.message()
+    );
+
+    let (_, mut other_app) = f.card("alice", "laptop");
+    app_sign(&mut other_app, &SigningKey::generate().unwrap());
+    let err = f.register(other_app).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("app signature does not verify"),
+        "{}",
+        err.message()
+    );
+
+    // A bad self signature or a malformed snapshot is the caller's error.
+    let (_, mut bad_self) = f.card("alice", "laptop");
+    bad_self.self_signature[0] ^= 1;
+    assert_eq!(
+        f.register(bad_self).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let garbage = Card {
+        content_snapshot: vec![0xff; 40],
+        self_signature: vec![1; 64],
+        app_signature: vec![2; 64],
+        kms_signature: vec![],
+    };
+    assert_eq!(
+        f.register(garbage).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let wrong_lengths = Card {
+        self_signature: vec![1; 3],
+        ..f.card("alice", "x").1
+    };
+    assert_eq!(
+        f.register(wrong_lengths).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    // Users cannot register directly, nobody anonymously.
+    let (_, card) = f.card("alice", "laptop");
+    let request = f.with(
+        &f.user_token.clone(),
+        RegisterCardRequest {
+            card: Some(card.clone()),
+        },
+    );
+    assert_eq!(
+        f.client.register_card(request).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let err = f
+        .client
+        .register_card(RegisterCardRequest { card: Some(card) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(f.checkpoint().await.tree_size, 0, "nothing was logged");
+}
+
+#[tokio::test]
+async fn revocation_by_a_stranger_is_refused() {
+    let mut f = Fixture::start().await;
+    let (_, card) = f.card("alice", "laptop");
+    let (record, cp) = f.register(card).await.unwrap();
+    let id = f.check_record(&record, &cp, "alice");
+    let stranger = SigningKey::generate().unwrap();
+    for by in [RevokedBy::SelfKey, RevokedBy::App] {
+        let revocation = sign_revocation(id, by, &stranger, "", 1).unwrap();
+        let request = f.with(
+            &f.user_token.clone(),
+            RevokeCardRequest {
+                revocation: Some(revocation),
+            },
+        );
+        let err = f.client.revoke_card(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    }
+    // The AppKey may revoke.
+    let revocation = sign_revocation(id, RevokedBy::App, &f.app, "admin", 1).unwrap();
+    let request = f.with(
+        &f.service_token.clone(),
+        RevokeCardRequest {
+            revocation: Some(revocation),
+        },
+    );
+    f.client.revoke_card(request).await.unwrap();
+    // Unknown card: NOT_FOUND.
+    let revocation =
+        sign_revocation(CardId::of_snapshot(b"none"), RevokedBy::App, &f.app, "", 1).unwrap();
+    let request = f.with(
+        &f.service_token.clone(),
+        RevokeCardRequest {
+            revocation: Some(revocation),
+        },
+    );
+    assert_eq!(
+        f.client.revoke_card(request).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn proofs_verify_for_every_size_and_history_survives_restart() {
+    let mut f = Fixture::start().await;
+    let mut seen: Vec<VerifiedCheckpoint> = vec![f.checkpoint().await];
+    for i in 0..13 {
+        let (_, card) = f.card(&format!("user{}", i % 4), &format!("device {i}"));
+        f.register(card).await.unwrap();
+        seen.push(f.checkpoint().await);
+    }
+    // Every earlier checkpoint is consistent with the latest (sizes 0..=13,
+    // most not powers of two), and every leaf is included in each.
+    let latest = seen.last().unwrap().clone();
+    for old in &seen {
+        let request = f.with(
+            &f.user_token.clone(),
+            GetConsistencyProofRequest {
+                old_size: old.tree_size,
+                new_size: 0,
+            },
+        );
+        let response = f
+            .client
+            .get_consistency_proof(request)
+            .await
+            .unwrap()
+            .into_inner();
+        let new =
+            transparency::verify_checkpoint(&response.checkpoint.unwrap(), &f.kms_key).unwrap();
+        assert_eq!(new.tree_size, latest.tree_size);
+        transparency::verify_consistency(old, &new, &response.proof.unwrap()).unwrap();
+        for index in 0..old.tree_size {
+            let request = f.with(
+                &f.user_token.clone(),
+                GetInclusionProofRequest {
+                    leaf_index: index,
+                    tree_size: old.tree_size,
+                },
+            );
+            let r = f
+                .client
+                .get_inclusion_proof(request)
+                .await
+                .unwrap()
+                .into_inner();
+            transparency::verify_inclusion(old, &r.entry, &r.proof.unwrap()).unwrap();
+        }
+    }
+
+    let request = f.with(
+        &f.user_token.clone(),
+        ListLogEntriesRequest {
+            from_index: 5,
+            limit: 4,
+        },
+    );
+    let listed = f
+        .client
+        .list_log_entries(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 4);
+
+    let before = f.search(&["user0", "user1"]).await.unwrap();
+    f.restart().await;
+    let after_cp = f.checkpoint().await;
+    assert_eq!(
+        (after_cp.tree_size, after_cp.root_hash),
+        (latest.tree_size, latest.root_hash)
+    );
+    let after = f.search(&["user0", "user1"]).await.unwrap();
+    for (b, a) in before.results.iter().zip(&after.results) {
+        let ids = |r: &tessera_proto::kms::v1::IdentityCards| -> Vec<Vec<u8>> {
+            r.cards
+                .iter()
+                .map(|c| c.card.as_ref().unwrap().content_snapshot.clone())
+                .collect()
+        };
+        assert_eq!(ids(b), ids(a));
+    }
+    // The log goes on from where it was, consistently.
+    let (_, card) = f.card("user9", "new");
+    f.register(card).await.unwrap();
+    let request = f.with(
+        &f.user_token.clone(),
+        GetConsistencyProofRequest {
+            old_size: latest.tree_size,
+            new_size: 0,
+        },
+    );
+    let response = f
+        .client
+        .get_consistency_proof(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let new = transparency::verify_checkpoint(&response.checkpoint.unwrap(), &f.kms_key).unwrap();
+    transparency::verify_consistency(&latest, &new, &response.proof.unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn rotation_supersedes_the_previous_card() {
+    let mut f = Fixture::start().await;
+    let (old_keys, old) = f.card("alice", "laptop");
+    let (r, cp) = f.register(old).await.unwrap();
+    let old_id = f.check_record(&r, &cp, "alice");
+    let new_keys = DeviceKeys::generate().unwrap();
+    let mut new = NewCard {
+        identity: "alice",
+        kind: CardKind::Client,
+        device_name: "laptop",
+        created_at: 1_700_000_100,
+        previous_card_id: Some(old_id),
+    }
+    .self_signed(&new_keys)
+    .unwrap();
+    app_sign(&mut new, &f.app);
+    let (r, cp) = f.register(new.clone()).await.unwrap();
+    let new_id = f.check_record(&r, &cp, "alice");
+    let found = f.search(&["alice"]).await.unwrap();
+    assert_eq!(found.results[0].cards.len(), 1);
+    assert_eq!(
+        f.check_record(
+            &found.results[0].cards[0],
+            found.checkpoint.as_ref().unwrap(),
+            "alice"
+        ),
+        new_id
+    );
+    let request = f.with(
+        &f.user_token.clone(),
+        GetCardRequest {
+            card_id: old_id.to_vec(),
+        },
+    );
+    let got = f
+        .client
+        .get_card(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(got.status, CardStatus::Superseded as i32);
+    assert_eq!(got.superseded_by, new_id.to_vec());
+    drop(old_keys);
+
+    // A second successor of the same card is refused.
+    let mut twin = NewCard {
+        identity: "alice",
+        kind: CardKind::Client,
+        device_name: "twin",
+        created_at: 1_700_000_200,
+        previous_card_id: Some(old_id),
+    }
+    .self_signed(&DeviceKeys::generate().unwrap())
+    .unwrap();
+    app_sign(&mut twin, &f.app);
+    assert_eq!(
+        f.register(twin).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn limits_and_bad_input_get_clear_statuses() {
+    let mut f = Fixture::start().await;
+    let many: Vec<String> = (0..101).map(|i| format!("u{i}")).collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err = f.search(&refs).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("the limit is 100"),
+        "{}",
+        err.message()
+    );
+
+    let err = f.search(&[""]).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("empty"), "{}", err.message());
+
+    let huge = "a".repeat(10 * 1024 * 1024);
+    let err = f.search(&[huge.as_str()]).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("the limit is"), "{}", err.message());
+
+    let request = f.with(
+        &f.user_token.clone(),
+        GetCardRequest {
+            card_id: vec![1, 2, 3],
+        },
+    );
+    let err = f.client.get_card(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("32 bytes"));
+
+    let request = f.with(
+        &f.user_token.clone(),
+        ListLogEntriesRequest {
+            from_index: 0,
+            limit: 5000,
+        },
+    );
+    assert_eq!(
+        f.client.list_log_entries(request).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let request = f.with(
+        &f.user_token.clone(),
+        GetConsistencyProofRequest {
+            old_size: 1,
+            new_size: 50,
+        },
+    );
+    assert_eq!(
+        f.client
+            .get_consistency_proof(request)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::OutOfRange
+    );
+    let request = f.with(
+        &f.user_token.clone(),
+        GetInclusionProofRequest {
+            leaf_index: 0,
+            tree_size: 0,
+        },
+    );
+    assert_eq!(
+        f.client
+            .get_inclusion_proof(request)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::OutOfRange
+    );
+
+    let request = f.with(
+        &f.user_token.clone(),
+        RevokeCardRequest {
+            revocation: Some(tessera_proto::card::v1::Revocation {
+                content_snapshot: vec![9; 9],
+                signature: vec![0; 64],
+            }),
+        },
+    );
+    assert_eq!(
+        f.client.revoke_card(request).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    let request = f.with("Bearer 00ff", GetCheckpointRequest {});
+    assert_eq!(
+        f.client.get_checkpoint(request).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    // Still healthy and serving after all that.
+    let info = f
+        .client
+        .get_service_info(GetServiceInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.service_public_key, f.kms_key.as_bytes().to_vec());
+    let (_, card) = f.card("alice", "laptop");
+    f.register(card).await.unwrap();
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let f = Fixture::start().await;
+    let channel = Channel::from_shared(f.running.as_ref().unwrap().url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tessera.kms.v1.KeyDirectory".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}

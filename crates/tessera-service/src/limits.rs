@@ -1,0 +1,63 @@
+//! Request limits, answered with a status that names the limit.
+//!
+//! `INVALID_ARGUMENT` is for a request that can never succeed as sent (a field
+//! too long, a page too large, too many items in one request);
+//! `RESOURCE_EXHAUSTED` is for a quota the caller has used up (devices per
+//! user, members per channel, channels per user).
+
+use tonic::Status;
+
+/// `INVALID_ARGUMENT` unless `len` ≤ `max`.
+pub fn check_len(field: &str, len: usize, max: usize) -> Result<(), Status> {
+    if len > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {len} bytes; the limit is {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// `INVALID_ARGUMENT` unless `count` ≤ `max` items in one request.
+pub fn check_count(field: &str, count: usize, max: usize) -> Result<(), Status> {
+    if count > max {
+        return Err(Status::invalid_argument(format!(
+            "{count} {field} in one request; the limit is {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// `RESOURCE_EXHAUSTED` unless `used` < `max` (room for one more).
+pub fn check_quota(what: &str, used: usize, max: usize) -> Result<(), Status> {
+    if used >= max {
+        return Err(Status::resource_exhausted(format!(
+            "limit of {max} {what} reached"
+        )));
+    }
+    Ok(())
+}
+
+/// A page size: 0 means `default`; above `max` is `INVALID_ARGUMENT`.
+pub fn page_size(requested: u32, default: u32, max: u32) -> Result<usize, Status> {
+    match requested {
+        0 => Ok(default.min(max) as usize),
+        n if n > max => Err(Status::invalid_argument(format!(
+            "page size {n} is above the limit of {max}"
+        ))),
+        n => Ok(n as usize),
+    }
+}
+
+/// Parses a 32-byte card id field.
+pub fn card_id(field: &str, bytes: &[u8]) -> Result<tessera_card::CardId, Status> {
+    tessera_card::CardId::from_bytes(bytes).map_err(|_| {
+        Status::invalid_argument(format!("{field} must be 32 bytes, got {}", bytes.len()))
+    })
+}
+
+/// Checks an identity field: shape errors are `INVALID_ARGUMENT` naming the field.
+pub fn identity(field: &str, value: &str) -> Result<(), Status> {
+    check_len(field, value.len(), tessera_card::MAX_IDENTITY_LEN)?;
+    tessera_card::validate_identity(value)
+        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}

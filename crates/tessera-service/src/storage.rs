@@ -1,0 +1,63 @@
+//! What the services' sled stores share: opening, durable flushes, and one
+//! error type that reaches callers as a bare `INTERNAL` (details only in logs).
+
+use std::path::Path;
+
+use thiserror::Error;
+use tonic::Status;
+
+/// A storage failure.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(&'static str),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<sled::transaction::TransactionError<StorageError>> for StorageError {
+    fn from(e: sled::transaction::TransactionError<StorageError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(inner) => inner,
+            sled::transaction::TransactionError::Storage(s) => Self::Sled(s),
+        }
+    }
+}
+
+impl From<StorageError> for Status {
+    fn from(e: StorageError) -> Self {
+        tracing::error!(error = %e, "storage failure");
+        Status::internal("storage failure; see the service log")
+    }
+}
+
+/// Opens (creating if needed) the sled database in `dir`.
+pub fn open_db(dir: &Path) -> Result<sled::Db, StorageError> {
+    std::fs::create_dir_all(dir)?;
+    Ok(sled::Config::new()
+        .path(dir)
+        .cache_capacity(256 * 1024 * 1024)
+        .open()?)
+}
+
+/// Waits until everything written so far is on disk (fsync).
+pub async fn flush(db: &sled::Db) -> Result<(), StorageError> {
+    db.flush_async().await?;
+    Ok(())
+}
+
+/// Big-endian u64 key part: keys sort in numeric order.
+pub fn u64_key(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+/// Reads a big-endian u64 written by [`u64_key`].
+pub fn read_u64(bytes: &[u8]) -> Result<u64, StorageError> {
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StorageError::Corrupt("u64 is not 8 bytes"))?;
+    Ok(u64::from_be_bytes(arr))
+}
