@@ -1,0 +1,269 @@
+//! Accounts: sign-up, password log-in (throttled), passwordless log-in by
+//! device signature, and the server's public keys.
+
+use std::sync::Arc;
+
+use tessera_card::{CardKind, ParsedCard};
+use tessera_crypto::{SignatureContext, random_array};
+use tessera_proto::{
+    kms::v1::CardStatus,
+    server::v1::{
+        BeginDeviceLoginRequest, BeginDeviceLoginResponse, FinishDeviceLoginRequest,
+        GetServerInfoRequest, GetServerInfoResponse, Limits as PbLimits, LoginRequest,
+        LoginResponse, SignUpRequest, WhoAmIRequest, WhoAmIResponse, accounts_server::Accounts,
+    },
+};
+use tessera_service::{limits, token::Role};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    App, challenges,
+    kms_client::SERVICE_SUBJECT,
+    passwords,
+    store::{Account, DeviceStatus},
+};
+
+pub(crate) struct AccountsService(pub(crate) Arc<App>);
+
+const MIN_PASSWORD_BYTES: usize = 8;
+
+impl App {
+    /// A log-in answer with a fresh token for `identity`.
+    pub(crate) fn login_response(
+        &self,
+        identity: &str,
+        device: Option<tessera_card::CardId>,
+    ) -> Result<LoginResponse, Status> {
+        let admin = self.config.admins.iter().any(|a| a == identity);
+        let org_member = self.is_org_member(identity)?;
+        let role = if admin { Role::Admin } else { Role::User };
+        let token = self
+            .issuer
+            .issue(identity, role, device, org_member)
+            .map_err(|_| Status::internal("cannot issue a token"))?;
+        Ok(LoginResponse {
+            access_token: token.bytes,
+            expires_at: token.expires_at,
+            identity: identity.to_owned(),
+            admin,
+            org_member,
+        })
+    }
+
+    fn check_password_shape(&self, password: &str) -> Result<(), Status> {
+        limits::check_len(
+            "password",
+            password.len(),
+            self.config.limits.max_password_bytes,
+        )?;
+        if password.len() < MIN_PASSWORD_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "password must be at least {MIN_PASSWORD_BYTES} bytes"
+            )));
+        }
+        Ok(())
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("password hashing task failed"))
+}
+
+#[tonic::async_trait]
+impl Accounts for AccountsService {
+    async fn get_server_info(
+        &self,
+        _request: Request<GetServerInfoRequest>,
+    ) -> Result<Response<GetServerInfoResponse>, Status> {
+        let l = &self.0.config.limits;
+        Ok(Response::new(GetServerInfoResponse {
+            app_public_key: self.0.app_key.verifying_key().as_bytes().to_vec(),
+            token_public_key: self.0.issuer.public_key().as_bytes().to_vec(),
+            org_identity: self.0.config.org_identity.clone().unwrap_or_default(),
+            limits: Some(PbLimits {
+                max_members_per_channel: l.max_members_per_channel as u32,
+                max_channels_per_user: l.max_channels_per_user as u32,
+                max_envelope_bytes: l.max_envelope_bytes as u32,
+                max_page_size: l.max_page_size,
+                max_devices_per_user: l.max_devices_per_user as u32,
+                max_attachment_bytes: l.max_attachment_bytes,
+            }),
+        }))
+    }
+
+    async fn sign_up(
+        &self,
+        request: Request<SignUpRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
+        let app = &self.0;
+        let SignUpRequest { identity, password } = request.into_inner();
+        limits::identity("identity", &identity)?;
+        app.check_password_shape(&password)?;
+        if identity == SERVICE_SUBJECT
+            || app.config.org_identity.as_deref() == Some(identity.as_str())
+        {
+            return Err(Status::already_exists(format!(
+                "identity {identity:?} is reserved"
+            )));
+        }
+        let params = app.config.password_params;
+        let hash = blocking(move || passwords::hash(&password, params))
+            .await?
+            .ok_or_else(|| Status::internal("password hashing failed"))?;
+        let account = Account {
+            identity: identity.clone(),
+            password: Some(hash),
+            created_at: tessera_service::now_secs(),
+        };
+        if !app.store.create_account(&account)? {
+            return Err(Status::already_exists(format!(
+                "identity {identity:?} is taken"
+            )));
+        }
+        app.store.flush().await?;
+        tracing::info!(%identity, "account created");
+        Ok(Response::new(app.login_response(&identity, None)?))
+    }
+
+    async fn login(
+        &self,
+        request: Request<LoginRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
+        let app = self.0.clone();
+        let peer = request.remote_addr().map(|a| a.ip());
+        let LoginRequest { identity, password } = request.into_inner();
+        limits::identity("identity", &identity)?;
+        limits::check_len(
+            "password",
+            password.len(),
+            app.config.limits.max_password_bytes,
+        )?;
+        if let Err(wait) = app.throttle.check(&identity, peer) {
+            return Err(Status::resource_exhausted(format!(
+                "too many failed log-ins; try again in {wait} s"
+            )));
+        }
+        let stored = app.store.account(&identity)?.and_then(|a| a.password);
+        let params = app.config.password_params;
+        let ok = blocking(move || match stored {
+            Some(hash) => passwords::verify(&password, &hash),
+            None => {
+                passwords::verify_dummy(&password, params);
+                false
+            }
+        })
+        .await?;
+        if !ok {
+            app.throttle.record_failure(&identity, peer);
+            tracing::info!(%identity, "failed log-in");
+            return Err(Status::unauthenticated("wrong identity or password"));
+        }
+        app.throttle.record_success(&identity);
+        Ok(Response::new(app.login_response(&identity, None)?))
+    }
+
+    async fn begin_device_login(
+        &self,
+        request: Request<BeginDeviceLoginRequest>,
+    ) -> Result<Response<BeginDeviceLoginResponse>, Status> {
+        let app = &self.0;
+        let r = request.into_inner();
+        limits::identity("identity", &r.identity)?;
+        let card_id = limits::card_id("card_id", &r.card_id)?;
+        match app.store.device(card_id.as_bytes())? {
+            Some(d)
+                if d.identity == r.identity
+                    && d.status == DeviceStatus::Active as i32
+                    && !d.org_card => {}
+            _ => {
+                return Err(Status::permission_denied(format!(
+                    "{card_id} is not an active device of {}",
+                    r.identity
+                )));
+            }
+        }
+        let challenge =
+            random_array::<32>().map_err(|_| Status::internal("random number generator failed"))?;
+        if !app.challenges.insert(challenge, &r.identity, card_id) {
+            return Err(Status::unavailable(
+                "too many log-ins in progress; retry shortly",
+            ));
+        }
+        Ok(Response::new(BeginDeviceLoginResponse {
+            challenge: challenge.to_vec(),
+            expires_at: tessera_service::now_secs() + challenges::CHALLENGE_TTL.as_secs() as i64,
+        }))
+    }
+
+    async fn finish_device_login(
+        &self,
+        request: Request<FinishDeviceLoginRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
+        let app = &self.0;
+        let r = request.into_inner();
+        limits::identity("identity", &r.identity)?;
+        let card_id = limits::card_id("card_id", &r.card_id)?;
+        if !app.challenges.take(&r.challenge, &r.identity, &card_id) {
+            return Err(Status::unauthenticated(
+                "unknown, used or expired challenge: begin the device log-in again",
+            ));
+        }
+        // The key service is the authority on the card and its status.
+        let record = app
+            .kms
+            .get(&app.issuer, &card_id)
+            .await?
+            .record
+            .ok_or_else(|| Status::internal("key service answered without a record"))?;
+        if record.status != CardStatus::Active as i32 {
+            return Err(Status::permission_denied(format!(
+                "card {card_id} is revoked or replaced"
+            )));
+        }
+        let card = ParsedCard::parse(record.card.unwrap_or_default())
+            .map_err(|e| Status::internal(format!("key service returned a bad card: {e}")))?;
+        if card.identity() != r.identity || card.kind() != CardKind::Client {
+            return Err(Status::permission_denied(
+                "the card is not a device of this identity",
+            ));
+        }
+        let still_active = app
+            .store
+            .device(card_id.as_bytes())?
+            .is_some_and(|d| d.status == DeviceStatus::Active as i32);
+        if !still_active {
+            return Err(Status::permission_denied(format!(
+                "card {card_id} is revoked"
+            )));
+        }
+        card.signing_key()
+            .verify(
+                SignatureContext::DeviceLogin,
+                &challenges::signed_message(&r.challenge, &r.identity, &card_id),
+                &r.signature,
+            )
+            .map_err(|_| Status::unauthenticated("the challenge signature does not verify"))?;
+        Ok(Response::new(
+            app.login_response(&r.identity, Some(card_id))?,
+        ))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
+        let caller = self.0.verifier.authenticate(&request)?;
+        Ok(Response::new(WhoAmIResponse {
+            org_member: self.0.is_org_member(&caller.identity)?,
+            org_identity: self.0.config.org_identity.clone().unwrap_or_default(),
+            device_card_id: caller
+                .device_card_id
+                .map(|id| id.to_vec())
+                .unwrap_or_default(),
+            admin: caller.is_admin(),
+            identity: caller.identity,
+        }))
+    }
+}

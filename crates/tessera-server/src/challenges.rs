@@ -1,0 +1,100 @@
+//! Single-use challenges for passwordless device log-in.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use tessera_card::CardId;
+
+/// How long a challenge may be answered.
+pub(crate) const CHALLENGE_TTL: Duration = Duration::from_secs(60);
+/// Most challenges outstanding at once.
+const MAX_OUTSTANDING: usize = 100_000;
+
+struct Pending {
+    identity: String,
+    card_id: CardId,
+    issued: Instant,
+}
+
+#[derive(Default)]
+pub(crate) struct Challenges {
+    pending: Mutex<HashMap<[u8; 32], Pending>>,
+}
+
+impl Challenges {
+    /// Remembers `challenge` for (`identity`, `card_id`); `false` when too
+    /// many are outstanding.
+    pub(crate) fn insert(&self, challenge: [u8; 32], identity: &str, card_id: CardId) -> bool {
+        let Ok(mut p) = self.pending.lock() else {
+            return false;
+        };
+        if p.len() >= MAX_OUTSTANDING {
+            p.retain(|_, v| v.issued.elapsed() < CHALLENGE_TTL);
+            if p.len() >= MAX_OUTSTANDING {
+                return false;
+            }
+        }
+        p.insert(
+            challenge,
+            Pending {
+                identity: identity.to_owned(),
+                card_id,
+                issued: Instant::now(),
+            },
+        );
+        true
+    }
+
+    /// Consumes `challenge`: `true` only once, within the TTL, and for the
+    /// same identity and card it was issued to.
+    pub(crate) fn take(&self, challenge: &[u8], identity: &str, card_id: &CardId) -> bool {
+        let Ok(key) = <[u8; 32]>::try_from(challenge) else {
+            return false;
+        };
+        let Ok(mut p) = self.pending.lock() else {
+            return false;
+        };
+        match p.remove(&key) {
+            Some(v) => {
+                v.issued.elapsed() < CHALLENGE_TTL
+                    && v.identity == identity
+                    && &v.card_id == card_id
+            }
+            None => false,
+        }
+    }
+}
+
+/// The bytes a device signs to answer a challenge.
+pub(crate) fn signed_message(challenge: &[u8], identity: &str, card_id: &CardId) -> Vec<u8> {
+    let mut m = Vec::with_capacity(32 + 4 + identity.len() + 32);
+    m.extend_from_slice(challenge);
+    m.extend_from_slice(&(identity.len() as u32).to_be_bytes());
+    m.extend_from_slice(identity.as_bytes());
+    m.extend_from_slice(card_id.as_bytes());
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_use_and_bound_to_identity_and_card() {
+        let c = Challenges::default();
+        let card = CardId::of_snapshot(b"c");
+        assert!(c.insert([1; 32], "alice", card));
+        assert!(!c.take(&[1; 32], "bob", &card));
+        assert!(
+            !c.take(&[1; 32], "alice", &card),
+            "a failed answer uses it up"
+        );
+        assert!(c.insert([2; 32], "alice", card));
+        assert!(c.take(&[2; 32], "alice", &card));
+        assert!(!c.take(&[2; 32], "alice", &card), "single use");
+        assert!(!c.take(&[3; 5], "alice", &card));
+    }
+}

@@ -1,0 +1,336 @@
+//! Devices: enrollment (the AppKey vouches for a self-signed ClientCard and
+//! the server registers it at the key service), listing, revocation; and the
+//! admin calls (the OrgCard, org members, revoking any device).
+
+use std::sync::Arc;
+
+use tessera_card::{
+    CardId, CardKind, ParsedCard, app_sign,
+    revocation::{ParsedRevocation, RevokedBy, sign_revocation},
+};
+use tessera_proto::{
+    card::v1::{Card, Revocation},
+    kms::v1::{CardResponse, CardStatus},
+    server::v1::{
+        AdminRevokeDeviceRequest, Device as PbDevice, EnrollDeviceRequest, ListDevicesRequest,
+        ListDevicesResponse, ListOrgMembersRequest, ListOrgMembersResponse, RegisterOrgCardRequest,
+        RevokeDeviceRequest, SetOrgMemberRequest, SetOrgMemberResponse, admin_server::Admin,
+        devices_server::Devices,
+    },
+};
+use tessera_service::{Caller, limits};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    App,
+    store::{Device, DeviceStatus},
+};
+
+pub(crate) struct DevicesService(pub(crate) Arc<App>);
+pub(crate) struct AdminService(pub(crate) Arc<App>);
+
+/// Largest card snapshot accepted for enrollment.
+const MAX_SNAPSHOT_BYTES: usize = 4096;
+
+fn parse_self_signed(card: Option<Card>, kind: CardKind) -> Result<ParsedCard, Status> {
+    let card = card.ok_or_else(|| Status::invalid_argument("card is missing"))?;
+    limits::check_len(
+        "content_snapshot",
+        card.content_snapshot.len(),
+        MAX_SNAPSHOT_BYTES,
+    )?;
+    let parsed = ParsedCard::parse(card).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if parsed.kind() != kind {
+        return Err(Status::invalid_argument(format!(
+            "expected a {kind} card, got a {} card",
+            parsed.kind()
+        )));
+    }
+    parsed
+        .check_self_signature()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(parsed)
+}
+
+fn device_status(status: i32) -> CardStatus {
+    match DeviceStatus::try_from(status) {
+        Ok(DeviceStatus::Active) => CardStatus::Active,
+        Ok(DeviceStatus::Revoked) => CardStatus::Revoked,
+        Ok(DeviceStatus::Superseded) => CardStatus::Superseded,
+        _ => CardStatus::Unspecified,
+    }
+}
+
+impl App {
+    /// Signs `parsed` with the AppKey, registers it at the key service and
+    /// records it; `superseded` is the device it replaces, if any.
+    async fn vouch_and_register(
+        &self,
+        parsed: ParsedCard,
+        superseded: Option<Device>,
+        org_card: bool,
+    ) -> Result<CardResponse, Status> {
+        let device = Device {
+            card_id: parsed.id().to_vec(),
+            identity: parsed.identity().to_owned(),
+            device_name: parsed.device_name().to_owned(),
+            created_at: parsed.created_at(),
+            status: DeviceStatus::Active as i32,
+            org_card,
+        };
+        let mut card = parsed.into_card();
+        card.kms_signature.clear();
+        app_sign(&mut card, &self.app_key);
+        let response = self.kms.register(&self.issuer, card).await?;
+        let mut changed = vec![device];
+        if let Some(mut prev) = superseded {
+            prev.status = DeviceStatus::Superseded as i32;
+            changed.push(prev);
+        }
+        self.store.put_devices(&changed)?;
+        self.store.flush().await?;
+        Ok(response)
+    }
+
+    /// Revokes `device` at the key service (with `revocation`, or one the
+    /// AppKey signs) and records it.
+    async fn revoke_device(
+        &self,
+        mut device: Device,
+        revocation: Option<Revocation>,
+        reason: &str,
+    ) -> Result<CardResponse, Status> {
+        let card_id = limits::card_id("card_id", &device.card_id)?;
+        let revocation = match revocation {
+            Some(r) => {
+                let parsed = ParsedRevocation::parse(r)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if parsed.card_id() != card_id {
+                    return Err(Status::invalid_argument(
+                        "the revocation is for another card",
+                    ));
+                }
+                parsed.revocation().clone()
+            }
+            None => sign_revocation(
+                card_id,
+                RevokedBy::App,
+                &self.app_key,
+                reason,
+                tessera_service::now_secs(),
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        };
+        let response = self.kms.revoke(&self.issuer, revocation).await?;
+        device.status = DeviceStatus::Revoked as i32;
+        self.store.put_devices(&[device])?;
+        self.store.flush().await?;
+        tracing::info!(%card_id, "device revoked");
+        Ok(response)
+    }
+
+    fn require_admin(&self, caller: &Caller) -> Result<(), Status> {
+        if !caller.is_admin() {
+            return Err(Status::permission_denied("admin only"));
+        }
+        Ok(())
+    }
+
+    fn org_identity(&self) -> Result<&str, Status> {
+        self.config.org_identity.as_deref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this server has no organisation (start it with --org-identity)",
+            )
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Devices for DevicesService {
+    async fn enroll_device(
+        &self,
+        request: Request<EnrollDeviceRequest>,
+    ) -> Result<Response<CardResponse>, Status> {
+        let app = &self.0;
+        let caller = app.verifier.authenticate(&request)?;
+        let parsed = parse_self_signed(request.into_inner().card, CardKind::Client)?;
+        if parsed.identity() != caller.identity {
+            return Err(Status::permission_denied(format!(
+                "{} cannot enroll a card for {}",
+                caller.identity,
+                parsed.identity()
+            )));
+        }
+        let _user = app.user_lock(&caller.identity).lock().await;
+        let devices = app.store.devices(&caller.identity)?;
+        if let Some(existing) = devices.iter().find(|d| d.card_id == parsed.id().to_vec()) {
+            // Enrolling the same card again returns it as registered.
+            if existing.status != DeviceStatus::Active as i32 {
+                return Err(Status::failed_precondition(
+                    "this card was revoked or replaced: make a new card to enroll this device again",
+                ));
+            }
+            return Ok(Response::new(app.kms.get(&app.issuer, &parsed.id()).await?));
+        }
+        let active = devices
+            .iter()
+            .filter(|d| d.status == DeviceStatus::Active as i32)
+            .count();
+        limits::check_quota(
+            "devices per user",
+            active,
+            app.config.limits.max_devices_per_user,
+        )?;
+        let superseded = match parsed.previous_card_id() {
+            None => None,
+            Some(prev) => Some(
+                devices
+                    .into_iter()
+                    .find(|d| d.card_id == prev.to_vec() && d.status == DeviceStatus::Active as i32)
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "previous card {prev} is not an active device of yours"
+                        ))
+                    })?,
+            ),
+        };
+        let id = parsed.id();
+        let response = app.vouch_and_register(parsed, superseded, false).await?;
+        tracing::info!(identity = %caller.identity, card_id = %id, "device enrolled");
+        Ok(Response::new(response))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
+        let caller = self.0.verifier.authenticate(&request)?;
+        let devices = self
+            .0
+            .store
+            .devices(&caller.identity)?
+            .into_iter()
+            .filter(|d| !d.org_card)
+            .map(|d| PbDevice {
+                card_id: d.card_id,
+                device_name: d.device_name,
+                created_at: d.created_at,
+                status: device_status(d.status) as i32,
+            })
+            .collect();
+        Ok(Response::new(ListDevicesResponse { devices }))
+    }
+
+    async fn revoke_device(
+        &self,
+        request: Request<RevokeDeviceRequest>,
+    ) -> Result<Response<CardResponse>, Status> {
+        let app = &self.0;
+        let caller = app.verifier.authenticate(&request)?;
+        let r = request.into_inner();
+        let card_id: CardId = limits::card_id("card_id", &r.card_id)?;
+        limits::check_len(
+            "reason",
+            r.reason.len(),
+            tessera_card::revocation::MAX_REASON_LEN,
+        )?;
+        let _user = app.user_lock(&caller.identity).lock().await;
+        let device = app
+            .store
+            .device(card_id.as_bytes())?
+            .filter(|d| d.identity == caller.identity && !d.org_card)
+            .ok_or_else(|| {
+                Status::permission_denied(format!("{card_id} is not one of your devices"))
+            })?;
+        Ok(Response::new(
+            app.revoke_device(device, r.revocation, &r.reason).await?,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn register_org_card(
+        &self,
+        request: Request<RegisterOrgCardRequest>,
+    ) -> Result<Response<CardResponse>, Status> {
+        let app = &self.0;
+        let caller = app.verifier.authenticate(&request)?;
+        app.require_admin(&caller)?;
+        let org = app.org_identity()?.to_owned();
+        let parsed = parse_self_signed(request.into_inner().card, CardKind::Org)?;
+        if parsed.identity() != org {
+            return Err(Status::invalid_argument(format!(
+                "the organisation's card must be for {org:?}, not {:?}",
+                parsed.identity()
+            )));
+        }
+        let _org = app.user_lock(&org).lock().await;
+        let superseded = match parsed.previous_card_id() {
+            None => None,
+            Some(prev) => app.store.device(prev.as_bytes())?.filter(|d| d.org_card),
+        };
+        let id = parsed.id();
+        let response = app.vouch_and_register(parsed, superseded, true).await?;
+        tracing::info!(%org, card_id = %id, by = %caller.identity, "org card registered");
+        Ok(Response::new(response))
+    }
+
+    async fn set_org_member(
+        &self,
+        request: Request<SetOrgMemberRequest>,
+    ) -> Result<Response<SetOrgMemberResponse>, Status> {
+        let app = &self.0;
+        let caller = app.verifier.authenticate(&request)?;
+        app.require_admin(&caller)?;
+        app.org_identity()?;
+        let r = request.into_inner();
+        limits::identity("identity", &r.identity)?;
+        if app.store.account(&r.identity)?.is_none() {
+            return Err(Status::not_found(format!("no user {:?}", r.identity)));
+        }
+        app.store.set_org_member(&r.identity, r.member)?;
+        app.store.flush().await?;
+        tracing::info!(identity = %r.identity, member = r.member, by = %caller.identity, "org membership changed");
+        Ok(Response::new(SetOrgMemberResponse {
+            members: app.store.org_members()?,
+        }))
+    }
+
+    async fn list_org_members(
+        &self,
+        request: Request<ListOrgMembersRequest>,
+    ) -> Result<Response<ListOrgMembersResponse>, Status> {
+        let app = &self.0;
+        let caller = app.verifier.authenticate(&request)?;
+        app.require_admin(&caller)?;
+        Ok(Response::new(ListOrgMembersResponse {
+            org_identity: app.org_identity()?.to_owned(),
+            members: app.store.org_members()?,
+        }))
+    }
+
+    async fn admin_revoke_device(
+        &self,
+        request: Request<AdminRevokeDeviceRequest>,
+    ) -> Result<Response<CardResponse>, Status> {
+        let app = &self.0;
+        let caller = app.verifier.authenticate(&request)?;
+        app.require_admin(&caller)?;
+        let r = request.into_inner();
+        let card_id = limits::card_id("card_id", &r.card_id)?;
+        limits::check_len(
+            "reason",
+            r.reason.len(),
+            tessera_card::revocation::MAX_REASON_LEN,
+        )?;
+        let device = app
+            .store
+            .device(card_id.as_bytes())?
+            .ok_or_else(|| Status::not_found(format!("no device {card_id}")))?;
+        let _user = app.user_lock(&device.identity).lock().await;
+        Ok(Response::new(
+            app.revoke_device(device, None, &r.reason).await?,
+        ))
+    }
+}

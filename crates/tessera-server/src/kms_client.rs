@@ -1,0 +1,128 @@
+//! The app server's client of the key service. It authenticates with a
+//! token it issues to itself (role SERVICE).
+
+use std::sync::Mutex;
+
+use tessera_card::CardId;
+use tessera_proto::{
+    card::v1::{Card, Revocation},
+    kms::v1::{
+        CardResponse, GetCardRequest, RegisterCardRequest, RevokeCardRequest,
+        key_directory_client::KeyDirectoryClient,
+    },
+};
+use tessera_service::{
+    TokenIssuer,
+    token::{Role, bearer_header},
+};
+use tonic::{Request, Status, transport::Channel};
+
+/// Subject of the server's own tokens.
+pub(crate) const SERVICE_SUBJECT: &str = "tessera-server";
+
+pub(crate) struct KmsClient {
+    client: KeyDirectoryClient<Channel>,
+    token: Mutex<Option<(String, i64)>>,
+}
+
+fn relay(e: Status) -> Status {
+    match e.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
+            Status::unavailable(format!("key service unavailable: {}", e.message()))
+        }
+        code => Status::new(code, format!("key service: {}", e.message())),
+    }
+}
+
+impl KmsClient {
+    pub(crate) fn new(channel: Channel) -> Self {
+        Self {
+            client: KeyDirectoryClient::new(channel).max_decoding_message_size(16 << 20),
+            token: Mutex::new(None),
+        }
+    }
+
+    fn request<T>(&self, issuer: &TokenIssuer, message: T) -> Result<Request<T>, Status> {
+        let now = tessera_service::now_secs();
+        let header = {
+            let mut cached = self
+                .token
+                .lock()
+                .map_err(|_| Status::internal("token cache poisoned"))?;
+            match cached.as_ref() {
+                Some((h, expires)) if *expires - 60 > now => h.clone(),
+                _ => {
+                    let t = issuer
+                        .issue(SERVICE_SUBJECT, Role::Service, None, false)
+                        .map_err(|_| Status::internal("cannot issue a service token"))?;
+                    let h = bearer_header(&t.bytes);
+                    *cached = Some((h.clone(), t.expires_at));
+                    h
+                }
+            }
+        };
+        let mut request = Request::new(message);
+        request.metadata_mut().insert(
+            "authorization",
+            header
+                .parse()
+                .map_err(|_| Status::internal("token header"))?,
+        );
+        Ok(request)
+    }
+
+    pub(crate) async fn register(
+        &self,
+        issuer: &TokenIssuer,
+        card: Card,
+    ) -> Result<CardResponse, Status> {
+        let request = self.request(issuer, RegisterCardRequest { card: Some(card) })?;
+        Ok(self
+            .client
+            .clone()
+            .register_card(request)
+            .await
+            .map_err(relay)?
+            .into_inner())
+    }
+
+    pub(crate) async fn revoke(
+        &self,
+        issuer: &TokenIssuer,
+        revocation: Revocation,
+    ) -> Result<CardResponse, Status> {
+        let request = self.request(
+            issuer,
+            RevokeCardRequest {
+                revocation: Some(revocation),
+            },
+        )?;
+        Ok(self
+            .client
+            .clone()
+            .revoke_card(request)
+            .await
+            .map_err(relay)?
+            .into_inner())
+    }
+
+    pub(crate) async fn get(
+        &self,
+        issuer: &TokenIssuer,
+        id: &CardId,
+    ) -> Result<CardResponse, Status> {
+        let request = self.request(
+            issuer,
+            GetCardRequest {
+                card_id: id.to_vec(),
+            },
+        )?;
+        Ok(self
+            .client
+            .clone()
+            .get_card(request)
+            .await
+            .map_err(relay)?
+            .into_inner())
+    }
+}

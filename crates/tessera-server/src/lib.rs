@@ -1,0 +1,317 @@
+//! `tessera-server`, the app server: the seed's "developer's server" and the
+//! message transport Twilio Programmable Chat was in the seed. It holds
+//! accounts, vouches for cards with the AppKey, and carries ciphertext in
+//! ordered channels; it never sees plaintext.
+//!
+//! Four gRPC services: `Accounts` (sign-up, log-in by password or by device
+//! signature, tokens), `Devices` (enroll, list, revoke), `Admin` (org card,
+//! org members, revoking any device) and `Channels` (membership, ordered
+//! messages, live subscriptions, read horizons, attachments).
+
+mod accounts;
+mod challenges;
+mod channels;
+mod devices;
+mod hub;
+mod kms_client;
+pub mod passwords;
+pub mod store;
+pub mod throttle;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tessera_crypto::{SigningKey, VerifyingKey, keystore};
+use tessera_proto::server::v1::{
+    accounts_server::AccountsServer, admin_server::AdminServer, channels_server::ChannelsServer,
+    devices_server::DevicesServer,
+};
+use tessera_service::{
+    TokenIssuer, TokenVerifier,
+    serve::{self, ServeError},
+    storage::StorageError,
+    token::AUDIENCE_SERVER,
+};
+use thiserror::Error;
+use tokio::sync::watch;
+use tonic::{
+    server::NamedService,
+    service::Routes,
+    transport::{Certificate, ClientTlsConfig, Endpoint},
+};
+
+pub use passwords::PasswordParams;
+pub use throttle::ThrottleLimits;
+
+/// Limits of the app server (Twilio's are the floor: 1 000 members per
+/// channel, 32 KB bodies).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_members_per_channel: usize,
+    pub max_channels_per_user: usize,
+    /// Sized for 1 000 recipient devices (~120 bytes of stanza each) plus a
+    /// 256 KiB body.
+    pub max_envelope_bytes: usize,
+    pub max_page_size: u32,
+    pub max_devices_per_user: usize,
+    pub max_attachment_bytes: u64,
+    pub max_channel_name_bytes: usize,
+    pub max_password_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_members_per_channel: 2000,
+            max_channels_per_user: 1000,
+            max_envelope_bytes: 2 * 1024 * 1024,
+            max_page_size: 500,
+            max_devices_per_user: 32,
+            max_attachment_bytes: 1024 * 1024 * 1024,
+            max_channel_name_bytes: 128,
+            max_password_bytes: 1024,
+        }
+    }
+}
+
+/// Everything the app server needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Database (`<data_dir>/db`), attachments and, by default, the keys.
+    pub data_dir: PathBuf,
+    /// The AppKey; `<data_dir>/app.key` when `None`.
+    pub app_key_path: Option<PathBuf>,
+    /// The token signing key; `<data_dir>/token.key` when `None`.
+    pub token_key_path: Option<PathBuf>,
+    /// The key service, e.g. `http://127.0.0.1:7401`.
+    pub kms_url: String,
+    /// CA certificate (PEM) to trust for an `https` key service.
+    pub kms_ca: Option<PathBuf>,
+    /// Identities whose tokens carry the ADMIN role.
+    pub admins: Vec<String>,
+    /// Identity of the organisation's ORG card; `None`: no organisation.
+    pub org_identity: Option<String>,
+    pub token_lifetime: Duration,
+    pub limits: Limits,
+    pub password_params: PasswordParams,
+    pub throttle: ThrottleLimits,
+}
+
+impl Config {
+    /// Defaults for a server storing in `data_dir` and using the key service at `kms_url`.
+    pub fn new(data_dir: impl Into<PathBuf>, kms_url: impl Into<String>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            app_key_path: None,
+            token_key_path: None,
+            kms_url: kms_url.into(),
+            kms_ca: None,
+            admins: Vec::new(),
+            org_identity: None,
+            token_lifetime: Duration::from_secs(15 * 60),
+            limits: Limits::default(),
+            password_params: PasswordParams::DEFAULT,
+            throttle: ThrottleLimits::default(),
+        }
+    }
+}
+
+/// Where the AppKey and the token key live.
+pub fn key_paths(data_dir: &Path, app: Option<&Path>, token: Option<&Path>) -> (PathBuf, PathBuf) {
+    (
+        app.map_or_else(|| data_dir.join("app.key"), Path::to_path_buf),
+        token.map_or_else(|| data_dir.join("token.key"), Path::to_path_buf),
+    )
+}
+
+/// Why the server could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("key file: {0}")]
+    Key(#[from] keystore::KeystoreError),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("key service address {url:?}: {reason}")]
+    KmsAddress { url: String, reason: String },
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Loads the AppKey and token key, generating them (mode 0600) on first start.
+pub fn load_or_create_keys(
+    app_path: &Path,
+    token_path: &Path,
+) -> Result<(SigningKey, SigningKey), StartError> {
+    let (app, new_app) = keystore::load_or_generate_signing(app_path)?;
+    let (token, new_token) = keystore::load_or_generate_signing(token_path)?;
+    if new_app || new_token {
+        tracing::info!(app_key = %app_path.display(), token_key = %token_path.display(), "generated new server keys");
+    }
+    Ok((app, token))
+}
+
+/// State shared by the four gRPC services.
+pub(crate) struct App {
+    pub(crate) store: Arc<dyn store::Store>,
+    pub(crate) app_key: SigningKey,
+    pub(crate) issuer: TokenIssuer,
+    pub(crate) verifier: TokenVerifier,
+    pub(crate) kms: kms_client::KmsClient,
+    pub(crate) config: Config,
+    pub(crate) throttle: throttle::Throttle,
+    pub(crate) challenges: challenges::Challenges,
+    pub(crate) hub: hub::Hub,
+    pub(crate) send_locks: Vec<tokio::sync::Mutex<()>>,
+    pub(crate) user_locks: Vec<tokio::sync::Mutex<()>>,
+    pub(crate) closing: watch::Receiver<bool>,
+    pub(crate) attachments_dir: PathBuf,
+}
+
+const LOCK_SHARDS: usize = 64;
+
+fn shard(key: &str) -> usize {
+    // FNV-1a: cheap and stable; only spreads contention.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % LOCK_SHARDS as u64) as usize
+}
+
+impl App {
+    /// Serialises sends into one channel (indices increase by one).
+    pub(crate) fn channel_lock(&self, channel_id: &str) -> &tokio::sync::Mutex<()> {
+        &self.send_locks[shard(channel_id)]
+    }
+
+    /// Serialises device changes of one user (device limit).
+    pub(crate) fn user_lock(&self, identity: &str) -> &tokio::sync::Mutex<()> {
+        &self.user_locks[shard(identity)]
+    }
+
+    pub(crate) fn is_org_member(&self, identity: &str) -> Result<bool, StorageError> {
+        Ok(self.config.org_identity.is_some()
+            && self.store.org_members()?.iter().any(|m| m == identity))
+    }
+}
+
+/// An app server ready to serve.
+pub struct Server {
+    app: Arc<App>,
+    closing: watch::Sender<bool>,
+}
+
+impl Server {
+    /// Opens the sled store and keys under `config.data_dir`.
+    pub fn open(config: Config) -> Result<Self, StartError> {
+        let (app_path, token_path) = key_paths(
+            &config.data_dir,
+            config.app_key_path.as_deref(),
+            config.token_key_path.as_deref(),
+        );
+        let (app_key, token_key) = load_or_create_keys(&app_path, &token_path)?;
+        let store = store::SledStore::open(&config.data_dir.join("db"))?;
+        Self::with_store(Arc::new(store), app_key, token_key, config)
+    }
+
+    /// Runs over any store (the in-memory one in unit tests).
+    pub fn with_store(
+        store: Arc<dyn store::Store>,
+        app_key: SigningKey,
+        token_key: SigningKey,
+        config: Config,
+    ) -> Result<Self, StartError> {
+        if let Some(org) = &config.org_identity {
+            tessera_card::validate_identity(org)
+                .map_err(|e| StartError::Config(format!("org identity: {e}")))?;
+        }
+        let attachments_dir = config.data_dir.join("attachments");
+        std::fs::create_dir_all(&attachments_dir).map_err(StorageError::from)?;
+        let mut endpoint =
+            Endpoint::from_shared(config.kms_url.clone()).map_err(|e| StartError::KmsAddress {
+                url: config.kms_url.clone(),
+                reason: e.to_string(),
+            })?;
+        if let Some(ca) = &config.kms_ca {
+            let pem = std::fs::read(ca).map_err(StorageError::from)?;
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+                .map_err(|e| StartError::KmsAddress {
+                    url: config.kms_url.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect_lazy();
+        let issuer = TokenIssuer::new(token_key, config.token_lifetime);
+        let verifier = TokenVerifier::new(issuer.public_key(), AUDIENCE_SERVER);
+        let (closing_tx, closing_rx) = watch::channel(false);
+        let app = App {
+            store,
+            app_key,
+            issuer,
+            verifier,
+            kms: kms_client::KmsClient::new(channel),
+            throttle: throttle::Throttle::new(config.throttle),
+            challenges: challenges::Challenges::default(),
+            hub: hub::Hub::default(),
+            send_locks: (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            user_locks: (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            closing: closing_rx,
+            attachments_dir,
+            config,
+        };
+        Ok(Self {
+            app: Arc::new(app),
+            closing: closing_tx,
+        })
+    }
+
+    pub fn app_public_key(&self) -> VerifyingKey {
+        self.app.app_key.verifying_key()
+    }
+
+    pub fn token_public_key(&self) -> VerifyingKey {
+        self.app.issuer.public_key()
+    }
+
+    /// Ends live subscriptions so a graceful shutdown does not wait on them.
+    pub fn begin_shutdown(&self) {
+        let _ = self.closing.send(true);
+    }
+
+    /// The gRPC routes: the four services, health and reflection.
+    pub async fn routes(&self) -> Result<Routes, ServeError> {
+        let limit = self.app.config.limits.max_envelope_bytes + 64 * 1024;
+        let accounts = AccountsServer::new(accounts::AccountsService(self.app.clone()));
+        let devices = DevicesServer::new(devices::DevicesService(self.app.clone()));
+        let admin = AdminServer::new(devices::AdminService(self.app.clone()));
+        let channels = ChannelsServer::new(channels::ChannelsService(self.app.clone()))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(64 * 1024 * 1024);
+        serve::with_health_and_reflection(
+            Routes::new(accounts)
+                .add_service(devices)
+                .add_service(admin)
+                .add_service(channels),
+            &[
+                <AccountsServer<accounts::AccountsService> as NamedService>::NAME,
+                <DevicesServer<devices::DevicesService> as NamedService>::NAME,
+                <AdminServer<devices::AdminService> as NamedService>::NAME,
+                <ChannelsServer<channels::ChannelsService> as NamedService>::NAME,
+            ],
+        )
+        .await
+    }
+}

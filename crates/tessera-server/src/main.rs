@@ -1,0 +1,150 @@
+//! The `tessera-server` binary: see `docs/operations.md`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use tessera_server::{Config, Limits, Server};
+use tessera_service::{config::init_tracing, serve, service_args};
+
+service_args!(
+    /// Options every service has.
+    CommonArgs,
+    prefix = "TESSERA_SERVER",
+    listen = "127.0.0.1:7400",
+    data_dir = "./tessera-data/server"
+);
+
+/// Tessera's app server: accounts, AppKey enrollment, channels and the encrypted transport.
+#[derive(Parser, Debug)]
+#[command(name = "tessera-server", version)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The key service.
+    #[arg(
+        long,
+        env = "TESSERA_SERVER_KMS_URL",
+        default_value = "http://127.0.0.1:7401"
+    )]
+    kms_url: String,
+    /// CA certificate (PEM) to trust when the key service URL is https.
+    #[arg(long, env = "TESSERA_SERVER_KMS_CA")]
+    kms_ca: Option<PathBuf>,
+    /// The AppKey (generated with mode 0600 on first start) [default: <data-dir>/app.key].
+    #[arg(long, env = "TESSERA_SERVER_APP_KEY_PATH")]
+    app_key_path: Option<PathBuf>,
+    /// The token signing key (generated on first start) [default: <data-dir>/token.key].
+    #[arg(long, env = "TESSERA_SERVER_TOKEN_KEY_PATH")]
+    token_key_path: Option<PathBuf>,
+    /// Identities with the admin role (comma-separated in the environment).
+    #[arg(long = "admin", env = "TESSERA_SERVER_ADMINS", value_delimiter = ',')]
+    admins: Vec<String>,
+    /// Identity of the organisation's card; enables org backup.
+    #[arg(long, env = "TESSERA_SERVER_ORG_IDENTITY")]
+    org_identity: Option<String>,
+    /// Lifetime of access tokens, in seconds.
+    #[arg(
+        long,
+        env = "TESSERA_SERVER_TOKEN_LIFETIME_SECS",
+        default_value_t = 900
+    )]
+    token_lifetime_secs: u64,
+    /// Most members per channel.
+    #[arg(long, env = "TESSERA_SERVER_MAX_MEMBERS_PER_CHANNEL", default_value_t = Limits::default().max_members_per_channel)]
+    max_members_per_channel: usize,
+    /// Most channels per user.
+    #[arg(long, env = "TESSERA_SERVER_MAX_CHANNELS_PER_USER", default_value_t = Limits::default().max_channels_per_user)]
+    max_channels_per_user: usize,
+    /// Largest message envelope, in bytes.
+    #[arg(long, env = "TESSERA_SERVER_MAX_ENVELOPE_BYTES", default_value_t = Limits::default().max_envelope_bytes)]
+    max_envelope_bytes: usize,
+    /// Largest page of messages.
+    #[arg(long, env = "TESSERA_SERVER_MAX_PAGE_SIZE", default_value_t = Limits::default().max_page_size)]
+    max_page_size: u32,
+    /// Most active devices per user.
+    #[arg(long, env = "TESSERA_SERVER_MAX_DEVICES_PER_USER", default_value_t = Limits::default().max_devices_per_user)]
+    max_devices_per_user: usize,
+    /// Largest attachment, in bytes.
+    #[arg(long, env = "TESSERA_SERVER_MAX_ATTACHMENT_BYTES", default_value_t = Limits::default().max_attachment_bytes)]
+    max_attachment_bytes: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Create the AppKey and token key if missing and print their public keys as JSON.
+    Keys,
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let common = cli.common.common();
+    init_tracing(common.log_format);
+    if let Some(Command::Keys) = cli.command {
+        let (app_path, token_path) = tessera_server::key_paths(
+            &common.data_dir,
+            cli.app_key_path.as_deref(),
+            cli.token_key_path.as_deref(),
+        );
+        let (app, token) = tessera_server::load_or_create_keys(&app_path, &token_path)
+            .map_err(|e| e.to_string())?;
+        let json = serde_json::json!({
+            "app_public_key": hex::encode(app.verifying_key().as_bytes()),
+            "token_public_key": hex::encode(token.verifying_key().as_bytes()),
+        });
+        #[allow(clippy::print_stdout, reason = "the command's output")]
+        {
+            println!("{json}");
+        }
+        return Ok(());
+    }
+    let mut config = Config::new(common.data_dir.clone(), cli.kms_url);
+    config.kms_ca = cli.kms_ca;
+    config.app_key_path = cli.app_key_path;
+    config.token_key_path = cli.token_key_path;
+    config.admins = cli.admins.into_iter().filter(|a| !a.is_empty()).collect();
+    config.org_identity = cli.org_identity.filter(|o| !o.is_empty());
+    config.token_lifetime = Duration::from_secs(cli.token_lifetime_secs);
+    config.limits = Limits {
+        max_members_per_channel: cli.max_members_per_channel,
+        max_channels_per_user: cli.max_channels_per_user,
+        max_envelope_bytes: cli.max_envelope_bytes,
+        max_page_size: cli.max_page_size,
+        max_devices_per_user: cli.max_devices_per_user,
+        max_attachment_bytes: cli.max_attachment_bytes,
+        ..Limits::default()
+    };
+    let server = Server::open(config).map_err(|e| e.to_string())?;
+    let routes = server.routes().await.map_err(|e| e.to_string())?;
+    let listener = serve::bind(common.listen)
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, data_dir = %common.data_dir.display(), "tessera-server listening");
+    let server = std::sync::Arc::new(server);
+    let stopper = server.clone();
+    serve::serve(routes, listener, &common.serve_options(), async move {
+        serve::shutdown_signal().await;
+        stopper.begin_shutdown();
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!("tessera-server stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            #[allow(clippy::print_stderr, reason = "the error for the operator")]
+            {
+                eprintln!("tessera-server: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

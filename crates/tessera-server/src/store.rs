@@ -1,0 +1,766 @@
+//! The app server's storage: a trait, the sled implementation (the embedded
+//! default) and an in-memory one for unit tests. Every acknowledged write is
+//! flushed by the caller (`Store::flush`) before it answers.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    path::Path,
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
+
+use prost::Message;
+use tessera_proto::server::v1::StoredMessage;
+use tessera_service::storage::{self, StorageError, read_u64, u64_key};
+
+/// Argon2id password hash with its parameters.
+#[derive(Clone, PartialEq, Message)]
+pub struct PasswordHash {
+    #[prost(uint32, tag = "1")]
+    pub m_cost_kib: u32,
+    #[prost(uint32, tag = "2")]
+    pub t_cost: u32,
+    #[prost(uint32, tag = "3")]
+    pub p_cost: u32,
+    #[prost(bytes = "vec", tag = "4")]
+    pub salt: Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub hash: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Account {
+    #[prost(string, tag = "1")]
+    pub identity: String,
+    #[prost(message, optional, tag = "2")]
+    pub password: Option<PasswordHash>,
+    #[prost(int64, tag = "3")]
+    pub created_at: i64,
+}
+
+/// Device status as the server knows it (the key service is the authority
+/// for clients; this is what the server checks senders against).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum DeviceStatus {
+    Unspecified = 0,
+    Active = 1,
+    Revoked = 2,
+    Superseded = 3,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Device {
+    #[prost(bytes = "vec", tag = "1")]
+    pub card_id: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub identity: String,
+    #[prost(string, tag = "3")]
+    pub device_name: String,
+    #[prost(int64, tag = "4")]
+    pub created_at: i64,
+    #[prost(enumeration = "DeviceStatus", tag = "5")]
+    pub status: i32,
+    /// The kind of card: client devices, or the organisation's card.
+    #[prost(bool, tag = "6")]
+    pub org_card: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ChannelRecord {
+    #[prost(string, tag = "1")]
+    pub channel_id: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(string, tag = "3")]
+    pub creator: String,
+    #[prost(int32, tag = "4")]
+    pub history_visibility: i32,
+    #[prost(int64, tag = "5")]
+    pub created_at_ms: i64,
+    /// Index the next message gets (messages are numbered from 1).
+    #[prost(uint64, tag = "6")]
+    pub next_index: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct MemberRecord {
+    #[prost(string, tag = "1")]
+    pub identity: String,
+    #[prost(int32, tag = "2")]
+    pub role: i32,
+    #[prost(uint64, tag = "3")]
+    pub joined_at_index: u64,
+    #[prost(int64, tag = "4")]
+    pub joined_at_ms: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct AttachmentRecord {
+    #[prost(string, tag = "1")]
+    pub attachment_id: String,
+    #[prost(string, tag = "2")]
+    pub channel_id: String,
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub sha256: Vec<u8>,
+    #[prost(string, tag = "5")]
+    pub uploader: String,
+    #[prost(int64, tag = "6")]
+    pub created_at_ms: i64,
+}
+
+pub type FlushFuture<'a> = Pin<Box<dyn Future<Output = Result<(), StorageError>> + Send + 'a>>;
+
+/// A change to a channel and its members, applied atomically.
+#[derive(Default)]
+pub struct ChannelChange {
+    pub channel: Option<ChannelRecord>,
+    pub put_members: Vec<MemberRecord>,
+    pub remove_members: Vec<String>,
+}
+
+/// Storage of the app server.
+pub trait Store: Send + Sync + 'static {
+    fn account(&self, identity: &str) -> Result<Option<Account>, StorageError>;
+    /// Creates the account; `false` if the identity is taken.
+    fn create_account(&self, account: &Account) -> Result<bool, StorageError>;
+
+    fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError>;
+    fn device(&self, card_id: &[u8]) -> Result<Option<Device>, StorageError>;
+    fn put_devices(&self, devices: &[Device]) -> Result<(), StorageError>;
+
+    fn org_members(&self) -> Result<Vec<String>, StorageError>;
+    fn set_org_member(&self, identity: &str, member: bool) -> Result<(), StorageError>;
+
+    fn channel(&self, channel_id: &str) -> Result<Option<ChannelRecord>, StorageError>;
+    fn member(
+        &self,
+        channel_id: &str,
+        identity: &str,
+    ) -> Result<Option<MemberRecord>, StorageError>;
+    fn members(&self, channel_id: &str) -> Result<Vec<MemberRecord>, StorageError>;
+    fn channels_of(&self, identity: &str) -> Result<Vec<String>, StorageError>;
+    fn change_channel(&self, channel_id: &str, change: ChannelChange) -> Result<(), StorageError>;
+
+    /// Index of a message already stored under this client message id.
+    fn dedupe(
+        &self,
+        channel_id: &str,
+        client_message_id: &[u8],
+    ) -> Result<Option<u64>, StorageError>;
+    /// Stores `message` and the channel's new `next_index` atomically.
+    fn append_message(
+        &self,
+        channel: &ChannelRecord,
+        message: &StoredMessage,
+    ) -> Result<(), StorageError>;
+    /// Messages with `from <= index < to`, ascending, at most `limit`.
+    fn messages(
+        &self,
+        channel_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError>;
+
+    fn read_horizon(&self, identity: &str, channel_id: &str) -> Result<u64, StorageError>;
+    fn set_read_horizon(
+        &self,
+        identity: &str,
+        channel_id: &str,
+        index: u64,
+    ) -> Result<(), StorageError>;
+
+    fn attachment(&self, attachment_id: &str) -> Result<Option<AttachmentRecord>, StorageError>;
+    fn put_attachment(&self, record: &AttachmentRecord) -> Result<(), StorageError>;
+
+    /// Resolves when every write so far is durable.
+    fn flush(&self) -> FlushFuture<'_>;
+}
+
+fn key(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, StorageError> {
+    M::decode(bytes).map_err(|_| StorageError::Corrupt(what))
+}
+
+/// The sled store: one tree with prefixed keys:
+/// `a/` accounts, `d/` devices by card id, `du/<identity>\0<card id>` device
+/// index, `o/` org members, `c/` channels, `cm/<channel>\0<identity>`
+/// members, `uc/<identity>\0<channel>` a user's channels,
+/// `m/<channel>\0<index>` messages, `md/<channel>\0<client id>` dedupe,
+/// `rh/<identity>\0<channel>` read horizons, `at/` attachments.
+pub struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        Ok(Self {
+            db: storage::open_db(dir)?,
+        })
+    }
+
+    fn get<M: Message + Default>(
+        &self,
+        k: Vec<u8>,
+        what: &'static str,
+    ) -> Result<Option<M>, StorageError> {
+        self.db.get(k)?.map(|v| decode(&v, what)).transpose()
+    }
+
+    fn suffixes(&self, prefix: Vec<u8>) -> Result<Vec<Vec<u8>>, StorageError> {
+        let len = prefix.len();
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(prefix) {
+            let (k, _) = item?;
+            out.push(k[len..].to_vec());
+        }
+        Ok(out)
+    }
+}
+
+impl Store for SledStore {
+    fn account(&self, identity: &str) -> Result<Option<Account>, StorageError> {
+        self.get(key(b"a/", &[identity.as_bytes()]), "account")
+    }
+
+    fn create_account(&self, account: &Account) -> Result<bool, StorageError> {
+        let k = key(b"a/", &[account.identity.as_bytes()]);
+        Ok(self
+            .db
+            .compare_and_swap(k, None as Option<&[u8]>, Some(account.encode_to_vec()))?
+            .is_ok())
+    }
+
+    fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError> {
+        let mut out = Vec::new();
+        for id in self.suffixes(key(b"du/", &[identity.as_bytes(), b""]))? {
+            out.push(
+                self.device(&id)?
+                    .ok_or(StorageError::Corrupt("device index names a missing device"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn device(&self, card_id: &[u8]) -> Result<Option<Device>, StorageError> {
+        self.get(key(b"d/", &[card_id]), "device")
+    }
+
+    fn put_devices(&self, devices: &[Device]) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for d in devices {
+            batch.insert(key(b"d/", &[&d.card_id]), d.encode_to_vec());
+            batch.insert(
+                key(b"du/", &[d.identity.as_bytes(), &d.card_id]),
+                Vec::<u8>::new(),
+            );
+        }
+        Ok(self.db.apply_batch(batch)?)
+    }
+
+    fn org_members(&self) -> Result<Vec<String>, StorageError> {
+        self.suffixes(b"o/".to_vec())?
+            .into_iter()
+            .map(|s| String::from_utf8(s).map_err(|_| StorageError::Corrupt("org member")))
+            .collect()
+    }
+
+    fn set_org_member(&self, identity: &str, member: bool) -> Result<(), StorageError> {
+        let k = key(b"o/", &[identity.as_bytes()]);
+        if member {
+            self.db.insert(k, Vec::<u8>::new())?;
+        } else {
+            self.db.remove(k)?;
+        }
+        Ok(())
+    }
+
+    fn channel(&self, channel_id: &str) -> Result<Option<ChannelRecord>, StorageError> {
+        self.get(key(b"c/", &[channel_id.as_bytes()]), "channel")
+    }
+
+    fn member(
+        &self,
+        channel_id: &str,
+        identity: &str,
+    ) -> Result<Option<MemberRecord>, StorageError> {
+        self.get(
+            key(b"cm/", &[channel_id.as_bytes(), identity.as_bytes()]),
+            "member",
+        )
+    }
+
+    fn members(&self, channel_id: &str) -> Result<Vec<MemberRecord>, StorageError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .scan_prefix(key(b"cm/", &[channel_id.as_bytes(), b""]))
+        {
+            out.push(decode(&item?.1, "member")?);
+        }
+        Ok(out)
+    }
+
+    fn channels_of(&self, identity: &str) -> Result<Vec<String>, StorageError> {
+        self.suffixes(key(b"uc/", &[identity.as_bytes(), b""]))?
+            .into_iter()
+            .map(|s| String::from_utf8(s).map_err(|_| StorageError::Corrupt("channel id")))
+            .collect()
+    }
+
+    fn change_channel(&self, channel_id: &str, change: ChannelChange) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        if let Some(channel) = &change.channel {
+            batch.insert(
+                key(b"c/", &[channel_id.as_bytes()]),
+                channel.encode_to_vec(),
+            );
+        }
+        for m in &change.put_members {
+            batch.insert(
+                key(b"cm/", &[channel_id.as_bytes(), m.identity.as_bytes()]),
+                m.encode_to_vec(),
+            );
+            batch.insert(
+                key(b"uc/", &[m.identity.as_bytes(), channel_id.as_bytes()]),
+                Vec::<u8>::new(),
+            );
+        }
+        for identity in &change.remove_members {
+            batch.remove(key(b"cm/", &[channel_id.as_bytes(), identity.as_bytes()]));
+            batch.remove(key(b"uc/", &[identity.as_bytes(), channel_id.as_bytes()]));
+        }
+        Ok(self.db.apply_batch(batch)?)
+    }
+
+    fn dedupe(
+        &self,
+        channel_id: &str,
+        client_message_id: &[u8],
+    ) -> Result<Option<u64>, StorageError> {
+        self.db
+            .get(key(b"md/", &[channel_id.as_bytes(), client_message_id]))?
+            .map(|v| read_u64(&v))
+            .transpose()
+    }
+
+    fn append_message(
+        &self,
+        channel: &ChannelRecord,
+        message: &StoredMessage,
+    ) -> Result<(), StorageError> {
+        let id = channel.channel_id.as_bytes();
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            key(b"m/", &[id, &u64_key(message.index)]),
+            message.encode_to_vec(),
+        );
+        batch.insert(
+            key(b"md/", &[id, &message.client_message_id]),
+            u64_key(message.index).to_vec(),
+        );
+        batch.insert(key(b"c/", &[id]), channel.encode_to_vec());
+        Ok(self.db.apply_batch(batch)?)
+    }
+
+    fn messages(
+        &self,
+        channel_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let id = channel_id.as_bytes();
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]))
+            .take(limit)
+        {
+            out.push(decode(&item?.1, "message")?);
+        }
+        Ok(out)
+    }
+
+    fn read_horizon(&self, identity: &str, channel_id: &str) -> Result<u64, StorageError> {
+        self.db
+            .get(key(b"rh/", &[identity.as_bytes(), channel_id.as_bytes()]))?
+            .map_or(Ok(0), |v| read_u64(&v))
+    }
+
+    fn set_read_horizon(
+        &self,
+        identity: &str,
+        channel_id: &str,
+        index: u64,
+    ) -> Result<(), StorageError> {
+        self.db.insert(
+            key(b"rh/", &[identity.as_bytes(), channel_id.as_bytes()]),
+            u64_key(index).to_vec(),
+        )?;
+        Ok(())
+    }
+
+    fn attachment(&self, attachment_id: &str) -> Result<Option<AttachmentRecord>, StorageError> {
+        self.get(key(b"at/", &[attachment_id.as_bytes()]), "attachment")
+    }
+
+    fn put_attachment(&self, record: &AttachmentRecord) -> Result<(), StorageError> {
+        self.db.insert(
+            key(b"at/", &[record.attachment_id.as_bytes()]),
+            record.encode_to_vec(),
+        )?;
+        Ok(())
+    }
+
+    fn flush(&self) -> FlushFuture<'_> {
+        Box::pin(storage::flush(&self.db))
+    }
+}
+
+/// In-memory store for unit tests.
+#[derive(Default, Clone)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Memory>>,
+}
+
+#[derive(Default)]
+struct Memory {
+    accounts: BTreeMap<String, Account>,
+    devices: BTreeMap<Vec<u8>, Device>,
+    org: BTreeMap<String, ()>,
+    channels: BTreeMap<String, ChannelRecord>,
+    members: BTreeMap<(String, String), MemberRecord>,
+    messages: BTreeMap<(String, u64), StoredMessage>,
+    dedupe: BTreeMap<(String, Vec<u8>), u64>,
+    horizons: BTreeMap<(String, String), u64>,
+    attachments: BTreeMap<String, AttachmentRecord>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Memory>, StorageError> {
+        self.inner
+            .lock()
+            .map_err(|_| StorageError::Corrupt("memory store lock poisoned"))
+    }
+}
+
+impl Store for MemoryStore {
+    fn account(&self, identity: &str) -> Result<Option<Account>, StorageError> {
+        Ok(self.lock()?.accounts.get(identity).cloned())
+    }
+
+    fn create_account(&self, account: &Account) -> Result<bool, StorageError> {
+        let mut m = self.lock()?;
+        if m.accounts.contains_key(&account.identity) {
+            return Ok(false);
+        }
+        m.accounts.insert(account.identity.clone(), account.clone());
+        Ok(true)
+    }
+
+    fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError> {
+        Ok(self
+            .lock()?
+            .devices
+            .values()
+            .filter(|d| d.identity == identity)
+            .cloned()
+            .collect())
+    }
+
+    fn device(&self, card_id: &[u8]) -> Result<Option<Device>, StorageError> {
+        Ok(self.lock()?.devices.get(card_id).cloned())
+    }
+
+    fn put_devices(&self, devices: &[Device]) -> Result<(), StorageError> {
+        let mut m = self.lock()?;
+        for d in devices {
+            m.devices.insert(d.card_id.clone(), d.clone());
+        }
+        Ok(())
+    }
+
+    fn org_members(&self) -> Result<Vec<String>, StorageError> {
+        Ok(self.lock()?.org.keys().cloned().collect())
+    }
+
+    fn set_org_member(&self, identity: &str, member: bool) -> Result<(), StorageError> {
+        let mut m = self.lock()?;
+        if member {
+            m.org.insert(identity.to_owned(), ());
+        } else {
+            m.org.remove(identity);
+        }
+        Ok(())
+    }
+
+    fn channel(&self, channel_id: &str) -> Result<Option<ChannelRecord>, StorageError> {
+        Ok(self.lock()?.channels.get(channel_id).cloned())
+    }
+
+    fn member(
+        &self,
+        channel_id: &str,
+        identity: &str,
+    ) -> Result<Option<MemberRecord>, StorageError> {
+        Ok(self
+            .lock()?
+            .members
+            .get(&(channel_id.to_owned(), identity.to_owned()))
+            .cloned())
+    }
+
+    fn members(&self, channel_id: &str) -> Result<Vec<MemberRecord>, StorageError> {
+        Ok(self
+            .lock()?
+            .members
+            .iter()
+            .filter(|((c, _), _)| c == channel_id)
+            .map(|(_, m)| m.clone())
+            .collect())
+    }
+
+    fn channels_of(&self, identity: &str) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .lock()?
+            .members
+            .keys()
+            .filter(|(_, i)| i == identity)
+            .map(|(c, _)| c.clone())
+            .collect())
+    }
+
+    fn change_channel(&self, channel_id: &str, change: ChannelChange) -> Result<(), StorageError> {
+        let mut m = self.lock()?;
+        if let Some(c) = change.channel {
+            m.channels.insert(channel_id.to_owned(), c);
+        }
+        for member in change.put_members {
+            m.members
+                .insert((channel_id.to_owned(), member.identity.clone()), member);
+        }
+        for identity in change.remove_members {
+            m.members.remove(&(channel_id.to_owned(), identity));
+        }
+        Ok(())
+    }
+
+    fn dedupe(
+        &self,
+        channel_id: &str,
+        client_message_id: &[u8],
+    ) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .lock()?
+            .dedupe
+            .get(&(channel_id.to_owned(), client_message_id.to_vec()))
+            .copied())
+    }
+
+    fn append_message(
+        &self,
+        channel: &ChannelRecord,
+        message: &StoredMessage,
+    ) -> Result<(), StorageError> {
+        let mut m = self.lock()?;
+        let id = channel.channel_id.clone();
+        m.messages
+            .insert((id.clone(), message.index), message.clone());
+        m.dedupe.insert(
+            (id.clone(), message.client_message_id.clone()),
+            message.index,
+        );
+        m.channels.insert(id, channel.clone());
+        Ok(())
+    }
+
+    fn messages(
+        &self,
+        channel_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .lock()?
+            .messages
+            .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to))
+            .take(limit)
+            .map(|(_, v)| v.clone())
+            .collect())
+    }
+
+    fn read_horizon(&self, identity: &str, channel_id: &str) -> Result<u64, StorageError> {
+        Ok(self
+            .lock()?
+            .horizons
+            .get(&(identity.to_owned(), channel_id.to_owned()))
+            .copied()
+            .unwrap_or(0))
+    }
+
+    fn set_read_horizon(
+        &self,
+        identity: &str,
+        channel_id: &str,
+        index: u64,
+    ) -> Result<(), StorageError> {
+        self.lock()?
+            .horizons
+            .insert((identity.to_owned(), channel_id.to_owned()), index);
+        Ok(())
+    }
+
+    fn attachment(&self, attachment_id: &str) -> Result<Option<AttachmentRecord>, StorageError> {
+        Ok(self.lock()?.attachments.get(attachment_id).cloned())
+    }
+
+    fn put_attachment(&self, record: &AttachmentRecord) -> Result<(), StorageError> {
+        self.lock()?
+            .attachments
+            .insert(record.attachment_id.clone(), record.clone());
+        Ok(())
+    }
+
+    fn flush(&self) -> FlushFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same behaviour from every store.
+    fn exercise(store: &dyn Store) {
+        let account = Account {
+            identity: "alice".into(),
+            password: None,
+            created_at: 1,
+        };
+        assert!(store.create_account(&account).unwrap());
+        assert!(
+            !store.create_account(&account).unwrap(),
+            "identities are unique"
+        );
+        assert_eq!(store.account("alice").unwrap(), Some(account));
+
+        let device = |id: u8, identity: &str| Device {
+            card_id: vec![id; 32],
+            identity: identity.into(),
+            device_name: "d".into(),
+            created_at: 0,
+            status: DeviceStatus::Active as i32,
+            org_card: false,
+        };
+        store
+            .put_devices(&[device(1, "alice"), device(2, "alice"), device(3, "bob")])
+            .unwrap();
+        assert_eq!(store.devices("alice").unwrap().len(), 2);
+        assert_eq!(store.device(&[3; 32]).unwrap().unwrap().identity, "bob");
+
+        let mut channel = ChannelRecord {
+            channel_id: "c1".into(),
+            next_index: 1,
+            ..Default::default()
+        };
+        let member = |identity: &str| MemberRecord {
+            identity: identity.into(),
+            role: 1,
+            joined_at_index: 1,
+            joined_at_ms: 0,
+        };
+        store
+            .change_channel(
+                "c1",
+                ChannelChange {
+                    channel: Some(channel.clone()),
+                    put_members: vec![member("alice"), member("bob")],
+                    remove_members: vec![],
+                },
+            )
+            .unwrap();
+        assert_eq!(store.members("c1").unwrap().len(), 2);
+        assert_eq!(store.channels_of("bob").unwrap(), vec!["c1".to_string()]);
+        store
+            .change_channel(
+                "c1",
+                ChannelChange {
+                    channel: None,
+                    put_members: vec![],
+                    remove_members: vec!["bob".into()],
+                },
+            )
+            .unwrap();
+        assert!(store.member("c1", "bob").unwrap().is_none());
+        assert!(store.channels_of("bob").unwrap().is_empty());
+
+        for i in 1..=5u64 {
+            let m = StoredMessage {
+                channel_id: "c1".into(),
+                index: i,
+                client_message_id: vec![i as u8; 16],
+                ..Default::default()
+            };
+            channel.next_index = i + 1;
+            store.append_message(&channel, &m).unwrap();
+        }
+        assert_eq!(store.channel("c1").unwrap().unwrap().next_index, 6);
+        let range: Vec<u64> = store
+            .messages("c1", 2, 5, 10)
+            .unwrap()
+            .iter()
+            .map(|m| m.index)
+            .collect();
+        assert_eq!(range, vec![2, 3, 4]);
+        assert_eq!(store.messages("c1", 1, 100, 2).unwrap().len(), 2);
+        assert!(
+            store.messages("c2", 1, 100, 10).unwrap().is_empty(),
+            "channels do not mix"
+        );
+        assert_eq!(store.dedupe("c1", &[3; 16]).unwrap(), Some(3));
+        assert_eq!(store.dedupe("c1", &[9; 16]).unwrap(), None);
+
+        store.set_read_horizon("alice", "c1", 4).unwrap();
+        assert_eq!(store.read_horizon("alice", "c1").unwrap(), 4);
+        assert_eq!(store.read_horizon("bob", "c1").unwrap(), 0);
+        store.set_org_member("alice", true).unwrap();
+        assert_eq!(store.org_members().unwrap(), vec!["alice".to_string()]);
+        store.set_org_member("alice", false).unwrap();
+        assert!(store.org_members().unwrap().is_empty());
+    }
+
+    #[test]
+    fn memory_store() {
+        exercise(&MemoryStore::default());
+    }
+
+    #[test]
+    fn sled_store() {
+        let dir = std::env::temp_dir().join(format!("tessera-server-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        exercise(&SledStore::open(&dir).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

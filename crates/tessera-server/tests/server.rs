@@ -1,0 +1,1222 @@
+//! The app server over real gRPC on 127.0.0.1:0, with a real key service
+//! beside it, each on its own temporary sled directory.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::{collections::HashSet, time::Duration};
+
+use futures_util::StreamExt;
+use tessera_card::{CardId, CardKind, NewCard, Verifier, revocation};
+use tessera_crypto::{
+    DeviceKeys, SignatureContext, VerifyingKey,
+    envelope::{self, Draft, Recipient, Sender},
+};
+use tessera_kms::{DEFAULT_MAX_REQUEST_BYTES, Kms};
+use tessera_proto::{
+    kms::v1::CardStatus,
+    server::v1::{
+        AddMemberRequest, BeginDeviceLoginRequest, CreateChannelRequest, Direction,
+        DownloadAttachmentRequest, EnrollDeviceRequest, FinishDeviceLoginRequest,
+        GetChannelRequest, GetReadHorizonRequest, GetServerInfoRequest, HistoryVisibility,
+        ListChannelsRequest, ListDevicesRequest, ListMessagesRequest, LoginRequest,
+        RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest, SetOrgMemberRequest,
+        SetReadHorizonRequest, SignUpRequest, StoredMessage, SubscribeRequest,
+        UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
+        admin_client::AdminClient, channels_client::ChannelsClient, devices_client::DevicesClient,
+    },
+};
+use tessera_server::{Config, Limits, PasswordParams, Server, ThrottleLimits};
+use tessera_service::{
+    serve::{Running, ServeOptions, bind},
+    token::bearer_header,
+};
+use tonic::{Code, Request, Status, transport::Channel};
+
+struct Stack {
+    _kms_dir: tempfile::TempDir,
+    server_dir: tempfile::TempDir,
+    kms: Running,
+    server: Option<(Running, std::sync::Arc<Server>)>,
+    channel: Channel,
+    verifier: Verifier,
+    limits: Limits,
+}
+
+async fn spawn_server(
+    dir: &std::path::Path,
+    kms_url: String,
+    limits: Limits,
+) -> (Running, std::sync::Arc<Server>) {
+    let mut config = Config::new(dir, kms_url);
+    config.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
+    config.admins = vec!["admin".into()];
+    config.org_identity = Some("org:acme".into());
+    config.limits = limits;
+    config.throttle = ThrottleLimits {
+        per_identity: 3,
+        per_peer: 1000,
+        window: Duration::from_secs(60),
+    };
+    let server = std::sync::Arc::new(Server::open(config).unwrap());
+    let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let running = Running::spawn(
+        server.routes().await.unwrap(),
+        listener,
+        ServeOptions::default(),
+    )
+    .unwrap();
+    (running, server)
+}
+
+impl Stack {
+    async fn start() -> Self {
+        Self::with_limits(Limits::default()).await
+    }
+
+    async fn with_limits(limits: Limits) -> Self {
+        let kms_dir = tempfile::tempdir().unwrap();
+        let server_dir = tempfile::tempdir().unwrap();
+        let (app, token) = tessera_server::load_or_create_keys(
+            &server_dir.path().join("app.key"),
+            &server_dir.path().join("token.key"),
+        )
+        .unwrap();
+        let kms = Kms::open(&tessera_kms::Config {
+            data_dir: kms_dir.path().to_path_buf(),
+            key_path: None,
+            app_public_key: app.verifying_key(),
+            token_public_key: token.verifying_key(),
+            limits: tessera_kms::Limits::default(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        })
+        .unwrap();
+        let kms_key = kms.directory().public_key();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let kms = Running::spawn(
+            kms.routes().await.unwrap(),
+            listener,
+            ServeOptions::default(),
+        )
+        .unwrap();
+        let (running, server) = spawn_server(server_dir.path(), kms.url(), limits.clone()).await;
+        let channel = Channel::from_shared(running.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self {
+            _kms_dir: kms_dir,
+            server_dir,
+            kms,
+            server: Some((running, server)),
+            channel,
+            verifier: Verifier::new(app.verifying_key(), kms_key),
+            limits,
+        }
+    }
+
+    async fn restart_server(&mut self) {
+        let (running, server) = self.server.take().unwrap();
+        server.begin_shutdown();
+        // Close our connection, stop serving, and let go of the database.
+        self.channel = Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        running.stop().await.unwrap();
+        drop(server);
+        let (running, server) =
+            spawn_server(self.server_dir.path(), self.kms.url(), self.limits.clone()).await;
+        self.channel = Channel::from_shared(running.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        self.server = Some((running, server));
+    }
+
+    fn accounts(&self) -> AccountsClient<Channel> {
+        AccountsClient::new(self.channel.clone())
+    }
+    fn devices(&self) -> DevicesClient<Channel> {
+        DevicesClient::new(self.channel.clone())
+    }
+    fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone())
+    }
+    fn channels(&self) -> ChannelsClient<Channel> {
+        ChannelsClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    }
+
+    async fn signup(&self, identity: &str) -> User {
+        let r = self
+            .accounts()
+            .sign_up(SignUpRequest {
+                identity: identity.into(),
+                password: format!("{identity}-password"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        User {
+            identity: identity.into(),
+            token: bearer_header(&r.access_token),
+            devices: Vec::new(),
+        }
+    }
+
+    async fn enroll(&self, user: &mut User, name: &str) -> CardId {
+        let keys = DeviceKeys::generate().unwrap();
+        let card = NewCard {
+            identity: &user.identity,
+            kind: CardKind::Client,
+            device_name: name,
+            created_at: 1_700_000_000,
+            previous_card_id: None,
+        }
+        .self_signed(&keys)
+        .unwrap();
+        let r = self
+            .devices()
+            .enroll_device(user.req(EnrollDeviceRequest { card: Some(card) }))
+            .await
+            .unwrap()
+            .into_inner();
+        let record = r.record.unwrap();
+        let verified = self
+            .verifier
+            .verify(
+                record.card.as_ref().unwrap(),
+                Some(&user.identity),
+                CardKind::Client,
+            )
+            .unwrap();
+        user.devices.push(Device {
+            card_id: verified.id(),
+            keys,
+            public: *verified.encryption_key(),
+        });
+        verified.id()
+    }
+
+    async fn create_channel(
+        &self,
+        creator: &User,
+        members: &[&User],
+        visibility: HistoryVisibility,
+    ) -> String {
+        self.channels()
+            .create_channel(creator.req(CreateChannelRequest {
+                name: "general".into(),
+                history_visibility: visibility as i32,
+                members: members.iter().map(|u| u.identity.clone()).collect(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .channel_id
+    }
+
+    async fn send(
+        &self,
+        from: &User,
+        device: usize,
+        channel_id: &str,
+        to: &[&User],
+        body: &str,
+    ) -> Result<u64, Status> {
+        let envelope = seal(from, device, channel_id, to, body);
+        let r = self
+            .channels()
+            .send_message(from.req(SendMessageRequest {
+                channel_id: channel_id.into(),
+                client_message_id: tessera_crypto::random_array::<16>().unwrap().to_vec(),
+                sender_card_id: from.devices[device].card_id.to_vec(),
+                envelope,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.index)
+    }
+}
+
+struct Device {
+    card_id: CardId,
+    keys: DeviceKeys,
+    public: tessera_crypto::EncryptionPublicKey,
+}
+
+struct User {
+    identity: String,
+    token: String,
+    devices: Vec<Device>,
+}
+
+impl User {
+    fn req<T>(&self, message: T) -> Request<T> {
+        let mut r = Request::new(message);
+        r.metadata_mut()
+            .insert("authorization", self.token.parse().unwrap());
+        r
+    }
+}
+
+fn seal(from: &User, device: usize, channel_id: &str, to: &[&User], body: &str) -> Vec<u8> {
+    let recipients: Vec<Recipient<'_>> = to
+        .iter()
+        .flat_map(|u| u.devices.iter())
+        .map(|d| Recipient {
+            card_id: *d.card_id.as_bytes(),
+            key: &d.public,
+        })
+        .collect();
+    envelope::seal(
+        &Sender {
+            identity: &from.identity,
+            card_id: *from.devices[device].card_id.as_bytes(),
+            key: &from.devices[device].keys.signing,
+        },
+        &Draft {
+            channel_id,
+            content_type: envelope::CONTENT_TYPE_TEXT,
+            body: body.as_bytes(),
+            sent_at_ms: 0,
+        },
+        &recipients,
+    )
+    .unwrap()
+    .envelope
+}
+
+async fn collect(stream: &mut tonic::Streaming<StoredMessage>, n: usize) -> Vec<StoredMessage> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("a message within 20 s")
+            .expect("stream still open")
+            .unwrap();
+        out.push(next);
+    }
+    out
+}
+
+#[tokio::test]
+async fn enrollment_of_several_devices_and_passwordless_login() {
+    let s = Stack::start().await;
+    let info = s
+        .accounts()
+        .get_server_info(GetServerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.app_public_key,
+        s.verifier.app_key().as_bytes().to_vec()
+    );
+    assert_eq!(info.org_identity, "org:acme");
+
+    let mut alice = s.signup("alice").await;
+    let mut bob = s.signup("bob").await;
+    let a1 = s.enroll(&mut alice, "laptop").await;
+    let a2 = s.enroll(&mut alice, "phone").await;
+    s.enroll(&mut bob, "desktop").await;
+    let listed = s
+        .devices()
+        .list_devices(alice.req(ListDevicesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: HashSet<Vec<u8>> = listed.devices.iter().map(|d| d.card_id.clone()).collect();
+    assert_eq!(ids, HashSet::from([a1.to_vec(), a2.to_vec()]));
+
+    // Passwordless: sign the challenge with the device key.
+    let challenge = s
+        .accounts()
+        .begin_device_login(BeginDeviceLoginRequest {
+            identity: "alice".into(),
+            card_id: a2.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .challenge;
+    let message = [
+        challenge.as_slice(),
+        &5u32.to_be_bytes(),
+        b"alice",
+        a2.as_bytes(),
+    ]
+    .concat();
+    let signature = alice.devices[1]
+        .keys
+        .signing
+        .sign(SignatureContext::DeviceLogin, &message);
+    let login = s
+        .accounts()
+        .finish_device_login(FinishDeviceLoginRequest {
+            identity: "alice".into(),
+            card_id: a2.to_vec(),
+            challenge: challenge.clone(),
+            signature: signature.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let device_user = User {
+        identity: "alice".into(),
+        token: bearer_header(&login.access_token),
+        devices: vec![],
+    };
+    let me = s
+        .accounts()
+        .who_am_i(device_user.req(WhoAmIRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(me.identity, "alice");
+    assert_eq!(me.device_card_id, a2.to_vec());
+
+    // The same challenge cannot be replayed; a wrong key cannot answer one.
+    let replay = s
+        .accounts()
+        .finish_device_login(FinishDeviceLoginRequest {
+            identity: "alice".into(),
+            card_id: a2.to_vec(),
+            challenge,
+            signature: signature.to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(replay.code(), Code::Unauthenticated);
+    let challenge = s
+        .accounts()
+        .begin_device_login(BeginDeviceLoginRequest {
+            identity: "alice".into(),
+            card_id: a1.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .challenge;
+    let message = [
+        challenge.as_slice(),
+        &5u32.to_be_bytes(),
+        b"alice",
+        a1.as_bytes(),
+    ]
+    .concat();
+    let wrong = bob.devices[0]
+        .keys
+        .signing
+        .sign(SignatureContext::DeviceLogin, &message);
+    let err = s
+        .accounts()
+        .finish_device_login(FinishDeviceLoginRequest {
+            identity: "alice".into(),
+            card_id: a1.to_vec(),
+            challenge,
+            signature: wrong.to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // A revoked card cannot log in.
+    let revoked = s
+        .devices()
+        .revoke_device(alice.req(RevokeDeviceRequest {
+            card_id: a1.to_vec(),
+            reason: "lost".into(),
+            revocation: None,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.record.unwrap().status, CardStatus::Revoked as i32);
+    let err = s
+        .accounts()
+        .begin_device_login(BeginDeviceLoginRequest {
+            identity: "alice".into(),
+            card_id: a1.to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn device_revoked_by_its_own_key_and_device_limits() {
+    let s = Stack::with_limits(Limits {
+        max_devices_per_user: 2,
+        ..Limits::default()
+    })
+    .await;
+    let mut carol = s.signup("carol").await;
+    let c1 = s.enroll(&mut carol, "one").await;
+    s.enroll(&mut carol, "two").await;
+    // Third device: quota.
+    let keys = DeviceKeys::generate().unwrap();
+    let card = NewCard {
+        identity: "carol",
+        kind: CardKind::Client,
+        device_name: "three",
+        created_at: 0,
+        previous_card_id: None,
+    }
+    .self_signed(&keys)
+    .unwrap();
+    let err = s
+        .devices()
+        .enroll_device(carol.req(EnrollDeviceRequest {
+            card: Some(card.clone()),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("limit of 2 devices per user"),
+        "{}",
+        err.message()
+    );
+    // Revoke one with a revocation signed by the device itself, then there is room.
+    let r = revocation::sign_revocation(
+        c1,
+        revocation::RevokedBy::SelfKey,
+        &carol.devices[0].keys.signing,
+        "retired",
+        1,
+    )
+    .unwrap();
+    s.devices()
+        .revoke_device(carol.req(RevokeDeviceRequest {
+            card_id: c1.to_vec(),
+            reason: String::new(),
+            revocation: Some(r),
+        }))
+        .await
+        .unwrap();
+    s.devices()
+        .enroll_device(carol.req(EnrollDeviceRequest { card: Some(card) }))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn authorization_denials() {
+    let s = Stack::start().await;
+    let mut alice = s.signup("alice").await;
+    let mut bob = s.signup("bob").await;
+    let mut eve = s.signup("eve").await;
+    let a1 = s.enroll(&mut alice, "laptop").await;
+    s.enroll(&mut bob, "phone").await;
+    s.enroll(&mut eve, "evil").await;
+    let anon = User {
+        identity: "anon".into(),
+        token: "Bearer 00".into(),
+        devices: vec![],
+    };
+
+    // Enrolling a card for someone else.
+    let keys = DeviceKeys::generate().unwrap();
+    let card = NewCard {
+        identity: "alice",
+        kind: CardKind::Client,
+        device_name: "x",
+        created_at: 0,
+        previous_card_id: None,
+    }
+    .self_signed(&keys)
+    .unwrap();
+    let err = s
+        .devices()
+        .enroll_device(eve.req(EnrollDeviceRequest {
+            card: Some(card.clone()),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Revoking someone else's device.
+    let err = s
+        .devices()
+        .revoke_device(eve.req(RevokeDeviceRequest {
+            card_id: a1.to_vec(),
+            reason: String::new(),
+            revocation: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Admin calls by a non-admin.
+    let err = s
+        .admin()
+        .set_org_member(eve.req(SetOrgMemberRequest {
+            identity: "eve".into(),
+            member: true,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Channel access.
+    let channel_id = s
+        .create_channel(&alice, &[&bob], HistoryVisibility::Shared)
+        .await;
+    s.send(&alice, 0, &channel_id, &[&alice, &bob], "hi bob")
+        .await
+        .unwrap();
+    let err = s
+        .channels()
+        .get_channel(eve.req(GetChannelRequest {
+            channel_id: channel_id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = s
+        .channels()
+        .list_messages(eve.req(ListMessagesRequest {
+            channel_id: channel_id.clone(),
+            anchor: 0,
+            page_size: 10,
+            direction: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = s
+        .channels()
+        .subscribe(eve.req(SubscribeRequest {
+            channel_id: channel_id.clone(),
+            from_index: 1,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = s
+        .send(&eve, 0, &channel_id, &[&alice], "let me in")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = s
+        .channels()
+        .add_member(bob.req(AddMemberRequest {
+            channel_id: channel_id.clone(),
+            identity: "eve".into(),
+            role: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "only channel admins add members"
+    );
+    // Sending as another user's card.
+    let envelope = seal(&alice, 0, &channel_id, &[&bob], "forged");
+    let err = s
+        .channels()
+        .send_message(bob.req(SendMessageRequest {
+            channel_id: channel_id.clone(),
+            client_message_id: vec![1; 16],
+            sender_card_id: a1.to_vec(),
+            envelope,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Anonymous (or garbage token) on every call that needs a token.
+    let errs = vec![
+        s.accounts()
+            .who_am_i(anon.req(WhoAmIRequest {}))
+            .await
+            .unwrap_err(),
+        s.devices()
+            .enroll_device(anon.req(EnrollDeviceRequest { card: Some(card) }))
+            .await
+            .unwrap_err(),
+        s.devices()
+            .list_devices(anon.req(ListDevicesRequest {}))
+            .await
+            .unwrap_err(),
+        s.channels()
+            .list_channels(anon.req(ListChannelsRequest {}))
+            .await
+            .unwrap_err(),
+        s.channels()
+            .get_channel(anon.req(GetChannelRequest {
+                channel_id: channel_id.clone(),
+            }))
+            .await
+            .unwrap_err(),
+        s.channels()
+            .subscribe(anon.req(SubscribeRequest {
+                channel_id: channel_id.clone(),
+                from_index: 0,
+            }))
+            .await
+            .unwrap_err(),
+        s.channels()
+            .list_messages(Request::new(ListMessagesRequest {
+                channel_id: channel_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err(),
+    ];
+    for e in errs {
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    }
+}
+
+#[tokio::test]
+async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
+    let s = Stack::start().await;
+    let mut alice = s.signup("alice").await;
+    let mut bob = s.signup("bob").await;
+    s.enroll(&mut alice, "laptop").await;
+    s.enroll(&mut bob, "phone").await;
+    let channel_id = s
+        .create_channel(&alice, &[&bob], HistoryVisibility::Shared)
+        .await;
+
+    // Three live subscribers from the start.
+    let mut subs = Vec::new();
+    for user in [&alice, &bob, &bob] {
+        subs.push(
+            s.channels()
+                .subscribe(user.req(SubscribeRequest {
+                    channel_id: channel_id.clone(),
+                    from_index: 1,
+                }))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    // Two senders at once.
+    let (a, b) = tokio::join!(
+        async {
+            for i in 0..20 {
+                s.send(&alice, 0, &channel_id, &[&alice, &bob], &format!("a{i}"))
+                    .await
+                    .unwrap();
+            }
+        },
+        async {
+            for i in 0..20 {
+                s.send(&bob, 0, &channel_id, &[&alice, &bob], &format!("b{i}"))
+                    .await
+                    .unwrap();
+            }
+        }
+    );
+    let ((), ()) = (a, b);
+    for sub in &mut subs {
+        let got = collect(sub, 40).await;
+        let indices: Vec<u64> = got.iter().map(|m| m.index).collect();
+        assert_eq!(
+            indices,
+            (1..=40).collect::<Vec<_>>(),
+            "every index once, in order"
+        );
+    }
+
+    // A subscriber drops after 10, then resumes from 11 with no gap or duplicate.
+    let mut early = s
+        .channels()
+        .subscribe(bob.req(SubscribeRequest {
+            channel_id: channel_id.clone(),
+            from_index: 1,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = collect(&mut early, 10).await;
+    drop(early);
+    for i in 0..5 {
+        s.send(
+            &alice,
+            0,
+            &channel_id,
+            &[&alice, &bob],
+            &format!("later {i}"),
+        )
+        .await
+        .unwrap();
+    }
+    let mut resumed = s
+        .channels()
+        .subscribe(bob.req(SubscribeRequest {
+            channel_id: channel_id.clone(),
+            from_index: first.last().unwrap().index + 1,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let rest = collect(&mut resumed, 35).await;
+    assert_eq!(rest.first().unwrap().index, 11);
+    assert_eq!(rest.last().unwrap().index, 45);
+    s.send(&alice, 0, &channel_id, &[&alice, &bob], "live")
+        .await
+        .unwrap();
+    assert_eq!(collect(&mut resumed, 1).await[0].index, 46);
+
+    // Dedupe: the same client message id is stored once.
+    let envelope = seal(&alice, 0, &channel_id, &[&alice, &bob], "once");
+    let request = || {
+        alice.req(SendMessageRequest {
+            channel_id: channel_id.clone(),
+            client_message_id: vec![7; 16],
+            sender_card_id: alice.devices[0].card_id.to_vec(),
+            envelope: envelope.clone(),
+        })
+    };
+    let first = s
+        .channels()
+        .send_message(request())
+        .await
+        .unwrap()
+        .into_inner();
+    let again = s
+        .channels()
+        .send_message(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.duplicate && again.duplicate);
+    assert_eq!(first.index, again.index);
+    assert_eq!(collect(&mut resumed, 1).await[0].index, first.index);
+}
+
+#[tokio::test]
+async fn paging_both_ways_read_horizon_and_durability() {
+    let mut s = Stack::start().await;
+    let mut alice = s.signup("alice").await;
+    let mut bob = s.signup("bob").await;
+    s.enroll(&mut alice, "laptop").await;
+    s.enroll(&mut bob, "phone").await;
+    s.enroll(&mut bob, "tablet").await;
+    let channel_id = s
+        .create_channel(&alice, &[&bob], HistoryVisibility::Shared)
+        .await;
+    for i in 0..25 {
+        s.send(&alice, 0, &channel_id, &[&alice, &bob], &format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let page = |anchor, direction: Direction| {
+        let s = &s;
+        let req = bob.req(ListMessagesRequest {
+            channel_id: channel_id.clone(),
+            anchor,
+            page_size: 10,
+            direction: direction as i32,
+        });
+        async move { s.channels().list_messages(req).await.unwrap().into_inner() }
+    };
+    let indices = |r: &tessera_proto::server::v1::ListMessagesResponse| {
+        r.messages.iter().map(|m| m.index).collect::<Vec<_>>()
+    };
+    let p1 = page(0, Direction::Forward).await;
+    assert_eq!(indices(&p1), (1..=10).collect::<Vec<_>>());
+    let p2 = page(p1.next_anchor, Direction::Forward).await;
+    assert_eq!(indices(&p2), (11..=20).collect::<Vec<_>>());
+    let p3 = page(p2.next_anchor, Direction::Forward).await;
+    assert_eq!(indices(&p3), (21..=25).collect::<Vec<_>>());
+    assert_eq!(p3.next_anchor, 0);
+    let b1 = page(0, Direction::Backward).await;
+    assert_eq!(indices(&b1), (16..=25).collect::<Vec<_>>());
+    let b2 = page(b1.next_anchor, Direction::Backward).await;
+    assert_eq!(indices(&b2), (6..=15).collect::<Vec<_>>());
+    let b3 = page(b2.next_anchor, Direction::Backward).await;
+    assert_eq!(indices(&b3), (1..=5).collect::<Vec<_>>());
+    assert_eq!(b3.next_anchor, 0);
+    let err = s
+        .channels()
+        .list_messages(bob.req(ListMessagesRequest {
+            channel_id: channel_id.clone(),
+            anchor: 0,
+            page_size: 100_000,
+            direction: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // The read horizon is per user, shared by devices, and never goes back.
+    let set = |index| {
+        bob.req(SetReadHorizonRequest {
+            channel_id: channel_id.clone(),
+            index,
+        })
+    };
+    assert_eq!(
+        s.channels()
+            .set_read_horizon(set(12))
+            .await
+            .unwrap()
+            .into_inner()
+            .index,
+        12
+    );
+    assert_eq!(
+        s.channels()
+            .set_read_horizon(set(3))
+            .await
+            .unwrap()
+            .into_inner()
+            .index,
+        12
+    );
+    assert_eq!(
+        s.channels()
+            .set_read_horizon(set(99))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::OutOfRange
+    );
+    let alice_h = s
+        .channels()
+        .get_read_horizon(alice.req(GetReadHorizonRequest {
+            channel_id: channel_id.clone(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(alice_h.into_inner().index, 0);
+
+    // Everything acknowledged survives a restart.
+    s.restart_server().await;
+    let all = s
+        .channels()
+        .list_messages(bob.req(ListMessagesRequest {
+            channel_id: channel_id.clone(),
+            anchor: 0,
+            page_size: 100,
+            direction: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(indices(&all), (1..=25).collect::<Vec<_>>());
+    let h = s
+        .channels()
+        .get_read_horizon(bob.req(GetReadHorizonRequest {
+            channel_id: channel_id.clone(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(h.into_inner().index, 12);
+    assert_eq!(
+        s.send(&alice, 0, &channel_id, &[&alice, &bob], "after restart")
+            .await
+            .unwrap(),
+        26
+    );
+}
+
+#[tokio::test]
+async fn joined_visibility_membership_changes_and_limits() {
+    let s = Stack::with_limits(Limits {
+        max_members_per_channel: 3,
+        max_envelope_bytes: 4096,
+        ..Limits::default()
+    })
+    .await;
+    let mut alice = s.signup("alice").await;
+    let mut bob = s.signup("bob").await;
+    let mut carol = s.signup("carol").await;
+    let dave = s.signup("dave").await;
+    s.enroll(&mut alice, "laptop").await;
+    s.enroll(&mut bob, "phone").await;
+    s.enroll(&mut carol, "phone").await;
+    let channel_id = s
+        .create_channel(&alice, &[&bob], HistoryVisibility::Joined)
+        .await;
+    for i in 0..5 {
+        s.send(
+            &alice,
+            0,
+            &channel_id,
+            &[&alice, &bob],
+            &format!("before carol {i}"),
+        )
+        .await
+        .unwrap();
+    }
+    s.channels()
+        .add_member(alice.req(AddMemberRequest {
+            channel_id: channel_id.clone(),
+            identity: "carol".into(),
+            role: 0,
+        }))
+        .await
+        .unwrap();
+    s.send(
+        &alice,
+        0,
+        &channel_id,
+        &[&alice, &bob, &carol],
+        "welcome carol",
+    )
+    .await
+    .unwrap();
+    let seen = s
+        .channels()
+        .list_messages(carol.req(ListMessagesRequest {
+            channel_id: channel_id.clone(),
+            anchor: 1,
+            page_size: 100,
+            direction: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        seen.messages.iter().map(|m| m.index).collect::<Vec<_>>(),
+        vec![6]
+    );
+    let view = s
+        .channels()
+        .get_channel(carol.req(GetChannelRequest {
+            channel_id: channel_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(view.visible_from_index, 6);
+    assert_eq!(view.members.len(), 3);
+    // Bob, a member from the start, sees everything.
+    let view = s
+        .channels()
+        .get_channel(bob.req(GetChannelRequest {
+            channel_id: channel_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(view.visible_from_index, 1);
+
+    // Member limit.
+    let err = s
+        .channels()
+        .add_member(alice.req(AddMemberRequest {
+            channel_id: channel_id.clone(),
+            identity: "dave".into(),
+            role: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("limit of 3 members per channel"),
+        "{}",
+        err.message()
+    );
+    // Unknown user.
+    let err = s
+        .channels()
+        .add_member(alice.req(AddMemberRequest {
+            channel_id: channel_id.clone(),
+            identity: "nobody".into(),
+            role: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Envelope limit.
+    let big = "x".repeat(5000);
+    let err = s
+        .send(&alice, 0, &channel_id, &[&alice], &big)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("the limit is 4096"),
+        "{}",
+        err.message()
+    );
+    // Garbage envelope.
+    let err = s
+        .channels()
+        .send_message(alice.req(SendMessageRequest {
+            channel_id: channel_id.clone(),
+            client_message_id: vec![0; 16],
+            sender_card_id: alice.devices[0].card_id.to_vec(),
+            envelope: vec![0xde, 0xad],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // A removed member's live stream ends; they can no longer read.
+    let mut stream = s
+        .channels()
+        .subscribe(bob.req(SubscribeRequest {
+            channel_id: channel_id.clone(),
+            from_index: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    s.channels()
+        .remove_member(alice.req(RemoveMemberRequest {
+            channel_id: channel_id.clone(),
+            identity: "bob".into(),
+        }))
+        .await
+        .unwrap();
+    s.send(&alice, 0, &channel_id, &[&alice, &carol], "bob is gone")
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.unwrap_err().code(), Code::PermissionDenied);
+    let err = s
+        .channels()
+        .get_channel(bob.req(GetChannelRequest {
+            channel_id: channel_id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    drop(dave);
+}
+
+#[tokio::test]
+async fn attachments_and_login_throttling() {
+    let s = Stack::start().await;
+    let mut alice = s.signup("alice").await;
+    let mut bob = s.signup("bob").await;
+    let eve = s.signup("eve").await;
+    s.enroll(&mut alice, "laptop").await;
+    s.enroll(&mut bob, "phone").await;
+    let channel_id = s
+        .create_channel(&alice, &[&bob], HistoryVisibility::Shared)
+        .await;
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let chunks: Vec<UploadAttachmentRequest> = data
+        .chunks(50_000)
+        .enumerate()
+        .map(|(i, c)| UploadAttachmentRequest {
+            channel_id: if i == 0 {
+                channel_id.clone()
+            } else {
+                String::new()
+            },
+            data: c.to_vec(),
+        })
+        .collect();
+    let uploaded = s
+        .channels()
+        .upload_attachment(alice.req(tokio_stream::iter(chunks)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(uploaded.size, data.len() as u64);
+    assert_eq!(uploaded.sha256, tessera_crypto::sha256(&data).to_vec());
+    let mut download = s
+        .channels()
+        .download_attachment(bob.req(DownloadAttachmentRequest {
+            channel_id: channel_id.clone(),
+            attachment_id: uploaded.attachment_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut back = Vec::new();
+    while let Some(chunk) = download.next().await {
+        back.extend(chunk.unwrap().data);
+    }
+    assert_eq!(back, data);
+    let err = s
+        .channels()
+        .download_attachment(eve.req(DownloadAttachmentRequest {
+            channel_id: channel_id.clone(),
+            attachment_id: uploaded.attachment_id,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Three wrong passwords, then even the right one waits.
+    for _ in 0..3 {
+        let err = s
+            .accounts()
+            .login(LoginRequest {
+                identity: "alice".into(),
+                password: "wrong-password".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    let err = s
+        .accounts()
+        .login(LoginRequest {
+            identity: "alice".into(),
+            password: "alice-password".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    // Other users are unaffected; unknown users get the same answer as wrong passwords.
+    s.accounts()
+        .login(LoginRequest {
+            identity: "bob".into(),
+            password: "bob-password".into(),
+        })
+        .await
+        .unwrap();
+    let err = s
+        .accounts()
+        .login(LoginRequest {
+            identity: "zed".into(),
+            password: "whatever-pw".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // Sign-up input errors.
+    let err = s
+        .accounts()
+        .sign_up(SignUpRequest {
+            identity: "Bad Name".into(),
+            password: "long-enough".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = s
+        .accounts()
+        .sign_up(SignUpRequest {
+            identity: "frank".into(),
+            password: "short".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = s
+        .accounts()
+        .sign_up(SignUpRequest {
+            identity: "bob".into(),
+            password: "long-enough".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let _ = VerifyingKey::from_bytes(&[0u8; 32]);
+    let listed = s
+        .channels()
+        .list_channels(alice.req(ListChannelsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.channels.len(), 1);
+}
