@@ -274,8 +274,45 @@ pub(crate) fn unwrap_key(
     Ok(key)
 }
 
-/// Seals `plaintext` to an organisation's key (an OrgEncMsg), binding `aad`.
-pub fn seal_to_key(
+/// The associated data of an OrgEncMsg: `u32(len channel) || channel || u64(index)`.
+fn org_backup_aad(channel_id: &str, message_index: u64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(12 + channel_id.len());
+    aad.extend_from_slice(&(channel_id.len() as u32).to_be_bytes());
+    aad.extend_from_slice(channel_id.as_bytes());
+    aad.extend_from_slice(&message_index.to_be_bytes());
+    aad
+}
+
+/// Seals a backup record of message `message_index` of `channel_id` to the
+/// OrgCard's key (an OrgEncMsg).
+pub fn seal_org_backup(
+    org_key: &EncryptionPublicKey,
+    channel_id: &str,
+    message_index: u64,
+    record: &[u8],
+) -> Result<SealedToKey, KeyError> {
+    seal_to_key(org_key, &org_backup_aad(channel_id, message_index), record)
+}
+
+/// Opens an OrgEncMsg with the OrgKey; fails unless it was sealed for this
+/// very channel and index.
+pub fn open_org_backup(
+    org_secret: &EncryptionSecret,
+    channel_id: &str,
+    message_index: u64,
+    encapsulated_key: &[u8],
+    ciphertext: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, HpkeOpenError> {
+    open_from_key(
+        org_secret,
+        &org_backup_aad(channel_id, message_index),
+        encapsulated_key,
+        ciphertext,
+    )
+}
+
+/// Seals `plaintext` to an organisation's key, binding `aad`.
+fn seal_to_key(
     recipient: &EncryptionPublicKey,
     aad: &[u8],
     plaintext: &[u8],
@@ -284,7 +321,7 @@ pub fn seal_to_key(
 }
 
 /// Opens what [`seal_to_key`] sealed.
-pub fn open_from_key(
+fn open_from_key(
     secret: &EncryptionSecret,
     aad: &[u8],
     encapsulated_key: &[u8],
@@ -358,6 +395,17 @@ mod tests {
             open_from_key(&secret, b"", &[0u8; 32], &[0u8; 40]).map(|_| ()),
             Err(HpkeOpenError::Failed)
         );
+    }
+
+    #[test]
+    fn org_backups_are_bound_to_channel_and_index() {
+        let org = EncryptionSecret::generate().unwrap();
+        let sealed = seal_org_backup(&org.public_key(), "chan", 7, b"record").unwrap();
+        let open =
+            |c: &str, i| open_org_backup(&org, c, i, &sealed.encapsulated_key, &sealed.ciphertext);
+        assert_eq!(open("chan", 7).unwrap().as_slice(), b"record");
+        assert_eq!(open("chan", 8).map(|_| ()), Err(HpkeOpenError::Failed));
+        assert_eq!(open("chan2", 7).map(|_| ()), Err(HpkeOpenError::Failed));
     }
 
     #[test]

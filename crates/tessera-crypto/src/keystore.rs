@@ -121,19 +121,10 @@ impl KeyMaterial {
     }
 
     fn encode(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(65));
         match self {
-            Self::Signing(k) => {
-                out.push(KIND_SIGNING);
-                out.extend_from_slice(k.seed());
-            }
-            Self::Device(d) => {
-                out.push(KIND_DEVICE);
-                out.extend_from_slice(d.signing.seed());
-                out.extend_from_slice(d.encryption.as_bytes());
-            }
+            Self::Signing(k) => encode_signing(k),
+            Self::Device(d) => encode_device(d),
         }
-        out
     }
 
     fn decode(plain: &[u8]) -> Result<Self, KeystoreError> {
@@ -179,6 +170,21 @@ impl KeyMaterial {
     }
 }
 
+fn encode_signing(key: &SigningKey) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(33));
+    out.push(KIND_SIGNING);
+    out.extend_from_slice(key.seed());
+    out
+}
+
+fn encode_device(keys: &crate::DeviceKeys) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(65));
+    out.push(KIND_DEVICE);
+    out.extend_from_slice(keys.signing.seed());
+    out.extend_from_slice(keys.encryption.as_bytes());
+    out
+}
+
 fn derive_key(
     passphrase: &[u8],
     salt: &[u8],
@@ -195,14 +201,34 @@ fn derive_key(
 
 /// Serialises key material into the key file format.
 pub fn seal(material: &KeyMaterial, protection: &Protection<'_>) -> Result<Vec<u8>, KeystoreError> {
-    let plain = material.encode();
+    seal_plain(&material.encode(), protection)
+}
+
+/// Serialises a device's (or organisation's) keys into the key file format.
+pub fn seal_device(
+    keys: &crate::DeviceKeys,
+    protection: &Protection<'_>,
+) -> Result<Vec<u8>, KeystoreError> {
+    seal_plain(&encode_device(keys), protection)
+}
+
+/// Seals device keys and writes them to `path` (atomic, 0600).
+pub fn save_device(
+    path: &Path,
+    keys: &crate::DeviceKeys,
+    protection: &Protection<'_>,
+) -> Result<(), KeystoreError> {
+    write_private_file(path, &seal_device(keys, protection)?)
+}
+
+fn seal_plain(plain: &[u8], protection: &Protection<'_>) -> Result<Vec<u8>, KeystoreError> {
     let mut out = Vec::with_capacity(128);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     match protection {
         Protection::None => {
             out.push(PROTECTION_NONE);
-            out.extend_from_slice(&plain);
+            out.extend_from_slice(plain);
         }
         Protection::Passphrase(passphrase, params) => {
             if params.m_cost_kib > MAX_M_COST_KIB
@@ -222,7 +248,7 @@ pub fn seal(material: &KeyMaterial, protection: &Protection<'_>) -> Result<Vec<u
             out.extend_from_slice(&salt);
             out.extend_from_slice(&nonce);
             let key = derive_key(passphrase, &salt, *params)?;
-            let ciphertext = aead::seal(&key, nonce, &out, &plain);
+            let ciphertext = aead::seal(&key, nonce, &out, plain);
             out.extend_from_slice(&ciphertext);
         }
     }

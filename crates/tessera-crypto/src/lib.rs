@@ -24,7 +24,7 @@ mod random;
 pub mod stream;
 
 pub use error::{KeyError, SignatureError};
-pub use hpke_wrap::{HpkeOpenError, SealedToKey, open_from_key, seal_to_key};
+pub use hpke_wrap::{HpkeOpenError, SealedToKey, open_org_backup, seal_org_backup};
 pub use keys::{
     DeviceKeys, EncryptionPublicKey, EncryptionSecret, SIGNATURE_LEN, SignatureContext, SigningKey,
     VerifyingKey,

@@ -254,7 +254,7 @@ impl Accounts for AccountsService {
         &self,
         request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
-        let caller = self.0.verifier.authenticate(&request)?;
+        let caller = self.0.authenticate(&request)?;
         Ok(Response::new(WhoAmIResponse {
             org_member: self.0.is_org_member(&caller.identity)?,
             org_identity: self.0.config.org_identity.clone().unwrap_or_default(),

@@ -256,7 +256,7 @@ impl Channels for ChannelsService {
         request: Request<CreateChannelRequest>,
     ) -> Result<Response<PbChannel>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         check_name(&r.name, app.config.limits.max_channel_name_bytes)?;
         let visibility = match HistoryVisibility::try_from(r.history_visibility) {
@@ -319,7 +319,7 @@ impl Channels for ChannelsService {
         request: Request<AddMemberRequest>,
     ) -> Result<Response<PbChannel>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         let (_, me) = app.membership(&r.channel_id, &caller.identity)?;
         if !is_admin(&me) {
@@ -369,7 +369,7 @@ impl Channels for ChannelsService {
         request: Request<RemoveMemberRequest>,
     ) -> Result<Response<PbChannel>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         let (channel, me) = app.membership(&r.channel_id, &caller.identity)?;
         if r.identity != caller.identity && !is_admin(&me) {
@@ -400,7 +400,7 @@ impl Channels for ChannelsService {
         request: Request<ListChannelsRequest>,
     ) -> Result<Response<ListChannelsResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let mut channels = Vec::new();
         for id in app.store.channels_of(&caller.identity)? {
             if let (Some(channel), Some(me)) = (
@@ -418,7 +418,7 @@ impl Channels for ChannelsService {
         request: Request<GetChannelRequest>,
     ) -> Result<Response<PbChannel>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let (channel, me) = app.membership(&request.get_ref().channel_id, &caller.identity)?;
         Ok(Response::new(app.channel_view(&channel, &me, true)?))
     }
@@ -428,7 +428,7 @@ impl Channels for ChannelsService {
         request: Request<SendMessageRequest>,
     ) -> Result<Response<SendMessageResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         if r.client_message_id.len() != CLIENT_MESSAGE_ID_LEN {
             return Err(Status::invalid_argument(
@@ -500,7 +500,7 @@ impl Channels for ChannelsService {
         request: Request<ListMessagesRequest>,
     ) -> Result<Response<ListMessagesResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         let (channel, me) = app.membership(&r.channel_id, &caller.identity)?;
         let page = limits::page_size(r.page_size, DEFAULT_PAGE, app.config.limits.max_page_size)?;
@@ -545,7 +545,7 @@ impl Channels for ChannelsService {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let app = self.0.clone();
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         let (channel, me) = app.membership(&r.channel_id, &caller.identity)?;
         let start = match r.from_index {
@@ -562,7 +562,7 @@ impl Channels for ChannelsService {
         request: Request<SetReadHorizonRequest>,
     ) -> Result<Response<ReadHorizon>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         let (channel, _) = app.membership(&r.channel_id, &caller.identity)?;
         if r.index >= channel.next_index {
@@ -591,7 +591,7 @@ impl Channels for ChannelsService {
         request: Request<GetReadHorizonRequest>,
     ) -> Result<Response<ReadHorizon>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         app.membership(&r.channel_id, &caller.identity)?;
         Ok(Response::new(ReadHorizon {
@@ -605,7 +605,7 @@ impl Channels for ChannelsService {
         request: Request<Streaming<UploadAttachmentRequest>>,
     ) -> Result<Response<UploadAttachmentResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| {
             Status::invalid_argument("empty upload: the first message names the channel")
@@ -647,7 +647,7 @@ impl Channels for ChannelsService {
         request: Request<DownloadAttachmentRequest>,
     ) -> Result<Response<Self::DownloadAttachmentStream>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         check_id("attachment_id", &r.attachment_id)?;
         app.membership(&r.channel_id, &caller.identity)?;

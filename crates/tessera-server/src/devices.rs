@@ -152,7 +152,7 @@ impl Devices for DevicesService {
         request: Request<EnrollDeviceRequest>,
     ) -> Result<Response<CardResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let parsed = parse_self_signed(request.into_inner().card, CardKind::Client)?;
         if parsed.identity() != caller.identity {
             return Err(Status::permission_denied(format!(
@@ -204,7 +204,7 @@ impl Devices for DevicesService {
         &self,
         request: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
-        let caller = self.0.verifier.authenticate(&request)?;
+        let caller = self.0.authenticate(&request)?;
         let devices = self
             .0
             .store
@@ -226,7 +226,7 @@ impl Devices for DevicesService {
         request: Request<RevokeDeviceRequest>,
     ) -> Result<Response<CardResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         let card_id: CardId = limits::card_id("card_id", &r.card_id)?;
         limits::check_len(
@@ -255,7 +255,7 @@ impl Admin for AdminService {
         request: Request<RegisterOrgCardRequest>,
     ) -> Result<Response<CardResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         app.require_admin(&caller)?;
         let org = app.org_identity()?.to_owned();
         let parsed = parse_self_signed(request.into_inner().card, CardKind::Org)?;
@@ -281,7 +281,7 @@ impl Admin for AdminService {
         request: Request<SetOrgMemberRequest>,
     ) -> Result<Response<SetOrgMemberResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         app.require_admin(&caller)?;
         app.org_identity()?;
         let r = request.into_inner();
@@ -302,7 +302,7 @@ impl Admin for AdminService {
         request: Request<ListOrgMembersRequest>,
     ) -> Result<Response<ListOrgMembersResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         app.require_admin(&caller)?;
         Ok(Response::new(ListOrgMembersResponse {
             org_identity: app.org_identity()?.to_owned(),
@@ -315,7 +315,7 @@ impl Admin for AdminService {
         request: Request<AdminRevokeDeviceRequest>,
     ) -> Result<Response<CardResponse>, Status> {
         let app = &self.0;
-        let caller = app.verifier.authenticate(&request)?;
+        let caller = app.authenticate(&request)?;
         app.require_admin(&caller)?;
         let r = request.into_inner();
         let card_id = limits::card_id("card_id", &r.card_id)?;

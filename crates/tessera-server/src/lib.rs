@@ -194,6 +194,26 @@ impl App {
         &self.user_locks[shard(identity)]
     }
 
+    /// The caller of `request`. A token issued to a device (passwordless
+    /// log-in) stops working as soon as that device is revoked.
+    pub(crate) fn authenticate<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<tessera_service::Caller, tonic::Status> {
+        let caller = self.verifier.authenticate(request)?;
+        if let Some(card) = caller.device_card_id {
+            let active = self.store.device(card.as_bytes())?.is_some_and(|d| {
+                d.identity == caller.identity && d.status == store::DeviceStatus::Active as i32
+            });
+            if !active {
+                return Err(tonic::Status::unauthenticated(
+                    "this device was revoked or replaced; its access ended",
+                ));
+            }
+        }
+        Ok(caller)
+    }
+
     pub(crate) fn is_org_member(&self, identity: &str) -> Result<bool, StorageError> {
         Ok(self.config.org_identity.is_some()
             && self.store.org_members()?.iter().any(|m| m == identity))

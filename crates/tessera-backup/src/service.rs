@@ -1,0 +1,329 @@
+//! The gRPC face of the backup service: ingestion of OrgEncMsgs and history
+//! sync by re-encryption to the caller's current cards.
+
+use std::{pin::Pin, sync::Arc};
+
+use tessera_card::CardId;
+use tessera_crypto::{
+    EncryptionPublicKey,
+    envelope::{
+        self, CONTENT_TYPE_HISTORY, Draft, ExpectedSender, Recipient, Sender, VerifiedPayload,
+    },
+    open_org_backup,
+};
+use tessera_proto::{
+    Message as _,
+    backup::v1::{
+        BackupRecord, GetOrgInfoRequest, GetOrgInfoResponse, SubmitBackupRequest,
+        SubmitBackupResponse, SyncHistoryItem, SyncHistoryRequest, backup_server::Backup,
+    },
+    envelope::v1::HistoryItem,
+};
+use tessera_service::{Caller, TokenVerifier, limits};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::{
+    Limits, Org,
+    store::{Archived, Store},
+    upstream::Upstream,
+};
+
+pub(crate) struct BackupService {
+    pub(crate) org: Arc<Org>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) tokens: TokenVerifier,
+    pub(crate) upstream: Upstream,
+    pub(crate) limits: Limits,
+}
+
+type SyncStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<SyncHistoryItem, Status>> + Send>>;
+
+/// Archived messages read from the store at a time during a sync.
+const SYNC_BATCH: usize = 128;
+
+impl Org {
+    /// Decrypts an archived OrgEncMsg into its backup record.
+    pub(crate) fn open(
+        &self,
+        archived: &Archived,
+    ) -> Result<(BackupRecord, Zeroizing<Vec<u8>>), Status> {
+        let card_id = CardId::from_bytes(&archived.org_card_id)
+            .map_err(|_| Status::invalid_argument("org card id must be 32 bytes"))?;
+        let keys = if card_id == self.card_id {
+            &self.keys
+        } else {
+            self.retired.get(&card_id).ok_or_else(|| {
+                Status::failed_precondition(format!("no OrgKey for org card {card_id}"))
+            })?
+        };
+        let plain = open_org_backup(
+            &keys.encryption,
+            &archived.channel_id,
+            archived.message_index,
+            &archived.encapsulated_key,
+            &archived.ciphertext,
+        )
+        .map_err(|_| {
+            Status::invalid_argument(
+                "the backup does not decrypt with the OrgKey for this channel and index",
+            )
+        })?;
+        let record = BackupRecord::decode(plain.as_slice())
+            .map_err(|_| Status::invalid_argument("the backup is not a BackupRecord"))?;
+        Ok((record, plain))
+    }
+
+    /// The envelope that carries one archived message to `recipients`,
+    /// sent and signed by the OrgCard.
+    pub(crate) fn history_envelope(
+        &self,
+        record: BackupRecord,
+        recipients: &[(CardId, EncryptionPublicKey)],
+    ) -> Result<Vec<u8>, Status> {
+        let item = HistoryItem {
+            channel_id: record.channel_id,
+            message_index: record.message_index,
+            original_payload: record.original_payload,
+            original_signature: record.original_signature,
+            server_time_ms: record.server_time_ms,
+        };
+        let body = Zeroizing::new(item.encode_to_vec());
+        let to: Vec<Recipient<'_>> = recipients
+            .iter()
+            .map(|(id, key)| Recipient {
+                card_id: *id.as_bytes(),
+                key,
+            })
+            .collect();
+        envelope::seal(
+            &Sender {
+                identity: &self.identity,
+                card_id: *self.card_id.as_bytes(),
+                key: &self.keys.signing,
+            },
+            &Draft {
+                channel_id: &item.channel_id,
+                content_type: CONTENT_TYPE_HISTORY,
+                body: &body,
+                sent_at_ms: tessera_service::now_ms(),
+            },
+            &to,
+        )
+        .map(|s| s.envelope)
+        .map_err(|e| Status::internal(format!("sealing history failed: {e}")))
+    }
+}
+
+impl BackupService {
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        self.tokens.authenticate(request)
+    }
+}
+
+#[tonic::async_trait]
+impl Backup for BackupService {
+    async fn get_org_info(
+        &self,
+        request: Request<GetOrgInfoRequest>,
+    ) -> Result<Response<GetOrgInfoResponse>, Status> {
+        self.authenticate(&request)?;
+        Ok(Response::new(GetOrgInfoResponse {
+            org_identity: self.org.identity.clone(),
+            org_card_id: self.org.card_id.to_vec(),
+        }))
+    }
+
+    async fn submit_backup(
+        &self,
+        request: Request<SubmitBackupRequest>,
+    ) -> Result<Response<SubmitBackupResponse>, Status> {
+        let caller = self.authenticate(&request)?;
+        if !caller.org_member {
+            return Err(Status::permission_denied(format!(
+                "{} is not a member of the organisation; only members' devices back up",
+                caller.identity
+            )));
+        }
+        let r = request.into_inner();
+        let sealed = r
+            .org_enc_msg
+            .ok_or_else(|| Status::invalid_argument("org_enc_msg is missing"))?;
+        limits::check_len(
+            "org_enc_msg.ciphertext",
+            sealed.ciphertext.len(),
+            self.limits.max_record_bytes,
+        )?;
+        let org_card = limits::card_id("org_card_id", &sealed.org_card_id)?;
+        if org_card != self.org.card_id {
+            return Err(Status::failed_precondition(format!(
+                "sealed to card {org_card}, but the organisation's card is {}; fetch it again",
+                self.org.card_id
+            )));
+        }
+
+        // The app server decides who may see what: the caller must be a
+        // member who can see this message.
+        let channel = self.upstream.channel(&caller, &r.channel_id).await?;
+        if r.message_index < channel.visible_from_index.max(1)
+            || r.message_index >= channel.next_index
+        {
+            return Err(Status::permission_denied(format!(
+                "message {} is not one you can see in this channel",
+                r.message_index
+            )));
+        }
+        let archived = Archived {
+            channel_id: r.channel_id.clone(),
+            message_index: r.message_index,
+            org_card_id: sealed.org_card_id,
+            encapsulated_key: sealed.encapsulated_key,
+            ciphertext: sealed.ciphertext,
+            submitted_by: caller.identity.clone(),
+            submitted_at_ms: tessera_service::now_ms(),
+        };
+        let (record, plain) = self.org.open(&archived)?;
+        if record.channel_id != r.channel_id || record.message_index != r.message_index {
+            return Err(Status::invalid_argument(
+                "the record names another channel or index",
+            ));
+        }
+
+        // The original sender's signature must verify against their card,
+        // and the app server must hold that sender's message at that index.
+        let (sender_identity, sender_card) =
+            VerifiedPayload::claimed_sender(&record.original_payload)
+                .map_err(|e| Status::invalid_argument(format!("original payload: {e}")))?;
+        let stored = self
+            .upstream
+            .message(&caller, &r.channel_id, r.message_index)
+            .await?
+            .ok_or_else(|| {
+                Status::not_found(format!("no message {} in this channel", r.message_index))
+            })?;
+        if stored.sender_identity != sender_identity
+            || stored.sender_card_id != sender_card.to_vec()
+        {
+            return Err(Status::invalid_argument(
+                "the record's sender is not the sender the app server stored at this index",
+            ));
+        }
+        let card = self
+            .upstream
+            .card(&caller, &CardId::from_array(sender_card), &sender_identity)
+            .await?;
+        let payload = VerifiedPayload::verify(
+            record.original_payload.clone(),
+            record.original_signature.clone(),
+            &ExpectedSender {
+                identity: card.identity(),
+                card_id: *card.id().as_bytes(),
+                key: card.signing_key(),
+            },
+        )
+        .map_err(|e| {
+            tracing::warn!(channel_id = %r.channel_id, index = r.message_index, by = %caller.identity, "refused backup: {e}");
+            Status::invalid_argument(format!("the original sender's signature does not hold: {e}"))
+        })?;
+        if payload.channel_id != r.channel_id {
+            return Err(Status::invalid_argument(
+                "the original message was sent to another channel",
+            ));
+        }
+
+        let stored = if self.store.insert(&archived)? {
+            self.store.flush().await?;
+            tracing::info!(channel_id = %r.channel_id, index = r.message_index, by = %caller.identity, "message archived");
+            true
+        } else {
+            let existing = self
+                .store
+                .get(&r.channel_id, r.message_index)?
+                .ok_or_else(|| Status::internal("archived message vanished"))?;
+            let (_, existing_plain) = self.org.open(&existing)?;
+            if !tessera_crypto::ct_eq(&existing_plain, &plain) {
+                tracing::warn!(
+                    channel_id = %r.channel_id,
+                    index = r.message_index,
+                    by = %caller.identity,
+                    first_by = %existing.submitted_by,
+                    "conflicting backup refused"
+                );
+                return Err(Status::already_exists(
+                    "a different record is archived for this message; the backup was refused",
+                ));
+            }
+            false
+        };
+        Ok(Response::new(SubmitBackupResponse { stored }))
+    }
+
+    type SyncHistoryStream = SyncStream;
+
+    async fn sync_history(
+        &self,
+        request: Request<SyncHistoryRequest>,
+    ) -> Result<Response<Self::SyncHistoryStream>, Status> {
+        let caller = self.authenticate(&request)?;
+        let r = request.into_inner();
+        let limit = limits::page_size(
+            r.limit,
+            self.limits.default_sync_limit,
+            self.limits.max_sync_limit,
+        )?;
+        let channel = self.upstream.channel(&caller, &r.channel_id).await?;
+        let start = r.from_index.max(channel.visible_from_index).max(1);
+        let end = channel.next_index;
+        let recipients: Vec<(CardId, EncryptionPublicKey)> = self
+            .upstream
+            .active_cards(&caller, &caller.identity)
+            .await?
+            .iter()
+            .map(|c| (c.id(), *c.encryption_key()))
+            .collect();
+        if recipients.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "{} has no active device to re-encrypt history to",
+                caller.identity
+            )));
+        }
+        let total = self.store.count(&r.channel_id, start, end, limit)? as u64;
+        let (tx, rx) = mpsc::channel(64);
+        let (org, store, channel_id) = (self.org.clone(), self.store.clone(), r.channel_id);
+        tracing::info!(%channel_id, identity = %caller.identity, from = start, total, "history sync");
+        tokio::task::spawn_blocking(move || {
+            let mut next = start;
+            let mut sent = 0u64;
+            while sent < total {
+                let want = ((total - sent) as usize).min(SYNC_BATCH);
+                let batch = match store.range(&channel_id, next, end, want) {
+                    Ok(b) if !b.is_empty() => b,
+                    Ok(_) => return,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.into()));
+                        return;
+                    }
+                };
+                for archived in batch {
+                    next = archived.message_index + 1;
+                    sent += 1;
+                    let item = org.open(&archived).and_then(|(record, _)| {
+                        let index = record.message_index;
+                        org.history_envelope(record, &recipients)
+                            .map(|envelope| SyncHistoryItem {
+                                message_index: index,
+                                envelope,
+                                remaining: total - sent,
+                            })
+                    });
+                    if tx.blocking_send(item).is_err() {
+                        return; // the caller went away
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

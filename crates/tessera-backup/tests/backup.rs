@@ -1,0 +1,378 @@
+//! The backup service over real gRPC with a real key service and app server
+//! on loopback (the whole stack, each service on its own sled directory).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use futures_util::StreamExt;
+use tessera_client::{
+    Client, Content, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams, Received,
+};
+use tessera_crypto::seal_org_backup;
+use tessera_proto::{
+    Message as _,
+    backup::v1::{
+        BackupRecord, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
+        backup_client::BackupClient,
+    },
+    server::v1::{LoginRequest, accounts_client::AccountsClient},
+};
+use tessera_stack::{Stack, StackConfig};
+use tonic::{Code, Request, transport::Channel};
+
+struct World {
+    _dir: tempfile::TempDir,
+    stack: Stack,
+    home: Home,
+}
+
+impl World {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let stack = Stack::start(StackConfig::for_tests(dir.path().join("stack")))
+            .await
+            .unwrap();
+        let home = Home::new(dir.path().join("home"));
+        Self {
+            _dir: dir,
+            stack,
+            home,
+        }
+    }
+
+    async fn device(&self, profile: &str, identity: &str, first: bool) -> Client {
+        let info = self.stack.info();
+        let admin = identity == info.admin_identity;
+        let password = if admin {
+            info.admin_password.clone()
+        } else {
+            format!("{identity}-password-123")
+        };
+        Client::enroll(
+            &self.home,
+            profile,
+            Enrollment {
+                endpoints: Endpoints {
+                    server_url: info.server_url.clone(),
+                    kms_url: info.kms_url.clone(),
+                    backup_url: info.backup_url.clone(),
+                    ca_cert: None,
+                },
+                identity,
+                password: &password,
+                sign_up: first && !admin,
+                device_name: profile,
+                passphrase: b"pp",
+                kdf: KdfParams::DANGER_FAST_FOR_TESTS,
+                expected_app_key: Some(info.app_public_key),
+                expected_kms_key: Some(info.kms_public_key),
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A raw backup client speaking for `identity` (password log-in).
+    async fn raw(&self, identity: &str) -> (BackupClient<Channel>, String) {
+        let info = self.stack.info();
+        let server = Channel::from_shared(info.server_url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let login = AccountsClient::new(server)
+            .login(LoginRequest {
+                identity: identity.into(),
+                password: format!("{identity}-password-123"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let backup = Channel::from_shared(info.backup_url.clone().unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        (
+            BackupClient::new(backup),
+            format!("Bearer {}", hex::encode(login.access_token)),
+        )
+    }
+}
+
+fn with<T>(token: &str, message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", token.parse().unwrap());
+    r
+}
+
+/// An OrgEncMsg of `message`, as a member's device makes it, optionally altered.
+fn org_enc_msg(
+    org: &tessera_client::OrgInfo,
+    m: &Received,
+    index: u64,
+    alter: impl FnOnce(&mut BackupRecord),
+) -> SubmitBackupRequest {
+    let (payload, signature) = m.signed_original();
+    let mut record = BackupRecord {
+        channel_id: m.channel_id.clone(),
+        message_index: index,
+        original_payload: payload.to_vec(),
+        original_signature: signature.to_vec(),
+        server_time_ms: m.server_time_ms,
+    };
+    alter(&mut record);
+    let sealed = seal_org_backup(
+        org.card.encryption_key(),
+        &m.channel_id,
+        index,
+        &record.encode_to_vec(),
+    )
+    .unwrap();
+    SubmitBackupRequest {
+        channel_id: m.channel_id.clone(),
+        message_index: index,
+        org_enc_msg: Some(OrgEncMsg {
+            org_card_id: org.card.id().to_vec(),
+            encapsulated_key: sealed.encapsulated_key.to_vec(),
+            ciphertext: sealed.ciphertext,
+        }),
+    }
+}
+
+async fn received(client: &Client, channel_id: &str) -> Vec<Received> {
+    client
+        .history(channel_id, 0, 100, false)
+        .await
+        .unwrap()
+        .messages
+        .into_iter()
+        .map(|(_, r)| r.unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn ingestion_checks_membership_signatures_duplicates_and_conflicts() {
+    let w = World::start().await;
+    let admin = w.device("admin", "admin", true).await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob = w.device("bob", "bob", true).await;
+    admin.set_org_member("bob", true).await.unwrap();
+    let channel = alice
+        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap();
+    alice.send_text(&channel.channel_id, "first").await.unwrap();
+    alice
+        .send_text(&channel.channel_id, "second")
+        .await
+        .unwrap();
+    let messages = received(&bob, &channel.channel_id).await;
+    let org = bob.org().await.unwrap();
+    let (mut backup, bob_token) = w.raw("bob").await;
+
+    // A member backs up; the same record again is stored once.
+    let ok = backup
+        .submit_backup(with(&bob_token, org_enc_msg(&org, &messages[0], 1, |_| {})))
+        .await
+        .unwrap();
+    assert!(ok.into_inner().stored);
+    let again = backup
+        .submit_backup(with(&bob_token, org_enc_msg(&org, &messages[0], 1, |_| {})))
+        .await
+        .unwrap();
+    assert!(!again.into_inner().stored);
+
+    // A different record for the same message is refused.
+    let conflicting = org_enc_msg(&org, &messages[0], 1, |r| {
+        let (p, s) = messages[1].signed_original();
+        r.original_payload = p.to_vec();
+        r.original_signature = s.to_vec();
+    });
+    let err = backup
+        .submit_backup(with(&bob_token, conflicting))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    // A forged original signature is refused, and nothing is stored.
+    let forged = org_enc_msg(&org, &messages[1], 2, |r| r.original_signature[5] ^= 1);
+    let err = backup
+        .submit_backup(with(&bob_token, forged))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("signature"), "{}", err.message());
+    // A record claiming another index than the stored message's.
+    let shifted = org_enc_msg(&org, &messages[1], 1, |_| {});
+    let err = backup
+        .submit_backup(with(&bob_token, shifted))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::AlreadyExists,
+        "index 1 holds another record: {err:?}"
+    );
+    // Sealed to another card, or garbage.
+    let mut other_card = org_enc_msg(&org, &messages[1], 2, |_| {});
+    other_card.org_enc_msg.as_mut().unwrap().org_card_id = vec![7; 32];
+    assert_eq!(
+        backup
+            .submit_backup(with(&bob_token, other_card))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+    let mut garbage = org_enc_msg(&org, &messages[1], 2, |_| {});
+    garbage.org_enc_msg.as_mut().unwrap().ciphertext = vec![0; 100];
+    assert_eq!(
+        backup
+            .submit_backup(with(&bob_token, garbage))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    // Beyond the channel.
+    let beyond = org_enc_msg(&org, &messages[1], 50, |_| {});
+    assert_eq!(
+        backup
+            .submit_backup(with(&bob_token, beyond))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+
+    // Alice is not in the organisation: her backups are refused.
+    let (mut backup_a, alice_token) = w.raw("alice").await;
+    let alice_view = received(&alice, &channel.channel_id).await;
+    let err = backup_a
+        .submit_backup(with(
+            &alice_token,
+            org_enc_msg(&org, &alice_view[1], 2, |_| {}),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Anonymous: refused.
+    let err = backup_a
+        .submit_backup(org_enc_msg(&org, &alice_view[1], 2, |_| {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // The service is still healthy: a valid backup goes through.
+    assert!(bob.back_up(&messages[1]).await.unwrap());
+}
+
+#[tokio::test]
+async fn history_sync_respects_visibility_and_membership() {
+    let w = World::start().await;
+    let admin = w.device("admin", "admin", true).await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob = w.device("bob", "bob", true).await;
+    let carol = w.device("carol", "carol", true).await;
+    let _eve = w.device("eve", "eve", true).await;
+    admin.set_org_member("bob", true).await.unwrap();
+    let bob = {
+        drop(bob);
+        Client::open(&w.home, "bob", b"pp").unwrap()
+    };
+    let channel = alice
+        .create_channel("j", HistoryVisibility::Joined, &["bob".into()])
+        .await
+        .unwrap();
+    for i in 0..3 {
+        alice
+            .send_text(&channel.channel_id, &format!("before carol {i}"))
+            .await
+            .unwrap();
+    }
+    alice
+        .add_member(&channel.channel_id, "carol")
+        .await
+        .unwrap();
+    for i in 0..2 {
+        alice
+            .send_text(&channel.channel_id, &format!("after carol {i}"))
+            .await
+            .unwrap();
+    }
+    for m in received(&bob, &channel.channel_id).await {
+        assert!(bob.back_up(&m).await.unwrap());
+    }
+
+    // Carol joined at message 4: the organisation gives her 4 and 5 only.
+    let synced = carol
+        .sync_from_org(&channel.channel_id, 1, 0, |_, _| {})
+        .await
+        .unwrap();
+    let indices: Vec<u64> = synced.iter().map(|e| e.index).collect();
+    assert_eq!(indices, vec![4, 5]);
+    for e in &synced {
+        let r = e.result.as_ref().unwrap();
+        assert_eq!(r.sender_identity, "alice");
+        assert!(matches!(&r.content, Content::Text(t) if t.starts_with("after carol")));
+    }
+    // Bob sees all five, each re-encrypted to his current device.
+    let all = bob
+        .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(all.iter().all(|e| e.result.is_ok()));
+
+    // Eve is not a member of the channel: denied.
+    let (mut backup, eve_token) = w.raw("eve").await;
+    let err = backup
+        .sync_history(with(
+            &eve_token,
+            SyncHistoryRequest {
+                channel_id: channel.channel_id.clone(),
+                from_index: 0,
+                limit: 0,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Paging limits.
+    let (mut backup, bob_token) = w.raw("bob").await;
+    let err = backup
+        .sync_history(with(
+            &bob_token,
+            SyncHistoryRequest {
+                channel_id: channel.channel_id.clone(),
+                from_index: 0,
+                limit: 1_000_000,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut two = backup
+        .sync_history(with(
+            &bob_token,
+            SyncHistoryRequest {
+                channel_id: channel.channel_id.clone(),
+                from_index: 2,
+                limit: 2,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(item) = two.next().await {
+        let item = item.unwrap();
+        got.push((item.message_index, item.remaining));
+    }
+    assert_eq!(got, vec![(2, 1), (3, 0)]);
+}

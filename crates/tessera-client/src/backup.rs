@@ -1,0 +1,265 @@
+//! Organisation backup (seed steps 3–4) and history sync from the
+//! organisation's archive.
+
+use futures_util::StreamExt;
+use tessera_card::{CardId, CardKind, VerifiedCard};
+use tessera_crypto::{
+    envelope::{CONTENT_TYPE_HISTORY, ExpectedSender, Opener, ParsedEnvelope, VerifiedPayload},
+    seal_org_backup,
+};
+use tessera_proto::{
+    Message as _,
+    backup::v1::{
+        BackupRecord, GetOrgInfoRequest, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
+        backup_client::BackupClient,
+    },
+    envelope::v1::HistoryItem,
+    kms::v1::CardStatus,
+};
+
+use crate::{Client, ClientError, Received, Source, error::rpc};
+
+/// The organisation's current OrgCard, verified.
+#[derive(Debug, Clone)]
+pub struct OrgInfo {
+    pub identity: String,
+    pub card: VerifiedCard,
+}
+
+/// One message of a history sync.
+#[derive(Debug)]
+pub struct HistoryEntry {
+    pub index: u64,
+    pub result: Result<Received, ClientError>,
+}
+
+impl Client {
+    fn backup_client(&self) -> Result<BackupClient<tonic::transport::Channel>, ClientError> {
+        self.backup
+            .clone()
+            .map(|c| BackupClient::new(c).max_decoding_message_size(64 << 20))
+            .ok_or_else(|| {
+                ClientError::Usage(
+                    "this profile has no backup service address (--backup-url)".into(),
+                )
+            })
+    }
+
+    fn backup_url(&self) -> &str {
+        self.config
+            .endpoints
+            .backup_url
+            .as_deref()
+            .unwrap_or("(none)")
+    }
+
+    /// The organisation's card, as announced by the backup service and
+    /// verified like any card (kind ORG, the organisation's identity, active).
+    pub async fn org(&self) -> Result<OrgInfo, ClientError> {
+        if let Some(org) = self.org.lock().ok().and_then(|o| o.clone()) {
+            return Ok(org);
+        }
+        let identity = self
+            .config
+            .org_identity
+            .clone()
+            .ok_or_else(|| ClientError::Usage("the app server has no organisation".into()))?;
+        let request = self.request(GetOrgInfoRequest {}).await?;
+        let announced = self
+            .backup_client()?
+            .get_org_info(request)
+            .await
+            .map_err(rpc(
+                "backup service",
+                self.backup_url(),
+                "the organisation info",
+            ))?
+            .into_inner();
+        if announced.org_identity != identity {
+            return Err(ClientError::Message(format!(
+                "the backup service speaks for {:?}, but the app server's organisation is {identity:?}",
+                announced.org_identity
+            )));
+        }
+        let card_id = CardId::from_bytes(&announced.org_card_id).map_err(|_| {
+            ClientError::Message("the backup service sent a malformed card id".into())
+        })?;
+        let info = self.card_by_id(&card_id, &identity, CardKind::Org).await?;
+        if info.status != CardStatus::Active {
+            return Err(ClientError::Message(format!(
+                "the backup service offers the org card {}, which is no longer active",
+                card_id.short()
+            )));
+        }
+        let org = OrgInfo {
+            identity,
+            card: info.card,
+        };
+        if let Ok(mut cached) = self.org.lock() {
+            *cached = Some(org.clone());
+        }
+        Ok(org)
+    }
+
+    /// Re-encrypts a received message to the OrgCard (an OrgEncMsg) and
+    /// sends it to the backup service, keeping the original signed payload
+    /// and signature. Does nothing (`Ok(false)`) when this user is not in the
+    /// organisation or the message came from the archive.
+    pub async fn back_up(&self, message: &Received) -> Result<bool, ClientError> {
+        if message.source == Source::Organisation || !self.is_org_member().await? {
+            return Ok(false);
+        }
+        let org = self.org().await?;
+        let record = BackupRecord {
+            channel_id: message.channel_id.clone(),
+            message_index: message.index,
+            original_payload: message.payload.signed_payload.clone(),
+            original_signature: message.payload.signature.clone(),
+            server_time_ms: message.server_time_ms,
+        };
+        let sealed = seal_org_backup(
+            org.card.encryption_key(),
+            &message.channel_id,
+            message.index,
+            &record.encode_to_vec(),
+        )
+        .map_err(|e| ClientError::Crypto(e.to_string()))?;
+        let request = self
+            .request(SubmitBackupRequest {
+                channel_id: message.channel_id.clone(),
+                message_index: message.index,
+                org_enc_msg: Some(OrgEncMsg {
+                    org_card_id: org.card.id().to_vec(),
+                    encapsulated_key: sealed.encapsulated_key.to_vec(),
+                    ciphertext: sealed.ciphertext,
+                }),
+            })
+            .await?;
+        let stored = self
+            .backup_client()?
+            .submit_backup(request)
+            .await
+            .map_err(rpc("backup service", self.backup_url(), "the backup"))?
+            .into_inner()
+            .stored;
+        Ok(stored)
+    }
+
+    /// History of a channel from the organisation's archive, re-encrypted
+    /// for this user's current devices. Each entry is verified twice: the
+    /// organisation's signature on the re-encrypted copy, and the original
+    /// sender's signature on the original payload. `progress(done, total)`
+    /// is called after each message.
+    pub async fn sync_from_org(
+        &self,
+        channel_id: &str,
+        from_index: u64,
+        limit: u32,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Vec<HistoryEntry>, ClientError> {
+        let org = self.org().await?;
+        let request = self
+            .request(SyncHistoryRequest {
+                channel_id: channel_id.to_owned(),
+                from_index,
+                limit,
+            })
+            .await?;
+        let mut stream = self
+            .backup_client()?
+            .sync_history(request)
+            .await
+            .map_err(rpc("backup service", self.backup_url(), "the history sync"))?
+            .into_inner();
+        let mut out = Vec::new();
+        let mut done = 0u64;
+        while let Some(item) = stream.next().await {
+            let item =
+                item.map_err(rpc("backup service", self.backup_url(), "the history sync"))?;
+            let result = self
+                .open_history(&org, channel_id, item.message_index, &item.envelope)
+                .await;
+            done += 1;
+            progress(done, done + item.remaining);
+            out.push(HistoryEntry {
+                index: item.message_index,
+                result,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn open_history(
+        &self,
+        org: &OrgInfo,
+        channel_id: &str,
+        index: u64,
+        envelope: &[u8],
+    ) -> Result<Received, ClientError> {
+        let bad = |reason: String| ClientError::BadMessage {
+            channel_id: channel_id.to_owned(),
+            index,
+            reason,
+        };
+        let parsed = ParsedEnvelope::parse(envelope).map_err(|e| bad(e.to_string()))?;
+        if parsed.sender_card_id() != org.card.id().as_bytes() {
+            return Err(bad("history not sent by the organisation's card".into()));
+        }
+        let wrapper = parsed
+            .open(
+                &Opener {
+                    card_id: *self.card_id.as_bytes(),
+                    secret: &self.keys.encryption,
+                },
+                &ExpectedSender {
+                    identity: org.card.identity(),
+                    card_id: *org.card.id().as_bytes(),
+                    key: org.card.signing_key(),
+                },
+            )
+            .map_err(|e| bad(format!("organisation's copy: {e}")))?;
+        if wrapper.content_type != CONTENT_TYPE_HISTORY || wrapper.channel_id != channel_id {
+            return Err(bad(
+                "the organisation's copy is not history of this channel".into(),
+            ));
+        }
+        let item = HistoryItem::decode(wrapper.body.as_slice())
+            .map_err(|_| bad("not a HistoryItem".into()))?;
+        if item.channel_id != channel_id || item.message_index != index {
+            return Err(bad("the history item names another channel or index".into()));
+        }
+        let (sender_identity, sender_card) =
+            VerifiedPayload::claimed_sender(&item.original_payload)
+                .map_err(|e| bad(e.to_string()))?;
+        let info = self
+            .card_info(
+                &CardId::from_array(sender_card),
+                &sender_identity,
+                CardKind::Client,
+            )
+            .await
+            .map_err(|e| bad(format!("original sender: {e}")))?;
+        let original = VerifiedPayload::verify(
+            item.original_payload,
+            item.original_signature,
+            &ExpectedSender {
+                identity: info.card.identity(),
+                card_id: *info.card.id().as_bytes(),
+                key: info.card.signing_key(),
+            },
+        )
+        .map_err(|e| bad(format!("original signature: {e}")))?;
+        if original.channel_id != channel_id {
+            return Err(bad(
+                "the original message was sent to another channel".into()
+            ));
+        }
+        self.finish_received(
+            original,
+            index,
+            item.server_time_ms,
+            info.card.device_name(),
+            Source::Organisation,
+        )
+    }
+}

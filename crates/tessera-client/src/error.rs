@@ -1,0 +1,114 @@
+use std::path::PathBuf;
+
+use tessera_card::{CardError, CardId};
+use thiserror::Error;
+
+/// Everything that can go wrong in the client, each naming what failed and,
+/// where it helps, what to do.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("profile {path}: {reason}")]
+    Profile { path: PathBuf, reason: String },
+    #[error("device key: {0}")]
+    Keystore(#[from] tessera_crypto::keystore::KeystoreError),
+    #[error("cannot reach the {service} at {url}: {detail}")]
+    Unreachable {
+        service: &'static str,
+        url: String,
+        detail: String,
+    },
+    #[error("{service} refused {what}: {message} ({code:?})")]
+    Rejected {
+        service: &'static str,
+        what: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("card {card} of {identity:?} refused: {reason}")]
+    CardRejected {
+        identity: String,
+        card: String,
+        reason: CardError,
+    },
+    #[error(
+        "the key directory's history is inconsistent with what this device saw before ({0}): the directory may be showing different histories to different users"
+    )]
+    Fork(String),
+    #[error("message refused: {0}")]
+    Message(String),
+    #[error("message {index} in {channel_id} refused: {reason}")]
+    BadMessage {
+        channel_id: String,
+        index: u64,
+        reason: String,
+    },
+    #[error("attachment: {0}")]
+    Attachment(String),
+    #[error("crypto: {0}")]
+    Crypto(String),
+    #[error("no such {what}: {name}")]
+    NotFound { what: &'static str, name: String },
+}
+
+impl ClientError {
+    pub(crate) fn card(identity: &str, card: Option<CardId>, reason: CardError) -> Self {
+        Self::CardRejected {
+            identity: identity.to_owned(),
+            card: card.map_or_else(|| "(unparsable)".to_owned(), |c| c.short()),
+            reason,
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The gRPC code behind a rejection, if any.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Rejected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Maps a gRPC failure of `service` while doing `what`.
+pub(crate) fn rpc(
+    service: &'static str,
+    url: &str,
+    what: &'static str,
+) -> impl FnOnce(tonic::Status) -> ClientError {
+    let url = url.to_owned();
+    move |status| {
+        let transport = status.code() == tonic::Code::Unavailable
+            && (status.message().contains("transport")
+                || status.message().contains("connect")
+                || status.message().contains("error trying"));
+        if transport {
+            ClientError::Unreachable {
+                service,
+                url,
+                detail: status.message().to_owned(),
+            }
+        } else {
+            ClientError::Rejected {
+                service,
+                what,
+                code: status.code(),
+                message: status.message().to_owned(),
+            }
+        }
+    }
+}

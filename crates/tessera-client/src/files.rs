@@ -1,0 +1,198 @@
+//! Encrypted attachments: the file goes through the stream format to the app
+//! server in 64 KiB chunks (constant memory for any size); its key, name,
+//! size and the ciphertext's SHA-256 travel in a normal message.
+
+use std::path::Path;
+
+use futures_util::StreamExt;
+use ring::digest;
+use tessera_crypto::{
+    envelope::CONTENT_TYPE_FILE,
+    stream::{self, CHUNK_SIZE, Encryptor, FileKey},
+};
+use tessera_proto::{
+    Message as _,
+    envelope::v1::FileAttachment,
+    server::v1::{DownloadAttachmentRequest, UploadAttachmentRequest},
+};
+use tokio::{io::AsyncReadExt, sync::mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{Client, ClientError, Sent, error::rpc};
+
+/// Reads until `buf` is full or the file ends.
+async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+impl Client {
+    /// Encrypts `path`, uploads it to the channel and sends its key to every
+    /// member's devices.
+    pub async fn send_file(&self, channel_id: &str, path: &Path) -> Result<Sent, ClientError> {
+        let io = |e| ClientError::io(path, e);
+        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
+        let file_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("attachment")
+            .to_owned();
+        let key = FileKey::generate().map_err(|e| ClientError::Crypto(e.to_string()))?;
+        let (mut encryptor, header) =
+            Encryptor::new(&key).map_err(|e| ClientError::Crypto(e.to_string()))?;
+
+        // Chunks are read, sealed and sent as the upload goes; a one-byte
+        // look-ahead tells which chunk is the last.
+        let (tx, rx) = mpsc::channel::<UploadAttachmentRequest>(4);
+        let request = self.request(ReceiverStream::new(rx)).await?;
+        let mut channels = self.channels_client();
+        let upload = tokio::spawn(async move { channels.upload_attachment(request).await });
+        let mut hash = digest::Context::new(&digest::SHA256);
+        hash.update(&header);
+        let send = |data: Vec<u8>, first: bool| UploadAttachmentRequest {
+            channel_id: if first {
+                channel_id.to_owned()
+            } else {
+                String::new()
+            },
+            data,
+        };
+        let mut pending = Some(send(header.to_vec(), true));
+        let mut buf = vec![0u8; CHUNK_SIZE + 1];
+        let mut carried = 0usize;
+        let mut size = 0u64;
+        loop {
+            let n = carried
+                + read_full(&mut file, &mut buf[carried..])
+                    .await
+                    .map_err(io)?;
+            let last = n <= CHUNK_SIZE;
+            let len = n.min(CHUNK_SIZE);
+            let mut chunk = buf[..len].to_vec();
+            size += len as u64;
+            encryptor
+                .seal_chunk(&mut chunk, last)
+                .map_err(|e| ClientError::Attachment(e.to_string()))?;
+            hash.update(&chunk);
+            if let Some(p) = pending.take()
+                && tx.send(p).await.is_err()
+            {
+                break;
+            }
+            pending = Some(send(chunk, false));
+            if last {
+                break;
+            }
+            buf[0] = buf[CHUNK_SIZE];
+            carried = 1;
+        }
+        if let Some(p) = pending.take() {
+            let _ = tx.send(p).await;
+        }
+        drop(tx);
+        let uploaded = upload
+            .await
+            .map_err(|_| ClientError::Attachment("upload task failed".into()))?
+            .map_err(rpc("app server", self.server_url(), "the attachment"))?
+            .into_inner();
+        let sha256 = hash.finish().as_ref().to_vec();
+        if uploaded.sha256 != sha256 {
+            return Err(ClientError::Attachment(
+                "the server stored other bytes than were sent".into(),
+            ));
+        }
+        let attachment = FileAttachment {
+            attachment_id: uploaded.attachment_id,
+            file_name,
+            media_type: "application/octet-stream".into(),
+            size,
+            file_key: key.expose_bytes().to_vec(),
+            ciphertext_sha256: sha256,
+        };
+        self.send_content(channel_id, CONTENT_TYPE_FILE, &attachment.encode_to_vec())
+            .await
+    }
+
+    /// Downloads an attachment, checks the ciphertext's SHA-256 against the
+    /// signed message, and decrypts it to `out` (written only when whole and
+    /// authentic). Returns the plaintext size.
+    pub async fn download_file(
+        &self,
+        channel_id: &str,
+        attachment: &FileAttachment,
+        out: &Path,
+    ) -> Result<u64, ClientError> {
+        let request = self
+            .request(DownloadAttachmentRequest {
+                channel_id: channel_id.to_owned(),
+                attachment_id: attachment.attachment_id.clone(),
+            })
+            .await?;
+        let mut stream = self
+            .channels_client()
+            .download_attachment(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the attachment"))?
+            .into_inner();
+        let dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let cipher_path = dir.join(format!(".{}.download", attachment.attachment_id));
+        let io = |p: &Path| {
+            let p = p.to_owned();
+            move |e| ClientError::io(p, e)
+        };
+        let mut hash = digest::Context::new(&digest::SHA256);
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut f = tokio::fs::File::create(&cipher_path)
+                .await
+                .map_err(io(&cipher_path))?;
+            while let Some(chunk) = stream.next().await {
+                let chunk =
+                    chunk.map_err(rpc("app server", self.server_url(), "the attachment"))?;
+                hash.update(&chunk.data);
+                f.write_all(&chunk.data).await.map_err(io(&cipher_path))?;
+            }
+            f.flush().await.map_err(io(&cipher_path))?;
+        }
+        if hash.finish().as_ref() != attachment.ciphertext_sha256.as_slice() {
+            let _ = std::fs::remove_file(&cipher_path);
+            return Err(ClientError::Attachment(
+                "the downloaded file is not the one the sender signed for".into(),
+            ));
+        }
+        let key = FileKey::from_bytes(&attachment.file_key)
+            .map_err(|e| ClientError::Attachment(e.to_string()))?;
+        let out = out.to_owned();
+        let partial = dir.join(format!(".{}.partial", attachment.attachment_id));
+        let (cp, pp) = (cipher_path.clone(), partial.clone());
+        let result = tokio::task::spawn_blocking(move || -> Result<u64, ClientError> {
+            let input = std::fs::File::open(&cp).map_err(|e| ClientError::io(&cp, e))?;
+            let output = std::fs::File::create(&pp).map_err(|e| ClientError::io(&pp, e))?;
+            let mut writer = std::io::BufWriter::new(output);
+            let size = stream::decrypt(&key, std::io::BufReader::new(input), &mut writer)
+                .map_err(|e| ClientError::Attachment(e.to_string()))?;
+            let file = writer
+                .into_inner()
+                .map_err(|e| ClientError::io(&pp, e.into_error()))?;
+            file.sync_all().map_err(|e| ClientError::io(&pp, e))?;
+            std::fs::rename(&pp, &out).map_err(|e| ClientError::io(&out, e))?;
+            Ok(size)
+        })
+        .await
+        .map_err(|_| ClientError::Attachment("decryption task failed".into()))?;
+        let _ = std::fs::remove_file(&cipher_path);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result
+    }
+}

@@ -1,0 +1,515 @@
+//! Channels and messages: sign-then-encrypt to every active card of every
+//! member (own other devices included), and opening with every check of
+//! `docs/protocol.md` plus the ones only a client can make (the relay's
+//! claimed sender, the channel, replays).
+
+use std::fmt;
+
+use tessera_card::{CardId, CardKind};
+use tessera_crypto::envelope::{
+    self, CONTENT_TYPE_FILE, CONTENT_TYPE_TEXT, Draft, ExpectedSender, Opener, ParsedEnvelope,
+    Recipient, Sender, VerifiedPayload,
+};
+use tessera_proto::{
+    Message as _,
+    envelope::v1::FileAttachment,
+    kms::v1::CardStatus,
+    server::v1::{
+        AddMemberRequest, Channel, CreateChannelRequest, Direction, GetChannelRequest,
+        GetReadHorizonRequest, HistoryVisibility, ListChannelsRequest, ListMessagesRequest,
+        RemoveMemberRequest, SendMessageRequest, SetReadHorizonRequest, StoredMessage,
+        SubscribeRequest, channels_client::ChannelsClient,
+    },
+};
+
+use crate::{Client, ClientError, TrustEvent, client::now_ms, error::rpc, state};
+
+/// Largest message body a client sends (Twilio's limit is 32 KB).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// What a message says.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Content {
+    Text(String),
+    File(FileAttachment),
+    Other { content_type: String, body: Vec<u8> },
+}
+
+impl fmt::Debug for Content {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Plaintext is never formatted into logs.
+        match self {
+            Self::Text(t) => write!(f, "Text({} bytes)", t.len()),
+            Self::File(a) => write!(f, "File({} bytes)", a.size),
+            Self::Other { content_type, body } => {
+                write!(f, "Other({content_type}, {} bytes)", body.len())
+            }
+        }
+    }
+}
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The app server (live, or its stored copy).
+    Server,
+    /// The organisation's archive, re-encrypted for this device.
+    Organisation,
+}
+
+/// A message that decrypted and whose sender's signature verified.
+#[derive(Clone)]
+pub struct Received {
+    pub channel_id: String,
+    pub index: u64,
+    pub sender_identity: String,
+    pub sender_card_id: CardId,
+    pub sender_device: String,
+    pub message_id: [u8; 16],
+    pub sent_at_ms: i64,
+    pub server_time_ms: i64,
+    pub content: Content,
+    pub source: Source,
+    pub(crate) payload: VerifiedPayload,
+}
+
+impl Received {
+    /// The exact signed payload and the sender's signature, as an
+    /// application would keep them to prove later who said what.
+    pub fn signed_original(&self) -> (&[u8], &[u8]) {
+        (&self.payload.signed_payload, &self.payload.signature)
+    }
+}
+
+impl fmt::Debug for Received {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Received")
+            .field("channel_id", &self.channel_id)
+            .field("index", &self.index)
+            .field("sender_identity", &self.sender_identity)
+            .field("sender_card_id", &self.sender_card_id)
+            .field("content", &self.content)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A sent message.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub index: u64,
+    pub message_id: [u8; 16],
+    /// The cards it was encrypted to.
+    pub recipients: Vec<CardId>,
+    pub duplicate: bool,
+    /// Device changes noticed while finding the recipients.
+    pub events: Vec<TrustEvent>,
+}
+
+/// One page of history.
+#[derive(Debug)]
+pub struct HistoryPage {
+    pub messages: Vec<(u64, Result<Received, ClientError>)>,
+    pub next_anchor: u64,
+}
+
+pub(crate) fn decode_content(content_type: &str, body: Vec<u8>) -> Content {
+    match content_type {
+        CONTENT_TYPE_TEXT => match String::from_utf8(body) {
+            Ok(text) => Content::Text(text),
+            Err(e) => Content::Other {
+                content_type: content_type.to_owned(),
+                body: e.into_bytes(),
+            },
+        },
+        CONTENT_TYPE_FILE => match FileAttachment::decode(body.as_slice()) {
+            Ok(file) => Content::File(file),
+            Err(_) => Content::Other {
+                content_type: content_type.to_owned(),
+                body,
+            },
+        },
+        other => Content::Other {
+            content_type: other.to_owned(),
+            body,
+        },
+    }
+}
+
+impl Client {
+    pub(crate) fn channels_client(&self) -> ChannelsClient<tonic::transport::Channel> {
+        ChannelsClient::new(self.server.clone()).max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn create_channel(
+        &self,
+        name: &str,
+        visibility: HistoryVisibility,
+        members: &[String],
+    ) -> Result<Channel, ClientError> {
+        let request = self
+            .request(CreateChannelRequest {
+                name: name.to_owned(),
+                history_visibility: visibility as i32,
+                members: members.to_vec(),
+            })
+            .await?;
+        Ok(self
+            .channels_client()
+            .create_channel(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the new channel"))?
+            .into_inner())
+    }
+
+    pub async fn channel(&self, channel_id: &str) -> Result<Channel, ClientError> {
+        let request = self
+            .request(GetChannelRequest {
+                channel_id: channel_id.to_owned(),
+            })
+            .await?;
+        Ok(self
+            .channels_client()
+            .get_channel(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the channel"))?
+            .into_inner())
+    }
+
+    pub async fn channels(&self) -> Result<Vec<Channel>, ClientError> {
+        let request = self.request(ListChannelsRequest {}).await?;
+        Ok(self
+            .channels_client()
+            .list_channels(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the channel list"))?
+            .into_inner()
+            .channels)
+    }
+
+    pub async fn add_member(
+        &self,
+        channel_id: &str,
+        identity: &str,
+    ) -> Result<Channel, ClientError> {
+        let request = self
+            .request(AddMemberRequest {
+                channel_id: channel_id.to_owned(),
+                identity: identity.to_owned(),
+                role: 0,
+            })
+            .await?;
+        Ok(self
+            .channels_client()
+            .add_member(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the new member"))?
+            .into_inner())
+    }
+
+    pub async fn remove_member(
+        &self,
+        channel_id: &str,
+        identity: &str,
+    ) -> Result<Channel, ClientError> {
+        let request = self
+            .request(RemoveMemberRequest {
+                channel_id: channel_id.to_owned(),
+                identity: identity.to_owned(),
+            })
+            .await?;
+        Ok(self
+            .channels_client()
+            .remove_member(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the member removal"))?
+            .into_inner())
+    }
+
+    /// Sends a text message.
+    pub async fn send_text(&self, channel_id: &str, text: &str) -> Result<Sent, ClientError> {
+        self.send_content(channel_id, CONTENT_TYPE_TEXT, text.as_bytes())
+            .await
+    }
+
+    /// Seals `body` to every active card of every member of the channel and
+    /// sends it; a transient failure is retried with the same client message
+    /// id, so the server stores it once.
+    pub async fn send_content(
+        &self,
+        channel_id: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<Sent, ClientError> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(ClientError::Usage(format!(
+                "the message is {} bytes; the limit is {MAX_BODY_BYTES}",
+                body.len()
+            )));
+        }
+        let channel = self.channel(channel_id).await?;
+        let identities: Vec<String> = channel.members.iter().map(|m| m.identity.clone()).collect();
+        let (cards, events) = self.recipient_cards(&identities).await?;
+        if !cards.iter().any(|c| c.id() == self.card_id) {
+            return Err(ClientError::Message(
+                "this device's card is not active at the key service (revoked?)".into(),
+            ));
+        }
+        let recipients: Vec<Recipient<'_>> = cards
+            .iter()
+            .map(|c| Recipient {
+                card_id: *c.id().as_bytes(),
+                key: c.encryption_key(),
+            })
+            .collect();
+        let sealed = envelope::seal(
+            &Sender {
+                identity: self.identity(),
+                card_id: *self.card_id.as_bytes(),
+                key: &self.keys.signing,
+            },
+            &Draft {
+                channel_id,
+                content_type,
+                body,
+                sent_at_ms: now_ms(),
+            },
+            &recipients,
+        )
+        .map_err(|e| ClientError::Crypto(e.to_string()))?;
+        let client_message_id =
+            tessera_crypto::random_array::<16>().map_err(|e| ClientError::Crypto(e.to_string()))?;
+        let mut attempt = 0;
+        let response = loop {
+            attempt += 1;
+            let request = self
+                .request(SendMessageRequest {
+                    channel_id: channel_id.to_owned(),
+                    client_message_id: client_message_id.to_vec(),
+                    sender_card_id: self.card_id.to_vec(),
+                    envelope: sealed.envelope.clone(),
+                })
+                .await?;
+            match self.channels_client().send_message(request).await {
+                Ok(r) => break r.into_inner(),
+                Err(s) if s.code() == tonic::Code::Unavailable && attempt < 3 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                }
+                Err(s) => return Err(rpc("app server", self.server_url(), "the message")(s)),
+            }
+        };
+        Ok(Sent {
+            index: response.index,
+            message_id: sealed.message_id,
+            recipients: cards.iter().map(|c| c.id()).collect(),
+            duplicate: response.duplicate,
+            events,
+        })
+    }
+
+    /// Decrypts a message the app server delivered and verifies it: the
+    /// sender's card (signatures, log inclusion, the identity the server
+    /// names), the signature, the recipient set, the channel, and that the
+    /// same message was not accepted elsewhere before (replay).
+    pub async fn open_message(&self, m: &StoredMessage) -> Result<Received, ClientError> {
+        let bad = |reason: String| ClientError::BadMessage {
+            channel_id: m.channel_id.clone(),
+            index: m.index,
+            reason,
+        };
+        let parsed = ParsedEnvelope::parse(&m.envelope).map_err(|e| bad(e.to_string()))?;
+        if parsed.sender_card_id().as_slice() != m.sender_card_id.as_slice() {
+            return Err(bad(
+                "the relay names another sender card than the envelope".into()
+            ));
+        }
+        let sender_card = CardId::from_array(*parsed.sender_card_id());
+        let info = self
+            .card_info(&sender_card, &m.sender_identity, CardKind::Client)
+            .await
+            .map_err(|e| bad(format!("sender: {e}")))?;
+        if info.status == CardStatus::Revoked
+            && info
+                .revoked_at
+                .is_some_and(|at| at.saturating_mul(1000) < m.server_time_ms)
+        {
+            return Err(bad("sent after the sender's card was revoked".into()));
+        }
+        let card = &info.card;
+        let payload = parsed
+            .open(
+                &Opener {
+                    card_id: *self.card_id.as_bytes(),
+                    secret: &self.keys.encryption,
+                },
+                &ExpectedSender {
+                    identity: card.identity(),
+                    card_id: *card.id().as_bytes(),
+                    key: card.signing_key(),
+                },
+            )
+            .map_err(|e| match e {
+                envelope::EnvelopeError::NotARecipient => bad(
+                    "not encrypted to this device (sent before it was enrolled?): sync it from the organisation".into(),
+                ),
+                other => bad(other.to_string()),
+            })?;
+        if payload.channel_id != m.channel_id {
+            return Err(bad(format!(
+                "the sender sent it to channel {}, not this one: moved by the relay",
+                payload.channel_id
+            )));
+        }
+        self.finish_received(
+            payload,
+            m.index,
+            m.server_time_ms,
+            card.device_name(),
+            Source::Server,
+        )
+    }
+
+    /// Common last steps of opening: the channel and replay checks.
+    pub(crate) fn finish_received(
+        &self,
+        payload: VerifiedPayload,
+        index: u64,
+        server_time_ms: i64,
+        device: &str,
+        source: Source,
+    ) -> Result<Received, ClientError> {
+        let channel_id = payload.channel_id.clone();
+        let sender_card = CardId::from_array(payload.sender_card_id);
+        let accepted = state::with_state(&self.dir, |s| {
+            s.accept_message(
+                &sender_card.to_string(),
+                &hex::encode(payload.message_id),
+                &channel_id,
+                index,
+            )
+        })?;
+        if let Err((c, i)) = accepted {
+            return Err(ClientError::BadMessage {
+                channel_id,
+                index,
+                reason: format!(
+                    "replay of a message already received as message {i} of channel {c}"
+                ),
+            });
+        }
+        Ok(Received {
+            index,
+            sender_identity: payload.sender_identity.clone(),
+            sender_card_id: sender_card,
+            sender_device: device.to_owned(),
+            message_id: payload.message_id,
+            sent_at_ms: payload.sent_at_ms,
+            server_time_ms,
+            content: decode_content(&payload.content_type, payload.body.clone()),
+            source,
+            channel_id,
+            payload,
+        })
+    }
+
+    /// One page of the channel's history from the app server (the stored
+    /// EncMsgs), each opened and verified.
+    pub async fn history(
+        &self,
+        channel_id: &str,
+        anchor: u64,
+        page_size: u32,
+        backward: bool,
+    ) -> Result<HistoryPage, ClientError> {
+        let request = self
+            .request(ListMessagesRequest {
+                channel_id: channel_id.to_owned(),
+                anchor,
+                page_size,
+                direction: if backward {
+                    Direction::Backward
+                } else {
+                    Direction::Forward
+                } as i32,
+            })
+            .await?;
+        let page = self
+            .channels_client()
+            .list_messages(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the history"))?
+            .into_inner();
+        let mut messages = Vec::with_capacity(page.messages.len());
+        for m in &page.messages {
+            if m.channel_id != channel_id {
+                messages.push((
+                    m.index,
+                    Err(ClientError::BadMessage {
+                        channel_id: channel_id.to_owned(),
+                        index: m.index,
+                        reason: format!("the relay returned a message of channel {}", m.channel_id),
+                    }),
+                ));
+                continue;
+            }
+            messages.push((m.index, self.open_message(m).await));
+        }
+        Ok(HistoryPage {
+            messages,
+            next_anchor: page.next_anchor,
+        })
+    }
+
+    /// The live stream of a channel from `from_index` (0: only new messages).
+    /// Open each with [`Client::open_message`].
+    pub async fn subscribe(
+        &self,
+        channel_id: &str,
+        from_index: u64,
+    ) -> Result<tonic::Streaming<StoredMessage>, ClientError> {
+        let request = self
+            .request(SubscribeRequest {
+                channel_id: channel_id.to_owned(),
+                from_index,
+            })
+            .await?;
+        Ok(self
+            .channels_client()
+            .subscribe(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the subscription"))?
+            .into_inner())
+    }
+
+    /// Marks messages up to `index` as read, for all of this user's devices.
+    pub async fn set_read_horizon(&self, channel_id: &str, index: u64) -> Result<u64, ClientError> {
+        let request = self
+            .request(SetReadHorizonRequest {
+                channel_id: channel_id.to_owned(),
+                index,
+            })
+            .await?;
+        Ok(self
+            .channels_client()
+            .set_read_horizon(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the read horizon"))?
+            .into_inner()
+            .index)
+    }
+
+    pub async fn read_horizon(&self, channel_id: &str) -> Result<u64, ClientError> {
+        let request = self
+            .request(GetReadHorizonRequest {
+                channel_id: channel_id.to_owned(),
+            })
+            .await?;
+        Ok(self
+            .channels_client()
+            .get_read_horizon(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the read horizon"))?
+            .into_inner()
+            .index)
+    }
+}

@@ -1,0 +1,467 @@
+//! The client library against a real stack (key service, app server, backup
+//! service) on loopback: each trust rule of the client, one test each.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use tessera_client::{
+    Client, ClientError, Content, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams,
+    Origin, Source, TrustEvent,
+};
+use tessera_stack::{Stack, StackConfig};
+
+struct World {
+    _dir: tempfile::TempDir,
+    stack: Stack,
+    home: Home,
+}
+
+impl World {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let stack = Stack::start(StackConfig::for_tests(dir.path().join("stack")))
+            .await
+            .unwrap();
+        let home = Home::new(dir.path().join("home"));
+        Self {
+            _dir: dir,
+            stack,
+            home,
+        }
+    }
+
+    fn endpoints(&self) -> Endpoints {
+        let info = self.stack.info();
+        Endpoints {
+            server_url: info.server_url.clone(),
+            kms_url: info.kms_url.clone(),
+            backup_url: info.backup_url.clone(),
+            ca_cert: None,
+        }
+    }
+
+    /// A new device for `identity` (signing up on its first device).
+    async fn device(&self, profile: &str, identity: &str, first: bool) -> Client {
+        let password = format!("{identity}-password-123");
+        Client::enroll(
+            &self.home,
+            profile,
+            Enrollment {
+                endpoints: self.endpoints(),
+                identity,
+                password: &password,
+                sign_up: first,
+                device_name: profile,
+                passphrase: b"device passphrase",
+                kdf: KdfParams::DANGER_FAST_FOR_TESTS,
+                expected_app_key: Some(self.stack.info().app_public_key),
+                expected_kms_key: Some(self.stack.info().kms_public_key),
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn admin(&self) -> Client {
+        let info = self.stack.info();
+        Client::enroll(
+            &self.home,
+            "admin",
+            Enrollment {
+                endpoints: self.endpoints(),
+                identity: &info.admin_identity,
+                password: &info.admin_password,
+                sign_up: false,
+                device_name: "admin console",
+                passphrase: b"admin passphrase",
+                kdf: KdfParams::DANGER_FAST_FOR_TESTS,
+                expected_app_key: None,
+                expected_kms_key: None,
+            },
+        )
+        .await
+        .unwrap()
+    }
+}
+
+fn text(content: &Content) -> &str {
+    match content {
+        Content::Text(t) => t,
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn send_to_every_device_and_verify_on_each() {
+    let w = World::start().await;
+    let alice1 = w.device("alice-laptop", "alice", true).await;
+    let alice2 = w.device("alice-phone", "alice", false).await;
+    let bob = w.device("bob-phone", "bob", true).await;
+    let channel = alice1
+        .create_channel("general", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap();
+    let sent = alice1
+        .send_text(&channel.channel_id, "hello bob")
+        .await
+        .unwrap();
+    assert_eq!(
+        sent.recipients.len(),
+        3,
+        "alice's two devices and bob's one"
+    );
+    for reader in [&bob, &alice2, &alice1] {
+        let page = reader
+            .history(&channel.channel_id, 0, 10, false)
+            .await
+            .unwrap();
+        let received = page.messages[0].1.as_ref().unwrap();
+        assert_eq!(text(&received.content), "hello bob");
+        assert_eq!(received.sender_identity, "alice");
+        assert_eq!(received.sender_card_id, alice1.card_id());
+        assert_eq!(received.source, Source::Server);
+    }
+    // Reopening the profile needs the passphrase.
+    drop(bob);
+    let err = Client::open(&w.home, "bob-phone", b"wrong").err().unwrap();
+    assert!(err.to_string().contains("wrong passphrase"), "{err}");
+    let bob = Client::open(&w.home, "bob-phone", b"device passphrase").unwrap();
+    assert_eq!(bob.identity(), "bob");
+    // A passwordless log-in works for the reopened profile.
+    assert_eq!(bob.channels().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn device_changes_are_reported_and_drop_verification() {
+    let w = World::start().await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob = w.device("bob", "bob", true).await;
+    let channel = alice
+        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap();
+    let first = alice.send_text(&channel.channel_id, "one").await.unwrap();
+    assert!(
+        first.events.is_empty(),
+        "first contact pins silently: {:?}",
+        first.events
+    );
+
+    // Safety numbers agree on both sides; alice marks bob verified.
+    let a_view = alice.safety_number("bob").await.unwrap();
+    let b_view = bob.safety_number("alice").await.unwrap();
+    assert_eq!(a_view.number, b_view.number);
+    assert!(!a_view.verified);
+    alice.mark_verified(&a_view).unwrap();
+    assert!(alice.safety_number("bob").await.unwrap().verified);
+
+    // Bob adds a device: reported, the verification mark drops, the number changes.
+    let bob2 = w.device("bob-tablet", "bob", false).await;
+    let sent = alice.send_text(&channel.channel_id, "two").await.unwrap();
+    assert!(sent.events.contains(&TrustEvent::DeviceAdded {
+        identity: "bob".into(),
+        card_id: bob2.card_id(),
+        device_name: "bob-tablet".into(),
+    }));
+    assert!(sent.events.contains(&TrustEvent::VerificationLost {
+        identity: "bob".into()
+    }));
+    let after = alice.safety_number("bob").await.unwrap();
+    assert!(!after.verified);
+    assert_ne!(after.number, a_view.number);
+
+    // Bob revokes the tablet: reported as removed.
+    bob.revoke_device(&bob2.card_id(), "sold").await.unwrap();
+    let sent = alice.send_text(&channel.channel_id, "three").await.unwrap();
+    assert!(sent.events.contains(&TrustEvent::DeviceRemoved {
+        identity: "bob".into(),
+        card_id: bob2.card_id(),
+    }));
+    assert_eq!(sent.recipients.len(), 2);
+    // The revoked device can no longer log in.
+    assert!(bob2.channels().await.is_err());
+}
+
+#[tokio::test]
+async fn relabelled_moved_and_replayed_messages_are_refused() {
+    let w = World::start().await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob = w.device("bob", "bob", true).await;
+    let _carol = w.device("carol", "carol", true).await;
+    let c1 = alice
+        .create_channel(
+            "c1",
+            HistoryVisibility::Shared,
+            &["bob".into(), "carol".into()],
+        )
+        .await
+        .unwrap();
+    let c2 = alice
+        .create_channel("c2", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap();
+    alice.send_text(&c1.channel_id, "original").await.unwrap();
+    let page = bob.history(&c1.channel_id, 0, 10, false).await.unwrap();
+    assert!(page.messages[0].1.is_ok());
+    // What a hostile relay could hand a client, built from the stored copy.
+    let mut stored = bob
+        .subscribe(&c1.channel_id, 1)
+        .await
+        .unwrap()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        bob.open_message(&stored).await.is_ok(),
+        "reading it again is fine"
+    );
+
+    let mut relabelled = stored.clone();
+    relabelled.sender_identity = "carol".into();
+    let err = bob.open_message(&relabelled).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("belongs to \"alice\", not \"carol\""),
+        "{err}"
+    );
+
+    let mut moved = stored.clone();
+    moved.channel_id = c2.channel_id.clone();
+    let err = bob.open_message(&moved).await.unwrap_err();
+    assert!(err.to_string().contains("moved by the relay"), "{err}");
+
+    stored.index = 99;
+    let err = bob.open_message(&stored).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("replay of a message already received as message 1"),
+        "{err}"
+    );
+
+    let mut tampered = bob
+        .subscribe(&c1.channel_id, 1)
+        .await
+        .unwrap()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let n = tampered.envelope.len();
+    tampered.envelope[n - 3] ^= 1;
+    let err = bob.open_message(&tampered).await.unwrap_err();
+    assert!(err.to_string().contains("does not authenticate"), "{err}");
+}
+
+#[tokio::test]
+async fn org_backup_and_history_sync_for_a_later_device() {
+    let w = World::start().await;
+    let admin = w.admin().await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob = w.device("bob-old", "bob", true).await;
+    admin.set_org_member("bob", true).await.unwrap();
+    // A fresh session carries the membership.
+    let bob = {
+        drop(bob);
+        Client::open(&w.home, "bob-old", b"device passphrase").unwrap()
+    };
+    assert!(bob.is_org_member().await.unwrap());
+    assert!(!alice.is_org_member().await.unwrap());
+
+    let channel = alice
+        .create_channel("deal", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap();
+    for i in 0..5 {
+        alice
+            .send_text(&channel.channel_id, &format!("term {i}"))
+            .await
+            .unwrap();
+    }
+    let page = bob
+        .history(&channel.channel_id, 0, 50, false)
+        .await
+        .unwrap();
+    for (_, received) in &page.messages {
+        assert!(
+            bob.back_up(received.as_ref().unwrap()).await.unwrap(),
+            "stored"
+        );
+    }
+    // Again: already archived, stored once.
+    assert!(
+        !bob.back_up(page.messages[0].1.as_ref().unwrap())
+            .await
+            .unwrap()
+    );
+    // Alice is not in the organisation: her device does not back up.
+    let alice_view = alice
+        .history(&channel.channel_id, 0, 1, false)
+        .await
+        .unwrap();
+    assert!(
+        !alice
+            .back_up(alice_view.messages[0].1.as_ref().unwrap())
+            .await
+            .unwrap()
+    );
+
+    // Bob's new device cannot read the originals...
+    let bob_new = w.device("bob-new", "bob", false).await;
+    let page = bob_new
+        .history(&channel.channel_id, 0, 50, false)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 5);
+    for (_, r) in &page.messages {
+        assert!(
+            r.as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("not encrypted to this device")
+        );
+    }
+    // ...and reads them all from the organisation, original signatures verified.
+    let mut progress = Vec::new();
+    let synced = bob_new
+        .sync_from_org(&channel.channel_id, 0, 0, |done, total| {
+            progress.push((done, total))
+        })
+        .await
+        .unwrap();
+    assert_eq!(synced.len(), 5);
+    for (i, entry) in synced.iter().enumerate() {
+        let r = entry.result.as_ref().unwrap();
+        assert_eq!(r.index, i as u64 + 1);
+        assert_eq!(text(&r.content), format!("term {i}"));
+        assert_eq!(r.sender_identity, "alice");
+        assert_eq!(r.sender_card_id, alice.card_id());
+        assert_eq!(r.source, Source::Organisation);
+    }
+    assert_eq!(progress.last(), Some(&(5, 5)));
+}
+
+#[tokio::test]
+async fn attachments_round_trip_and_audit_flags_unknown_cards() {
+    let w = World::start().await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob = w.device("bob", "bob", true).await;
+    let channel = alice
+        .create_channel("files", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap();
+    let src = w.home.root().join("report.bin");
+    std::fs::create_dir_all(w.home.root()).unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    alice.send_file(&channel.channel_id, &src).await.unwrap();
+    let page = bob
+        .history(&channel.channel_id, 0, 10, false)
+        .await
+        .unwrap();
+    let received = page.messages[0].1.as_ref().unwrap();
+    let Content::File(file) = &received.content else {
+        panic!("expected a file, got {:?}", received.content);
+    };
+    assert_eq!(file.file_name, "report.bin");
+    assert_eq!(file.size, data.len() as u64);
+    let out = w.home.root().join("downloaded.bin");
+    assert_eq!(
+        bob.download_file(&channel.channel_id, file, &out)
+            .await
+            .unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    // A tampered key in the signed message cannot decrypt it.
+    let mut wrong = file.clone();
+    wrong.file_key[0] ^= 1;
+    assert!(
+        bob.download_file(&channel.channel_id, &wrong, &w.home.root().join("x.bin"))
+            .await
+            .is_err()
+    );
+    assert!(
+        !w.home.root().join("x.bin").exists(),
+        "nothing unauthenticated is written"
+    );
+
+    // Audit: both of alice's devices made here are recognised.
+    let alice2 = w.device("alice-2", "alice", false).await;
+    let report = alice.audit().await.unwrap();
+    let origins: Vec<Origin> = report.cards.iter().map(|c| c.origin).collect();
+    assert_eq!(origins, vec![Origin::ThisDevice, Origin::CreatedHere]);
+    assert_eq!(report.unrecognised_active().count(), 0);
+    drop(alice2);
+
+    // A card for alice that none of her devices made (what an app server
+    // misusing its AppKey would do) is flagged until she acknowledges it.
+    let injected = inject_card(&w, "alice").await;
+    let report = alice.audit().await.unwrap();
+    let flagged: Vec<_> = report.unrecognised_active().map(|c| c.card_id).collect();
+    assert_eq!(flagged, vec![injected]);
+    alice.acknowledge(&injected).unwrap();
+    assert_eq!(
+        alice.audit().await.unwrap().unrecognised_active().count(),
+        0
+    );
+    let _ = ClientError::Usage(String::new());
+}
+
+/// Registers a card for `identity` with the stack's own AppKey and token
+/// key, as a compromised app server could.
+async fn inject_card(w: &World, identity: &str) -> tessera_client::CardId {
+    use tessera_card::{NewCard, app_sign};
+    use tessera_crypto::{DeviceKeys, keystore};
+    use tessera_proto::kms::v1::{RegisterCardRequest, key_directory_client::KeyDirectoryClient};
+    let server_dir = w.stack.info().data_dir.join("server");
+    let app = keystore::load(&server_dir.join("app.key"), None)
+        .unwrap()
+        .into_signing()
+        .unwrap();
+    let token = keystore::load(&server_dir.join("token.key"), None)
+        .unwrap()
+        .into_signing()
+        .unwrap();
+    let issuer = tessera_service::TokenIssuer::new(token, std::time::Duration::from_secs(60));
+    let header = tessera_service::token::bearer_header(
+        &issuer
+            .issue(
+                "tessera-server",
+                tessera_service::token::Role::Service,
+                None,
+                false,
+            )
+            .unwrap()
+            .bytes,
+    );
+    let mut card = NewCard {
+        identity,
+        kind: tessera_card::CardKind::Client,
+        device_name: "not mine",
+        created_at: 0,
+        previous_card_id: None,
+    }
+    .self_signed(&DeviceKeys::generate().unwrap())
+    .unwrap();
+    app_sign(&mut card, &app);
+    let id = tessera_client::CardId::of_snapshot(&card.content_snapshot);
+    let mut request = tonic::Request::new(RegisterCardRequest { card: Some(card) });
+    request
+        .metadata_mut()
+        .insert("authorization", header.parse().unwrap());
+    let channel = tonic::transport::Channel::from_shared(w.stack.info().kms_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    KeyDirectoryClient::new(channel)
+        .register_card(request)
+        .await
+        .unwrap();
+    id
+}
