@@ -460,6 +460,31 @@ impl Client {
         })
     }
 
+    /// One page of a channel's stored messages as the app server holds them
+    /// (ciphertext and routing metadata), without opening them.
+    pub async fn stored_messages(
+        &self,
+        channel_id: &str,
+        anchor: u64,
+        page_size: u32,
+    ) -> Result<Vec<StoredMessage>, ClientError> {
+        let request = self
+            .request(ListMessagesRequest {
+                channel_id: channel_id.to_owned(),
+                anchor,
+                page_size,
+                direction: Direction::Forward as i32,
+            })
+            .await?;
+        Ok(self
+            .channels_client()
+            .list_messages(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "the history"))?
+            .into_inner()
+            .messages)
+    }
+
     /// The live stream of a channel from `from_index` (0: only new messages).
     /// Open each with [`Client::open_message`].
     pub async fn subscribe(

@@ -6,6 +6,8 @@
 //! Each service still runs alone from its own binary; this is for
 //! `tessera stack`, `tessera demo` and tests.
 
+pub mod hostile;
+
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
