@@ -25,6 +25,7 @@ struct Cli {
     /// The app server.
     #[arg(
         long,
+        global = true,
         env = "TESSERA_BACKUP_SERVER_URL",
         default_value = "http://127.0.0.1:7400"
     )]
@@ -32,33 +33,34 @@ struct Cli {
     /// The key service.
     #[arg(
         long,
+        global = true,
         env = "TESSERA_BACKUP_KMS_URL",
         default_value = "http://127.0.0.1:7401"
     )]
     kms_url: String,
     /// CA certificate (PEM) for https upstreams.
-    #[arg(long, env = "TESSERA_BACKUP_UPSTREAM_CA")]
+    #[arg(long, global = true, env = "TESSERA_BACKUP_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
     /// The OrgKey file [default: <data-dir>/org.key].
-    #[arg(long, env = "TESSERA_BACKUP_ORG_KEY_PATH")]
+    #[arg(long, global = true, env = "TESSERA_BACKUP_ORG_KEY_PATH")]
     org_key_path: Option<PathBuf>,
     /// The registered OrgCard [default: <data-dir>/org.card].
-    #[arg(long, env = "TESSERA_BACKUP_ORG_CARD_PATH")]
+    #[arg(long, global = true, env = "TESSERA_BACKUP_ORG_CARD_PATH")]
     org_card_path: Option<PathBuf>,
     /// AppKey public key (64 hex digits), pinned.
-    #[arg(long, env = "TESSERA_BACKUP_APP_PUBLIC_KEY")]
+    #[arg(long, global = true, env = "TESSERA_BACKUP_APP_PUBLIC_KEY")]
     app_public_key: Option<String>,
     /// Key-service public key (64 hex digits), pinned.
-    #[arg(long, env = "TESSERA_BACKUP_KMS_PUBLIC_KEY")]
+    #[arg(long, global = true, env = "TESSERA_BACKUP_KMS_PUBLIC_KEY")]
     kms_public_key: Option<String>,
     /// The app server's token public key (64 hex digits).
-    #[arg(long, env = "TESSERA_BACKUP_TOKEN_PUBLIC_KEY")]
+    #[arg(long, global = true, env = "TESSERA_BACKUP_TOKEN_PUBLIC_KEY")]
     token_public_key: Option<String>,
     /// Largest OrgEncMsg, in bytes.
-    #[arg(long, env = "TESSERA_BACKUP_MAX_RECORD_BYTES", default_value_t = Limits::default().max_record_bytes)]
+    #[arg(long, global = true, env = "TESSERA_BACKUP_MAX_RECORD_BYTES", default_value_t = Limits::default().max_record_bytes)]
     max_record_bytes: usize,
     /// Most messages in one history sync.
-    #[arg(long, env = "TESSERA_BACKUP_MAX_SYNC_LIMIT", default_value_t = Limits::default().max_sync_limit)]
+    #[arg(long, global = true, env = "TESSERA_BACKUP_MAX_SYNC_LIMIT", default_value_t = Limits::default().max_sync_limit)]
     max_sync_limit: u32,
     #[command(subcommand)]
     command: Option<Command>,

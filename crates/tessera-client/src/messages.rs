@@ -241,6 +241,22 @@ impl Client {
         content_type: &str,
         body: &[u8],
     ) -> Result<Sent, ClientError> {
+        let client_message_id =
+            tessera_crypto::random_array::<16>().map_err(|e| ClientError::Crypto(e.to_string()))?;
+        self.send_with_id(channel_id, content_type, body, client_message_id)
+            .await
+    }
+
+    /// [`Client::send_content`] with the client message id chosen by the
+    /// caller: calling it again with the same id after an error whose outcome
+    /// is unknown (a crash, a timeout) never stores the message twice.
+    pub async fn send_with_id(
+        &self,
+        channel_id: &str,
+        content_type: &str,
+        body: &[u8],
+        client_message_id: [u8; 16],
+    ) -> Result<Sent, ClientError> {
         if body.len() > MAX_BODY_BYTES {
             return Err(ClientError::Usage(format!(
                 "the message is {} bytes; the limit is {MAX_BODY_BYTES}",
@@ -277,8 +293,6 @@ impl Client {
             &recipients,
         )
         .map_err(|e| ClientError::Crypto(e.to_string()))?;
-        let client_message_id =
-            tessera_crypto::random_array::<16>().map_err(|e| ClientError::Crypto(e.to_string()))?;
         let mut attempt = 0;
         let response = loop {
             attempt += 1;
@@ -328,10 +342,12 @@ impl Client {
             .card_info(&sender_card, &m.sender_identity, CardKind::Client)
             .await
             .map_err(|e| bad(format!("sender: {e}")))?;
+        // Revocations carry whole seconds: only a message stored in a later
+        // second than the revocation is known to postdate it.
         if info.status == CardStatus::Revoked
             && info
                 .revoked_at
-                .is_some_and(|at| at.saturating_mul(1000) < m.server_time_ms)
+                .is_some_and(|at| at < m.server_time_ms / 1000)
         {
             return Err(bad("sent after the sender's card was revoked".into()));
         }

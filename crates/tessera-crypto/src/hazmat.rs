@@ -101,3 +101,15 @@ pub fn wrap_content_key(
 ) -> Result<crate::SealedToKey, KeyError> {
     crate::hpke_wrap::wrap_key(recipient, card_id, key)
 }
+
+/// The raw private halves of device keys (Ed25519 seed, X25519 secret), for
+/// tests that prove a key never left its device (by searching every other
+/// byte stored anywhere for them). Never call this in protocol code.
+pub fn device_key_bytes(
+    keys: &crate::DeviceKeys,
+) -> (zeroize::Zeroizing<[u8; 32]>, zeroize::Zeroizing<[u8; 32]>) {
+    (
+        zeroize::Zeroizing::new(*keys.signing.seed()),
+        zeroize::Zeroizing::new(*keys.encryption.as_bytes()),
+    )
+}

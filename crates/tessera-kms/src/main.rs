@@ -22,25 +22,25 @@ struct Cli {
     #[command(flatten)]
     common: CommonArgs,
     /// The service's signing key (generated with mode 0600 on first start) [default: <data-dir>/kms.key].
-    #[arg(long, env = "TESSERA_KMS_KEY_PATH")]
+    #[arg(long, global = true, env = "TESSERA_KMS_KEY_PATH")]
     key_path: Option<PathBuf>,
     /// AppKey public key (64 hex digits): only cards it signed are accepted.
-    #[arg(long, env = "TESSERA_KMS_APP_PUBLIC_KEY")]
+    #[arg(long, global = true, env = "TESSERA_KMS_APP_PUBLIC_KEY")]
     app_public_key: Option<String>,
     /// The app server's token public key (64 hex digits).
-    #[arg(long, env = "TESSERA_KMS_TOKEN_PUBLIC_KEY")]
+    #[arg(long, global = true, env = "TESSERA_KMS_TOKEN_PUBLIC_KEY")]
     token_public_key: Option<String>,
     /// Most identities in one search.
-    #[arg(long, env = "TESSERA_KMS_MAX_IDENTITIES_PER_SEARCH", default_value_t = Limits::default().max_identities_per_search)]
+    #[arg(long, global = true, env = "TESSERA_KMS_MAX_IDENTITIES_PER_SEARCH", default_value_t = Limits::default().max_identities_per_search)]
     max_identities_per_search: usize,
     /// Largest page of log entries.
-    #[arg(long, env = "TESSERA_KMS_MAX_PAGE_SIZE", default_value_t = Limits::default().max_page_size)]
+    #[arg(long, global = true, env = "TESSERA_KMS_MAX_PAGE_SIZE", default_value_t = Limits::default().max_page_size)]
     max_page_size: u32,
     /// Most active cards one identity may have.
-    #[arg(long, env = "TESSERA_KMS_MAX_CARDS_PER_IDENTITY", default_value_t = Limits::default().max_active_cards_per_identity)]
+    #[arg(long, global = true, env = "TESSERA_KMS_MAX_CARDS_PER_IDENTITY", default_value_t = Limits::default().max_active_cards_per_identity)]
     max_cards_per_identity: usize,
     /// Largest request, in bytes.
-    #[arg(long, env = "TESSERA_KMS_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    #[arg(long, global = true, env = "TESSERA_KMS_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
     #[command(subcommand)]
     command: Option<Command>,

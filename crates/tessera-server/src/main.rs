@@ -23,49 +23,56 @@ struct Cli {
     /// The key service.
     #[arg(
         long,
+        global = true,
         env = "TESSERA_SERVER_KMS_URL",
         default_value = "http://127.0.0.1:7401"
     )]
     kms_url: String,
     /// CA certificate (PEM) to trust when the key service URL is https.
-    #[arg(long, env = "TESSERA_SERVER_KMS_CA")]
+    #[arg(long, global = true, env = "TESSERA_SERVER_KMS_CA")]
     kms_ca: Option<PathBuf>,
     /// The AppKey (generated with mode 0600 on first start) [default: <data-dir>/app.key].
-    #[arg(long, env = "TESSERA_SERVER_APP_KEY_PATH")]
+    #[arg(long, global = true, env = "TESSERA_SERVER_APP_KEY_PATH")]
     app_key_path: Option<PathBuf>,
     /// The token signing key (generated on first start) [default: <data-dir>/token.key].
-    #[arg(long, env = "TESSERA_SERVER_TOKEN_KEY_PATH")]
+    #[arg(long, global = true, env = "TESSERA_SERVER_TOKEN_KEY_PATH")]
     token_key_path: Option<PathBuf>,
     /// Identities with the admin role (comma-separated in the environment).
-    #[arg(long = "admin", env = "TESSERA_SERVER_ADMINS", value_delimiter = ',')]
+    #[arg(
+        long = "admin",
+        global = true,
+        env = "TESSERA_SERVER_ADMINS",
+        value_delimiter = ','
+    )]
     admins: Vec<String>,
     /// Identity of the organisation's card; enables org backup.
-    #[arg(long, env = "TESSERA_SERVER_ORG_IDENTITY")]
+    #[arg(long, global = true, env = "TESSERA_SERVER_ORG_IDENTITY")]
     org_identity: Option<String>,
     /// Lifetime of access tokens, in seconds.
     #[arg(
         long,
+        global = true,
         env = "TESSERA_SERVER_TOKEN_LIFETIME_SECS",
         default_value_t = 900
     )]
     token_lifetime_secs: u64,
     /// Most members per channel.
-    #[arg(long, env = "TESSERA_SERVER_MAX_MEMBERS_PER_CHANNEL", default_value_t = Limits::default().max_members_per_channel)]
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_MEMBERS_PER_CHANNEL", default_value_t = Limits::default().max_members_per_channel)]
     max_members_per_channel: usize,
     /// Most channels per user.
-    #[arg(long, env = "TESSERA_SERVER_MAX_CHANNELS_PER_USER", default_value_t = Limits::default().max_channels_per_user)]
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_CHANNELS_PER_USER", default_value_t = Limits::default().max_channels_per_user)]
     max_channels_per_user: usize,
     /// Largest message envelope, in bytes.
-    #[arg(long, env = "TESSERA_SERVER_MAX_ENVELOPE_BYTES", default_value_t = Limits::default().max_envelope_bytes)]
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ENVELOPE_BYTES", default_value_t = Limits::default().max_envelope_bytes)]
     max_envelope_bytes: usize,
     /// Largest page of messages.
-    #[arg(long, env = "TESSERA_SERVER_MAX_PAGE_SIZE", default_value_t = Limits::default().max_page_size)]
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_PAGE_SIZE", default_value_t = Limits::default().max_page_size)]
     max_page_size: u32,
     /// Most active devices per user.
-    #[arg(long, env = "TESSERA_SERVER_MAX_DEVICES_PER_USER", default_value_t = Limits::default().max_devices_per_user)]
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_DEVICES_PER_USER", default_value_t = Limits::default().max_devices_per_user)]
     max_devices_per_user: usize,
     /// Largest attachment, in bytes.
-    #[arg(long, env = "TESSERA_SERVER_MAX_ATTACHMENT_BYTES", default_value_t = Limits::default().max_attachment_bytes)]
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ATTACHMENT_BYTES", default_value_t = Limits::default().max_attachment_bytes)]
     max_attachment_bytes: u64,
     #[command(subcommand)]
     command: Option<Command>,

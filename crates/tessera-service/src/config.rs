@@ -24,7 +24,10 @@ pub enum LogFormat {
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second initialisation (tests running several services) is harmless.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -59,19 +62,19 @@ macro_rules! service_args {
         #[derive(Debug, Clone, $crate::config::clap::Args)]
         pub struct $name {
             /// Address to listen on.
-            #[arg(long, env = concat!($prefix, "_LISTEN"), default_value = $listen)]
+            #[arg(long, global = true, env = concat!($prefix, "_LISTEN"), default_value = $listen)]
             pub listen: std::net::SocketAddr,
             /// Directory of the service's database and keys (created if missing).
-            #[arg(long, env = concat!($prefix, "_DATA_DIR"), default_value = $data)]
+            #[arg(long, global = true, env = concat!($prefix, "_DATA_DIR"), default_value = $data)]
             pub data_dir: std::path::PathBuf,
             /// Log format.
-            #[arg(long, env = concat!($prefix, "_LOG_FORMAT"), value_enum, default_value = "text")]
+            #[arg(long, global = true, env = concat!($prefix, "_LOG_FORMAT"), value_enum, default_value = "text")]
             pub log_format: $crate::config::LogFormat,
             /// PEM certificate chain: serve over TLS (with --tls-key).
-            #[arg(long, env = concat!($prefix, "_TLS_CERT"), requires = "tls_key")]
+            #[arg(long, global = true, env = concat!($prefix, "_TLS_CERT"), requires = "tls_key")]
             pub tls_cert: Option<std::path::PathBuf>,
             /// PEM private key for --tls-cert.
-            #[arg(long, env = concat!($prefix, "_TLS_KEY"), requires = "tls_cert")]
+            #[arg(long, global = true, env = concat!($prefix, "_TLS_KEY"), requires = "tls_cert")]
             pub tls_key: Option<std::path::PathBuf>,
         }
 

@@ -8,8 +8,8 @@
 
 pub mod config;
 pub mod limits;
-mod oversize;
 pub mod serve;
+mod status_rewrite;
 pub mod storage;
 pub mod token;
 

@@ -123,7 +123,7 @@ pub async fn serve(
         let _ = stopping_tx.send(());
     };
     let server = builder
-        .layer(crate::oversize::OversizeLayer)
+        .layer(crate::status_rewrite::StatusRewriteLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     let grace = options.grace;

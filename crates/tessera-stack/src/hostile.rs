@@ -349,3 +349,36 @@ pub fn rewrite_messages(
         _ => vec![message],
     })
 }
+
+/// Calls `method` (e.g. `/tessera.kms.v1.KeyDirectory/GetCard`) with `body`
+/// as the raw request message (valid protobuf or not) and returns the raw
+/// response messages: for tests that send what no generated client would.
+pub async fn raw_call(
+    channel: Channel,
+    method: &str,
+    body: Vec<u8>,
+    authorization: Option<&str>,
+) -> Result<Vec<Vec<u8>>, Status> {
+    let mut request = tonic::Request::new(futures_util::stream::iter(vec![body]));
+    if let Some(a) = authorization {
+        request.metadata_mut().insert(
+            "authorization",
+            a.parse().map_err(|_| Status::internal("bad header"))?,
+        );
+    }
+    let mut grpc = tonic::client::Grpc::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = method
+        .parse()
+        .map_err(|_| Status::internal("bad method path"))?;
+    let mut stream = grpc.streaming(request, path, RawCodec).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(message) = stream.message().await? {
+        out.push(message);
+    }
+    Ok(out)
+}

@@ -1,0 +1,392 @@
+//! Authorization: every RPC of every service, called anonymously, as a
+//! non-member and as another user, is denied.
+
+use tessera_card::{CardKind, NewCard, revocation};
+use tessera_client::HistoryVisibility;
+use tessera_crypto::DeviceKeys;
+use tessera_proto::{
+    Message,
+    backup::v1::{GetOrgInfoRequest, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest},
+    kms::v1::{
+        GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest, GetInclusionProofRequest,
+        ListLogEntriesRequest, RegisterCardRequest, RevokeCardRequest, SearchCardsRequest,
+    },
+    server::v1::{
+        AddMemberRequest, AdminRevokeDeviceRequest, CreateChannelRequest,
+        DownloadAttachmentRequest, EnrollDeviceRequest, GetChannelRequest, GetReadHorizonRequest,
+        ListChannelsRequest, ListDevicesRequest, ListMessagesRequest, ListOrgMembersRequest,
+        RegisterOrgCardRequest, RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest,
+        SetOrgMemberRequest, SetReadHorizonRequest, SubscribeRequest, UploadAttachmentRequest,
+        WhoAmIRequest,
+    },
+};
+use tessera_stack::hostile::raw_call;
+use tessera_testkit::Cluster;
+use tonic::Code;
+
+use crate::{connect, user_token};
+
+struct Call {
+    service: &'static str,
+    method: &'static str,
+    body: Vec<u8>,
+    /// The code when called by eve (a user who is not a member / not the owner / not admin);
+    /// `None`: allowed to any user by design.
+    as_eve: Option<Code>,
+}
+
+fn call(
+    service: &'static str,
+    method: &'static str,
+    body: impl Message,
+    as_eve: Option<Code>,
+) -> Call {
+    Call {
+        service,
+        method,
+        body: body.encode_to_vec(),
+        as_eve,
+    }
+}
+
+#[tokio::test]
+async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() {
+    let cluster = Cluster::start().await;
+    let alice = cluster.device("alice", "alice", true).await;
+    cluster.device("eve", "eve", true).await;
+    let channel = alice
+        .create_channel("private", HistoryVisibility::Shared, &[])
+        .await
+        .unwrap()
+        .channel_id;
+    alice.send_text(&channel, "for alice only").await.unwrap();
+    let alice_card = alice.card_id();
+    let eve_keys = DeviceKeys::generate().unwrap();
+    let alice_claim = NewCard {
+        identity: "alice",
+        kind: CardKind::Client,
+        device_name: "x",
+        created_at: 0,
+        previous_card_id: None,
+    }
+    .self_signed(&eve_keys)
+    .unwrap();
+    let eve_revokes_alice = revocation::sign_revocation(
+        alice_card,
+        revocation::RevokedBy::SelfKey,
+        &eve_keys.signing,
+        "",
+        0,
+    )
+    .unwrap();
+    let denied = Some(Code::PermissionDenied);
+    let ch = || channel.clone();
+
+    let calls = vec![
+        // Key service: reading the directory is open to every user; writing is not.
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/RegisterCard",
+            RegisterCardRequest {
+                card: Some(alice_claim.clone()),
+            },
+            denied,
+        ),
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/RevokeCard",
+            RevokeCardRequest {
+                revocation: Some(eve_revokes_alice.clone()),
+            },
+            denied,
+        ),
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/SearchCards",
+            SearchCardsRequest {
+                identities: vec!["alice".into()],
+                kind: 0,
+            },
+            None,
+        ),
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/GetCard",
+            GetCardRequest {
+                card_id: alice_card.to_vec(),
+            },
+            None,
+        ),
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/GetCheckpoint",
+            GetCheckpointRequest {},
+            None,
+        ),
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/GetConsistencyProof",
+            GetConsistencyProofRequest {
+                old_size: 1,
+                new_size: 0,
+            },
+            None,
+        ),
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/GetInclusionProof",
+            GetInclusionProofRequest {
+                leaf_index: 0,
+                tree_size: 0,
+            },
+            None,
+        ),
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/ListLogEntries",
+            ListLogEntriesRequest {
+                from_index: 0,
+                limit: 10,
+            },
+            None,
+        ),
+        // App server.
+        call(
+            "server",
+            "/tessera.server.v1.Accounts/WhoAmI",
+            WhoAmIRequest {},
+            None,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Devices/EnrollDevice",
+            EnrollDeviceRequest {
+                card: Some(alice_claim),
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Devices/ListDevices",
+            ListDevicesRequest {},
+            None,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Devices/RevokeDevice",
+            RevokeDeviceRequest {
+                card_id: alice_card.to_vec(),
+                reason: String::new(),
+                revocation: None,
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Admin/RegisterOrgCard",
+            RegisterOrgCardRequest { card: None },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Admin/SetOrgMember",
+            SetOrgMemberRequest {
+                identity: "eve".into(),
+                member: true,
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Admin/ListOrgMembers",
+            ListOrgMembersRequest {},
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Admin/AdminRevokeDevice",
+            AdminRevokeDeviceRequest {
+                card_id: alice_card.to_vec(),
+                reason: String::new(),
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/CreateChannel",
+            CreateChannelRequest {
+                name: "mine".into(),
+                history_visibility: 0,
+                members: vec![],
+            },
+            None,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/AddMember",
+            AddMemberRequest {
+                channel_id: ch(),
+                identity: "eve".into(),
+                role: 0,
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/RemoveMember",
+            RemoveMemberRequest {
+                channel_id: ch(),
+                identity: "alice".into(),
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/ListChannels",
+            ListChannelsRequest {},
+            None,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/GetChannel",
+            GetChannelRequest { channel_id: ch() },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/SendMessage",
+            SendMessageRequest {
+                channel_id: ch(),
+                client_message_id: vec![1; 16],
+                sender_card_id: alice_card.to_vec(),
+                envelope: alice.stored_messages(&channel, 1, 1).await.unwrap()[0]
+                    .envelope
+                    .clone(),
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/ListMessages",
+            ListMessagesRequest {
+                channel_id: ch(),
+                anchor: 0,
+                page_size: 10,
+                direction: 0,
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/Subscribe",
+            SubscribeRequest {
+                channel_id: ch(),
+                from_index: 1,
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/SetReadHorizon",
+            SetReadHorizonRequest {
+                channel_id: ch(),
+                index: 1,
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/GetReadHorizon",
+            GetReadHorizonRequest { channel_id: ch() },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/UploadAttachment",
+            UploadAttachmentRequest {
+                channel_id: ch(),
+                data: vec![1, 2, 3],
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/DownloadAttachment",
+            DownloadAttachmentRequest {
+                channel_id: ch(),
+                attachment_id: "00".repeat(16),
+            },
+            denied,
+        ),
+        // Backup service.
+        call(
+            "backup",
+            "/tessera.backup.v1.Backup/GetOrgInfo",
+            GetOrgInfoRequest {},
+            None,
+        ),
+        call(
+            "backup",
+            "/tessera.backup.v1.Backup/SubmitBackup",
+            SubmitBackupRequest {
+                channel_id: ch(),
+                message_index: 1,
+                org_enc_msg: Some(OrgEncMsg::default()),
+            },
+            denied,
+        ),
+        call(
+            "backup",
+            "/tessera.backup.v1.Backup/SyncHistory",
+            SyncHistoryRequest {
+                channel_id: ch(),
+                from_index: 0,
+                limit: 0,
+            },
+            denied,
+        ),
+    ];
+    assert_eq!(calls.len(), 31, "every RPC that needs a token");
+
+    let eve = user_token(&cluster, "eve").await;
+    for c in calls {
+        let url = match c.service {
+            "kms" => cluster.kms.url(),
+            "server" => cluster.server.url(),
+            _ => cluster.backup.url(),
+        };
+        let channel = connect(&url).await;
+        let anonymous = raw_call(channel.clone(), c.method, c.body.clone(), None).await;
+        assert_eq!(
+            anonymous.map(|_| ()).unwrap_err().code(),
+            Code::Unauthenticated,
+            "{} anonymously",
+            c.method
+        );
+        let forged = raw_call(
+            channel.clone(),
+            c.method,
+            c.body.clone(),
+            Some("Bearer 0a0b0c"),
+        )
+        .await;
+        assert_eq!(
+            forged.map(|_| ()).unwrap_err().code(),
+            Code::Unauthenticated,
+            "{} with a forged token",
+            c.method
+        );
+        if let Some(code) = c.as_eve {
+            let result = raw_call(channel, c.method, c.body, Some(&eve)).await;
+            assert_eq!(
+                result.map(|_| ()).unwrap_err().code(),
+                code,
+                "{} as eve",
+                c.method
+            );
+        }
+    }
+    // Alice's history is untouched by all of it.
+    let page = alice.history(&channel, 0, 10, false).await.unwrap();
+    assert_eq!(page.messages.len(), 1);
+}

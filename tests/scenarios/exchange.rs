@@ -1,0 +1,65 @@
+//! Message exchange to a user with several devices: every device decrypts
+//! and verifies; the sender's other devices see the message too.
+
+use futures_util::StreamExt;
+use tessera_client::HistoryVisibility;
+use tessera_testkit::Cluster;
+
+use crate::text;
+
+#[tokio::test]
+async fn every_device_of_every_member_decrypts_and_verifies() {
+    let cluster = Cluster::start().await;
+    let users = cluster.users(&["alice", "bob"], 3).await;
+    let (alice, bob) = (&users["alice"], &users["bob"]);
+    let channel = alice[0]
+        .create_channel("team", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap();
+    // Bob's third device is listening live before the message is sent.
+    let mut live = bob[2].subscribe(&channel.channel_id, 0).await.unwrap();
+
+    let sent = alice[0]
+        .send_text(&channel.channel_id, "to all six devices")
+        .await
+        .unwrap();
+    assert_eq!(sent.recipients.len(), 6);
+    for device in alice.iter().chain(bob.iter()) {
+        let page = device
+            .history(&channel.channel_id, 0, 10, false)
+            .await
+            .unwrap();
+        let r = page.messages[0]
+            .1
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{}: {e}", device.device_name()));
+        assert_eq!(text(r), "to all six devices");
+        assert_eq!(r.sender_card_id, alice[0].card_id());
+        assert_eq!(r.sender_identity, "alice");
+    }
+    let stored = tokio::time::timeout(std::time::Duration::from_secs(20), live.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        text(&bob[2].open_message(&stored).await.unwrap()),
+        "to all six devices"
+    );
+
+    // A reply from bob reaches alice's devices, bob's own other devices too.
+    bob[1]
+        .send_text(&channel.channel_id, "received on all of mine")
+        .await
+        .unwrap();
+    for device in alice.iter().chain([&bob[0], &bob[2]]) {
+        let page = device
+            .history(&channel.channel_id, 2, 1, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            text(page.messages[0].1.as_ref().unwrap()),
+            "received on all of mine"
+        );
+    }
+}
