@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tessera/kms/v1/kms.proto",
         "tessera/server/v1/server.proto",
         "tessera/backup/v1/backup.proto",
+        "tessera/bench/v1/echo.proto",
     ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", proto_root.join(file).display());

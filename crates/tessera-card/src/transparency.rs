@@ -57,10 +57,22 @@ fn split_point(n: u64) -> u64 {
 /// complete, aligned subtree (2n hashes for n leaves), so any root, inclusion
 /// proof or consistency proof for any past size takes O(log n) stored hashes
 /// (O(log² n) for a past size that is not a power of two).
-#[derive(Clone, Default, Debug)]
+#[derive(Default, Debug)]
 pub struct Tree {
     /// `levels[k][i]` is the hash of leaves `i * 2^k .. (i + 1) * 2^k`.
     levels: Vec<Vec<Hash>>,
+    /// Hashes of incomplete subtrees (the right edge of past sizes) already
+    /// computed: every proof at one tree size needs the same few.
+    edges: std::sync::Mutex<std::collections::HashMap<(u64, u64), Hash>>,
+}
+
+impl Clone for Tree {
+    fn clone(&self) -> Self {
+        Self {
+            levels: self.levels.clone(),
+            edges: Default::default(),
+        }
+    }
 }
 
 impl Tree {
@@ -80,6 +92,13 @@ impl Tree {
     /// Appends a leaf hash; returns its index.
     pub fn push(&mut self, leaf: Hash) -> u64 {
         let index = self.len();
+        // Incomplete subtrees ending at the old size stay valid (they are
+        // keyed by their range), but keep the memo small.
+        if let Ok(edges) = self.edges.get_mut()
+            && edges.len() > 4096
+        {
+            edges.clear();
+        }
         let mut hash = leaf;
         let mut level = 0;
         loop {
@@ -99,6 +118,9 @@ impl Tree {
 
     /// Drops every leaf from `len` on (undoing appends that could not be stored).
     pub fn truncate(&mut self, len: u64) {
+        if let Ok(edges) = self.edges.get_mut() {
+            edges.retain(|(_, end), _| *end <= len);
+        }
         for (level, hashes) in self.levels.iter_mut().enumerate() {
             hashes.truncate((len >> level) as usize);
         }
@@ -124,11 +146,23 @@ impl Tree {
             let level = n.trailing_zeros() as usize;
             return self.levels[level][(start >> level) as usize];
         }
+        if let Some(hash) = self
+            .edges
+            .lock()
+            .ok()
+            .and_then(|e| e.get(&(start, end)).copied())
+        {
+            return hash;
+        }
         let k = split_point(n);
-        node_hash(
+        let hash = node_hash(
             &self.subtree(start, start + k),
             &self.subtree(start + k, end),
-        )
+        );
+        if let Ok(mut edges) = self.edges.lock() {
+            edges.insert((start, end), hash);
+        }
+        hash
     }
 
     /// Root hash of the first `size` leaves.

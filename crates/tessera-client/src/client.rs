@@ -84,6 +84,7 @@ pub struct Client {
     /// Cards verified by id (inclusion checked), with their status and when it was fetched.
     pub(crate) card_cache: Mutex<HashMap<CardId, (crate::directory::CardInfo, std::time::Instant)>>,
     pub(crate) org: Mutex<Option<crate::backup::OrgInfo>>,
+    pub(crate) replay: state::ReplayLog,
 }
 
 pub(crate) fn channel(
@@ -252,6 +253,7 @@ impl Client {
             session: tokio::sync::Mutex::new(Some(session)),
             card_cache: Mutex::new(HashMap::new()),
             org: Mutex::new(None),
+            replay: state::ReplayLog::new(&dir),
             config,
         };
         // The registered card is checked like any other: signatures and log inclusion.
@@ -304,7 +306,6 @@ impl Client {
         };
         Ok(Self {
             home: home.clone(),
-            dir,
             card_id,
             keys,
             verifier: Verifier::new(app_key, kms_key),
@@ -314,6 +315,8 @@ impl Client {
             session: tokio::sync::Mutex::new(None),
             card_cache: Mutex::new(HashMap::new()),
             org: Mutex::new(None),
+            replay: state::ReplayLog::new(&dir),
+            dir,
             config,
         })
     }

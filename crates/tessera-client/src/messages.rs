@@ -22,7 +22,7 @@ use tessera_proto::{
     },
 };
 
-use crate::{Client, ClientError, TrustEvent, client::now_ms, error::rpc, state};
+use crate::{Client, ClientError, TrustEvent, client::now_ms, error::rpc};
 
 /// Largest message body a client sends (Twilio's limit is 32 KB).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -396,14 +396,12 @@ impl Client {
     ) -> Result<Received, ClientError> {
         let channel_id = payload.channel_id.clone();
         let sender_card = CardId::from_array(payload.sender_card_id);
-        let accepted = state::with_state(&self.dir, |s| {
-            s.accept_message(
-                &sender_card.to_string(),
-                &hex::encode(payload.message_id),
-                &channel_id,
-                index,
-            )
-        })?;
+        let accepted = self.replay.accept(
+            &sender_card.to_string(),
+            &hex::encode(payload.message_id),
+            &channel_id,
+            index,
+        )?;
         if let Err((c, i)) = accepted {
             return Err(ClientError::BadMessage {
                 channel_id,

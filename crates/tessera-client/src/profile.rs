@@ -3,7 +3,8 @@
 //! ```text
 //! <home>/profiles/<name>/profile.json   what the device is and where its services are (0600)
 //! <home>/profiles/<name>/device.key     the ClientKey, Argon2id + AES-256-GCM (0600)
-//! <home>/profiles/<name>/state.json     pins, last checkpoint, seen message ids (0600)
+//! <home>/profiles/<name>/state.json     pins, verified contacts, last checkpoint (0600)
+//! <home>/profiles/<name>/seen.log       message ids accepted, for replay detection
 //! <home>/created-cards.json             cards enrolled from this home, per identity
 //! ```
 //!

@@ -235,10 +235,13 @@ impl Directory {
         } else {
             CardStatus::Active
         };
-        let entry = self
-            .store
-            .entry(stored.registration_index)?
-            .ok_or(KmsError::Internal("registration entry missing"))?;
+        let entry = if stored.registration_entry.is_empty() {
+            self.store
+                .entry(stored.registration_index)?
+                .ok_or(KmsError::Internal("registration entry missing"))?
+        } else {
+            stored.registration_entry.clone()
+        };
         let hashes = tree
             .inclusion_proof(stored.registration_index, size)
             .ok_or(KmsError::Internal("inclusion proof out of range"))?;
@@ -397,6 +400,7 @@ impl Directory {
         tessera_card::kms_sign(&mut card, &self.key);
         let entry = transparency::registration_entry(&card, &identity, tessera_service::now_secs());
         let new_record = StoredCard {
+            registration_entry: entry.clone(),
             card: Some(card),
             identity,
             kind: kind.to_proto() as i32,

@@ -40,6 +40,10 @@ pub struct StoredCard {
     /// Log index of the superseding card's registration.
     #[prost(uint64, tag = "8")]
     pub superseded_at_index: u64,
+    /// Exact bytes of the registration's log entry (also stored in the log),
+    /// so a lookup needs no second read.
+    #[prost(bytes = "vec", tag = "9")]
+    pub registration_entry: Vec<u8>,
 }
 
 /// One atomic append.
@@ -74,8 +78,10 @@ fn stored_card_key(id: &[u8]) -> Vec<u8> {
     [b"c/".as_slice(), id].concat()
 }
 
-fn identity_prefix(identity: &str) -> Vec<u8> {
-    [b"i/".as_slice(), identity.as_bytes(), b"\0"].concat()
+/// One key per identity; its value is the ids (32 bytes each) of every card
+/// ever registered for it, in order.
+fn identity_key(identity: &str) -> Vec<u8> {
+    [b"i/".as_slice(), identity.as_bytes()].concat()
 }
 
 fn entry_key(index: u64) -> Vec<u8> {
@@ -94,6 +100,8 @@ fn decode_card(bytes: &[u8]) -> Result<StoredCard, StorageError> {
 
 /// The sled store: one tree, keys prefixed by record type
 /// (`c/` cards, `i/` identity index, `l/` entries, `h/` leaf hashes, `m/` meta).
+/// Writes happen under the directory's write lock, so the identity index
+/// is read and rewritten without races.
 pub struct SledStore {
     db: sled::Db,
 }
@@ -115,10 +123,11 @@ impl Store for SledStore {
     }
 
     fn cards_of(&self, identity: &str) -> Result<Vec<StoredCard>, StorageError> {
-        let mut out = Vec::new();
-        for item in self.db.scan_prefix(identity_prefix(identity)) {
-            let (key, _) = item?;
-            let id = &key[key.len().saturating_sub(32)..];
+        let Some(ids) = self.db.get(identity_key(identity))? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(ids.len() / 32);
+        for id in ids.chunks(32) {
             match self.db.get(stored_card_key(id))? {
                 Some(v) => out.push(decode_card(&v)?),
                 None => return Err(StorageError::Corrupt("identity index names a missing card")),
@@ -181,7 +190,12 @@ impl Store for SledStore {
                 .map(|c| CardId::of_snapshot(&c.content_snapshot))
                 .ok_or(StorageError::Corrupt("card record without card"))?;
             batch.insert(stored_card_key(id.as_bytes()), card.encode_to_vec());
-            batch.insert([identity_prefix(&card.identity), id.to_vec()].concat(), &[]);
+            let key = identity_key(&card.identity);
+            let mut ids = self.db.get(&key)?.map(|v| v.to_vec()).unwrap_or_default();
+            if !ids.chunks(32).any(|known| known == id.as_bytes()) {
+                ids.extend_from_slice(id.as_bytes());
+                batch.insert(key, ids);
+            }
         }
         batch.insert(CHECKPOINT_KEY, append.checkpoint.encode_to_vec());
         self.db.apply_batch(batch)?;

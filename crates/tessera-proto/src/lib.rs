@@ -65,3 +65,10 @@ pub mod backup {
         include!(concat!(env!("OUT_DIR"), "/tessera.backup.v1.rs"));
     }
 }
+
+/// The echo baseline of the load benchmarks.
+pub mod bench {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/tessera.bench.v1.rs"));
+    }
+}

@@ -6,10 +6,9 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     service::Routes,
-    transport::{Identity, Server, ServerTlsConfig},
+    transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tonic_health::ServingStatus;
 
@@ -122,10 +121,16 @@ pub async fn serve(
         tracing::info!("shutting down: no new calls, in-flight calls may finish");
         let _ = stopping_tx.send(());
     };
+    // The builder's tcp_nodelay only applies to listeners tonic binds itself:
+    // set it on the accepted sockets here, or multi-frame responses wait on
+    // Nagle's algorithm and delayed ACKs (~40 ms each).
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let server = builder
         .layer(crate::status_rewrite::StatusRewriteLayer)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     let grace = options.grace;
     tokio::select! {
         result = server => result.map_err(ServeError::from),

@@ -37,15 +37,21 @@ impl From<StorageError> for Status {
 /// Opens (creating if needed) the sled database in `dir`.
 pub fn open_db(dir: &Path) -> Result<sled::Db, StorageError> {
     std::fs::create_dir_all(dir)?;
-    Ok(sled::Config::new()
-        .path(dir)
-        .cache_capacity(256 * 1024 * 1024)
-        .open()?)
+    // sled's default page cache (1 GiB) holds 100 k cards and their log.
+    Ok(sled::Config::new().path(dir).open()?)
 }
 
 /// Waits until everything written so far is on disk (fsync).
+///
+/// Runs sled's synchronous flush on tokio's blocking pool: `flush_async`
+/// hands the work to sled's own small global thread pool, which under
+/// concurrent flushes (several databases in one process, many writers) was
+/// seen to leave flushes queued with no thread to run them.
 pub async fn flush(db: &sled::Db) -> Result<(), StorageError> {
-    db.flush_async().await?;
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || db.flush())
+        .await
+        .map_err(|_| StorageError::Corrupt("flush task failed"))??;
     Ok(())
 }
 

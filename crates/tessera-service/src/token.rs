@@ -176,20 +176,48 @@ impl Caller {
     }
 }
 
-/// Checks tokens for one service.
+/// Most verified tokens remembered; the cache is emptied when it is full.
+const CACHE_ENTRIES: usize = 10_000;
+
+/// Checks tokens for one service. A token verified once is remembered (by
+/// its SHA-256) until it expires, so a client's every call does not cost an
+/// Ed25519 verification.
 #[derive(Clone)]
 pub struct TokenVerifier {
     key: VerifyingKey,
     audience: &'static str,
+    cache: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], Caller>>>,
 }
 
 impl TokenVerifier {
     pub fn new(key: VerifyingKey, audience: &'static str) -> Self {
-        Self { key, audience }
+        Self {
+            key,
+            audience,
+            cache: Default::default(),
+        }
     }
 
     /// Verifies an `authorization` header value.
     pub fn verify_header(&self, header: &str) -> Result<Caller, TokenError> {
+        let digest = tessera_crypto::sha256(header.as_bytes());
+        let now = crate::now_secs();
+        if let Some(caller) = self.cache.lock().ok().and_then(|c| c.get(&digest).cloned())
+            && caller.expires_at + SKEW_SECS >= now
+        {
+            return Ok(caller);
+        }
+        let caller = self.verify_uncached(header)?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(digest, caller.clone());
+        }
+        Ok(caller)
+    }
+
+    fn verify_uncached(&self, header: &str) -> Result<Caller, TokenError> {
         if header.len() > MAX_HEADER_LEN {
             return Err(TokenError::Malformed);
         }

@@ -1,0 +1,249 @@
+//! `cargo run --release -p tessera-bench --bin server-load`: message send
+//! throughput, and end-to-end delivery latency from send to receipt by 100
+//! live subscribed devices on one channel, at a fixed send rate. The stack
+//! runs on loopback in this process; the envelope is a real one sealed to
+//! the 100 devices (sealed once, sent with fresh client message ids: this
+//! measures the transport, not the sender's crypto, which
+//! `cargo bench -p tessera-crypto` measures).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a benchmark tool"
+)]
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use futures_util::StreamExt;
+use tessera_bench::{closed_loop, machine, percentile};
+use tessera_client::{Client, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams};
+use tessera_proto::server::v1::{
+    LoginRequest, SendMessageRequest, accounts_client::AccountsClient,
+    channels_client::ChannelsClient,
+};
+use tessera_stack::{Stack, StackConfig};
+use tonic::{Request, transport::Channel};
+
+#[derive(Parser)]
+struct Args {
+    /// Live subscribed devices (one per user).
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Messages per second for the latency run.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent senders for the throughput run.
+    #[arg(long, default_value_t = 16)]
+    send_concurrency: usize,
+}
+
+fn seq_id(seq: u64) -> Vec<u8> {
+    let mut id = vec![0u8; 16];
+    id[..8].copy_from_slice(&seq.to_be_bytes());
+    id[8..].copy_from_slice(&tessera_crypto::random_array::<8>().unwrap());
+    id
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StackConfig::for_tests(dir.path().join("stack"));
+    config.org_identity = None;
+    let stack = Stack::start(config).await.unwrap();
+    let info = stack.info().clone();
+    let home = Home::new(dir.path().join("home"));
+    let endpoints = Endpoints {
+        server_url: info.server_url.clone(),
+        kms_url: info.kms_url.clone(),
+        backup_url: None,
+        ca_cert: None,
+    };
+    eprintln!("enrolling {} devices...", args.devices);
+    let mut clients = Vec::new();
+    for i in 0..args.devices {
+        let identity = format!("user{i}");
+        let password = format!("{identity}-bench-password");
+        clients.push(
+            Client::enroll(
+                &home,
+                &identity,
+                Enrollment {
+                    endpoints: endpoints.clone(),
+                    identity: &identity,
+                    password: &password,
+                    sign_up: true,
+                    device_name: "bench",
+                    passphrase: b"bench",
+                    kdf: KdfParams::DANGER_FAST_FOR_TESTS,
+                    expected_app_key: Some(info.app_public_key),
+                    expected_kms_key: Some(info.kms_public_key),
+                },
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let members: Vec<String> = (1..args.devices).map(|i| format!("user{i}")).collect();
+    let channel_id = clients[0]
+        .create_channel("load", HistoryVisibility::Shared, &members)
+        .await
+        .unwrap()
+        .channel_id;
+    // One real envelope, sealed to all 100 devices.
+    clients[0]
+        .send_text(&channel_id, &"x".repeat(1024))
+        .await
+        .unwrap();
+    let envelope = clients[0]
+        .stored_messages(&channel_id, 1, 1)
+        .await
+        .unwrap()
+        .remove(0)
+        .envelope;
+    let sender_card = clients[0].card_id().to_vec();
+    let channel = Channel::from_shared(info.server_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let login = AccountsClient::new(channel.clone())
+        .login(LoginRequest {
+            identity: "user0".into(),
+            password: "user0-bench-password".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = format!("Bearer {}", hex::encode(login.access_token));
+    let send = {
+        let (envelope, sender_card, token, channel_id) = (
+            envelope.clone(),
+            sender_card.clone(),
+            token.clone(),
+            channel_id.clone(),
+        );
+        move |client: ChannelsClient<Channel>, seq: u64| {
+            let mut r = Request::new(SendMessageRequest {
+                channel_id: channel_id.clone(),
+                client_message_id: seq_id(seq),
+                sender_card_id: sender_card.clone(),
+                envelope: envelope.clone(),
+            });
+            r.metadata_mut()
+                .insert("authorization", token.parse().unwrap());
+            let mut client = client;
+            async move { client.send_message(r).await.is_ok() }
+        }
+    };
+
+    // Every device subscribes live; receipt times are recorded per (seq, device).
+    let sent_at: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let mut streams = Vec::new();
+    for c in &clients {
+        streams.push(c.subscribe(&channel_id, 0).await.unwrap());
+    }
+    for mut stream in streams {
+        let (sent_at, latencies) = (sent_at.clone(), latencies.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = stream.next().await {
+                let now = Instant::now();
+                let seq = u64::from_be_bytes(m.client_message_id[..8].try_into().unwrap());
+                if let Some(t) = sent_at.lock().unwrap().get(&seq) {
+                    latencies.lock().unwrap().push(now - *t);
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    println!(
+        "server-load on {} — {} live devices on one channel, envelope {} bytes",
+        machine(),
+        args.devices,
+        envelope.len()
+    );
+    // Latency at a fixed rate (open loop).
+    let total = args.rate * args.seconds;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
+    let mut pending = Vec::new();
+    let start = Instant::now();
+    for seq in 1..=total {
+        ticker.tick().await;
+        sent_at.lock().unwrap().insert(seq, Instant::now());
+        pending.push(tokio::spawn(send(
+            ChannelsClient::new(channel.clone()),
+            seq,
+        )));
+    }
+    let mut send_errors = 0;
+    for p in pending {
+        if !p.await.unwrap() {
+            send_errors += 1;
+        }
+    }
+    let sending = start.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut all = latencies.lock().unwrap().clone();
+    all.sort_unstable();
+    let expected = total as usize * args.devices;
+    println!(
+        "\nDelivery at {} msg/s for {} s: {} of {} deliveries ({} send errors), sent in {:.1} s",
+        args.rate,
+        args.seconds,
+        all.len(),
+        expected,
+        send_errors,
+        sending.as_secs_f64()
+    );
+    println!(
+        "| send → receipt by each of {} devices | p50 | p99 | max |\n|---|---|---|---|",
+        args.devices
+    );
+    println!(
+        "| {} msg/s | {:.2} ms | {:.2} ms | {:.2} ms |",
+        args.rate,
+        percentile(&all, 50.0).as_secs_f64() * 1e3,
+        percentile(&all, 99.0).as_secs_f64() * 1e3,
+        all.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+
+    // Throughput: closed loop, subscribers still attached.
+    latencies.lock().unwrap().clear();
+    let channels: Vec<Channel> = (0..4)
+        .map(|_| {
+            Channel::from_shared(info.server_url.clone())
+                .unwrap()
+                .connect_lazy()
+        })
+        .collect();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+    let stats = closed_loop(
+        args.send_concurrency,
+        Duration::from_secs(args.seconds),
+        move |w, _| {
+            let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            send(
+                ChannelsClient::new(channels[w % channels.len()].clone()),
+                seq,
+            )
+        },
+    )
+    .await;
+    println!("\n| call | concurrency | QPS | p50 | p99 |\n|---|---|---|---|---|");
+    println!(
+        "{}",
+        stats.row(&format!("SendMessage ({} live subscribers)", args.devices))
+    );
+    stack.stop().await;
+}

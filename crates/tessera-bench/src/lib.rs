@@ -1,0 +1,146 @@
+//! What the load tools share: a closed-loop load generator with latency
+//! percentiles, and the echo baseline service.
+
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "benchmark tools print their results"
+)]
+
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tessera_proto::bench::v1::{EchoMessage, echo_server::Echo};
+use tonic::{Request, Response, Status};
+
+/// The result of one load run.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub concurrency: usize,
+    pub ops: usize,
+    pub errors: usize,
+    pub elapsed: Duration,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+impl Stats {
+    pub fn qps(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// A markdown table row: what, concurrency, QPS, p50, p99.
+    pub fn row(&self, what: &str) -> String {
+        format!(
+            "| {what} | {} | {:.0} | {:.2} ms | {:.2} ms |{}",
+            self.concurrency,
+            self.qps(),
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            if self.errors > 0 {
+                format!(" {} errors", self.errors)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
+/// Percentile `p` (0..=100) of sorted latencies.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Runs `op(worker, sequence)` from `concurrency` workers, each starting the
+/// next call when the last one returned, for `duration`.
+pub async fn closed_loop<F, Fut>(concurrency: usize, duration: Duration, op: F) -> Stats
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut workers = Vec::with_capacity(concurrency);
+    for worker in 0..concurrency {
+        let op = op.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(4096);
+            let mut errors = 0;
+            let mut seq = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                if op(worker, seq).await {
+                    latencies.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+                seq += 1;
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        if let Ok((l, e)) = w.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed();
+    all.sort_unstable();
+    Stats {
+        concurrency,
+        ops: all.len(),
+        errors,
+        elapsed,
+        p50: percentile(&all, 50.0),
+        p99: percentile(&all, 99.0),
+    }
+}
+
+/// The bare unary echo service.
+#[derive(Debug, Default)]
+pub struct EchoService;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn echo(&self, request: Request<EchoMessage>) -> Result<Response<EchoMessage>, Status> {
+        Ok(Response::new(request.into_inner()))
+    }
+}
+
+/// One line describing the machine, for the reports.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 50.0), Duration::from_millis(51));
+        assert_eq!(percentile(&v, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+}
