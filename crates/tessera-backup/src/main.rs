@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use tessera_backup::{Backup, Config, Limits, OrgSetup};
-use tessera_crypto::{VerifyingKey, keystore::KdfParams};
+use tessera_crypto::keystore::KdfParams;
 use tessera_service::{config::init_tracing, serve, service_args};
 use zeroize::Zeroizing;
 
@@ -92,12 +92,6 @@ fn passphrase() -> Option<Zeroizing<String>> {
         .map(Zeroizing::new)
 }
 
-fn parse_key(name: &str, value: Option<&str>) -> Result<VerifyingKey, String> {
-    let value = value.ok_or_else(|| format!("--{name} is required to serve"))?;
-    let bytes = hex::decode(value.trim()).map_err(|_| format!("--{name}: not hex"))?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("--{name}: {e}"))
-}
-
 async fn run(cli: Cli) -> Result<(), String> {
     let common = cli.common.common();
     init_tracing(common.log_format);
@@ -127,10 +121,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             "org_key_path": created.key_path,
             "org_card_path": created.card_path,
         });
-        #[allow(clippy::print_stdout, reason = "the command's output")]
-        {
-            println!("{json}");
-        }
+        tessera_service::config::print_json(&json);
         return Ok(());
     }
     let config = Config {
@@ -141,9 +132,18 @@ async fn run(cli: Cli) -> Result<(), String> {
         server_url: cli.server_url,
         kms_url: cli.kms_url,
         upstream_ca: cli.upstream_ca,
-        app_public_key: parse_key("app-public-key", cli.app_public_key.as_deref())?,
-        kms_public_key: parse_key("kms-public-key", cli.kms_public_key.as_deref())?,
-        token_public_key: parse_key("token-public-key", cli.token_public_key.as_deref())?,
+        app_public_key: tessera_service::config::public_key_flag(
+            "app-public-key",
+            cli.app_public_key.as_deref(),
+        )?,
+        kms_public_key: tessera_service::config::public_key_flag(
+            "kms-public-key",
+            cli.kms_public_key.as_deref(),
+        )?,
+        token_public_key: tessera_service::config::public_key_flag(
+            "token-public-key",
+            cli.token_public_key.as_deref(),
+        )?,
         limits: Limits {
             max_record_bytes: cli.max_record_bytes,
             max_sync_limit: cli.max_sync_limit,
@@ -171,14 +171,5 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            #[allow(clippy::print_stderr, reason = "the error for the operator")]
-            {
-                eprintln!("tessera-backup: {e}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    tessera_service::config::exit("tessera-backup", run(Cli::parse()).await)
 }

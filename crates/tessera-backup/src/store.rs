@@ -4,14 +4,12 @@
 
 use std::{
     collections::BTreeMap,
-    future::Future,
     path::Path,
-    pin::Pin,
     sync::{Arc, Mutex},
 };
 
 use prost::Message;
-use tessera_service::storage::{self, StorageError, u64_key};
+use tessera_service::storage::{self, FlushFuture, StorageError, u64_key};
 
 /// One archived message.
 #[derive(Clone, PartialEq, Message)]
@@ -33,8 +31,6 @@ pub struct Archived {
     #[prost(int64, tag = "7")]
     pub submitted_at_ms: i64,
 }
-
-pub type FlushFuture<'a> = Pin<Box<dyn Future<Output = Result<(), StorageError>> + Send + 'a>>;
 
 pub trait Store: Send + Sync + 'static {
     fn get(&self, channel_id: &str, index: u64) -> Result<Option<Archived>, StorageError>;

@@ -3,7 +3,6 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use tessera_crypto::VerifyingKey;
 use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits};
 use tessera_service::{config::init_tracing, serve, service_args};
 
@@ -54,12 +53,6 @@ enum Command {
     Keys,
 }
 
-fn parse_key(name: &str, value: Option<&str>) -> Result<VerifyingKey, String> {
-    let value = value.ok_or_else(|| format!("--{name} is required to serve"))?;
-    let bytes = hex::decode(value.trim()).map_err(|_| format!("--{name}: not hex"))?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("--{name}: {e}"))
-}
-
 async fn run(cli: Cli) -> Result<(), String> {
     let common = cli.common.common();
     init_tracing(common.log_format);
@@ -72,17 +65,20 @@ async fn run(cli: Cli) -> Result<(), String> {
             "log_id": tessera_card::transparency::log_id(&public),
             "key_path": path,
         });
-        #[allow(clippy::print_stdout, reason = "the command's output")]
-        {
-            println!("{json}");
-        }
+        tessera_service::config::print_json(&json);
         return Ok(());
     }
     let config = Config {
         data_dir: common.data_dir.clone(),
         key_path: cli.key_path,
-        app_public_key: parse_key("app-public-key", cli.app_public_key.as_deref())?,
-        token_public_key: parse_key("token-public-key", cli.token_public_key.as_deref())?,
+        app_public_key: tessera_service::config::public_key_flag(
+            "app-public-key",
+            cli.app_public_key.as_deref(),
+        )?,
+        token_public_key: tessera_service::config::public_key_flag(
+            "token-public-key",
+            cli.token_public_key.as_deref(),
+        )?,
         limits: Limits {
             max_identities_per_search: cli.max_identities_per_search,
             max_page_size: cli.max_page_size,
@@ -112,15 +108,5 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            #[allow(clippy::print_stderr, reason = "the error for the operator")]
-            {
-                eprintln!("tessera-kms: {e}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    tessera_service::config::exit("tessera-kms", run(Cli::parse()).await)
 }

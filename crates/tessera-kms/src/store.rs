@@ -6,16 +6,14 @@
 
 use std::{
     collections::BTreeMap,
-    future::Future,
     path::Path,
-    pin::Pin,
     sync::{Arc, Mutex},
 };
 
 use prost::Message;
 use tessera_card::{CardId, transparency::Hash};
 use tessera_proto::{card::v1 as card_pb, transparency::v1::SignedCheckpoint};
-use tessera_service::storage::{self, StorageError, read_u64, u64_key};
+use tessera_service::storage::{self, FlushFuture, StorageError, read_u64, u64_key};
 
 /// A card as stored, with the log indices that let a reader see the
 /// directory as of any checkpoint.
@@ -55,8 +53,6 @@ pub struct Append {
     pub cards: Vec<StoredCard>,
     pub checkpoint: SignedCheckpoint,
 }
-
-pub type FlushFuture<'a> = Pin<Box<dyn Future<Output = Result<(), StorageError>> + Send + 'a>>;
 
 /// Storage of the key service.
 pub trait Store: Send + Sync + 'static {

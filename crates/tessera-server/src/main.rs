@@ -101,10 +101,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             "app_public_key": hex::encode(app.verifying_key().as_bytes()),
             "token_public_key": hex::encode(token.verifying_key().as_bytes()),
         });
-        #[allow(clippy::print_stdout, reason = "the command's output")]
-        {
-            println!("{json}");
-        }
+        tessera_service::config::print_json(&json);
         return Ok(());
     }
     let mut config = Config::new(common.data_dir.clone(), cli.kms_url);
@@ -144,14 +141,5 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            #[allow(clippy::print_stderr, reason = "the error for the operator")]
-            {
-                eprintln!("tessera-server: {e}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    tessera_service::config::exit("tessera-server", run(Cli::parse()).await)
 }

@@ -4,15 +4,13 @@
 
 use std::{
     collections::BTreeMap,
-    future::Future,
     path::Path,
-    pin::Pin,
     sync::{Arc, Mutex},
 };
 
 use prost::Message;
 use tessera_proto::server::v1::StoredMessage;
-use tessera_service::storage::{self, StorageError, read_u64, u64_key};
+use tessera_service::storage::{self, FlushFuture, StorageError, read_u64, u64_key};
 
 /// Argon2id password hash with its parameters.
 #[derive(Clone, PartialEq, Message)]
@@ -111,8 +109,6 @@ pub struct AttachmentRecord {
     #[prost(int64, tag = "6")]
     pub created_at_ms: i64,
 }
-
-pub type FlushFuture<'a> = Pin<Box<dyn Future<Output = Result<(), StorageError>> + Send + 'a>>;
 
 /// A change to a channel and its members, applied atomically.
 #[derive(Default)]

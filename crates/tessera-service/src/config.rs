@@ -96,3 +96,35 @@ macro_rules! service_args {
         }
     };
 }
+
+/// Parses a required public-key flag (64 hex digits) of a service binary.
+pub fn public_key_flag(
+    flag: &str,
+    value: Option<&str>,
+) -> Result<tessera_crypto::VerifyingKey, String> {
+    let value = value.ok_or_else(|| format!("--{flag} is required to serve"))?;
+    let bytes = hex::decode(value.trim()).map_err(|_| format!("--{flag}: not hex"))?;
+    tessera_crypto::VerifyingKey::from_bytes(&bytes).map_err(|e| format!("--{flag}: {e}"))
+}
+
+/// Prints a JSON result of a service binary's command on stdout.
+pub fn print_json(value: &impl std::fmt::Display) {
+    #[allow(clippy::print_stdout, reason = "the command's output")]
+    {
+        println!("{value}");
+    }
+}
+
+/// The exit of a service binary: errors are printed for the operator.
+pub fn exit(binary: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            #[allow(clippy::print_stderr, reason = "the error for the operator")]
+            {
+                eprintln!("{binary}: {e}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

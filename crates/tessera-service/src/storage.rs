@@ -1,7 +1,7 @@
 //! What the services' sled stores share: opening, durable flushes, and one
 //! error type that reaches callers as a bare `INTERNAL` (details only in logs).
 
-use std::path::Path;
+use std::{future::Future, path::Path};
 
 use thiserror::Error;
 use tonic::Status;
@@ -33,6 +33,10 @@ impl From<StorageError> for Status {
         Status::internal("storage failure; see the service log")
     }
 }
+
+/// What a store's `flush` returns: resolves when every write so far is durable.
+pub type FlushFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), StorageError>> + Send + 'a>>;
 
 /// Opens (creating if needed) the sled database in `dir`.
 pub fn open_db(dir: &Path) -> Result<sled::Db, StorageError> {
