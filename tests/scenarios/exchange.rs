@@ -47,6 +47,10 @@ async fn every_device_of_every_member_decrypts_and_verifies() {
         "to all six devices"
     );
 
+    // A live subscription stays open across the reply below, and the
+    // services still stop cleanly on SIGTERM at the end.
+    let mut open_stream = bob[0].subscribe(&channel.channel_id, 0).await.unwrap();
+
     // A reply from bob reaches alice's devices, bob's own other devices too.
     bob[1]
         .send_text(&channel.channel_id, "received on all of mine")
@@ -62,4 +66,16 @@ async fn every_device_of_every_member_decrypts_and_verifies() {
             "received on all of mine"
         );
     }
+    assert!(open_stream.next().await.is_some());
+
+    // SIGTERM: each service exits cleanly (0), the app server without
+    // waiting out its grace period on the open subscription.
+    let mut cluster = cluster;
+    let started = std::time::Instant::now();
+    assert!(cluster.server.stop().await, "app server exit status");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8), "the open stream held the shutdown");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), open_stream.next()).await.unwrap();
+    assert!(!matches!(ended, Some(Ok(_))), "the stream ended with the server");
+    assert!(cluster.backup.stop().await, "backup service exit status");
+    assert!(cluster.kms.stop().await, "key service exit status");
 }

@@ -210,9 +210,19 @@ impl Service {
         Some(child.wait().unwrap())
     }
 
-    /// SIGTERM, and waits for a graceful exit; returns whether it exited cleanly.
-    pub fn stop(&mut self) -> bool {
-        self.signal("-TERM").is_some_and(|s| s.success())
+    /// SIGTERM, and waits for a graceful exit; returns whether it exited
+    /// cleanly. The wait happens off the async runtime, so this process's
+    /// own connections keep answering the service while it shuts down.
+    pub async fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            child.wait().is_ok_and(|s| s.success())
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// SIGKILL: no chance to clean up.
