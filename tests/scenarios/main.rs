@@ -16,6 +16,7 @@ mod mitm;
 mod org;
 mod registration;
 mod relay;
+mod tls;
 
 use std::time::Duration;
 

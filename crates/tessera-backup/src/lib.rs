@@ -38,12 +38,7 @@ use tessera_service::{
     token::{AUDIENCE_BACKUP, bearer_header},
 };
 use thiserror::Error;
-use tonic::{
-    Request,
-    server::NamedService,
-    service::Routes,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
-};
+use tonic::{Request, server::NamedService, service::Routes, transport::Channel};
 use zeroize::Zeroizing;
 
 /// Limits of the backup service.
@@ -163,13 +158,7 @@ fn endpoint(service: &'static str, url: &str, ca: Option<&Path>) -> Result<Chann
         url: url.to_owned(),
         reason,
     };
-    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| err(e.to_string()))?;
-    if let Some(ca) = ca {
-        let pem = std::fs::read(ca).map_err(|e| err(format!("CA file {}: {e}", ca.display())))?;
-        endpoint = endpoint
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-            .map_err(|e| err(e.to_string()))?;
-    }
+    let endpoint = tessera_proto::connect::endpoint(url, ca).map_err(|e| err(e.to_string()))?;
     Ok(endpoint
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
@@ -285,6 +274,8 @@ pub struct OrgSetup<'a> {
     pub passphrase: Option<&'a [u8]>,
     pub kdf: KdfParams,
     pub server_url: &'a str,
+    /// CA certificate (PEM) to trust when `server_url` is https.
+    pub upstream_ca: Option<&'a Path>,
     pub admin_identity: &'a str,
     pub admin_password: &'a str,
     /// Replace an existing OrgKey (the new card supersedes the old one).
@@ -328,7 +319,7 @@ pub async fn init_org(setup: OrgSetup<'_>) -> Result<OrgCreated, StartError> {
         url: setup.server_url.to_owned(),
         reason,
     };
-    let channel = endpoint("app server", setup.server_url, None)?;
+    let channel = endpoint("app server", setup.server_url, setup.upstream_ca)?;
     let mut accounts = AccountsClient::new(channel.clone());
     let info = accounts
         .get_server_info(GetServerInfoRequest {})

@@ -109,6 +109,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             passphrase: pass.as_ref().map(|p| p.as_bytes()),
             kdf: KdfParams::DEFAULT,
             server_url: &cli.server_url,
+            upstream_ca: cli.upstream_ca.as_deref(),
             admin_identity: admin,
             admin_password,
             rotate: *rotate,

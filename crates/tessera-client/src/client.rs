@@ -20,10 +20,7 @@ use tessera_proto::{
         accounts_client::AccountsClient, devices_client::DevicesClient,
     },
 };
-use tonic::{
-    Request,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
-};
+use tonic::{Request, transport::Channel};
 
 use crate::{
     ClientError,
@@ -97,15 +94,7 @@ pub(crate) fn channel(
         url: url.to_owned(),
         detail,
     };
-    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| err(e.to_string()))?;
-    if url.starts_with("https://") {
-        let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = ca {
-            let pem = std::fs::read(ca).map_err(|e| ClientError::io(ca, e))?;
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
-        }
-        endpoint = endpoint.tls_config(tls).map_err(|e| err(e.to_string()))?;
-    }
+    let endpoint = tessera_proto::connect::endpoint(url, ca).map_err(|e| err(e.to_string()))?;
     Ok(endpoint
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(120))

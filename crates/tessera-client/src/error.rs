@@ -92,10 +92,11 @@ pub(crate) fn rpc(
 ) -> impl FnOnce(tonic::Status) -> ClientError {
     let url = url.to_owned();
     move |status| {
+        // tonic builds a status from a local connection failure (refused,
+        // TLS handshake, DNS) with the error as its source; one the service
+        // sent back never has a source.
         let transport = status.code() == tonic::Code::Unavailable
-            && (status.message().contains("transport")
-                || status.message().contains("connect")
-                || status.message().contains("error trying"));
+            && std::error::Error::source(&status).is_some();
         if transport {
             ClientError::Unreachable {
                 service,

@@ -72,3 +72,6 @@ pub mod bench {
         include!(concat!(env!("OUT_DIR"), "/tessera.bench.v1.rs"));
     }
 }
+
+#[cfg(feature = "client")]
+pub mod connect;

@@ -37,11 +37,7 @@ use tessera_service::{
 };
 use thiserror::Error;
 use tokio::sync::watch;
-use tonic::{
-    server::NamedService,
-    service::Routes,
-    transport::{Certificate, ClientTlsConfig, Endpoint},
-};
+use tonic::{server::NamedService, service::Routes};
 
 pub use passwords::PasswordParams;
 pub use throttle::ThrottleLimits;
@@ -252,20 +248,11 @@ impl Server {
         }
         let attachments_dir = config.data_dir.join("attachments");
         std::fs::create_dir_all(&attachments_dir).map_err(StorageError::from)?;
-        let mut endpoint =
-            Endpoint::from_shared(config.kms_url.clone()).map_err(|e| StartError::KmsAddress {
+        let endpoint = tessera_proto::connect::endpoint(&config.kms_url, config.kms_ca.as_deref())
+            .map_err(|e| StartError::KmsAddress {
                 url: config.kms_url.clone(),
                 reason: e.to_string(),
             })?;
-        if let Some(ca) = &config.kms_ca {
-            let pem = std::fs::read(ca).map_err(StorageError::from)?;
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-                .map_err(|e| StartError::KmsAddress {
-                    url: config.kms_url.clone(),
-                    reason: e.to_string(),
-                })?;
-        }
         let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))

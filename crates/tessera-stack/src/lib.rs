@@ -193,6 +193,7 @@ impl Stack {
                     passphrase: None,
                     kdf: KdfParams::DEFAULT,
                     server_url: &running[1].url(),
+                    upstream_ca: None,
                     admin_identity: &config.admin_identity,
                     admin_password: &admin_password,
                     rotate: false,

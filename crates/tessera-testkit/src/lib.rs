@@ -2,7 +2,9 @@
 //! `tessera-server` and `tessera-backup` binaries as child processes on free
 //! loopback ports, each with its own temporary data directory and keys,
 //! waits for their health checks, and can stop (SIGTERM), kill (SIGKILL) and
-//! restart any of them on the same data. No child outlives the test: they
+//! restart any of them on the same data. [`Cluster::start_tls`] runs the
+//! same cluster with every hop over TLS (a self-signed certificate the
+//! services and clients are told to trust). No child outlives the test: they
 //! are killed on drop (also when a test panics) and, on Linux, when the test
 //! process itself dies.
 
@@ -86,6 +88,8 @@ pub struct Service {
     pub addr: SocketAddr,
     log: PathBuf,
     child: Option<Child>,
+    /// Served over TLS with a certificate this CA file vouches for.
+    ca: Option<PathBuf>,
 }
 
 impl Service {
@@ -93,20 +97,38 @@ impl Service {
         name: &'static str,
         dir: &Path,
         args: Vec<String>,
-        env: BTreeMap<String, String>,
+        mut env: BTreeMap<String, String>,
+        tls: Option<&TlsFiles>,
     ) -> Self {
-        Self {
+        let mut service = Self {
             name,
             args,
-            env,
+            env: BTreeMap::new(),
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             log: dir.join(format!("{name}.log")),
             child: None,
+            ca: tls.map(|t| t.cert.clone()),
+        };
+        if let Some(tls) = tls {
+            let prefix = service.env_prefix();
+            env.insert(format!("{prefix}_TLS_CERT"), path_string(&tls.cert));
+            env.insert(format!("{prefix}_TLS_KEY"), path_string(&tls.key));
         }
+        service.env = env;
+        service
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A connection to the service (trusting its certificate under TLS).
+    pub async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        tessera_proto::connect::endpoint(&self.url(), self.ca.as_deref())
+            .unwrap()
+            .connect()
+            .await
     }
 
     /// Starts the process and waits until its health check says SERVING.
@@ -169,7 +191,7 @@ impl Service {
                     self.log_tail()
                 );
             }
-            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+            if let Ok(channel) = self.channel().await {
                 let serving = tonic_health::pb::health_client::HealthClient::new(channel)
                     .check(tonic_health::pb::HealthCheckRequest {
                         service: String::new(),
@@ -218,7 +240,10 @@ impl Service {
             return false;
         };
         tokio::task::spawn_blocking(move || {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             child.wait().is_ok_and(|s| s.success())
         })
         .await
@@ -262,6 +287,8 @@ pub struct Keys {
 /// The three services, running as processes.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// The certificate (also the CA to trust) and key, under TLS.
+    pub tls: Option<TlsFiles>,
     pub kms: Service,
     pub server: Service,
     pub backup: Service,
@@ -293,11 +320,51 @@ fn run_json(bin: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value
         .unwrap_or_else(|e| panic!("{bin} {args:?} printed no JSON: {e}"))
 }
 
+/// A self-signed certificate for 127.0.0.1 and localhost, and its key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    fn generate(dir: &Path) -> Self {
+        let generated = rcgen::generate_simple_self_signed(vec![
+            "127.0.0.1".to_owned(),
+            "localhost".to_owned(),
+        ])
+        .unwrap();
+        let files = Self {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        std::fs::write(&files.cert, generated.cert.pem()).unwrap();
+        std::fs::write(&files.key, generated.signing_key.serialize_pem()).unwrap();
+        files
+    }
+}
+
+fn path_string(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
 impl Cluster {
     /// Keys generated, key service, app server (admin `admin`, organisation
     /// `org:test`), the OrgKey set up, backup service: all healthy.
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// [`Cluster::start`] with every service served over TLS, the server
+    /// and backup service reaching their upstreams over TLS, and clients
+    /// trusting the certificate.
+    pub async fn start_tls() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let tls = tls.then(|| TlsFiles::generate(dir.path()));
         let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
         let server_keys = run_json("tessera-server", &["keys", "--data-dir", &d("server")], &[]);
         let kms_keys = run_json("tessera-kms", &["keys", "--data-dir", &d("kms")], &[]);
@@ -323,27 +390,35 @@ impl Cluster {
                 ("TESSERA_KMS_APP_PUBLIC_KEY", hex_key(&keys.app)),
                 ("TESSERA_KMS_TOKEN_PUBLIC_KEY", hex_key(&keys.token)),
             ]),
+            tls.as_ref(),
         );
         kms.start().await;
+        let ca = tls.as_ref().map(|t| path_string(&t.cert));
+        let with_ca = |mut vars: BTreeMap<String, String>, var: &str| {
+            if let Some(ca) = &ca {
+                vars.insert(var.to_owned(), ca.clone());
+            }
+            vars
+        };
         let mut server = Service::new(
             "tessera-server",
             dir.path(),
             vec![],
-            env(&[
-                ("TESSERA_SERVER_DATA_DIR", d("server")),
-                ("TESSERA_SERVER_KMS_URL", kms.url()),
-                ("TESSERA_SERVER_ADMINS", ADMIN.into()),
-                ("TESSERA_SERVER_ORG_IDENTITY", ORG.into()),
-            ]),
+            with_ca(
+                env(&[
+                    ("TESSERA_SERVER_DATA_DIR", d("server")),
+                    ("TESSERA_SERVER_KMS_URL", kms.url()),
+                    ("TESSERA_SERVER_ADMINS", ADMIN.into()),
+                    ("TESSERA_SERVER_ORG_IDENTITY", ORG.into()),
+                ]),
+                "TESSERA_SERVER_KMS_CA",
+            ),
+            tls.as_ref(),
         );
         server.start().await;
 
         let admin_password = hex::encode(tessera_crypto::random_array::<12>().unwrap());
-        let channel = Channel::from_shared(server.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = server.channel().await.unwrap();
         AccountsClient::new(channel)
             .sign_up(SignUpRequest {
                 identity: ADMIN.into(),
@@ -354,7 +429,15 @@ impl Cluster {
         let url = server.url();
         let pw = admin_password.clone();
         let backup_dir = d("backup");
+        let init_env = with_ca(
+            env(&[("TESSERA_BACKUP_ADMIN_PASSWORD", pw)]),
+            "TESSERA_BACKUP_UPSTREAM_CA",
+        );
         let org = tokio::task::spawn_blocking(move || {
+            let init_env: Vec<(&str, &str)> = init_env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             run_json(
                 "tessera-backup",
                 &[
@@ -366,7 +449,7 @@ impl Cluster {
                     "--admin",
                     ADMIN,
                 ],
-                &[("TESSERA_BACKUP_ADMIN_PASSWORD", &pw)],
+                &init_env,
             )
         })
         .await
@@ -376,19 +459,24 @@ impl Cluster {
             "tessera-backup",
             dir.path(),
             vec![],
-            env(&[
-                ("TESSERA_BACKUP_DATA_DIR", d("backup")),
-                ("TESSERA_BACKUP_SERVER_URL", server.url()),
-                ("TESSERA_BACKUP_KMS_URL", kms.url()),
-                ("TESSERA_BACKUP_APP_PUBLIC_KEY", hex_key(&keys.app)),
-                ("TESSERA_BACKUP_KMS_PUBLIC_KEY", hex_key(&keys.kms)),
-                ("TESSERA_BACKUP_TOKEN_PUBLIC_KEY", hex_key(&keys.token)),
-            ]),
+            with_ca(
+                env(&[
+                    ("TESSERA_BACKUP_DATA_DIR", d("backup")),
+                    ("TESSERA_BACKUP_SERVER_URL", server.url()),
+                    ("TESSERA_BACKUP_KMS_URL", kms.url()),
+                    ("TESSERA_BACKUP_APP_PUBLIC_KEY", hex_key(&keys.app)),
+                    ("TESSERA_BACKUP_KMS_PUBLIC_KEY", hex_key(&keys.kms)),
+                    ("TESSERA_BACKUP_TOKEN_PUBLIC_KEY", hex_key(&keys.token)),
+                ]),
+                "TESSERA_BACKUP_UPSTREAM_CA",
+            ),
+            tls.as_ref(),
         );
         backup.start().await;
         let home = Home::new(dir.path().join("home"));
         Self {
             dir,
+            tls,
             kms,
             server,
             backup,
@@ -403,7 +491,7 @@ impl Cluster {
             server_url: self.server.url(),
             kms_url: self.kms.url(),
             backup_url: Some(self.backup.url()),
-            ca_cert: None,
+            ca_cert: self.tls.as_ref().map(|t| t.cert.clone()),
         }
     }
 
@@ -492,7 +580,8 @@ impl Cluster {
             "TESSERA_KMS_DATA_DIR".into(),
             dir.to_string_lossy().into_owned(),
         );
-        let mut fork = Service::new("tessera-kms", &dir, vec![], env);
+        env.retain(|k, _| !k.ends_with("_TLS_CERT") && !k.ends_with("_TLS_KEY"));
+        let mut fork = Service::new("tessera-kms", &dir, vec![], env, self.tls.as_ref());
         fork.start().await;
         fork
     }
