@@ -248,6 +248,150 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
+/// Chunks per batch: the unit handed between the I/O thread and the AES-GCM
+/// thread (about 1 MiB; two batches are alive at once).
+const BATCH_CHUNKS: usize = 16;
+/// Each chunk has a slot of this size in a batch, room for its tag.
+const SLOT: usize = CHUNK_CIPHERTEXT_SIZE;
+
+/// Up to [`BATCH_CHUNKS`] chunks, laid out one per [`SLOT`].
+struct Batch {
+    buf: Vec<u8>,
+    /// Per chunk: bytes read, bytes to write after processing, final flag.
+    chunks: Vec<(usize, usize, bool)>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self {
+            // One byte past the last slot: the look-ahead of its read.
+            buf: vec![0u8; BATCH_CHUNKS * SLOT + 1],
+            chunks: Vec::with_capacity(BATCH_CHUNKS),
+        }
+    }
+
+    fn is_last(&self) -> bool {
+        self.chunks.last().is_some_and(|c| c.2)
+    }
+
+    /// Fills the batch with chunks of `size` input bytes. One byte more is
+    /// read each time to learn whether input follows (a chunk is final only
+    /// if nothing does); it lands in the slot's spare room and is carried
+    /// to the front of the next chunk.
+    fn read(
+        &mut self,
+        reader: &mut impl Read,
+        size: usize,
+        carry: &mut Option<u8>,
+    ) -> io::Result<()> {
+        self.chunks.clear();
+        for i in 0..BATCH_CHUNKS {
+            let slot = &mut self.buf[i * SLOT..i * SLOT + size + 1];
+            let carried = match carry.take() {
+                Some(byte) => {
+                    slot[0] = byte;
+                    1
+                }
+                None => 0,
+            };
+            let n = carried + read_full(reader, &mut slot[carried..])?;
+            let last = n <= size;
+            self.chunks.push((n.min(size), 0, last));
+            if last {
+                break;
+            }
+            *carry = Some(slot[size]);
+        }
+        Ok(())
+    }
+
+    fn write(&self, writer: &mut impl Write) -> io::Result<()> {
+        for (i, &(_, out, _)) in self.chunks.iter().enumerate() {
+            writer.write_all(&self.buf[i * SLOT..i * SLOT + out])?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads, processes and writes batches in order. Once the input is longer
+/// than one batch (and a second core exists), `process` runs on its own
+/// thread one batch behind, so reading and writing (copies as costly as the
+/// AES-GCM itself) overlap the cryptography. Output order and error
+/// behaviour are those of the plain loop: nothing of a batch that failed is
+/// written, and nothing after it is read.
+fn run_batches(
+    mut read: impl FnMut(&mut Batch) -> Result<(), StreamError>,
+    mut process: impl FnMut(&mut Batch) -> Result<(), StreamError> + Send,
+    mut write: impl FnMut(&Batch) -> Result<(), StreamError>,
+) -> Result<(), StreamError> {
+    let mut batch = Batch::new();
+    read(&mut batch)?;
+    let parallel = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    if batch.is_last() || !parallel {
+        loop {
+            process(&mut batch)?;
+            write(&batch)?;
+            if batch.is_last() {
+                return Ok(());
+            }
+            read(&mut batch)?;
+        }
+    }
+    std::thread::scope(|scope| {
+        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Batch>(1);
+        let (done_tx, done) = std::sync::mpsc::sync_channel::<(Batch, Result<(), StreamError>)>(1);
+        scope.spawn(move || {
+            for mut batch in job_rx {
+                let result = process(&mut batch);
+                let failed = result.is_err();
+                if done_tx.send((batch, result)).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let result = (|| {
+            // The worker seals (or opens) batch k+1 while this thread
+            // writes batch k and reads batch k+2 into the same buffer.
+            let mut reading = !batch.is_last();
+            jobs.send(batch).map_err(|_| worker_gone())?;
+            let mut in_flight = 1usize;
+            let mut next = None;
+            if reading {
+                let mut batch = Batch::new();
+                read(&mut batch)?;
+                reading = !batch.is_last();
+                next = Some(batch);
+            }
+            while in_flight > 0 {
+                let (mut batch, result) = done.recv().map_err(|_| worker_gone())?;
+                in_flight -= 1;
+                result?;
+                if let Some(queued) = next.take() {
+                    // The worker stops early only after reporting an error,
+                    // and that report has been checked just above.
+                    jobs.send(queued).map_err(|_| worker_gone())?;
+                    in_flight += 1;
+                }
+                write(&batch)?;
+                if reading {
+                    read(&mut batch)?;
+                    reading = !batch.is_last();
+                    next = Some(batch);
+                }
+            }
+            Ok(())
+        })();
+        // Ends the worker: no more jobs, and nobody to report to.
+        drop(jobs);
+        drop(done);
+        result
+    })
+}
+
+fn worker_gone() -> StreamError {
+    StreamError::Io(io::Error::other("the stream worker thread stopped"))
+}
+
 /// Encrypts everything `reader` yields into `writer`; returns the plaintext size.
 pub fn encrypt(
     file_key: &FileKey,
@@ -256,30 +400,32 @@ pub fn encrypt(
 ) -> Result<u64, StreamError> {
     let (mut enc, header) = Encryptor::new(file_key)?;
     writer.write_all(&header)?;
-    // One byte past the chunk tells whether more input follows a full chunk;
-    // it is carried over to the front of the next chunk.
-    let mut buf = vec![0u8; CHUNK_SIZE + 1];
-    let mut carried = 0usize;
+    let mut carry = None;
     let mut total = 0u64;
-    loop {
-        let n = carried + read_full(&mut reader, &mut buf[carried..])?;
-        let last = n <= CHUNK_SIZE;
-        let len = n.min(CHUNK_SIZE);
-        let tag = enc.seal_chunk_detached(&mut buf[..len], last)?;
-        writer.write_all(&buf[..len])?;
-        writer.write_all(&tag)?;
-        total += len as u64;
-        if last {
-            writer.flush()?;
-            return Ok(total);
-        }
-        buf[0] = buf[CHUNK_SIZE];
-        carried = 1;
-    }
+    run_batches(
+        |batch| Ok(batch.read(&mut reader, CHUNK_SIZE, &mut carry)?),
+        |batch| {
+            for (i, chunk) in batch.chunks.iter_mut().enumerate() {
+                let (len, out, last) = chunk;
+                let slot = &mut batch.buf[i * SLOT..(i + 1) * SLOT];
+                let tag = enc.seal_chunk_detached(&mut slot[..*len], *last)?;
+                slot[*len..*len + TAG_LEN].copy_from_slice(&tag);
+                *out = *len + TAG_LEN;
+            }
+            Ok(())
+        },
+        |batch| {
+            batch.write(&mut writer)?;
+            total += batch.chunks.iter().map(|c| c.0 as u64).sum::<u64>();
+            Ok(())
+        },
+    )?;
+    writer.flush()?;
+    Ok(total)
 }
 
 /// Decrypts a stream from `reader` into `writer`; returns the plaintext size.
-/// Nothing unauthenticated is written: each chunk is checked before its
+/// Nothing unauthenticated is written: chunks are checked before their
 /// plaintext goes out, and a failure stops the stream.
 pub fn decrypt(
     file_key: &FileKey,
@@ -291,31 +437,33 @@ pub fn decrypt(
         return Err(StreamError::TruncatedHeader);
     }
     let mut dec = Decryptor::new(file_key, &header)?;
-    let mut buf = vec![0u8; CHUNK_CIPHERTEXT_SIZE + 1];
-    let mut carried = 0usize;
+    let mut carry = None;
     let mut total = 0u64;
-    loop {
-        let n = carried + read_full(&mut reader, &mut buf[carried..])?;
-        let last = n <= CHUNK_CIPHERTEXT_SIZE;
-        let chunk_len = n.min(CHUNK_CIPHERTEXT_SIZE);
-        if chunk_len < TAG_LEN {
-            return Err(if dec.counter == 0 && chunk_len == 0 {
-                StreamError::Truncated
-            } else {
-                StreamError::ChunkAuthFailed { index: dec.counter }
-            });
-        }
-        let spare = buf[CHUNK_CIPHERTEXT_SIZE];
-        let len = dec.open_chunk(&mut buf[..chunk_len], last)?;
-        writer.write_all(&buf[..len])?;
-        total += len as u64;
-        if last {
-            writer.flush()?;
-            return Ok(total);
-        }
-        buf[0] = spare;
-        carried = 1;
-    }
+    run_batches(
+        // A slot's look-ahead byte is the next slot's first byte.
+        |batch| Ok(batch.read(&mut reader, SLOT, &mut carry)?),
+        |batch| {
+            for (i, chunk) in batch.chunks.iter_mut().enumerate() {
+                let (len, out, last) = chunk;
+                if *len < TAG_LEN {
+                    return Err(if dec.counter == 0 && *len == 0 {
+                        StreamError::Truncated
+                    } else {
+                        StreamError::ChunkAuthFailed { index: dec.counter }
+                    });
+                }
+                *out = dec.open_chunk(&mut batch.buf[i * SLOT..i * SLOT + *len], *last)?;
+            }
+            Ok(())
+        },
+        |batch| {
+            batch.write(&mut writer)?;
+            total += batch.chunks.iter().map(|c| c.1 as u64).sum::<u64>();
+            Ok(())
+        },
+    )?;
+    writer.flush()?;
+    Ok(total)
 }
 
 #[cfg(test)]
@@ -427,5 +575,149 @@ mod tests {
             dec(&key, &ct[..HEADER_LEN + CHUNK_CIPHERTEXT_SIZE]),
             Err(StreamError::Truncated)
         ));
+    }
+
+    /// Yields its data in reads of varying small sizes.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.1 = self.1 % 7919 + 1;
+            let n = self.1.min(buf.len()).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// Fails after `ok` bytes.
+    struct FailAfter(usize);
+
+    impl Read for FailAfter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::other("disk on fire"));
+            }
+            let n = self.0.min(buf.len());
+            buf[..n].fill(9);
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+
+    impl Write for FailAfter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::other("disk full"));
+            }
+            let n = self.0.min(buf.len());
+            self.0 -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn round_trips_across_batches_and_short_reads() {
+        let key = FileKey::generate().unwrap();
+        let batch = BATCH_CHUNKS * CHUNK_SIZE;
+        for len in [
+            batch - 1,
+            batch,
+            batch + 1,
+            2 * batch,
+            2 * batch + CHUNK_SIZE,
+            5 * batch + 12345,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
+            let ct = enc(&key, &data);
+            let chunks = len.div_ceil(CHUNK_SIZE).max(1);
+            assert_eq!(ct.len(), HEADER_LEN + len + chunks * TAG_LEN, "len {len}");
+            assert_eq!(dec(&key, &ct).unwrap(), data, "len {len}");
+            // Readers that return a few bytes at a time give the same result.
+            let mut trickled = Vec::new();
+            let n = encrypt(&key, Trickle(&data, 0), &mut trickled).unwrap();
+            assert_eq!(n, len as u64);
+            let mut back = Vec::new();
+            decrypt(&key, Trickle(&trickled, 0), &mut back).unwrap();
+            assert_eq!(back, data, "len {len}");
+        }
+    }
+
+    #[test]
+    fn damage_in_a_later_batch_is_detected_and_nothing_of_it_is_written() {
+        let key = FileKey::generate().unwrap();
+        let data = vec![5u8; 3 * BATCH_CHUNKS * CHUNK_SIZE + 99];
+        let ct = enc(&key, &data);
+        let c = |i: usize| HEADER_LEN + i * CHUNK_CIPHERTEXT_SIZE;
+        let index = 2 * BATCH_CHUNKS + 3;
+        let mut flipped = ct.clone();
+        flipped[c(index) + 10] ^= 0x80;
+        let mut out = Vec::new();
+        let err = decrypt(&key, flipped.as_slice(), &mut out).unwrap_err();
+        assert!(
+            matches!(err, StreamError::ChunkAuthFailed { index: i } if i == index as u64),
+            "{err}"
+        );
+        // Whole batches before the damaged one went out, nothing after.
+        assert_eq!(out.len(), 2 * BATCH_CHUNKS * CHUNK_SIZE);
+        assert_eq!(out, data[..out.len()]);
+        // Cut at a chunk boundary in the third batch.
+        assert!(matches!(
+            dec(&key, &ct[..c(index)]),
+            Err(StreamError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn io_errors_end_the_stream_with_the_error() {
+        let key = FileKey::generate().unwrap();
+        for fail_at in [0, 100, 3 * BATCH_CHUNKS * CHUNK_SIZE + 5] {
+            let err = encrypt(&key, FailAfter(fail_at), Vec::new()).unwrap_err();
+            assert!(err.to_string().contains("disk on fire"), "{err}");
+        }
+        let data = vec![1u8; 4 * BATCH_CHUNKS * CHUNK_SIZE];
+        for fail_at in [10, 2 * BATCH_CHUNKS * CHUNK_SIZE + 7] {
+            let err = encrypt(&key, data.as_slice(), FailAfter(fail_at)).unwrap_err();
+            assert!(err.to_string().contains("disk full"), "{err}");
+            let ct = enc(&key, &data);
+            let err = decrypt(&key, ct.as_slice(), FailAfter(fail_at)).unwrap_err();
+            assert!(err.to_string().contains("disk full"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_batched_forms_match_the_chunk_by_chunk_api() {
+        let key = FileKey::generate().unwrap();
+        let data: Vec<u8> = (0..(2 * BATCH_CHUNKS + 5) * CHUNK_SIZE + 3)
+            .map(|i| (i % 239) as u8)
+            .collect();
+        // Made chunk by chunk (as attachments are uploaded), read by `decrypt`.
+        let (mut encryptor, header) = Encryptor::new(&key).unwrap();
+        let mut ct = header.to_vec();
+        let pieces: Vec<&[u8]> = data.chunks(CHUNK_SIZE).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let mut chunk = piece.to_vec();
+            encryptor
+                .seal_chunk(&mut chunk, i + 1 == pieces.len())
+                .unwrap();
+            ct.extend_from_slice(&chunk);
+        }
+        assert_eq!(dec(&key, &ct).unwrap(), data);
+        // Made by `encrypt`, read chunk by chunk.
+        let ct = enc(&key, &data);
+        let mut decryptor = Decryptor::new(&key, &ct[..HEADER_LEN]).unwrap();
+        let chunks: Vec<&[u8]> = ct[HEADER_LEN..].chunks(CHUNK_CIPHERTEXT_SIZE).collect();
+        let mut plain = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut chunk = chunk.to_vec();
+            let len = decryptor
+                .open_chunk(&mut chunk, i + 1 == chunks.len())
+                .unwrap();
+            plain.extend_from_slice(&chunk[..len]);
+        }
+        assert_eq!(plain, data);
     }
 }
