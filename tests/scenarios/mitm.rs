@@ -15,6 +15,7 @@ use tessera_proto::{
     Message as _,
     card::v1::CardContent,
     kms::v1::{RegisterCardRequest, SearchCardsResponse, key_directory_client::KeyDirectoryClient},
+    transparency::v1::{LogEntry, log_entry::Event},
 };
 use tessera_stack::hostile::{self, Proxy};
 use tessera_testkit::{Cluster, PASSPHRASE};
@@ -93,10 +94,15 @@ async fn a_card_signed_with_another_app_key_or_altered_is_refused() {
                 .filter(|r| r.identity == "bob")
                 .flat_map(|r| r.cards.iter_mut())
             {
-                let card = record.card.as_mut().unwrap();
+                // The card travels inside its log entry: alter it there.
+                let mut entry = LogEntry::decode(record.registration_entry.as_slice()).unwrap();
+                let Some(Event::CardRegistered(card)) = entry.event.as_mut() else {
+                    panic!("a search record without a registered card");
+                };
                 let mut content = CardContent::decode(card.content_snapshot.as_slice()).unwrap();
                 content.device_name = "bob's phone (evil twin)".into();
                 card.content_snapshot = content.encode_to_vec();
+                record.registration_entry = entry.encode_to_vec();
             }
             vec![r.encode_to_vec()]
         }));

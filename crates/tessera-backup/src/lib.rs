@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use tessera_card::{CardId, CardKind, NewCard, ParsedCard, Verifier};
+use tessera_card::{CardId, CardKind, NewCard, ParsedCard, Verifier, transparency};
 use tessera_crypto::{
     DeviceKeys, VerifyingKey,
     keystore::{self, KdfParams, KeyMaterial, Protection},
@@ -362,8 +362,9 @@ pub async fn init_org(setup: OrgSetup<'_>) -> Result<OrgCreated, StartError> {
         .map_err(|e| upstream(format!("registering the OrgCard: {}", e.message())))?
         .into_inner()
         .record
-        .and_then(|r| r.card)
         .ok_or_else(|| StartError::Setup("the app server returned no card".into()))?;
+    let registered = transparency::registered_card(&registered.registration_entry)
+        .map_err(|e| StartError::Setup(format!("the app server returned a bad card: {e}")))?;
     let parsed =
         ParsedCard::parse(registered.clone()).map_err(|e| StartError::Setup(e.to_string()))?;
     let protection = match setup.passphrase {

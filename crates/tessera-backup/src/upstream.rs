@@ -3,7 +3,7 @@
 //! channel membership and history visibility, and the backup service needs
 //! no credential of its own.
 
-use tessera_card::{CardId, CardKind, VerifiedCard, Verifier};
+use tessera_card::{CardId, CardKind, VerifiedCard, Verifier, transparency};
 use tessera_proto::{
     kms::v1::{GetCardRequest, SearchCardsRequest, key_directory_client::KeyDirectoryClient},
     server::v1::{
@@ -106,15 +106,18 @@ impl Upstream {
             .into_inner()
             .record
             .ok_or_else(|| Status::internal("key service answered without a record"))?;
-        self.verifier
-            .verify(
-                &record.card.unwrap_or_default(),
-                Some(identity),
-                CardKind::Client,
-            )
+        let card = transparency::registered_card(&record.registration_entry)
+            .and_then(|card| {
+                self.verifier
+                    .verify(&card, Some(identity), CardKind::Client)
+            })
             .map_err(|e| {
                 Status::invalid_argument(format!("the original sender's card does not verify: {e}"))
-            })
+            })?;
+        if card.id() != *id {
+            return Err(Status::internal("the key service returned another card"));
+        }
+        Ok(card)
     }
 
     /// Every active client card of `identity`, verified.
@@ -139,11 +142,10 @@ impl Upstream {
         let mut cards = Vec::new();
         for result in found.results {
             for record in result.cards {
-                match self.verifier.verify(
-                    &record.card.unwrap_or_default(),
-                    Some(identity),
-                    CardKind::Client,
-                ) {
+                match transparency::registered_card(&record.registration_entry).and_then(|card| {
+                    self.verifier
+                        .verify(&card, Some(identity), CardKind::Client)
+                }) {
                     Ok(card) => cards.push(card),
                     Err(e) => {
                         tracing::warn!(%identity, "skipping a card that does not verify: {e}")

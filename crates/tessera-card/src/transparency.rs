@@ -455,6 +455,17 @@ pub fn parse_entry(entry: &[u8]) -> Result<LogEvent, CardError> {
     }
 }
 
+/// The card a registration entry carries (a `CardRecord` sends its card
+/// only this way). Nothing about the card is checked here.
+pub fn registered_card(entry: &[u8]) -> Result<card_pb::Card, CardError> {
+    match parse_entry(entry)? {
+        LogEvent::Registered { card, .. } => Ok(card),
+        LogEvent::Revoked { .. } => Err(CardError::MalformedLogEntry(
+            "a revocation where a card registration was expected",
+        )),
+    }
+}
+
 /// Encodes proof hashes for the wire.
 pub fn inclusion_proof_message(index: u64, size: u64, hashes: Vec<Hash>) -> InclusionProof {
     InclusionProof {

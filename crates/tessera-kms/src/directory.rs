@@ -246,7 +246,6 @@ impl Directory {
             .inclusion_proof(stored.registration_index, size)
             .ok_or(KmsError::Internal("inclusion proof out of range"))?;
         Ok(Some(CardRecord {
-            card: stored.card.clone(),
             status: status as i32,
             revocation: if revoked {
                 stored.revocation.clone()
@@ -670,7 +669,11 @@ mod tests {
                     .bytes,
             ))
             .unwrap();
-        let id = CardId::of_snapshot(&record.card.unwrap().content_snapshot);
+        let id = CardId::of_snapshot(
+            &transparency::registered_card(&record.registration_entry)
+                .unwrap()
+                .content_snapshot,
+        );
         let revocation = tessera_card::revocation::sign_revocation(
             id,
             tessera_card::revocation::RevokedBy::App,
@@ -723,7 +726,11 @@ mod tests {
         let (record, _) = dir.register(card(&app, "carol")).await.unwrap();
         let stored = dir
             .store
-            .card(&CardId::of_snapshot(&record.card.unwrap().content_snapshot))
+            .card(&CardId::of_snapshot(
+                &transparency::registered_card(&record.registration_entry)
+                    .unwrap()
+                    .content_snapshot,
+            ))
             .unwrap()
             .unwrap();
         let tree = dir.tree.read().unwrap();

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tessera_card::{CardKind, ParsedCard};
+use tessera_card::{CardKind, ParsedCard, transparency};
 use tessera_crypto::{SignatureContext, random_array};
 use tessera_proto::{
     kms::v1::CardStatus,
@@ -222,8 +222,12 @@ impl Accounts for AccountsService {
                 "card {card_id} is revoked or replaced"
             )));
         }
-        let card = ParsedCard::parse(record.card.unwrap_or_default())
+        let card = transparency::registered_card(&record.registration_entry)
+            .and_then(ParsedCard::parse)
             .map_err(|e| Status::internal(format!("key service returned a bad card: {e}")))?;
+        if card.id() != card_id {
+            return Err(Status::internal("key service returned another card"));
+        }
         if card.identity() != r.identity || card.kind() != CardKind::Client {
             return Err(Status::permission_denied(
                 "the card is not a device of this identity",

@@ -11,7 +11,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use futures_util::StreamExt;
-use tessera_card::{CardId, CardKind, NewCard, Verifier, revocation};
+use tessera_card::{CardId, CardKind, NewCard, Verifier, revocation, transparency};
 use tessera_crypto::{
     DeviceKeys, SignatureContext, VerifyingKey,
     envelope::{self, Draft, Recipient, Sender},
@@ -188,7 +188,7 @@ impl Stack {
         let verified = self
             .verifier
             .verify(
-                record.card.as_ref().unwrap(),
+                &transparency::registered_card(&record.registration_entry).unwrap(),
                 Some(&user.identity),
                 CardKind::Client,
             )

@@ -299,15 +299,15 @@ pub fn inject_card(identity: String, card: tessera_proto::card::v1::Card) -> Tam
             .iter_mut()
             .filter(|r| r.identity == identity)
         {
-            // Borrow a real record's proof: the forgery must fail on its own merits.
+            // A registration entry of its own, with a real record's proof
+            // borrowed: the forgery must fail on its own merits.
             let inclusion = result.cards.first().and_then(|r| r.inclusion.clone());
-            let entry = result
-                .cards
-                .first()
-                .map(|r| r.registration_entry.clone())
-                .unwrap_or_default();
+            let entry = tessera_card::transparency::registration_entry(
+                &card,
+                &identity,
+                tessera_service::now_secs(),
+            );
             result.cards.push(CardRecord {
-                card: Some(card.clone()),
                 status: CardStatus::Active as i32,
                 revocation: None,
                 registration_entry: entry,
