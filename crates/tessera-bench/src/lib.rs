@@ -114,7 +114,14 @@ pub struct EchoService;
 #[tonic::async_trait]
 impl Echo for EchoService {
     async fn echo(&self, request: Request<EchoMessage>) -> Result<Response<EchoMessage>, Status> {
-        Ok(Response::new(request.into_inner()))
+        let mut message = request.into_inner();
+        if message.answer_bytes > 0 {
+            // Capped: a bench tool, but still no unbounded allocation on request.
+            let n = message.answer_bytes.min(1 << 20) as usize;
+            message.payload = vec![7; n];
+            message.answer_bytes = 0;
+        }
+        Ok(Response::new(message))
     }
 }
 

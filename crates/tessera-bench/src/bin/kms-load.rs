@@ -50,7 +50,11 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Which calls to measure.
-    #[arg(long, value_delimiter = ',', default_value = "echo,search,register")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "echo,echo-large,search,register"
+    )]
     calls: Vec<String>,
 }
 
@@ -114,14 +118,33 @@ impl Load {
         matches!(r, Ok(r) if r.get_ref().results.first().is_some_and(|x| !x.cards.is_empty()))
     }
 
-    async fn echo(&self, worker: usize, size: usize) -> bool {
+    /// A 32-byte echo; with `answer_bytes`, answered with that many bytes.
+    async fn echo(&self, worker: usize, answer_bytes: u32) -> bool {
         let mut client = self.echo[worker % self.echo.len()].clone();
         client
             .echo(EchoMessage {
-                payload: vec![7; size],
+                payload: vec![7; 32],
+                answer_bytes,
             })
             .await
             .is_ok()
+    }
+
+    /// Encoded size of one search answer at this directory size.
+    async fn search_answer_bytes(&self) -> u32 {
+        use tessera_proto::Message as _;
+        let mut client = self.kms[0].clone();
+        let r = client
+            .search_cards(with(
+                &self.user_token,
+                SearchCardsRequest {
+                    identities: vec!["user0".into()],
+                    kind: 0,
+                },
+            ))
+            .await
+            .expect("search for user0");
+        r.get_ref().encoded_len() as u32
     }
 }
 
@@ -222,34 +245,38 @@ async fn main() {
         args.seconds,
         args.connections
     );
-    let mut summary: Vec<(u64, usize, f64, f64)> = Vec::new();
+    // (cards, concurrency, search/echo, search/same-size echo, search p99 ms)
+    let mut summary: Vec<(u64, usize, Option<f64>, Option<f64>, f64)> = Vec::new();
     for &size in &args.sizes {
         preload(&load, size).await;
-        println!("\n### {size} registered cards\n");
+        let answer_bytes = load.search_answer_bytes().await;
+        println!("\n### {size} registered cards (a search answer: {answer_bytes} bytes)\n");
         println!("| call | concurrency | QPS | p50 | p99 |\n|---|---|---|---|---|");
         let on = |name: &str| args.calls.iter().any(|c| c == name);
         for &c in &args.concurrency {
             let mut echo_qps = None;
+            let mut echo_large_qps = None;
             if on("echo") {
                 let l = load.clone();
                 let echo: Stats = closed_loop(c, secs, move |w, _| {
                     let l = l.clone();
-                    async move { l.echo(w, 32).await }
+                    async move { l.echo(w, 0).await }
                 })
                 .await;
                 println!("{}", echo.row("echo (baseline)"));
                 echo_qps = Some(echo.qps());
             }
             if on("echo-large") {
-                // The same request, answered with as many bytes as a search
-                // response: what the payload alone costs.
+                // A small request answered with as many bytes as a search:
+                // what the answer's size alone costs.
                 let l = load.clone();
                 let echo: Stats = closed_loop(c, secs, move |w, _| {
                     let l = l.clone();
-                    async move { l.echo(w, 2600).await }
+                    async move { l.echo(w, answer_bytes).await }
                 })
                 .await;
-                println!("{}", echo.row("echo of 2.6 KB (search-sized)"));
+                println!("{}", echo.row("echo answering a search's size"));
+                echo_large_qps = Some(echo.qps());
             }
             if on("search") {
                 let l = load.clone();
@@ -259,9 +286,13 @@ async fn main() {
                 })
                 .await;
                 println!("{}", search.row("SearchCards"));
-                if let Some(echo) = echo_qps {
-                    summary.push((size, c, search.qps() / echo, search.p99.as_secs_f64() * 1e3));
-                }
+                summary.push((
+                    size,
+                    c,
+                    echo_qps.map(|e| search.qps() / e),
+                    echo_large_qps.map(|e| search.qps() / e),
+                    search.p99.as_secs_f64() * 1e3,
+                ));
             }
             if on("register") {
                 let l = load.clone();
@@ -274,9 +305,16 @@ async fn main() {
             }
         }
     }
-    println!("\n| cards | concurrency | search QPS / echo QPS | search p99 |\n|---|---|---|---|");
-    for (size, c, ratio, p99) in summary {
-        println!("| {size} | {c} | {:.0} % | {p99:.2} ms |", ratio * 100.0);
+    println!(
+        "\n| cards | concurrency | search / echo | search / same-size echo | search p99 |\n|---|---|---|---|---|"
+    );
+    let pct = |r: Option<f64>| r.map_or("—".to_owned(), |r| format!("{:.0} %", r * 100.0));
+    for (size, c, echo, large, p99) in summary {
+        println!(
+            "| {size} | {c} | {} | {} | {p99:.2} ms |",
+            pct(echo),
+            pct(large)
+        );
     }
     drop(kms_running);
     drop(echo_running);
