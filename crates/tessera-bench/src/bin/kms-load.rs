@@ -58,6 +58,15 @@ struct Args {
     calls: Vec<String>,
 }
 
+/// One row of the closing summary: search against the echoes.
+struct Ratio {
+    size: u64,
+    concurrency: usize,
+    to_echo: Option<f64>,
+    to_same_size_echo: Option<f64>,
+    p99_ms: f64,
+}
+
 struct Load {
     kms: Vec<KeyDirectoryClient<Channel>>,
     echo: Vec<EchoClient<Channel>>,
@@ -245,8 +254,7 @@ async fn main() {
         args.seconds,
         args.connections
     );
-    // (cards, concurrency, search/echo, search/same-size echo, search p99 ms)
-    let mut summary: Vec<(u64, usize, Option<f64>, Option<f64>, f64)> = Vec::new();
+    let mut summary: Vec<Ratio> = Vec::new();
     for &size in &args.sizes {
         preload(&load, size).await;
         let answer_bytes = load.search_answer_bytes().await;
@@ -286,13 +294,13 @@ async fn main() {
                 })
                 .await;
                 println!("{}", search.row("SearchCards"));
-                summary.push((
+                summary.push(Ratio {
                     size,
-                    c,
-                    echo_qps.map(|e| search.qps() / e),
-                    echo_large_qps.map(|e| search.qps() / e),
-                    search.p99.as_secs_f64() * 1e3,
-                ));
+                    concurrency: c,
+                    to_echo: echo_qps.map(|e| search.qps() / e),
+                    to_same_size_echo: echo_large_qps.map(|e| search.qps() / e),
+                    p99_ms: search.p99.as_secs_f64() * 1e3,
+                });
             }
             if on("register") {
                 let l = load.clone();
@@ -309,11 +317,14 @@ async fn main() {
         "\n| cards | concurrency | search / echo | search / same-size echo | search p99 |\n|---|---|---|---|---|"
     );
     let pct = |r: Option<f64>| r.map_or("—".to_owned(), |r| format!("{:.0} %", r * 100.0));
-    for (size, c, echo, large, p99) in summary {
+    for r in summary {
         println!(
-            "| {size} | {c} | {} | {} | {p99:.2} ms |",
-            pct(echo),
-            pct(large)
+            "| {} | {} | {} | {} | {:.2} ms |",
+            r.size,
+            r.concurrency,
+            pct(r.to_echo),
+            pct(r.to_same_size_echo),
+            r.p99_ms
         );
     }
     drop(kms_running);
