@@ -9,9 +9,7 @@
 )]
 
 use futures_util::StreamExt;
-use tessera_client::{
-    Client, Content, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams, Received,
-};
+use tessera_client::{Client, Content, Enrollment, HistoryVisibility, Home, KdfParams, Received};
 use tessera_crypto::seal_org_backup;
 use tessera_proto::{
     Message as _,
@@ -56,12 +54,7 @@ impl World {
             &self.home,
             profile,
             Enrollment {
-                endpoints: Endpoints {
-                    server_url: info.server_url.clone(),
-                    kms_url: info.kms_url.clone(),
-                    backup_url: info.backup_url.clone(),
-                    ca_cert: None,
-                },
+                endpoints: info.endpoints(),
                 identity,
                 password: &password,
                 sign_up: first && !admin,

@@ -207,12 +207,7 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
         &d.home,
         "admin",
         Enrollment {
-            endpoints: Endpoints {
-                server_url: d.stack.info().server_url.clone(),
-                kms_url: d.stack.info().kms_url.clone(),
-                backup_url: d.stack.info().backup_url.clone(),
-                ca_cert: None,
-            },
+            endpoints: d.stack.info().endpoints(),
             identity: &d.stack.info().admin_identity.clone(),
             password: &d.stack.info().admin_password.clone(),
             sign_up: false,

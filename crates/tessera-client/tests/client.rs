@@ -35,13 +35,7 @@ impl World {
     }
 
     fn endpoints(&self) -> Endpoints {
-        let info = self.stack.info();
-        Endpoints {
-            server_url: info.server_url.clone(),
-            kms_url: info.kms_url.clone(),
-            backup_url: info.backup_url.clone(),
-            ca_cert: None,
-        }
+        self.stack.info().endpoints()
     }
 
     /// A new device for `identity` (signing up on its first device).

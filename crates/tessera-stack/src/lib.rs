@@ -79,6 +79,18 @@ pub struct StackInfo {
     pub data_dir: PathBuf,
 }
 
+impl StackInfo {
+    /// The addresses a client of this stack dials (plain loopback, no CA).
+    pub fn endpoints(&self) -> tessera_client::Endpoints {
+        tessera_client::Endpoints {
+            server_url: self.server_url.clone(),
+            kms_url: self.kms_url.clone(),
+            backup_url: self.backup_url.clone(),
+            ca_cert: None,
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum StackError {
     #[error("key service: {0}")]

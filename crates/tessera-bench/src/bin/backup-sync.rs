@@ -144,12 +144,7 @@ async fn main() {
         .unwrap();
     let info = stack.info().clone();
     let home = Home::new(dir.path().join("home"));
-    let e = Endpoints {
-        server_url: info.server_url.clone(),
-        kms_url: info.kms_url.clone(),
-        backup_url: info.backup_url.clone(),
-        ca_cert: None,
-    };
+    let e = info.endpoints();
     let admin = Client::enroll(
         &home,
         "admin",

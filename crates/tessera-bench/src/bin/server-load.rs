@@ -23,7 +23,7 @@ use std::{
 use clap::Parser;
 use futures_util::StreamExt;
 use tessera_bench::{closed_loop, machine, percentile};
-use tessera_client::{Client, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams};
+use tessera_client::{Client, Enrollment, HistoryVisibility, Home, KdfParams};
 use tessera_proto::server::v1::{
     LoginRequest, SendMessageRequest, accounts_client::AccountsClient,
     channels_client::ChannelsClient,
@@ -62,12 +62,8 @@ async fn main() {
     let stack = Stack::start(config).await.unwrap();
     let info = stack.info().clone();
     let home = Home::new(dir.path().join("home"));
-    let endpoints = Endpoints {
-        server_url: info.server_url.clone(),
-        kms_url: info.kms_url.clone(),
-        backup_url: None,
-        ca_cert: None,
-    };
+    // This stack runs without an organisation, so there is no backup URL.
+    let endpoints = info.endpoints();
     eprintln!("enrolling {} devices...", args.devices);
     let mut clients = Vec::new();
     for i in 0..args.devices {
