@@ -157,9 +157,7 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Archive>, StorageError> {
-        self.inner
-            .lock()
-            .map_err(|_| StorageError::Corrupt("memory store lock poisoned"))
+        storage::lock(&self.inner)
     }
 }
 

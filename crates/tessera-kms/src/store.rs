@@ -219,9 +219,7 @@ struct MemoryInner {
 
 impl MemoryStore {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, MemoryInner>, StorageError> {
-        self.inner
-            .lock()
-            .map_err(|_| StorageError::Corrupt("memory store lock poisoned"))
+        storage::lock(&self.inner)
     }
 }
 

@@ -452,9 +452,7 @@ struct Memory {
 
 impl MemoryStore {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Memory>, StorageError> {
-        self.inner
-            .lock()
-            .map_err(|_| StorageError::Corrupt("memory store lock poisoned"))
+        storage::lock(&self.inner)
     }
 }
 

@@ -71,3 +71,11 @@ pub fn read_u64(bytes: &[u8]) -> Result<u64, StorageError> {
         .map_err(|_| StorageError::Corrupt("u64 is not 8 bytes"))?;
     Ok(u64::from_be_bytes(arr))
 }
+
+/// Locks an in-memory store's state. A poisoned lock (a panic while it was
+/// held) means the state may be half-updated: report it as corruption.
+pub fn lock<T>(state: &std::sync::Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, StorageError> {
+    state
+        .lock()
+        .map_err(|_| StorageError::Corrupt("memory store lock poisoned"))
+}
