@@ -22,10 +22,10 @@ use std::time::Duration;
 
 use tessera_client::{Content, Received};
 use tessera_crypto::{SigningKey, keystore};
-use tessera_proto::server::v1::{LoginRequest, accounts_client::AccountsClient};
+use tessera_proto::server::v1::{IssueTokenRequest, LoginRequest, accounts_client::AccountsClient};
 use tessera_service::{
     TokenIssuer,
-    token::{Role, bearer_header},
+    token::{Audience, Grant, bearer_header},
 };
 use tessera_testkit::Cluster;
 use tonic::transport::Channel;
@@ -63,15 +63,34 @@ pub(crate) fn service_token(cluster: &Cluster) -> String {
     let issuer = TokenIssuer::new(key, Duration::from_secs(600));
     bearer_header(
         &issuer
-            .issue("tessera-server", Role::Service, None, false)
+            .issue(&Grant::service("tessera-server"), Audience::Kms)
             .unwrap()
             .bytes,
     )
 }
 
-/// A user's token from a password log-in.
-pub(crate) async fn user_token(cluster: &Cluster, identity: &str) -> String {
-    let login = AccountsClient::new(connect(&cluster.server.url()).await)
+/// A user's tokens from a password log-in: the app server's, and the key
+/// and backup services' traded for it.
+pub(crate) struct UserTokens {
+    pub(crate) server: String,
+    pub(crate) kms: String,
+    pub(crate) backup: String,
+}
+
+impl UserTokens {
+    /// The token of `service` ("kms", "server" or "backup").
+    pub(crate) fn of(&self, service: &str) -> &str {
+        match service {
+            "kms" => &self.kms,
+            "server" => &self.server,
+            _ => &self.backup,
+        }
+    }
+}
+
+pub(crate) async fn user_tokens(cluster: &Cluster, identity: &str) -> UserTokens {
+    let mut accounts = AccountsClient::new(connect(&cluster.server.url()).await);
+    let login = accounts
         .login(LoginRequest {
             identity: identity.into(),
             password: format!("{identity}-testkit-password"),
@@ -79,5 +98,23 @@ pub(crate) async fn user_token(cluster: &Cluster, identity: &str) -> String {
         .await
         .unwrap()
         .into_inner();
-    bearer_header(&login.access_token)
+    let server = bearer_header(&login.access_token);
+    let mut traded = Vec::new();
+    for audience in ["kms", "backup"] {
+        let mut request = tonic::Request::new(IssueTokenRequest {
+            audience: audience.into(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", server.parse().unwrap());
+        let token = accounts.issue_token(request).await.unwrap().into_inner();
+        traded.push(bearer_header(&token.access_token));
+    }
+    let backup = traded.pop().unwrap();
+    let kms = traded.pop().unwrap();
+    UserTokens {
+        server,
+        kms,
+        backup,
+    }
 }

@@ -12,8 +12,8 @@ async fn org_backup_and_both_history_sync_options() {
     let cluster = Cluster::start().await;
     let admin = cluster.admin().await;
     let alice = cluster.device("alice-0", "alice", true).await;
-    cluster.device("bob-0", "bob", true).await;
-    cluster.device("bob-1", "bob", false).await;
+    let bob0 = cluster.device("bob-0", "bob", true).await;
+    cluster.approved_device("bob-1", &bob0).await;
     admin.set_org_member("bob", true).await.unwrap();
     let bob0 = cluster.reopen("bob-0");
     let bob1 = cluster.reopen("bob-1");
@@ -49,7 +49,7 @@ async fn org_backup_and_both_history_sync_options() {
     assert_eq!(got, lines);
 
     // Option 2: a device enrolled afterwards could not read the originals...
-    let bob_new = cluster.device("bob-new", "bob", false).await;
+    let bob_new = cluster.approved_device("bob-new", &bob0).await;
     for (_, r) in bob_new
         .history(&channel.channel_id, 0, 10, false)
         .await

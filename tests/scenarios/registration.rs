@@ -95,9 +95,10 @@ async fn client_key_never_leaves_the_device_and_cards_carry_three_signatures() {
         .cards_of(&["alice".into(), "bob".into()])
         .await
         .unwrap();
-    for (identity, cards) in &found {
-        assert_eq!(cards.len(), 1);
-        let card = cards[0].card();
+    for (identity, devices) in &found {
+        assert_eq!(devices.approved.len(), 1);
+        assert!(devices.pending.is_empty());
+        let card = devices.approved[0].card();
         assert_eq!(card.self_signature.len(), 64);
         assert_eq!(card.app_signature.len(), 64);
         assert_eq!(card.kms_signature.len(), 64);

@@ -198,7 +198,7 @@ impl Backup for BackupService {
                 .map_err(|e| Status::invalid_argument(format!("original payload: {e}")))?;
         let stored = self
             .upstream
-            .message(&caller, &r.channel_id, r.message_index)
+            .message(&r.channel_id, r.message_index)
             .await?
             .ok_or_else(|| {
                 Status::not_found(format!("no message {} in this channel", r.message_index))
@@ -212,8 +212,9 @@ impl Backup for BackupService {
         }
         let card = self
             .upstream
-            .card(&caller, &CardId::from_array(sender_card), &sender_identity)
-            .await?;
+            .card(&CardId::from_array(sender_card), &sender_identity)
+            .await?
+            .card;
         let payload = VerifiedPayload::verify(
             record.original_payload.clone(),
             record.original_signature.clone(),
@@ -276,16 +277,25 @@ impl Backup for BackupService {
         let channel = self.upstream.channel(&caller, &r.channel_id).await?;
         let start = r.from_index.max(channel.visible_from_index).max(1);
         let end = channel.next_index;
+        // Only devices the member's own devices approved get history.
         let recipients: Vec<(CardId, EncryptionPublicKey)> = self
             .upstream
-            .active_cards(&caller, &caller.identity)
+            .approved_cards(&caller.identity)
             .await?
             .iter()
             .map(|c| (c.id(), *c.encryption_key()))
             .collect();
+        if let Some(device) = caller.device_card_id
+            && !recipients.iter().any(|(id, _)| *id == device)
+        {
+            return Err(Status::failed_precondition(format!(
+                "device {device} is not approved by {}'s other devices yet: approve it first",
+                caller.identity
+            )));
+        }
         if recipients.is_empty() {
             return Err(Status::failed_precondition(format!(
-                "{} has no active device to re-encrypt history to",
+                "{} has no approved active device to re-encrypt history to",
                 caller.identity
             )));
         }

@@ -14,10 +14,10 @@ use tessera_crypto::seal_org_backup;
 use tessera_proto::{
     Message as _,
     backup::v1::{
-        BackupRecord, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
+        BackupRecord, GetOrgInfoRequest, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
         backup_client::BackupClient,
     },
-    server::v1::{LoginRequest, accounts_client::AccountsClient},
+    server::v1::{IssueTokenRequest, LoginRequest, accounts_client::AccountsClient},
 };
 use tessera_stack::{Stack, StackConfig};
 use tonic::{Code, Request, transport::Channel};
@@ -63,6 +63,7 @@ impl World {
                 kdf: KdfParams::DANGER_FAST_FOR_TESTS,
                 expected_app_key: Some(info.app_public_key),
                 expected_kms_key: Some(info.kms_public_key),
+                reset: false,
             },
         )
         .await
@@ -77,7 +78,8 @@ impl World {
             .connect()
             .await
             .unwrap();
-        let login = AccountsClient::new(server)
+        let mut accounts = AccountsClient::new(server);
+        let login = accounts
             .login(LoginRequest {
                 identity: identity.into(),
                 password: format!("{identity}-password-123"),
@@ -85,14 +87,33 @@ impl World {
             .await
             .unwrap()
             .into_inner();
+        let server_token = format!("Bearer {}", hex::encode(login.access_token));
         let backup = Channel::from_shared(info.backup_url.clone().unwrap())
             .unwrap()
             .connect()
             .await
             .unwrap();
+        let mut client = BackupClient::new(backup);
+        // The app server's token is refused here: each token has one audience.
+        let status = client
+            .get_org_info(with(&server_token, GetOrgInfoRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        let traded = accounts
+            .issue_token(with(
+                &server_token,
+                IssueTokenRequest {
+                    audience: "backup".into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(traded.audience, "backup");
         (
-            BackupClient::new(backup),
-            format!("Bearer {}", hex::encode(login.access_token)),
+            client,
+            format!("Bearer {}", hex::encode(traded.access_token)),
         )
     }
 }

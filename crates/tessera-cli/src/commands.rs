@@ -5,8 +5,8 @@ use std::{io::IsTerminal, path::PathBuf};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tessera_client::{
-    CardId, Client, ClientError, Content, Endpoints, Enrollment, HistoryVisibility, Home,
-    KdfParams, Origin, Received, Source, TrustEvent,
+    Approval, CardId, Client, ClientError, Content, Endpoints, Enrollment, HistoryVisibility, Home,
+    KdfParams, Origin, Received, Source, TrustEvent, approval_code,
 };
 use tessera_crypto::VerifyingKey;
 use zeroize::Zeroizing;
@@ -15,6 +15,14 @@ use crate::{
     cli::{AdminCommand, ChannelCommand, DeviceCommand, Joining, OrgCommand, Visibility},
     error::CliError,
 };
+
+fn approval_name(a: Approval) -> &'static str {
+    match a {
+        Approval::Approved => "approved",
+        Approval::Pending => "pending",
+        Approval::Gone => "gone",
+    }
+}
 
 /// What every command works with.
 pub(crate) struct Ctx {
@@ -104,6 +112,11 @@ impl Ctx {
     }
 
     pub(crate) async fn join(&self, j: Joining, sign_up: bool) -> Result<(), CliError> {
+        if j.reset && sign_up {
+            return Err(CliError::Usage(
+                "--reset replaces the devices of an existing account: use it with login".into(),
+            ));
+        }
         let password = secret(
             "TESSERA_PASSWORD",
             &format!("password of {}", j.identity),
@@ -146,9 +159,11 @@ impl Ctx {
                     .as_deref()
                     .map(|k| parse_key(k, "--kms-key"))
                     .transpose()?,
+                reset: j.reset,
             },
         )
         .await?;
+        let approval = client.approval().await?;
         let cfg = client.config();
         self.out(
             || {
@@ -164,8 +179,25 @@ impl Ctx {
                     self.home.root().display()
                 )
             },
-            || json!({"identity": client.identity(), "card_id": client.card_id().to_string(), "device_name": client.device_name(), "profile": self.profile, "app_public_key": cfg.app_public_key, "kms_public_key": cfg.kms_public_key}),
+            || json!({"identity": client.identity(), "card_id": client.card_id().to_string(), "device_name": client.device_name(), "profile": self.profile, "app_public_key": cfg.app_public_key, "kms_public_key": cfg.kms_public_key, "approval": approval_name(approval), "approval_code": approval_code(&client.card_id())}),
         );
+        if !self.json {
+            match approval {
+                Approval::Approved if j.reset => eprintln!(
+                    "warning: this device replaced every other device of {}: their contacts will see an identity change",
+                    client.identity()
+                ),
+                Approval::Approved => {}
+                Approval::Pending => println!(
+                    "This device is waiting for approval: nothing is encrypted to it yet.\n  approval code  {}\nOn one of your other devices run:\n  tessera device approve {}\nand check it shows the same code.",
+                    approval_code(&client.card_id()),
+                    &client.card_id().to_string()[..16]
+                ),
+                Approval::Gone => {
+                    eprintln!("warning: the enrolled card is not active in your device list")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -196,29 +228,56 @@ impl Ctx {
 
     pub(crate) async fn devices(&self) -> Result<(), CliError> {
         let c = self.open()?;
-        let devices = c.devices().await?;
-        let status = |s: i32| {
-            tessera_client::CardStatus::try_from(s)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("CARD_STATUS_")
-                        .to_lowercase()
-                })
-                .unwrap_or_default()
+        let listed = c.devices().await?;
+        let own = c.own_devices().await?;
+        let status = |id: &str, server_status: i32| {
+            if own.approved.iter().any(|d| d.id().to_string() == id) {
+                "approved".to_owned()
+            } else if own.pending.iter().any(|d| d.id().to_string() == id) {
+                "pending".to_owned()
+            } else {
+                tessera_client::CardStatus::try_from(server_status)
+                    .map(|s| {
+                        s.as_str_name()
+                            .trim_start_matches("CARD_STATUS_")
+                            .to_lowercase()
+                    })
+                    .map(|s| {
+                        if s == "active" {
+                            "removed".to_owned()
+                        } else {
+                            s
+                        }
+                    })
+                    .unwrap_or_default()
+            }
         };
+        let rows: Vec<(String, String, String)> = listed
+            .iter()
+            .map(|d| {
+                let id = hex::encode(&d.card_id);
+                let st = status(&id, d.status);
+                (id, st, d.device_name.clone())
+            })
+            .collect();
         self.out(
             || {
-                devices
+                let mut lines: Vec<String> = rows
                     .iter()
-                    .map(|d| {
-                        let id = hex::encode(&d.card_id);
-                        let me = if id == c.card_id().to_string() { "  (this device)" } else { "" };
-                        format!("{}  {:<10} {}{me}", &id[..16], status(d.status), d.device_name)
+                    .map(|(id, st, name)| {
+                        let me = if *id == c.card_id().to_string() { "  (this device)" } else { "" };
+                        format!("{}  {:<10} {name}{me}", &id[..16], st)
                     })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                    .collect();
+                if !own.pending.is_empty() {
+                    lines.push(format!(
+                        "{} device(s) wait for approval: compare the code on that device, then tessera device approve <card>",
+                        own.pending.len()
+                    ));
+                }
+                lines.join("\n")
             },
-            || json!(devices.iter().map(|d| json!({"card_id": hex::encode(&d.card_id), "device_name": d.device_name, "status": status(d.status)})).collect::<Vec<_>>()),
+            || json!(rows.iter().map(|(id, st, name)| json!({"card_id": id, "device_name": name, "status": st})).collect::<Vec<_>>()),
         );
         Ok(())
     }
@@ -256,6 +315,38 @@ impl Ctx {
     pub(crate) async fn device(&self, cmd: DeviceCommand) -> Result<(), CliError> {
         let c = self.open()?;
         match cmd {
+            DeviceCommand::Approve { card, yes } => {
+                let pending = c.own_devices().await?.pending;
+                let id = Self::resolve_card(&card, pending.iter().map(|d| d.id().to_string()))?;
+                let name = pending
+                    .iter()
+                    .find(|d| d.id() == id)
+                    .map(|d| d.device_name().to_owned())
+                    .unwrap_or_default();
+                let code = approval_code(&id);
+                if !yes {
+                    if !std::io::stdin().is_terminal() {
+                        return Err(CliError::Usage(format!(
+                            "device {name:?} shows approval code {code}? Compare it, then pass --yes"
+                        )));
+                    }
+                    eprint!(
+                        "Approve device {name:?} (card {})?\nIt must show the approval code {code}. [y/N] ",
+                        id.short()
+                    );
+                    let mut answer = String::new();
+                    let ok = std::io::stdin().read_line(&mut answer).is_ok()
+                        && answer.trim().eq_ignore_ascii_case("y");
+                    if !ok {
+                        return Err(CliError::Failed("not approved".into()));
+                    }
+                }
+                c.approve_device(&id).await?;
+                self.out(
+                    || format!("approved {name:?} (card {id}, code {code})"),
+                    || json!({"approved": id.to_string(), "device_name": name, "approval_code": code}),
+                );
+            }
             DeviceCommand::Revoke { card, reason } => {
                 let own: Vec<String> = c
                     .devices()
@@ -305,8 +396,34 @@ impl Ctx {
                         "{identity} is no longer verified: their devices changed; run tessera verify {identity}"
                     )
                 }
+                TrustEvent::DevicePending {
+                    identity,
+                    card_id,
+                    device_name,
+                } => format!(
+                    "{identity} has a device {device_name:?} (card {}) that none of their devices approved: nothing is encrypted to it, its messages are refused",
+                    card_id.short()
+                ),
+                TrustEvent::IdentityReset { identity, card_id } => format!(
+                    "!!! {identity} RESET their identity: every earlier device was replaced by card {} after a password log-in. If {identity} did not lose all their devices, this may be an attack by the server. Compare safety numbers: tessera verify {identity}",
+                    card_id.short()
+                ),
             };
             eprintln!("warning: {line}");
+        }
+    }
+
+    /// Says which members' devices a message was not encrypted to.
+    pub(crate) fn warn_unsent(&self, sent: &tessera_client::Sent) {
+        let mut pending: std::collections::BTreeMap<&str, usize> = Default::default();
+        for p in &sent.pending {
+            *pending.entry(p.identity.as_str()).or_default() += 1;
+        }
+        for (identity, n) in pending {
+            eprintln!("{identity} has {n} pending device(s) (not encrypted to)");
+        }
+        for identity in &sent.unreachable {
+            eprintln!("warning: {identity} has no approved device: they cannot read this message");
         }
     }
 
@@ -314,21 +431,29 @@ impl Ctx {
         let c = self.open()?;
         let (found, events) = c.cards_of(&[identity.to_owned()]).await?;
         self.warn_events(&events);
-        let cards = found.get(identity).cloned().unwrap_or_default();
+        let devices = found.get(identity).cloned().unwrap_or_default();
         let verified = c.contacts()?.get(identity).copied().unwrap_or(false);
+        let card_json = |card: &tessera_client::VerifiedCard, status: &str| json!({"card_id": card.id().to_string(), "device_name": card.device_name(), "created_at": card.created_at(), "status": status});
         self.out(
             || {
                 let mut lines = vec![format!(
-                    "{identity}: {} active device(s), {}",
-                    cards.len(),
+                    "{identity}: {} approved device(s){}, {}",
+                    devices.approved.len(),
+                    match devices.pending.len() {
+                        0 => String::new(),
+                        n => format!(", {n} pending (not encrypted to)"),
+                    },
                     if verified { "verified" } else { "not verified" }
                 )];
-                for card in &cards {
+                for card in &devices.approved {
                     lines.push(format!("  {}  {}", card.id(), card.device_name()));
+                }
+                for card in &devices.pending {
+                    lines.push(format!("  {}  {}  (pending)", card.id(), card.device_name()));
                 }
                 lines.join("\n")
             },
-            || json!({"identity": identity, "verified": verified, "cards": cards.iter().map(|c| json!({"card_id": c.id().to_string(), "device_name": c.device_name(), "created_at": c.created_at()})).collect::<Vec<_>>()}),
+            || json!({"identity": identity, "verified": verified, "cards": devices.approved.iter().map(|c| card_json(c, "approved")).chain(devices.pending.iter().map(|c| card_json(c, "pending"))).collect::<Vec<_>>()}),
         );
         Ok(())
     }
@@ -471,6 +596,7 @@ impl Ctx {
         };
         let sent = c.send_text(&id, &body).await?;
         self.warn_events(&sent.events);
+        self.warn_unsent(&sent);
         self.out(
             || format!("sent as message {} (encrypted to {} devices)", sent.index, sent.recipients.len()),
             || json!({"index": sent.index, "message_id": hex::encode(sent.message_id), "recipients": sent.recipients.iter().map(|r| r.to_string()).collect::<Vec<_>>(), "duplicate": sent.duplicate}),

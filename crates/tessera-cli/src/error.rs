@@ -45,6 +45,7 @@ impl CliError {
                 ClientError::NotFound { .. } => 4,
                 ClientError::CardRejected { .. }
                 | ClientError::Fork(_)
+                | ClientError::DeviceList { .. }
                 | ClientError::BadMessage { .. } => 6,
                 ClientError::Keystore(tessera_crypto::keystore::KeystoreError::WrongPassphrase) => {
                     7

@@ -126,12 +126,38 @@ async fn every_command_happy_path() {
     );
     e.ok_with("bob", &["signup", "bob"], &[("TESSERA_PASSWORD", &bob_pw)])
         .await;
-    e.ok_with(
-        "alice-phone",
-        &["login", "alice", "--device-name", "phone"],
-        &[("TESSERA_PASSWORD", &alice_pw)],
-    )
-    .await;
+    // A second device of alice waits for approval, showing a code.
+    let joined = json(
+        &e.ok_with(
+            "alice-phone",
+            &["--json", "login", "alice", "--device-name", "phone"],
+            &[("TESSERA_PASSWORD", &alice_pw)],
+        )
+        .await,
+    );
+    assert_eq!(joined["approval"], "pending");
+    let phone_card = joined["card_id"].as_str().unwrap().to_owned();
+    let code = joined["approval_code"].as_str().unwrap().to_owned();
+    let devices = e.ok("alice", &["devices"]).await;
+    assert!(devices.contains("pending"), "{devices}");
+    assert!(
+        devices.contains("1 device(s) wait for approval"),
+        "{devices}"
+    );
+    // Without a terminal to ask on, approving needs --yes, and names the code.
+    let refused = e
+        .fails("alice", &["device", "approve", &phone_card[..12]], 2, &[])
+        .await;
+    assert!(refused.contains(&code), "{refused}");
+    let approved = json(
+        &e.ok(
+            "alice",
+            &["--json", "device", "approve", &phone_card[..12], "--yes"],
+        )
+        .await,
+    );
+    assert_eq!(approved["approved"], phone_card.as_str());
+    assert_eq!(approved["approval_code"], code.as_str());
     e.ok_with(
         "admin",
         &["login", "admin"],
@@ -240,11 +266,26 @@ async fn every_command_happy_path() {
         true
     );
 
-    // A new device of bob reads the past from the organisation.
-    e.ok_with(
-        "bob-new",
-        &["login", "bob"],
-        &[("TESSERA_PASSWORD", &bob_pw)],
+    // A new device of bob reads the past from the organisation, once bob's
+    // phone approved it.
+    let joined = json(
+        &e.ok_with(
+            "bob-new",
+            &["--json", "login", "bob"],
+            &[("TESSERA_PASSWORD", &bob_pw)],
+        )
+        .await,
+    );
+    let refused = e.fails("bob-new", &["sync", "general"], 2, &[]).await;
+    assert!(refused.contains("not approved"), "{refused}");
+    e.ok(
+        "bob",
+        &[
+            "device",
+            "approve",
+            &joined["card_id"].as_str().unwrap()[..16],
+            "--yes",
+        ],
     )
     .await;
     let synced = e.ok("bob-new", &["sync", "general"]).await;

@@ -17,7 +17,7 @@ use tessera_proto::{
     kms::v1::CardStatus,
 };
 
-use crate::{Client, ClientError, Received, Source, error::rpc};
+use crate::{Client, ClientError, Received, Source, client::Service, error::rpc};
 
 /// The organisation's current OrgCard, verified.
 #[derive(Debug, Clone)]
@@ -64,7 +64,9 @@ impl Client {
             .org_identity
             .clone()
             .ok_or_else(|| ClientError::Usage("the app server has no organisation".into()))?;
-        let request = self.request(GetOrgInfoRequest {}).await?;
+        let request = self
+            .request_to(Service::Backup, GetOrgInfoRequest {})
+            .await?;
         let announced = self
             .backup_client()?
             .get_org_info(request)
@@ -125,15 +127,18 @@ impl Client {
         )
         .map_err(|e| ClientError::Crypto(e.to_string()))?;
         let request = self
-            .request(SubmitBackupRequest {
-                channel_id: message.channel_id.clone(),
-                message_index: message.index,
-                org_enc_msg: Some(OrgEncMsg {
-                    org_card_id: org.card.id().to_vec(),
-                    encapsulated_key: sealed.encapsulated_key.to_vec(),
-                    ciphertext: sealed.ciphertext,
-                }),
-            })
+            .request_to(
+                Service::Backup,
+                SubmitBackupRequest {
+                    channel_id: message.channel_id.clone(),
+                    message_index: message.index,
+                    org_enc_msg: Some(OrgEncMsg {
+                        org_card_id: org.card.id().to_vec(),
+                        encapsulated_key: sealed.encapsulated_key.to_vec(),
+                        ciphertext: sealed.ciphertext,
+                    }),
+                },
+            )
             .await?;
         let stored = self
             .backup_client()?
@@ -159,11 +164,14 @@ impl Client {
     ) -> Result<Vec<HistoryEntry>, ClientError> {
         let org = self.org().await?;
         let request = self
-            .request(SyncHistoryRequest {
-                channel_id: channel_id.to_owned(),
-                from_index,
-                limit,
-            })
+            .request_to(
+                Service::Backup,
+                SyncHistoryRequest {
+                    channel_id: channel_id.to_owned(),
+                    from_index,
+                    limit,
+                },
+            )
             .await?;
         let mut stream = self
             .backup_client()?
@@ -231,11 +239,13 @@ impl Client {
         let (sender_identity, sender_card) =
             VerifiedPayload::claimed_sender(&item.original_payload)
                 .map_err(|e| bad(e.to_string()))?;
+        // The same sender rules as for the app server's copy: revoked before
+        // the message was stored, or never approved, is refused.
         let info = self
-            .card_info(
+            .sender_card(
                 &CardId::from_array(sender_card),
                 &sender_identity,
-                CardKind::Client,
+                item.server_time_ms,
             )
             .await
             .map_err(|e| bad(format!("original sender: {e}")))?;

@@ -43,6 +43,13 @@ pub enum ClientError {
         "the key directory's history is inconsistent with what this device saw before ({0}): the directory may be showing different histories to different users"
     )]
     Fork(String),
+    #[error(
+        "the device list of {identity:?} refused: {reason}: the key service or the app server may be lying about which devices {identity} approved"
+    )]
+    DeviceList {
+        identity: String,
+        reason: tessera_card::device_list::DeviceListError,
+    },
     #[error("message refused: {0}")]
     Message(String),
     #[error("message {index} in {channel_id} refused: {reason}")]

@@ -13,7 +13,7 @@ use tessera_proto::kms::v1::{
     GetCheckpointRequest, ListLogEntriesRequest, key_directory_client::KeyDirectoryClient,
 };
 
-use crate::{Client, ClientError, TrustEvent, error::rpc, state};
+use crate::{Client, ClientError, TrustEvent, client::Service, error::rpc, state};
 
 /// The safety number of this user and a contact, with the card sets it covers.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ impl Client {
         let ids = |who: &str| -> BTreeSet<CardId> {
             found
                 .get(who)
-                .map(|cards| cards.iter().map(|c| c.id()).collect())
+                .map(|devices| devices.approved.iter().map(|c| c.id()).collect())
                 .unwrap_or_default()
         };
         let own_cards = ids(self.identity());
@@ -144,7 +144,9 @@ impl Client {
     /// ones none of this user's devices made.
     pub async fn audit(&self) -> Result<AuditReport, ClientError> {
         let mut kms = KeyDirectoryClient::new(self.kms.clone()).max_decoding_message_size(64 << 20);
-        let request = self.request(GetCheckpointRequest {}).await?;
+        let request = self
+            .request_to(Service::Kms, GetCheckpointRequest {})
+            .await?;
         let signed = kms
             .get_checkpoint(request)
             .await
@@ -159,10 +161,13 @@ impl Client {
         let mut revocations: Vec<CardId> = Vec::new();
         while tree.len() < checkpoint.tree_size {
             let request = self
-                .request(ListLogEntriesRequest {
-                    from_index: tree.len(),
-                    limit: AUDIT_PAGE,
-                })
+                .request_to(
+                    Service::Kms,
+                    ListLogEntriesRequest {
+                        from_index: tree.len(),
+                        limit: AUDIT_PAGE,
+                    },
+                )
                 .await?;
             let page = kms
                 .list_log_entries(request)

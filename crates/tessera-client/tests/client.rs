@@ -54,10 +54,26 @@ impl World {
                 kdf: KdfParams::DANGER_FAST_FOR_TESTS,
                 expected_app_key: Some(self.stack.info().app_public_key),
                 expected_kms_key: Some(self.stack.info().kms_public_key),
+                reset: false,
             },
         )
         .await
         .unwrap()
+    }
+
+    /// Another device of `identity`, approved from its device `approver`.
+    async fn approved_device(&self, profile: &str, identity: &str, approver: &Client) -> Client {
+        let device = self.device(profile, identity, false).await;
+        assert_eq!(
+            device.approval().await.unwrap(),
+            tessera_client::Approval::Pending
+        );
+        approver.approve_device(&device.card_id()).await.unwrap();
+        assert_eq!(
+            device.approval().await.unwrap(),
+            tessera_client::Approval::Approved
+        );
+        device
     }
 
     async fn admin(&self) -> Client {
@@ -75,6 +91,7 @@ impl World {
                 kdf: KdfParams::DANGER_FAST_FOR_TESTS,
                 expected_app_key: None,
                 expected_kms_key: None,
+                reset: false,
             },
         )
         .await
@@ -93,7 +110,7 @@ fn text(content: &Content) -> &str {
 async fn send_to_every_device_and_verify_on_each() {
     let w = World::start().await;
     let alice1 = w.device("alice-laptop", "alice", true).await;
-    let alice2 = w.device("alice-phone", "alice", false).await;
+    let alice2 = w.approved_device("alice-phone", "alice", &alice1).await;
     let bob = w.device("bob-phone", "bob", true).await;
     let channel = alice1
         .create_channel("general", HistoryVisibility::Shared, &["bob".into()])
@@ -153,9 +170,35 @@ async fn device_changes_are_reported_and_drop_verification() {
     alice.mark_verified(&a_view).unwrap();
     assert!(alice.safety_number("bob").await.unwrap().verified);
 
-    // Bob adds a device: reported, the verification mark drops, the number changes.
+    // Bob enrolls a device: pending until one of his devices approves it,
+    // reported as such, not encrypted to.
     let bob2 = w.device("bob-tablet", "bob", false).await;
+    let sent = alice
+        .send_text(&channel.channel_id, "pending")
+        .await
+        .unwrap();
+    assert_eq!(
+        sent.events,
+        vec![TrustEvent::DevicePending {
+            identity: "bob".into(),
+            card_id: bob2.card_id(),
+            device_name: "bob-tablet".into(),
+        }]
+    );
+    assert!(!sent.recipients.contains(&bob2.card_id()));
+    assert_eq!(sent.pending.len(), 1);
+    assert!(alice.safety_number("bob").await.unwrap().verified);
+    // The pending device cannot send either.
+    let err = bob2
+        .send_text(&channel.channel_id, "let me in")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("waiting for approval"), "{err}");
+
+    // Bob approves it: reported, the verification mark drops, the number changes.
+    bob.approve_device(&bob2.card_id()).await.unwrap();
     let sent = alice.send_text(&channel.channel_id, "two").await.unwrap();
+    assert!(sent.recipients.contains(&bob2.card_id()));
     assert!(sent.events.contains(&TrustEvent::DeviceAdded {
         identity: "bob".into(),
         card_id: bob2.card_id(),
@@ -304,8 +347,16 @@ async fn org_backup_and_history_sync_for_a_later_device() {
             .unwrap()
     );
 
-    // Bob's new device cannot read the originals...
+    // Bob's new device gets nothing from the organisation before he approves it...
     let bob_new = w.device("bob-new", "bob", false).await;
+    let err = bob_new
+        .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("not approved"), "{err}");
+    bob.approve_device(&bob_new.card_id()).await.unwrap();
+    // ...cannot read the originals...
     let page = bob_new
         .history(&channel.channel_id, 0, 50, false)
         .await
@@ -425,10 +476,8 @@ async fn inject_card(w: &World, identity: &str) -> tessera_client::CardId {
     let header = tessera_service::token::bearer_header(
         &issuer
             .issue(
-                "tessera-server",
-                tessera_service::token::Role::Service,
-                None,
-                false,
+                &tessera_service::token::Grant::service("tessera-server"),
+                tessera_service::token::Audience::Kms,
             )
             .unwrap()
             .bytes,

@@ -30,7 +30,7 @@ use tessera_proto::{
 use tessera_service::{
     TokenIssuer,
     serve::{Running, ServeOptions},
-    token::{Role, bearer_header},
+    token::{Audience, AuthMethod, Grant, bearer_header},
 };
 use tonic::{Code, Request, transport::Channel};
 
@@ -89,13 +89,13 @@ impl Fixture {
         let (running, client, kms_key) = serve(dir.path(), &app, &issuer).await;
         let service_token = bearer_header(
             &issuer
-                .issue("tessera-server", Role::Service, None, false)
+                .issue(&Grant::service("tessera-server"), Audience::Kms)
                 .unwrap()
                 .bytes,
         );
         let user_token = bearer_header(
             &issuer
-                .issue("alice", Role::User, None, false)
+                .issue(&Grant::user("alice", AuthMethod::Password), Audience::Kms)
                 .unwrap()
                 .bytes,
         );
@@ -166,6 +166,7 @@ impl Fixture {
             SearchCardsRequest {
                 identities: identities.iter().map(|s| s.to_string()).collect(),
                 kind: 0,
+                device_list_from: Default::default(),
             },
         );
         Ok(self.client.search_cards(request).await?.into_inner())
@@ -243,8 +244,14 @@ async fn register_search_get_revoke_with_several_devices() {
     }
 
     // Self-revocation: the card leaves search but stays fetchable by id.
-    let revocation =
-        sign_revocation(id1, RevokedBy::SelfKey, &alice1_keys.signing, "lost", 1).unwrap();
+    let revocation = sign_revocation(
+        id1,
+        RevokedBy::SelfKey,
+        &alice1_keys.signing,
+        "lost",
+        tessera_service::now_secs(),
+    )
+    .unwrap();
     let request = f.with(
         &f.user_token.clone(),
         RevokeCardRequest {
@@ -365,7 +372,25 @@ async fn revocation_by_a_stranger_is_refused() {
         assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     }
     // The AppKey may revoke.
-    let revocation = sign_revocation(id, RevokedBy::App, &f.app, "admin", 1).unwrap();
+    // A revocation dated before the card existed would void its whole past.
+    let backdated = sign_revocation(id, RevokedBy::App, &f.app, "admin", 1).unwrap();
+    let request = f.with(
+        &f.service_token.clone(),
+        RevokeCardRequest {
+            revocation: Some(backdated),
+        },
+    );
+    let status = f.client.revoke_card(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("before the card was registered"));
+    let revocation = sign_revocation(
+        id,
+        RevokedBy::App,
+        &f.app,
+        "admin",
+        tessera_service::now_secs(),
+    )
+    .unwrap();
     let request = f.with(
         &f.service_token.clone(),
         RevokeCardRequest {

@@ -68,16 +68,6 @@ impl Challenges {
     }
 }
 
-/// The bytes a device signs to answer a challenge.
-pub(crate) fn signed_message(challenge: &[u8], identity: &str, card_id: &CardId) -> Vec<u8> {
-    let mut m = Vec::with_capacity(32 + 4 + identity.len() + 32);
-    m.extend_from_slice(challenge);
-    m.extend_from_slice(&(identity.len() as u32).to_be_bytes());
-    m.extend_from_slice(identity.as_bytes());
-    m.extend_from_slice(card_id.as_bytes());
-    m
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -180,7 +180,10 @@ impl Stack {
         .unwrap();
         let r = self
             .devices()
-            .enroll_device(user.req(EnrollDeviceRequest { card: Some(card) }))
+            .enroll_device(user.req(EnrollDeviceRequest {
+                card: Some(card),
+                statement: None,
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -472,6 +475,7 @@ async fn device_revoked_by_its_own_key_and_device_limits() {
         .devices()
         .enroll_device(carol.req(EnrollDeviceRequest {
             card: Some(card.clone()),
+            statement: None,
         }))
         .await
         .unwrap_err();
@@ -487,7 +491,7 @@ async fn device_revoked_by_its_own_key_and_device_limits() {
         revocation::RevokedBy::SelfKey,
         &carol.devices[0].keys.signing,
         "retired",
-        1,
+        tessera_service::now_secs(),
     )
     .unwrap();
     s.devices()
@@ -499,7 +503,10 @@ async fn device_revoked_by_its_own_key_and_device_limits() {
         .await
         .unwrap();
     s.devices()
-        .enroll_device(carol.req(EnrollDeviceRequest { card: Some(card) }))
+        .enroll_device(carol.req(EnrollDeviceRequest {
+            card: Some(card),
+            statement: None,
+        }))
         .await
         .unwrap();
 }
@@ -534,6 +541,7 @@ async fn authorization_denials() {
         .devices()
         .enroll_device(eve.req(EnrollDeviceRequest {
             card: Some(card.clone()),
+            statement: None,
         }))
         .await
         .unwrap_err();
@@ -635,7 +643,10 @@ async fn authorization_denials() {
             .await
             .unwrap_err(),
         s.devices()
-            .enroll_device(anon.req(EnrollDeviceRequest { card: Some(card) }))
+            .enroll_device(anon.req(EnrollDeviceRequest {
+                card: Some(card),
+                statement: None,
+            }))
             .await
             .unwrap_err(),
         s.devices()

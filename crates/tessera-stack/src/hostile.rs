@@ -215,6 +215,7 @@ named!(
     AccountsProxy => "tessera.server.v1.Accounts",
     DevicesProxy => "tessera.server.v1.Devices",
     AdminProxy => "tessera.server.v1.Admin",
+    ArchiveProxy => "tessera.server.v1.Archive",
     ChannelsProxy => "tessera.server.v1.Channels",
     BackupProxy => "tessera.backup.v1.Backup",
 );
@@ -237,6 +238,7 @@ impl Proxy {
             Routes::new(AccountsProxy(f.clone()))
                 .add_service(DevicesProxy(f.clone()))
                 .add_service(AdminProxy(f.clone()))
+                .add_service(ArchiveProxy(f.clone()))
                 .add_service(ChannelsProxy(f))
         })
         .await
@@ -312,7 +314,7 @@ pub fn inject_card(identity: String, card: tessera_proto::card::v1::Card) -> Tam
                 revocation: None,
                 registration_entry: entry,
                 inclusion,
-                superseded_by: Vec::new(),
+                ..Default::default()
             });
         }
         vec![response.encode_to_vec()]

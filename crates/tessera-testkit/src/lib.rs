@@ -528,26 +528,40 @@ impl Cluster {
                 kdf: KdfParams::DANGER_FAST_FOR_TESTS,
                 expected_app_key: Some(self.keys.app),
                 expected_kms_key: Some(self.keys.kms),
+                reset: false,
             },
         )
         .await
         .unwrap_or_else(|e| panic!("enrolling {profile} of {identity}: {e}"))
     }
 
-    /// Profiles for `users` × `devices` (named `<user>-<n>`), in order.
+    /// Profiles for `users` × `devices` (named `<user>-<n>`), in order;
+    /// each user's first device approves the others.
     pub async fn users(&self, users: &[&str], devices: usize) -> BTreeMap<String, Vec<Client>> {
         let mut out = BTreeMap::new();
         for user in users {
-            let mut clients = Vec::new();
+            let mut clients: Vec<Client> = Vec::new();
             for n in 0..devices {
-                clients.push(self.device(&format!("{user}-{n}"), user, n == 0).await);
+                let device = self.device(&format!("{user}-{n}"), user, n == 0).await;
+                if let Some(first) = clients.first() {
+                    approve(first, &device).await;
+                }
+                clients.push(device);
             }
             out.insert((*user).to_owned(), clients);
         }
         out
     }
 
-    /// The admin's device (to manage the organisation).
+    /// Another device of `approver`'s user, approved by `approver`.
+    pub async fn approved_device(&self, profile: &str, approver: &Client) -> Client {
+        let device = self.device(profile, approver.identity(), false).await;
+        approve(approver, &device).await;
+        device
+    }
+
+    /// The admin's device (to manage the organisation). The first admin
+    /// profile of a cluster starts the admin's device list.
     pub async fn admin(&self) -> Client {
         self.device("admin", ADMIN, false).await
     }
@@ -585,4 +599,12 @@ impl Cluster {
         fork.start().await;
         fork
     }
+}
+
+/// `approver` approves `device` (another device of the same user).
+pub async fn approve(approver: &Client, device: &Client) {
+    approver
+        .approve_device(&device.card_id())
+        .await
+        .unwrap_or_else(|e| panic!("approving {}: {e}", device.device_name()));
 }

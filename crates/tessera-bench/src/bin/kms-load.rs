@@ -32,7 +32,7 @@ use tessera_proto::{
 use tessera_service::{
     TokenIssuer,
     serve::{Running, ServeOptions, bind},
-    token::{Role, bearer_header},
+    token::{Audience, AuthMethod, Grant, bearer_header},
 };
 use tonic::{Request, service::Routes, transport::Channel};
 
@@ -121,6 +121,7 @@ impl Load {
                 SearchCardsRequest {
                     identities: vec![format!("user{pick}")],
                     kind: 0,
+                    device_list_from: Default::default(),
                 },
             ))
             .await;
@@ -149,6 +150,7 @@ impl Load {
                 SearchCardsRequest {
                     identities: vec!["user0".into()],
                     kind: 0,
+                    device_list_from: Default::default(),
                 },
             ))
             .await
@@ -235,13 +237,13 @@ async fn main() {
         app,
         service_token: bearer_header(
             &issuer
-                .issue("tessera-server", Role::Service, None, false)
+                .issue(&Grant::service("tessera-server"), Audience::Kms)
                 .unwrap()
                 .bytes,
         ),
         user_token: bearer_header(
             &issuer
-                .issue("bench", Role::User, None, false)
+                .issue(&Grant::user("bench", AuthMethod::Password), Audience::Kms)
                 .unwrap()
                 .bytes,
         ),
