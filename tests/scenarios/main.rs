@@ -10,6 +10,7 @@
 
 mod authorization;
 mod bad_input;
+mod device_lists;
 mod durability;
 mod exchange;
 mod mitm;
@@ -35,6 +36,36 @@ pub(crate) fn text(r: &Received) -> &str {
         Content::Text(t) => t,
         other => panic!("expected text, got {other:?}"),
     }
+}
+
+/// Runs the `tessera` CLI as `profile` of the cluster's home, off the async
+/// runtime (so in-process proxies keep answering it).
+pub(crate) async fn cli(cluster: &Cluster, profile: &str, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(tessera_testkit::bin_path("tessera"));
+    command
+        .args(args)
+        .env("TESSERA_HOME", cluster.home.root())
+        .env("TESSERA_PROFILE", profile)
+        .env(
+            "TESSERA_PASSPHRASE",
+            std::str::from_utf8(tessera_testkit::PASSPHRASE).unwrap_or_default(),
+        )
+        .env(
+            "TESSERA_PASSWORD",
+            format!(
+                "{}-testkit-password",
+                profile.split('-').next().unwrap_or(profile)
+            ),
+        )
+        .env("TESSERA_DANGER_FAST_KDF", "1")
+        .env("TESSERA_SERVER_URL", cluster.server.url())
+        .env("TESSERA_KMS_URL", cluster.kms.url())
+        .env("TESSERA_BACKUP_URL", cluster.backup.url())
+        .env_remove("TESSERA_JSON")
+        .stdin(std::process::Stdio::null());
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
 }
 
 pub(crate) async fn connect(url: &str) -> Channel {

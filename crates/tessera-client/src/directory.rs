@@ -97,8 +97,11 @@ impl CardInfo {
 pub struct Devices {
     /// Active cards the identity's device list approves: what is encrypted to.
     pub approved: Vec<VerifiedCard>,
-    /// Active, verified cards the list does not approve (never encrypted to).
+    /// Active, verified cards the list never approved (never encrypted to).
     pub pending: Vec<VerifiedCard>,
+    /// Active cards the list approved once and withdrew (removed, or
+    /// replaced by a reset): no longer encrypted to.
+    pub removed: Vec<VerifiedCard>,
     /// Number of statements in the verified device list.
     pub list_length: u64,
 }
@@ -412,6 +415,11 @@ impl Client {
         for id in state.trusted() {
             new_pin.removed.remove(&id.to_string());
         }
+        let removed: BTreeSet<CardId> = new_pin
+            .removed
+            .keys()
+            .filter_map(|id| id.parse().ok())
+            .collect();
         self.save_device_list(identity, new_pin)?;
 
         let mut devices = Devices {
@@ -422,6 +430,10 @@ impl Client {
             if let Some(r) = records.get(&id) {
                 if state.is_trusted(&id) {
                     devices.approved.push(r.card.clone());
+                } else if removed.contains(&id) {
+                    // Approved once, withdrawn since (removed, or replaced by
+                    // a reset): gone, not waiting for approval.
+                    devices.removed.push(r.card.clone());
                 } else {
                     devices.pending.push(r.card.clone());
                 }

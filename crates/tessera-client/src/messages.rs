@@ -280,13 +280,15 @@ impl Client {
         let identities: Vec<String> = channel.members.iter().map(|m| m.identity.clone()).collect();
         let (cards, found, events) = self.recipient_cards(&identities).await?;
         if !cards.iter().any(|c| c.id() == self.card_id) {
-            let pending = found
-                .get(self.identity())
-                .is_some_and(|d| d.pending.iter().any(|c| c.id() == self.card_id));
+            let mine = found.get(self.identity());
+            let pending = mine.is_some_and(|d| d.pending.iter().any(|c| c.id() == self.card_id));
+            let removed = mine.is_some_and(|d| d.removed.iter().any(|c| c.id() == self.card_id));
             return Err(ClientError::Message(if pending {
                 "this device is waiting for approval: approve it from one of your other devices (tessera device approve)".into()
+            } else if removed {
+                "this device is no longer in your device list (removed by another device, or replaced by a reset): it cannot send".into()
             } else {
-                "this device's card is not active at the key service or no longer in your device list (revoked?)".into()
+                "this device's card is not active at the key service (revoked?)".into()
             }));
         }
         let pending: Vec<PendingDevice> = found

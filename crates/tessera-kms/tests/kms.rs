@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use tessera_card::{
     CardId, CardKind, NewCard, Verifier, app_sign,
+    device_list::{self, Action, DeviceListState, NewStatement, ParsedStatement},
+    record,
     revocation::{RevokedBy, sign_revocation},
     transparency::{self, VerifiedCheckpoint},
 };
@@ -21,9 +23,9 @@ use tessera_proto::{
     card::v1::Card,
     kms::v1::{
         CardRecord, CardStatus, GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest,
-        GetInclusionProofRequest, GetServiceInfoRequest, ListLogEntriesRequest,
-        RegisterCardRequest, RevokeCardRequest, SearchCardsRequest,
-        key_directory_client::KeyDirectoryClient,
+        GetDeviceListRequest, GetInclusionProofRequest, GetServiceInfoRequest,
+        ListLogEntriesRequest, PublishDeviceStatementRequest, RegisterCardRequest,
+        RevokeCardRequest, SearchCardsRequest, key_directory_client::KeyDirectoryClient,
     },
     transparency::v1::SignedCheckpoint,
 };
@@ -708,4 +710,224 @@ async fn health_and_reflection_are_served() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+}
+
+/// Signs `action` on `subject` against `state` with `signer`'s key.
+fn statement(
+    state: &DeviceListState,
+    action: Action,
+    subject: CardId,
+    signer: (CardId, &DeviceKeys),
+    app: Option<&SigningKey>,
+) -> tessera_proto::card::v1::SignedDeviceStatement {
+    let mut signed = NewStatement {
+        identity: state.identity(),
+        seqno: state.length(),
+        previous_hash: state.head(),
+        action,
+        subject,
+        signer: signer.0,
+        created_at: tessera_service::now_secs(),
+    }
+    .sign(&signer.1.signing);
+    if let Some(app) = app {
+        device_list::app_cosign(&mut signed, app);
+    }
+    signed
+}
+
+#[tokio::test]
+async fn device_lists_are_checked_logged_served_and_survive_restart() {
+    let mut f = Fixture::start().await;
+    let (phone_keys, phone) = f.card("alice", "phone");
+    let (laptop_keys, laptop) = f.card("alice", "laptop");
+    let (_, rogue) = f.card("alice", "made by the server");
+    let mut ids = Vec::new();
+    let mut cards = Vec::new();
+    for card in [phone, laptop, rogue] {
+        let (record, cp) = f.register(card).await.unwrap();
+        ids.push(f.check_record(&record, &cp, "alice"));
+        cards.push(
+            f.verifier()
+                .verify(
+                    &transparency::registered_card(&record.registration_entry).unwrap(),
+                    Some("alice"),
+                    CardKind::Client,
+                )
+                .unwrap(),
+        );
+    }
+    let (phone_id, laptop_id, rogue_id) = (ids[0], ids[1], ids[2]);
+    let phone_card = cards[0].clone();
+    let alice = f.user_token.clone();
+    let service = f.service_token.clone();
+    let publish =
+        |f: &mut Fixture, token: &str, s: tessera_proto::card::v1::SignedDeviceStatement| {
+            let request = f.with(token, PublishDeviceStatementRequest { statement: Some(s) });
+            let mut client = f.client.clone();
+            async move { client.publish_device_statement(request).await }
+        };
+
+    // A genesis without the AppKey's co-signature is refused; with it, logged.
+    let mut truth = DeviceListState::empty("alice");
+    let bare = statement(
+        &truth,
+        Action::Genesis,
+        phone_id,
+        (phone_id, &phone_keys),
+        None,
+    );
+    let err = publish(&mut f, &alice, bare).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let genesis = statement(
+        &truth,
+        Action::Genesis,
+        phone_id,
+        (phone_id, &phone_keys),
+        Some(&f.app),
+    );
+    let logged = publish(&mut f, &service, genesis.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let cp = transparency::verify_checkpoint(&logged.checkpoint.unwrap(), &f.kms_key).unwrap();
+    let one = device_list::check_logged(&logged.statement.unwrap(), "alice", &cp).unwrap();
+    truth
+        .apply(&one.statement, &phone_card, &f.app.verifying_key())
+        .unwrap();
+    // Publishing the same statement again returns it as logged.
+    let again = publish(&mut f, &service, genesis)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.statement.unwrap().inclusion.unwrap().leaf_index,
+        one.leaf_index
+    );
+
+    // Another user cannot write alice's list.
+    let bob = bearer_header(
+        &f.issuer
+            .issue(&Grant::user("bob", AuthMethod::Device), Audience::Kms)
+            .unwrap()
+            .bytes,
+    );
+    let add_laptop = statement(
+        &truth,
+        Action::Add,
+        laptop_id,
+        (phone_id, &phone_keys),
+        None,
+    );
+    let err = publish(&mut f, &bob, add_laptop.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A device nobody approved cannot add itself or another.
+    let forged = statement(
+        &truth,
+        Action::Add,
+        rogue_id,
+        (laptop_id, &laptop_keys),
+        None,
+    );
+    let err = publish(&mut f, &alice, forged).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not a trusted device"), "{err:?}");
+    // The phone approves the laptop.
+    publish(&mut f, &alice, add_laptop).await.unwrap();
+    let mut stale_base = truth.clone();
+    let laptop_added = {
+        let s = statement(
+            &truth,
+            Action::Add,
+            laptop_id,
+            (phone_id, &phone_keys),
+            None,
+        );
+        ParsedStatement::parse(s).unwrap()
+    };
+    truth
+        .apply(&laptop_added, &phone_card, &f.app.verifying_key())
+        .unwrap();
+    // A statement signed against the old head is ABORTED: refetch and sign again.
+    let stale = statement(
+        &stale_base,
+        Action::Remove,
+        phone_id,
+        (phone_id, &phone_keys),
+        None,
+    );
+    let err = publish(&mut f, &alice, stale).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    stale_base = truth.clone();
+
+    // Served from any seqno, with proofs, in search and alone; the same after a restart.
+    f.restart().await;
+    let request = f.with(
+        &alice,
+        GetDeviceListRequest {
+            identity: "alice".into(),
+            from_seqno: 1,
+        },
+    );
+    let list = f
+        .client
+        .get_device_list(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let cp = transparency::verify_checkpoint(&list.checkpoint.unwrap(), &f.kms_key).unwrap();
+    let list = list.device_list.unwrap();
+    assert_eq!(list.length, 2);
+    assert_eq!(list.statements.len(), 1);
+    let served = device_list::ServedList::check(&list, "alice", &cp).unwrap();
+    assert_eq!(
+        served.statements[0].statement.hash(),
+        stale_base.head().unwrap()
+    );
+
+    let mut from = std::collections::HashMap::new();
+    from.insert("alice".to_owned(), 0u64);
+    let request = f.with(
+        &alice,
+        SearchCardsRequest {
+            identities: vec!["alice".into(), "nobody".into()],
+            kind: CardKind::Client.to_proto() as i32,
+            device_list_from: from,
+        },
+    );
+    let found = f.client.search_cards(request).await.unwrap().into_inner();
+    let cp = transparency::verify_checkpoint(&found.checkpoint.unwrap(), &f.kms_key).unwrap();
+    let list = found.results[0].device_list.clone().unwrap();
+    let mut view = DeviceListState::empty("alice");
+    let records: std::collections::BTreeMap<CardId, record::CheckedRecord> = found.results[0]
+        .cards
+        .iter()
+        .map(|r| {
+            let c = record::check_record(&f.verifier(), r, &cp, Some("alice"), CardKind::Client)
+                .unwrap();
+            (c.card.id(), c)
+        })
+        .collect();
+    device_list::ServedList::check(&list, "alice", &cp)
+        .unwrap()
+        .extend(
+            &mut view,
+            &|id| records.get(id).cloned(),
+            &f.app.verifying_key(),
+        )
+        .unwrap();
+    assert_eq!(view, truth);
+    assert!(view.is_trusted(&laptop_id) && !view.is_trusted(&rogue_id));
+    assert_eq!(found.results[1].device_list.clone().unwrap().length, 0);
+    // Asking for ORG cards only leaves the device lists out.
+    let request = f.with(
+        &alice,
+        SearchCardsRequest {
+            identities: vec!["alice".into()],
+            kind: CardKind::Org.to_proto() as i32,
+            device_list_from: Default::default(),
+        },
+    );
+    let found = f.client.search_cards(request).await.unwrap().into_inner();
+    assert!(found.results[0].device_list.is_none());
 }

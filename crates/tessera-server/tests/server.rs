@@ -11,7 +11,11 @@
 use std::{collections::HashSet, time::Duration};
 
 use futures_util::StreamExt;
-use tessera_card::{CardId, CardKind, NewCard, Verifier, revocation, transparency};
+use tessera_card::{
+    CardId, CardKind, NewCard, Verifier,
+    device_list::{Action, NewStatement},
+    revocation, transparency,
+};
 use tessera_crypto::{
     DeviceKeys, SignatureContext, VerifyingKey,
     envelope::{self, Draft, Recipient, Sender},
@@ -23,9 +27,9 @@ use tessera_proto::{
         AddMemberRequest, BeginDeviceLoginRequest, CreateChannelRequest, Direction,
         DownloadAttachmentRequest, EnrollDeviceRequest, FinishDeviceLoginRequest,
         GetChannelRequest, GetReadHorizonRequest, GetServerInfoRequest, HistoryVisibility,
-        ListChannelsRequest, ListDevicesRequest, ListMessagesRequest, LoginRequest,
-        RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest, SetOrgMemberRequest,
-        SetReadHorizonRequest, SignUpRequest, StoredMessage, SubscribeRequest,
+        IssueTokenRequest, ListChannelsRequest, ListDevicesRequest, ListMessagesRequest,
+        LoginRequest, RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest,
+        SetOrgMemberRequest, SetReadHorizonRequest, SignUpRequest, StoredMessage, SubscribeRequest,
         UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
         admin_client::AdminClient, channels_client::ChannelsClient, devices_client::DevicesClient,
     },
@@ -382,6 +386,59 @@ async fn enrollment_of_several_devices_and_passwordless_login() {
     assert_eq!(me.identity, "alice");
     assert_eq!(me.device_card_id, a2.to_vec());
 
+    // A device-login token never enrolls a device: that needs the password.
+    let keys = DeviceKeys::generate().unwrap();
+    let card = NewCard {
+        identity: "alice",
+        kind: CardKind::Client,
+        device_name: "behind your back",
+        created_at: 0,
+        previous_card_id: None,
+    }
+    .self_signed(&keys)
+    .unwrap();
+    let err = s
+        .devices()
+        .enroll_device(device_user.req(EnrollDeviceRequest {
+            card: Some(card),
+            statement: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("password log-in"), "{err:?}");
+    // It trades for a key-service token, which the app server refuses, and
+    // never for another app-server token.
+    let traded = s
+        .accounts()
+        .issue_token(device_user.req(IssueTokenRequest {
+            audience: "kms".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(traded.audience, "kms");
+    assert!(traded.expires_at <= login.expires_at);
+    let kms_user = User {
+        identity: "alice".into(),
+        token: bearer_header(&traded.access_token),
+        devices: vec![],
+    };
+    let err = s
+        .accounts()
+        .who_am_i(kms_user.req(WhoAmIRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = s
+        .accounts()
+        .issue_token(device_user.req(IssueTokenRequest {
+            audience: "server".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
     // The same challenge cannot be replayed; a wrong key cannot answer one.
     let replay = s
         .accounts()
@@ -448,6 +505,77 @@ async fn enrollment_of_several_devices_and_passwordless_login() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn enrollment_publishes_a_genesis_and_a_reset_co_signed_by_the_app() {
+    let s = Stack::start().await;
+    let carol = s.signup("carol").await;
+    let enroll = |name: &'static str, action: Action, seqno: u64, previous: Option<[u8; 32]>| {
+        let keys = DeviceKeys::generate().unwrap();
+        let card = NewCard {
+            identity: "carol",
+            kind: CardKind::Client,
+            device_name: name,
+            created_at: 0,
+            previous_card_id: None,
+        }
+        .self_signed(&keys)
+        .unwrap();
+        let id = CardId::of_snapshot(&card.content_snapshot);
+        let statement = NewStatement {
+            identity: "carol",
+            seqno,
+            previous_hash: previous,
+            action,
+            subject: id,
+            signer: id,
+            created_at: 0,
+        }
+        .sign(&keys.signing);
+        (
+            EnrollDeviceRequest {
+                card: Some(card),
+                statement: Some(statement.clone()),
+            },
+            statement,
+        )
+    };
+    let (request, genesis) = enroll("first", Action::Genesis, 0, None);
+    let r = s
+        .devices()
+        .enroll_device(carol.req(request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.statement_logged);
+    // A second genesis for the same identity is refused by the key service.
+    let (request, _) = enroll("second", Action::Genesis, 0, None);
+    let err = s
+        .devices()
+        .enroll_device(carol.req(request))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    // An ADD does not come with an enrollment; a statement with the app
+    // signature already filled in is refused.
+    let (request, _) = enroll("third", Action::Add, 1, Some([0; 32]));
+    let err = s
+        .devices()
+        .enroll_device(carol.req(request))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A reset against the genesis, with a fresh password log-in, is logged.
+    let head = tessera_card::device_list::statement_hash(&genesis.statement);
+    let (request, _) = enroll("after loss", Action::Reset, 1, Some(head));
+    let r = s
+        .devices()
+        .enroll_device(carol.req(request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.statement_logged);
 }
 
 #[tokio::test]

@@ -79,10 +79,12 @@ impl Codec for RawCodec {
     }
 }
 
-/// The proxy's state: where it forwards to, and how it tampers.
+/// The proxy's state: where it forwards to, how it tampers, and the
+/// credentials it saw (what the operator of a service can capture).
 pub struct ProxyControl {
     upstream: RwLock<Channel>,
     tamper: RwLock<Tamper>,
+    captured: std::sync::Mutex<Vec<String>>,
 }
 
 impl ProxyControl {
@@ -94,6 +96,11 @@ impl ProxyControl {
             .connect_lazy();
         *self.upstream.write().map_err(|_| "poisoned".to_owned())? = channel;
         Ok(())
+    }
+
+    /// Every `authorization` header the proxy forwarded so far.
+    pub fn captured_tokens(&self) -> Vec<String> {
+        self.captured.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// Tampers with responses this way from now on.
@@ -137,6 +144,11 @@ impl tonic::server::StreamingService<Vec<u8>> for Method {
                 .map_err(|_| Status::internal("proxy poisoned"))?
                 .clone();
             let (metadata, extensions, inbound) = request.into_parts();
+            if let Some(token) = metadata.get("authorization").and_then(|v| v.to_str().ok())
+                && let Ok(mut captured) = control.captured.lock()
+            {
+                captured.push(token.to_owned());
+            }
             let outbound = inbound.filter_map(|m| async move { m.ok() });
             let mut forwarded = tonic::Request::from_parts(metadata, extensions, outbound);
             forwarded.set_timeout(std::time::Duration::from_secs(120));
@@ -257,6 +269,7 @@ impl Proxy {
                     .connect_lazy(),
             ),
             tamper: RwLock::new(honest()),
+            captured: Default::default(),
         });
         let listener = bind("127.0.0.1:0".parse().map_err(|_| "address")?)
             .await

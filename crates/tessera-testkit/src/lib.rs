@@ -344,6 +344,19 @@ impl TlsFiles {
     }
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
 fn path_string(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
@@ -585,6 +598,30 @@ pub fn bin_path(name: &str) -> PathBuf {
 impl Cluster {
     /// A second key service holding this cluster's KMS key but its own,
     /// empty log: a directory that can sign checkpoints of another history.
+    /// A copy of the key service's data directory as it is now (the key
+    /// service is stopped for the copy and started again), to run a second
+    /// key service on with [`Cluster::kms_on`], after editing its database
+    /// as a key service's operator could.
+    pub async fn copy_kms_data(&mut self, name: &str) -> PathBuf {
+        let from = self.data_dir("kms");
+        let to = self.dir.path().join(name);
+        self.kms.stop().await;
+        copy_dir(&from, &to);
+        self.kms.restart().await;
+        to
+    }
+
+    /// A key service with the real one's key on the data in `dir` (from
+    /// [`Cluster::copy_kms_data`]).
+    pub async fn kms_on(&self, dir: &Path) -> Service {
+        let mut env = self.kms.env.clone();
+        env.insert("TESSERA_KMS_DATA_DIR".into(), path_string(dir));
+        env.retain(|k, _| !k.ends_with("_TLS_CERT") && !k.ends_with("_TLS_KEY"));
+        let mut kms = Service::new("tessera-kms", dir, vec![], env, self.tls.as_ref());
+        kms.start().await;
+        kms
+    }
+
     pub async fn forked_kms(&self) -> Service {
         let dir = self.dir.path().join("kms-fork");
         std::fs::create_dir_all(&dir).unwrap();
