@@ -571,14 +571,34 @@ async fn after_an_identity_reset_contacts_see_the_change_and_lose_their_verified
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("replaced every other device"));
     let new = cluster.reopen("bob-new");
+    new.send_text(&channel, "it's me, on a new phone")
+        .await
+        .unwrap();
 
-    // alice's next look says so, loudly, and drops the verified mark.
-    let out = cli(&cluster, "alice", &["whois", "bob"]).await;
+    // alice first learns of it from that message: it is shown with a loud
+    // warning, and the verified mark is gone.
+    let out = cli(&cluster, "alice", &["history", "c"]).await;
     assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("it's me, on a new phone"), "{stdout}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("RESET their identity"), "{stderr}");
-    assert!(stderr.contains("no longer verified"), "{stderr}");
     assert!(!alice.contacts().unwrap()["bob"]);
+    // ...and every later look says so again, until alice verifies bob anew.
+    for _ in 0..2 {
+        let out = cli(&cluster, "alice", &["whois", "bob"]).await;
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("RESET their identity"), "{stderr}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("not verified"));
+    }
+    let out = cli(&cluster, "alice", &["verify", "bob", "--confirm"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&cluster, "alice", &["whois", "bob"]).await;
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("RESET"),
+        "{out:?}"
+    );
 
     // Messages go to the new device only; the old one's past still verifies.
     let sent = alice.send_text(&channel, "welcome back").await.unwrap();
@@ -586,15 +606,11 @@ async fn after_an_identity_reset_contacts_see_the_change_and_lose_their_verified
     assert!(!sent.recipients.contains(&phone.card_id()));
     let page = alice.history(&channel, 0, 10, false).await.unwrap();
     assert!(page.messages[0].1.is_ok(), "{:?}", page.messages[0].1);
+    // The reset revoked the old phone: a thief holding it cannot log in.
     let err = phone.send_text(&channel, "still here?").await.unwrap_err();
-    assert!(
-        err.to_string().contains("no longer in your device list"),
-        "{err}"
-    );
+    assert_eq!(err.code(), Some(Code::Unauthenticated), "{err}");
+    assert!(err.to_string().contains("revoked"), "{err}");
     let (found, _) = alice.cards_of(&["bob".into()]).await.unwrap();
-    assert!(
-        found["bob"].pending.is_empty(),
-        "a replaced device is not pending"
-    );
-    assert_eq!(found["bob"].removed.len(), 1);
+    assert!(found["bob"].pending.is_empty());
+    assert_eq!(found["bob"].approved.len(), 1);
 }

@@ -152,7 +152,9 @@ async fn messages_of_a_revoked_card_are_refused() {
     .unwrap()
     .into_device()
     .unwrap();
-    bob0.revoke_device(&bob1.card_id(), "stolen").await.unwrap();
+    bob0.revoke_device(&bob1.card_id(), "stolen", Some("bob-testkit-password"))
+        .await
+        .unwrap();
     // Revocations carry whole seconds: what follows is in a later second.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 

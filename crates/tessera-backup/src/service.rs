@@ -210,6 +210,13 @@ impl Backup for BackupService {
                 "the record's sender is not the sender the app server stored at this index",
             ));
         }
+        // Clients date the message by this time (revocation and removal
+        // cut-offs): it must be the app server's, not the submitter's.
+        if record.server_time_ms != stored.server_time_ms {
+            return Err(Status::invalid_argument(
+                "the record's server time is not the one the app server stored at this index",
+            ));
+        }
         let card = self
             .upstream
             .card(&CardId::from_array(sender_card), &sender_identity)

@@ -18,7 +18,10 @@ use tessera_card::{
 };
 use tessera_crypto::SignatureContext;
 use tessera_proto::{
-    kms::v1::{GetCardRequest, SearchCardsRequest, key_directory_client::KeyDirectoryClient},
+    kms::v1::{
+        DeviceList, GetCardRequest, GetDeviceListRequest, SearchCardsRequest,
+        key_directory_client::KeyDirectoryClient,
+    },
     server::v1::{
         BeginDeviceLoginRequest, Channel as PbChannel, FinishDeviceLoginRequest,
         GetMemberViewRequest, GetStoredMessageRequest, IssueTokenRequest, StoredMessage,
@@ -225,6 +228,28 @@ impl Upstream {
         Ok(checked)
     }
 
+    /// `identity`'s whole device list, with the checkpoint it is proven in.
+    async fn device_list(
+        &self,
+        identity: &str,
+    ) -> Result<(DeviceList, VerifiedCheckpoint), Status> {
+        let request = with_header(
+            &self.header(Audience::Kms).await?,
+            GetDeviceListRequest {
+                identity: identity.to_owned(),
+                from_seqno: 0,
+            },
+        )?;
+        let response = self
+            .kms_client()
+            .get_device_list(request)
+            .await
+            .map_err(|e| relay("key service", e))?
+            .into_inner();
+        let checkpoint = self.checkpoint(response.checkpoint.as_ref())?;
+        Ok((response.device_list.unwrap_or_default(), checkpoint))
+    }
+
     /// The cards of `identity` that are active and approved by its own
     /// devices (its verified device list), checked like a client checks them.
     pub(crate) async fn approved_cards(&self, identity: &str) -> Result<Vec<VerifiedCard>, Status> {
@@ -263,8 +288,12 @@ impl Upstream {
             }
             records.insert(checked.card.id(), checked);
         }
-        let list = result.device_list.unwrap_or_default();
-        let served = ServedList::check(&list, identity, &checkpoint)
+        let mut list = result.device_list.unwrap_or_default();
+        let mut list_checkpoint = checkpoint.clone();
+        if list.truncated {
+            (list, list_checkpoint) = self.device_list(identity).await?;
+        }
+        let served = ServedList::check(&list, identity, &list_checkpoint)
             .map_err(|e| refused("device list", e))?;
         // Signers no longer active are fetched by id.
         for signer in served.signers() {

@@ -222,17 +222,15 @@ async fn ingestion_checks_membership_signatures_duplicates_and_conflicts() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("signature"), "{}", err.message());
-    // A record claiming another index than the stored message's.
+    // A record claiming another index than the stored message's: its
+    // server time is not the one stored there.
     let shifted = org_enc_msg(&org, &messages[1], 1, |_| {});
     let err = backup
         .submit_backup(with(&bob_token, shifted))
         .await
         .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Code::AlreadyExists,
-        "index 1 holds another record: {err:?}"
-    );
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("server time"), "{err:?}");
     // Sealed to another card, or garbage.
     let mut other_card = org_enc_msg(&org, &messages[1], 2, |_| {});
     other_card.org_enc_msg.as_mut().unwrap().org_card_id = vec![7; 32];

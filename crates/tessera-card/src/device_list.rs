@@ -42,6 +42,10 @@ pub const STATEMENT_VERSION: u32 = 1;
 /// Most statements one identity's list may hold.
 pub const MAX_STATEMENTS: u64 = 1000;
 
+/// ADD and REMOVE stop this many statements short of [`MAX_STATEMENTS`], so
+/// a device that cycles them cannot use up the room a RESET needs.
+pub const RESET_HEADROOM: u64 = 10;
+
 /// Label of the statement hash.
 const HASH_LABEL: &[u8] = b"tessera/v2/device-list/hash";
 
@@ -133,7 +137,9 @@ pub enum DeviceListError {
         "statement {found} does not extend the list's head (the list has {length} statements): refetch it"
     )]
     Stale { length: u64, found: u64 },
-    #[error("the device list is full ({MAX_STATEMENTS} statements)")]
+    #[error(
+        "the device list is full ({MAX_STATEMENTS} statements; ADD and REMOVE stop {RESET_HEADROOM} short, for a RESET)"
+    )]
     Full,
     #[error("device list proof: {0}")]
     Proof(#[from] CardError),
@@ -270,6 +276,9 @@ impl ParsedStatement {
                 return Err(DeviceListError::Malformed("previous hash must be 32 bytes"));
             }
         };
+        if s.seqno >= MAX_STATEMENTS {
+            return Err(DeviceListError::Full);
+        }
         let action = Action::from_proto(s.action)?;
         if (action == Action::Genesis) != (s.seqno == 0) {
             return Err(DeviceListError::Malformed(
@@ -458,7 +467,11 @@ impl DeviceListState {
                 found: statement.seqno,
             });
         }
-        if self.length >= MAX_STATEMENTS {
+        let room = match statement.action {
+            Action::Genesis | Action::Reset => MAX_STATEMENTS,
+            Action::Add | Action::Remove => MAX_STATEMENTS - RESET_HEADROOM,
+        };
+        if self.length >= room {
             return Err(DeviceListError::Full);
         }
         let change = match statement.action {
@@ -573,6 +586,11 @@ impl ServedList {
         identity: &str,
         checkpoint: &VerifiedCheckpoint,
     ) -> Result<Self, DeviceListError> {
+        if list.truncated {
+            return Err(DeviceListError::Malformed(
+                "the list was left out of a search answer: fetch it with GetDeviceList",
+            ));
+        }
         if list.statements.len() as u64 > MAX_STATEMENTS || list.length > MAX_STATEMENTS {
             return Err(DeviceListError::Full);
         }
@@ -582,6 +600,7 @@ impl ServedList {
             .map(|s| check_logged(s, identity, checkpoint))
             .collect::<Result<Vec<_>, _>>()?;
         for pair in statements.windows(2) {
+            // Parsing bounded every seqno below MAX_STATEMENTS: no overflow.
             if pair[1].statement.seqno != pair[0].statement.seqno + 1
                 || pair[1].leaf_index <= pair[0].leaf_index
             {
@@ -641,9 +660,11 @@ impl ServedList {
                 });
             }
             rest = tail;
-        } else if rest.first().is_some_and(|s| s.statement.seqno != 0) {
+        } else if rest.first().is_some_and(|s| s.statement.seqno != 0)
+            || (rest.is_empty() && self.length > 0)
+        {
             return Err(DeviceListError::Malformed(
-                "a list seen for the first time must start at its genesis",
+                "a list seen for the first time must be shown from its genesis",
             ));
         }
         let mut changes = Vec::with_capacity(rest.len());
@@ -776,7 +797,14 @@ mod tests {
                     )),
                 })
                 .collect();
-            (DeviceList { length, statements }, cp)
+            (
+                DeviceList {
+                    length,
+                    statements,
+                    truncated: false,
+                },
+                cp,
+            )
         }
     }
 
@@ -1069,6 +1097,66 @@ mod tests {
                 .unwrap_err(),
             DeviceListError::SignerRevoked(phone.card.id())
         );
+    }
+
+    #[test]
+    fn a_full_list_still_takes_a_reset_and_seqnos_are_bounded() {
+        let w = World::new();
+        let (phone, laptop, tablet) = (w.device("bob"), w.device("bob"), w.device("bob"));
+        let app = w.app.verifying_key();
+        let full = DeviceListState::resume(
+            "bob",
+            MAX_STATEMENTS - RESET_HEADROOM,
+            Some([7; 32]),
+            BTreeSet::from([phone.card.id(), laptop.card.id()]),
+        )
+        .unwrap();
+        let remove = w.statement(&full, Action::Remove, &laptop, &phone);
+        assert_eq!(
+            full.clone().apply(&remove, &phone.card, &app),
+            Err(DeviceListError::Full)
+        );
+        let reset = w.statement(&full, Action::Reset, &tablet, &tablet);
+        let mut after = full.clone();
+        after.apply(&reset, &tablet.card, &app).unwrap();
+        assert_eq!(after.trusted(), &BTreeSet::from([tablet.card.id()]));
+        // No statement may claim a seqno beyond the cap (or near u64::MAX).
+        let mut s = NewStatement {
+            identity: "bob",
+            seqno: u64::MAX,
+            previous_hash: Some([1; 32]),
+            action: Action::Add,
+            subject: tablet.card.id(),
+            signer: phone.card.id(),
+            created_at: 0,
+        };
+        assert_eq!(
+            ParsedStatement::parse(s.sign(&phone.keys.signing)).unwrap_err(),
+            DeviceListError::Full
+        );
+        s.seqno = MAX_STATEMENTS;
+        assert!(ParsedStatement::parse(s.sign(&phone.keys.signing)).is_err());
+    }
+
+    #[test]
+    fn a_first_look_must_start_at_the_genesis() {
+        let mut w = World::new();
+        let phone = w.device("bob");
+        let app = w.app.verifying_key();
+        let s = w.statement(
+            &DeviceListState::empty("bob"),
+            Action::Genesis,
+            &phone,
+            &phone,
+        );
+        w.log_statement(&s);
+        // A length with no statements, to someone who never saw the list.
+        let (list, cp) = w.serve(&[], 1);
+        let served = ServedList::check(&list, "bob", &cp).unwrap();
+        assert!(matches!(
+            served.extend(&mut DeviceListState::empty("bob"), &|_| None, &app),
+            Err(DeviceListError::Malformed(_))
+        ));
     }
 
     #[test]

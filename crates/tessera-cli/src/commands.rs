@@ -355,7 +355,17 @@ impl Ctx {
                     .map(|d| hex::encode(&d.card_id))
                     .collect();
                 let id = Self::resolve_card(&card, own)?;
-                c.revoke_device(&id, &reason).await?;
+                let password = if id == c.card_id() {
+                    None
+                } else {
+                    Some(secret(
+                        "TESSERA_PASSWORD",
+                        &format!("password of {} (revoking another device)", c.identity()),
+                        false,
+                    )?)
+                };
+                c.revoke_device(&id, &reason, password.as_ref().map(|p| p.as_str()))
+                    .await?;
                 self.out(
                     || format!("revoked {id}"),
                     || json!({"revoked": id.to_string()}),
@@ -404,9 +414,8 @@ impl Ctx {
                     "{identity} has a device {device_name:?} (card {}) that none of their devices approved: nothing is encrypted to it, its messages are refused",
                     card_id.short()
                 ),
-                TrustEvent::IdentityReset { identity, card_id } => format!(
-                    "!!! {identity} RESET their identity: every earlier device was replaced by card {} after a password log-in. If {identity} did not lose all their devices, this may be an attack by the server. Compare safety numbers: tessera verify {identity}",
-                    card_id.short()
+                TrustEvent::IdentityReset { identity } => format!(
+                    "!!! {identity} RESET their identity: every earlier device was replaced after a password log-in. If {identity} did not lose all their devices, this may be an attack by the server. Compare safety numbers: tessera verify {identity}"
                 ),
             };
             eprintln!("warning: {line}");
@@ -682,9 +691,15 @@ impl Ctx {
         } else {
             ""
         };
+        if r.sender_reset_unacknowledged && !self.json {
+            eprintln!(
+                "warning: {} RESET their identity and you have not verified them since: check before you trust this (tessera verify {})",
+                r.sender_identity, r.sender_identity
+            );
+        }
         self.out(
             || format!("#{} {} ({}){via}: {what}", r.index, r.sender_identity, r.sender_device),
-            || json!({"index": r.index, "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": true}),
+            || json!({"index": r.index, "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": true, "sender_reset_unverified": r.sender_reset_unacknowledged}),
         );
     }
 

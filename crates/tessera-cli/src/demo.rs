@@ -492,7 +492,7 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
         short(&rogue.card_id())
     );
     bob_phone
-        .revoke_device(&rogue.card_id(), "not mine")
+        .revoke_device(&rogue.card_id(), "not mine", Some("bob demo password"))
         .await?;
     println!("   bob revokes it");
 

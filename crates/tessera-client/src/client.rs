@@ -474,6 +474,20 @@ impl Client {
         Ok(token)
     }
 
+    /// A fresh app-server session from a password log-in (what account
+    /// changes need); not kept.
+    pub(crate) async fn password_session(&self, password: &str) -> Result<Session, ClientError> {
+        let login = AccountsClient::new(self.server.clone())
+            .login(LoginRequest {
+                identity: self.identity().to_owned(),
+                password: password.to_owned(),
+            })
+            .await
+            .map_err(rpc("app server", self.server_url(), "log-in"))?
+            .into_inner();
+        Ok(Session::from_login(&login))
+    }
+
     /// Trades an app-server token for a token of `service`.
     async fn trade(&self, server: &Session, service: Service) -> Result<Session, ClientError> {
         let mut request = Request::new(IssueTokenRequest {

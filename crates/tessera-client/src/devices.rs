@@ -140,12 +140,23 @@ impl Client {
     /// Revokes one of this user's devices: first removes it from the device
     /// list (a REMOVE this device signs, when the card is approved and this
     /// device too), then revokes its card. This device revokes itself with
-    /// its own key; another device is revoked by the app (AppKey).
+    /// its own key; another device's card is revoked by the app (AppKey),
+    /// which needs the account `password` (an account change).
     pub async fn revoke_device(
         &self,
         card_id: &CardId,
         reason: &str,
+        password: Option<&str>,
     ) -> Result<CardStatus, ClientError> {
+        let password_session = match (card_id == &self.card_id, password) {
+            (true, _) => None,
+            (false, Some(password)) => Some(self.password_session(password).await?),
+            (false, None) => {
+                return Err(ClientError::Usage(
+                    "revoking another device needs your password".into(),
+                ));
+            }
+        };
         let devices = self.own_devices().await?;
         let approved = |id: &CardId| devices.approved.iter().any(|c| c.id() == *id);
         if approved(card_id) && approved(&self.card_id) {
@@ -165,13 +176,19 @@ impl Client {
         } else {
             None
         };
-        let request = self
-            .request(RevokeDeviceRequest {
-                card_id: card_id.to_vec(),
-                reason: reason.to_owned(),
-                revocation,
-            })
-            .await?;
+        let message = RevokeDeviceRequest {
+            card_id: card_id.to_vec(),
+            reason: reason.to_owned(),
+            revocation,
+        };
+        let request = match password_session {
+            Some(session) => {
+                let mut r = tonic::Request::new(message);
+                crate::client::authorize(&mut r, &session.header)?;
+                r
+            }
+            None => self.request(message).await?,
+        };
         let response = DevicesClient::new(self.server.clone())
             .revoke_device(request)
             .await

@@ -20,8 +20,8 @@ use tessera_card::{
 use tessera_proto::{
     Message as _,
     kms::v1::{
-        CardStatus, GetCardRequest, GetConsistencyProofRequest, IdentityCards, SearchCardsRequest,
-        key_directory_client::KeyDirectoryClient,
+        CardStatus, DeviceList, GetCardRequest, GetConsistencyProofRequest, GetDeviceListRequest,
+        IdentityCards, SearchCardsRequest, key_directory_client::KeyDirectoryClient,
     },
     transparency::v1::SignedCheckpoint,
 };
@@ -59,10 +59,12 @@ pub enum TrustEvent {
         card_id: CardId,
         device_name: String,
     },
-    /// The identity's device list was reset (every device lost, a new one
-    /// took over after a password log-in): treat it like a new identity and
-    /// compare safety numbers again.
-    IdentityReset { identity: String, card_id: CardId },
+    /// The identity's device list was reset since this device first saw it
+    /// (every device lost, a new one took over after a password log-in, or
+    /// a hostile server took over): treat it like a new identity and compare
+    /// safety numbers again. Reported every time until the user does
+    /// ([`Client::mark_verified`] or [`Client::acknowledge_reset`]).
+    IdentityReset { identity: String },
     /// The identity had been verified by safety number; its devices changed
     /// since, so the mark was dropped.
     VerificationLost { identity: String },
@@ -104,6 +106,8 @@ pub struct Devices {
     pub removed: Vec<VerifiedCard>,
     /// Number of statements in the verified device list.
     pub list_length: u64,
+    /// Number of RESET statements in it.
+    pub resets: u64,
 }
 
 /// How many times a checkpoint update is checked again when another process
@@ -274,7 +278,12 @@ impl Client {
         identities: &[String],
     ) -> Result<(BTreeMap<String, Devices>, Vec<TrustEvent>), ClientError> {
         let mut found: BTreeMap<String, Devices> = BTreeMap::new();
-        let mut events = Vec::new();
+        let identities: Vec<String> = identities
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         for chunk in identities.chunks(100) {
             let pins = state::read_state(&self.dir)?.device_lists;
             let device_list_from = chunk
@@ -317,14 +326,13 @@ impl Client {
                 ));
             }
             for result in &response.results {
-                let (devices, mut changed) = self
+                let devices = self
                     .verify_identity(result, &checkpoint, pins.get(&result.identity))
                     .await?;
-                events.append(&mut changed);
                 found.insert(result.identity.clone(), devices);
             }
         }
-        events.extend(self.update_pins(&found)?);
+        let events = self.update_pins(&found)?;
         Ok((found, events))
     }
 
@@ -336,8 +344,9 @@ impl Client {
         result: &IdentityCards,
         checkpoint: &VerifiedCheckpoint,
         pin: Option<&DeviceListPin>,
-    ) -> Result<(Devices, Vec<TrustEvent>), ClientError> {
+    ) -> Result<Devices, ClientError> {
         let identity = result.identity.as_str();
+        let revoked = state::read_state(&self.dir)?.revoked;
         let mut records: BTreeMap<CardId, CheckedRecord> = BTreeMap::new();
         for record in &result.cards {
             let checked = self.check_record(record, checkpoint, identity, CardKind::Client)?;
@@ -346,13 +355,25 @@ impl Client {
                     "the key service listed an inactive card of {identity} as active"
                 )));
             }
+            if revoked.contains(&checked.card.id().to_string()) {
+                return Err(ClientError::Fork(format!(
+                    "the key service shows card {} of {identity} as active, which it proved revoked before",
+                    checked.card.id().short()
+                )));
+            }
             self.cache_record(&checked);
             records.insert(checked.card.id(), checked);
         }
         let active: BTreeSet<CardId> = records.keys().copied().collect();
 
-        let list = result.device_list.clone().unwrap_or_default();
-        let served = ServedList::check(&list, identity, checkpoint)
+        let mut list = result.device_list.clone().unwrap_or_default();
+        let mut list_checkpoint = checkpoint.clone();
+        if list.truncated {
+            // Left out of the search answer to keep it small: fetch it alone.
+            let from = pin.map_or(0, |p| p.length.saturating_sub(1));
+            (list, list_checkpoint) = self.device_list_from(identity, from).await?;
+        }
+        let served = ServedList::check(&list, identity, &list_checkpoint)
             .map_err(|e| device_list_error(identity, e))?;
         for signer in served.signers() {
             if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(signer) {
@@ -387,7 +408,6 @@ impl Client {
             }
         }
 
-        let mut events = Vec::new();
         let mut new_pin = pin.cloned().unwrap_or_default();
         for (logged, change) in &changes {
             match change {
@@ -395,17 +415,11 @@ impl Client {
                 Change::Removed(id) => {
                     new_pin.removed.insert(id.to_string(), logged.logged_at);
                 }
-                Change::Reset { new, replaced } => {
+                Change::Reset { replaced, .. } => {
                     for id in replaced {
                         new_pin.removed.insert(id.to_string(), logged.logged_at);
                     }
                     new_pin.resets += 1;
-                    // A reset seen for the first time with the whole list is
-                    // still a reset: the identity changed hands once.
-                    events.push(TrustEvent::IdentityReset {
-                        identity: identity.to_owned(),
-                        card_id: *new,
-                    });
                 }
             }
         }
@@ -415,6 +429,7 @@ impl Client {
         for id in state.trusted() {
             new_pin.removed.remove(&id.to_string());
         }
+        let new_pin_resets = new_pin.resets;
         let removed: BTreeSet<CardId> = new_pin
             .removed
             .keys()
@@ -424,6 +439,7 @@ impl Client {
 
         let mut devices = Devices {
             list_length: state.length(),
+            resets: new_pin_resets,
             ..Default::default()
         };
         for id in active {
@@ -439,7 +455,43 @@ impl Client {
                 }
             }
         }
-        Ok((devices, events))
+        Ok(devices)
+    }
+
+    /// `identity`'s device list from `from` on, with the checkpoint it is
+    /// proven in (checked against the kept one).
+    async fn device_list_from(
+        &self,
+        identity: &str,
+        from: u64,
+    ) -> Result<(DeviceList, VerifiedCheckpoint), ClientError> {
+        let request = self
+            .request_to(
+                Service::Kms,
+                GetDeviceListRequest {
+                    identity: identity.to_owned(),
+                    from_seqno: from,
+                },
+            )
+            .await?;
+        let response = self
+            .kms_client()
+            .get_device_list(request)
+            .await
+            .map_err(rpc("key service", self.kms_url(), "a device list"))?
+            .into_inner();
+        let checkpoint = self
+            .advance_checkpoint(response.checkpoint.as_ref().ok_or_else(|| {
+                ClientError::Fork("a device list answered without a checkpoint".into())
+            })?)
+            .await?;
+        if response.identity != identity {
+            return Err(ClientError::Fork(format!(
+                "asked for the device list of {identity}, the key service answered with {}'s",
+                response.identity
+            )));
+        }
+        Ok((response.device_list.unwrap_or_default(), checkpoint))
     }
 
     /// Stores a verified device list, unless another process of this
@@ -460,6 +512,11 @@ impl Client {
     }
 
     fn cache_record(&self, record: &CheckedRecord) {
+        if record.status == Status::Revoked {
+            let id = record.card.id().to_string();
+            // Best effort: the next check of the card remembers it again.
+            let _ = state::with_state(&self.dir, |s| s.revoked.insert(id));
+        }
         if let Ok(mut cache) = self.card_cache.lock() {
             cache.insert(
                 record.card.id(),
@@ -479,6 +536,17 @@ impl Client {
             for (identity, devices) in found {
                 let first_contact = !s.contacts.contains_key(identity);
                 let pin = s.contacts.entry(identity.clone()).or_default();
+                if first_contact {
+                    // Resets before this device knew the contact changed
+                    // nothing it trusted.
+                    pin.acknowledged_resets = devices.resets;
+                }
+                let reset = devices.resets > pin.acknowledged_resets;
+                if reset {
+                    events.push(TrustEvent::IdentityReset {
+                        identity: identity.clone(),
+                    });
+                }
                 let now: BTreeMap<String, String> = devices
                     .approved
                     .iter()
@@ -535,8 +603,9 @@ impl Client {
                 }
                 pin.pending = pending;
                 let now_ids: BTreeSet<String> = now.keys().cloned().collect();
+                // A reset drops the mark even if the same cards came back.
                 if let Some(verified) = &pin.verified
-                    && verified != &now_ids
+                    && (verified != &now_ids || reset)
                 {
                     pin.verified = None;
                     events.push(TrustEvent::VerificationLost {
@@ -630,6 +699,28 @@ impl Client {
             Some((record, _)) => Ok(CardInfo::from_record(&record)),
             None => self.card_by_id(id, identity, kind).await,
         }
+    }
+
+    /// Whether `identity` reset their device list since this device knew
+    /// them, and the user has not verified them again.
+    pub fn unacknowledged_reset(&self, identity: &str) -> Result<bool, ClientError> {
+        let s = state::read_state(&self.dir)?;
+        let resets = s.device_lists.get(identity).map_or(0, |p| p.resets);
+        Ok(s.contacts
+            .get(identity)
+            .is_some_and(|c| resets > c.acknowledged_resets))
+    }
+
+    /// Takes note of `identity`'s resets so far (after checking with them,
+    /// e.g. by safety number, that the new device is theirs).
+    pub fn acknowledge_reset(&self, identity: &str) -> Result<(), ClientError> {
+        state::with_state(&self.dir, |s| {
+            let resets = s.device_lists.get(identity).map_or(0, |p| p.resets);
+            s.contacts
+                .entry(identity.to_owned())
+                .or_default()
+                .acknowledged_resets = resets;
+        })
     }
 
     /// Whether `identity`'s device list approved `card` for a message the

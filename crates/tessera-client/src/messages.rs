@@ -70,6 +70,9 @@ pub struct Received {
     pub server_time_ms: i64,
     pub content: Content,
     pub source: Source,
+    /// The sender reset their identity (section 12 of the protocol) and the
+    /// user has not verified them again: show it with the message.
+    pub sender_reset_unacknowledged: bool,
     pub(crate) payload: VerifiedPayload,
 }
 
@@ -474,8 +477,10 @@ impl Client {
                 ),
             });
         }
+        let sender_reset_unacknowledged = self.unacknowledged_reset(&payload.sender_identity)?;
         Ok(Received {
             index,
+            sender_reset_unacknowledged,
             sender_identity: payload.sender_identity.clone(),
             sender_card_id: sender_card,
             sender_device: device.to_owned(),

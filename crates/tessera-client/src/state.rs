@@ -36,6 +36,10 @@ pub(crate) struct ContactPin {
     pub(crate) pending: BTreeSet<String>,
     /// The card set the user confirmed with a safety number, if any.
     pub(crate) verified: Option<BTreeSet<String>>,
+    /// Resets of the contact's device list the user has taken note of (by
+    /// verifying them again); fewer than the list holds: warn.
+    #[serde(default)]
+    pub(crate) acknowledged_resets: u64,
 }
 
 /// An identity's device list as this device verified it last.
@@ -63,6 +67,10 @@ pub(crate) struct State {
     /// Device lists verified so far, by identity (this user's own included).
     #[serde(default)]
     pub(crate) device_lists: BTreeMap<String, DeviceListPin>,
+    /// Cards (hex) seen revoked, with a proven revocation: a key service
+    /// that shows one as active again is lying.
+    #[serde(default)]
+    pub(crate) revoked: BTreeSet<String>,
     /// Own cards (hex) the user said they enrolled.
     pub(crate) acknowledged: BTreeSet<String>,
 }

@@ -115,10 +115,11 @@ impl Client {
     pub fn mark_verified(&self, check: &SafetyCheck) -> Result<(), ClientError> {
         let cards: BTreeSet<String> = check.contact_cards.iter().map(CardId::to_string).collect();
         state::with_state(&self.dir, |s| {
-            s.contacts
-                .entry(check.contact.clone())
-                .or_default()
-                .verified = Some(cards);
+            let resets = s.device_lists.get(&check.contact).map_or(0, |p| p.resets);
+            let pin = s.contacts.entry(check.contact.clone()).or_default();
+            pin.verified = Some(cards);
+            // Verifying again is how the user takes note of a reset.
+            pin.acknowledged_resets = resets;
         })
     }
 

@@ -212,7 +212,14 @@ async fn device_changes_are_reported_and_drop_verification() {
     assert_ne!(after.number, a_view.number);
 
     // Bob revokes the tablet: reported as removed.
-    bob.revoke_device(&bob2.card_id(), "sold").await.unwrap();
+    let err = bob
+        .revoke_device(&bob2.card_id(), "sold", None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("needs your password"), "{err}");
+    bob.revoke_device(&bob2.card_id(), "sold", Some("bob-password-123"))
+        .await
+        .unwrap();
     let sent = alice.send_text(&channel.channel_id, "three").await.unwrap();
     assert!(sent.events.contains(&TrustEvent::DeviceRemoved {
         identity: "bob".into(),

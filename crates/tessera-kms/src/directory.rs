@@ -39,6 +39,9 @@ pub struct Limits {
     pub max_active_cards_per_identity: usize,
     pub max_snapshot_bytes: usize,
     pub max_statement_bytes: usize,
+    /// Device list statements one search answer carries at most; the lists
+    /// past it are sent truncated (fetch them with GetDeviceList).
+    pub max_statements_per_search: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +52,7 @@ impl Default for Limits {
             max_active_cards_per_identity: 256,
             max_snapshot_bytes: 4096,
             max_statement_bytes: 1024,
+            max_statements_per_search: 2000,
         }
     }
 }
@@ -613,12 +617,6 @@ impl Directory {
                 return self.logged_statement(index, &entry);
             }
         }
-        if state.length() >= device_list::MAX_STATEMENTS {
-            return Err(KmsError::ResourceExhausted(format!(
-                "the device list of {identity} is full ({} statements)",
-                device_list::MAX_STATEMENTS
-            )));
-        }
         let (signer, signer_active) =
             self.verified_card(&statement.signer())?.ok_or_else(|| {
                 KmsError::FailedPrecondition(format!("no card {}", statement.signer()))
@@ -650,6 +648,7 @@ impl Directory {
             .apply(&statement, &signer, &self.app_key)
             .map_err(|e| match e {
                 DeviceListError::Stale { .. } => KmsError::Aborted(e.to_string()),
+                DeviceListError::Full => KmsError::ResourceExhausted(format!("{identity}: {e}")),
                 DeviceListError::SignerNotTrusted(_)
                 | DeviceListError::BadSignature
                 | DeviceListError::BadAppSignature(_)
@@ -694,21 +693,31 @@ impl Directory {
     }
 
     /// `identity`'s device list as it stood at `size` entries, from
-    /// sequence number `from` on.
+    /// sequence number `from` on; truncated (no statements) when it would
+    /// carry more than `budget` statements.
     fn device_list_at(
         &self,
         identity: &str,
         from: u64,
         size: u64,
         tree: &Tree,
+        budget: usize,
     ) -> Result<DeviceList, KmsError> {
         let Some(list) = self.store.device_list(identity)? else {
             return Ok(DeviceList::default());
         };
         // Statements appended after the published checkpoint do not exist yet.
         let visible: Vec<u64> = list.indices.into_iter().filter(|&i| i < size).collect();
-        let mut statements = Vec::new();
-        for &index in visible.iter().skip(from.min(usize::MAX as u64) as usize) {
+        let wanted = &visible[(from.min(visible.len() as u64) as usize)..];
+        if wanted.len() > budget {
+            return Ok(DeviceList {
+                length: visible.len() as u64,
+                statements: Vec::new(),
+                truncated: true,
+            });
+        }
+        let mut statements = Vec::with_capacity(wanted.len());
+        for &index in wanted {
             let entry = self
                 .store
                 .entry(index)?
@@ -724,6 +733,7 @@ impl Directory {
         Ok(DeviceList {
             length: visible.len() as u64,
             statements,
+            truncated: false,
         })
     }
 
@@ -739,7 +749,7 @@ impl Directory {
         let p = self.published()?;
         let tree = self.tree.read().map_err(lock_error)?;
         Ok((
-            self.device_list_at(identity, from, p.size, &tree)?,
+            self.device_list_at(identity, from, p.size, &tree, usize::MAX)?,
             p.checkpoint.clone(),
         ))
     }
@@ -758,10 +768,17 @@ impl Directory {
                 self.limits.max_identities_per_search
             )));
         }
+        let mut seen = std::collections::HashSet::new();
         for identity in identities {
             tessera_service::limits::identity("identity", identity)
                 .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
+            if !seen.insert(identity) {
+                return Err(KmsError::InvalidArgument(format!(
+                    "{identity} is asked for twice"
+                )));
+            }
         }
+        let mut statement_budget = self.limits.max_statements_per_search;
         let p = self.published()?;
         let tree = self.tree.read().map_err(lock_error)?;
         let mut results = Vec::with_capacity(identities.len());
@@ -779,7 +796,9 @@ impl Directory {
             }
             let device_list = if kind.is_none_or(|k| k == CardKind::Client) {
                 let from = device_list_from.get(identity).copied().unwrap_or(0);
-                Some(self.device_list_at(identity, from, p.size, &tree)?)
+                let list = self.device_list_at(identity, from, p.size, &tree, statement_budget)?;
+                statement_budget -= list.statements.len();
+                Some(list)
             } else {
                 None
             };

@@ -140,6 +140,7 @@ impl Accounts for AccountsService {
             identity: identity.clone(),
             password: Some(hash),
             created_at: tessera_service::now_secs(),
+            device_list_started: false,
         };
         if !app.store.create_account(&account)? {
             return Err(Status::already_exists(format!(
@@ -278,7 +279,7 @@ impl Accounts for AccountsService {
             // The backup service: a credential of its own, never a user's.
             let grant = Grant {
                 subject: r.identity.clone(),
-                role: Role::Service,
+                role: Role::Backup,
                 device_card_id: Some(card_id),
                 org_member: false,
                 auth: AuthMethod::Service,
@@ -316,7 +317,7 @@ impl Accounts for AccountsService {
         };
         // Membership may have changed since the log-in: ask again.
         let mut grant = caller.grant();
-        if caller.role != Role::Service {
+        if caller.role == Role::User || caller.role == Role::Admin {
             grant.org_member = app.is_org_member(&caller.identity)?;
         }
         Ok(Response::new(app.token_response(

@@ -22,7 +22,7 @@ impl App {
     /// Only the organisation's backup service, logged in with the OrgKey.
     fn require_backup_service(&self, caller: &Caller) -> Result<(), Status> {
         let is_org = self.config.org_identity.as_deref() == Some(caller.identity.as_str());
-        if caller.role == Role::Service && caller.auth == AuthMethod::Service && is_org {
+        if caller.role == Role::Backup && caller.auth == AuthMethod::Service && is_org {
             Ok(())
         } else {
             Err(Status::permission_denied(

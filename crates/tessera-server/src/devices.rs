@@ -43,7 +43,7 @@ fn cosign_statement(
     statement: SignedDeviceStatement,
     card: &ParsedCard,
     app_key: &tessera_crypto::SigningKey,
-) -> Result<SignedDeviceStatement, Status> {
+) -> Result<(SignedDeviceStatement, Action), Status> {
     let mut unsigned = statement;
     // The device leaves it empty; parsing checks the shape with it filled.
     let app_len = unsigned.app_signature.len();
@@ -72,7 +72,7 @@ fn cosign_statement(
             &parsed.signed().signature,
         )
         .map_err(|_| Status::invalid_argument("the statement's signature does not verify"))?;
-    Ok(parsed.signed().clone())
+    Ok((parsed.signed().clone(), parsed.action()))
 }
 
 fn parse_self_signed(card: Option<Card>, kind: CardKind) -> Result<ParsedCard, Status> {
@@ -218,6 +218,22 @@ impl Devices for DevicesService {
             .map(|s| cosign_statement(s, &parsed, &app.app_key))
             .transpose()?;
         let _user = app.user_lock(&caller.identity).lock().await;
+        let mut genesis_of = None;
+        if let Some((_, Action::Genesis)) = &statement {
+            // A genesis is co-signed once per account: after that, only a
+            // reset (reported to contacts as one) replaces the list.
+            let mut account = app
+                .store
+                .account(&caller.identity)?
+                .ok_or_else(|| Status::not_found("no such account"))?;
+            if account.device_list_started {
+                return Err(Status::failed_precondition(
+                    "this account already has a device list: approve the device from another one, or reset",
+                ));
+            }
+            account.device_list_started = true;
+            genesis_of = Some(account);
+        }
         let devices = app.store.devices(&caller.identity)?;
         let id = parsed.id();
         let mut response = if let Some(existing) = devices.iter().find(|d| d.card_id == id.to_vec())
@@ -259,9 +275,28 @@ impl Devices for DevicesService {
             response
         };
         let statement_logged = statement.is_some();
-        if let Some(statement) = statement {
+        if let Some((statement, action)) = statement {
             app.kms.publish(&app.issuer, statement).await?;
-            tracing::info!(identity = %caller.identity, card_id = %id, "device list genesis or reset published");
+            tracing::info!(identity = %caller.identity, card_id = %id, %action, "device list statement published");
+            if let Some(account) = genesis_of {
+                app.store.put_account(&account)?;
+                app.store.flush().await?;
+            }
+            if action == Action::Reset {
+                // Every earlier device was lost: none of them may log in,
+                // send or back up any more (a stolen one least of all).
+                for other in app.store.devices(&caller.identity)? {
+                    if other.status == DeviceStatus::Active as i32
+                        && other.card_id != id.to_vec()
+                        && !other.org_card
+                    {
+                        let other_id = hex::encode(&other.card_id);
+                        app.revoke_device(other, None, "replaced by a reset")
+                            .await?;
+                        tracing::info!(identity = %caller.identity, card_id = %other_id, "device revoked by a reset");
+                    }
+                }
+            }
             // The card again, proven in a checkpoint that has the statement too.
             response = app.kms.get(&app.issuer, &id).await?;
         }
@@ -306,6 +341,15 @@ impl Devices for DevicesService {
             r.reason.len(),
             tessera_card::revocation::MAX_REASON_LEN,
         )?;
+        // A device revokes itself with its own key. Revoking another device
+        // with the AppKey is an account change: it needs the password, just
+        // given, so a pending or stolen device cannot revoke the others.
+        if r.revocation.is_none() && !caller.password_login_within(FRESH_PASSWORD_SECS) {
+            return Err(Status::unauthenticated(format!(
+                "revoking another device needs a password log-in less than {} minutes old (a device revokes itself with a revocation signed by its own key)",
+                FRESH_PASSWORD_SECS / 60
+            )));
+        }
         let _user = app.user_lock(&caller.identity).lock().await;
         let device = app
             .store

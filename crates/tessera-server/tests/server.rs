@@ -549,14 +549,14 @@ async fn enrollment_publishes_a_genesis_and_a_reset_co_signed_by_the_app() {
         .unwrap()
         .into_inner();
     assert!(r.statement_logged);
-    // A second genesis for the same identity is refused by the key service.
+    // The app server co-signs one genesis per account.
     let (request, _) = enroll("second", Action::Genesis, 0, None);
     let err = s
         .devices()
         .enroll_device(carol.req(request))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // An ADD does not come with an enrollment; a statement with the app
     // signature already filled in is refused.
     let (request, _) = enroll("third", Action::Add, 1, Some([0; 32]));

@@ -91,6 +91,8 @@ pub enum Role {
     Admin,
     /// The app server calling the key service.
     Service,
+    /// The organisation's backup service, logged in with the OrgKey.
+    Backup,
 }
 
 impl Role {
@@ -99,6 +101,7 @@ impl Role {
             Self::User => PbRole::User,
             Self::Admin => PbRole::Admin,
             Self::Service => PbRole::Service,
+            Self::Backup => PbRole::Backup,
         }
     }
 }
@@ -354,6 +357,7 @@ impl TokenVerifier {
             Ok(PbRole::User) => Role::User,
             Ok(PbRole::Admin) => Role::Admin,
             Ok(PbRole::Service) => Role::Service,
+            Ok(PbRole::Backup) => Role::Backup,
             _ => return Err(TokenError::Malformed),
         };
         let device_card_id = match claims.device_card_id.len() {
