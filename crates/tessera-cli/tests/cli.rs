@@ -306,10 +306,19 @@ async fn every_command_happy_path() {
         .as_str()
         .unwrap()
         .to_owned();
+    // Revoking another device is an account change: the password is asked.
+    let refused = e
+        .fails("alice", &["device", "revoke", &phone[..12]], 2, &[])
+        .await;
+    assert!(refused.contains("TESSERA_PASSWORD"), "{refused}");
     assert!(
-        e.ok("alice", &["device", "revoke", &phone[..12]])
-            .await
-            .contains("revoked")
+        e.ok_with(
+            "alice",
+            &["device", "revoke", &phone[..12]],
+            &[("TESSERA_PASSWORD", &alice_pw)]
+        )
+        .await
+        .contains("revoked")
     );
     let sent = e
         .ok("alice", &["send", "general", "after the revocation"])
