@@ -92,16 +92,25 @@ pub(crate) fn rpc(
 ) -> impl FnOnce(tonic::Status) -> ClientError {
     let url = url.to_owned();
     move |status| {
-        // tonic builds a status from a local connection failure (refused,
-        // TLS handshake, DNS) with the error as its source; one the service
-        // sent back never has a source.
-        let transport = status.code() == tonic::Code::Unavailable
-            && std::error::Error::source(&status).is_some();
-        if transport {
+        // tonic builds a status from a local transport failure (refused,
+        // reset or closed connection, TLS handshake, DNS) with the error as
+        // its source, whatever code it picks (UNAVAILABLE, or UNKNOWN for a
+        // connection that died mid-call); one the service sent back never
+        // has a source.
+        if let Some(source) = std::error::Error::source(&status) {
+            let mut detail = status.message().to_owned();
+            let mut cause = Some(source);
+            while let Some(e) = cause {
+                let text = e.to_string();
+                if !detail.contains(&text) {
+                    detail = format!("{detail}: {text}");
+                }
+                cause = e.source();
+            }
             ClientError::Unreachable {
                 service,
                 url,
-                detail: status.message().to_owned(),
+                detail,
             }
         } else {
             ClientError::Rejected {

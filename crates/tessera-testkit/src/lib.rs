@@ -2,7 +2,8 @@
 //! `tessera-server` and `tessera-backup` binaries as child processes on free
 //! loopback ports, each with its own temporary data directory and keys,
 //! waits for their health checks, and can stop (SIGTERM), kill (SIGKILL) and
-//! restart any of them on the same data. [`Cluster::start_tls`] runs the
+//! restart any of them on the same data ([`Service::crash_during`] kills one
+//! while [`Writes`] are in flight, and proves it). [`Cluster::start_tls`] runs the
 //! same cluster with every hop over TLS (a self-signed certificate the
 //! services and clients are told to trust). No child outlives the test: they
 //! are killed on drop (also when a test panics) and, on Linux, when the test
@@ -25,6 +26,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod crash;
+
+pub use crash::{Writes, is_transport};
 use tessera_client::{Client, Endpoints, Enrollment, Home, KdfParams};
 use tessera_crypto::VerifyingKey;
 use tessera_proto::server::v1::{SignUpRequest, accounts_client::AccountsClient};
@@ -61,6 +65,28 @@ fn bin_dir() -> &'static PathBuf {
         cmd.args(["test", "--quiet", "--workspace", "--no-run"])
             .arg("--target-dir")
             .arg(&target_dir);
+        // What cargo sets for the running test (its manifest directory, its
+        // package) must not reach the build: some build scripts watch these
+        // variables (ring's watches CARGO_MANIFEST_DIR), so passing them on
+        // would rebuild half the workspace here and again in the next
+        // `cargo test`.
+        for (name, _) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&name)
+            {
+                cmd.env_remove(name);
+            }
+        }
         if release {
             cmd.arg("--release");
         }
@@ -223,15 +249,6 @@ impl Service {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    fn signal(&mut self, signal: &str) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg(signal)
-            .arg(child.id().to_string())
-            .status();
-        Some(child.wait().unwrap())
-    }
-
     /// SIGTERM, and waits for a graceful exit; returns whether it exited
     /// cleanly. The wait happens off the async runtime, so this process's
     /// own connections keep answering the service while it shuts down.
@@ -252,7 +269,28 @@ impl Service {
 
     /// SIGKILL: no chance to clean up.
     pub fn kill(&mut self) {
-        self.signal("-KILL");
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILLs the service while `writes` are in flight (once at least
+    /// `at_least` were acknowledged), waits until every write then in flight
+    /// has ended, fails the test unless one of them failed (the kill hit a
+    /// write), and starts the service again on the same data.
+    pub async fn crash_during(&mut self, writes: &Writes, at_least: u64) {
+        let mut child = self
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        writes
+            .kill_in_flight(at_least, || {
+                let _ = child.kill();
+            })
+            .await;
+        let _ = child.wait();
+        self.start().await;
     }
 
     /// Starts again on the same address and data.
