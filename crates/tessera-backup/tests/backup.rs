@@ -319,8 +319,26 @@ async fn history_sync_respects_visibility_and_membership() {
         .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
         .await
         .unwrap();
-    assert_eq!(all.len(), 5);
-    assert!(all.iter().all(|e| e.result.is_ok()));
+    let texts: Vec<String> = all
+        .iter()
+        .map(|e| match &e.result {
+            Ok(r) => match &r.content {
+                Content::Text(t) => t.clone(),
+                other => panic!("message {}: {other:?}", e.index),
+            },
+            Err(err) => panic!("message {} refused: {err}", e.index),
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "before carol 0",
+            "before carol 1",
+            "before carol 2",
+            "after carol 0",
+            "after carol 1"
+        ]
+    );
 
     // Eve is not a member of the channel: denied.
     let (mut backup, eve_token) = w.raw("eve").await;

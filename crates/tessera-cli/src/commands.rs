@@ -540,7 +540,23 @@ impl Ctx {
         Ok(())
     }
 
-    fn print_message(&self, r: &Received) {
+    /// Prints a received message once its signed original verifies again
+    /// against the sender's card (`verified` in JSON is that check), or as
+    /// refused; returns whether it verified.
+    async fn show_received(&self, c: &Client, r: &Received) -> bool {
+        match c.verify_received(r).await {
+            Ok(()) => {
+                self.print_message(r, true);
+                true
+            }
+            Err(e) => {
+                self.print_refused(r.index, &e);
+                false
+            }
+        }
+    }
+
+    fn print_message(&self, r: &Received, verified: bool) {
         let what = match &r.content {
             Content::Text(t) => t.clone(),
             Content::File(f) => format!(
@@ -558,7 +574,7 @@ impl Ctx {
         };
         self.out(
             || format!("#{} {} ({}){via}: {what}", r.index, r.sender_identity, r.sender_device),
-            || json!({"index": r.index, "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": true}),
+            || json!({"index": r.index, "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": verified}),
         );
     }
 
@@ -585,7 +601,9 @@ impl Ctx {
         let page = c.history(&id, anchor, limit, backward).await?;
         for (index, result) in &page.messages {
             match result {
-                Ok(r) => self.print_message(r),
+                Ok(r) => {
+                    self.show_received(&c, r).await;
+                }
                 Err(e) => self.print_refused(*index, e),
             }
         }
@@ -649,8 +667,7 @@ impl Ctx {
                 };
                 next = stored.index + 1;
                 match c.open_message(&stored).await {
-                    Ok(r) => {
-                        self.print_message(&r);
+                    Ok(r) if self.show_received(&c, &r).await => {
                         let _ = c.set_read_horizon(&id, r.index).await;
                         if backup {
                             let c = c.clone();
@@ -661,6 +678,7 @@ impl Ctx {
                             });
                         }
                     }
+                    Ok(_) => {}
                     Err(e) => self.print_refused(stored.index, &e),
                 }
                 seen += 1;
@@ -700,7 +718,11 @@ impl Ctx {
         let mut refused = 0;
         for entry in &entries {
             match &entry.result {
-                Ok(r) => self.print_message(r),
+                Ok(r) => {
+                    if !self.show_received(&c, r).await {
+                        refused += 1;
+                    }
+                }
                 Err(e) => {
                     refused += 1;
                     self.print_refused(entry.index, e);

@@ -204,7 +204,9 @@ async fn every_command_happy_path() {
         .await,
     );
     assert_eq!(listened["text"], "hello bob");
-    assert_eq!(listened["verified"], true);
+    assert_eq!(listened["verified"], true, "{listened}");
+    let alice_card = json(&e.ok("alice", &["--json", "whoami"]).await)["card_id"].clone();
+    assert_eq!(listened["sender_card_id"], alice_card);
 
     // Files.
     let file = e.dir.path().join("notes.txt");

@@ -21,6 +21,7 @@ mod error;
 mod files;
 mod messages;
 mod profile;
+mod recheck;
 mod state;
 mod trust;
 

@@ -18,6 +18,7 @@ use tessera_card::{
 use tessera_crypto::{DeviceKeys, SigningKey, VerifyingKey};
 use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits};
 use tessera_proto::{
+    Message as _,
     card::v1::Card,
     kms::v1::{
         CardRecord, CardStatus, GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest,
@@ -670,7 +671,7 @@ async fn health_and_reflection_are_served() {
         .connect()
         .await
         .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "tessera.kms.v1.KeyDirectory".into(),
@@ -683,4 +684,57 @@ async fn health_and_reflection_are_served() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+
+    // Reflection lists the key directory, health and reflection itself, and
+    // describes the key directory's file.
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask = |request: MessageRequest| {
+        futures_util::stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        }])
+    };
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not list the services");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "tessera.kms.v1.KeyDirectory",
+        ]
+    );
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+            "tessera.kms.v1.KeyDirectory".into(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not describe tessera.kms.v1.KeyDirectory");
+    };
+    let described = files.file_descriptor_proto.iter().any(|bytes| {
+        let file = prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap();
+        file.service.iter().any(|s| {
+            s.name() == "KeyDirectory" && s.method.iter().any(|m| m.name() == "RegisterCard")
+        })
+    });
+    assert!(described, "no descriptor of KeyDirectory.RegisterCard");
 }
