@@ -10,13 +10,17 @@
 
 use futures_util::StreamExt;
 use tessera_client::{Client, Content, Enrollment, HistoryVisibility, Home, KdfParams, Received};
-use tessera_crypto::seal_org_backup;
+use tessera_crypto::{
+    envelope::{CONTENT_TYPE_HISTORY_END, ExpectedSender, Opener, ParsedEnvelope},
+    seal_org_backup,
+};
 use tessera_proto::{
     Message as _,
     backup::v1::{
         BackupRecord, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
         backup_client::BackupClient,
     },
+    envelope::v1::HistoryEnd,
     server::v1::{LoginRequest, accounts_client::AccountsClient},
 };
 use tessera_stack::{Stack, StackConfig};
@@ -347,8 +351,7 @@ async fn history_sync_respects_visibility_and_membership() {
             &eve_token,
             SyncHistoryRequest {
                 channel_id: channel.channel_id.clone(),
-                from_index: 0,
-                limit: 0,
+                ..Default::default()
             },
         ))
         .await
@@ -361,8 +364,8 @@ async fn history_sync_respects_visibility_and_membership() {
             &bob_token,
             SyncHistoryRequest {
                 channel_id: channel.channel_id.clone(),
-                from_index: 0,
                 limit: 1_000_000,
+                ..Default::default()
             },
         ))
         .await
@@ -375,15 +378,59 @@ async fn history_sync_respects_visibility_and_membership() {
                 channel_id: channel.channel_id.clone(),
                 from_index: 2,
                 limit: 2,
+                nonce: b"sixteen byte nonce".to_vec(),
             },
         ))
         .await
         .unwrap()
         .into_inner();
     let mut got = Vec::new();
+    let mut last = None;
     while let Some(item) = two.next().await {
         let item = item.unwrap();
         got.push((item.message_index, item.remaining));
+        last = Some(item.envelope);
     }
-    assert_eq!(got, vec![(2, 1), (3, 0)]);
+    // Two messages, then the organisation's signed end (index 0).
+    assert_eq!(got, vec![(2, 1), (3, 0), (0, 0)]);
+    // The end is signed by the OrgCard, addressed to bob's device, and
+    // names the request's nonce and the count.
+    let org = bob.org().await.unwrap();
+    let keys =
+        tessera_crypto::keystore::load(&w.home.profile_dir("bob").join("device.key"), Some(b"pp"))
+            .unwrap()
+            .into_device()
+            .unwrap();
+    let end = ParsedEnvelope::parse(&last.unwrap())
+        .unwrap()
+        .open(
+            &Opener {
+                card_id: *bob.card_id().as_bytes(),
+                secret: &keys.encryption,
+            },
+            &ExpectedSender {
+                identity: org.card.identity(),
+                card_id: *org.card.id().as_bytes(),
+                key: org.card.signing_key(),
+            },
+        )
+        .unwrap();
+    assert_eq!(end.content_type, CONTENT_TYPE_HISTORY_END);
+    let end = HistoryEnd::decode(end.body.as_slice()).unwrap();
+    assert_eq!(end.channel_id, channel.channel_id);
+    assert_eq!(end.nonce, b"sixteen byte nonce");
+    assert_eq!(end.count, 2);
+    // A nonce longer than 64 bytes is refused.
+    let err = backup
+        .sync_history(with(
+            &bob_token,
+            SyncHistoryRequest {
+                channel_id: channel.channel_id.clone(),
+                nonce: vec![0; 65],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }

@@ -45,7 +45,8 @@ impl CliError {
                 ClientError::NotFound { .. } => 4,
                 ClientError::CardRejected { .. }
                 | ClientError::Fork(_)
-                | ClientError::BadMessage { .. } => 6,
+                | ClientError::BadMessage { .. }
+                | ClientError::History { .. } => 6,
                 ClientError::Keystore(tessera_crypto::keystore::KeystoreError::WrongPassphrase) => {
                     7
                 }

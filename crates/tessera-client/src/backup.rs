@@ -4,7 +4,10 @@
 use futures_util::StreamExt;
 use tessera_card::{CardId, CardKind, VerifiedCard};
 use tessera_crypto::{
-    envelope::{CONTENT_TYPE_HISTORY, ExpectedSender, Opener, ParsedEnvelope, VerifiedPayload},
+    envelope::{
+        CONTENT_TYPE_HISTORY, CONTENT_TYPE_HISTORY_END, ExpectedSender, Opener, ParsedEnvelope,
+        VerifiedPayload,
+    },
     seal_org_backup,
 };
 use tessera_proto::{
@@ -13,7 +16,7 @@ use tessera_proto::{
         BackupRecord, GetOrgInfoRequest, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
         backup_client::BackupClient,
     },
-    envelope::v1::HistoryItem,
+    envelope::v1::{HistoryEnd, HistoryItem},
     kms::v1::CardStatus,
 };
 
@@ -148,8 +151,12 @@ impl Client {
     /// History of a channel from the organisation's archive, re-encrypted
     /// for this user's current devices. Each entry is verified twice: the
     /// organisation's signature on the re-encrypted copy, and the original
-    /// sender's signature on the original payload. `progress(done, total)`
-    /// is called after each message.
+    /// sender's signature on the original payload. The answer as a whole
+    /// must come in ascending index order and end with the organisation's
+    /// signed end naming this request's nonce and how many messages it
+    /// carried, or the sync is refused (`ClientError::History`): messages
+    /// dropped, reordered, duplicated, cut off or replayed from an earlier
+    /// answer. `progress(done, total)` is called after each message.
     pub async fn sync_from_org(
         &self,
         channel_id: &str,
@@ -158,11 +165,18 @@ impl Client {
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Vec<HistoryEntry>, ClientError> {
         let org = self.org().await?;
+        let refused = |reason: String| ClientError::History {
+            channel_id: channel_id.to_owned(),
+            reason,
+        };
+        let nonce =
+            tessera_crypto::random_array::<16>().map_err(|e| ClientError::Crypto(e.to_string()))?;
         let request = self
             .request(SyncHistoryRequest {
                 channel_id: channel_id.to_owned(),
                 from_index,
                 limit,
+                nonce: nonce.to_vec(),
             })
             .await?;
         let mut stream = self
@@ -171,22 +185,100 @@ impl Client {
             .await
             .map_err(rpc("backup service", self.backup_url(), "the history sync"))?
             .into_inner();
-        let mut out = Vec::new();
-        let mut done = 0u64;
+        let mut out: Vec<HistoryEntry> = Vec::new();
+        let mut end = None;
         while let Some(item) = stream.next().await {
             let item =
                 item.map_err(rpc("backup service", self.backup_url(), "the history sync"))?;
+            if end.is_some() {
+                return Err(refused(
+                    "more arrived after the organisation's signed end".into(),
+                ));
+            }
+            if item.message_index == 0 {
+                end = Some(self.open_history_end(&org, channel_id, &item.envelope)?);
+                continue;
+            }
+            let previous = out
+                .last()
+                .map_or(from_index.max(1).saturating_sub(1), |e| e.index);
+            if item.message_index <= previous {
+                return Err(refused(format!(
+                    "message {} arrived after message {previous}: reordered or repeated",
+                    item.message_index
+                )));
+            }
             let result = self
                 .open_history(&org, channel_id, item.message_index, &item.envelope)
                 .await;
-            done += 1;
+            let done = out.len() as u64 + 1;
             progress(done, done + item.remaining);
             out.push(HistoryEntry {
                 index: item.message_index,
                 result,
             });
         }
+        let end = end.ok_or_else(|| {
+            refused("the answer ended without the organisation's signed end: cut short".into())
+        })?;
+        if !tessera_crypto::ct_eq(&end.nonce, &nonce) {
+            return Err(refused(
+                "the organisation's signed end answers another request: a replayed answer".into(),
+            ));
+        }
+        if end.count != out.len() as u64 {
+            return Err(refused(format!(
+                "the organisation sent {} message(s) and {} arrived: some were dropped or added",
+                end.count,
+                out.len()
+            )));
+        }
         Ok(out)
+    }
+
+    /// Opens the organisation's signed end of a sync answer.
+    fn open_history_end(
+        &self,
+        org: &OrgInfo,
+        channel_id: &str,
+        envelope: &[u8],
+    ) -> Result<HistoryEnd, ClientError> {
+        let refused = |reason: String| ClientError::History {
+            channel_id: channel_id.to_owned(),
+            reason: format!("the organisation's signed end: {reason}"),
+        };
+        let wrapper = self.open_from_org(org, envelope).map_err(refused)?;
+        if wrapper.content_type != CONTENT_TYPE_HISTORY_END || wrapper.channel_id != channel_id {
+            return Err(refused("not the end of this channel's history".into()));
+        }
+        let end = HistoryEnd::decode(wrapper.body.as_slice())
+            .map_err(|_| refused("not a HistoryEnd".into()))?;
+        if end.channel_id != channel_id {
+            return Err(refused("names another channel".into()));
+        }
+        Ok(end)
+    }
+
+    /// Opens an envelope the OrgCard sent to this device and checks the
+    /// organisation's signature.
+    fn open_from_org(&self, org: &OrgInfo, envelope: &[u8]) -> Result<VerifiedPayload, String> {
+        let parsed = ParsedEnvelope::parse(envelope).map_err(|e| e.to_string())?;
+        if parsed.sender_card_id() != org.card.id().as_bytes() {
+            return Err("not sent by the organisation's card".into());
+        }
+        parsed
+            .open(
+                &Opener {
+                    card_id: *self.card_id.as_bytes(),
+                    secret: &self.keys.encryption,
+                },
+                &ExpectedSender {
+                    identity: org.card.identity(),
+                    card_id: *org.card.id().as_bytes(),
+                    key: org.card.signing_key(),
+                },
+            )
+            .map_err(|e| e.to_string())
     }
 
     async fn open_history(
@@ -201,22 +293,8 @@ impl Client {
             index,
             reason,
         };
-        let parsed = ParsedEnvelope::parse(envelope).map_err(|e| bad(e.to_string()))?;
-        if parsed.sender_card_id() != org.card.id().as_bytes() {
-            return Err(bad("history not sent by the organisation's card".into()));
-        }
-        let wrapper = parsed
-            .open(
-                &Opener {
-                    card_id: *self.card_id.as_bytes(),
-                    secret: &self.keys.encryption,
-                },
-                &ExpectedSender {
-                    identity: org.card.identity(),
-                    card_id: *org.card.id().as_bytes(),
-                    key: org.card.signing_key(),
-                },
-            )
+        let wrapper = self
+            .open_from_org(org, envelope)
             .map_err(|e| bad(format!("organisation's copy: {e}")))?;
         if wrapper.content_type != CONTENT_TYPE_HISTORY || wrapper.channel_id != channel_id {
             return Err(bad(

@@ -45,6 +45,8 @@ pub enum ClientError {
     Fork(String),
     #[error("message refused: {0}")]
     Message(String),
+    #[error("the organisation's history of {channel_id} refused: {reason}")]
+    History { channel_id: String, reason: String },
     #[error("message {index} in {channel_id} refused: {reason}")]
     BadMessage {
         channel_id: String,

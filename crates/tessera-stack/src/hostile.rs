@@ -319,6 +319,27 @@ pub fn inject_card(identity: String, card: tessera_proto::card::v1::Card) -> Tam
     })
 }
 
+/// Rewrites every response message of `method` (e.g.
+/// `/tessera.backup.v1.Backup/GetOrgInfo`) decoded as `M`; anything that
+/// does not decode passes unchanged.
+pub fn rewrite<M: tessera_proto::Message + Default + 'static>(
+    method: &'static str,
+    f: impl Fn(&mut M) + Send + Sync + 'static,
+) -> Tamper {
+    Arc::new(move |called, message| {
+        if called != method {
+            return vec![message];
+        }
+        match M::decode(message.as_slice()) {
+            Ok(mut m) => {
+                f(&mut m);
+                vec![m.encode_to_vec()]
+            }
+            Err(_) => vec![message],
+        }
+    })
+}
+
 /// A relay that rewrites every stored message it delivers (live or history).
 pub fn rewrite_messages(
     f: impl Fn(&mut tessera_proto::server::v1::StoredMessage) + Send + Sync + 'static,
