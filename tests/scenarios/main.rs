@@ -17,6 +17,7 @@ mod mitm;
 mod org;
 mod registration;
 mod relay;
+mod rotation;
 mod tls;
 
 use std::time::Duration;

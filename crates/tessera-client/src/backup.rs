@@ -58,10 +58,18 @@ impl Client {
 
     /// The organisation's card, as announced by the backup service and
     /// verified like any card (kind ORG, the organisation's identity, active).
+    /// Remembered for backups until the backup service refuses one as sealed
+    /// to another card (the OrgKey was rotated); a history sync always asks
+    /// again.
     pub async fn org(&self) -> Result<OrgInfo, ClientError> {
         if let Some(org) = self.org.lock().ok().and_then(|o| o.clone()) {
             return Ok(org);
         }
+        self.fetch_org().await
+    }
+
+    /// Asks the backup service for the current OrgCard and checks it.
+    async fn fetch_org(&self) -> Result<OrgInfo, ClientError> {
         let identity = self
             .config
             .org_identity
@@ -113,6 +121,27 @@ impl Client {
             return Ok(false);
         }
         let org = self.org().await?;
+        match self.submit_backup(&org, message).await {
+            // Sealed to a card the organisation no longer uses: its OrgKey was
+            // rotated since the card was looked up. Look it up again, once.
+            Err(
+                refused @ ClientError::Rejected {
+                    code: tonic::Code::FailedPrecondition,
+                    ..
+                },
+            ) => {
+                let current = self.fetch_org().await?;
+                if current.card.id() == org.card.id() {
+                    return Err(refused);
+                }
+                tracing::info!(old = %org.card.id(), new = %current.card.id(), "the organisation's card changed");
+                self.submit_backup(&current, message).await
+            }
+            other => other,
+        }
+    }
+
+    async fn submit_backup(&self, org: &OrgInfo, message: &Received) -> Result<bool, ClientError> {
         let record = BackupRecord {
             channel_id: message.channel_id.clone(),
             message_index: message.index,
@@ -164,7 +193,9 @@ impl Client {
         limit: u32,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Vec<HistoryEntry>, ClientError> {
-        let org = self.org().await?;
+        // The history is signed by the organisation's current card: ask
+        // which one that is now (it changes when the OrgKey is rotated).
+        let org = self.fetch_org().await?;
         let refused = |reason: String| ClientError::History {
             channel_id: channel_id.to_owned(),
             reason,

@@ -298,6 +298,11 @@ impl Service {
         self.start().await;
     }
 
+    /// Sets an environment variable of the service for its next start.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.insert(name.to_owned(), value.to_owned());
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -342,8 +347,9 @@ fn key_from(json: &serde_json::Value, field: &str) -> VerifyingKey {
     VerifyingKey::from_bytes(&hex::decode(hex_key).unwrap()).unwrap()
 }
 
-/// Runs one of the binaries' `keys` / `init-org` commands and parses its JSON.
-fn run_json(bin: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+/// Runs one of the binaries' commands that print JSON (`keys`, `init-org`)
+/// and parses what it printed; panics when it fails.
+pub fn run_json(bin: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     let out = Command::new(bin_dir().join(bin))
         .args(args)
         .envs(env.iter().copied())
@@ -356,6 +362,40 @@ fn run_json(bin: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value
     );
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{bin} {args:?} printed no JSON: {e}"))
+}
+
+/// Runs `tessera-backup init-org` (with `--rotate` when `rotate`), as the
+/// admin, against the app server at `server_url`; returns its JSON.
+async fn init_org(
+    backup_dir: PathBuf,
+    server_url: String,
+    admin_password: String,
+    ca: Option<PathBuf>,
+    rotate: bool,
+) -> serde_json::Value {
+    tokio::task::spawn_blocking(move || {
+        let backup_dir = path_string(&backup_dir);
+        let mut args = vec![
+            "init-org",
+            "--data-dir",
+            &backup_dir,
+            "--server-url",
+            &server_url,
+            "--admin",
+            ADMIN,
+        ];
+        if rotate {
+            args.push("--rotate");
+        }
+        let ca = ca.as_deref().map(path_string);
+        let mut env = vec![("TESSERA_BACKUP_ADMIN_PASSWORD", admin_password.as_str())];
+        if let Some(ca) = &ca {
+            env.push(("TESSERA_BACKUP_UPSTREAM_CA", ca));
+        }
+        run_json("tessera-backup", &args, &env)
+    })
+    .await
+    .unwrap()
 }
 
 /// A self-signed certificate for 127.0.0.1 and localhost, and its key.
@@ -464,34 +504,14 @@ impl Cluster {
             })
             .await
             .unwrap();
-        let url = server.url();
-        let pw = admin_password.clone();
-        let backup_dir = d("backup");
-        let init_env = with_ca(
-            env(&[("TESSERA_BACKUP_ADMIN_PASSWORD", pw)]),
-            "TESSERA_BACKUP_UPSTREAM_CA",
-        );
-        let org = tokio::task::spawn_blocking(move || {
-            let init_env: Vec<(&str, &str)> = init_env
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            run_json(
-                "tessera-backup",
-                &[
-                    "init-org",
-                    "--data-dir",
-                    &backup_dir,
-                    "--server-url",
-                    &url,
-                    "--admin",
-                    ADMIN,
-                ],
-                &init_env,
-            )
-        })
-        .await
-        .unwrap();
+        let org = init_org(
+            dir.path().join("backup"),
+            server.url(),
+            admin_password.clone(),
+            tls.as_ref().map(|t| t.cert.clone()),
+            false,
+        )
+        .await;
         assert_eq!(org["org_identity"], ORG);
         let mut backup = Service::new(
             "tessera-backup",
@@ -595,9 +615,164 @@ impl Cluster {
         Client::open(&self.home, profile, PASSPHRASE).unwrap()
     }
 
+    /// Rotates the OrgKey as docs/operations.md says: `tessera-backup
+    /// init-org --rotate`, then a restart of the backup service. Returns
+    /// what init-org printed (`org_card_id`, ...).
+    pub async fn rotate_org_key(&mut self) -> serde_json::Value {
+        let created = init_org(
+            self.data_dir("backup"),
+            self.server.url(),
+            self.admin_password.clone(),
+            self.tls.as_ref().map(|t| t.cert.clone()),
+            true,
+        )
+        .await;
+        assert!(self.backup.stop().await, "backup service exit status");
+        self.backup.start().await;
+        created
+    }
+
     /// The data directory of a service ("kms", "server", "backup").
     pub fn data_dir(&self, service: &str) -> PathBuf {
         self.dir.path().join(service)
+    }
+}
+
+/// A `tessera` CLI process running in the background (`listen`, say): its
+/// output lines arrive as they are printed.
+pub struct CliProcess {
+    child: Option<Child>,
+    stdout: tokio::sync::mpsc::UnboundedReceiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CliProcess {
+    /// The next line it prints on stdout, within `timeout`.
+    pub async fn line(&mut self, timeout: Duration) -> String {
+        match tokio::time::timeout(timeout, self.stdout.recv()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("the CLI ended; stderr:\n{}", self.stderr()),
+            Err(_) => panic!(
+                "no line from the CLI within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits (off the runtime) until it exits; returns its exit code, the
+    /// rest of its stdout and all of its stderr.
+    pub async fn finish(mut self) -> (Option<i32>, Vec<String>, String) {
+        let mut child = self.child.take().unwrap();
+        let readers = std::mem::take(&mut self.readers);
+        let code = tokio::task::spawn_blocking(move || {
+            let status = child.wait().unwrap();
+            for reader in readers {
+                let _ = reader.join();
+            }
+            status.code()
+        })
+        .await
+        .unwrap();
+        let mut rest = Vec::new();
+        while let Ok(line) = self.stdout.try_recv() {
+            rest.push(line);
+        }
+        (code, rest, self.stderr.lock().unwrap().clone())
+    }
+
+    /// Sends SIGINT (Ctrl-C) to it.
+    pub fn interrupt(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-INT")
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+}
+
+impl Drop for CliProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Cluster {
+    /// The `tessera` CLI as profile `profile` of this cluster's home,
+    /// pointed at its services (fast KDF, the testkit passphrase).
+    pub fn cli(&self, profile: &str) -> Command {
+        let mut cmd = Command::new(bin_path("tessera"));
+        let endpoints = self.endpoints();
+        cmd.env("TESSERA_HOME", self.home.root())
+            .env("TESSERA_PROFILE", profile)
+            .env(
+                "TESSERA_PASSPHRASE",
+                std::str::from_utf8(PASSPHRASE).unwrap(),
+            )
+            .env("TESSERA_DANGER_FAST_KDF", "1")
+            .env("TESSERA_SERVER_URL", &endpoints.server_url)
+            .env("TESSERA_KMS_URL", &endpoints.kms_url)
+            .env(
+                "TESSERA_BACKUP_URL",
+                endpoints.backup_url.unwrap_or_default(),
+            )
+            .stdin(Stdio::null());
+        if let Some(ca) = endpoints.ca_cert {
+            cmd.env("TESSERA_CA_CERT", ca);
+        }
+        cmd
+    }
+
+    /// Runs `tessera <args>` as `profile` to the end (off the runtime).
+    pub async fn run_cli(&self, profile: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = self.cli(profile);
+        cmd.args(args);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Starts `tessera <args>` as `profile` in the background.
+    pub fn spawn_cli(&self, profile: &str, args: &[&str]) -> CliProcess {
+        use std::io::BufRead;
+        let mut cmd = self.cli(profile);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let (tx, stdout) = tokio::sync::mpsc::unbounded_channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let collected = stderr.clone();
+        let readers = vec![
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            }),
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                    if let Ok(mut s) = collected.lock() {
+                        s.push_str(&line);
+                        s.push('\n');
+                    }
+                }
+            }),
+        ];
+        CliProcess {
+            child: Some(child),
+            stdout,
+            stderr,
+            readers,
+        }
     }
 }
 
