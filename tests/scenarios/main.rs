@@ -19,6 +19,7 @@ mod registration;
 mod relay;
 mod rotation;
 mod tls;
+mod transparency;
 
 use std::time::Duration;
 

@@ -162,6 +162,14 @@ pub(crate) enum Command {
         #[arg(long)]
         acknowledge: Option<String>,
     },
+    /// Print this device's view of the key directory's log (to compare with
+    /// someone else's), or check theirs against yours: a directory showing
+    /// you different logs is caught here (exit code 6).
+    Checkpoint {
+        /// A checkpoint someone else's `tessera checkpoint` printed (hex).
+        #[arg(long)]
+        compare: Option<String>,
+    },
     /// Admin commands (the organisation, any device).
     #[command(subcommand)]
     Admin(AdminCommand),

@@ -5,8 +5,8 @@ use std::{io::IsTerminal, path::PathBuf};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tessera_client::{
-    CardId, Client, ClientError, Content, Endpoints, Enrollment, HistoryVisibility, Home,
-    KdfParams, Origin, Received, Source, TrustEvent,
+    CardId, CheckpointView, Client, ClientError, Content, Endpoints, Enrollment, HistoryVisibility,
+    Home, KdfParams, Origin, Received, Source, TrustEvent,
 };
 use tessera_crypto::VerifyingKey;
 use zeroize::Zeroizing;
@@ -793,6 +793,40 @@ impl Ctx {
                 unknown.len(),
                 unknown.join(", ")
             )));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn checkpoint(&self, compare: Option<&str>) -> Result<(), CliError> {
+        let c = self.open()?;
+        let view = |v: &CheckpointView| json!({"tree_size": v.tree_size, "root_hash": hex::encode(v.root_hash), "timestamp": v.timestamp, "checkpoint": v.exported});
+        match compare {
+            None => {
+                let mine = c.export_checkpoint().await?;
+                self.out(
+                    || {
+                        format!(
+                            "The key directory's log as this device sees it: {} entries, root {}.\nGive this to the other person, who runs `tessera checkpoint --compare <it>`:\n{}",
+                            mine.tree_size,
+                            hex::encode(mine.root_hash),
+                            mine.exported
+                        )
+                    },
+                    || view(&mine),
+                );
+            }
+            Some(theirs) => {
+                let agreed = c.compare_checkpoint(theirs).await?;
+                self.out(
+                    || {
+                        format!(
+                            "Consistent: their log of {} entries and yours of {} are one history.",
+                            agreed.theirs.tree_size, agreed.mine.tree_size
+                        )
+                    },
+                    || json!({"consistent": true, "mine": view(&agreed.mine), "theirs": view(&agreed.theirs)}),
+                );
+            }
         }
         Ok(())
     }

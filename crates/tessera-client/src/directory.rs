@@ -63,6 +63,15 @@ impl Client {
         KeyDirectoryClient::new(self.kms.clone()).max_decoding_message_size(64 << 20)
     }
 
+    /// The last checkpoint this device verified, if any.
+    pub(crate) fn last_checkpoint(&self) -> Result<Option<VerifiedCheckpoint>, ClientError> {
+        Ok(state::read_state(&self.dir)?
+            .checkpoint
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| SignedCheckpoint::decode(b.as_slice()).ok())
+            .and_then(|s| transparency::verify_checkpoint(&s, self.verifier.kms_key()).ok()))
+    }
+
     /// Verifies `signed` against the pinned key-service key and checks that
     /// it extends the last checkpoint this device saw (consistency proof);
     /// remembers it when it is newer.
@@ -72,42 +81,17 @@ impl Client {
     ) -> Result<VerifiedCheckpoint, ClientError> {
         let new = transparency::verify_checkpoint(signed, self.verifier.kms_key())
             .map_err(|e| ClientError::Fork(format!("checkpoint refused: {e}")))?;
-        let last = state::read_state(&self.dir)?
-            .checkpoint
-            .and_then(|h| hex::decode(h).ok())
-            .and_then(|b| SignedCheckpoint::decode(b.as_slice()).ok())
-            .and_then(|s| transparency::verify_checkpoint(&s, self.verifier.kms_key()).ok());
+        let last = self.last_checkpoint()?;
         if let Some(old) = &last {
-            let (small, big) = if old.tree_size <= new.tree_size {
-                (old, &new)
-            } else {
-                (&new, old)
-            };
-            if small.tree_size == big.tree_size {
-                if small.root_hash != big.root_hash {
-                    return Err(ClientError::Fork(format!(
-                        "two different roots for {} entries",
-                        small.tree_size
-                    )));
-                }
-            } else {
-                let request = self
-                    .request(GetConsistencyProofRequest {
-                        old_size: small.tree_size,
-                        new_size: big.tree_size,
-                    })
-                    .await?;
-                let proof = self
-                    .kms_client()
-                    .get_consistency_proof(request)
-                    .await
-                    .map_err(rpc("key service", self.kms_url(), "a consistency proof"))?
-                    .into_inner()
-                    .proof
-                    .ok_or_else(|| ClientError::Fork("no consistency proof was given".into()))?;
-                transparency::verify_consistency(small, big, &proof)
-                    .map_err(|e| ClientError::Fork(e.to_string()))?;
+            // The log only grows: an older checkpoint than one this device
+            // already verified hides what was appended since (a rollback).
+            if new.tree_size < old.tree_size {
+                return Err(ClientError::Fork(format!(
+                    "the directory went back to {} entries after showing {}",
+                    new.tree_size, old.tree_size
+                )));
             }
+            self.check_consistent(old, &new).await?;
         }
         if last
             .as_ref()
@@ -129,6 +113,46 @@ impl Client {
             })?;
         }
         Ok(new)
+    }
+
+    /// Checks that two checkpoints describe one log: the same root for the
+    /// same size, else a consistency proof from the smaller to the larger
+    /// (asked of this device's key directory).
+    pub(crate) async fn check_consistent(
+        &self,
+        a: &VerifiedCheckpoint,
+        b: &VerifiedCheckpoint,
+    ) -> Result<(), ClientError> {
+        let (small, big) = if a.tree_size <= b.tree_size {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        if small.tree_size == big.tree_size {
+            if small.root_hash != big.root_hash {
+                return Err(ClientError::Fork(format!(
+                    "two different roots for {} entries",
+                    small.tree_size
+                )));
+            }
+            return Ok(());
+        }
+        let request = self
+            .request(GetConsistencyProofRequest {
+                old_size: small.tree_size,
+                new_size: big.tree_size,
+            })
+            .await?;
+        let proof = self
+            .kms_client()
+            .get_consistency_proof(request)
+            .await
+            .map_err(rpc("key service", self.kms_url(), "a consistency proof"))?
+            .into_inner()
+            .proof
+            .ok_or_else(|| ClientError::Fork("no consistency proof was given".into()))?;
+        transparency::verify_consistency(small, big, &proof)
+            .map_err(|e| ClientError::Fork(e.to_string()))
     }
 
     /// Checks one record from the key service: the card's three signatures,

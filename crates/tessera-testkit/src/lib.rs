@@ -781,6 +781,18 @@ pub fn bin_path(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 impl Cluster {
     /// A second key service holding this cluster's KMS key but its own,
     /// empty log: a directory that can sign checkpoints of another history.
@@ -788,13 +800,29 @@ impl Cluster {
         let dir = self.dir.path().join("kms-fork");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(self.data_dir("kms").join("kms.key"), dir.join("kms.key")).unwrap();
+        self.kms_on(&dir).await
+    }
+
+    /// A second key service started from a copy of this one's key and log
+    /// (the key service is stopped for the copy and started again): from
+    /// here on the two logs can grow apart, each consistent with the common
+    /// past, as a directory showing users a split view would.
+    pub async fn cloned_kms(&mut self) -> Service {
+        let dir = self.dir.path().join("kms-clone");
+        assert!(self.kms.stop().await, "key service exit status");
+        copy_dir(&self.data_dir("kms"), &dir);
+        self.kms.start().await;
+        self.kms_on(&dir).await
+    }
+
+    async fn kms_on(&self, dir: &Path) -> Service {
         let mut env = self.kms.env.clone();
         env.insert(
             "TESSERA_KMS_DATA_DIR".into(),
             dir.to_string_lossy().into_owned(),
         );
         env.retain(|k, _| !k.ends_with("_TLS_CERT") && !k.ends_with("_TLS_KEY"));
-        let mut fork = Service::new("tessera-kms", &dir, vec![], env, self.tls.as_ref());
+        let mut fork = Service::new("tessera-kms", dir, vec![], env, self.tls.as_ref());
         fork.start().await;
         fork
     }
