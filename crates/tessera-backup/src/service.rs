@@ -318,7 +318,12 @@ impl Backup for BackupService {
                 caller.identity
             )));
         }
-        let total = self.store.count(&r.channel_id, start, end, limit)? as u64;
+        // One more than the limit tells whether the archive goes on.
+        let found = self
+            .store
+            .count(&r.channel_id, start, end, limit.saturating_add(1))?;
+        let more = found > limit;
+        let total = found.min(limit) as u64;
         let (tx, rx) = mpsc::channel(64);
         let (org, store, channel_id) = (self.org.clone(), self.store.clone(), r.channel_id);
         let nonce = r.nonce;
@@ -358,6 +363,7 @@ impl Backup for BackupService {
                 channel_id: channel_id.clone(),
                 nonce,
                 count: sent,
+                more: more && sent == total,
             };
             let last =
                 org.history_end_envelope(&end, &recipients)

@@ -152,7 +152,7 @@ pub(crate) enum Command {
         channel: String,
         #[arg(long, default_value_t = 0)]
         from: u64,
-        /// At most this many messages [default: the service's page size].
+        /// At most this many messages [default: all, in as many calls as the service's page size takes].
         #[arg(long, default_value_t = 0)]
         limit: u32,
     },

@@ -178,14 +178,17 @@ impl Client {
     }
 
     /// History of a channel from the organisation's archive, re-encrypted
-    /// for this user's current devices. Each entry is verified twice: the
-    /// organisation's signature on the re-encrypted copy, and the original
-    /// sender's signature on the original payload. The answer as a whole
-    /// must come in ascending index order and end with the organisation's
-    /// signed end naming this request's nonce and how many messages it
-    /// carried, or the sync is refused (`ClientError::History`): messages
-    /// dropped, reordered, duplicated, cut off or replayed from an earlier
-    /// answer. `progress(done, total)` is called after each message.
+    /// for this user's current devices: every archived message from
+    /// `from_index` on (at most `limit` when it is not 0), asked for in as
+    /// many calls as the service's page size takes. Each entry is verified
+    /// twice: the organisation's signature on the re-encrypted copy, and the
+    /// original sender's signature on the original payload. Each answer as a
+    /// whole must come in ascending index order and end with the
+    /// organisation's signed end naming this request's nonce, how many
+    /// messages it carried and whether more follow, or the sync is refused
+    /// (`ClientError::History`): messages dropped, reordered, duplicated, cut
+    /// off or replayed from an earlier answer. `progress(done, total)` is
+    /// called after each message (`total` as far as known).
     pub async fn sync_from_org(
         &self,
         channel_id: &str,
@@ -196,6 +199,41 @@ impl Client {
         // The history is signed by the organisation's current card: ask
         // which one that is now (it changes when the OrgKey is rotated).
         let org = self.fetch_org().await?;
+        let mut out: Vec<HistoryEntry> = Vec::new();
+        let mut from = from_index;
+        loop {
+            let want = match limit {
+                0 => 0,
+                n => n - out.len() as u32,
+            };
+            let more = self
+                .sync_answer(&org, channel_id, from, want, &mut out, &mut progress)
+                .await?;
+            let done = limit != 0 && out.len() >= limit as usize;
+            match out.last() {
+                Some(last) if more && !done => from = last.index + 1,
+                None if more => {
+                    return Err(ClientError::History {
+                        channel_id: channel_id.to_owned(),
+                        reason: "an empty answer that says more follow".into(),
+                    });
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// One call of a history sync: appends what it carried to `out` and
+    /// returns whether the organisation says more follow.
+    async fn sync_answer(
+        &self,
+        org: &OrgInfo,
+        channel_id: &str,
+        from_index: u64,
+        limit: u32,
+        out: &mut Vec<HistoryEntry>,
+        progress: &mut impl FnMut(u64, u64),
+    ) -> Result<bool, ClientError> {
         let refused = |reason: String| ClientError::History {
             channel_id: channel_id.to_owned(),
             reason,
@@ -216,7 +254,7 @@ impl Client {
             .await
             .map_err(rpc("backup service", self.backup_url(), "the history sync"))?
             .into_inner();
-        let mut out: Vec<HistoryEntry> = Vec::new();
+        let before = out.len();
         let mut end = None;
         while let Some(item) = stream.next().await {
             let item =
@@ -227,10 +265,10 @@ impl Client {
                 ));
             }
             if item.message_index == 0 {
-                end = Some(self.open_history_end(&org, channel_id, &item.envelope)?);
+                end = Some(self.open_history_end(org, channel_id, &item.envelope)?);
                 continue;
             }
-            let previous = out
+            let previous = out[before..]
                 .last()
                 .map_or(from_index.max(1).saturating_sub(1), |e| e.index);
             if item.message_index <= previous {
@@ -240,7 +278,7 @@ impl Client {
                 )));
             }
             let result = self
-                .open_history(&org, channel_id, item.message_index, &item.envelope)
+                .open_history(org, channel_id, item.message_index, &item.envelope)
                 .await;
             let done = out.len() as u64 + 1;
             progress(done, done + item.remaining);
@@ -257,14 +295,14 @@ impl Client {
                 "the organisation's signed end answers another request: a replayed answer".into(),
             ));
         }
-        if end.count != out.len() as u64 {
+        let arrived = (out.len() - before) as u64;
+        if end.count != arrived {
             return Err(refused(format!(
-                "the organisation sent {} message(s) and {} arrived: some were dropped or added",
-                end.count,
-                out.len()
+                "the organisation sent {} message(s) and {arrived} arrived: some were dropped or added",
+                end.count
             )));
         }
-        Ok(out)
+        Ok(end.more)
     }
 
     /// Opens the organisation's signed end of a sync answer.

@@ -469,3 +469,88 @@ async fn inject_card(w: &World, identity: &str) -> tessera_client::CardId {
         .unwrap();
     id
 }
+
+/// More archived messages than the backup service sends in one answer (its
+/// default page is 1000): the client asks again until the signed end says
+/// there is no more, and gets every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_sync_pages_past_the_services_page_size() {
+    const N: u64 = 1003;
+    let w = World::start().await;
+    let admin = w.admin().await;
+    let alice = std::sync::Arc::new(w.device("alice", "alice", true).await);
+    w.device("bob", "bob", true).await;
+    admin.set_org_member("bob", true).await.unwrap();
+    let bob = std::sync::Arc::new(Client::open(&w.home, "bob", b"device passphrase").unwrap());
+    let channel = alice
+        .create_channel("long", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    // Eight senders at once; the server orders them.
+    let mut senders = Vec::new();
+    for s in 0..8 {
+        let (alice, channel) = (alice.clone(), channel.clone());
+        senders.push(tokio::spawn(async move {
+            for i in (s..N).step_by(8) {
+                alice
+                    .send_text(&channel, &format!("line {i}"))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let mut received = Vec::new();
+    let mut anchor = 0;
+    loop {
+        let page = bob.history(&channel, anchor, 500, false).await.unwrap();
+        received.extend(page.messages.into_iter().map(|(_, r)| r.unwrap()));
+        if page.next_anchor == 0 {
+            break;
+        }
+        anchor = page.next_anchor;
+    }
+    assert_eq!(received.len() as u64, N);
+    let received = std::sync::Arc::new(received);
+    let mut backers = Vec::new();
+    for s in 0..8 {
+        let (bob, received) = (bob.clone(), received.clone());
+        backers.push(tokio::spawn(async move {
+            for m in received.iter().skip(s).step_by(8) {
+                assert!(bob.back_up(m).await.unwrap());
+            }
+        }));
+    }
+    for b in backers {
+        b.await.unwrap();
+    }
+    let tablet = w.device("bob-tablet", "bob", false).await;
+    let synced = tablet
+        .sync_from_org(&channel, 0, 0, |_, _| {})
+        .await
+        .unwrap();
+    let indices: Vec<u64> = synced.iter().map(|e| e.index).collect();
+    assert_eq!(indices.len() as u64, N, "messages synced");
+    assert_eq!(indices, (1..=N).collect::<Vec<_>>());
+    let mut lines: Vec<String> = synced
+        .iter()
+        .map(|e| match &e.result {
+            Ok(r) => text(&r.content).to_owned(),
+            Err(err) => panic!("message {}: {err}", e.index),
+        })
+        .collect();
+    lines.sort();
+    let mut expected: Vec<String> = (0..N).map(|i| format!("line {i}")).collect();
+    expected.sort();
+    assert_eq!(lines, expected);
+    // A limit is honoured across answers too, and so is a start.
+    let some = tablet
+        .sync_from_org(&channel, 990, 12, |_, _| {})
+        .await
+        .unwrap();
+    let indices: Vec<u64> = some.iter().map(|e| e.index).collect();
+    assert_eq!(indices, (990..1002).collect::<Vec<_>>());
+}
