@@ -15,6 +15,7 @@ mod exchange;
 mod hostile_backup;
 mod mitm;
 mod org;
+mod outages;
 mod registration;
 mod relay;
 mod rotation;

@@ -16,6 +16,42 @@ use crate::{
     error::CliError,
 };
 
+/// First and longest pause before `listen` subscribes again.
+const RECONNECT_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `listen` should keep trying to subscribe after `e`: the app
+/// server or the way to it is down, not a refusal.
+fn reconnectable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Unreachable { .. }
+            | ClientError::Rejected {
+                code: tonic::Code::Unavailable,
+                ..
+            }
+    )
+}
+
+/// Whether a live subscription that ended with `status` should be resumed:
+/// the server restarting or shutting down, the connection lost (locally or
+/// at a proxy on the way), or the token expired (a fresh log-in follows).
+/// A refusal (removed from the channel, a bad request) ends `listen`.
+fn resumable(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    std::error::Error::source(status).is_some()
+        || matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::Unauthenticated
+                | Code::Unknown
+                | Code::Internal
+                | Code::Cancelled
+                | Code::Aborted
+                | Code::DeadlineExceeded
+        )
+}
+
 /// What every command works with.
 pub(crate) struct Ctx {
     pub(crate) home: Home,
@@ -627,8 +663,15 @@ impl Ctx {
         let c = std::sync::Arc::new(self.open()?);
         let id = self.channel_id(&c, channel).await?;
         let backup = !no_backup && c.is_org_member().await?;
-        let mut next = from.unwrap_or(0);
+        // "Only new messages" is pinned to an index now, so a reconnect
+        // resumes from there and nothing sent during an outage is lost
+        // (subscribing from 0 again would skip it).
+        let mut next = match from {
+            Some(n) => n,
+            None => c.channel(&id).await?.next_index,
+        };
         let mut seen = 0u64;
+        let mut backoff = RECONNECT_FIRST;
         let mut backups = tokio::task::JoinSet::new();
         if !self.json {
             eprintln!(
@@ -641,7 +684,19 @@ impl Ctx {
             );
         }
         'outer: loop {
-            let mut stream = c.subscribe(&id, next).await?;
+            let mut stream = match c.subscribe(&id, next).await {
+                Ok(stream) => stream,
+                Err(e) if reconnectable(&e) => {
+                    // The app server (or the way to it) is down: try again.
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = tokio::signal::ctrl_c() => break 'outer,
+                    }
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    continue 'outer;
+                }
+                Err(e) => return Err(e.into()),
+            };
             loop {
                 let item = tokio::select! {
                     item = stream.next() => item,
@@ -649,12 +704,14 @@ impl Ctx {
                 };
                 let stored = match item {
                     Some(Ok(m)) => m,
-                    Some(Err(status))
-                        if status.code() == tonic::Code::Unavailable
-                            || status.code() == tonic::Code::Unauthenticated =>
-                    {
-                        // Server restart or token expiry: resume after the last index.
-                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    Some(Err(status)) if resumable(&status) => {
+                        // A server restart, the connection lost, or the
+                        // token expired: resume from the next index (with a
+                        // fresh log-in when the token expired).
+                        tokio::select! {
+                            () = tokio::time::sleep(RECONNECT_FIRST) => {}
+                            _ = tokio::signal::ctrl_c() => break 'outer,
+                        }
                         continue 'outer;
                     }
                     Some(Err(status)) => {
@@ -665,6 +722,7 @@ impl Ctx {
                     }
                     None => continue 'outer,
                 };
+                backoff = RECONNECT_FIRST;
                 next = stored.index + 1;
                 match c.open_message(&stored).await {
                     Ok(r) if self.show_received(&c, &r).await => {

@@ -193,7 +193,7 @@ impl Accounts for AccountsService {
         }
         Ok(Response::new(BeginDeviceLoginResponse {
             challenge: challenge.to_vec(),
-            expires_at: tessera_service::now_secs() + challenges::CHALLENGE_TTL.as_secs() as i64,
+            expires_at: tessera_service::now_secs() + app.challenges.ttl().as_secs() as i64,
         }))
     }
 

@@ -83,6 +83,8 @@ impl Codec for RawCodec {
 pub struct ProxyControl {
     upstream: RwLock<Channel>,
     tamper: RwLock<Tamper>,
+    /// Calls forwarded so far, per method path.
+    calls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl ProxyControl {
@@ -94,6 +96,15 @@ impl ProxyControl {
             .connect_lazy();
         *self.upstream.write().map_err(|_| "poisoned".to_owned())? = channel;
         Ok(())
+    }
+
+    /// How many calls of `method` (e.g. `/tessera.server.v1.Channels/Subscribe`)
+    /// came through so far.
+    pub fn calls(&self, method: &str) -> usize {
+        self.calls
+            .lock()
+            .map(|c| c.get(method).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Tampers with responses this way from now on.
@@ -125,6 +136,9 @@ impl tonic::server::StreamingService<Vec<u8>> for Method {
     fn call(&mut self, request: tonic::Request<Streaming<Vec<u8>>>) -> Self::Future {
         let path = self.path.clone();
         let control = self.control.clone();
+        if let Ok(mut calls) = control.calls.lock() {
+            *calls.entry(path.clone()).or_default() += 1;
+        }
         Box::pin(async move {
             let upstream = control
                 .upstream
@@ -255,6 +269,7 @@ impl Proxy {
                     .connect_lazy(),
             ),
             tamper: RwLock::new(honest()),
+            calls: Default::default(),
         });
         let listener = bind("127.0.0.1:0".parse().map_err(|_| "address")?)
             .await

@@ -430,17 +430,32 @@ impl Cluster {
     /// Keys generated, key service, app server (admin `admin`, organisation
     /// `org:test`), the OrgKey set up, backup service: all healthy.
     pub async fn start() -> Self {
-        Self::start_with(false).await
+        Self::start_with(false, &[]).await
     }
 
     /// [`Cluster::start`] with every service served over TLS, the server
     /// and backup service reaching their upstreams over TLS, and clients
     /// trusting the certificate.
     pub async fn start_tls() -> Self {
-        Self::start_with(true).await
+        Self::start_with(true, &[]).await
     }
 
-    async fn start_with(tls: bool) -> Self {
+    /// [`Cluster::start`] with more environment variables for some services:
+    /// (`binary`, variable, value), e.g. `("tessera-server",
+    /// "TESSERA_SERVER_TOKEN_LIFETIME_SECS", "3")`.
+    pub async fn start_with_env(extra: &[(&str, &str, &str)]) -> Self {
+        Self::start_with(false, extra).await
+    }
+
+    async fn start_with(tls: bool, extra: &[(&str, &str, &str)]) -> Self {
+        let with_extra = |mut service: Service| {
+            for (binary, name, value) in extra {
+                if *binary == service.name {
+                    service.set_env(name, value);
+                }
+            }
+            service
+        };
         let dir = tempfile::tempdir().unwrap();
         let tls = tls.then(|| TlsFiles::generate(dir.path()));
         let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
@@ -459,7 +474,7 @@ impl Cluster {
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect()
         };
-        let mut kms = Service::new(
+        let mut kms = with_extra(Service::new(
             "tessera-kms",
             dir.path(),
             vec![],
@@ -469,7 +484,7 @@ impl Cluster {
                 ("TESSERA_KMS_TOKEN_PUBLIC_KEY", hex_key(&keys.token)),
             ]),
             tls.as_ref(),
-        );
+        ));
         kms.start().await;
         let ca = tls.as_ref().map(|t| path_string(&t.cert));
         let with_ca = |mut vars: BTreeMap<String, String>, var: &str| {
@@ -478,7 +493,7 @@ impl Cluster {
             }
             vars
         };
-        let mut server = Service::new(
+        let mut server = with_extra(Service::new(
             "tessera-server",
             dir.path(),
             vec![],
@@ -492,7 +507,7 @@ impl Cluster {
                 "TESSERA_SERVER_KMS_CA",
             ),
             tls.as_ref(),
-        );
+        ));
         server.start().await;
 
         let admin_password = hex::encode(tessera_crypto::random_array::<12>().unwrap());
@@ -513,7 +528,7 @@ impl Cluster {
         )
         .await;
         assert_eq!(org["org_identity"], ORG);
-        let mut backup = Service::new(
+        let mut backup = with_extra(Service::new(
             "tessera-backup",
             dir.path(),
             vec![],
@@ -529,7 +544,7 @@ impl Cluster {
                 "TESSERA_BACKUP_UPSTREAM_CA",
             ),
             tls.as_ref(),
-        );
+        ));
         backup.start().await;
         let home = Home::new(dir.path().join("home"));
         Self {
@@ -657,6 +672,19 @@ impl CliProcess {
                 "no line from the CLI within {timeout:?}; stderr:\n{}",
                 self.stderr()
             ),
+        }
+    }
+
+    /// Waits until its stderr contains `text`.
+    pub async fn wait_stderr(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} not printed within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
