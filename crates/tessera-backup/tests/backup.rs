@@ -434,3 +434,73 @@ async fn history_sync_respects_visibility_and_membership() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
+
+/// Two of a member's devices back up the same messages at the same moment:
+/// each message is archived once, one backup says stored and the others
+/// say it was there already, and the archive syncs every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_backing_up_the_same_message_at_once() {
+    let w = World::start().await;
+    let admin = w.device("admin", "admin", true).await;
+    let alice = w.device("alice", "alice", true).await;
+    w.device("bob-0", "bob", true).await;
+    w.device("bob-1", "bob", false).await;
+    admin.set_org_member("bob", true).await.unwrap();
+    let bobs: Vec<std::sync::Arc<Client>> = ["bob-0", "bob-1"]
+        .iter()
+        .map(|p| std::sync::Arc::new(Client::open(&w.home, p, b"pp").unwrap()))
+        .collect();
+    let channel = alice
+        .create_channel("race", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    for i in 0..6 {
+        alice
+            .send_text(&channel, &format!("raced {i}"))
+            .await
+            .unwrap();
+    }
+    // Each device reads the messages itself, then both back up every
+    // message at the same moment (twice each).
+    let mut copies = Vec::new();
+    for bob in &bobs {
+        copies.push(received(bob, &channel).await);
+    }
+    for (index, (first, second)) in copies[0].iter().zip(&copies[1]).enumerate() {
+        let calls: Vec<_> = (0..4)
+            .map(|n| {
+                let bob = bobs[n % 2].clone();
+                let m = if n % 2 == 0 { first } else { second }.clone();
+                tokio::spawn(async move { bob.back_up(&m).await })
+            })
+            .collect();
+        let mut stored = 0;
+        for call in calls {
+            match call.await.unwrap() {
+                Ok(true) => stored += 1,
+                Ok(false) => {}
+                Err(e) => panic!("message {}: a backup failed: {e}", index + 1),
+            }
+        }
+        assert_eq!(stored, 1, "message {} stored exactly once", index + 1);
+    }
+    let synced = bobs[0]
+        .sync_from_org(&channel, 0, 0, |_, _| {})
+        .await
+        .unwrap();
+    let texts: Vec<String> = synced
+        .iter()
+        .map(|e| match &e.result {
+            Ok(r) => match &r.content {
+                Content::Text(t) => t.clone(),
+                other => panic!("{other:?}"),
+            },
+            Err(err) => panic!("message {} refused: {err}", e.index),
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        (0..6).map(|i| format!("raced {i}")).collect::<Vec<_>>()
+    );
+}

@@ -554,3 +554,96 @@ async fn history_sync_pages_past_the_services_page_size() {
     let indices: Vec<u64> = some.iter().map(|e| e.index).collect();
     assert_eq!(indices, (990..1002).collect::<Vec<_>>());
 }
+
+/// A device keeps sending while another device of the same user revokes it.
+/// Every send either is acknowledged or denied (nothing else); every send
+/// that began after the revocation returned is denied; every acknowledged
+/// message is either read by the recipient or refused as sent after the
+/// revocation, never accepted from a revoked card later than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_during_a_send() {
+    let w = World::start().await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob0 = w.device("bob-0", "bob", true).await;
+    let bob1 = std::sync::Arc::new(w.device("bob-1", "bob", false).await);
+    let channel = alice
+        .create_channel("race", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let go = started.clone();
+    let sender = {
+        let (bob1, channel) = (bob1.clone(), channel.clone());
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            let mut denied_in_a_row = 0;
+            for i in 0..200 {
+                let began = std::time::Instant::now();
+                let result = bob1.send_text(&channel, &format!("send {i}")).await;
+                if i == 3 {
+                    go.notify_one();
+                }
+                denied_in_a_row = if result.is_err() {
+                    denied_in_a_row + 1
+                } else {
+                    0
+                };
+                outcomes.push((began, result));
+                if denied_in_a_row == 3 {
+                    break;
+                }
+            }
+            outcomes
+        })
+    };
+    started.notified().await;
+    bob0.revoke_device(&bob1.card_id(), "stolen").await.unwrap();
+    let revoked = std::time::Instant::now();
+    let outcomes = sender.await.unwrap();
+    assert!(
+        outcomes.last().unwrap().1.is_err(),
+        "bob-1 kept sending after its revocation"
+    );
+    let mut acknowledged = Vec::new();
+    for (began, result) in &outcomes {
+        match result {
+            Ok(sent) => {
+                assert!(
+                    *began < revoked,
+                    "a send that began after the revocation was acknowledged (message {})",
+                    sent.index
+                );
+                acknowledged.push(sent.index);
+            }
+            Err(e) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("is not an active device")
+                        || text.contains("not active at the key service")
+                        || text.contains("this device was revoked or replaced"),
+                    "a send failed for another reason than the revocation: {text}"
+                );
+            }
+        }
+    }
+    assert!(acknowledged.len() >= 4, "{acknowledged:?}");
+    // What the server acknowledged, alice either reads or refuses as sent
+    // after the revocation.
+    let page = alice.history(&channel, 0, 500, false).await.unwrap();
+    let stored: Vec<u64> = page.messages.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        stored, acknowledged,
+        "exactly the acknowledged messages are stored"
+    );
+    for (index, result) in &page.messages {
+        match result {
+            Ok(r) => assert_eq!(r.sender_card_id, bob1.card_id()),
+            Err(e) => assert!(
+                e.to_string()
+                    .contains("sent after the sender's card was revoked"),
+                "message {index}: {e}"
+            ),
+        }
+    }
+}

@@ -738,3 +738,100 @@ async fn health_and_reflection_are_served() {
     });
     assert!(described, "no descriptor of KeyDirectory.RegisterCard");
 }
+
+/// Many registrations at once, some of them the same card: every card is
+/// logged exactly once, every answer's record is proven in its checkpoint,
+/// and every checkpoint handed out is a prefix of the final log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_are_each_logged_once() {
+    const DISTINCT: usize = 16;
+    const SAME: usize = 6;
+    let mut f = Fixture::start().await;
+    let before = f.checkpoint().await.tree_size;
+    let mut cards: Vec<Card> = (0..DISTINCT)
+        .map(|i| f.card(&format!("user{}", i % 3), &format!("device {i}")).1)
+        .collect();
+    let shared = f.card("shared", "one card, registered six times at once").1;
+    cards.extend(std::iter::repeat_n(shared.clone(), SAME));
+    let calls = cards.into_iter().map(|card| {
+        let mut client = f.client.clone();
+        let request = f.with(&f.service_token, RegisterCardRequest { card: Some(card) });
+        tokio::spawn(async move { client.register_card(request).await })
+    });
+    let mut answers = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        let r = call.await.unwrap().unwrap().into_inner();
+        answers.push((r.record.unwrap(), r.checkpoint.unwrap()));
+    }
+    let latest = f.checkpoint().await;
+    assert_eq!(
+        latest.tree_size,
+        before + DISTINCT as u64 + 1,
+        "each distinct card logged once"
+    );
+    let shared_id = CardId::of_snapshot(&shared.content_snapshot);
+    let mut shared_entries = std::collections::HashSet::new();
+    for (record, checkpoint) in &answers {
+        let identity = transparency::registered_card(&record.registration_entry)
+            .map(|c| {
+                tessera_card::ParsedCard::parse(c)
+                    .unwrap()
+                    .identity()
+                    .to_owned()
+            })
+            .unwrap();
+        let id = f.check_record(record, checkpoint, &identity);
+        if id == shared_id {
+            shared_entries.insert(record.registration_entry.clone());
+        }
+        // Each checkpoint handed out is a prefix of the final log.
+        let old = transparency::verify_checkpoint(checkpoint, &f.kms_key).unwrap();
+        let request = f.with(
+            &f.user_token.clone(),
+            GetConsistencyProofRequest {
+                old_size: old.tree_size,
+                new_size: latest.tree_size,
+            },
+        );
+        let proof = f
+            .client
+            .get_consistency_proof(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .proof
+            .unwrap();
+        transparency::verify_consistency(&old, &latest, &proof).unwrap();
+    }
+    assert_eq!(
+        shared_entries.len(),
+        1,
+        "the card registered six times at once has one registration entry"
+    );
+    // The log itself holds each card once.
+    let request = f.with(
+        &f.user_token.clone(),
+        ListLogEntriesRequest {
+            from_index: before,
+            limit: 100,
+        },
+    );
+    let entries = f
+        .client
+        .list_log_entries(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let mut ids: Vec<CardId> = entries
+        .iter()
+        .map(|e| {
+            let card = transparency::registered_card(e).unwrap();
+            CardId::of_snapshot(&card.content_snapshot)
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), DISTINCT + 1);
+    assert_eq!(entries.len(), DISTINCT + 1);
+}

@@ -1295,3 +1295,57 @@ async fn device_login_challenges_expire() {
     let in_time = begin().await;
     finish(in_time.challenge).await.unwrap();
 }
+
+/// Two devices enrolling at once when the user has room for one more:
+/// exactly one is enrolled, the other refused with the limit, and the user
+/// ends with as many devices as the limit allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_at_the_device_limit_from_two_clients_at_once() {
+    let s = Stack::with_limits(Limits {
+        max_devices_per_user: 2,
+        ..Limits::default()
+    })
+    .await;
+    for round in 0..5 {
+        let identity = format!("user{round}");
+        let mut user = s.signup(&identity).await;
+        s.enroll(&mut user, "first").await;
+        let attempt = |name: &str| {
+            let card = NewCard {
+                identity: &identity,
+                kind: CardKind::Client,
+                device_name: name,
+                created_at: 0,
+                previous_card_id: None,
+            }
+            .self_signed(&DeviceKeys::generate().unwrap())
+            .unwrap();
+            let request = user.req(EnrollDeviceRequest { card: Some(card) });
+            let mut devices = s.devices();
+            tokio::spawn(async move { devices.enroll_device(request).await })
+        };
+        let (a, b) = (attempt("second"), attempt("also second"));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let outcomes: Vec<Result<(), Code>> = results
+            .iter()
+            .map(|r| r.as_ref().map(|_| ()).map_err(Status::code))
+            .collect();
+        let enrolled = outcomes.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(enrolled, 1, "round {round}: {outcomes:?}");
+        let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused.message().contains("limit of 2 devices per user"),
+            "{}",
+            refused.message()
+        );
+        let listed = s
+            .devices()
+            .list_devices(user.req(ListDevicesRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .devices;
+        assert_eq!(listed.len(), 2, "round {round}");
+    }
+}
