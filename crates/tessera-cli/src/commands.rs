@@ -52,6 +52,16 @@ fn resumable(status: &tonic::Status) -> bool {
         )
 }
 
+/// Exit code 6 once every message was printed, when some were refused.
+fn refusals(refused: usize) -> Result<(), CliError> {
+    if refused == 0 {
+        return Ok(());
+    }
+    Err(CliError::Security(format!(
+        "{refused} message(s) refused (printed above as REFUSED)"
+    )))
+}
+
 /// What every command works with.
 pub(crate) struct Ctx {
     pub(crate) home: Home,
@@ -635,13 +645,16 @@ impl Ctx {
         let c = self.open()?;
         let id = self.channel_id(&c, channel).await?;
         let page = c.history(&id, anchor, limit, backward).await?;
+        let mut refused = 0;
         for (index, result) in &page.messages {
-            match result {
-                Ok(r) => {
-                    self.show_received(&c, r).await;
+            let shown = match result {
+                Ok(r) => self.show_received(&c, r).await,
+                Err(e) => {
+                    self.print_refused(*index, e);
+                    false
                 }
-                Err(e) => self.print_refused(*index, e),
-            }
+            };
+            refused += usize::from(!shown);
         }
         if page.next_anchor != 0 && !self.json {
             eprintln!(
@@ -650,7 +663,7 @@ impl Ctx {
                 if backward { " --backward" } else { "" }
             );
         }
-        Ok(())
+        refusals(refused)
     }
 
     pub(crate) async fn listen(
@@ -671,6 +684,7 @@ impl Ctx {
             None => c.channel(&id).await?.next_index,
         };
         let mut seen = 0u64;
+        let mut refused = 0;
         let mut backoff = RECONNECT_FIRST;
         let mut backups = tokio::task::JoinSet::new();
         if !self.json {
@@ -736,8 +750,11 @@ impl Ctx {
                             });
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => self.print_refused(stored.index, &e),
+                    Ok(_) => refused += 1,
+                    Err(e) => {
+                        refused += 1;
+                        self.print_refused(stored.index, &e);
+                    }
                 }
                 seen += 1;
                 if count.is_some_and(|n| seen >= n) {
@@ -746,7 +763,7 @@ impl Ctx {
             }
         }
         while backups.join_next().await.is_some() {}
-        Ok(())
+        refusals(refused)
     }
 
     pub(crate) async fn sync(&self, channel: &str, from: u64, limit: u32) -> Result<(), CliError> {
