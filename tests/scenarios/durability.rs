@@ -8,18 +8,21 @@
 
 use std::sync::Arc;
 
-use tessera_card::{CardId, CardKind, NewCard, app_sign, transparency};
+use tessera_card::{CardId, app_sign, transparency};
 use tessera_client::{Client, ClientError, HistoryVisibility};
-use tessera_crypto::{DeviceKeys, envelope::CONTENT_TYPE_TEXT};
+use tessera_crypto::envelope::CONTENT_TYPE_TEXT;
 use tessera_proto::kms::v1::{
-    GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest, RegisterCardRequest,
+    GetCardRequest, GetConsistencyProofRequest, RegisterCardRequest,
     key_directory_client::KeyDirectoryClient,
 };
 use tessera_testkit::{Cluster, Writes, is_transport};
 use tokio::sync::Mutex;
 use tonic::Request;
 
-use crate::{app_key, connect, service_token, text};
+use crate::{
+    alice_and_org_member_bob, app_key, channel, connect, kms_checkpoint, new_card, service_token,
+    text,
+};
 
 /// Kills per scenario.
 const KILLS: u64 = 3;
@@ -114,18 +117,7 @@ async fn acknowledged_cards_survive_key_service_crashes_and_the_log_stays_consis
     let app = Arc::new(app_key(&cluster));
     let url = cluster.kms.url();
     // The cluster's set-up already logged the OrgCard.
-    let before = {
-        let cp = KeyDirectoryClient::new(connect(&url).await)
-            .get_checkpoint(with(&token, GetCheckpointRequest {}))
-            .await
-            .unwrap()
-            .into_inner()
-            .checkpoint
-            .unwrap();
-        transparency::verify_checkpoint(&cp, &cluster.keys.kms)
-            .unwrap()
-            .tree_size
-    };
+    let before = kms_checkpoint(&cluster).await.tree_size;
     let checkpoints = Arc::new(Mutex::new(Vec::new()));
     let writes = Arc::new(Writes::default());
     let mut writers = Vec::new();
@@ -144,15 +136,7 @@ async fn acknowledged_cards_survive_key_service_crashes_and_the_log_stays_consis
         writers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             for i in 0..N / WRITERS {
-                let mut card = NewCard {
-                    identity: &format!("user{}", i % 7),
-                    kind: CardKind::Client,
-                    device_name: &format!("writer {w}"),
-                    created_at: i as i64,
-                    previous_card_id: None,
-                }
-                .self_signed(&DeviceKeys::generate().unwrap())
-                .unwrap();
+                let mut card = new_card(&format!("user{}", i % 7), &format!("writer {w}"));
                 app_sign(&mut card, &app);
                 let id = CardId::of_snapshot(&card.content_snapshot);
                 let response = writes
@@ -197,14 +181,7 @@ async fn acknowledged_cards_survive_key_service_crashes_and_the_log_stays_consis
         .await
         .unwrap_or_else(|e| panic!("acknowledged card {id} is gone: {e}"));
     }
-    let latest = kms
-        .get_checkpoint(with(&token, GetCheckpointRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoint
-        .unwrap();
-    let latest = transparency::verify_checkpoint(&latest, &cluster.keys.kms).unwrap();
+    let latest = kms_checkpoint(&cluster).await;
     assert_eq!(
         latest.tree_size,
         before + N as u64,
@@ -234,16 +211,9 @@ async fn acknowledged_cards_survive_key_service_crashes_and_the_log_stays_consis
 async fn acknowledged_backups_survive_backup_service_crashes() {
     const N: usize = 30;
     let mut cluster = Cluster::start().await;
-    let admin = cluster.admin().await;
-    let alice = cluster.device("alice", "alice", true).await;
-    cluster.device("bob", "bob", true).await;
-    admin.set_org_member("bob", true).await.unwrap();
-    let bob: Arc<Client> = Arc::new(cluster.reopen("bob"));
-    let channel = alice
-        .create_channel("archive", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
+    let (alice, bob) = alice_and_org_member_bob(&cluster).await;
+    let bob: Arc<Client> = Arc::new(bob);
+    let channel = channel(&alice, "archive", &["bob"]).await;
     for i in 0..N {
         alice
             .send_text(&channel, &format!("line {i}"))

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use tessera_client::{ClientError, Endpoints, HistoryEntry, HistoryVisibility};
+use tessera_client::{ClientError, Endpoints, HistoryEntry};
 use tessera_proto::{
     Message as _,
     backup::v1::{GetOrgInfoResponse, SyncHistoryItem},
@@ -13,7 +13,7 @@ use tessera_proto::{
 use tessera_stack::hostile::{self, Proxy, Tamper};
 use tessera_testkit::Cluster;
 
-use crate::text;
+use crate::{alice_and_org_member_bob, channel, text};
 
 const SYNC: &str = "/tessera.backup.v1.Backup/SyncHistory";
 
@@ -68,19 +68,11 @@ fn texts(entries: &[HistoryEntry]) -> Vec<String> {
 #[tokio::test]
 async fn a_hostile_backup_service_is_caught() {
     let cluster = Cluster::start().await;
-    let admin = cluster.admin().await;
-    let alice = cluster.device("alice", "alice", true).await;
-    cluster.device("bob", "bob", true).await;
-    admin.set_org_member("bob", true).await.unwrap();
-    let bob = cluster.reopen("bob");
+    let (alice, bob) = alice_and_org_member_bob(&cluster).await;
     let mut channels = Vec::new();
     let mut from_server = Vec::new();
     for (name, lines) in [("a", vec!["a1", "a2", "a3"]), ("b", vec!["b1", "b2"])] {
-        let id = alice
-            .create_channel(name, HistoryVisibility::Shared, &["bob".into()])
-            .await
-            .unwrap()
-            .channel_id;
+        let id = channel(&alice, name, &["bob"]).await;
         for line in lines {
             alice.send_text(&id, line).await.unwrap();
         }

@@ -5,13 +5,11 @@
 
 use std::time::Duration;
 
-use tessera_client::{Endpoints, HistoryVisibility, Source};
-use tessera_proto::kms::v1::{GetCheckpointRequest, key_directory_client::KeyDirectoryClient};
+use tessera_client::Source;
 use tessera_stack::hostile::Proxy;
 use tessera_testkit::Cluster;
-use tonic::Request;
 
-use crate::{connect, service_token, text};
+use crate::{alice_and_org_member_bob, behind_relay, channel, kms_checkpoint, text};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -21,22 +19,8 @@ async fn listen_resumes_after_an_outage_that_began_before_any_message() {
     let alice = cluster.device("alice", "alice", true).await;
     // Bob's device reaches the app server through a relay we can cut.
     let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
-    cluster
-        .device_with(
-            "bob",
-            "bob",
-            true,
-            Endpoints {
-                server_url: relay.url(),
-                ..cluster.endpoints()
-            },
-        )
-        .await;
-    let channel = alice
-        .create_channel("outage", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
+    behind_relay(&cluster, &relay, "bob", "bob").await;
+    let channel = channel(&alice, "outage", &["bob"]).await;
     alice.send_text(&channel, "before listening").await.unwrap();
 
     // Bob listens for new messages only; none has arrived when the outage
@@ -81,22 +65,8 @@ async fn a_token_that_expires_during_a_subscription_is_renewed_without_loss() {
     .await;
     let alice = cluster.device("alice", "alice", true).await;
     let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
-    cluster
-        .device_with(
-            "bob",
-            "bob",
-            true,
-            Endpoints {
-                server_url: relay.url(),
-                ..cluster.endpoints()
-            },
-        )
-        .await;
-    let channel = alice
-        .create_channel("tokens", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
+    behind_relay(&cluster, &relay, "bob", "bob").await;
+    let channel = channel(&alice, "tokens", &["bob"]).await;
     let subscribe = "/tessera.server.v1.Channels/Subscribe";
     let login = "/tessera.server.v1.Accounts/FinishDeviceLogin";
     let mut listen = cluster.spawn_cli("bob", &["listen", &channel, "--count", "4"]);
@@ -137,26 +107,9 @@ async fn services_sixty_seconds_apart_still_work() {
         ("tessera-backup", "TESSERA_DANGER_CLOCK_OFFSET_SECS", "60"),
     ])
     .await;
-    let admin = cluster.admin().await;
-    let alice = cluster.device("alice", "alice", true).await;
-    cluster.device("bob", "bob", true).await;
-    admin.set_org_member("bob", true).await.unwrap();
-    let bob = cluster.reopen("bob");
+    let (alice, bob) = alice_and_org_member_bob(&cluster).await;
     // The key service's clock really is behind: its checkpoint says so.
-    let mut request = Request::new(GetCheckpointRequest {});
-    request
-        .metadata_mut()
-        .insert("authorization", service_token(&cluster).parse().unwrap());
-    let checkpoint = KeyDirectoryClient::new(connect(&cluster.kms.url()).await)
-        .get_checkpoint(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoint
-        .unwrap();
-    let signed_at = tessera_card::transparency::verify_checkpoint(&checkpoint, &cluster.keys.kms)
-        .unwrap()
-        .timestamp;
+    let signed_at = kms_checkpoint(&cluster).await.timestamp;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -167,11 +120,7 @@ async fn services_sixty_seconds_apart_still_work() {
     );
 
     // Enrollment, exchange, backup and sync all work across the skew.
-    let channel = alice
-        .create_channel("skew", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
+    let channel = channel(&alice, "skew", &["bob"]).await;
     alice.send_text(&channel, "across the skew").await.unwrap();
     let page = bob.history(&channel, 0, 10, false).await.unwrap();
     let received = page.messages[0].1.as_ref().unwrap();

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
-use tessera_client::{Endpoints, HistoryVisibility};
+use tessera_client::HistoryVisibility;
 use tessera_proto::{
     Message as _,
     envelope::v1::{Envelope, EnvelopeHeader},
@@ -14,7 +14,7 @@ use tessera_proto::{
 use tessera_stack::hostile::{self, Proxy};
 use tessera_testkit::Cluster;
 
-use crate::text;
+use crate::{behind_relay, text};
 
 fn refused(page: &tessera_client::HistoryPage, index: u64) -> String {
     let (_, r) = page.messages.iter().find(|(i, _)| *i == index).unwrap();
@@ -30,17 +30,7 @@ async fn hostile_relay_attacks_are_rejected() {
     let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
     let alice = cluster.device("alice", "alice", true).await;
     cluster.device("carol", "carol", true).await;
-    let bob = cluster
-        .device_with(
-            "bob",
-            "bob",
-            true,
-            Endpoints {
-                server_url: relay.url(),
-                ..cluster.endpoints()
-            },
-        )
-        .await;
+    let bob = behind_relay(&cluster, &relay, "bob", "bob").await;
     let c1 = alice
         .create_channel(
             "one",

@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use tessera_card::CardKind;
-use tessera_client::{CardId, CardStatus, ClientError, HistoryVisibility, Source};
+use tessera_client::{CardId, CardStatus, ClientError, Source};
 use tessera_testkit::Cluster;
 
-use crate::text;
+use crate::{alice_and_org_member_bob, channel, text};
 
 /// Waits until bob's archive of `channel` holds `n` messages.
 async fn archived(bob: &tessera_client::Client, channel: &str, n: usize) {
@@ -34,16 +34,8 @@ async fn archived(bob: &tessera_client::Client, channel: &str, n: usize) {
 #[tokio::test]
 async fn org_key_rotation_keeps_the_archive_and_a_running_listen_follows_the_new_card() {
     let mut cluster = Cluster::start().await;
-    let admin = cluster.admin().await;
-    let alice = cluster.device("alice", "alice", true).await;
-    cluster.device("bob", "bob", true).await;
-    admin.set_org_member("bob", true).await.unwrap();
-    let bob = cluster.reopen("bob");
-    let channel = alice
-        .create_channel("rotation", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
+    let (alice, bob) = alice_and_org_member_bob(&cluster).await;
+    let channel = channel(&alice, "rotation", &["bob"]).await;
 
     // Message 1, backed up by the library to the first OrgCard.
     alice
@@ -136,16 +128,8 @@ async fn org_key_rotation_keeps_the_archive_and_a_running_listen_follows_the_new
 #[tokio::test]
 async fn app_key_rotation_by_hand_as_the_operations_guide_says() {
     let mut cluster = Cluster::start().await;
-    let admin = cluster.admin().await;
-    let alice = cluster.device("alice", "alice", true).await;
-    cluster.device("bob", "bob", true).await;
-    admin.set_org_member("bob", true).await.unwrap();
-    let bob = cluster.reopen("bob");
-    let channel = alice
-        .create_channel("before", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
+    let (alice, bob) = alice_and_org_member_bob(&cluster).await;
+    let channel = channel(&alice, "before", &["bob"]).await;
     alice
         .send_text(&channel, "under the old AppKey")
         .await

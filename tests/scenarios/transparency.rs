@@ -8,9 +8,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use tessera_card::{CardKind, NewCard, Verifier, app_sign, kms_sign};
-use tessera_client::{Client, ClientError, Endpoints};
-use tessera_crypto::{DeviceKeys, keystore};
+use tessera_card::{CardKind, Verifier, app_sign, kms_sign};
+use tessera_client::ClientError;
+use tessera_crypto::keystore;
 use tessera_proto::kms::v1::{
     GetConsistencyProofResponse, RegisterCardRequest, SearchCardsResponse,
     key_directory_client::KeyDirectoryClient,
@@ -19,23 +19,9 @@ use tessera_stack::hostile::{self, Proxy};
 use tessera_testkit::Cluster;
 use tonic::Request;
 
-use crate::{app_key, connect, service_token};
+use crate::{app_key, behind_directory, connect, new_card, service_token};
 
 const SEARCH: &str = "/tessera.kms.v1.KeyDirectory/SearchCards";
-
-async fn behind(cluster: &Cluster, directory: &Proxy, profile: &str, identity: &str) -> Client {
-    cluster
-        .device_with(
-            profile,
-            identity,
-            true,
-            Endpoints {
-                kms_url: directory.url(),
-                ..cluster.endpoints()
-            },
-        )
-        .await
-}
 
 fn refused_card(e: ClientError) -> String {
     match e {
@@ -54,15 +40,7 @@ fn fork(e: ClientError) -> String {
 /// Registers a card for `identity` signed with the cluster's AppKey at the
 /// key service at `url` (what a compromised app server could do).
 async fn register(cluster: &Cluster, url: &str, identity: &str) {
-    let mut card = NewCard {
-        identity,
-        kind: CardKind::Client,
-        device_name: "registered directly",
-        created_at: 0,
-        previous_card_id: None,
-    }
-    .self_signed(&DeviceKeys::generate().unwrap())
-    .unwrap();
+    let mut card = new_card(identity, "registered directly");
     app_sign(&mut card, &app_key(cluster));
     let mut request = Request::new(RegisterCardRequest { card: Some(card) });
     request
@@ -78,7 +56,7 @@ async fn register(cluster: &Cluster, url: &str, identity: &str) {
 async fn the_client_refuses_what_the_log_does_not_prove() {
     let cluster = Cluster::start().await;
     let directory = Proxy::directory(&cluster.kms.url()).await.unwrap();
-    let alice = behind(&cluster, &directory, "alice", "alice").await;
+    let alice = behind_directory(&cluster, &directory, "alice", "alice").await;
     cluster.device("bob", "bob", true).await;
     // An honest answer, kept for the rollback below.
     let recorded = Arc::new(Mutex::new(None));
@@ -127,15 +105,7 @@ async fn the_client_refuses_what_the_log_does_not_prove() {
         .unwrap()
         .into_signing()
         .unwrap();
-    let mut forged = NewCard {
-        identity: "bob",
-        kind: CardKind::Client,
-        device_name: "bob's other phone",
-        created_at: 0,
-        previous_card_id: None,
-    }
-    .self_signed(&DeviceKeys::generate().unwrap())
-    .unwrap();
+    let mut forged = new_card("bob", "bob's other phone");
     app_sign(&mut forged, &app_key(&cluster));
     kms_sign(&mut forged, &kms_key);
     Verifier::new(cluster.keys.app, cluster.keys.kms)
@@ -201,8 +171,8 @@ async fn a_split_view_is_caught_when_users_compare_checkpoints() {
     let mut cluster = Cluster::start().await;
     let to_alice = Proxy::directory(&cluster.kms.url()).await.unwrap();
     let to_bob = Proxy::directory(&cluster.kms.url()).await.unwrap();
-    let alice = behind(&cluster, &to_alice, "alice", "alice").await;
-    let bob = behind(&cluster, &to_bob, "bob", "bob").await;
+    let alice = behind_directory(&cluster, &to_alice, "alice", "alice").await;
+    let bob = behind_directory(&cluster, &to_bob, "bob", "bob").await;
     // One log so far: their views agree both ways.
     alice.cards_of(&["bob".into()]).await.unwrap();
     let agreed = bob

@@ -27,6 +27,19 @@ impl Env {
 
     /// Runs `tessera args...` as profile `profile`, off the async runtime.
     async fn run(&self, profile: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command(profile, args, extra_env);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// `tessera args...` as profile `profile`, pointed at the stack.
+    fn command(
+        &self,
+        profile: &str,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
         cmd.args(args)
             .env_clear()
@@ -43,9 +56,7 @@ impl Env {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        tokio::task::spawn_blocking(move || cmd.output().unwrap())
-            .await
-            .unwrap()
+        cmd
     }
 
     async fn ok(&self, profile: &str, args: &[&str]) -> String {
@@ -132,12 +143,7 @@ async fn every_command_happy_path() {
         &[("TESSERA_PASSWORD", &alice_pw)],
     )
     .await;
-    e.ok_with(
-        "admin",
-        &["login", "admin"],
-        &[("TESSERA_PASSWORD", &e.admin_password)],
-    )
-    .await;
+    e.admin_login().await;
 
     assert!(
         e.ok("alice", &["whoami"])
@@ -416,19 +422,21 @@ async fn the_demo_plays_the_seed_end_to_end() {
 }
 
 impl Env {
+    /// Enrolls profile `admin` as the stack's admin.
+    async fn admin_login(&self) {
+        self.ok_with(
+            "admin",
+            &["login", "admin"],
+            &[("TESSERA_PASSWORD", &self.admin_password)],
+        )
+        .await;
+    }
+
     /// Runs `tessera args...` as `profile` with `input` on its stdin.
     async fn run_with_stdin(&self, profile: &str, args: &[&str], input: &'static [u8]) -> Output {
         use std::io::Write;
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
-        cmd.args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("TESSERA_HOME", self.home())
-            .env("TESSERA_PROFILE", profile)
-            .env("TESSERA_PASSPHRASE", "device-passphrase")
-            .env("TESSERA_DANGER_FAST_KDF", "1")
-            .current_dir(self.dir.path())
-            .stdin(std::process::Stdio::piped())
+        let mut cmd = self.command(profile, args, &[]);
+        cmd.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         tokio::task::spawn_blocking(move || {
@@ -453,12 +461,7 @@ async fn membership_admin_audit_stdin_and_refusals() {
         e.ok_with(who, &["signup", who], &[("TESSERA_PASSWORD", &pw(who))])
             .await;
     }
-    e.ok_with(
-        "admin",
-        &["login", "admin"],
-        &[("TESSERA_PASSWORD", &e.admin_password)],
-    )
-    .await;
+    e.admin_login().await;
 
     // channel add / remove.
     e.ok("alice", &["channel", "create", "team"]).await;
