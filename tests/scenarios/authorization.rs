@@ -401,8 +401,7 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
             "/tessera.backup.v1.Backup/SyncHistory",
             SyncHistoryRequest {
                 channel_id: ch(),
-                from_index: 0,
-                limit: 0,
+                ..Default::default()
             },
             denied,
         ),

@@ -13,21 +13,31 @@ mod bad_input;
 mod device_lists;
 mod durability;
 mod exchange;
+mod hostile_backup;
 mod mitm;
 mod org;
+mod outages;
 mod registration;
 mod relay;
+mod rotation;
 mod tls;
+mod transparency;
 
 use std::time::Duration;
 
-use tessera_client::{Content, Received};
+use tessera_card::transparency::{VerifiedCheckpoint, verify_checkpoint};
+use tessera_client::{Client, Content, Endpoints, HistoryVisibility, Received};
 use tessera_crypto::{SigningKey, keystore};
 use tessera_proto::server::v1::{IssueTokenRequest, LoginRequest, accounts_client::AccountsClient};
+use tessera_proto::{
+    card::v1::Card,
+    kms::v1::{GetCheckpointRequest, key_directory_client::KeyDirectoryClient},
+};
 use tessera_service::{
     TokenIssuer,
     token::{Audience, Grant, bearer_header},
 };
+use tessera_stack::hostile::Proxy;
 use tessera_testkit::Cluster;
 use tonic::transport::Channel;
 
@@ -148,4 +158,87 @@ pub(crate) async fn user_tokens(cluster: &Cluster, identity: &str) -> UserTokens
         kms,
         backup,
     }
+}
+
+/// Alice, and bob in the organisation (his session opened after he joined,
+/// so it carries the membership).
+pub(crate) async fn alice_and_org_member_bob(cluster: &Cluster) -> (Client, Client) {
+    let admin = cluster.admin().await;
+    let alice = cluster.device("alice", "alice", true).await;
+    cluster.device("bob", "bob", true).await;
+    admin.set_org_member("bob", true).await.unwrap();
+    (alice, cluster.reopen("bob"))
+}
+
+/// A shared-history channel `name` of `creator` with `members`; its id.
+pub(crate) async fn channel(creator: &Client, name: &str, members: &[&str]) -> String {
+    let members: Vec<String> = members.iter().map(|m| (*m).to_owned()).collect();
+    creator
+        .create_channel(name, HistoryVisibility::Shared, &members)
+        .await
+        .unwrap()
+        .channel_id
+}
+
+/// Signs up `identity` on device `profile`, reaching the app server only
+/// through `relay`.
+pub(crate) async fn behind_relay(
+    cluster: &Cluster,
+    relay: &Proxy,
+    profile: &str,
+    identity: &str,
+) -> Client {
+    let endpoints = Endpoints {
+        server_url: relay.url(),
+        ..cluster.endpoints()
+    };
+    cluster
+        .device_with(profile, identity, true, endpoints)
+        .await
+}
+
+/// Signs up `identity` on device `profile`, reaching the key service only
+/// through `directory`.
+pub(crate) async fn behind_directory(
+    cluster: &Cluster,
+    directory: &Proxy,
+    profile: &str,
+    identity: &str,
+) -> Client {
+    let endpoints = Endpoints {
+        kms_url: directory.url(),
+        ..cluster.endpoints()
+    };
+    cluster
+        .device_with(profile, identity, true, endpoints)
+        .await
+}
+
+/// The key service's latest checkpoint, verified against its key.
+pub(crate) async fn kms_checkpoint(cluster: &Cluster) -> VerifiedCheckpoint {
+    let mut request = tonic::Request::new(GetCheckpointRequest {});
+    request
+        .metadata_mut()
+        .insert("authorization", service_token(cluster).parse().unwrap());
+    let signed = KeyDirectoryClient::new(connect(&cluster.kms.url()).await)
+        .get_checkpoint(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    verify_checkpoint(&signed, &cluster.keys.kms).unwrap()
+}
+
+/// A new client card for `identity`, self-signed by fresh keys.
+pub(crate) fn new_card(identity: &str, device_name: &str) -> Card {
+    tessera_card::NewCard {
+        identity,
+        kind: tessera_card::CardKind::Client,
+        device_name,
+        created_at: 0,
+        previous_card_id: None,
+    }
+    .self_signed(&tessera_crypto::DeviceKeys::generate().unwrap())
+    .unwrap()
 }

@@ -79,5 +79,12 @@ async fn every_hop_over_tls() {
         matches!(err, ClientError::Unreachable { .. }),
         "unexpected error: {err}"
     );
-    eprintln!("untrusted certificate: {err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "cannot reach the app server at {}",
+            cluster.server.url()
+        )) && message.contains("invalid peer certificate"),
+        "the refusal does not say why: {message}"
+    );
 }

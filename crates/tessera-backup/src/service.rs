@@ -7,7 +7,8 @@ use tessera_card::CardId;
 use tessera_crypto::{
     EncryptionPublicKey,
     envelope::{
-        self, CONTENT_TYPE_HISTORY, Draft, ExpectedSender, Recipient, Sender, VerifiedPayload,
+        self, CONTENT_TYPE_HISTORY, CONTENT_TYPE_HISTORY_END, Draft, ExpectedSender, Recipient,
+        Sender, VerifiedPayload,
     },
     open_org_backup,
 };
@@ -17,7 +18,7 @@ use tessera_proto::{
         BackupRecord, GetOrgInfoRequest, GetOrgInfoResponse, SubmitBackupRequest,
         SubmitBackupResponse, SyncHistoryItem, SyncHistoryRequest, backup_server::Backup,
     },
-    envelope::v1::HistoryItem,
+    envelope::v1::{HistoryEnd, HistoryItem},
 };
 use tessera_service::{Caller, TokenVerifier, limits};
 use tokio::sync::mpsc;
@@ -43,6 +44,8 @@ type SyncStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<SyncHistoryItem
 
 /// Archived messages read from the store at a time during a sync.
 const SYNC_BATCH: usize = 128;
+/// Longest nonce a sync request may carry.
+const MAX_NONCE_BYTES: usize = 64;
 
 impl Org {
     /// Decrypts an archived OrgEncMsg into its backup record.
@@ -91,6 +94,31 @@ impl Org {
             server_time_ms: record.server_time_ms,
         };
         let body = Zeroizing::new(item.encode_to_vec());
+        self.seal_history(&item.channel_id, CONTENT_TYPE_HISTORY, &body, recipients)
+    }
+
+    /// The signed end of a sync answer: the request's nonce and how many
+    /// messages the answer carried.
+    pub(crate) fn history_end_envelope(
+        &self,
+        end: &HistoryEnd,
+        recipients: &[(CardId, EncryptionPublicKey)],
+    ) -> Result<Vec<u8>, Status> {
+        self.seal_history(
+            &end.channel_id,
+            CONTENT_TYPE_HISTORY_END,
+            &end.encode_to_vec(),
+            recipients,
+        )
+    }
+
+    fn seal_history(
+        &self,
+        channel_id: &str,
+        content_type: &str,
+        body: &[u8],
+        recipients: &[(CardId, EncryptionPublicKey)],
+    ) -> Result<Vec<u8>, Status> {
         let to: Vec<Recipient<'_>> = recipients
             .iter()
             .map(|(id, key)| Recipient {
@@ -105,9 +133,9 @@ impl Org {
                 key: &self.keys.signing,
             },
             &Draft {
-                channel_id: &item.channel_id,
-                content_type: CONTENT_TYPE_HISTORY,
-                body: &body,
+                channel_id,
+                content_type,
+                body,
                 sent_at_ms: tessera_service::now_ms(),
             },
             &to,
@@ -276,6 +304,7 @@ impl Backup for BackupService {
     ) -> Result<Response<Self::SyncHistoryStream>, Status> {
         let caller = self.authenticate(&request)?;
         let r = request.into_inner();
+        limits::check_len("nonce", r.nonce.len(), MAX_NONCE_BYTES)?;
         let limit = limits::page_size(
             r.limit,
             self.limits.default_sync_limit,
@@ -306,9 +335,15 @@ impl Backup for BackupService {
                 caller.identity
             )));
         }
-        let total = self.store.count(&r.channel_id, start, end, limit)? as u64;
+        // One more than the limit tells whether the archive goes on.
+        let found = self
+            .store
+            .count(&r.channel_id, start, end, limit.saturating_add(1))?;
+        let more = found > limit;
+        let total = found.min(limit) as u64;
         let (tx, rx) = mpsc::channel(64);
         let (org, store, channel_id) = (self.org.clone(), self.store.clone(), r.channel_id);
+        let nonce = r.nonce;
         tracing::info!(%channel_id, identity = %caller.identity, from = start, total, "history sync");
         tokio::task::spawn_blocking(move || {
             let mut next = start;
@@ -317,7 +352,7 @@ impl Backup for BackupService {
                 let want = ((total - sent) as usize).min(SYNC_BATCH);
                 let batch = match store.range(&channel_id, next, end, want) {
                     Ok(b) if !b.is_empty() => b,
-                    Ok(_) => return,
+                    Ok(_) => break,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(e.into()));
                         return;
@@ -335,11 +370,26 @@ impl Backup for BackupService {
                                 remaining: total - sent,
                             })
                     });
-                    if tx.blocking_send(item).is_err() {
-                        return; // the caller went away
+                    let failed = item.is_err();
+                    if tx.blocking_send(item).is_err() || failed {
+                        return; // the caller went away, or the answer ends with an error
                     }
                 }
             }
+            let end = HistoryEnd {
+                channel_id: channel_id.clone(),
+                nonce,
+                count: sent,
+                more: more && sent == total,
+            };
+            let last =
+                org.history_end_envelope(&end, &recipients)
+                    .map(|envelope| SyncHistoryItem {
+                        message_index: 0,
+                        envelope,
+                        remaining: 0,
+                    });
+            let _ = tx.blocking_send(last);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -295,13 +295,13 @@ impl Upstream {
         }
         let served = ServedList::check(&list, identity, &list_checkpoint)
             .map_err(|e| refused("device list", e))?;
+        let mut state = DeviceListState::empty(identity);
         // Signers no longer active are fetched by id.
-        for signer in served.signers() {
+        for signer in served.signers(&state) {
             if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(signer) {
                 slot.insert(self.card(&signer, identity).await?);
             }
         }
-        let mut state = DeviceListState::empty(identity);
         served
             .extend(
                 &mut state,

@@ -10,13 +10,17 @@
 
 use futures_util::StreamExt;
 use tessera_client::{Client, Content, Enrollment, HistoryVisibility, Home, KdfParams, Received};
-use tessera_crypto::seal_org_backup;
+use tessera_crypto::{
+    envelope::{CONTENT_TYPE_HISTORY_END, ExpectedSender, Opener, ParsedEnvelope},
+    seal_org_backup,
+};
 use tessera_proto::{
     Message as _,
     backup::v1::{
         BackupRecord, GetOrgInfoRequest, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
         backup_client::BackupClient,
     },
+    envelope::v1::HistoryEnd,
     server::v1::{IssueTokenRequest, LoginRequest, accounts_client::AccountsClient},
 };
 use tessera_stack::{Stack, StackConfig};
@@ -338,8 +342,26 @@ async fn history_sync_respects_visibility_and_membership() {
         .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
         .await
         .unwrap();
-    assert_eq!(all.len(), 5);
-    assert!(all.iter().all(|e| e.result.is_ok()));
+    let texts: Vec<String> = all
+        .iter()
+        .map(|e| match &e.result {
+            Ok(r) => match &r.content {
+                Content::Text(t) => t.clone(),
+                other => panic!("message {}: {other:?}", e.index),
+            },
+            Err(err) => panic!("message {} refused: {err}", e.index),
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "before carol 0",
+            "before carol 1",
+            "before carol 2",
+            "after carol 0",
+            "after carol 1"
+        ]
+    );
 
     // Eve is not a member of the channel: denied.
     let (mut backup, eve_token) = w.raw("eve").await;
@@ -348,8 +370,7 @@ async fn history_sync_respects_visibility_and_membership() {
             &eve_token,
             SyncHistoryRequest {
                 channel_id: channel.channel_id.clone(),
-                from_index: 0,
-                limit: 0,
+                ..Default::default()
             },
         ))
         .await
@@ -362,8 +383,8 @@ async fn history_sync_respects_visibility_and_membership() {
             &bob_token,
             SyncHistoryRequest {
                 channel_id: channel.channel_id.clone(),
-                from_index: 0,
                 limit: 1_000_000,
+                ..Default::default()
             },
         ))
         .await
@@ -376,15 +397,130 @@ async fn history_sync_respects_visibility_and_membership() {
                 channel_id: channel.channel_id.clone(),
                 from_index: 2,
                 limit: 2,
+                nonce: b"sixteen byte nonce".to_vec(),
             },
         ))
         .await
         .unwrap()
         .into_inner();
     let mut got = Vec::new();
+    let mut last = None;
     while let Some(item) = two.next().await {
         let item = item.unwrap();
         got.push((item.message_index, item.remaining));
+        last = Some(item.envelope);
     }
-    assert_eq!(got, vec![(2, 1), (3, 0)]);
+    // Two messages, then the organisation's signed end (index 0).
+    assert_eq!(got, vec![(2, 1), (3, 0), (0, 0)]);
+    // The end is signed by the OrgCard, addressed to bob's device, and
+    // names the request's nonce and the count.
+    let org = bob.org().await.unwrap();
+    let keys =
+        tessera_crypto::keystore::load(&w.home.profile_dir("bob").join("device.key"), Some(b"pp"))
+            .unwrap()
+            .into_device()
+            .unwrap();
+    let end = ParsedEnvelope::parse(&last.unwrap())
+        .unwrap()
+        .open(
+            &Opener {
+                card_id: *bob.card_id().as_bytes(),
+                secret: &keys.encryption,
+            },
+            &ExpectedSender {
+                identity: org.card.identity(),
+                card_id: *org.card.id().as_bytes(),
+                key: org.card.signing_key(),
+            },
+        )
+        .unwrap();
+    assert_eq!(end.content_type, CONTENT_TYPE_HISTORY_END);
+    let end = HistoryEnd::decode(end.body.as_slice()).unwrap();
+    assert_eq!(end.channel_id, channel.channel_id);
+    assert_eq!(end.nonce, b"sixteen byte nonce");
+    assert_eq!(end.count, 2);
+    // A nonce longer than 64 bytes is refused.
+    let err = backup
+        .sync_history(with(
+            &bob_token,
+            SyncHistoryRequest {
+                channel_id: channel.channel_id.clone(),
+                nonce: vec![0; 65],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
+
+/// Two of a member's devices back up the same messages at the same moment:
+/// each message is archived once, one backup says stored and the others
+/// say it was there already, and the archive syncs every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_backing_up_the_same_message_at_once() {
+    let w = World::start().await;
+    let admin = w.device("admin", "admin", true).await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob0 = w.device("bob-0", "bob", true).await;
+    let bob1 = w.device("bob-1", "bob", false).await;
+    bob0.approve_device(&bob1.card_id()).await.unwrap();
+    admin.set_org_member("bob", true).await.unwrap();
+    let bobs: Vec<std::sync::Arc<Client>> = ["bob-0", "bob-1"]
+        .iter()
+        .map(|p| std::sync::Arc::new(Client::open(&w.home, p, b"pp").unwrap()))
+        .collect();
+    let channel = alice
+        .create_channel("race", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    for i in 0..6 {
+        alice
+            .send_text(&channel, &format!("raced {i}"))
+            .await
+            .unwrap();
+    }
+    // Each device reads the messages itself, then both back up every
+    // message at the same moment (twice each).
+    let mut copies = Vec::new();
+    for bob in &bobs {
+        copies.push(received(bob, &channel).await);
+    }
+    for (index, (first, second)) in copies[0].iter().zip(&copies[1]).enumerate() {
+        let calls: Vec<_> = (0..4)
+            .map(|n| {
+                let bob = bobs[n % 2].clone();
+                let m = if n % 2 == 0 { first } else { second }.clone();
+                tokio::spawn(async move { bob.back_up(&m).await })
+            })
+            .collect();
+        let mut stored = 0;
+        for call in calls {
+            match call.await.unwrap() {
+                Ok(true) => stored += 1,
+                Ok(false) => {}
+                Err(e) => panic!("message {}: a backup failed: {e}", index + 1),
+            }
+        }
+        assert_eq!(stored, 1, "message {} stored exactly once", index + 1);
+    }
+    let synced = bobs[0]
+        .sync_from_org(&channel, 0, 0, |_, _| {})
+        .await
+        .unwrap();
+    let texts: Vec<String> = synced
+        .iter()
+        .map(|e| match &e.result {
+            Ok(r) => match &r.content {
+                Content::Text(t) => t.clone(),
+                other => panic!("{other:?}"),
+            },
+            Err(err) => panic!("message {} refused: {err}", e.index),
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        (0..6).map(|i| format!("raced {i}")).collect::<Vec<_>>()
+    );
 }

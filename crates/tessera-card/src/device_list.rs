@@ -623,16 +623,37 @@ impl ServedList {
         })
     }
 
-    /// Every card that signs one of the statements.
-    pub fn signers(&self) -> BTreeSet<CardId> {
-        self.statements.iter().map(|s| s.statement.signer).collect()
+    /// Where applying starts for `state`: after its head (shown again first),
+    /// or, on a first look, at the latest RESET (which replaces every device,
+    /// so nothing before it matters but its place in the chain) or else the
+    /// genesis.
+    fn start(&self, state: &DeviceListState) -> usize {
+        if state.head.is_some() {
+            1
+        } else {
+            self.statements
+                .iter()
+                .rposition(|s| s.statement.action == Action::Reset)
+                .unwrap_or(0)
+        }
+    }
+
+    /// Every card that signs a statement [`ServedList::extend`] applies to
+    /// `state`: the cards to look up before extending it.
+    pub fn signers(&self, state: &DeviceListState) -> BTreeSet<CardId> {
+        self.statements
+            .iter()
+            .skip(self.start(state))
+            .map(|s| s.statement.signer)
+            .collect()
     }
 
     /// Extends `state` (verified before, possibly empty) with this served
     /// part, which must start at the state's head (seqno `length - 1`, its
     /// hash equal to the head: the head proven again) or, for an empty
-    /// state, at the genesis. `signers` gives the checked record of each
-    /// card in [`ServedList::signers`]; a signer revoked before a statement
+    /// state, at the genesis (the rules apply from the latest RESET on; the
+    /// statements before it need only chain). `signers` gives the checked
+    /// record of each card in [`ServedList::signers`]; a signer revoked before a statement
     /// it signed was logged invalidates the statement.
     pub fn extend(
         &self,
@@ -666,6 +687,27 @@ impl ServedList {
             return Err(DeviceListError::Malformed(
                 "a list seen for the first time must be shown from its genesis",
             ));
+        } else {
+            let start = self.start(state);
+            if start > 0 {
+                // The chain up to the latest reset must hold (each statement
+                // names its parent); their signers no longer matter.
+                for pair in rest[..=start].windows(2) {
+                    if pair[1].statement.previous_hash != Some(pair[0].statement.hash) {
+                        return Err(DeviceListError::Fork {
+                            seqno: pair[1].statement.seqno,
+                        });
+                    }
+                }
+                let reset = &rest[start].statement;
+                *state = DeviceListState::resume(
+                    &state.identity,
+                    reset.seqno,
+                    reset.previous_hash,
+                    BTreeSet::new(),
+                )?;
+                rest = &rest[start..];
+            }
         }
         let mut changes = Vec::with_capacity(rest.len());
         for logged in rest {

@@ -157,7 +157,7 @@ pub(crate) enum Command {
         channel: String,
         #[arg(long, default_value_t = 0)]
         from: u64,
-        /// At most this many messages [default: the service's page size].
+        /// At most this many messages [default: all, in as many calls as the service's page size takes].
         #[arg(long, default_value_t = 0)]
         limit: u32,
     },
@@ -166,6 +166,14 @@ pub(crate) enum Command {
         /// Record that you enrolled this card yourself.
         #[arg(long)]
         acknowledge: Option<String>,
+    },
+    /// Print this device's view of the key directory's log (to compare with
+    /// someone else's), or check theirs against yours: a directory showing
+    /// you different logs is caught here (exit code 6).
+    Checkpoint {
+        /// A checkpoint someone else's `tessera checkpoint` printed (hex).
+        #[arg(long)]
+        compare: Option<String>,
     },
     /// Admin commands (the organisation, any device).
     #[command(subcommand)]

@@ -5,8 +5,8 @@ use std::{io::IsTerminal, path::PathBuf};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tessera_client::{
-    Approval, CardId, Client, ClientError, Content, Endpoints, Enrollment, HistoryVisibility, Home,
-    KdfParams, Origin, Received, Source, TrustEvent, approval_code,
+    Approval, CardId, CheckpointView, Client, ClientError, Content, Endpoints, Enrollment,
+    HistoryVisibility, Home, KdfParams, Origin, Received, Source, TrustEvent, approval_code,
 };
 use tessera_crypto::VerifyingKey;
 use zeroize::Zeroizing;
@@ -22,6 +22,52 @@ fn approval_name(a: Approval) -> &'static str {
         Approval::Pending => "pending",
         Approval::Gone => "gone",
     }
+}
+
+/// First and longest pause before `listen` subscribes again.
+const RECONNECT_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `listen` should keep trying to subscribe after `e`: the app
+/// server or the way to it is down, not a refusal.
+fn reconnectable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Unreachable { .. }
+            | ClientError::Rejected {
+                code: tonic::Code::Unavailable,
+                ..
+            }
+    )
+}
+
+/// Whether a live subscription that ended with `status` should be resumed:
+/// the server restarting or shutting down, the connection lost (locally or
+/// at a proxy on the way), or the token expired (a fresh log-in follows).
+/// A refusal (removed from the channel, a bad request) ends `listen`.
+fn resumable(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    std::error::Error::source(status).is_some()
+        || matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::Unauthenticated
+                | Code::Unknown
+                | Code::Internal
+                | Code::Cancelled
+                | Code::Aborted
+                | Code::DeadlineExceeded
+        )
+}
+
+/// Exit code 6 once every message was printed, when some were refused.
+fn refusals(refused: usize) -> Result<(), CliError> {
+    if refused == 0 {
+        return Ok(());
+    }
+    Err(CliError::Security(format!(
+        "{refused} message(s) refused (printed above as REFUSED)"
+    )))
 }
 
 /// What every command works with.
@@ -675,7 +721,23 @@ impl Ctx {
         Ok(())
     }
 
-    fn print_message(&self, r: &Received) {
+    /// Prints a received message once its signed original verifies again
+    /// against the sender's card (`verified` in JSON is that check), or as
+    /// refused; returns whether it verified.
+    async fn show_received(&self, c: &Client, r: &Received) -> bool {
+        match c.verify_received(r).await {
+            Ok(()) => {
+                self.print_message(r, true);
+                true
+            }
+            Err(e) => {
+                self.print_refused(r.index, &e);
+                false
+            }
+        }
+    }
+
+    fn print_message(&self, r: &Received, verified: bool) {
         let what = match &r.content {
             Content::Text(t) => t.clone(),
             Content::File(f) => format!(
@@ -699,7 +761,7 @@ impl Ctx {
         }
         self.out(
             || format!("#{} {} ({}){via}: {what}", r.index, r.sender_identity, r.sender_device),
-            || json!({"index": r.index, "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": true, "sender_reset_unverified": r.sender_reset_unacknowledged}),
+            || json!({"index": r.index, "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": verified, "sender_reset_unverified": r.sender_reset_unacknowledged}),
         );
     }
 
@@ -724,11 +786,16 @@ impl Ctx {
         let c = self.open()?;
         let id = self.channel_id(&c, channel).await?;
         let page = c.history(&id, anchor, limit, backward).await?;
+        let mut refused = 0;
         for (index, result) in &page.messages {
-            match result {
-                Ok(r) => self.print_message(r),
-                Err(e) => self.print_refused(*index, e),
-            }
+            let shown = match result {
+                Ok(r) => self.show_received(&c, r).await,
+                Err(e) => {
+                    self.print_refused(*index, e);
+                    false
+                }
+            };
+            refused += usize::from(!shown);
         }
         if page.next_anchor != 0 && !self.json {
             eprintln!(
@@ -737,7 +804,7 @@ impl Ctx {
                 if backward { " --backward" } else { "" }
             );
         }
-        Ok(())
+        refusals(refused)
     }
 
     pub(crate) async fn listen(
@@ -750,8 +817,16 @@ impl Ctx {
         let c = std::sync::Arc::new(self.open()?);
         let id = self.channel_id(&c, channel).await?;
         let backup = !no_backup && c.is_org_member().await?;
-        let mut next = from.unwrap_or(0);
+        // "Only new messages" is pinned to an index now, so a reconnect
+        // resumes from there and nothing sent during an outage is lost
+        // (subscribing from 0 again would skip it).
+        let mut next = match from {
+            Some(n) => n,
+            None => c.channel(&id).await?.next_index,
+        };
         let mut seen = 0u64;
+        let mut refused = 0;
+        let mut backoff = RECONNECT_FIRST;
         let mut backups = tokio::task::JoinSet::new();
         if !self.json {
             eprintln!(
@@ -764,7 +839,19 @@ impl Ctx {
             );
         }
         'outer: loop {
-            let mut stream = c.subscribe(&id, next).await?;
+            let mut stream = match c.subscribe(&id, next).await {
+                Ok(stream) => stream,
+                Err(e) if reconnectable(&e) => {
+                    // The app server (or the way to it) is down: try again.
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = tokio::signal::ctrl_c() => break 'outer,
+                    }
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    continue 'outer;
+                }
+                Err(e) => return Err(e.into()),
+            };
             loop {
                 let item = tokio::select! {
                     item = stream.next() => item,
@@ -772,12 +859,14 @@ impl Ctx {
                 };
                 let stored = match item {
                     Some(Ok(m)) => m,
-                    Some(Err(status))
-                        if status.code() == tonic::Code::Unavailable
-                            || status.code() == tonic::Code::Unauthenticated =>
-                    {
-                        // Server restart or token expiry: resume after the last index.
-                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    Some(Err(status)) if resumable(&status) => {
+                        // A server restart, the connection lost, or the
+                        // token expired: resume from the next index (with a
+                        // fresh log-in when the token expired).
+                        tokio::select! {
+                            () = tokio::time::sleep(RECONNECT_FIRST) => {}
+                            _ = tokio::signal::ctrl_c() => break 'outer,
+                        }
                         continue 'outer;
                     }
                     Some(Err(status)) => {
@@ -788,10 +877,10 @@ impl Ctx {
                     }
                     None => continue 'outer,
                 };
+                backoff = RECONNECT_FIRST;
                 next = stored.index + 1;
                 match c.open_message(&stored).await {
-                    Ok(r) => {
-                        self.print_message(&r);
+                    Ok(r) if self.show_received(&c, &r).await => {
                         let _ = c.set_read_horizon(&id, r.index).await;
                         if backup {
                             let c = c.clone();
@@ -802,7 +891,11 @@ impl Ctx {
                             });
                         }
                     }
-                    Err(e) => self.print_refused(stored.index, &e),
+                    Ok(_) => refused += 1,
+                    Err(e) => {
+                        refused += 1;
+                        self.print_refused(stored.index, &e);
+                    }
                 }
                 seen += 1;
                 if count.is_some_and(|n| seen >= n) {
@@ -811,7 +904,7 @@ impl Ctx {
             }
         }
         while backups.join_next().await.is_some() {}
-        Ok(())
+        refusals(refused)
     }
 
     pub(crate) async fn sync(&self, channel: &str, from: u64, limit: u32) -> Result<(), CliError> {
@@ -841,7 +934,11 @@ impl Ctx {
         let mut refused = 0;
         for entry in &entries {
             match &entry.result {
-                Ok(r) => self.print_message(r),
+                Ok(r) => {
+                    if !self.show_received(&c, r).await {
+                        refused += 1;
+                    }
+                }
                 Err(e) => {
                     refused += 1;
                     self.print_refused(entry.index, e);
@@ -912,6 +1009,40 @@ impl Ctx {
                 unknown.len(),
                 unknown.join(", ")
             )));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn checkpoint(&self, compare: Option<&str>) -> Result<(), CliError> {
+        let c = self.open()?;
+        let view = |v: &CheckpointView| json!({"tree_size": v.tree_size, "root_hash": hex::encode(v.root_hash), "timestamp": v.timestamp, "checkpoint": v.exported});
+        match compare {
+            None => {
+                let mine = c.export_checkpoint().await?;
+                self.out(
+                    || {
+                        format!(
+                            "The key directory's log as this device sees it: {} entries, root {}.\nGive this to the other person, who runs `tessera checkpoint --compare <it>`:\n{}",
+                            mine.tree_size,
+                            hex::encode(mine.root_hash),
+                            mine.exported
+                        )
+                    },
+                    || view(&mine),
+                );
+            }
+            Some(theirs) => {
+                let agreed = c.compare_checkpoint(theirs).await?;
+                self.out(
+                    || {
+                        format!(
+                            "Consistent: their log of {} entries and yours of {} are one history.",
+                            agreed.theirs.tree_size, agreed.mine.tree_size
+                        )
+                    },
+                    || json!({"consistent": true, "mine": view(&agreed.mine), "theirs": view(&agreed.theirs)}),
+                );
+            }
         }
         Ok(())
     }

@@ -46,7 +46,8 @@ impl CliError {
                 ClientError::CardRejected { .. }
                 | ClientError::Fork(_)
                 | ClientError::DeviceList { .. }
-                | ClientError::BadMessage { .. } => 6,
+                | ClientError::BadMessage { .. }
+                | ClientError::History { .. } => 6,
                 ClientError::Keystore(tessera_crypto::keystore::KeystoreError::WrongPassphrase) => {
                     7
                 }

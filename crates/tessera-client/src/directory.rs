@@ -9,7 +9,10 @@
 //! list does not approve is *pending*: never encrypted to, its messages
 //! refused.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
+};
 
 use tessera_card::{
     CardId, CardKind, VerifiedCard,
@@ -21,7 +24,8 @@ use tessera_proto::{
     Message as _,
     kms::v1::{
         CardStatus, DeviceList, GetCardRequest, GetConsistencyProofRequest, GetDeviceListRequest,
-        IdentityCards, SearchCardsRequest, key_directory_client::KeyDirectoryClient,
+        IdentityCards, SearchCardsRequest, SearchCardsResponse,
+        key_directory_client::KeyDirectoryClient,
     },
     transparency::v1::SignedCheckpoint,
 };
@@ -114,6 +118,9 @@ pub struct Devices {
 /// of the profile moved the kept checkpoint meanwhile.
 const CHECKPOINT_ATTEMPTS: usize = 5;
 
+/// How many times a stale answer is asked again before it is a rollback.
+const STALE_ATTEMPTS: u64 = 3;
+
 /// How long a verified card's status is trusted without asking again.
 const CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -153,35 +160,48 @@ impl Client {
         KeyDirectoryClient::new(self.kms.clone()).max_decoding_message_size(64 << 20)
     }
 
+    /// The last checkpoint this device verified, if any.
+    pub(crate) fn last_checkpoint(&self) -> Result<Option<VerifiedCheckpoint>, ClientError> {
+        Ok(self.kept_checkpoint(&state::read_state(&self.dir)?))
+    }
+
+    fn kept_checkpoint(&self, s: &state::State) -> Option<VerifiedCheckpoint> {
+        s.checkpoint
+            .as_ref()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| SignedCheckpoint::decode(b.as_slice()).ok())
+            .and_then(|c| transparency::verify_checkpoint(&c, self.verifier.kms_key()).ok())
+    }
+
     /// Verifies `signed` against the pinned key-service key and checks that
     /// it and the last checkpoint this device kept are views of one log: the
-    /// same root at the same size, or a consistency proof from the smaller to
-    /// the larger (a smaller checkpoint is a lagging view only if the key
-    /// service proves it is a prefix; one it cannot prove is a fork).
-    /// Remembers it when it is larger. The check and the update are atomic
-    /// against other processes of this profile: if the kept checkpoint
-    /// changed meanwhile, the check runs again against the new one.
+    /// same root at the same size, or a consistency proof from the smaller
+    /// to the larger. The log only grows, so a smaller checkpoint is never
+    /// used: if the key service cannot prove it a prefix it is a fork, and
+    /// if it can, the answer is stale ([`ClientError::StaleView`]: the caller
+    /// asks again; a directory that keeps answering from the past is
+    /// refused as a rollback). Remembers it when it is larger. The check and
+    /// the update are atomic against other processes of this profile: if
+    /// the kept checkpoint changed meanwhile, the check runs again.
     pub(crate) async fn advance_checkpoint(
         &self,
         signed: &SignedCheckpoint,
     ) -> Result<VerifiedCheckpoint, ClientError> {
         let new = transparency::verify_checkpoint(signed, self.verifier.kms_key())
             .map_err(|e| ClientError::Fork(format!("checkpoint refused: {e}")))?;
-        let kms_key = *self.verifier.kms_key();
-        let kept = |s: &state::State| {
-            s.checkpoint
-                .as_ref()
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| SignedCheckpoint::decode(b.as_slice()).ok())
-                .and_then(|c| transparency::verify_checkpoint(&c, &kms_key).ok())
-        };
         for _ in 0..CHECKPOINT_ATTEMPTS {
-            let last = kept(&state::read_state(&self.dir)?);
+            let last = self.last_checkpoint()?;
             if let Some(old) = &last {
-                self.check_same_log(old, &new).await?;
+                self.check_consistent(old, &new).await?;
+                if new.tree_size < old.tree_size {
+                    return Err(ClientError::StaleView {
+                        served: new.tree_size,
+                        seen: old.tree_size,
+                    });
+                }
             }
             let saved = state::with_state(&self.dir, |s| {
-                let now = kept(s);
+                let now = self.kept_checkpoint(s);
                 if now.as_ref().map(|c| &c.signed) != last.as_ref().map(|c| &c.signed) {
                     return false; // another process moved it: check again
                 }
@@ -202,8 +222,10 @@ impl Client {
         ))
     }
 
-    /// Checks that `a` and `b` are views of one log.
-    async fn check_same_log(
+    /// Checks that two checkpoints describe one log: the same root for the
+    /// same size, else a consistency proof from the smaller to the larger
+    /// (asked of this device's key directory; one it cannot give is a fork).
+    pub(crate) async fn check_consistent(
         &self,
         a: &VerifiedCheckpoint,
         b: &VerifiedCheckpoint,
@@ -286,35 +308,7 @@ impl Client {
             .collect();
         for chunk in identities.chunks(100) {
             let pins = state::read_state(&self.dir)?.device_lists;
-            let device_list_from = chunk
-                .iter()
-                .filter_map(|id| {
-                    pins.get(id)
-                        .filter(|p| p.length > 0)
-                        .map(|p| (id.clone(), p.length - 1))
-                })
-                .collect();
-            let request = self
-                .request_to(
-                    Service::Kms,
-                    SearchCardsRequest {
-                        identities: chunk.to_vec(),
-                        kind: tessera_proto::card::v1::CardKind::Client as i32,
-                        device_list_from,
-                    },
-                )
-                .await?;
-            let response = self
-                .kms_client()
-                .search_cards(request)
-                .await
-                .map_err(rpc("key service", self.kms_url(), "a card search"))?
-                .into_inner();
-            let checkpoint = self
-                .advance_checkpoint(response.checkpoint.as_ref().ok_or_else(|| {
-                    ClientError::Fork("search answered without a checkpoint".into())
-                })?)
-                .await?;
+            let (response, checkpoint) = self.fresh(|| self.search_once(chunk, &pins)).await?;
             let answered: Vec<&str> = response
                 .results
                 .iter()
@@ -334,6 +328,72 @@ impl Client {
         }
         let events = self.update_pins(&found)?;
         Ok((found, events))
+    }
+
+    /// One search of `chunk`, asking each device list from its kept head.
+    async fn search_once(
+        &self,
+        chunk: &[String],
+        pins: &BTreeMap<String, DeviceListPin>,
+    ) -> Result<(SearchCardsResponse, VerifiedCheckpoint), ClientError> {
+        let device_list_from = chunk
+            .iter()
+            .filter_map(|id| {
+                pins.get(id)
+                    .filter(|p| p.length > 0)
+                    .map(|p| (id.clone(), p.length - 1))
+            })
+            .collect();
+        let request = self
+            .request_to(
+                Service::Kms,
+                SearchCardsRequest {
+                    identities: chunk.to_vec(),
+                    kind: tessera_proto::card::v1::CardKind::Client as i32,
+                    device_list_from,
+                },
+            )
+            .await?;
+        let response = self
+            .kms_client()
+            .search_cards(request)
+            .await
+            .map_err(rpc("key service", self.kms_url(), "a card search"))?
+            .into_inner();
+        let checkpoint = self
+            .advance_checkpoint(
+                response.checkpoint.as_ref().ok_or_else(|| {
+                    ClientError::Fork("search answered without a checkpoint".into())
+                })?,
+            )
+            .await?;
+        Ok((response, checkpoint))
+    }
+
+    /// Runs `ask`, a key-service call whose answer comes with a checkpoint,
+    /// again while the answer is stale (older than a checkpoint this profile
+    /// already kept: another call of the profile was answered later). A
+    /// directory that keeps answering from the past is refused as a rollback.
+    pub(crate) async fn fresh<T, F, Fut>(&self, mut ask: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match ask().await {
+                Err(ClientError::StaleView { .. }) if attempt < STALE_ATTEMPTS => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+                }
+                Err(ClientError::StaleView { served, seen }) => {
+                    return Err(ClientError::Fork(format!(
+                        "the directory went back to {served} entries after showing {seen}"
+                    )));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Verifies one identity's answer: its cards, its device list from the
@@ -375,15 +435,15 @@ impl Client {
         }
         let served = ServedList::check(&list, identity, &list_checkpoint)
             .map_err(|e| device_list_error(identity, e))?;
-        for signer in served.signers() {
-            if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(signer) {
-                slot.insert(self.card_record(&signer, identity).await?);
-            }
-        }
         let mut state = match pin {
             Some(p) => p.state(identity)?,
             None => DeviceListState::empty(identity),
         };
+        for signer in served.signers(&state) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(signer) {
+                slot.insert(self.card_record(&signer, identity).await?);
+            }
+        }
         let changes = served
             .extend(
                 &mut state,
@@ -461,6 +521,14 @@ impl Client {
     /// `identity`'s device list from `from` on, with the checkpoint it is
     /// proven in (checked against the kept one).
     async fn device_list_from(
+        &self,
+        identity: &str,
+        from: u64,
+    ) -> Result<(DeviceList, VerifiedCheckpoint), ClientError> {
+        self.fresh(|| self.device_list_once(identity, from)).await
+    }
+
+    async fn device_list_once(
         &self,
         identity: &str,
         from: u64,
@@ -629,6 +697,25 @@ impl Client {
         identity: &str,
         kind: CardKind,
     ) -> Result<CheckedRecord, ClientError> {
+        let (record, checkpoint) = self.fresh(|| self.get_card_once(id)).await?;
+        let checked = self.check_record(&record, &checkpoint, identity, kind)?;
+        if &checked.card.id() != id {
+            return Err(ClientError::card(
+                identity,
+                Some(checked.card.id()),
+                tessera_card::CardError::Malformed(
+                    "the key service returned another card than the one asked for",
+                ),
+            ));
+        }
+        self.cache_record(&checked);
+        Ok(checked)
+    }
+
+    async fn get_card_once(
+        &self,
+        id: &CardId,
+    ) -> Result<(tessera_proto::kms::v1::CardRecord, VerifiedCheckpoint), ClientError> {
         let request = self
             .request_to(
                 Service::Kms,
@@ -652,18 +739,7 @@ impl Client {
             }
         };
         let checkpoint = self.advance_checkpoint(&checkpoint).await?;
-        let checked = self.check_record(&record, &checkpoint, identity, kind)?;
-        if &checked.card.id() != id {
-            return Err(ClientError::card(
-                identity,
-                Some(checked.card.id()),
-                tessera_card::CardError::Malformed(
-                    "the key service returned another card than the one asked for",
-                ),
-            ));
-        }
-        self.cache_record(&checked);
-        Ok(checked)
+        Ok((record, checkpoint))
     }
 
     /// A card by id, whatever its status (old messages still verify), checked

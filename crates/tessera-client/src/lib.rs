@@ -19,8 +19,10 @@ mod devices;
 mod directory;
 mod error;
 mod files;
+mod gossip;
 mod messages;
 mod profile;
+mod recheck;
 mod state;
 mod trust;
 
@@ -29,6 +31,7 @@ pub use client::{Approval, Client, Enrollment};
 pub use devices::OwnDevices;
 pub use directory::{CardInfo, Devices, TrustEvent};
 pub use error::ClientError;
+pub use gossip::{Agreement, CheckpointView};
 pub use messages::{Content, HistoryPage, MAX_BODY_BYTES, PendingDevice, Received, Sent, Source};
 pub use profile::{Endpoints, Home, ProfileConfig, validate_profile_name};
 pub use trust::{AuditReport, AuditedCard, Origin, SafetyCheck};

@@ -9,9 +9,7 @@ use tessera_card::{
     safety_number::SafetyNumber,
     transparency::{self, LogEvent, Tree},
 };
-use tessera_proto::kms::v1::{
-    GetCheckpointRequest, ListLogEntriesRequest, key_directory_client::KeyDirectoryClient,
-};
+use tessera_proto::kms::v1::{ListLogEntriesRequest, key_directory_client::KeyDirectoryClient};
 
 use crate::{Client, ClientError, TrustEvent, client::Service, error::rpc, state};
 
@@ -145,17 +143,7 @@ impl Client {
     /// ones none of this user's devices made.
     pub async fn audit(&self) -> Result<AuditReport, ClientError> {
         let mut kms = KeyDirectoryClient::new(self.kms.clone()).max_decoding_message_size(64 << 20);
-        let request = self
-            .request_to(Service::Kms, GetCheckpointRequest {})
-            .await?;
-        let signed = kms
-            .get_checkpoint(request)
-            .await
-            .map_err(rpc("key service", self.kms_url(), "the checkpoint"))?
-            .into_inner()
-            .checkpoint
-            .ok_or_else(|| ClientError::Fork("no checkpoint".into()))?;
-        let checkpoint = self.advance_checkpoint(&signed).await?;
+        let checkpoint = self.refresh_checkpoint().await?;
 
         let mut tree = Tree::new();
         let mut mine: BTreeMap<CardId, AuditedCard> = BTreeMap::new();

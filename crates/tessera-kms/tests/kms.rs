@@ -20,6 +20,7 @@ use tessera_card::{
 use tessera_crypto::{DeviceKeys, SigningKey, VerifyingKey};
 use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits};
 use tessera_proto::{
+    Message as _,
     card::v1::Card,
     kms::v1::{
         CardRecord, CardStatus, GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest,
@@ -697,7 +698,7 @@ async fn health_and_reflection_are_served() {
         .connect()
         .await
         .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "tessera.kms.v1.KeyDirectory".into(),
@@ -710,6 +711,156 @@ async fn health_and_reflection_are_served() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+
+    // Reflection lists the key directory, health and reflection itself, and
+    // describes the key directory's file.
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask = |request: MessageRequest| {
+        futures_util::stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        }])
+    };
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not list the services");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "tessera.kms.v1.KeyDirectory",
+        ]
+    );
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+            "tessera.kms.v1.KeyDirectory".into(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not describe tessera.kms.v1.KeyDirectory");
+    };
+    let described = files.file_descriptor_proto.iter().any(|bytes| {
+        let file = prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap();
+        file.service.iter().any(|s| {
+            s.name() == "KeyDirectory" && s.method.iter().any(|m| m.name() == "RegisterCard")
+        })
+    });
+    assert!(described, "no descriptor of KeyDirectory.RegisterCard");
+}
+
+/// Many registrations at once, some of them the same card: every card is
+/// logged exactly once, every answer's record is proven in its checkpoint,
+/// and every checkpoint handed out is a prefix of the final log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_are_each_logged_once() {
+    const DISTINCT: usize = 16;
+    const SAME: usize = 6;
+    let mut f = Fixture::start().await;
+    let before = f.checkpoint().await.tree_size;
+    let mut cards: Vec<Card> = (0..DISTINCT)
+        .map(|i| f.card(&format!("user{}", i % 3), &format!("device {i}")).1)
+        .collect();
+    let shared = f.card("shared", "one card, registered six times at once").1;
+    cards.extend(std::iter::repeat_n(shared.clone(), SAME));
+    let calls = cards.into_iter().map(|card| {
+        let mut client = f.client.clone();
+        let request = f.with(&f.service_token, RegisterCardRequest { card: Some(card) });
+        tokio::spawn(async move { client.register_card(request).await })
+    });
+    let mut answers = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        let r = call.await.unwrap().unwrap().into_inner();
+        answers.push((r.record.unwrap(), r.checkpoint.unwrap()));
+    }
+    let latest = f.checkpoint().await;
+    assert_eq!(
+        latest.tree_size,
+        before + DISTINCT as u64 + 1,
+        "each distinct card logged once"
+    );
+    let shared_id = CardId::of_snapshot(&shared.content_snapshot);
+    let mut shared_entries = std::collections::HashSet::new();
+    for (record, checkpoint) in &answers {
+        let identity = transparency::registered_card(&record.registration_entry)
+            .map(|c| {
+                tessera_card::ParsedCard::parse(c)
+                    .unwrap()
+                    .identity()
+                    .to_owned()
+            })
+            .unwrap();
+        let id = f.check_record(record, checkpoint, &identity);
+        if id == shared_id {
+            shared_entries.insert(record.registration_entry.clone());
+        }
+        // Each checkpoint handed out is a prefix of the final log.
+        let old = transparency::verify_checkpoint(checkpoint, &f.kms_key).unwrap();
+        let request = f.with(
+            &f.user_token.clone(),
+            GetConsistencyProofRequest {
+                old_size: old.tree_size,
+                new_size: latest.tree_size,
+            },
+        );
+        let proof = f
+            .client
+            .get_consistency_proof(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .proof
+            .unwrap();
+        transparency::verify_consistency(&old, &latest, &proof).unwrap();
+    }
+    assert_eq!(
+        shared_entries.len(),
+        1,
+        "the card registered six times at once has one registration entry"
+    );
+    // The log itself holds each card once.
+    let request = f.with(
+        &f.user_token.clone(),
+        ListLogEntriesRequest {
+            from_index: before,
+            limit: 100,
+        },
+    );
+    let entries = f
+        .client
+        .list_log_entries(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let mut ids: Vec<CardId> = entries
+        .iter()
+        .map(|e| {
+            let card = transparency::registered_card(e).unwrap();
+            CardId::of_snapshot(&card.content_snapshot)
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), DISTINCT + 1);
+    assert_eq!(entries.len(), DISTINCT + 1);
 }
 
 /// Signs `action` on `subject` against `state` with `signer`'s key.
@@ -833,18 +984,9 @@ async fn device_lists_are_checked_logged_served_and_survive_restart() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("not a trusted device"), "{err:?}");
     // The phone approves the laptop.
-    publish(&mut f, &alice, add_laptop).await.unwrap();
+    publish(&mut f, &alice, add_laptop.clone()).await.unwrap();
     let mut stale_base = truth.clone();
-    let laptop_added = {
-        let s = statement(
-            &truth,
-            Action::Add,
-            laptop_id,
-            (phone_id, &phone_keys),
-            None,
-        );
-        ParsedStatement::parse(s).unwrap()
-    };
+    let laptop_added = ParsedStatement::parse(add_laptop).unwrap();
     truth
         .apply(&laptop_added, &phone_card, &f.app.verifying_key())
         .unwrap();

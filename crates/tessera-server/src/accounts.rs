@@ -21,7 +21,7 @@ use tessera_service::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    App, challenges,
+    App,
     kms_client::SERVICE_SUBJECT,
     passwords,
     store::{Account, DeviceStatus},
@@ -217,7 +217,7 @@ impl Accounts for AccountsService {
         }
         Ok(Response::new(BeginDeviceLoginResponse {
             challenge: challenge.to_vec(),
-            expires_at: tessera_service::now_secs() + challenges::CHALLENGE_TTL.as_secs() as i64,
+            expires_at: tessera_service::now_secs() + app.challenges.ttl().as_secs() as i64,
         }))
     }
 

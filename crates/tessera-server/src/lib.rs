@@ -93,6 +93,8 @@ pub struct Config {
     /// Identity of the organisation's ORG card; `None`: no organisation.
     pub org_identity: Option<String>,
     pub token_lifetime: Duration,
+    /// How long a device-login challenge may be answered.
+    pub challenge_ttl: Duration,
     pub limits: Limits,
     pub password_params: PasswordParams,
     pub throttle: ThrottleLimits,
@@ -110,6 +112,7 @@ impl Config {
             admins: Vec::new(),
             org_identity: None,
             token_lifetime: Duration::from_secs(15 * 60),
+            challenge_ttl: challenges::DEFAULT_CHALLENGE_TTL,
             limits: Limits::default(),
             password_params: PasswordParams::DEFAULT,
             throttle: ThrottleLimits::default(),
@@ -269,7 +272,7 @@ impl Server {
             verifier,
             kms: kms_client::KmsClient::new(channel),
             throttle: throttle::Throttle::new(config.throttle),
-            challenges: challenges::Challenges::default(),
+            challenges: challenges::Challenges::new(config.challenge_ttl),
             hub: hub::Hub::default(),
             send_locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))

@@ -49,14 +49,17 @@ struct Stack {
     channel: Channel,
     verifier: Verifier,
     limits: Limits,
+    challenge_ttl: Duration,
 }
 
 async fn spawn_server(
     dir: &std::path::Path,
     kms_url: String,
     limits: Limits,
+    challenge_ttl: Duration,
 ) -> (Running, std::sync::Arc<Server>) {
     let mut config = Config::new(dir, kms_url);
+    config.challenge_ttl = challenge_ttl;
     config.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
     config.admins = vec!["admin".into()];
     config.org_identity = Some("org:acme".into());
@@ -83,6 +86,10 @@ impl Stack {
     }
 
     async fn with_limits(limits: Limits) -> Self {
+        Self::with(limits, Duration::from_secs(60)).await
+    }
+
+    async fn with(limits: Limits, challenge_ttl: Duration) -> Self {
         let kms_dir = tempfile::tempdir().unwrap();
         let server_dir = tempfile::tempdir().unwrap();
         let (app, token) = tessera_server::load_or_create_keys(
@@ -107,7 +114,8 @@ impl Stack {
             ServeOptions::default(),
         )
         .unwrap();
-        let (running, server) = spawn_server(server_dir.path(), kms.url(), limits.clone()).await;
+        let (running, server) =
+            spawn_server(server_dir.path(), kms.url(), limits.clone(), challenge_ttl).await;
         let channel = Channel::from_shared(running.url())
             .unwrap()
             .connect()
@@ -121,6 +129,7 @@ impl Stack {
             channel,
             verifier: Verifier::new(app.verifying_key(), kms_key),
             limits,
+            challenge_ttl,
         }
     }
 
@@ -131,8 +140,13 @@ impl Stack {
         self.channel = Channel::from_static("http://127.0.0.1:9").connect_lazy();
         running.stop().await.unwrap();
         drop(server);
-        let (running, server) =
-            spawn_server(self.server_dir.path(), self.kms.url(), self.limits.clone()).await;
+        let (running, server) = spawn_server(
+            self.server_dir.path(),
+            self.kms.url(),
+            self.limits.clone(),
+            self.challenge_ttl,
+        )
+        .await;
         self.channel = Channel::from_shared(running.url())
             .unwrap()
             .connect()
@@ -1358,4 +1372,122 @@ async fn attachments_and_login_throttling() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.channels.len(), 1);
+}
+
+/// A device-login challenge answered after it expired is refused; a fresh
+/// one answered in time is not.
+#[tokio::test]
+async fn device_login_challenges_expire() {
+    const TTL: Duration = Duration::from_secs(1);
+    let s = Stack::with(Limits::default(), TTL).await;
+    let mut alice = s.signup("alice").await;
+    let card = s.enroll(&mut alice, "laptop").await;
+    let begin = || async {
+        s.accounts()
+            .begin_device_login(BeginDeviceLoginRequest {
+                identity: "alice".into(),
+                card_id: card.to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let finish = |challenge: Vec<u8>| {
+        let message = [
+            challenge.as_slice(),
+            &5u32.to_be_bytes(),
+            b"alice",
+            card.as_bytes(),
+        ]
+        .concat();
+        let signature = alice.devices[0]
+            .keys
+            .signing
+            .sign(SignatureContext::DeviceLogin, &message);
+        let request = FinishDeviceLoginRequest {
+            identity: "alice".into(),
+            card_id: card.to_vec(),
+            challenge,
+            signature: signature.to_vec(),
+        };
+        let mut accounts = s.accounts();
+        async move { accounts.finish_device_login(request).await }
+    };
+    let late = begin().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (now..=now + TTL.as_secs() as i64 + 1).contains(&late.expires_at),
+        "expires_at {} announces the TTL",
+        late.expires_at
+    );
+    tokio::time::sleep(TTL + Duration::from_millis(300)).await;
+    let err = finish(late.challenge).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("unknown, used or expired challenge"),
+        "{}",
+        err.message()
+    );
+    let in_time = begin().await;
+    finish(in_time.challenge).await.unwrap();
+}
+
+/// Two devices enrolling at once when the user has room for one more:
+/// exactly one is enrolled, the other refused with the limit, and the user
+/// ends with as many devices as the limit allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_at_the_device_limit_from_two_clients_at_once() {
+    let s = Stack::with_limits(Limits {
+        max_devices_per_user: 2,
+        ..Limits::default()
+    })
+    .await;
+    for round in 0..5 {
+        let identity = format!("user{round}");
+        let mut user = s.signup(&identity).await;
+        s.enroll(&mut user, "first").await;
+        let attempt = |name: &str| {
+            let card = NewCard {
+                identity: &identity,
+                kind: CardKind::Client,
+                device_name: name,
+                created_at: 0,
+                previous_card_id: None,
+            }
+            .self_signed(&DeviceKeys::generate().unwrap())
+            .unwrap();
+            let request = user.req(EnrollDeviceRequest {
+                card: Some(card),
+                statement: None,
+            });
+            let mut devices = s.devices();
+            tokio::spawn(async move { devices.enroll_device(request).await })
+        };
+        let (a, b) = (attempt("second"), attempt("also second"));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let outcomes: Vec<Result<(), Code>> = results
+            .iter()
+            .map(|r| r.as_ref().map(|_| ()).map_err(Status::code))
+            .collect();
+        let enrolled = outcomes.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(enrolled, 1, "round {round}: {outcomes:?}");
+        let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused.message().contains("limit of 2 devices per user"),
+            "{}",
+            refused.message()
+        );
+        let listed = s
+            .devices()
+            .list_devices(user.req(ListDevicesRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .devices;
+        assert_eq!(listed.len(), 2, "round {round}");
+    }
 }

@@ -85,6 +85,8 @@ pub struct ProxyControl {
     upstream: RwLock<Channel>,
     tamper: RwLock<Tamper>,
     captured: std::sync::Mutex<Vec<String>>,
+    /// Calls forwarded so far, per method path.
+    calls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl ProxyControl {
@@ -101,6 +103,15 @@ impl ProxyControl {
     /// Every `authorization` header the proxy forwarded so far.
     pub fn captured_tokens(&self) -> Vec<String> {
         self.captured.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// How many calls of `method` (e.g. `/tessera.server.v1.Channels/Subscribe`)
+    /// came through so far.
+    pub fn calls(&self, method: &str) -> usize {
+        self.calls
+            .lock()
+            .map(|c| c.get(method).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Tampers with responses this way from now on.
@@ -132,6 +143,9 @@ impl tonic::server::StreamingService<Vec<u8>> for Method {
     fn call(&mut self, request: tonic::Request<Streaming<Vec<u8>>>) -> Self::Future {
         let path = self.path.clone();
         let control = self.control.clone();
+        if let Ok(mut calls) = control.calls.lock() {
+            *calls.entry(path.clone()).or_default() += 1;
+        }
         Box::pin(async move {
             let upstream = control
                 .upstream
@@ -270,6 +284,7 @@ impl Proxy {
             ),
             tamper: RwLock::new(honest()),
             captured: Default::default(),
+            calls: Default::default(),
         });
         let listener = bind("127.0.0.1:0".parse().map_err(|_| "address")?)
             .await
@@ -331,6 +346,27 @@ pub fn inject_card(identity: String, card: tessera_proto::card::v1::Card) -> Tam
             });
         }
         vec![response.encode_to_vec()]
+    })
+}
+
+/// Rewrites every response message of `method` (e.g.
+/// `/tessera.backup.v1.Backup/GetOrgInfo`) decoded as `M`; anything that
+/// does not decode passes unchanged.
+pub fn rewrite<M: tessera_proto::Message + Default + 'static>(
+    method: &'static str,
+    f: impl Fn(&mut M) + Send + Sync + 'static,
+) -> Tamper {
+    Arc::new(move |called, message| {
+        if called != method {
+            return vec![message];
+        }
+        match M::decode(message.as_slice()) {
+            Ok(mut m) => {
+                f(&mut m);
+                vec![m.encode_to_vec()]
+            }
+            Err(_) => vec![message],
+        }
     })
 }
 
