@@ -24,8 +24,8 @@ use tessera_proto::{
     Message as _,
     auth::v1::{AccessToken, AuthMethod, TokenClaims},
     kms::v1::{
-        DeviceList, GetDeviceListRequest, GetDeviceListResponse, RegisterCardRequest,
-        SearchCardsResponse, key_directory_client::KeyDirectoryClient,
+        DeviceList, GetDeviceListRequest, GetDeviceListResponse, PublishDeviceStatementRequest,
+        RegisterCardRequest, SearchCardsResponse, key_directory_client::KeyDirectoryClient,
     },
     server::v1::{EnrollDeviceRequest, WhoAmIRequest},
 };
@@ -153,6 +153,47 @@ async fn a_card_the_server_made_is_pending_refused_and_flagged() {
     assert!(audit.unrecognised_active().any(|c| c.card_id == rogue));
     let out = cli(&cluster, "bob", &["audit"]).await;
     assert_eq!(out.status.code(), Some(6), "{out:?}");
+
+    // The server goes further: it resets bob's list onto its card (it holds
+    // the AppKey to co-sign). That cannot be hidden: alice is warned, and
+    // bob's audit names the statement no device of his signed.
+    let (length, head) = {
+        let list = list_from(&cluster, "bob", u64::MAX).await;
+        (
+            list.length,
+            statement_hash_at(&cluster, "bob", list.length - 1).await,
+        )
+    };
+    let mut reset = NewStatement {
+        identity: "bob",
+        seqno: length,
+        previous_hash: Some(head),
+        action: Action::Reset,
+        subject: rogue,
+        signer: rogue,
+        created_at: tessera_service::now_secs(),
+    }
+    .sign(&rogue_keys.signing);
+    device_list::app_cosign(&mut reset, &app_key(&cluster));
+    let mut request = Request::new(PublishDeviceStatementRequest {
+        statement: Some(reset),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", service_token(&cluster).parse().unwrap());
+    KeyDirectoryClient::new(connect(&cluster.kms.url()).await)
+        .publish_device_statement(request)
+        .await
+        .unwrap();
+    let sent = alice.send_text(&channel, "still you, bob?").await.unwrap();
+    assert!(sent.events.contains(&TrustEvent::IdentityReset {
+        identity: "bob".into()
+    }));
+    let out = cli(&cluster, "bob", &["audit"]).await;
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("none of your devices made"), "{stderr}");
+    assert!(stderr.contains("reset by"), "{stderr}");
 }
 
 #[tokio::test]

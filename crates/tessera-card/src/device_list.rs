@@ -1202,6 +1202,56 @@ mod tests {
     }
 
     #[test]
+    fn a_first_look_applies_the_rules_from_the_latest_reset() {
+        let mut w = World::new();
+        let (old, other, new) = (w.device("bob"), w.device("bob"), w.device("bob"));
+        let app = w.app.verifying_key();
+        let mut truth = DeviceListState::empty("bob");
+        let mut indices = Vec::new();
+        for (action, subject, signer) in [
+            (Action::Genesis, &old, &old),
+            (Action::Add, &other, &old),
+            (Action::Reset, &new, &new),
+        ] {
+            let s = w.statement(&truth, action, subject, signer);
+            truth.apply(&s, &signer.card, &app).unwrap();
+            indices.push(w.log_statement(&s));
+        }
+        // Only the reset's signer is looked up: the cards before it may no
+        // longer verify at all (an AppKey rotated since).
+        let (list, cp) = w.serve(&indices, 3);
+        let served = ServedList::check(&list, "bob", &cp).unwrap();
+        let mut view = DeviceListState::empty("bob");
+        assert_eq!(served.signers(&view), BTreeSet::from([new.card.id()]));
+        let new_record = record(&new.card);
+        served
+            .extend(
+                &mut view,
+                &|id| (*id == new.card.id()).then(|| new_record.clone()),
+                &app,
+            )
+            .unwrap();
+        assert_eq!(view, truth);
+        // The reset must still chain onto the statements before it.
+        let stray = w.statement(
+            &DeviceListState::resume("bob", 2, Some([9; 32]), BTreeSet::new()).unwrap(),
+            Action::Reset,
+            &new,
+            &new,
+        );
+        let stray_index = w.log_statement(&stray);
+        let (list, cp) = w.serve(&[indices[0], indices[1], stray_index], 3);
+        assert!(matches!(
+            ServedList::check(&list, "bob", &cp).unwrap().extend(
+                &mut DeviceListState::empty("bob"),
+                &|id| (*id == new.card.id()).then(|| new_record.clone()),
+                &app
+            ),
+            Err(DeviceListError::Fork { seqno: 2 })
+        ));
+    }
+
+    #[test]
     fn approval_codes_are_twelve_digits_and_differ() {
         let a = approval_code(&CardId::of_snapshot(b"a"));
         let b = approval_code(&CardId::of_snapshot(b"b"));

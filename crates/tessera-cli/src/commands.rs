@@ -976,6 +976,7 @@ impl Ctx {
             Origin::ThisDevice => "this device",
             Origin::CreatedHere => "enrolled from this computer",
             Origin::Acknowledged => "acknowledged by you",
+            Origin::Approved => "approved by one of your devices",
             Origin::Unrecognised => "UNRECOGNISED",
         };
         self.out(
@@ -995,10 +996,40 @@ impl Ctx {
                         origin(a.origin)
                     ));
                 }
+                lines.push(format!(
+                    "Your device list has {} statement(s):",
+                    report.statements.len()
+                ));
+                for s in &report.statements {
+                    lines.push(format!(
+                        "  #{:<3} {:<8} {}  signed by {} ({})",
+                        s.seqno,
+                        s.action,
+                        &s.subject.to_string()[..16],
+                        &s.signer.to_string()[..16],
+                        origin(s.signer_origin)
+                    ));
+                }
                 lines.join("\n")
             },
-            || json!({"log_size": report.log_size, "cards": report.cards.iter().map(|a| json!({"card_id": a.card_id.to_string(), "device_name": a.device_name, "revoked": a.revoked, "origin": origin(a.origin), "log_index": a.log_index})).collect::<Vec<_>>()}),
+            || json!({"log_size": report.log_size, "cards": report.cards.iter().map(|a| json!({"card_id": a.card_id.to_string(), "device_name": a.device_name, "revoked": a.revoked, "origin": origin(a.origin), "log_index": a.log_index})).collect::<Vec<_>>(), "statements": report.statements.iter().map(|s| json!({"seqno": s.seqno, "action": s.action.to_string(), "subject": s.subject.to_string(), "signer": s.signer.to_string(), "signer_origin": origin(s.signer_origin), "log_index": s.log_index})).collect::<Vec<_>>(), "conflicts": report.conflicts}),
         );
+        if !report.conflicts.is_empty() {
+            return Err(CliError::Security(format!(
+                "the log holds two histories of your device list (statements {:?}): the key service is forking it",
+                report.conflicts
+            )));
+        }
+        let strangers: Vec<String> = report
+            .unrecognised_statements()
+            .map(|s| format!("#{} {} by {}", s.seqno, s.action, s.signer.short()))
+            .collect();
+        if !strangers.is_empty() {
+            return Err(CliError::Security(format!(
+                "statement(s) of your device list signed by a card none of your devices made: {}. If you did not reset your account, it was taken over: reset it (tessera login --reset)",
+                strangers.join(", ")
+            )));
+        }
         let unknown: Vec<String> = report
             .unrecognised_active()
             .map(|a| a.card_id.short())

@@ -34,7 +34,7 @@ pub use error::ClientError;
 pub use gossip::{Agreement, CheckpointView};
 pub use messages::{Content, HistoryPage, MAX_BODY_BYTES, PendingDevice, Received, Sent, Source};
 pub use profile::{Endpoints, Home, ProfileConfig, validate_profile_name};
-pub use trust::{AuditReport, AuditedCard, Origin, SafetyCheck};
+pub use trust::{AuditReport, AuditedCard, AuditedStatement, Origin, SafetyCheck};
 
 pub use tessera_card::{
     CardId, VerifiedCard, device_list::approval_code, safety_number::SafetyNumber,
