@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "tessera/card/v1/card.proto",
         "tessera/card/v1/device_list.proto",
+        "tessera/channel/v1/channel.proto",
         "tessera/envelope/v1/envelope.proto",
         "tessera/transparency/v1/log.proto",
         "tessera/auth/v1/token.proto",

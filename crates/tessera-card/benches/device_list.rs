@@ -15,9 +15,7 @@ use std::{collections::BTreeMap, hint::black_box};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use tessera_card::{
     CardId, CardKind, NewCard, VerifiedCard, Verifier, app_sign,
-    device_list::{
-        Action, DeviceListState, NewStatement, ParsedStatement, ServedList, app_cosign,
-    },
+    device_list::{Action, DeviceListState, NewStatement, ParsedStatement, ServedList, app_cosign},
     kms_sign,
     record::{CheckedRecord, Status},
     transparency::{
@@ -61,7 +59,9 @@ fn chain(n: usize) -> Chain {
     };
     let (first_keys, first) = device();
     let (_, other) = device();
-    let mut entries: Vec<Vec<u8>> = (0..1000).map(|i| format!("entry {i}").into_bytes()).collect();
+    let mut entries: Vec<Vec<u8>> = (0..1000)
+        .map(|i| format!("entry {i}").into_bytes())
+        .collect();
     let mut indices = Vec::new();
     let mut state = DeviceListState::empty("bob");
     for i in 0..n {

@@ -37,6 +37,8 @@ pub enum SignatureContext {
     DeviceStatement,
     /// The AppKey's co-signature on a GENESIS or RESET device list statement.
     DeviceStatementApp,
+    /// A channel membership statement, by a member's device (protocol v2).
+    ChannelStatement,
 }
 
 impl SignatureContext {
@@ -53,6 +55,7 @@ impl SignatureContext {
             Self::DeviceLogin => "tessera/v1/device-login",
             Self::DeviceStatement => "tessera/v2/device-list/statement",
             Self::DeviceStatementApp => "tessera/v2/device-list/app",
+            Self::ChannelStatement => "tessera/v2/channel/statement",
         }
     }
 
@@ -283,6 +286,7 @@ mod tests {
             DeviceLogin,
             DeviceStatement,
             DeviceStatementApp,
+            ChannelStatement,
         ];
         for a in &all {
             for b in &all {
