@@ -111,12 +111,30 @@ impl SigningKey {
 pub struct VerifyingKey([u8; 32]);
 
 impl VerifyingKey {
+    /// Parses and validates an Ed25519 public key (RFC 8032 section 5.1.3,
+    /// strictly): the encoding must be canonical (y below p, and no "negative
+    /// zero" x), must decode to a curve point, and the point must not be of
+    /// small order. A small-order key lets one signature verify for many
+    /// messages (and, with a cofactored verifier, for every message), so such
+    /// a key is refused wherever a key is parsed: cards, pinned keys, tokens.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Length {
             what: "Ed25519 public key",
             expected: 32,
             got: bytes.len(),
         })?;
+        let compressed = curve25519_dalek::edwards::CompressedEdwardsY(arr);
+        let point = compressed
+            .decompress()
+            .ok_or(KeyError::MalformedSigningKey)?;
+        // decompress() reduces y mod p and accepts x = 0 with the sign bit
+        // set; re-encoding gives the canonical form, which must be the input.
+        if point.compress().0 != arr {
+            return Err(KeyError::MalformedSigningKey);
+        }
+        if point.is_small_order() {
+            return Err(KeyError::WeakSigningKey);
+        }
         Ok(Self(arr))
     }
 
@@ -187,23 +205,45 @@ impl EncryptionSecret {
     }
 }
 
-/// An X25519 public key that is on the curve and not of low order.
+/// An X25519 public key that is canonical, on the curve and not of low order.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EncryptionPublicKey([u8; 32]);
 
+/// p = 2^255 - 19, little-endian: the bound of a canonical X25519 `u`.
+const FIELD_PRIME_LE: [u8; 32] = {
+    let mut p = [0xff; 32];
+    p[0] = 0xed;
+    p[31] = 0x7f;
+    p
+};
+
+/// Whether the little-endian 32-byte integer `u` is below p = 2^255 - 19
+/// (which also means its top bit is clear). Public data: no constant time needed.
+fn is_canonical_u(u: &[u8; 32]) -> bool {
+    for i in (0..32).rev() {
+        if u[i] != FIELD_PRIME_LE[i] {
+            return u[i] < FIELD_PRIME_LE[i];
+        }
+    }
+    false // u == p
+}
+
 impl EncryptionPublicKey {
-    /// Parses and validates a public key: off-curve (twist) points and the
-    /// points of small order are refused, so no agreement with it can be
-    /// non-contributory.
+    /// Parses and validates a public key. Refused: a non-canonical encoding
+    /// (the 256-bit little-endian integer `u` must be below p = 2^255 - 19,
+    /// so the top bit is clear and none of the 19 values p..2^255-1, which
+    /// RFC 7748 decoders silently reduce, e.g. u = p + 9 for the base point
+    /// 9); a point on the twist (off the curve); a point of small order. So
+    /// every accepted key has exactly one encoding and no agreement with it
+    /// can be non-contributory.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Length {
             what: "X25519 public key",
             expected: 32,
             got: bytes.len(),
         })?;
-        // RFC 7748 decoders ignore the top bit; a key that sets it is not canonical.
-        if arr[31] & 0x80 != 0 {
-            return Err(KeyError::WeakPublicKey);
+        if !is_canonical_u(&arr) {
+            return Err(KeyError::NonCanonicalPublicKey);
         }
         let point = curve25519_dalek::montgomery::MontgomeryPoint(arr);
         match point.to_edwards(0) {
