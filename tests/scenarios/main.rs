@@ -14,6 +14,7 @@ mod durability;
 mod exchange;
 mod mitm;
 mod org;
+mod reflection;
 mod registration;
 mod relay;
 mod tls;
