@@ -263,7 +263,8 @@ fn card_id_of(bytes: &[u8], what: &'static str) -> Result<[u8; 32], EnvelopeErro
 
 impl ParsedEnvelope {
     /// Parses an encoded `Envelope` and checks the header's shape: version,
-    /// id lengths, a bounded number of distinct recipients.
+    /// id lengths, 1 to [`MAX_RECIPIENTS`] stanzas in strictly ascending
+    /// card-id order.
     pub fn parse(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         let envelope =
             Envelope::decode(bytes).map_err(|_| EnvelopeError::Malformed("not an Envelope"))?;
@@ -282,21 +283,26 @@ impl ParsedEnvelope {
                 max: MAX_RECIPIENTS,
             });
         }
-        let mut ids = Vec::with_capacity(header.stanzas.len());
+        let mut previous: Option<[u8; 32]> = None;
         for stanza in &header.stanzas {
-            ids.push(card_id_of(
-                &stanza.card_id,
-                "stanza card id is not 32 bytes",
-            )?);
+            let id = card_id_of(&stanza.card_id, "stanza card id is not 32 bytes")?;
             if stanza.encapsulated_key.len() != ENC_LEN
                 || stanza.wrapped_key.len() != 32 + HPKE_TAG_LEN
             {
                 return Err(EnvelopeError::Malformed("stanza key lengths are wrong"));
             }
-        }
-        ids.sort_unstable();
-        if ids.windows(2).any(|w| w[0] == w[1]) {
-            return Err(EnvelopeError::DuplicateRecipient);
+            // Sealing writes stanzas in strictly ascending card-id order;
+            // anything else (a repeat included) was not made by a sealer.
+            match previous {
+                Some(p) if p == id => return Err(EnvelopeError::DuplicateRecipient),
+                Some(p) if p > id => {
+                    return Err(EnvelopeError::Malformed(
+                        "stanzas are not in ascending card-id order",
+                    ));
+                }
+                _ => {}
+            }
+            previous = Some(id);
         }
         if envelope.ciphertext.len() < aead::TAG_LEN {
             return Err(EnvelopeError::Malformed("ciphertext shorter than its tag"));
@@ -361,14 +367,14 @@ impl ParsedEnvelope {
 
         // The stanzas must be exactly the recipients the sender signed: a
         // stripped or added stanza, or an envelope re-addressed by a
-        // recipient who knows the content key, shows up here.
-        let mut stanza_ids: Vec<&[u8]> = self
+        // recipient who knows the content key, shows up here. Both lists
+        // are strictly ascending (checked at parse and at verify).
+        let stanza_ids: Vec<&[u8]> = self
             .header
             .stanzas
             .iter()
             .map(|s| s.card_id.as_slice())
             .collect();
-        stanza_ids.sort_unstable();
         let signed_ids: Vec<&[u8]> = payload
             .recipient_card_ids
             .iter()
@@ -752,6 +758,72 @@ mod tests {
             seal(&sender, &draft, &[r, r]).map(|_| ()),
             Err(EnvelopeError::DuplicateRecipient)
         );
+    }
+
+    #[test]
+    fn stanzas_out_of_order_are_refused_even_when_the_body_authenticates() {
+        let alice = device("alice", 1);
+        let bob1 = device("bob", 2);
+        let bob2 = device("bob", 3);
+        let sealed = seal_from(&alice, &[&bob1, &bob2], b"in order");
+        // A recipient who knows the content key swaps the two stanzas and
+        // re-encrypts the body under the new header: the set is still the
+        // signed one, only the order differs from what sealing writes.
+        let swapped = readdress(&sealed.envelope, &bob1, |stanzas, _| stanzas.swap(0, 1));
+        assert_eq!(
+            ParsedEnvelope::parse(&swapped).map(|_| ()),
+            Err(EnvelopeError::Malformed(
+                "stanzas are not in ascending card-id order"
+            ))
+        );
+        assert!(open_as(&sealed.envelope, &bob2, &alice).is_ok());
+        // A repeated stanza is a duplicate recipient, wherever it sits.
+        let doubled = readdress(&sealed.envelope, &bob1, |stanzas, _| {
+            let first = stanzas[0].clone();
+            stanzas.push(first);
+        });
+        assert!(ParsedEnvelope::parse(&doubled).is_err());
+    }
+
+    #[test]
+    fn payload_checks_message_id_length_and_recipient_order() {
+        let alice = device("alice", 1);
+        let vk = alice.keys.signing.verifying_key();
+        let sender = ExpectedSender {
+            identity: "alice",
+            card_id: alice.card_id,
+            key: &vk,
+        };
+        let payload = |message_id: Vec<u8>, recipients: Vec<Vec<u8>>| {
+            let bytes = SignedPayload {
+                version: VERSION,
+                channel_id: "c".into(),
+                message_id,
+                sender_identity: "alice".into(),
+                sender_card_id: alice.card_id.to_vec(),
+                sent_at_ms: 0,
+                recipient_card_ids: recipients,
+                content_type: CONTENT_TYPE_TEXT.into(),
+                body: vec![],
+            }
+            .encode_to_vec();
+            let sig = alice.keys.signing.sign(SignatureContext::Message, &bytes);
+            VerifiedPayload::verify(bytes, sig.to_vec(), &sender)
+        };
+        assert!(payload(vec![0; 16], vec![vec![1; 32], vec![2; 32]]).is_ok());
+        assert_eq!(
+            payload(vec![0; 15], vec![vec![1; 32]]).unwrap_err(),
+            EnvelopeError::Malformed("message id is not 16 bytes")
+        );
+        for recipients in [
+            vec![vec![2; 32], vec![1; 32]],
+            vec![vec![1; 32], vec![1; 32]],
+        ] {
+            assert_eq!(
+                payload(vec![0; 16], recipients).unwrap_err(),
+                EnvelopeError::Malformed("signed recipients are not strictly ascending")
+            );
+        }
     }
 
     #[test]
