@@ -60,10 +60,22 @@ impl SignatureContext {
     }
 }
 
-/// An Ed25519 private key. Zeroized on drop; cannot be printed.
+/// An Ed25519 private key; cannot be printed.
+///
+/// What is wiped: the key is held only as its 32-byte RFC 8032 seed, in
+/// [`Zeroizing`] memory that is overwritten when the key is dropped.
+///
+/// What is not: ring's `Ed25519KeyPair` (the SHA-512-expanded secret
+/// scalar and nonce prefix) cannot be zeroized, so none is kept. Each
+/// signature rebuilds one from the seed on the stack and drops it at once;
+/// that stack frame, and the temporaries inside ring's signing code, are
+/// released without being overwritten and stay in memory until reused.
+/// Copies the operating system makes (swap, core dumps, hibernation) are
+/// out of the process's reach; so is anything a caller copies out through
+/// [`crate::hazmat`] or the keystore.
 pub struct SigningKey {
     seed: Zeroizing<[u8; 32]>,
-    pair: Ed25519KeyPair,
+    public: VerifyingKey,
 }
 
 impl SigningKey {
@@ -76,9 +88,11 @@ impl SigningKey {
     /// The key whose RFC 8032 private seed is `seed`.
     pub fn from_seed(seed: &[u8; 32]) -> Result<Self, KeyError> {
         let pair = Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| KeyError::Rejected)?;
+        let mut public = [0u8; 32];
+        public.copy_from_slice(pair.public_key().as_ref());
         Ok(Self {
             seed: Zeroizing::new(*seed),
-            pair,
+            public: VerifyingKey(public),
         })
     }
 
@@ -88,9 +102,7 @@ impl SigningKey {
     }
 
     pub fn verifying_key(&self) -> VerifyingKey {
-        let mut out = [0u8; 32];
-        out.copy_from_slice(self.pair.public_key().as_ref());
-        VerifyingKey(out)
+        self.public
     }
 
     /// Signs `message` for `context`.
@@ -101,7 +113,11 @@ impl SigningKey {
     /// Plain RFC 8032 Ed25519 over `message`, with no context.
     pub(crate) fn sign_raw(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
         let mut out = [0u8; SIGNATURE_LEN];
-        out.copy_from_slice(self.pair.sign(message).as_ref());
+        // The same seed was accepted when the key was made, so this cannot
+        // fail; were it to, the all-zero signature verifies for no key.
+        if let Ok(pair) = Ed25519KeyPair::from_seed_unchecked(self.seed.as_ref()) {
+            out.copy_from_slice(pair.sign(message).as_ref());
+        }
         out
     }
 }
@@ -300,6 +316,21 @@ mod tests {
         assert_eq!(
             vk.verify(SignatureContext::CardSelf, b"snapshot", &sig[..63]),
             Err(SignatureError::Length(63))
+        );
+    }
+
+    #[test]
+    fn a_signing_key_holds_only_its_seed_and_public_key() {
+        // 32 bytes of Zeroizing seed + the 32-byte public key: no ring key
+        // pair (whose expanded secret cannot be wiped) lives in it.
+        assert_eq!(size_of::<SigningKey>(), 64);
+        let key = SigningKey::from_seed(&[7; 32]).unwrap();
+        let again = SigningKey::from_seed(&[7; 32]).unwrap();
+        assert_eq!(key.verifying_key(), again.verifying_key());
+        assert_eq!(
+            key.sign(SignatureContext::Token, b"m"),
+            again.sign(SignatureContext::Token, b"m"),
+            "Ed25519 is deterministic: the per-signature key pair is the same"
         );
     }
 

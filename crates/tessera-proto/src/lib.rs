@@ -75,3 +75,5 @@ pub mod bench {
 
 #[cfg(feature = "client")]
 pub mod connect;
+
+mod redacted;

@@ -30,7 +30,13 @@ fn only_lowercase_hex_bearer_tokens_are_accepted() {
     let mixed: String = hex
         .chars()
         .enumerate()
-        .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c })
+        .map(|(i, c)| {
+            if i % 2 == 0 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
         .collect();
     for bad in [
         format!("Bearer {}", hex.to_ascii_uppercase()),
