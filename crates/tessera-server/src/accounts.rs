@@ -1,7 +1,7 @@
 //! Accounts: sign-up, password log-in (throttled), passwordless log-in by
 //! device signature, and the server's public keys.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tessera_card::{CardKind, ParsedCard, transparency};
 use tessera_crypto::{SignatureContext, random_array};
@@ -65,10 +65,27 @@ impl App {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
+/// Runs a password hash on the blocking pool, holding one of the limited
+/// hashing slots; RESOURCE_EXHAUSTED (retry in a second) when none is free.
+async fn hash_limited<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let Some(slot) = app.hashes.slot().await else {
+        return Err(limits::exhausted_retry(
+            "too many password checks in progress",
+            Duration::from_secs(1),
+        ));
+    };
+    let result = tokio::task::spawn_blocking(f)
         .await
-        .map_err(|_| Status::internal("password hashing task failed"))
+        .map_err(|_| Status::internal("password hashing task failed"));
+    drop(slot);
+    result
+}
+
+fn throttled(what: &str, wait_secs: u64) -> Status {
+    limits::exhausted_retry(what, Duration::from_secs(wait_secs))
 }
 
 #[tonic::async_trait]
@@ -98,6 +115,7 @@ impl Accounts for AccountsService {
         request: Request<SignUpRequest>,
     ) -> Result<Response<LoginResponse>, Status> {
         let app = &self.0;
+        let peer = request.remote_addr().map(|a| a.ip());
         let SignUpRequest { identity, password } = request.into_inner();
         limits::identity("identity", &identity)?;
         app.check_password_shape(&password)?;
@@ -108,8 +126,11 @@ impl Accounts for AccountsService {
                 "identity {identity:?} is reserved"
             )));
         }
+        app.throttle
+            .reserve_signup(peer)
+            .map_err(|wait| throttled("too many sign-ups from your address", wait))?;
         let params = app.config.password_params;
-        let hash = blocking(move || passwords::hash(&password, params))
+        let hash = hash_limited(app, move || passwords::hash(&password, params))
             .await?
             .ok_or_else(|| Status::internal("password hashing failed"))?;
         let account = Account {
@@ -140,14 +161,14 @@ impl Accounts for AccountsService {
             password.len(),
             app.config.limits.max_password_bytes,
         )?;
-        if let Err(wait) = app.throttle.check(&identity, peer) {
-            return Err(Status::resource_exhausted(format!(
-                "too many failed log-ins; try again in {wait} s"
-            )));
-        }
+        // The attempt counts from here on; only a right password gives it back.
+        let reservation = app
+            .throttle
+            .reserve(&identity, peer)
+            .map_err(|wait| throttled("too many failed log-ins", wait))?;
         let stored = app.store.account(&identity)?.and_then(|a| a.password);
         let params = app.config.password_params;
-        let ok = blocking(move || match stored {
+        let ok = hash_limited(&app, move || match stored {
             Some(hash) => passwords::verify(&password, &hash),
             None => {
                 passwords::verify_dummy(&password, params);
@@ -156,11 +177,10 @@ impl Accounts for AccountsService {
         })
         .await?;
         if !ok {
-            app.throttle.record_failure(&identity, peer);
             tracing::info!(%identity, "failed log-in");
             return Err(Status::unauthenticated("wrong identity or password"));
         }
-        app.throttle.record_success(&identity);
+        app.throttle.succeeded(&identity, reservation);
         Ok(Response::new(app.login_response(&identity, None)?))
     }
 

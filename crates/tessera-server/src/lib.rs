@@ -39,7 +39,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tonic::{server::NamedService, service::Routes};
 
-pub use passwords::PasswordParams;
+pub use passwords::{HashLimits, PasswordParams};
 pub use throttle::ThrottleLimits;
 
 /// Limits of the app server (Twilio's are the floor: 1 000 members per
@@ -93,6 +93,8 @@ pub struct Config {
     pub token_lifetime: Duration,
     pub limits: Limits,
     pub password_params: PasswordParams,
+    /// Password hashes running and waiting at once.
+    pub hash_limits: HashLimits,
     pub throttle: ThrottleLimits,
 }
 
@@ -110,6 +112,7 @@ impl Config {
             token_lifetime: Duration::from_secs(15 * 60),
             limits: Limits::default(),
             password_params: PasswordParams::DEFAULT,
+            hash_limits: HashLimits::default(),
             throttle: ThrottleLimits::default(),
         }
     }
@@ -160,6 +163,7 @@ pub(crate) struct App {
     pub(crate) kms: kms_client::KmsClient,
     pub(crate) config: Config,
     pub(crate) throttle: throttle::Throttle,
+    pub(crate) hashes: passwords::HashLimiter,
     pub(crate) challenges: challenges::Challenges,
     pub(crate) hub: hub::Hub,
     pub(crate) send_locks: Vec<tokio::sync::Mutex<()>>,
@@ -267,6 +271,7 @@ impl Server {
             verifier,
             kms: kms_client::KmsClient::new(channel),
             throttle: throttle::Throttle::new(config.throttle),
+            hashes: passwords::HashLimiter::new(config.hash_limits),
             challenges: challenges::Challenges::default(),
             hub: hub::Hub::default(),
             send_locks: (0..LOCK_SHARDS)

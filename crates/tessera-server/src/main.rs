@@ -71,6 +71,13 @@ struct Cli {
     /// Most active devices per user.
     #[arg(long, global = true, env = "TESSERA_SERVER_MAX_DEVICES_PER_USER", default_value_t = Limits::default().max_devices_per_user)]
     max_devices_per_user: usize,
+    /// Sign-ups allowed per peer address (IPv6: per /64) and throttle window.
+    #[arg(long, global = true, env = "TESSERA_SERVER_SIGNUPS_PER_PEER", default_value_t = tessera_server::ThrottleLimits::default().signups_per_peer)]
+    signups_per_peer: usize,
+    /// Password hashes (Argon2id) run at once [default: one per core]; four
+    /// times as many may wait, more are answered RESOURCE_EXHAUSTED.
+    #[arg(long, global = true, env = "TESSERA_SERVER_CONCURRENT_HASHES")]
+    concurrent_hashes: Option<usize>,
     /// Largest attachment, in bytes.
     #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ATTACHMENT_BYTES", default_value_t = Limits::default().max_attachment_bytes)]
     max_attachment_bytes: u64,
@@ -120,6 +127,13 @@ async fn run(cli: Cli) -> Result<(), String> {
         max_attachment_bytes: cli.max_attachment_bytes,
         ..Limits::default()
     };
+    config.throttle.signups_per_peer = cli.signups_per_peer;
+    if let Some(n) = cli.concurrent_hashes {
+        config.hash_limits = tessera_server::HashLimits {
+            concurrent: n.max(1),
+            queued: 4 * n.max(1),
+        };
+    }
     let server = Server::open(config).map_err(|e| e.to_string())?;
     let routes = server.routes().await.map_err(|e| e.to_string())?;
     let listener = serve::bind(common.listen)

@@ -60,6 +60,7 @@ async fn spawn_server(
     config.throttle = ThrottleLimits {
         per_identity: 3,
         per_peer: 1000,
+        signups_per_peer: 1000,
         window: Duration::from_secs(60),
     };
     let server = std::sync::Arc::new(Server::open(config).unwrap());

@@ -35,6 +35,10 @@ pub struct StackConfig {
     pub org_identity: Option<String>,
     /// Cheap Argon2id costs for passwords and the OrgKey: tests only.
     pub danger_fast_kdf: bool,
+    /// Sign-ups allowed per peer address and throttle window; `None` keeps
+    /// the app server's default. Tests and benchmarks sign every user up
+    /// from loopback.
+    pub signups_per_peer: Option<usize>,
 }
 
 impl StackConfig {
@@ -49,6 +53,7 @@ impl StackConfig {
             admin_identity: "admin".into(),
             org_identity: Some("org:example".into()),
             danger_fast_kdf: false,
+            signups_per_peer: None,
         }
     }
 
@@ -59,6 +64,7 @@ impl StackConfig {
             kms_port: 0,
             backup_port: 0,
             danger_fast_kdf: true,
+            signups_per_peer: Some(100_000),
             ..Self::new(data_dir)
         }
     }
@@ -274,6 +280,9 @@ impl Config {
         c.org_identity = stack.org_identity.clone();
         if stack.danger_fast_kdf {
             c.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
+        }
+        if let Some(n) = stack.signups_per_peer {
+            c.throttle.signups_per_peer = n;
         }
         c
     }

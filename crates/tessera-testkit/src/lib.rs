@@ -409,6 +409,8 @@ impl Cluster {
                     ("TESSERA_SERVER_DATA_DIR", d("server")),
                     ("TESSERA_SERVER_KMS_URL", kms.url()),
                     ("TESSERA_SERVER_ADMINS", ADMIN.into()),
+                    // Every scenario signs its users up from loopback.
+                    ("TESSERA_SERVER_SIGNUPS_PER_PEER", "100000".into()),
                     ("TESSERA_SERVER_ORG_IDENTITY", ORG.into()),
                 ]),
                 "TESSERA_SERVER_KMS_CA",
