@@ -189,6 +189,7 @@ impl Accounts for AccountsService {
         request: Request<BeginDeviceLoginRequest>,
     ) -> Result<Response<BeginDeviceLoginResponse>, Status> {
         let app = &self.0;
+        let peer = request.remote_addr().map(|a| a.ip());
         let r = request.into_inner();
         limits::identity("identity", &r.identity)?;
         let card_id = limits::card_id("card_id", &r.card_id)?;
@@ -206,11 +207,21 @@ impl Accounts for AccountsService {
         }
         let challenge =
             random_array::<32>().map_err(|_| Status::internal("random number generator failed"))?;
-        if !app.challenges.insert(challenge, &r.identity, card_id) {
-            return Err(Status::unavailable(
-                "too many log-ins in progress; retry shortly",
-            ));
-        }
+        app.challenges
+            .insert(challenge, &r.identity, card_id, peer)
+            .map_err(|refused| match refused {
+                challenges::Refused::Identity(wait) => throttled(
+                    "too many device log-ins in progress for this identity",
+                    wait,
+                ),
+                challenges::Refused::Peer(wait) => throttled(
+                    "too many device log-ins in progress from your address",
+                    wait,
+                ),
+                challenges::Refused::Full(wait) => {
+                    throttled("too many device log-ins in progress", wait)
+                }
+            })?;
         Ok(Response::new(BeginDeviceLoginResponse {
             challenge: challenge.to_vec(),
             expires_at: tessera_service::now_secs() + challenges::CHALLENGE_TTL.as_secs() as i64,

@@ -39,6 +39,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tonic::{server::NamedService, service::Routes};
 
+pub use challenges::ChallengeLimits;
 pub use passwords::{HashLimits, PasswordParams};
 pub use throttle::ThrottleLimits;
 
@@ -95,6 +96,8 @@ pub struct Config {
     pub password_params: PasswordParams,
     /// Password hashes running and waiting at once.
     pub hash_limits: HashLimits,
+    /// Outstanding device log-in challenges.
+    pub challenge_limits: ChallengeLimits,
     pub throttle: ThrottleLimits,
 }
 
@@ -113,6 +116,7 @@ impl Config {
             limits: Limits::default(),
             password_params: PasswordParams::DEFAULT,
             hash_limits: HashLimits::default(),
+            challenge_limits: ChallengeLimits::default(),
             throttle: ThrottleLimits::default(),
         }
     }
@@ -272,7 +276,7 @@ impl Server {
             kms: kms_client::KmsClient::new(channel),
             throttle: throttle::Throttle::new(config.throttle),
             hashes: passwords::HashLimiter::new(config.hash_limits),
-            challenges: challenges::Challenges::default(),
+            challenges: challenges::Challenges::new(config.challenge_limits),
             hub: hub::Hub::default(),
             send_locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))

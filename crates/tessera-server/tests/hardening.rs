@@ -1,9 +1,11 @@
 //! The app server's defences against its own users, over real gRPC on
 //! 127.0.0.1:0 (clients bind other loopback addresses, 127.0.0.2 and up, to
 //! be other peers): log-in attempts are reserved before hashing, hashing is
-//! capped, sign-ups are throttled per peer.
+//! capped, sign-ups are throttled per peer, device log-in challenges are
+//! capped per identity and per peer.
 //!
-//! None of these calls reaches the key service, so none runs.
+//! None of these calls reaches the key service, so none runs: devices are
+//! put in the server's store directly.
 
 #![allow(
     clippy::unwrap_used,
@@ -15,9 +17,12 @@
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
-use tessera_proto::server::v1::{LoginRequest, SignUpRequest, accounts_client::AccountsClient};
+use tessera_proto::server::v1::{
+    BeginDeviceLoginRequest, LoginRequest, SignUpRequest, accounts_client::AccountsClient,
+};
 use tessera_server::{
-    Config, HashLimits, PasswordParams, Server, ThrottleLimits, store::MemoryStore,
+    Config, HashLimits, PasswordParams, Server, ThrottleLimits,
+    store::{Device, DeviceStatus, MemoryStore, Store as _},
 };
 use tessera_service::{
     limits::retry_after,
@@ -28,6 +33,7 @@ use tonic::{Code, Status, transport::Endpoint};
 struct App {
     _dir: tempfile::TempDir,
     _server: Arc<Server>,
+    store: MemoryStore,
     running: Running,
 }
 
@@ -44,9 +50,9 @@ impl App {
         config.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
         config.throttle.signups_per_peer = 1000;
         tune(&mut config);
+        let store = MemoryStore::default();
         let server = Arc::new(
-            Server::with_store(Arc::new(MemoryStore::default()), app_key, token_key, config)
-                .unwrap(),
+            Server::with_store(Arc::new(store.clone()), app_key, token_key, config).unwrap(),
         );
         let running = Running::spawn(
             server.routes().await.unwrap(),
@@ -57,6 +63,7 @@ impl App {
         Self {
             _dir: dir,
             _server: server,
+            store,
             running,
         }
     }
@@ -71,6 +78,22 @@ impl App {
             .await
             .unwrap();
         AccountsClient::new(channel)
+    }
+
+    /// An active device of `identity`, straight into the store.
+    fn device(&self, identity: &str, n: u8) -> Vec<u8> {
+        let card_id = [n; 32].to_vec();
+        self.store
+            .put_devices(&[Device {
+                card_id: card_id.clone(),
+                identity: identity.to_owned(),
+                device_name: "phone".into(),
+                created_at: 1,
+                status: DeviceStatus::Active as i32,
+                org_card: false,
+            }])
+            .unwrap();
+        card_id
     }
 }
 
@@ -228,6 +251,52 @@ async fn sign_ups_are_throttled_per_peer() {
             identity: "elsewhere".into(),
             password: "long-enough".into(),
         })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn device_log_in_challenges_are_capped_per_identity_and_per_peer() {
+    let app = App::start(|_| {}).await;
+    let alice_card = app.device("alice", 1);
+    let begin = |identity: &str, card_id: &[u8]| BeginDeviceLoginRequest {
+        identity: identity.to_owned(),
+        card_id: card_id.to_vec(),
+    };
+
+    // One peer hammers alice's device: 16 outstanding, then refused.
+    let mut peer1 = app.from(1).await;
+    let mut ok = 0;
+    for _ in 0..100 {
+        match peer1.begin_device_login(begin("alice", &alice_card)).await {
+            Ok(_) => ok += 1,
+            Err(s) => assert!(exhausted_with_retry(&s), "{s:?}"),
+        }
+    }
+    assert_eq!(ok, 16, "per identity");
+    // From elsewhere too: the cap is alice's, whoever asks.
+    let mut peer2 = app.from(2).await;
+    let err = peer2
+        .begin_device_login(begin("alice", &alice_card))
+        .await
+        .unwrap_err();
+    assert!(exhausted_with_retry(&err));
+
+    // The first peer asks for many other users: 64 outstanding in all, then refused.
+    let mut more = 0;
+    for n in 10..100u8 {
+        let identity = format!("user{n}");
+        let card = app.device(&identity, n);
+        match peer1.begin_device_login(begin(&identity, &card)).await {
+            Ok(_) => more += 1,
+            Err(s) => assert!(exhausted_with_retry(&s), "{s:?}"),
+        }
+    }
+    assert_eq!(ok + more, 64, "per peer");
+    // Everyone else still logs in: the shared table is far from full.
+    let bob_card = app.device("bob", 200);
+    peer2
+        .begin_device_login(begin("bob", &bob_card))
         .await
         .unwrap();
 }
