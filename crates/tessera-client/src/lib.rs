@@ -28,6 +28,7 @@ pub use backup::{HistoryEntry, OrgInfo};
 pub use client::{Client, Enrollment};
 pub use directory::{CardInfo, TrustEvent};
 pub use error::ClientError;
+pub use files::{ExistingFile, MAX_FILE_NAME_BYTES, safe_file_name};
 pub use messages::{Content, HistoryPage, MAX_BODY_BYTES, Received, Sent, Source};
 pub use profile::{Endpoints, Home, ProfileConfig, validate_profile_name};
 pub use trust::{AuditReport, AuditedCard, Origin, SafetyCheck};

@@ -34,7 +34,7 @@ impl App {
         identity: &str,
         device: Option<tessera_card::CardId>,
     ) -> Result<LoginResponse, Status> {
-        let admin = self.config.admins.iter().any(|a| a == identity);
+        let admin = self.store.account(identity)?.is_some_and(|a| a.admin);
         let org_member = self.is_org_member(identity)?;
         let role = if admin { Role::Admin } else { Role::User };
         let token = self
@@ -48,6 +48,56 @@ impl App {
             admin,
             org_member,
         })
+    }
+
+    /// Creates an admin account (the operator's own act, never a sign-up);
+    /// `Ok(false)` when that admin exists already (its password is kept).
+    pub(crate) async fn create_admin(
+        &self,
+        identity: &str,
+        password: &str,
+    ) -> Result<bool, Status> {
+        limits::identity("identity", identity)?;
+        self.check_password_shape(password)?;
+        self.check_not_reserved(identity)?;
+        if let Some(existing) = self.store.account(identity)? {
+            return if existing.admin {
+                Ok(false)
+            } else {
+                Err(Status::already_exists(format!(
+                    "{identity:?} is a user who signed up; an admin account must be created by this command, under a name no one holds"
+                )))
+            };
+        }
+        let params = self.config.password_params;
+        let password = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || passwords::hash(&password, params))
+            .await
+            .map_err(|_| Status::internal("password hashing task failed"))?
+            .ok_or_else(|| Status::internal("password hashing failed"))?;
+        let account = Account {
+            identity: identity.to_owned(),
+            password: Some(hash),
+            created_at: tessera_service::now_secs(),
+            admin: true,
+        };
+        if !self.store.create_account(&account)? {
+            return Err(Status::already_exists(format!(
+                "{identity:?} was taken meanwhile"
+            )));
+        }
+        self.store.flush().await?;
+        tracing::info!(%identity, "admin account created by the operator");
+        Ok(true)
+    }
+
+    fn check_not_reserved(&self, identity: &str) -> Result<(), Status> {
+        if identity == SERVICE_SUBJECT || self.config.org_identity.as_deref() == Some(identity) {
+            return Err(Status::already_exists(format!(
+                "identity {identity:?} is reserved"
+            )));
+        }
+        Ok(())
     }
 
     fn check_password_shape(&self, password: &str) -> Result<(), Status> {
@@ -119,13 +169,7 @@ impl Accounts for AccountsService {
         let SignUpRequest { identity, password } = request.into_inner();
         limits::identity("identity", &identity)?;
         app.check_password_shape(&password)?;
-        if identity == SERVICE_SUBJECT
-            || app.config.org_identity.as_deref() == Some(identity.as_str())
-        {
-            return Err(Status::already_exists(format!(
-                "identity {identity:?} is reserved"
-            )));
-        }
+        app.check_not_reserved(&identity)?;
         app.throttle
             .reserve_signup(peer)
             .map_err(|wait| throttled("too many sign-ups from your address", wait))?;
@@ -137,6 +181,7 @@ impl Accounts for AccountsService {
             identity: identity.clone(),
             password: Some(hash),
             created_at: tessera_service::now_secs(),
+            admin: false,
         };
         if !app.store.create_account(&account)? {
             return Err(Status::already_exists(format!(

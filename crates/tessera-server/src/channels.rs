@@ -181,7 +181,7 @@ async fn run_subscription(
     tokio::pin!(expiry);
     // Catch up: everything stored from `next` on (the broadcast subscription
     // above already buffers what arrives meanwhile).
-    if !catch_up(&app, &channel_id, &mut next, &tx).await {
+    if !catch_up(&app, &channel_id, &caller.identity, &mut next, &tx).await {
         return;
     }
     loop {
@@ -199,7 +199,7 @@ async fn run_subscription(
                     }
                 }
                 Ok(_) | Err(RecvError::Lagged(_)) => {
-                    if !catch_up(&app, &channel_id, &mut next, &tx).await {
+                    if !catch_up(&app, &channel_id, &caller.identity, &mut next, &tx).await {
                         return;
                     }
                 }
@@ -218,10 +218,12 @@ async fn run_subscription(
     }
 }
 
-/// Delivers stored messages from `*next` on; `false` when the subscription ended.
+/// Delivers stored messages from `*next` on, as long as `identity` is a
+/// member; `false` when the subscription ended.
 async fn catch_up(
     app: &App,
     channel_id: &str,
+    identity: &str,
     next: &mut u64,
     tx: &mpsc::Sender<Result<StoredMessage, Status>>,
 ) -> bool {
@@ -236,9 +238,26 @@ async fn catch_up(
                 return false;
             }
         };
+        // Membership is read after the batch: every message in it was
+        // stored before this check, so a member removed meanwhile gets none
+        // of them, and one re-added gets only what it may now see.
+        let first_visible = match app.membership(channel_id, identity) {
+            Ok((channel, member)) => visible_from(&channel, &member),
+            Err(_) => {
+                let _ = tx
+                    .send(Err(Status::permission_denied(
+                        "you were removed from the channel",
+                    )))
+                    .await;
+                return false;
+            }
+        };
         let done = batch.len() < CATCH_UP_BATCH;
         for message in batch {
             *next = message.index + 1;
+            if message.index < first_visible {
+                continue;
+            }
             if !deliver(tx, message).await {
                 return false;
             }
@@ -624,6 +643,9 @@ impl Channels for ChannelsService {
         tokio::fs::rename(&tmp, app.attachments_dir.join(&id))
             .await
             .map_err(tessera_service::storage::StorageError::Io)?;
+        // The message that will carry it can only come after this index:
+        // who may not see a message stored now may not fetch the file.
+        let (channel, _) = app.membership(&first.channel_id, &caller.identity)?;
         app.store.put_attachment(&AttachmentRecord {
             attachment_id: id.clone(),
             channel_id: first.channel_id,
@@ -631,6 +653,7 @@ impl Channels for ChannelsService {
             sha256: sha256.clone(),
             uploader: caller.identity,
             created_at_ms: tessera_service::now_ms(),
+            uploaded_at_index: channel.next_index,
         })?;
         app.store.flush().await?;
         Ok(Response::new(UploadAttachmentResponse {
@@ -650,7 +673,7 @@ impl Channels for ChannelsService {
         let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         check_id("attachment_id", &r.attachment_id)?;
-        app.membership(&r.channel_id, &caller.identity)?;
+        let (channel, me) = app.membership(&r.channel_id, &caller.identity)?;
         let record = app
             .store
             .attachment(&r.attachment_id)?
@@ -658,6 +681,13 @@ impl Channels for ChannelsService {
             .ok_or_else(|| {
                 Status::not_found(format!("no attachment {} in this channel", r.attachment_id))
             })?;
+        // Records from before `uploaded_at_index` existed count as index 1:
+        // visible to members who see the whole history.
+        if record.uploaded_at_index.max(1) < visible_from(&channel, &me) {
+            return Err(Status::permission_denied(
+                "the attachment was uploaded before the history you can see",
+            ));
+        }
         let mut file = tokio::fs::File::open(app.attachments_dir.join(&record.attachment_id))
             .await
             .map_err(tessera_service::storage::StorageError::Io)?;

@@ -10,15 +10,20 @@ use std::{
 use tessera_proto::server::v1::StoredMessage;
 use tokio::sync::broadcast;
 
-/// Messages buffered per channel for slow subscribers before they reload.
-const CAPACITY: usize = 1024;
-
-#[derive(Default)]
 pub(crate) struct Hub {
+    /// Messages buffered per channel for slow subscribers before they reload.
+    capacity: usize,
     channels: Mutex<HashMap<String, broadcast::Sender<Arc<StoredMessage>>>>,
 }
 
 impl Hub {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            channels: Mutex::default(),
+        }
+    }
+
     pub(crate) fn subscribe(
         &self,
         channel_id: &str,
@@ -27,7 +32,7 @@ impl Hub {
         Some(
             channels
                 .entry(channel_id.to_owned())
-                .or_insert_with(|| broadcast::channel(CAPACITY).0)
+                .or_insert_with(|| broadcast::channel(self.capacity).0)
                 .subscribe(),
         )
     }

@@ -57,6 +57,9 @@ pub struct Limits {
     pub max_attachment_bytes: u64,
     pub max_channel_name_bytes: usize,
     pub max_password_bytes: usize,
+    /// Messages each channel's live broadcast keeps for slow subscribers;
+    /// one that falls further behind catches up from the store.
+    pub live_buffer_messages: usize,
 }
 
 impl Default for Limits {
@@ -70,6 +73,7 @@ impl Default for Limits {
             max_attachment_bytes: 1024 * 1024 * 1024,
             max_channel_name_bytes: 128,
             max_password_bytes: 1024,
+            live_buffer_messages: 1024,
         }
     }
 }
@@ -87,8 +91,6 @@ pub struct Config {
     pub kms_url: String,
     /// CA certificate (PEM) to trust for an `https` key service.
     pub kms_ca: Option<PathBuf>,
-    /// Identities whose tokens carry the ADMIN role.
-    pub admins: Vec<String>,
     /// Identity of the organisation's ORG card; `None`: no organisation.
     pub org_identity: Option<String>,
     pub token_lifetime: Duration,
@@ -110,7 +112,6 @@ impl Config {
             token_key_path: None,
             kms_url: kms_url.into(),
             kms_ca: None,
-            admins: Vec::new(),
             org_identity: None,
             token_lifetime: Duration::from_secs(15 * 60),
             limits: Limits::default(),
@@ -277,7 +278,7 @@ impl Server {
             throttle: throttle::Throttle::new(config.throttle),
             hashes: passwords::HashLimiter::new(config.hash_limits),
             challenges: challenges::Challenges::new(config.challenge_limits),
-            hub: hub::Hub::default(),
+            hub: hub::Hub::new(config.limits.live_buffer_messages),
             send_locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -292,6 +293,17 @@ impl Server {
             app: Arc::new(app),
             closing: closing_tx,
         })
+    }
+
+    /// Creates the admin account `identity` with `password`: the only way
+    /// an account gets the ADMIN role (a sign-up never does, whatever its
+    /// name). `Ok(false)` when this admin exists already (its password is
+    /// kept); an error when a user who signed up holds the name.
+    pub async fn create_admin(&self, identity: &str, password: &str) -> Result<bool, StartError> {
+        self.app
+            .create_admin(identity, password)
+            .await
+            .map_err(|s| StartError::Config(format!("admin account: {}", s.message())))
     }
 
     pub fn app_public_key(&self) -> VerifyingKey {

@@ -37,13 +37,8 @@ struct Cli {
     /// The token signing key (generated on first start) [default: <data-dir>/token.key].
     #[arg(long, global = true, env = "TESSERA_SERVER_TOKEN_KEY_PATH")]
     token_key_path: Option<PathBuf>,
-    /// Identities with the admin role (comma-separated in the environment).
-    #[arg(
-        long = "admin",
-        global = true,
-        env = "TESSERA_SERVER_ADMINS",
-        value_delimiter = ','
-    )]
+    /// No longer accepted: admins are made with `create-admin`.
+    #[arg(long = "admin", global = true, hide = true)]
     admins: Vec<String>,
     /// Identity of the organisation's card; enables org backup.
     #[arg(long, global = true, env = "TESSERA_SERVER_ORG_IDENTITY")]
@@ -91,6 +86,27 @@ enum Command {
     Serve,
     /// Create the AppKey and token key if missing and print their public keys as JSON.
     Keys,
+    /// Create an admin account (password from TESSERA_SERVER_ADMIN_PASSWORD,
+    /// or the first line of standard input); run it while the server is
+    /// stopped. The only way to an admin: sign-ups never are, whatever the name.
+    CreateAdmin {
+        /// The admin's identity.
+        identity: String,
+    },
+}
+
+/// The admin password: from the environment, else the first line of stdin.
+fn admin_password() -> Result<zeroize::Zeroizing<String>, String> {
+    if let Ok(p) = std::env::var("TESSERA_SERVER_ADMIN_PASSWORD") {
+        return Ok(zeroize::Zeroizing::new(p));
+    }
+    let mut line = zeroize::Zeroizing::new(String::new());
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the admin password from standard input: {e}"))?;
+    Ok(zeroize::Zeroizing::new(
+        line.trim_end_matches(['\r', '\n']).to_owned(),
+    ))
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -111,11 +127,15 @@ async fn run(cli: Cli) -> Result<(), String> {
         tessera_service::config::print_json(&json);
         return Ok(());
     }
+    if !cli.admins.is_empty() || std::env::var_os("TESSERA_SERVER_ADMINS").is_some() {
+        return Err(
+            "--admin / TESSERA_SERVER_ADMINS are no longer read (whoever signed up first under such a name became admin): create admin accounts with `tessera-server create-admin <identity>`".into(),
+        );
+    }
     let mut config = Config::new(common.data_dir.clone(), cli.kms_url);
     config.kms_ca = cli.kms_ca;
     config.app_key_path = cli.app_key_path;
     config.token_key_path = cli.token_key_path;
-    config.admins = cli.admins.into_iter().filter(|a| !a.is_empty()).collect();
     config.org_identity = cli.org_identity.filter(|o| !o.is_empty());
     config.token_lifetime = Duration::from_secs(cli.token_lifetime_secs);
     config.limits = Limits {
@@ -135,6 +155,17 @@ async fn run(cli: Cli) -> Result<(), String> {
         };
     }
     let server = Server::open(config).map_err(|e| e.to_string())?;
+    if let Some(Command::CreateAdmin { identity }) = &cli.command {
+        let password = admin_password()?;
+        let created = server
+            .create_admin(identity, &password)
+            .await
+            .map_err(|e| e.to_string())?;
+        tessera_service::config::print_json(
+            &serde_json::json!({ "identity": identity, "created": created }),
+        );
+        return Ok(());
+    }
     let routes = server.routes().await.map_err(|e| e.to_string())?;
     let listener = serve::bind(common.listen)
         .await

@@ -35,6 +35,10 @@ pub struct Account {
     pub password: Option<PasswordHash>,
     #[prost(int64, tag = "3")]
     pub created_at: i64,
+    /// Made by the operator (`tessera-server create-admin`), never by a
+    /// sign-up: the account's tokens carry the ADMIN role.
+    #[prost(bool, tag = "4")]
+    pub admin: bool,
 }
 
 /// Device status as the server knows it (the key service is the authority
@@ -108,6 +112,11 @@ pub struct AttachmentRecord {
     pub uploader: String,
     #[prost(int64, tag = "6")]
     pub created_at_ms: i64,
+    /// The channel's next index when the upload finished: members who
+    /// cannot see a message stored then cannot download it (0 in records
+    /// written before this field: treated as 1).
+    #[prost(uint64, tag = "7")]
+    pub uploaded_at_index: u64,
 }
 
 /// A change to a channel and its members, applied atomically.
@@ -652,6 +661,7 @@ mod tests {
             identity: "alice".into(),
             password: None,
             created_at: 1,
+            admin: false,
         };
         assert!(store.create_account(&account).unwrap());
         assert!(

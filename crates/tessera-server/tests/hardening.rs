@@ -2,10 +2,13 @@
 //! 127.0.0.1:0 (clients bind other loopback addresses, 127.0.0.2 and up, to
 //! be other peers): log-in attempts are reserved before hashing, hashing is
 //! capped, sign-ups are throttled per peer, device log-in challenges are
-//! capped per identity and per peer.
+//! capped per identity and per peer, admin rights come only from the
+//! operator, a removed member stops receiving, attachments honour history
+//! visibility.
 //!
 //! None of these calls reaches the key service, so none runs: devices are
-//! put in the server's store directly.
+//! put in the server's store directly, envelopes are well-formed headers
+//! around opaque bytes (the server never opens them).
 
 #![allow(
     clippy::unwrap_used,
@@ -16,9 +19,17 @@
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
+use futures_util::StreamExt as _;
 use futures_util::future::join_all;
-use tessera_proto::server::v1::{
-    BeginDeviceLoginRequest, LoginRequest, SignUpRequest, accounts_client::AccountsClient,
+use tessera_proto::{
+    Message as _,
+    envelope::v1::{Envelope, EnvelopeHeader, Stanza},
+    server::v1::{
+        AddMemberRequest, BeginDeviceLoginRequest, CreateChannelRequest, DownloadAttachmentRequest,
+        HistoryVisibility, LoginRequest, RemoveMemberRequest, SendMessageRequest, SignUpRequest,
+        SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
+        channels_client::ChannelsClient,
+    },
 };
 use tessera_server::{
     Config, HashLimits, PasswordParams, Server, ThrottleLimits,
@@ -27,12 +38,13 @@ use tessera_server::{
 use tessera_service::{
     limits::retry_after,
     serve::{Running, ServeOptions, bind},
+    token::bearer_header,
 };
-use tonic::{Code, Status, transport::Endpoint};
+use tonic::{Code, Request, Status, transport::Endpoint};
 
 struct App {
     _dir: tempfile::TempDir,
-    _server: Arc<Server>,
+    server: Arc<Server>,
     store: MemoryStore,
     running: Running,
 }
@@ -62,7 +74,7 @@ impl App {
         .unwrap();
         Self {
             _dir: dir,
-            _server: server,
+            server,
             store,
             running,
         }
@@ -167,12 +179,8 @@ async fn parallel_wrong_passwords_each_reserve_an_attempt_before_hashing() {
         .unwrap_err();
     assert!(exhausted_with_retry(&err), "{err:?}");
     // Another identity is not affected.
-    client
-        .clone()
-        .sign_up(SignUpRequest {
-            identity: "root".into(),
-            password: "root-password".into(),
-        })
+    app.server
+        .create_admin("root", "root-password")
         .await
         .unwrap();
     client
@@ -299,4 +307,288 @@ async fn device_log_in_challenges_are_capped_per_identity_and_per_peer() {
         .begin_device_login(begin("bob", &bob_card))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn admin_rights_come_only_from_the_operator_never_from_a_sign_up() {
+    let app = App::start(|_| {}).await;
+    let mut client = app.from(1).await;
+    // Whoever signs up first under the operator's admin name is no admin.
+    let signed_up = client
+        .sign_up(SignUpRequest {
+            identity: "admin".into(),
+            password: "first-come".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!signed_up.admin);
+    let mut who = Request::new(WhoAmIRequest {});
+    who.metadata_mut().insert(
+        "authorization",
+        bearer_header(&signed_up.access_token).parse().unwrap(),
+    );
+    assert!(!client.who_am_i(who).await.unwrap().into_inner().admin);
+    // The operator cannot make that account an admin either ...
+    assert!(
+        app.server
+            .create_admin("admin", "operator-pw")
+            .await
+            .is_err()
+    );
+    // ... but makes its own admin account, which logs in as one (once).
+    assert!(app.server.create_admin("ops", "operator-pw").await.unwrap());
+    assert!(!app.server.create_admin("ops", "other-pw").await.unwrap());
+    let login = client
+        .login(LoginRequest {
+            identity: "ops".into(),
+            password: "operator-pw".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(login.admin);
+    let err = client
+        .sign_up(SignUpRequest {
+            identity: "ops".into(),
+            password: "long-enough".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+}
+
+/// A signed-up user with a device in the store and a password token.
+struct User {
+    identity: String,
+    card_id: Vec<u8>,
+    token: String,
+}
+
+impl User {
+    fn req<T>(&self, message: T) -> Request<T> {
+        let mut r = Request::new(message);
+        r.metadata_mut()
+            .insert("authorization", self.token.parse().unwrap());
+        r
+    }
+}
+
+impl App {
+    async fn user(&self, identity: &str, n: u8) -> User {
+        let login = self
+            .from(1)
+            .await
+            .sign_up(SignUpRequest {
+                identity: identity.into(),
+                password: format!("{identity}-password"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        User {
+            identity: identity.into(),
+            card_id: self.device(identity, n),
+            token: bearer_header(&login.access_token),
+        }
+    }
+
+    async fn channels(&self) -> ChannelsClient<tonic::transport::Channel> {
+        let channel = Endpoint::from_shared(self.running.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        ChannelsClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+/// A well-formed envelope from `card_id` around `size` opaque bytes.
+fn envelope(card_id: &[u8], size: usize, tag: u8) -> Vec<u8> {
+    Envelope {
+        header: EnvelopeHeader {
+            version: 1,
+            sender_card_id: card_id.to_vec(),
+            stanzas: vec![Stanza {
+                card_id: vec![9; 32],
+                encapsulated_key: vec![1; 32],
+                wrapped_key: vec![2; 48],
+            }],
+        }
+        .encode_to_vec(),
+        ciphertext: vec![tag; size],
+    }
+    .encode_to_vec()
+}
+
+async fn send(
+    channels: &mut ChannelsClient<tonic::transport::Channel>,
+    from: &User,
+    channel_id: &str,
+    size: usize,
+    n: u32,
+) -> u64 {
+    let mut client_message_id = vec![0u8; 16];
+    client_message_id[..4].copy_from_slice(&n.to_be_bytes());
+    channels
+        .send_message(from.req(SendMessageRequest {
+            channel_id: channel_id.to_owned(),
+            client_message_id,
+            sender_card_id: from.card_id.clone(),
+            envelope: envelope(&from.card_id, size, n as u8),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .index
+}
+
+async fn create_channel(
+    channels: &mut ChannelsClient<tonic::transport::Channel>,
+    creator: &User,
+    members: &[&User],
+    visibility: HistoryVisibility,
+) -> String {
+    channels
+        .create_channel(creator.req(CreateChannelRequest {
+            name: "room".into(),
+            history_visibility: visibility as i32,
+            members: members.iter().map(|m| m.identity.clone()).collect(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .channel_id
+}
+
+#[tokio::test]
+async fn a_removed_member_gets_nothing_sent_after_a_lagged_catch_up() {
+    // A tiny live buffer, so a subscriber who does not read lags behind.
+    let app = App::start(|c| c.limits.live_buffer_messages = 4).await;
+    let alice = app.user("alice", 1).await;
+    let bob = app.user("bob", 2).await;
+    let mut channels = app.channels().await;
+    let channel_id =
+        create_channel(&mut channels, &alice, &[&bob], HistoryVisibility::Shared).await;
+    let mut live = app
+        .channels()
+        .await
+        .subscribe(bob.req(SubscribeRequest {
+            channel_id: channel_id.clone(),
+            from_index: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    // Bob does not read while far more than the buffers hold is sent.
+    let mut last_before_removal = 0;
+    for n in 0..100 {
+        last_before_removal = send(&mut channels, &alice, &channel_id, 256 * 1024, n).await;
+    }
+    channels
+        .remove_member(alice.req(RemoveMemberRequest {
+            channel_id: channel_id.clone(),
+            identity: "bob".into(),
+        }))
+        .await
+        .unwrap();
+    for n in 100..105 {
+        send(&mut channels, &alice, &channel_id, 1024, n).await;
+    }
+    // Now bob reads everything his subscription hands him.
+    let mut received = Vec::new();
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(60), live.next()).await {
+            Ok(Some(Ok(m))) => received.push(m.index),
+            Ok(Some(Err(status))) => break Some(status),
+            Ok(None) => break None,
+            Err(_) => panic!("the subscription neither ended nor delivered: {received:?}"),
+        }
+    };
+    assert!(
+        received.iter().all(|i| *i <= last_before_removal),
+        "bob received messages sent after his removal: {:?}",
+        received
+            .iter()
+            .filter(|i| **i > last_before_removal)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        end.map(|s| s.code()),
+        Some(Code::PermissionDenied),
+        "the subscription ends telling bob he was removed"
+    );
+}
+
+#[tokio::test]
+async fn attachments_uploaded_before_a_member_could_see_are_refused() {
+    let app = App::start(|_| {}).await;
+    let alice = app.user("alice", 1).await;
+    let bob = app.user("bob", 2).await;
+    let carol = app.user("carol", 3).await;
+    let mut channels = app.channels().await;
+    let channel_id =
+        create_channel(&mut channels, &alice, &[&bob], HistoryVisibility::Joined).await;
+    let upload = |data: Vec<u8>| UploadAttachmentRequest {
+        channel_id: channel_id.clone(),
+        data,
+    };
+    let early = channels
+        .upload_attachment(alice.req(tokio_stream::iter([upload(vec![1; 1000])])))
+        .await
+        .unwrap()
+        .into_inner()
+        .attachment_id;
+    send(&mut channels, &alice, &channel_id, 100, 1).await;
+    channels
+        .add_member(alice.req(AddMemberRequest {
+            channel_id: channel_id.clone(),
+            identity: "carol".into(),
+            role: 0,
+        }))
+        .await
+        .unwrap();
+    let late = channels
+        .upload_attachment(alice.req(tokio_stream::iter([upload(vec![2; 1000])])))
+        .await
+        .unwrap()
+        .into_inner()
+        .attachment_id;
+    let download = |who: &User, id: &str| {
+        who.req(DownloadAttachmentRequest {
+            channel_id: channel_id.clone(),
+            attachment_id: id.to_owned(),
+        })
+    };
+    async fn bytes(
+        channels: &mut ChannelsClient<tonic::transport::Channel>,
+        request: Request<DownloadAttachmentRequest>,
+    ) -> Result<usize, Status> {
+        let mut stream = channels.download_attachment(request).await?.into_inner();
+        let mut n = 0;
+        while let Some(chunk) = stream.next().await {
+            n += chunk?.data.len();
+        }
+        Ok(n)
+    }
+    // Carol joined after the first upload: she sees neither that message
+    // nor that file; the second is hers to fetch. Bob gets both.
+    let err = bytes(&mut channels, download(&carol, &early))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        bytes(&mut channels, download(&carol, &late)).await.unwrap(),
+        1000
+    );
+    assert_eq!(
+        bytes(&mut channels, download(&bob, &early)).await.unwrap(),
+        1000
+    );
+    assert_eq!(
+        bytes(&mut channels, download(&bob, &late)).await.unwrap(),
+        1000
+    );
 }

@@ -54,7 +54,6 @@ async fn spawn_server(
 ) -> (Running, std::sync::Arc<Server>) {
     let mut config = Config::new(dir, kms_url);
     config.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
-    config.admins = vec!["admin".into()];
     config.org_identity = Some("org:acme".into());
     config.limits = limits;
     config.throttle = ThrottleLimits {

@@ -27,7 +27,6 @@ use std::{
 
 use tessera_client::{Client, Endpoints, Enrollment, Home, KdfParams};
 use tessera_crypto::VerifyingKey;
-use tessera_proto::server::v1::{SignUpRequest, accounts_client::AccountsClient};
 use tonic::transport::Channel;
 
 /// Passphrase of every test device profile.
@@ -408,7 +407,6 @@ impl Cluster {
                 env(&[
                     ("TESSERA_SERVER_DATA_DIR", d("server")),
                     ("TESSERA_SERVER_KMS_URL", kms.url()),
-                    ("TESSERA_SERVER_ADMINS", ADMIN.into()),
                     // Every scenario signs its users up from loopback.
                     ("TESSERA_SERVER_SIGNUPS_PER_PEER", "100000".into()),
                     ("TESSERA_SERVER_ORG_IDENTITY", ORG.into()),
@@ -417,17 +415,16 @@ impl Cluster {
             ),
             tls.as_ref(),
         );
+        // The operator makes the admin account, before the server runs.
+        let admin_password = hex::encode(tessera_crypto::random_array::<12>().unwrap());
+        let created = run_json(
+            "tessera-server",
+            &["create-admin", "--data-dir", &d("server"), ADMIN],
+            &[("TESSERA_SERVER_ADMIN_PASSWORD", &admin_password)],
+        );
+        assert_eq!(created["created"], true);
         server.start().await;
 
-        let admin_password = hex::encode(tessera_crypto::random_array::<12>().unwrap());
-        let channel = server.channel().await.unwrap();
-        AccountsClient::new(channel)
-            .sign_up(SignUpRequest {
-                identity: ADMIN.into(),
-                password: admin_password.clone(),
-            })
-            .await
-            .unwrap();
         let url = server.url();
         let pw = admin_password.clone();
         let backup_dir = d("backup");
