@@ -26,9 +26,9 @@ use tessera_proto::{
     envelope::v1::{Envelope, EnvelopeHeader, Stanza},
     server::v1::{
         AddMemberRequest, BeginDeviceLoginRequest, CreateChannelRequest, DownloadAttachmentRequest,
-        HistoryVisibility, LoginRequest, RemoveMemberRequest, SendMessageRequest, SignUpRequest,
-        SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
-        channels_client::ChannelsClient,
+        HistoryVisibility, ListChannelsRequest, LoginRequest, RemoveMemberRequest,
+        SendMessageRequest, SignUpRequest, SubscribeRequest, UploadAttachmentRequest,
+        WhoAmIRequest, accounts_client::AccountsClient, channels_client::ChannelsClient,
     },
 };
 use tessera_server::{
@@ -591,4 +591,37 @@ async fn attachments_uploaded_before_a_member_could_see_are_refused() {
         bytes(&mut channels, download(&bob, &late)).await.unwrap(),
         1000
     );
+}
+
+#[tokio::test]
+async fn send_message_requires_the_header_sender_card_and_list_channels_has_no_members() {
+    let app = App::start(|_| {}).await;
+    let alice = app.user("alice", 1).await;
+    let bob = app.user("bob", 2).await;
+    let mut channels = app.channels().await;
+    let channel_id =
+        create_channel(&mut channels, &alice, &[&bob], HistoryVisibility::Shared).await;
+    // The request names alice's card, the envelope header another card
+    // (bob's, also a registered device): INVALID_ARGUMENT, nothing stored.
+    let err = channels
+        .send_message(alice.req(SendMessageRequest {
+            channel_id: channel_id.clone(),
+            client_message_id: vec![1; 16],
+            sender_card_id: alice.card_id.clone(),
+            envelope: envelope(&bob.card_id, 100, 1),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(send(&mut channels, &alice, &channel_id, 100, 2).await, 1);
+    // ListChannels leaves members out, as the proto says; GetChannel has them.
+    let listed = channels
+        .list_channels(bob.req(ListChannelsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .channels;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].members.is_empty());
+    assert_eq!(listed[0].next_index, 2);
 }
