@@ -15,7 +15,9 @@ mod devices;
 mod hub;
 mod kms_client;
 pub mod passwords;
+mod quota;
 pub mod store;
+mod subscription;
 pub mod throttle;
 
 use std::{
@@ -60,6 +62,18 @@ pub struct Limits {
     /// Messages each channel's live broadcast keeps for slow subscribers;
     /// one that falls further behind catches up from the store.
     pub live_buffer_messages: usize,
+    /// Most bytes of stored messages in one `ListMessages` page (a single
+    /// larger message still comes alone).
+    pub max_page_bytes: usize,
+    /// Open subscriptions per user, and in the whole server.
+    pub max_subscriptions_per_user: usize,
+    pub max_subscriptions: usize,
+    /// Per-user quotas: bytes of stored messages (envelopes and their
+    /// metadata), bytes and number of attachments, uploads at once.
+    pub max_message_bytes_per_user: u64,
+    pub max_attachment_bytes_per_user: u64,
+    pub max_attachments_per_user: usize,
+    pub max_uploads_per_user: usize,
 }
 
 impl Default for Limits {
@@ -73,7 +87,14 @@ impl Default for Limits {
             max_attachment_bytes: 1024 * 1024 * 1024,
             max_channel_name_bytes: 128,
             max_password_bytes: 1024,
-            live_buffer_messages: 1024,
+            live_buffer_messages: 256,
+            max_page_bytes: 4 * 1024 * 1024,
+            max_subscriptions_per_user: 64,
+            max_subscriptions: 4096,
+            max_message_bytes_per_user: 1024 * 1024 * 1024,
+            max_attachment_bytes_per_user: 10 * 1024 * 1024 * 1024,
+            max_attachments_per_user: 10_000,
+            max_uploads_per_user: 4,
         }
     }
 }
@@ -171,6 +192,8 @@ pub(crate) struct App {
     pub(crate) hashes: passwords::HashLimiter,
     pub(crate) challenges: challenges::Challenges,
     pub(crate) hub: hub::Hub,
+    pub(crate) subscriptions: quota::Subscriptions,
+    pub(crate) uploads: quota::Uploads,
     pub(crate) send_locks: Vec<tokio::sync::Mutex<()>>,
     pub(crate) user_locks: Vec<tokio::sync::Mutex<()>>,
     pub(crate) closing: watch::Receiver<bool>,
@@ -279,6 +302,11 @@ impl Server {
             hashes: passwords::HashLimiter::new(config.hash_limits),
             challenges: challenges::Challenges::new(config.challenge_limits),
             hub: hub::Hub::new(config.limits.live_buffer_messages),
+            subscriptions: quota::Subscriptions::new(
+                config.limits.max_subscriptions_per_user,
+                config.limits.max_subscriptions,
+            ),
+            uploads: quota::Uploads::new(config.limits.max_uploads_per_user),
             send_locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),

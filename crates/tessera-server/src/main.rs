@@ -66,6 +66,24 @@ struct Cli {
     /// Most active devices per user.
     #[arg(long, global = true, env = "TESSERA_SERVER_MAX_DEVICES_PER_USER", default_value_t = Limits::default().max_devices_per_user)]
     max_devices_per_user: usize,
+    /// Most bytes of stored messages in one ListMessages page.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_PAGE_BYTES", default_value_t = Limits::default().max_page_bytes)]
+    max_page_bytes: usize,
+    /// Open subscriptions per user.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_SUBSCRIPTIONS_PER_USER", default_value_t = Limits::default().max_subscriptions_per_user)]
+    max_subscriptions_per_user: usize,
+    /// Open subscriptions in all.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_SUBSCRIPTIONS", default_value_t = Limits::default().max_subscriptions)]
+    max_subscriptions: usize,
+    /// Quota of stored message bytes per user.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_MESSAGE_BYTES_PER_USER", default_value_t = Limits::default().max_message_bytes_per_user)]
+    max_message_bytes_per_user: u64,
+    /// Quota of attachment bytes per user.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ATTACHMENT_BYTES_PER_USER", default_value_t = Limits::default().max_attachment_bytes_per_user)]
+    max_attachment_bytes_per_user: u64,
+    /// Quota of attachments per user.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ATTACHMENTS_PER_USER", default_value_t = Limits::default().max_attachments_per_user)]
+    max_attachments_per_user: usize,
     /// Sign-ups allowed per peer address (IPv6: per /64) and throttle window.
     #[arg(long, global = true, env = "TESSERA_SERVER_SIGNUPS_PER_PEER", default_value_t = tessera_server::ThrottleLimits::default().signups_per_peer)]
     signups_per_peer: usize,
@@ -145,6 +163,12 @@ async fn run(cli: Cli) -> Result<(), String> {
         max_page_size: cli.max_page_size,
         max_devices_per_user: cli.max_devices_per_user,
         max_attachment_bytes: cli.max_attachment_bytes,
+        max_page_bytes: cli.max_page_bytes,
+        max_subscriptions_per_user: cli.max_subscriptions_per_user,
+        max_subscriptions: cli.max_subscriptions,
+        max_message_bytes_per_user: cli.max_message_bytes_per_user,
+        max_attachment_bytes_per_user: cli.max_attachment_bytes_per_user,
+        max_attachments_per_user: cli.max_attachments_per_user,
         ..Limits::default()
     };
     config.throttle.signups_per_peer = cli.signups_per_peer;

@@ -25,10 +25,11 @@ use tessera_proto::{
     Message as _,
     envelope::v1::{Envelope, EnvelopeHeader, Stanza},
     server::v1::{
-        AddMemberRequest, BeginDeviceLoginRequest, CreateChannelRequest, DownloadAttachmentRequest,
-        HistoryVisibility, ListChannelsRequest, LoginRequest, RemoveMemberRequest,
-        SendMessageRequest, SignUpRequest, SubscribeRequest, UploadAttachmentRequest,
-        WhoAmIRequest, accounts_client::AccountsClient, channels_client::ChannelsClient,
+        AddMemberRequest, BeginDeviceLoginRequest, CreateChannelRequest, Direction,
+        DownloadAttachmentRequest, HistoryVisibility, ListChannelsRequest, ListMessagesRequest,
+        LoginRequest, RemoveMemberRequest, SendMessageRequest, SignUpRequest, SubscribeRequest,
+        UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
+        channels_client::ChannelsClient,
     },
 };
 use tessera_server::{
@@ -624,4 +625,140 @@ async fn send_message_requires_the_header_sender_card_and_list_channels_has_no_m
     assert_eq!(listed.len(), 1);
     assert!(listed[0].members.is_empty());
     assert_eq!(listed[0].next_index, 2);
+}
+
+#[tokio::test]
+async fn pages_are_bounded_by_bytes_in_both_directions() {
+    let app = App::start(|c| c.limits.max_page_bytes = 7000).await;
+    let alice = app.user("alice", 1).await;
+    let mut channels = app.channels().await;
+    let channel_id = create_channel(&mut channels, &alice, &[], HistoryVisibility::Shared).await;
+    for n in 0..5 {
+        send(&mut channels, &alice, &channel_id, 3000, n).await;
+    }
+    let page = |anchor, direction: Direction| {
+        let request = alice.req(ListMessagesRequest {
+            channel_id: channel_id.clone(),
+            anchor,
+            page_size: 500,
+            direction: direction as i32,
+        });
+        let mut channels = channels.clone();
+        async move {
+            let page = channels.list_messages(request).await.unwrap().into_inner();
+            let indices: Vec<u64> = page.messages.iter().map(|m| m.index).collect();
+            (indices, page.next_anchor)
+        }
+    };
+    assert_eq!(page(0, Direction::Forward).await, (vec![1, 2], 3));
+    assert_eq!(page(3, Direction::Forward).await, (vec![3, 4], 5));
+    assert_eq!(page(5, Direction::Forward).await, (vec![5], 0));
+    assert_eq!(page(0, Direction::Backward).await, (vec![4, 5], 3));
+    assert_eq!(page(3, Direction::Backward).await, (vec![2, 3], 1));
+    assert_eq!(page(1, Direction::Backward).await, (vec![1], 0));
+}
+
+#[tokio::test]
+async fn per_user_quotas_for_messages_and_attachments() {
+    let app = App::start(|c| {
+        c.limits.max_message_bytes_per_user = 10_000;
+        c.limits.max_attachment_bytes_per_user = 5000;
+        c.limits.max_attachments_per_user = 2;
+    })
+    .await;
+    let alice = app.user("alice", 1).await;
+    let bob = app.user("bob", 2).await;
+    let mut channels = app.channels().await;
+    let channel_id =
+        create_channel(&mut channels, &alice, &[&bob], HistoryVisibility::Shared).await;
+    let message = |from: &User, n: u8| {
+        from.req(SendMessageRequest {
+            channel_id: channel_id.clone(),
+            client_message_id: vec![n; 16],
+            sender_card_id: from.card_id.clone(),
+            envelope: envelope(&from.card_id, 3000, n),
+        })
+    };
+    // Three ~3.1 kB records fit in 10 000 bytes; the fourth does not.
+    for n in 0..3 {
+        channels.send_message(message(&alice, n)).await.unwrap();
+    }
+    let err = channels.send_message(message(&alice, 3)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // The quota is alice's, not the channel's.
+    channels.send_message(message(&bob, 4)).await.unwrap();
+
+    let upload = |who: &User, size: usize| {
+        who.req(tokio_stream::iter([UploadAttachmentRequest {
+            channel_id: channel_id.clone(),
+            data: vec![7; size],
+        }]))
+    };
+    channels
+        .upload_attachment(upload(&alice, 3000))
+        .await
+        .unwrap();
+    let err = channels
+        .upload_attachment(upload(&alice, 3000))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "bytes: {err:?}");
+    channels
+        .upload_attachment(upload(&alice, 1000))
+        .await
+        .unwrap();
+    let err = channels
+        .upload_attachment(upload(&alice, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "count: {err:?}");
+    channels
+        .upload_attachment(upload(&bob, 4000))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn subscriptions_are_capped_per_user_and_per_process() {
+    let app = App::start(|c| {
+        c.limits.max_subscriptions_per_user = 2;
+        c.limits.max_subscriptions = 3;
+    })
+    .await;
+    let alice = app.user("alice", 1).await;
+    let bob = app.user("bob", 2).await;
+    let mut channels = app.channels().await;
+    let channel_id =
+        create_channel(&mut channels, &alice, &[&bob], HistoryVisibility::Shared).await;
+    let subscribe = |who: &User| {
+        let request = who.req(SubscribeRequest {
+            channel_id: channel_id.clone(),
+            from_index: 0,
+        });
+        let mut channels = channels.clone();
+        async move { channels.subscribe(request).await.map(|r| r.into_inner()) }
+    };
+    let first = subscribe(&alice).await.unwrap();
+    let _second = subscribe(&alice).await.unwrap();
+    let err = subscribe(&alice).await.unwrap_err();
+    assert!(exhausted_with_retry(&err), "per user: {err:?}");
+    let _bob = subscribe(&bob).await.unwrap();
+    let err = subscribe(&bob).await.unwrap_err();
+    assert!(exhausted_with_retry(&err), "per process: {err:?}");
+    // Closing a subscription frees its slot (once the server sees it go).
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..200 {
+        match subscribe(&bob).await {
+            Ok(s) => {
+                reopened = Some(s);
+                break;
+            }
+            Err(e) => {
+                assert!(exhausted_with_retry(&e), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(reopened.is_some(), "the freed slot was never given back");
 }

@@ -264,6 +264,39 @@ impl Service {
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
+
+    /// The process's memory as Linux reports it (`/proc/<pid>/status`).
+    pub fn memory(&self) -> Option<Memory> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
+        Some(Memory {
+            rss_kib: kib("VmRSS:")?,
+            peak_rss_kib: kib("VmHWM:")?,
+        })
+    }
+
+    /// Resets the process's peak resident set size (`VmHWM`) to its current
+    /// size, so [`Service::memory`] then shows the peak from now on.
+    pub fn reset_peak_memory(&self) -> bool {
+        self.child
+            .as_ref()
+            .is_some_and(|c| std::fs::write(format!("/proc/{}/clear_refs", c.id()), "5").is_ok())
+    }
+}
+
+/// Resident memory of a service process, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// `VmRSS`: resident now.
+    pub rss_kib: u64,
+    /// `VmHWM`: the peak since start or the last reset.
+    pub peak_rss_kib: u64,
 }
 
 impl Drop for Service {
