@@ -409,6 +409,14 @@ pub fn backup_record(data: &[u8]) {
     };
     if let Ok(record) = BackupRecord::decode(plain.as_slice()) {
         let _ = VerifiedPayload::claimed_sender(&record.original_payload);
+        // The ingestion check against a stored envelope.
+        let _ = tessera_crypto::envelope::check_binding(
+            &record.original_payload,
+            &record.envelope_sha256,
+            &record.content_key,
+            &record.original_payload,
+            &record.original_signature,
+        );
     }
     if let Ok(item) = HistoryItem::decode(plain.as_slice()) {
         let _ = VerifiedPayload::claimed_sender(&item.original_payload);

@@ -156,6 +156,8 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         original_payload: payload.clone(),
         original_signature: vec![0; 64],
         server_time_ms: 5,
+        envelope_sha256: tessera_crypto::sha256(&sealed.envelope).to_vec(),
+        content_key: vec![7; 32],
     }
     .encode_to_vec();
     let org_sealed =

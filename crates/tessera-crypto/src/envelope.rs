@@ -69,6 +69,8 @@ pub enum EnvelopeError {
     RecipientSetMismatch,
     #[error("this card is not among the recipients the sender signed")]
     NotInSignedRecipients,
+    #[error("not the envelope the record names: {0}")]
+    OtherEnvelope(&'static str),
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -241,6 +243,8 @@ fn wrap_for_all(
 
 /// An envelope whose header has been parsed but nothing decrypted or trusted.
 pub struct ParsedEnvelope {
+    /// SHA-256 of the exact envelope bytes parsed.
+    sha256: [u8; 32],
     header_bytes: Vec<u8>,
     header: EnvelopeHeader,
     sender_card_id: [u8; 32],
@@ -308,11 +312,23 @@ impl ParsedEnvelope {
             return Err(EnvelopeError::Malformed("ciphertext shorter than its tag"));
         }
         Ok(Self {
+            sha256: crate::sha256(bytes),
             header_bytes: envelope.header,
             header,
             sender_card_id,
             ciphertext: envelope.ciphertext,
         })
+    }
+
+    /// Decrypts the body with a known content key (no stanza involved), as
+    /// whoever checks an [`EnvelopeBinding`] does.
+    fn open_with_key(&self, content_key: &[u8; 32]) -> Result<SealedContent, EnvelopeError> {
+        let mut body = Zeroizing::new(self.ciphertext.clone());
+        let len = aead::AeadKey::new(content_key)
+            .open_in_place(BODY_NONCE, &self.header_bytes, &mut body)
+            .map_err(|_| EnvelopeError::BodyDecryptFailed)?;
+        SealedContent::decode(&body[..len])
+            .map_err(|_| EnvelopeError::Malformed("body is not a SealedContent"))
     }
 
     /// The card the header says sent this (not yet authenticated).
@@ -353,17 +369,16 @@ impl ParsedEnvelope {
             &stanza.encapsulated_key,
             &stanza.wrapped_key,
         )?;
-        let mut body = Zeroizing::new(self.ciphertext.clone());
-        let len = aead::AeadKey::new(&content_key)
-            .open_in_place(BODY_NONCE, &self.header_bytes, &mut body)
-            .map_err(|_| EnvelopeError::BodyDecryptFailed)?;
-        let sealed = SealedContent::decode(&body[..len])
-            .map_err(|_| EnvelopeError::Malformed("body is not a SealedContent"))?;
+        let sealed = self.open_with_key(&content_key)?;
 
         if self.sender_card_id != sender.card_id {
             return Err(EnvelopeError::SenderMismatch);
         }
-        let payload = VerifiedPayload::verify(sealed.payload, sealed.signature, sender)?;
+        let mut payload = VerifiedPayload::verify(sealed.payload, sealed.signature, sender)?;
+        payload.envelope = Some(EnvelopeBinding {
+            envelope_sha256: self.sha256,
+            content_key,
+        });
 
         // The stanzas must be exactly the recipients the sender signed: a
         // stripped or added stanza, or an envelope re-addressed by a
@@ -406,6 +421,54 @@ pub struct VerifiedPayload {
     /// The exact signed bytes and the signature, for backups and history.
     pub signed_payload: Vec<u8>,
     pub signature: Vec<u8>,
+    /// The envelope it came in, when it was opened from one (not for a
+    /// detached payload): what binds a backup of it to that envelope.
+    pub envelope: Option<EnvelopeBinding>,
+}
+
+/// What ties a signed payload to the one envelope that carried it: the
+/// SHA-256 of the envelope's exact bytes and its content key. Whoever holds
+/// the envelope (the app server stores it) can check with
+/// [`check_binding`] that the envelope is those bytes and that its body
+/// decrypts, under that key, to exactly that payload and signature: a
+/// member cannot pass one message off as another stored elsewhere. The
+/// content key opens nothing but this one message. Cannot be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnvelopeBinding {
+    pub envelope_sha256: [u8; 32],
+    pub content_key: Zeroizing<[u8; 32]>,
+}
+
+/// Checks that `envelope` (exact bytes) is the envelope a binding names
+/// (`envelope_sha256`, `content_key`, as a backup record or history item
+/// carries them) and that its body, decrypted with that key, is exactly
+/// `payload` and `signature`. The signature itself is not checked here.
+pub fn check_binding(
+    envelope: &[u8],
+    envelope_sha256: &[u8],
+    content_key: &[u8],
+    payload: &[u8],
+    signature: &[u8],
+) -> Result<(), EnvelopeError> {
+    if envelope_sha256.len() != 32 || content_key.len() != 32 {
+        return Err(EnvelopeError::Malformed(
+            "an envelope binding needs a 32-byte digest and key",
+        ));
+    }
+    if crate::sha256(envelope).as_slice() != envelope_sha256 {
+        return Err(EnvelopeError::OtherEnvelope("its SHA-256 differs"));
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(content_key);
+    let sealed = ParsedEnvelope::parse(envelope)?
+        .open_with_key(&key)
+        .map_err(|_| EnvelopeError::OtherEnvelope("its body does not open with the key"))?;
+    if sealed.payload != payload || sealed.signature != signature {
+        return Err(EnvelopeError::OtherEnvelope(
+            "it carries another payload or signature",
+        ));
+    }
+    Ok(())
 }
 
 impl fmt::Debug for VerifiedPayload {
@@ -471,6 +534,7 @@ impl VerifiedPayload {
             body: p.body,
             signed_payload,
             signature,
+            envelope: None,
         })
     }
 
@@ -824,6 +888,54 @@ mod tests {
                 EnvelopeError::Malformed("signed recipients are not strictly ascending")
             );
         }
+    }
+
+    #[test]
+    fn a_binding_names_one_envelope_and_its_exact_payload() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let first = seal_from(&alice, &[&bob], b"first");
+        let second = seal_from(&alice, &[&bob], b"second");
+        let opened = open_as(&first.envelope, &bob, &alice).unwrap();
+        let other = open_as(&second.envelope, &bob, &alice).unwrap();
+        let binding = opened.envelope.clone().unwrap();
+        let check = |envelope: &[u8], sha: &[u8], key: &[u8], p: &VerifiedPayload| {
+            check_binding(envelope, sha, key, &p.signed_payload, &p.signature)
+        };
+        let (sha, key) = (&binding.envelope_sha256[..], &binding.content_key[..]);
+        assert_eq!(check(&first.envelope, sha, key, &opened), Ok(()));
+        // The first message's payload claimed for the second envelope.
+        assert_eq!(
+            check(&second.envelope, sha, key, &opened),
+            Err(EnvelopeError::OtherEnvelope("its SHA-256 differs"))
+        );
+        let second_sha = crate::sha256(&second.envelope);
+        assert_eq!(
+            check(&second.envelope, &second_sha, key, &opened),
+            Err(EnvelopeError::OtherEnvelope(
+                "its body does not open with the key"
+            ))
+        );
+        let second_key = other.envelope.clone().unwrap().content_key;
+        assert_eq!(
+            check(&second.envelope, &second_sha, &second_key[..], &opened),
+            Err(EnvelopeError::OtherEnvelope(
+                "it carries another payload or signature"
+            ))
+        );
+        assert!(check(&first.envelope, sha, &key[..31], &opened).is_err());
+        // A detached payload has no envelope.
+        let detached = VerifiedPayload::verify(
+            opened.signed_payload.clone(),
+            opened.signature.clone(),
+            &ExpectedSender {
+                identity: "alice",
+                card_id: alice.card_id,
+                key: &alice.keys.signing.verifying_key(),
+            },
+        )
+        .unwrap();
+        assert!(detached.envelope.is_none());
     }
 
     #[test]
