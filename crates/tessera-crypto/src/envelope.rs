@@ -129,6 +129,24 @@ pub fn seal(
     draft: &Draft<'_>,
     recipients: &[Recipient<'_>],
 ) -> Result<Sealed, EnvelopeError> {
+    seal_with(sender, draft, recipients, None)
+}
+
+/// The random values of one envelope, chosen by the caller: for test
+/// vectors only ([`crate::hazmat::seal_envelope_with`]).
+pub(crate) struct FixedRandomness<'a> {
+    pub(crate) message_id: [u8; MESSAGE_ID_LEN],
+    pub(crate) content_key: [u8; 32],
+    /// One HPKE ephemeral secret per recipient, in ascending card-id order.
+    pub(crate) ephemeral: &'a [[u8; 32]],
+}
+
+pub(crate) fn seal_with(
+    sender: &Sender<'_>,
+    draft: &Draft<'_>,
+    recipients: &[Recipient<'_>],
+    fixed: Option<&FixedRandomness<'_>>,
+) -> Result<Sealed, EnvelopeError> {
     if recipients.is_empty() {
         return Err(EnvelopeError::NoRecipients);
     }
@@ -144,7 +162,10 @@ pub fn seal(
         return Err(EnvelopeError::DuplicateRecipient);
     }
 
-    let message_id = random_array::<MESSAGE_ID_LEN>()?;
+    let message_id = match fixed {
+        Some(f) => f.message_id,
+        None => random_array::<MESSAGE_ID_LEN>()?,
+    };
     let payload = SignedPayload {
         version: VERSION,
         channel_id: draft.channel_id.to_owned(),
@@ -164,8 +185,23 @@ pub fn seal(
     }
     .encode_to_vec();
 
-    let content_key = Zeroizing::new(random_array::<32>()?);
-    let stanzas = wrap_for_all(&sorted, &content_key)?;
+    let content_key = Zeroizing::new(match fixed {
+        Some(f) => f.content_key,
+        None => random_array::<32>()?,
+    });
+    let stanzas = match fixed {
+        Some(f) if f.ephemeral.len() == sorted.len() => sorted
+            .iter()
+            .zip(f.ephemeral)
+            .map(|(r, esk)| wrap_one(r, &content_key, Some(esk)))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => {
+            return Err(EnvelopeError::Malformed(
+                "one ephemeral secret per recipient is needed",
+            ));
+        }
+        None => wrap_for_all(&sorted, &content_key)?,
+    };
     let header = EnvelopeHeader {
         version: VERSION,
         sender_card_id: sender.card_id.to_vec(),
@@ -188,8 +224,12 @@ pub fn seal(
 /// an independent X25519 agreement, the whole cost of a large fan-out.
 const PARALLEL_WRAP_FROM: usize = 16;
 
-fn wrap_one(r: &Recipient<'_>, content_key: &[u8; 32]) -> Result<Stanza, EnvelopeError> {
-    let wrapped = hpke_wrap::wrap_key(r.key, &r.card_id, content_key)?;
+fn wrap_one(
+    r: &Recipient<'_>,
+    content_key: &[u8; 32],
+    ephemeral: Option<&[u8; 32]>,
+) -> Result<Stanza, EnvelopeError> {
+    let wrapped = hpke_wrap::wrap_key(r.key, &r.card_id, content_key, ephemeral)?;
     Ok(Stanza {
         card_id: r.card_id.to_vec(),
         encapsulated_key: wrapped.encapsulated_key.to_vec(),
@@ -209,7 +249,7 @@ fn wrap_for_all(
     if threads <= 1 {
         return recipients
             .iter()
-            .map(|r| wrap_one(r, content_key))
+            .map(|r| wrap_one(r, content_key, None))
             .collect();
     }
     let per_thread = recipients.len().div_ceil(threads);
@@ -220,7 +260,7 @@ fn wrap_for_all(
             .map(|part| {
                 scope.spawn(move || {
                     part.iter()
-                        .map(|r| wrap_one(r, content_key))
+                        .map(|r| wrap_one(r, content_key, None))
                         .collect::<Result<Vec<_>, _>>()
                 })
             })
@@ -228,7 +268,7 @@ fn wrap_for_all(
         // The calling thread takes the first share itself.
         let mut stanzas: Vec<Stanza> = first
             .iter()
-            .map(|r| wrap_one(r, content_key))
+            .map(|r| wrap_one(r, content_key, None))
             .collect::<Result<_, _>>()?;
         stanzas.reserve(recipients.len() - stanzas.len());
         for handle in handles {
@@ -779,7 +819,7 @@ mod tests {
         let sealed = seal_from(&alice, &[&bob], b"only for bob");
         let eve_public = eve.public;
         let forwarded = readdress(&sealed.envelope, &bob, |stanzas, key| {
-            let w = hpke_wrap::wrap_key(&eve_public, &[9u8; 32], key).unwrap();
+            let w = hpke_wrap::wrap_key(&eve_public, &[9u8; 32], key, None).unwrap();
             stanzas.push(Stanza {
                 card_id: vec![9u8; 32],
                 encapsulated_key: w.encapsulated_key.to_vec(),
