@@ -430,7 +430,7 @@ pub fn store_records(data: &[u8]) {
     use tessera_kms::store as kms;
     use tessera_server::store as server;
     let (kind, input) = split(data);
-    match kind % 10 {
+    match kind % 11 {
         0 => {
             let _ = server::Account::decode(input);
         }
@@ -463,6 +463,9 @@ pub fn store_records(data: &[u8]) {
         8 => {
             let _ = SignedCheckpoint::decode(input);
             let _ = tessera_service::storage::read_u64(input);
+        }
+        9 => {
+            let _ = server::Usage::decode(input);
         }
         _ => {
             let _ = backup::Archived::decode(input);

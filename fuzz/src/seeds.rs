@@ -10,7 +10,7 @@
     reason = "test-only seed writer: a failure is a failed test"
 )]
 
-use std::{path::Path, time::Duration};
+use std::path::Path;
 
 use tessera_card::{
     ParsedCard,
@@ -20,20 +20,18 @@ use tessera_card::{
 use tessera_crypto::{
     SignatureContext,
     envelope::{self, Draft, Recipient, Sender},
+    hazmat,
     keystore::{self, KdfParams, KeyMaterial, Protection},
-    seal_org_backup,
     stream::{self, FileKey},
 };
 use tessera_proto::{
     Message as _,
+    auth::v1::{AccessToken, TokenClaims},
     backup::v1::{BackupRecord, OrgEncMsg},
     envelope::v1::{SealedContent, SignedPayload},
     server::v1::StoredMessage,
 };
-use tessera_service::{
-    TokenIssuer,
-    token::{Role, bearer_header},
-};
+use tessera_service::token::bearer_header;
 
 use crate::bodies::{self, BACKUP_CHANNEL, BACKUP_INDEX, FILE_KEY, RECIPIENT_CARD, fixture};
 
@@ -57,7 +55,9 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let sender_card = ParsedCard::parse(f.sender_card.clone()).expect("fixture card");
     let sender_id = sender_card.id();
 
-    let sealed = envelope::seal(
+    // Every random value is fixed (through hazmat), so the seeds are the
+    // same each time they are written.
+    let sealed = hazmat::seal_envelope_with(
         &Sender {
             identity: "alice",
             card_id: *sender_id.as_bytes(),
@@ -73,6 +73,11 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
             card_id: RECIPIENT_CARD,
             key: &f.recipient.encryption.public_key(),
         }],
+        &hazmat::EnvelopeRandomness {
+            message_id: [3; 16],
+            content_key: [4; 32],
+            ephemeral: &[[5; 32]],
+        },
     )
     .expect("seal");
     let payload = SignedPayload {
@@ -112,16 +117,23 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let consistency =
         transparency::consistency_proof_message(1, 3, tree.consistency_proof(1, 3).expect("proof"));
 
-    let issuer = TokenIssuer::new(
-        tessera_crypto::SigningKey::from_seed(&[13; 32]).expect("key"),
-        Duration::from_secs(100 * 365 * 24 * 3600),
-    );
-    let token = issuer
-        .issue("alice", Role::User, Some(sender_id), true)
-        .expect("token");
-    let claims = tessera_proto::auth::v1::AccessToken::decode(token.bytes.as_slice())
-        .expect("token")
-        .claims;
+    let claims = TokenClaims {
+        version: 1,
+        subject: "alice".into(),
+        device_card_id: sender_id.to_vec(),
+        issued_at: 1_700_000_000,
+        expires_at: 4_102_444_800,
+        audiences: vec!["kms".into(), "server".into(), "backup".into()],
+        role: tessera_proto::auth::v1::Role::User as i32,
+        token_id: vec![6; 16],
+        org_member: true,
+    }
+    .encode_to_vec();
+    let token_bytes = AccessToken {
+        signature: f.token.sign(SignatureContext::Token, &claims).to_vec(),
+        claims: claims.clone(),
+    }
+    .encode_to_vec();
 
     let plain_key = keystore::seal(
         &KeyMaterial::Signing(tessera_crypto::SigningKey::from_seed(&[21; 32]).expect("key")),
@@ -133,9 +145,11 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         t_cost: 1,
         p_cost: 1,
     };
-    let device_key = keystore::seal(
+    let device_key = hazmat::keystore_seal_with(
         &KeyMaterial::Device(bodies_device(22)),
         &Protection::Passphrase(b"passphrase", tiny),
+        [7; 16],
+        [8; 12],
     )
     .expect("key file");
     // Mode 1 appends the checksum itself.
@@ -143,12 +157,15 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
 
     let file_key = FileKey::from_bytes(&FILE_KEY).expect("key");
     let mut small_stream = Vec::new();
-    stream::encrypt(&file_key, &b"attachment"[..], &mut small_stream).expect("stream");
+    hazmat::stream_encrypt_with_nonce(&file_key, [9; 16], &b"attachment"[..], &mut small_stream)
+        .expect("stream");
     let mut empty_stream = Vec::new();
-    stream::encrypt(&file_key, &b""[..], &mut empty_stream).expect("stream");
+    hazmat::stream_encrypt_with_nonce(&file_key, [9; 16], &b""[..], &mut empty_stream)
+        .expect("stream");
     let two_chunks = vec![0x42u8; stream::CHUNK_SIZE + 10];
     let mut long_stream = Vec::new();
-    stream::encrypt(&file_key, two_chunks.as_slice(), &mut long_stream).expect("stream");
+    hazmat::stream_encrypt_with_nonce(&file_key, [9; 16], two_chunks.as_slice(), &mut long_stream)
+        .expect("stream");
 
     let record = BackupRecord {
         channel_id: BACKUP_CHANNEL.into(),
@@ -160,8 +177,14 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         content_key: vec![7; 32],
     }
     .encode_to_vec();
-    let org_sealed =
-        seal_org_backup(&f.org.public_key(), BACKUP_CHANNEL, BACKUP_INDEX, &record).expect("seal");
+    let org_sealed = hazmat::seal_org_backup_with(
+        &f.org.public_key(),
+        BACKUP_CHANNEL,
+        BACKUP_INDEX,
+        &record,
+        &[10; 32],
+    )
+    .expect("seal");
     let org_enc_msg = OrgEncMsg {
         org_card_id: vec![4; 32],
         encapsulated_key: org_sealed.encapsulated_key.to_vec(),
@@ -246,7 +269,7 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         (
             "token",
             with_garbage(vec![
-                with_mode(0, bearer_header(&token.bytes).as_bytes()),
+                with_mode(0, bearer_header(&token_bytes).as_bytes()),
                 with_mode(1, &claims),
             ]),
         ),
@@ -277,6 +300,15 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
                 with_mode(6, &stored_message),
                 with_mode(7, &stored_card),
                 with_mode(8, &checkpoint.encode_to_vec()),
+                with_mode(
+                    9,
+                    &tessera_server::store::Usage {
+                        message_bytes: 1 << 20,
+                        attachment_bytes: 3,
+                        attachments: 1,
+                    }
+                    .encode_to_vec(),
+                ),
             ]),
         ),
     ]
