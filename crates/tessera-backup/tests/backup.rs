@@ -104,6 +104,27 @@ fn with<T>(token: &str, message: T) -> Request<T> {
     r
 }
 
+impl World {
+    /// Alice sends two messages to a channel with bob, an org member;
+    /// returns bob's device, the channel and the two messages as he got them.
+    async fn bob_receives_two_payments(&self) -> (Client, String, Vec<Received>) {
+        let admin = self.device("admin", "admin", true).await;
+        let alice = self.device("alice", "alice", true).await;
+        let bob = self.device("bob", "bob", true).await;
+        admin.set_org_member("bob", true).await.unwrap();
+        let channel_id = alice
+            .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+            .await
+            .unwrap()
+            .channel_id;
+        for text in ["pay 10", "pay 1000"] {
+            alice.send_text(&channel_id, text).await.unwrap();
+        }
+        let messages = received(&bob, &channel_id).await;
+        (bob, channel_id, messages)
+    }
+}
+
 /// An OrgEncMsg of `message`, as a member's device makes it, optionally altered.
 fn org_enc_msg(
     org: &tessera_client::OrgInfo,
@@ -383,23 +404,7 @@ async fn history_sync_respects_visibility_and_membership() {
 #[tokio::test]
 async fn a_message_cannot_be_archived_at_another_index_to_block_the_genuine_one() {
     let w = World::start().await;
-    let admin = w.device("admin", "admin", true).await;
-    let alice = w.device("alice", "alice", true).await;
-    let bob = w.device("bob", "bob", true).await;
-    admin.set_org_member("bob", true).await.unwrap();
-    let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap();
-    alice
-        .send_text(&channel.channel_id, "pay 10")
-        .await
-        .unwrap();
-    alice
-        .send_text(&channel.channel_id, "pay 1000")
-        .await
-        .unwrap();
-    let messages = received(&bob, &channel.channel_id).await;
+    let (bob, _channel_id, messages) = w.bob_receives_two_payments().await;
     let org = bob.org().await.unwrap();
     let (mut backup, bob_token) = w.raw("bob").await;
 
@@ -440,23 +445,7 @@ async fn a_device_refuses_history_whose_archived_message_is_not_the_one_stored_a
         stack,
         home: Home::new(dir.path().join("home")),
     };
-    let admin = w.device("admin", "admin", true).await;
-    let alice = w.device("alice", "alice", true).await;
-    let bob = w.device("bob", "bob", true).await;
-    admin.set_org_member("bob", true).await.unwrap();
-    let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap();
-    alice
-        .send_text(&channel.channel_id, "pay 10")
-        .await
-        .unwrap();
-    alice
-        .send_text(&channel.channel_id, "pay 1000")
-        .await
-        .unwrap();
-    let messages = received(&bob, &channel.channel_id).await;
+    let (bob, channel_id, messages) = w.bob_receives_two_payments().await;
     assert!(bob.back_up(&messages[0]).await.unwrap());
     let org = bob.org().await.unwrap();
     let org_card_id = org.card.id().to_vec();
@@ -472,7 +461,7 @@ async fn a_device_refuses_history_whose_archived_message_is_not_the_one_stored_a
         let (payload, signature) = messages[0].signed_original();
         let binding = messages[0].envelope_binding().unwrap();
         let record = BackupRecord {
-            channel_id: channel.channel_id.clone(),
+            channel_id: channel_id.clone(),
             message_index: 2,
             original_payload: payload.to_vec(),
             original_signature: signature.to_vec(),
@@ -480,12 +469,11 @@ async fn a_device_refuses_history_whose_archived_message_is_not_the_one_stored_a
             envelope_sha256: binding.envelope_sha256.to_vec(),
             content_key: binding.content_key.to_vec(),
         };
-        let sealed =
-            seal_org_backup(&org_key, &channel.channel_id, 2, &record.encode_to_vec()).unwrap();
+        let sealed = seal_org_backup(&org_key, &channel_id, 2, &record.encode_to_vec()).unwrap();
         assert!(
             store
                 .insert(&tessera_backup::store::Archived {
-                    channel_id: channel.channel_id.clone(),
+                    channel_id: channel_id.clone(),
                     message_index: 2,
                     org_card_id,
                     encapsulated_key: sealed.encapsulated_key.to_vec(),
@@ -505,7 +493,7 @@ async fn a_device_refuses_history_whose_archived_message_is_not_the_one_stored_a
     };
     let tablet = w.device("bob-tablet", "bob", false).await;
     let history = tablet
-        .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
+        .sync_from_org(&channel_id, 0, 0, |_, _| {})
         .await
         .unwrap();
     assert_eq!(history.len(), 2);

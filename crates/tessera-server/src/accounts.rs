@@ -15,6 +15,7 @@ use tessera_proto::{
 };
 use tessera_service::{limits, token::Role};
 use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
 
 use crate::{
     App, challenges,
@@ -69,26 +70,37 @@ impl App {
                 )))
             };
         }
+        self.create_account(identity, password, true).await?;
+        tracing::info!(%identity, "admin account created by the operator");
+        Ok(true)
+    }
+
+    /// Hashes `password` (in a hashing slot) and stores a new account,
+    /// durably; ALREADY_EXISTS when the identity is taken.
+    async fn create_account(
+        &self,
+        identity: &str,
+        password: &str,
+        admin: bool,
+    ) -> Result<(), Status> {
         let params = self.config.password_params;
-        let password = password.to_owned();
-        let hash = tokio::task::spawn_blocking(move || passwords::hash(&password, params))
-            .await
-            .map_err(|_| Status::internal("password hashing task failed"))?
+        let password = Zeroizing::new(password.to_owned());
+        let hash = hash_limited(self, move || passwords::hash(&password, params))
+            .await?
             .ok_or_else(|| Status::internal("password hashing failed"))?;
         let account = Account {
             identity: identity.to_owned(),
             password: Some(hash),
             created_at: tessera_service::now_secs(),
-            admin: true,
+            admin,
         };
         if !self.store.create_account(&account)? {
             return Err(Status::already_exists(format!(
-                "{identity:?} was taken meanwhile"
+                "identity {identity:?} is taken"
             )));
         }
         self.store.flush().await?;
-        tracing::info!(%identity, "admin account created by the operator");
-        Ok(true)
+        Ok(())
     }
 
     fn check_not_reserved(&self, identity: &str) -> Result<(), Status> {
@@ -173,22 +185,7 @@ impl Accounts for AccountsService {
         app.throttle
             .reserve_signup(peer)
             .map_err(|wait| throttled("too many sign-ups from your address", wait))?;
-        let params = app.config.password_params;
-        let hash = hash_limited(app, move || passwords::hash(&password, params))
-            .await?
-            .ok_or_else(|| Status::internal("password hashing failed"))?;
-        let account = Account {
-            identity: identity.clone(),
-            password: Some(hash),
-            created_at: tessera_service::now_secs(),
-            admin: false,
-        };
-        if !app.store.create_account(&account)? {
-            return Err(Status::already_exists(format!(
-                "identity {identity:?} is taken"
-            )));
-        }
-        app.store.flush().await?;
+        app.create_account(&identity, &password, false).await?;
         tracing::info!(%identity, "account created");
         Ok(Response::new(app.login_response(&identity, None)?))
     }

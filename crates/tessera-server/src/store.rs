@@ -196,9 +196,22 @@ pub trait Store: Send + Sync + 'static {
         message: &StoredMessage,
         usage: &Usage,
     ) -> Result<(), StorageError>;
-    /// Messages with `from <= index < to`, ascending, at most `limit` and,
-    /// but for the first, at most `max_bytes` of stored records: a page
-    /// never holds more than that in memory, whatever the envelopes' sizes.
+    /// Messages with `from <= index < to`, at most `limit` and, but for the
+    /// first, at most `max_bytes` of stored records (a page never holds more
+    /// than that in memory, whatever the envelopes' sizes), taken from the
+    /// oldest on, or from the newest on when `newest_first`; in the order
+    /// taken. Records past the bounds are not decoded.
+    fn message_range(
+        &self,
+        channel_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+        newest_first: bool,
+    ) -> Result<Vec<StoredMessage>, StorageError>;
+
+    /// The oldest messages of `from..to` that fit the bounds, ascending.
     fn messages(
         &self,
         channel_id: &str,
@@ -206,9 +219,11 @@ pub trait Store: Send + Sync + 'static {
         to: u64,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, StorageError>;
-    /// Like [`Store::messages`], but the newest of the range: read from
-    /// `to - 1` down, returned ascending.
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        self.message_range(channel_id, from, to, limit, max_bytes, false)
+    }
+
+    /// The newest messages of `from..to` that fit the bounds, ascending.
     fn messages_before(
         &self,
         channel_id: &str,
@@ -216,7 +231,11 @@ pub trait Store: Send + Sync + 'static {
         to: u64,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, StorageError>;
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let mut out = self.message_range(channel_id, from, to, limit, max_bytes, true)?;
+        out.reverse();
+        Ok(out)
+    }
 
     /// What `identity` stores: message and attachment bytes, attachments.
     fn usage(&self, identity: &str) -> Result<Usage, StorageError>;
@@ -275,37 +294,6 @@ impl SledStore {
         what: &'static str,
     ) -> Result<Option<M>, StorageError> {
         self.db.get(k)?.map(|v| decode(&v, what)).transpose()
-    }
-
-    /// Messages of `from..to`, oldest first (or newest first when `rev`),
-    /// bounded by count and bytes; records past the bound are not decoded.
-    fn bounded(
-        &self,
-        channel_id: &str,
-        from: u64,
-        to: u64,
-        limit: usize,
-        max_bytes: usize,
-        rev: bool,
-    ) -> Result<Vec<StoredMessage>, StorageError> {
-        if from >= to {
-            return Ok(Vec::new());
-        }
-        let id = channel_id.as_bytes();
-        let range = self
-            .db
-            .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]));
-        let sized = |item: sled::Result<(sled::IVec, sled::IVec)>| {
-            let (_, v) = item?;
-            Ok::<_, StorageError>((v.len(), v))
-        };
-        // Decode only what is kept: sizes come from the raw records.
-        let raw: Vec<sled::IVec> = if rev {
-            take_bounded(range.rev().map(sized), limit, max_bytes)?
-        } else {
-            take_bounded(range.map(sized), limit, max_bytes)?
-        };
-        raw.iter().map(|v| decode(v, "message")).collect()
     }
 
     fn suffixes(&self, prefix: Vec<u8>) -> Result<Vec<Vec<u8>>, StorageError> {
@@ -469,28 +457,33 @@ impl Store for SledStore {
         Ok(self.db.apply_batch(batch)?)
     }
 
-    fn messages(
+    fn message_range(
         &self,
         channel_id: &str,
         from: u64,
         to: u64,
         limit: usize,
         max_bytes: usize,
+        newest_first: bool,
     ) -> Result<Vec<StoredMessage>, StorageError> {
-        self.bounded(channel_id, from, to, limit, max_bytes, false)
-    }
-
-    fn messages_before(
-        &self,
-        channel_id: &str,
-        from: u64,
-        to: u64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, StorageError> {
-        let mut out = self.bounded(channel_id, from, to, limit, max_bytes, true)?;
-        out.reverse();
-        Ok(out)
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let id = channel_id.as_bytes();
+        let range = self
+            .db
+            .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]));
+        let sized = |item: sled::Result<(sled::IVec, sled::IVec)>| {
+            let (_, v) = item?;
+            Ok::<_, StorageError>((v.len(), v))
+        };
+        // Decode only what is kept: sizes come from the raw records.
+        let raw: Vec<sled::IVec> = if newest_first {
+            take_bounded(range.rev().map(sized), limit, max_bytes)?
+        } else {
+            take_bounded(range.map(sized), limit, max_bytes)?
+        };
+        raw.iter().map(|v| decode(v, "message")).collect()
     }
 
     fn usage(&self, identity: &str) -> Result<Usage, StorageError> {
@@ -698,13 +691,14 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn messages(
+    fn message_range(
         &self,
         channel_id: &str,
         from: u64,
         to: u64,
         limit: usize,
         max_bytes: usize,
+        newest_first: bool,
     ) -> Result<Vec<StoredMessage>, StorageError> {
         if from >= to {
             return Ok(Vec::new());
@@ -712,31 +706,13 @@ impl Store for MemoryStore {
         let m = self.lock()?;
         let range = m
             .messages
-            .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to))
-            .map(|(_, v)| Ok::<_, StorageError>((v.encoded_len(), v.clone())));
-        take_bounded(range, limit, max_bytes)
-    }
-
-    fn messages_before(
-        &self,
-        channel_id: &str,
-        from: u64,
-        to: u64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, StorageError> {
-        if from >= to {
-            return Ok(Vec::new());
+            .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to));
+        let sized = |(_, v): (_, &StoredMessage)| Ok((v.encoded_len(), v.clone()));
+        if newest_first {
+            take_bounded(range.rev().map(sized), limit, max_bytes)
+        } else {
+            take_bounded(range.map(sized), limit, max_bytes)
         }
-        let m = self.lock()?;
-        let range = m
-            .messages
-            .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to))
-            .rev()
-            .map(|(_, v)| Ok::<_, StorageError>((v.encoded_len(), v.clone())));
-        let mut out = take_bounded(range, limit, max_bytes)?;
-        out.reverse();
-        Ok(out)
     }
 
     fn usage(&self, identity: &str) -> Result<Usage, StorageError> {

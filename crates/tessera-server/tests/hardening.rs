@@ -688,34 +688,27 @@ async fn per_user_quotas_for_messages_and_attachments() {
     // The quota is alice's, not the channel's.
     channels.send_message(message(&bob, 4)).await.unwrap();
 
-    let upload = |who: &User, size: usize| {
-        who.req(tokio_stream::iter([UploadAttachmentRequest {
+    // Alice: 3000 bytes fit; 3000 more do not (bytes); 1000 do; a third
+    // file does not (count). Bob's quota is his own.
+    for (who, size, fits) in [
+        (&alice, 3000, true),
+        (&alice, 3000, false),
+        (&alice, 1000, true),
+        (&alice, 10, false),
+        (&bob, 4000, true),
+    ] {
+        let request = who.req(tokio_stream::iter([UploadAttachmentRequest {
             channel_id: channel_id.clone(),
             data: vec![7; size],
-        }]))
-    };
-    channels
-        .upload_attachment(upload(&alice, 3000))
-        .await
-        .unwrap();
-    let err = channels
-        .upload_attachment(upload(&alice, 3000))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "bytes: {err:?}");
-    channels
-        .upload_attachment(upload(&alice, 1000))
-        .await
-        .unwrap();
-    let err = channels
-        .upload_attachment(upload(&alice, 10))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "count: {err:?}");
-    channels
-        .upload_attachment(upload(&bob, 4000))
-        .await
-        .unwrap();
+        }]));
+        match channels.upload_attachment(request).await {
+            Ok(_) => assert!(fits, "{} uploading {size} bytes", who.identity),
+            Err(e) => {
+                assert!(!fits, "{} uploading {size} bytes: {e:?}", who.identity);
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            }
+        }
+    }
 }
 
 #[tokio::test]
