@@ -62,13 +62,33 @@ impl App {
         self.check_password_shape(password)?;
         self.check_not_reserved(identity)?;
         if let Some(existing) = self.store.account(identity)? {
-            return if existing.admin {
-                Ok(false)
-            } else {
-                Err(Status::already_exists(format!(
-                    "{identity:?} is a user who signed up; an admin account must be created by this command, under a name no one holds"
-                )))
+            if existing.admin {
+                return Ok(false);
+            }
+            // An existing account becomes admin only if the operator knows
+            // its password: someone who signed up first under the name the
+            // operator meant to use is found out here, not promoted.
+            let stored = existing.password.clone();
+            let given = Zeroizing::new(password.to_owned());
+            let theirs = hash_limited(self, move || {
+                stored.is_some_and(|h| passwords::verify(&given, &h))
+            })
+            .await?;
+            if !theirs {
+                return Err(Status::already_exists(format!(
+                    "{identity:?} is an account with another password: someone else may have signed up under this name; pick another for the admin"
+                )));
+            }
+            let promoted = Account {
+                admin: true,
+                ..existing.clone()
             };
+            if !self.store.replace_account(&existing, &promoted)? {
+                return Err(Status::aborted("the account changed meanwhile; try again"));
+            }
+            self.store.flush().await?;
+            tracing::info!(%identity, "account made admin by the operator");
+            return Ok(true);
         }
         self.create_account(identity, password, true).await?;
         tracing::info!(%identity, "admin account created by the operator");

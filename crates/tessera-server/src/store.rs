@@ -164,6 +164,9 @@ pub trait Store: Send + Sync + 'static {
     fn account(&self, identity: &str) -> Result<Option<Account>, StorageError>;
     /// Creates the account; `false` if the identity is taken.
     fn create_account(&self, account: &Account) -> Result<bool, StorageError>;
+    /// Replaces `old` with `new` (same identity) if `old` is still what is
+    /// stored; `false` otherwise.
+    fn replace_account(&self, old: &Account, new: &Account) -> Result<bool, StorageError>;
 
     fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError>;
     fn device(&self, card_id: &[u8]) -> Result<Option<Device>, StorageError>;
@@ -317,6 +320,14 @@ impl Store for SledStore {
         Ok(self
             .db
             .compare_and_swap(k, None as Option<&[u8]>, Some(account.encode_to_vec()))?
+            .is_ok())
+    }
+
+    fn replace_account(&self, old: &Account, new: &Account) -> Result<bool, StorageError> {
+        let k = key(b"a/", &[old.identity.as_bytes()]);
+        Ok(self
+            .db
+            .compare_and_swap(k, Some(old.encode_to_vec()), Some(new.encode_to_vec()))?
             .is_ok())
     }
 
@@ -573,6 +584,15 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
+    fn replace_account(&self, old: &Account, new: &Account) -> Result<bool, StorageError> {
+        let mut m = self.lock()?;
+        if m.accounts.get(&old.identity) != Some(old) {
+            return Ok(false);
+        }
+        m.accounts.insert(new.identity.clone(), new.clone());
+        Ok(true)
+    }
+
     fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError> {
         Ok(self
             .lock()?
@@ -779,7 +799,17 @@ mod tests {
             !store.create_account(&account).unwrap(),
             "identities are unique"
         );
-        assert_eq!(store.account("alice").unwrap(), Some(account));
+        assert_eq!(store.account("alice").unwrap(), Some(account.clone()));
+        let admin = Account {
+            admin: true,
+            ..account.clone()
+        };
+        assert!(store.replace_account(&account, &admin).unwrap());
+        assert!(
+            !store.replace_account(&account, &admin).unwrap(),
+            "only over what is stored"
+        );
+        assert_eq!(store.account("alice").unwrap(), Some(admin));
 
         let device = |id: u8, identity: &str| Device {
             card_id: vec![id; 32],

@@ -330,12 +330,27 @@ async fn admin_rights_come_only_from_the_operator_never_from_a_sign_up() {
         bearer_header(&signed_up.access_token).parse().unwrap(),
     );
     assert!(!client.who_am_i(who).await.unwrap().into_inner().admin);
-    // The operator cannot make that account an admin either ...
+    // The operator cannot make that account an admin either (it has
+    // another password than the operator's) ...
     assert!(
         app.server
             .create_admin("admin", "operator-pw")
             .await
             .is_err()
+    );
+    // ... though an account whose password the operator gives can be ...
+    client
+        .sign_up(SignUpRequest {
+            identity: "carol".into(),
+            password: "carols-password".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        app.server
+            .create_admin("carol", "carols-password")
+            .await
+            .unwrap()
     );
     // ... but makes its own admin account, which logs in as one (once).
     assert!(app.server.create_admin("ops", "operator-pw").await.unwrap());
