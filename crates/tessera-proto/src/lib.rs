@@ -82,3 +82,5 @@ pub mod bench {
 
 #[cfg(feature = "client")]
 pub mod connect;
+
+mod redacted;
