@@ -254,6 +254,7 @@ fn generate() -> Value {
             content_type: CONTENT_TYPE_TEXT,
             body: body.as_bytes(),
             sent_at_ms: CREATED_AT * 1000 + 123,
+            epoch: None,
         },
         &recipients,
         &randomness,

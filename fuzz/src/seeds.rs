@@ -68,6 +68,7 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
             content_type: envelope::CONTENT_TYPE_TEXT,
             body: b"hello",
             sent_at_ms: 1_700_000_000_000,
+            epoch: None,
         },
         &[Recipient {
             card_id: RECIPIENT_CARD,

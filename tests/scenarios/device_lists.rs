@@ -126,6 +126,7 @@ async fn a_card_the_server_made_is_pending_refused_and_flagged() {
             content_type: envelope::CONTENT_TYPE_TEXT,
             body: b"wire the money to the server's account",
             sent_at_ms: tessera_service::now_ms(),
+            epoch: None,
         },
         &[Recipient {
             card_id: *alice_card.as_bytes(),

@@ -184,6 +184,7 @@ async fn messages_of_a_revoked_card_are_refused() {
             content_type: envelope::CONTENT_TYPE_TEXT,
             body: b"send the money to this account",
             sent_at_ms: 0,
+            epoch: None,
         },
         &[Recipient {
             card_id: *alice_card.id().as_bytes(),

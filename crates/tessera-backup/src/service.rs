@@ -139,6 +139,7 @@ impl Org {
                 content_type,
                 body,
                 sent_at_ms: tessera_service::now_ms(),
+                epoch: None,
             },
             &to,
         )

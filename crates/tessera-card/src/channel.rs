@@ -15,7 +15,8 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use tessera_crypto::SignatureContext;
+use serde::{Deserialize, Serialize};
+use tessera_crypto::{SignatureContext, VerifyingKey};
 use tessera_proto::{
     Message as _,
     channel::v1::{
@@ -50,7 +51,8 @@ pub fn statement_hash(statement: &[u8]) -> Hash {
 }
 
 /// A member's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Member,
     Admin,
@@ -83,7 +85,8 @@ impl fmt::Display for Role {
 }
 
 /// Who may read which history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Visibility {
     /// Members see the whole history.
     Shared,
@@ -433,7 +436,7 @@ impl NewChannelStatement<'_> {
 }
 
 /// A member as the verified chain has it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub role: Role,
     /// The epoch whose statement added the member (0: the creation).
@@ -442,16 +445,85 @@ pub struct Member {
     pub added_by: String,
 }
 
+/// Epochs during which an identity was a member: from the epoch whose
+/// statement added it up to, not including, the one whose statement removed
+/// it (`None`: still a member).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub from: u64,
+    pub until: Option<u64>,
+}
+
+impl Span {
+    fn contains(&self, epoch: u64) -> bool {
+        self.from <= epoch && self.until.is_none_or(|until| epoch < until)
+    }
+}
+
+/// The signer of a statement as its checker knows it: a client's verified
+/// card, or the app server's record of an enrolled device.
+#[derive(Debug, Clone, Copy)]
+pub struct StatementSigner<'a> {
+    pub identity: &'a str,
+    pub card_id: CardId,
+    pub key: &'a VerifyingKey,
+}
+
+impl<'a> StatementSigner<'a> {
+    /// The signer a verified card makes; `None` for a card that is not a
+    /// client device (an organisation card is never a member).
+    pub fn of(card: &'a VerifiedCard) -> Option<Self> {
+        (card.kind() == CardKind::Client).then(|| Self {
+            identity: card.identity(),
+            card_id: card.id(),
+            key: card.signing_key(),
+        })
+    }
+}
+
 /// A channel's state after verifying its chain up to a head: what every
-/// statement so far made of it, and the hash of each statement (to check the
-/// head a message names at its epoch).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// statement so far made of it, the hash of each statement (to check the
+/// head a message names at its epoch) and who was a member when (to check
+/// a message's sender and recipients at its epoch).
+///
+/// A client keeps the whole state; the app server resumes one from its
+/// records ([`ChannelState::resume`]), which knows only the head's hash and
+/// the current members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelState {
     channel_id: String,
+    /// Epoch of `hashes[0]`: 0 for a state verified from the creation.
+    base: u64,
+    #[serde(with = "hex_hashes")]
     hashes: Vec<Hash>,
     name: String,
     visibility: Visibility,
     members: BTreeMap<String, Member>,
+    spans: BTreeMap<String, Vec<Span>>,
+}
+
+mod hex_hashes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _, ser::SerializeSeq};
+
+    use crate::transparency::Hash;
+
+    pub(super) fn serialize<S: Serializer>(hashes: &[Hash], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(hashes.len()))?;
+        for h in hashes {
+            seq.serialize_element(&hex::encode(h))?;
+        }
+        seq.end()
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Hash>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|h| {
+                let bytes = hex::decode(h).map_err(D::Error::custom)?;
+                Hash::try_from(bytes.as_slice()).map_err(|_| D::Error::custom("hash length"))
+            })
+            .collect()
+    }
 }
 
 impl ChannelState {
@@ -459,10 +531,46 @@ impl ChannelState {
     pub fn empty(channel_id: &str) -> Self {
         Self {
             channel_id: channel_id.to_owned(),
+            base: 0,
             hashes: Vec::new(),
             name: String::new(),
             visibility: Visibility::Shared,
             members: BTreeMap::new(),
+            spans: BTreeMap::new(),
+        }
+    }
+
+    /// The state of a chain of `length` statements (at least one) whose head
+    /// is `head`, as its keeper recorded it, to check the next statement
+    /// against. It knows no earlier hash and no earlier membership.
+    pub fn resume(
+        channel_id: &str,
+        length: u64,
+        head: Hash,
+        name: &str,
+        visibility: Visibility,
+        members: BTreeMap<String, Member>,
+    ) -> Self {
+        let spans = members
+            .iter()
+            .map(|(identity, m)| {
+                (
+                    identity.clone(),
+                    vec![Span {
+                        from: m.added_at,
+                        until: None,
+                    }],
+                )
+            })
+            .collect();
+        Self {
+            channel_id: channel_id.to_owned(),
+            base: length.saturating_sub(1),
+            hashes: vec![head],
+            name: name.to_owned(),
+            visibility,
+            members,
+            spans,
         }
     }
 
@@ -471,7 +579,7 @@ impl ChannelState {
     }
     /// Number of statements verified (the next epoch).
     pub fn length(&self) -> u64 {
-        self.hashes.len() as u64
+        self.base + self.hashes.len() as u64
     }
     /// The current epoch (the last statement's), if the channel exists.
     pub fn epoch(&self) -> Option<u64> {
@@ -480,9 +588,10 @@ impl ChannelState {
     pub fn head(&self) -> Option<Hash> {
         self.hashes.last().copied()
     }
-    /// The hash of the statement that started `epoch`.
+    /// The hash of the statement that started `epoch`, when known.
     pub fn hash_at(&self, epoch: u64) -> Option<Hash> {
-        self.hashes.get(usize::try_from(epoch).ok()?).copied()
+        let i = epoch.checked_sub(self.base)?;
+        self.hashes.get(usize::try_from(i).ok()?).copied()
     }
     pub fn name(&self) -> &str {
         &self.name
@@ -496,6 +605,26 @@ impl ChannelState {
     pub fn member(&self, identity: &str) -> Option<&Member> {
         self.members.get(identity)
     }
+    /// Whether `identity` was a member at `epoch`.
+    pub fn was_member(&self, identity: &str, epoch: u64) -> bool {
+        self.spans
+            .get(identity)
+            .is_some_and(|spans| spans.iter().any(|s| s.contains(epoch)))
+    }
+    /// Everyone who was a member at `epoch`, in identity order.
+    pub fn members_at(&self, epoch: u64) -> Vec<&str> {
+        self.spans
+            .iter()
+            .filter(|(_, spans)| spans.iter().any(|s| s.contains(epoch)))
+            .map(|(identity, _)| identity.as_str())
+            .collect()
+    }
+    /// The epoch from which `identity` is a member without a break (the
+    /// start of its last span), if it is one now.
+    pub fn member_since(&self, identity: &str) -> Option<u64> {
+        let last = self.spans.get(identity)?.last()?;
+        last.until.is_none().then_some(last.from)
+    }
 
     fn admin(&self, identity: &str) -> Result<(), ChannelError> {
         match self.members.get(identity) {
@@ -506,14 +635,14 @@ impl ChannelState {
     }
 
     /// Checks that `statement` is the next one of this chain and allowed,
-    /// then applies it. `signer` is the verified card the statement names
-    /// (the caller also makes sure its owner's device list approves it).
+    /// then applies it. `signer` holds the key of the card the statement
+    /// names (the caller also makes sure its owner's devices approve it).
     /// Checks, in order: channel, signer card, signature, position and
     /// parent, then the change's rule.
     pub fn apply(
         &mut self,
         statement: &ParsedChannelStatement,
-        signer: &VerifiedCard,
+        signer: &StatementSigner<'_>,
     ) -> Result<Change, ChannelError> {
         if statement.channel_id != self.channel_id {
             return Err(ChannelError::WrongChannel {
@@ -521,14 +650,11 @@ impl ChannelState {
                 found: statement.channel_id.clone(),
             });
         }
-        if signer.id() != statement.signer
-            || signer.identity() != statement.signer_identity
-            || signer.kind() != CardKind::Client
-        {
+        if signer.card_id != statement.signer || signer.identity != statement.signer_identity {
             return Err(ChannelError::SignerMismatch);
         }
         signer
-            .signing_key()
+            .key
             .verify(
                 SignatureContext::ChannelStatement,
                 &statement.signed.statement,
@@ -618,6 +744,17 @@ impl ChannelState {
         }
         if !next.is_empty() && !next.values().any(|m| m.role == Role::Admin) {
             return Err(ChannelError::NoAdminLeft);
+        }
+        for identity in next.keys().filter(|i| !self.members.contains_key(*i)) {
+            self.spans.entry(identity.clone()).or_default().push(Span {
+                from: epoch,
+                until: None,
+            });
+        }
+        for identity in self.members.keys().filter(|i| !next.contains_key(*i)) {
+            if let Some(span) = self.spans.get_mut(identity).and_then(|s| s.last_mut()) {
+                span.until = Some(epoch);
+            }
         }
         self.members = next;
         self.hashes.push(statement.hash);
@@ -720,7 +857,8 @@ impl ServedChain {
                     s.signer.short()
                 ))
             })?;
-            state.apply(s, &card).map_err(|e| match e {
+            let signer = StatementSigner::of(&card).ok_or(ChannelError::SignerMismatch)?;
+            state.apply(s, &signer).map_err(|e| match e {
                 ChannelError::Stale { .. } => ChannelError::Fork { epoch: s.epoch },
                 other => other,
             })?;
@@ -775,6 +913,12 @@ mod tests {
         }
     }
 
+    impl Device {
+        fn signer(&self) -> StatementSigner<'_> {
+            StatementSigner::of(&self.card).unwrap()
+        }
+    }
+
     const CH: &str = "00112233445566778899aabbccddeeff";
 
     fn statement(state: &ChannelState, by: &Device, change: Change) -> ParsedChannelStatement {
@@ -810,7 +954,7 @@ mod tests {
                 members,
             },
         );
-        state.apply(&s, &alice.card).unwrap();
+        state.apply(&s, &alice.signer()).unwrap();
         (state, s)
     }
 
@@ -830,7 +974,7 @@ mod tests {
                 role: Role::Member,
             },
         );
-        state.apply(&add, &alice.card).unwrap();
+        state.apply(&add, &alice.signer()).unwrap();
         assert_eq!(state.members()["carol"].added_at, 1);
         // bob is no admin: he cannot add or remove.
         let eve = statement(
@@ -842,7 +986,7 @@ mod tests {
             },
         );
         assert_eq!(
-            state.clone().apply(&eve, &bob.card),
+            state.clone().apply(&eve, &bob.signer()),
             Err(ChannelError::NotAnAdmin("bob".into()))
         );
         let kick = statement(
@@ -853,17 +997,17 @@ mod tests {
             },
         );
         assert_eq!(
-            state.clone().apply(&kick, &bob.card),
+            state.clone().apply(&kick, &bob.signer()),
             Err(ChannelError::NotAnAdmin("bob".into()))
         );
         // ... but he may leave.
         let leave = statement(&state, &bob, Change::Leave);
-        state.apply(&leave, &bob.card).unwrap();
+        state.apply(&leave, &bob.signer()).unwrap();
         assert!(state.member("bob").is_none());
         // The last admin cannot leave while others remain.
         let leave = statement(&state, &alice, Change::Leave);
         assert_eq!(
-            state.clone().apply(&leave, &alice.card),
+            state.clone().apply(&leave, &alice.signer()),
             Err(ChannelError::NoAdminLeft)
         );
         let promote = statement(
@@ -874,12 +1018,70 @@ mod tests {
                 role: Role::Admin,
             },
         );
-        state.apply(&promote, &alice.card).unwrap();
+        state.apply(&promote, &alice.signer()).unwrap();
         let leave = statement(&state, &alice, Change::Leave);
-        state.apply(&leave, &alice.card).unwrap();
+        state.apply(&leave, &alice.signer()).unwrap();
         assert_eq!(state.members().len(), 1);
         assert_eq!(state.length(), 5);
         assert_eq!(state.hash_at(4), Some(leave.hash()));
+
+        // Who was a member when: bob until his leave (epoch 2), carol from
+        // her addition (1), alice until hers (4).
+        assert_eq!(state.members_at(0), ["alice", "bob"]);
+        assert_eq!(state.members_at(1), ["alice", "bob", "carol"]);
+        assert_eq!(state.members_at(2), ["alice", "carol"]);
+        assert_eq!(state.members_at(4), ["carol"]);
+        assert!(state.was_member("bob", 1) && !state.was_member("bob", 2));
+        assert!(!state.was_member("carol", 0) && state.was_member("carol", 4));
+        assert_eq!(state.member_since("carol"), Some(1));
+        assert_eq!(state.member_since("bob"), None);
+        // A kept state reads back as it was written.
+        let kept: ChannelState =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        assert_eq!(kept, state);
+    }
+
+    #[test]
+    fn a_resumed_state_checks_the_next_statement_like_the_full_one() {
+        let w = World::new();
+        let (alice, bob) = (w.device("alice"), w.device("bob"));
+        let (mut full, _) = create(&alice, &["bob"]);
+        let add = statement(
+            &full,
+            &alice,
+            Change::Add {
+                identity: "carol".into(),
+                role: Role::Member,
+            },
+        );
+        full.apply(&add, &alice.signer()).unwrap();
+        let mut resumed = ChannelState::resume(
+            CH,
+            full.length(),
+            full.head().unwrap(),
+            full.name(),
+            full.visibility(),
+            full.members().clone(),
+        );
+        assert_eq!(resumed.hash_at(0), None);
+        assert_eq!(resumed.hash_at(1), full.hash_at(1));
+        for (by, change) in [
+            (&bob, Change::Rename("mine".into())),
+            (&alice, Change::Rename("ours".into())),
+        ] {
+            let next = statement(&full, by, change);
+            let (a, b) = (
+                full.clone().apply(&next, &by.signer()),
+                resumed.clone().apply(&next, &by.signer()),
+            );
+            assert_eq!(a, b);
+        }
+        let leave = statement(&full, &bob, Change::Leave);
+        full.apply(&leave, &bob.signer()).unwrap();
+        resumed.apply(&leave, &bob.signer()).unwrap();
+        assert_eq!(resumed.length(), 3);
+        assert_eq!(resumed.head(), full.head());
+        assert_eq!(resumed.members(), full.members());
     }
 
     #[test]
@@ -897,7 +1099,7 @@ mod tests {
             },
         );
         assert_eq!(
-            state.clone().apply(&ghost, &eve.card),
+            state.clone().apply(&ghost, &eve.signer()),
             Err(ChannelError::NotAMember("eve".into()))
         );
         // Signed by one card, checked against another.
@@ -910,7 +1112,7 @@ mod tests {
             },
         );
         assert_eq!(
-            state.clone().apply(&add, &bob.card),
+            state.clone().apply(&add, &bob.signer()),
             Err(ChannelError::SignerMismatch)
         );
         // A signature by another key.
@@ -922,14 +1124,14 @@ mod tests {
             .to_vec();
         let forged = ParsedChannelStatement::parse(forged).unwrap();
         assert_eq!(
-            state.clone().apply(&forged, &alice.card),
+            state.clone().apply(&forged, &alice.signer()),
             Err(ChannelError::BadSignature)
         );
         // The same statement twice: the second names an old parent.
         let mut s = state.clone();
-        s.apply(&add, &alice.card).unwrap();
+        s.apply(&add, &alice.signer()).unwrap();
         assert_eq!(
-            s.clone().apply(&add, &alice.card),
+            s.clone().apply(&add, &alice.signer()),
             Err(ChannelError::Stale {
                 length: 2,
                 found: 1
@@ -938,7 +1140,7 @@ mod tests {
         // A statement of another channel (replayed here).
         let mut other = ChannelState::empty("ffeeddccbbaa99887766554433221100");
         assert!(matches!(
-            other.apply(&add, &alice.card),
+            other.apply(&add, &alice.signer()),
             Err(ChannelError::WrongChannel { .. })
         ));
     }
@@ -956,7 +1158,7 @@ mod tests {
                 role: Role::Member,
             },
         );
-        truth.apply(&add, &alice.card).unwrap();
+        truth.apply(&add, &alice.signer()).unwrap();
         let cards = |_: &str, id: &CardId| (*id == alice.card.id()).then(|| alice.card.clone());
         let served = |s: &[&ParsedChannelStatement], length| {
             ServedChain::parse(s.iter().map(|s| s.signed().clone()).collect(), length).unwrap()

@@ -327,6 +327,7 @@ impl Client {
                 content_type,
                 body,
                 sent_at_ms: now_ms(),
+                epoch: None,
             },
             &recipients,
         )

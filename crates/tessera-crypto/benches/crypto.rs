@@ -121,6 +121,7 @@ fn envelope_seal_open(c: &mut Criterion) {
             content_type: envelope::CONTENT_TYPE_TEXT,
             body: &body,
             sent_at_ms: 0,
+            epoch: None,
         };
         g.bench_with_input(BenchmarkId::new("seal", n), &n, |b, _| {
             b.iter(|| envelope::seal(&from, &draft, black_box(&recipients)).unwrap())

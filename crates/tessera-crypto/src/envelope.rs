@@ -26,6 +26,9 @@ use crate::{
 
 /// Protocol version of envelopes, headers and payloads.
 pub const VERSION: u32 = 1;
+/// Version of a payload that names its channel membership epoch (protocol
+/// v2); envelopes and headers keep [`VERSION`].
+pub const PAYLOAD_VERSION_EPOCH: u32 = 2;
 /// Length of a message id.
 pub const MESSAGE_ID_LEN: usize = 16;
 /// Most recipient cards one envelope may carry.
@@ -98,12 +101,24 @@ pub struct Recipient<'a> {
     pub key: &'a EncryptionPublicKey,
 }
 
+/// A channel's membership epoch as the sender verified it: its number and
+/// the hash of the statement that started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch {
+    pub number: u64,
+    pub hash: [u8; 32],
+}
+
 /// What to send.
 pub struct Draft<'a> {
     pub channel_id: &'a str,
     pub content_type: &'a str,
     pub body: &'a [u8],
     pub sent_at_ms: i64,
+    /// The epoch sealed under: a version-2 payload. `None` for a version-1
+    /// payload (the organisation's messages to one device, and channels
+    /// made before protocol v2).
+    pub epoch: Option<Epoch>,
 }
 
 /// A sealed envelope and what the sender keeps of it.
@@ -170,7 +185,13 @@ pub(crate) fn seal_with(
         None => random_array::<MESSAGE_ID_LEN>()?,
     };
     let payload = SignedPayload {
-        version: VERSION,
+        version: if draft.epoch.is_some() {
+            PAYLOAD_VERSION_EPOCH
+        } else {
+            VERSION
+        },
+        epoch: draft.epoch.map_or(0, |e| e.number),
+        epoch_hash: draft.epoch.map(|e| e.hash.to_vec()).unwrap_or_default(),
         channel_id: draft.channel_id.to_owned(),
         message_id: message_id.to_vec(),
         sender_identity: sender.identity.to_owned(),
@@ -461,6 +482,8 @@ pub struct VerifiedPayload {
     pub recipient_card_ids: Vec<[u8; 32]>,
     pub content_type: String,
     pub body: Vec<u8>,
+    /// The membership epoch the sender named (version-2 payloads).
+    pub epoch: Option<Epoch>,
     /// The exact signed bytes and the signature, for backups and history.
     pub signed_payload: Vec<u8>,
     pub signature: Vec<u8>,
@@ -525,6 +548,7 @@ impl fmt::Debug for VerifiedPayload {
             .field("recipients", &self.recipient_card_ids.len())
             .field("content_type", &self.content_type)
             .field("body_len", &self.body.len())
+            .field("epoch", &self.epoch)
             .finish_non_exhaustive()
     }
 }
@@ -544,9 +568,19 @@ impl VerifiedPayload {
             .map_err(|_| EnvelopeError::BadSignature)?;
         let p = SignedPayload::decode(signed_payload.as_slice())
             .map_err(|_| EnvelopeError::Malformed("payload is not a SignedPayload"))?;
-        if p.version != VERSION {
-            return Err(EnvelopeError::UnsupportedVersion(p.version));
-        }
+        let epoch = match p.version {
+            VERSION if p.epoch == 0 && p.epoch_hash.is_empty() => None,
+            VERSION => {
+                return Err(EnvelopeError::Malformed(
+                    "a version-1 payload names no epoch",
+                ));
+            }
+            PAYLOAD_VERSION_EPOCH => Some(Epoch {
+                number: p.epoch,
+                hash: card_id_of(&p.epoch_hash, "epoch hash is not 32 bytes")?,
+            }),
+            other => return Err(EnvelopeError::UnsupportedVersion(other)),
+        };
         let sender_card_id =
             card_id_of(&p.sender_card_id, "payload sender card id is not 32 bytes")?;
         if sender_card_id != sender.card_id || p.sender_identity != sender.identity {
@@ -575,6 +609,7 @@ impl VerifiedPayload {
             recipient_card_ids,
             content_type: p.content_type,
             body: p.body,
+            epoch,
             signed_payload,
             signature,
             envelope: None,
@@ -633,6 +668,7 @@ mod tests {
                 content_type: CONTENT_TYPE_TEXT,
                 body,
                 sent_at_ms: 1_700_000_000_000,
+                epoch: None,
             },
             &recipients,
         )
@@ -852,6 +888,7 @@ mod tests {
             content_type: CONTENT_TYPE_TEXT,
             body: b"",
             sent_at_ms: 0,
+            epoch: None,
         };
         assert_eq!(
             seal(&sender, &draft, &[]).map(|_| ()),
@@ -901,9 +938,9 @@ mod tests {
             card_id: alice.card_id,
             key: &vk,
         };
-        let payload = |message_id: Vec<u8>, recipients: Vec<Vec<u8>>| {
+        let versioned = |version, epoch, epoch_hash: Vec<u8>, message_id: Vec<u8>, recipients| {
             let bytes = SignedPayload {
-                version: VERSION,
+                version,
                 channel_id: "c".into(),
                 message_id,
                 sender_identity: "alice".into(),
@@ -912,11 +949,35 @@ mod tests {
                 recipient_card_ids: recipients,
                 content_type: CONTENT_TYPE_TEXT.into(),
                 body: vec![],
+                epoch,
+                epoch_hash,
             }
             .encode_to_vec();
             let sig = alice.keys.signing.sign(SignatureContext::Message, &bytes);
             VerifiedPayload::verify(bytes, sig.to_vec(), &sender)
         };
+        let payload =
+            |message_id, recipients| versioned(VERSION, 0, vec![], message_id, recipients);
+        // Version 2 names its epoch with a 32-byte hash; version 1 none.
+        let epoch = |version, number, hash| {
+            versioned(version, number, hash, vec![0; 16], vec![vec![1; 32]]).map(|p| p.epoch)
+        };
+        assert_eq!(
+            epoch(PAYLOAD_VERSION_EPOCH, 0, vec![7; 32]),
+            Ok(Some(Epoch {
+                number: 0,
+                hash: [7; 32]
+            }))
+        );
+        assert_eq!(epoch(VERSION, 0, vec![]), Ok(None));
+        assert!(epoch(PAYLOAD_VERSION_EPOCH, 3, vec![7; 31]).is_err());
+        assert!(epoch(PAYLOAD_VERSION_EPOCH, 3, vec![]).is_err());
+        assert!(epoch(VERSION, 3, vec![]).is_err());
+        assert!(epoch(VERSION, 0, vec![7; 32]).is_err());
+        assert_eq!(
+            epoch(3, 0, vec![]),
+            Err(EnvelopeError::UnsupportedVersion(3))
+        );
         assert!(payload(vec![0; 16], vec![vec![1; 32], vec![2; 32]]).is_ok());
         assert_eq!(
             payload(vec![0; 15], vec![vec![1; 32]]).unwrap_err(),

@@ -56,7 +56,7 @@ proptest! {
         let list: Vec<Recipient<'_>> = recipients.iter().map(|d| Recipient { card_id: d.card_id, key: &d.public }).collect();
         let result = envelope::seal(
             &Sender { identity: "alice", card_id: sender.card_id, key: &sender.keys.signing },
-            &Draft { channel_id: &channel, content_type: envelope::CONTENT_TYPE_TEXT, body: &body, sent_at_ms: 42 },
+            &Draft { channel_id: &channel, content_type: envelope::CONTENT_TYPE_TEXT, body: &body, sent_at_ms: 42, epoch: None },
             &list,
         );
         if n == 0 {

@@ -304,6 +304,7 @@ fn seal(from: &User, device: usize, channel_id: &str, to: &[&User], body: &str) 
             content_type: envelope::CONTENT_TYPE_TEXT,
             body: body.as_bytes(),
             sent_at_ms: 0,
+            epoch: None,
         },
         &recipients,
     )

@@ -111,6 +111,7 @@ fn pure_crypto(n: usize, devices: usize) -> f64 {
                 content_type: CONTENT_TYPE_HISTORY,
                 body: &body,
                 sent_at_ms: 0,
+                epoch: None,
             },
             &to,
         )
