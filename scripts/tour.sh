@@ -56,6 +56,8 @@ grep -q "$(grep -Eo '[0-9]{4} [0-9]{4} [0-9]{4}' login-laptop.txt)" approve.txt
 
 step "a channel, and a message to all three devices"
 tessera -p alice channel create plans --members bob
+tessera -p bob channel show plans | tee show.txt
+grep -q "bob: added by alice at epoch 0" show.txt
 tessera -p alice send plans "Meet at noon?"
 tessera -p bob history plans | tee history-phone.txt
 grep -q "Meet at noon?" history-phone.txt

@@ -20,6 +20,10 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 use tessera_card::{
     CardId, CardKind, NewCard, ParsedCard, VerifiedCard, Verifier, app_sign,
+    channel::{
+        Change, ChannelState, NewChannelStatement, ParsedChannelStatement, Role, StatementSigner,
+        Visibility,
+    },
     device_list::{self, Action, DeviceListState, NewStatement, ParsedStatement},
     kms_sign,
     revocation::{ParsedRevocation, RevokedBy, sign_revocation},
@@ -29,7 +33,7 @@ use tessera_card::{
 use tessera_crypto::{
     DeviceKeys, EncryptionSecret, SignatureContext, SigningKey, VerifyingKey,
     envelope::{
-        CONTENT_TYPE_TEXT, Draft, ExpectedSender, Opener, ParsedEnvelope, Recipient, Sender,
+        CONTENT_TYPE_TEXT, Draft, Epoch, ExpectedSender, Opener, ParsedEnvelope, Recipient, Sender,
         check_binding,
     },
     hazmat::{self, EnvelopeRandomness},
@@ -42,6 +46,7 @@ use tessera_proto::{
     auth::v1::{AccessToken, AuthMethod as PbAuthMethod, Role as PbRole, TokenClaims},
     backup::v1::BackupRecord,
     card::v1::{Card, SignedDeviceStatement},
+    channel::v1::SignedChannelStatement,
     transparency::v1::SignedCheckpoint,
 };
 use tessera_service::{
@@ -444,7 +449,128 @@ fn generate() -> Value {
         "protocol_v2": {
             "tokens": [token_json],
             "device_lists": device_lists_json(&i, &cards),
+            "channels": channels_json(&i, &cards),
         },
+    })
+}
+
+/// A channel's membership chain: alice creates it with bob, makes him an
+/// admin, bob renames it, alice leaves; and alice's message to bob's phone
+/// at epoch 1 (a version-2 payload naming the epoch).
+fn channels_json(i: &Inputs, cards: &[(CardId, Card)]) -> Value {
+    let verifier = Verifier::new(i.app.verifying_key(), i.kms.verifying_key());
+    let verify = |n: usize, identity: &str| {
+        verifier
+            .verify(&cards[n].1, Some(identity), CardKind::Client)
+            .unwrap()
+    };
+    let (alice, bob) = (verify(0, "alice"), verify(1, "bob"));
+    let (alice_keys, bob_keys) = (&i.devices[0].5, &i.devices[1].5);
+    let mut state = ChannelState::empty(CHANNEL);
+    let mut out = Vec::new();
+    for (by, keys, change) in [
+        (
+            &alice,
+            alice_keys,
+            Change::Create {
+                name: "plans".into(),
+                visibility: Visibility::Shared,
+                members: vec![("alice".into(), Role::Admin), ("bob".into(), Role::Member)],
+            },
+        ),
+        (
+            &alice,
+            alice_keys,
+            Change::SetRole {
+                identity: "bob".into(),
+                role: Role::Admin,
+            },
+        ),
+        (&bob, bob_keys, Change::Rename("plans v2".into())),
+        (&alice, alice_keys, Change::Leave),
+    ] {
+        let signed = NewChannelStatement {
+            channel_id: CHANNEL,
+            epoch: state.length(),
+            previous_hash: state.head(),
+            signer_identity: by.identity(),
+            signer: by.id(),
+            created_at: CREATED_AT,
+            change,
+        }
+        .sign(&keys.signing);
+        let parsed = ParsedChannelStatement::parse(signed.clone()).unwrap();
+        state
+            .apply(&parsed, &StatementSigner::of(by).unwrap())
+            .unwrap();
+        out.push(json!({
+            "epoch": parsed.epoch(),
+            "signer": by.identity(),
+            "signer_card_id": h(by.id().as_bytes()),
+            "statement": h(&signed.statement),
+            "signature": h(&signed.signature),
+            "statement_hash": h(&parsed.hash()),
+            "members_after": members_json(&state),
+            "name_after": state.name(),
+        }));
+        if parsed.epoch() == 1 {
+            out.push(message_at_epoch_json(i, cards, &state));
+        }
+    }
+    json!({ "channel_id": CHANNEL, "chain": out })
+}
+
+fn members_json(state: &ChannelState) -> Value {
+    json!(state
+        .members()
+        .iter()
+        .map(|(identity, m)| json!({"identity": identity, "role": m.role.to_string(), "added_at": m.added_at, "added_by": m.added_by}))
+        .collect::<Vec<_>>())
+}
+
+/// alice's message to bob's phone sealed at the state's current epoch.
+fn message_at_epoch_json(i: &Inputs, cards: &[(CardId, Card)], state: &ChannelState) -> Value {
+    let bob_phone = i.devices[1].5.encryption.public_key();
+    let ephemeral = [[0x74u8; 32]];
+    let randomness = EnvelopeRandomness {
+        message_id: [0x5b; 16],
+        content_key: [0x6c; 32],
+        ephemeral: &ephemeral,
+    };
+    let epoch = Epoch {
+        number: state.epoch().unwrap(),
+        hash: state.head().unwrap(),
+    };
+    let sealed = hazmat::seal_envelope_with(
+        &Sender {
+            identity: "alice",
+            card_id: *cards[0].0.as_bytes(),
+            key: &i.devices[0].5.signing,
+        },
+        &Draft {
+            channel_id: CHANNEL,
+            content_type: CONTENT_TYPE_TEXT,
+            body: b"You run it now.",
+            sent_at_ms: CREATED_AT * 1000 + 456,
+            epoch: Some(epoch),
+        },
+        &[Recipient {
+            card_id: *cards[1].0.as_bytes(),
+            key: &bob_phone,
+        }],
+        &randomness,
+    )
+    .unwrap();
+    json!({
+        "message": "alice/laptop to bob/phone at this epoch",
+        "epoch": epoch.number,
+        "epoch_hash": h(&epoch.hash),
+        "body": "You run it now.",
+        "sent_at_ms": CREATED_AT * 1000 + 456,
+        "message_id": h(&randomness.message_id),
+        "content_key": h(&randomness.content_key),
+        "ephemeral_secrets_in_stanza_order": ephemeral.iter().map(|e| h(e)).collect::<Vec<_>>(),
+        "envelope": h(&sealed.envelope),
     })
 }
 
@@ -768,6 +894,47 @@ fn every_golden_vector_reads_back_through_the_real_decoders() {
             .unwrap();
         let trusted: Vec<String> = state.trusted().iter().map(|c| h(c.as_bytes())).collect();
         assert_eq!(serde_json::json!(trusted), s["trusted_after"]);
+    }
+    // The channel chain applies statement by statement; the message names
+    // its epoch and opens for bob's phone.
+    let chain = &v2["channels"];
+    let channel_id = chain["channel_id"].as_str().unwrap();
+    let mut channel = ChannelState::empty(channel_id);
+    for s in chain["chain"].as_array().unwrap() {
+        if let Some(envelope) = s.get("envelope") {
+            let opened = ParsedEnvelope::parse(&unhex(envelope))
+                .unwrap()
+                .open(
+                    &Opener {
+                        card_id: *verified[1].id().as_bytes(),
+                        secret: &EncryptionSecret::from_bytes([0x22; 32]),
+                    },
+                    &ExpectedSender {
+                        identity: "alice",
+                        card_id: *alice.id().as_bytes(),
+                        key: alice.signing_key(),
+                    },
+                )
+                .unwrap();
+            let epoch = opened.epoch.unwrap();
+            assert_eq!(epoch.number, s["epoch"].as_u64().unwrap());
+            assert_eq!(h(&epoch.hash), s["epoch_hash"].as_str().unwrap());
+            assert_eq!(channel.hash_at(epoch.number), Some(epoch.hash));
+            assert_eq!(opened.body, s["body"].as_str().unwrap().as_bytes());
+            continue;
+        }
+        let parsed = ParsedChannelStatement::parse(SignedChannelStatement {
+            statement: unhex(&s["statement"]),
+            signature: unhex(&s["signature"]),
+        })
+        .unwrap();
+        assert_eq!(h(&parsed.hash()), s["statement_hash"].as_str().unwrap());
+        let signer = &cards[&parsed.signer()];
+        channel
+            .apply(&parsed, &StatementSigner::of(signer).unwrap())
+            .unwrap();
+        assert_eq!(members_json(&channel), s["members_after"]);
+        assert_eq!(channel.name(), s["name_after"].as_str().unwrap());
     }
     let code = &lists["approval_codes"][0];
     let card: CardId = code["card_id"].as_str().unwrap().parse().unwrap();

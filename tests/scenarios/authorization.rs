@@ -6,7 +6,7 @@ use tessera_card::{
     device_list::{Action, NewStatement},
     revocation,
 };
-use tessera_client::HistoryVisibility;
+use tessera_client::Visibility;
 use tessera_crypto::DeviceKeys;
 use tessera_proto::{
     Message,
@@ -60,7 +60,7 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
     let alice = cluster.device("alice", "alice", true).await;
     cluster.device("eve", "eve", true).await;
     let channel = alice
-        .create_channel("private", HistoryVisibility::Shared, &[])
+        .create_channel("private", Visibility::Shared, &[])
         .await
         .unwrap()
         .channel_id;

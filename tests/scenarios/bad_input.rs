@@ -1,7 +1,7 @@
 //! Bad input: malformed protobuf, oversized messages and fields, wrong key
 //! lengths, on every RPC: a clear status, and the services stay healthy.
 
-use tessera_client::HistoryVisibility;
+use tessera_client::Visibility;
 use tessera_proto::{
     Message,
     backup::v1::{OrgEncMsg, SubmitBackupRequest},
@@ -191,7 +191,7 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
         assert_eq!(c, Code::InvalidArgument, "{method}");
     }
     let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &[])
+        .create_channel("c", Visibility::Shared, &[])
         .await
         .unwrap()
         .channel_id;

@@ -13,7 +13,7 @@ use tessera_card::{
     device_list::{self, Action, NewStatement},
     transparency::{self, Tree, leaf_hash, sign_checkpoint},
 };
-use tessera_client::{ClientError, Endpoints, HistoryVisibility, TrustEvent};
+use tessera_client::{ClientError, Endpoints, TrustEvent, Visibility};
 use tessera_crypto::{
     DeviceKeys,
     envelope::{self, Draft, Recipient, Sender},
@@ -38,7 +38,10 @@ use crate::{app_key, cli, connect, service_token};
 /// A card for `identity` signed with the AppKey and registered at the key
 /// service without any of `identity`'s devices: what a hostile app server
 /// can do.
-async fn card_behind_their_back(cluster: &Cluster, identity: &str) -> (DeviceKeys, CardId) {
+pub(crate) async fn card_behind_their_back(
+    cluster: &Cluster,
+    identity: &str,
+) -> (DeviceKeys, CardId) {
     let keys = DeviceKeys::generate().unwrap();
     let mut card = NewCard {
         identity,
@@ -79,7 +82,7 @@ async fn a_card_the_server_made_is_pending_refused_and_flagged() {
         .await;
     let bob = cluster.device("bob", "bob", true).await;
     let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("c", Visibility::Shared, &["bob".into()])
         .await
         .unwrap()
         .channel_id;
@@ -204,7 +207,7 @@ async fn bob_approves_his_laptop_and_alices_next_message_reaches_both() {
     let phone = cluster.device("bob-phone", "bob", true).await;
     let laptop = cluster.device("bob-laptop", "bob", false).await;
     let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("c", Visibility::Shared, &["bob".into()])
         .await
         .unwrap()
         .channel_id;
@@ -270,7 +273,7 @@ async fn tokens_captured_at_the_key_service_or_the_backup_service_are_refused_by
     admin.set_org_member("alice", true).await.unwrap();
     let alice = cluster.reopen("alice");
     let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &[])
+        .create_channel("c", Visibility::Shared, &[])
         .await
         .unwrap()
         .channel_id;
@@ -591,7 +594,7 @@ async fn after_an_identity_reset_contacts_see_the_change_and_lose_their_verified
     let alice = cluster.device("alice", "alice", true).await;
     let phone = cluster.device("bob-phone", "bob", true).await;
     let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("c", Visibility::Shared, &["bob".into()])
         .await
         .unwrap()
         .channel_id;

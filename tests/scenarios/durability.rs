@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use tessera_card::{CardId, app_sign, transparency};
-use tessera_client::{Client, ClientError, HistoryVisibility};
+use tessera_client::{Client, ClientError, Visibility};
 use tessera_crypto::envelope::CONTENT_TYPE_TEXT;
 use tessera_proto::kms::v1::{
     GetCardRequest, GetConsistencyProofRequest, RegisterCardRequest,
@@ -64,7 +64,7 @@ async fn acknowledged_messages_survive_app_server_crashes() {
     let alice = Arc::new(cluster.device("alice", "alice", true).await);
     let bob = cluster.device("bob", "bob", true).await;
     let channel = alice
-        .create_channel("crashes", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("crashes", Visibility::Shared, &["bob".into()])
         .await
         .unwrap()
         .channel_id;

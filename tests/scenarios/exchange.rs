@@ -2,7 +2,7 @@
 //! and verifies; the sender's other devices see the message too.
 
 use futures_util::StreamExt;
-use tessera_client::HistoryVisibility;
+use tessera_client::Visibility;
 use tessera_testkit::Cluster;
 
 use crate::text;
@@ -13,11 +13,14 @@ async fn every_device_of_every_member_decrypts_and_verifies() {
     let users = cluster.users(&["alice", "bob"], 3).await;
     let (alice, bob) = (&users["alice"], &users["bob"]);
     let channel = alice[0]
-        .create_channel("team", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("team", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     // Bob's third device is listening live before the message is sent.
-    let mut live = bob[2].subscribe(&channel.channel_id, 0).await.unwrap();
+    let mut live = bob[2]
+        .subscribe_messages(&channel.channel_id, 0)
+        .await
+        .unwrap();
 
     let sent = alice[0]
         .send_text(&channel.channel_id, "to all six devices")
@@ -49,7 +52,10 @@ async fn every_device_of_every_member_decrypts_and_verifies() {
 
     // A live subscription stays open across the reply below, and the
     // services still stop cleanly on SIGTERM at the end.
-    let mut open_stream = bob[0].subscribe(&channel.channel_id, 0).await.unwrap();
+    let mut open_stream = bob[0]
+        .subscribe_messages(&channel.channel_id, 0)
+        .await
+        .unwrap();
 
     // A reply from bob reaches alice's devices, bob's own other devices too.
     bob[1]

@@ -10,6 +10,7 @@
 
 mod authorization;
 mod bad_input;
+mod channels;
 mod device_lists;
 mod durability;
 mod exchange;
@@ -28,7 +29,7 @@ mod transparency;
 use std::time::Duration;
 
 use tessera_card::transparency::{VerifiedCheckpoint, verify_checkpoint};
-use tessera_client::{Client, Content, Endpoints, HistoryVisibility, Received};
+use tessera_client::{Client, Content, Endpoints, Received, Visibility};
 use tessera_crypto::{SigningKey, keystore};
 use tessera_proto::server::v1::{IssueTokenRequest, LoginRequest, accounts_client::AccountsClient};
 use tessera_proto::{
@@ -176,7 +177,7 @@ pub(crate) async fn alice_and_org_member_bob(cluster: &Cluster) -> (Client, Clie
 pub(crate) async fn channel(creator: &Client, name: &str, members: &[&str]) -> String {
     let members: Vec<String> = members.iter().map(|m| (*m).to_owned()).collect();
     creator
-        .create_channel(name, HistoryVisibility::Shared, &members)
+        .create_channel(name, Visibility::Shared, &members)
         .await
         .unwrap()
         .channel_id

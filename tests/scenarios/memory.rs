@@ -6,7 +6,7 @@
 //! before the calls).
 
 use futures_util::future::join_all;
-use tessera_client::HistoryVisibility;
+use tessera_client::Visibility;
 use tessera_proto::{
     Message as _,
     envelope::v1::{Envelope, EnvelopeHeader, Stanza},
@@ -46,7 +46,7 @@ async fn ten_parallel_worst_case_calls_keep_the_app_server_under_its_memory_boun
     let cluster = Cluster::start().await;
     let alice = cluster.device("alice", "alice", true).await;
     let channel_id = alice
-        .create_channel("big", HistoryVisibility::Shared, &[])
+        .create_channel("big", Visibility::Shared, &[])
         .await
         .unwrap()
         .channel_id;

@@ -5,7 +5,7 @@
 //! specific error.
 
 use tessera_card::{CardKind, NewCard, app_sign, kms_sign};
-use tessera_client::{ClientError, Endpoints, HistoryVisibility};
+use tessera_client::{ClientError, Endpoints, Visibility};
 use tessera_crypto::{
     DeviceKeys, SigningKey,
     envelope::{self, Draft, Recipient, Sender},
@@ -51,7 +51,7 @@ async fn a_card_signed_with_another_app_key_or_altered_is_refused() {
     let alice = alice_behind(&cluster, &directory).await;
     cluster.device("bob", "bob", true).await;
     let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("c", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     alice
@@ -139,7 +139,7 @@ async fn messages_of_a_revoked_card_are_refused() {
     let bob0 = cluster.device("bob-0", "bob", true).await;
     let bob1 = cluster.approved_device("bob-1", &bob0).await;
     let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("c", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     bob1.send_text(&channel.channel_id, "from my old phone")

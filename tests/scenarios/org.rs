@@ -2,7 +2,7 @@
 //! server re-sending stored EncMsgs, and the organisation re-encrypting
 //! OrgEncMsgs for a device enrolled later.
 
-use tessera_client::{HistoryVisibility, Source};
+use tessera_client::{Source, Visibility};
 use tessera_testkit::Cluster;
 
 use crate::text;
@@ -20,7 +20,7 @@ async fn org_backup_and_both_history_sync_options() {
     assert!(bob0.is_org_member().await.unwrap());
 
     let channel = alice
-        .create_channel("contract", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("contract", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     let lines = ["clause 1", "clause 2", "clause 3"];

@@ -111,11 +111,7 @@ async fn client_key_never_leaves_the_device_and_cards_carry_three_signatures() {
         String::from_utf8_lossy(&out.stderr)
     );
     let channel = alice
-        .create_channel(
-            "hello",
-            tessera_client::HistoryVisibility::Shared,
-            &["bob".into()],
-        )
+        .create_channel("hello", tessera_client::Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     alice

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
-use tessera_client::HistoryVisibility;
+use tessera_client::Visibility;
 use tessera_proto::{
     Message as _,
     envelope::v1::{Envelope, EnvelopeHeader},
@@ -32,16 +32,12 @@ async fn hostile_relay_attacks_are_rejected() {
     cluster.device("carol", "carol", true).await;
     let bob = behind_relay(&cluster, &relay, "bob", "bob").await;
     let c1 = alice
-        .create_channel(
-            "one",
-            HistoryVisibility::Shared,
-            &["bob".into(), "carol".into()],
-        )
+        .create_channel("one", Visibility::Shared, &["bob".into(), "carol".into()])
         .await
         .unwrap()
         .channel_id;
     let c2 = alice
-        .create_channel("two", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("two", Visibility::Shared, &["bob".into()])
         .await
         .unwrap()
         .channel_id;
@@ -133,7 +129,7 @@ async fn hostile_relay_attacks_are_rejected() {
             *counter.lock().unwrap() += 1;
             m.envelope[10] ^= 0xff;
         }));
-    let mut live = bob.subscribe(&c1, 0).await.unwrap();
+    let mut live = bob.subscribe_messages(&c1, 0).await.unwrap();
     alice.send_text(&c1, "live").await.unwrap();
     let stored = tokio::time::timeout(std::time::Duration::from_secs(20), live.next())
         .await

@@ -4,7 +4,7 @@
 //! message is exchanged, backed up and synced to a new device; a client
 //! that does not trust the certificate is refused with a clear error.
 
-use tessera_client::{Client, ClientError, Endpoints, Enrollment, HistoryVisibility};
+use tessera_client::{Client, ClientError, Endpoints, Enrollment, Visibility};
 use tessera_testkit::{Cluster, PASSPHRASE};
 
 use crate::text;
@@ -19,7 +19,7 @@ async fn every_hop_over_tls() {
     admin.set_org_member("bob", true).await.unwrap();
 
     let channel = alice
-        .create_channel("tls", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("tls", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     alice

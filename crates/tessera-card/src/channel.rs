@@ -121,7 +121,8 @@ impl fmt::Display for Visibility {
 }
 
 /// What one statement changes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Change {
     Create {
         name: String,
@@ -626,6 +627,13 @@ impl ChannelState {
         last.until.is_none().then_some(last.from)
     }
 
+    fn admins(&self) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.role == Role::Admin)
+            .count()
+    }
+
     fn admin(&self, identity: &str) -> Result<(), ChannelError> {
         match self.members.get(identity) {
             Some(m) if m.role == Role::Admin => Ok(()),
@@ -668,9 +676,9 @@ impl ChannelState {
             });
         }
         let by = statement.signer_identity.clone();
-        let mut next = self.members.clone();
         let epoch = statement.epoch;
-        match &statement.change {
+        // Every check comes before the first change to `self`.
+        let (joined, gone): (Vec<String>, Option<String>) = match &statement.change {
             Change::Create {
                 name,
                 visibility,
@@ -679,7 +687,7 @@ impl ChannelState {
                 if !members.iter().any(|(i, r)| *i == by && *r == Role::Admin) {
                     return Err(ChannelError::NotAnAdmin(by));
                 }
-                next = members
+                self.members = members
                     .iter()
                     .map(|(identity, role)| {
                         (
@@ -694,16 +702,17 @@ impl ChannelState {
                     .collect();
                 self.name = name.clone();
                 self.visibility = *visibility;
+                (members.iter().map(|(i, _)| i.clone()).collect(), None)
             }
             Change::Add { identity, role } => {
                 self.admin(&by)?;
-                if next.contains_key(identity) {
+                if self.members.contains_key(identity) {
                     return Err(ChannelError::AlreadyMember(identity.clone()));
                 }
-                if next.len() >= MAX_MEMBERS {
+                if self.members.len() >= MAX_MEMBERS {
                     return Err(ChannelError::TooManyMembers);
                 }
-                next.insert(
+                self.members.insert(
                     identity.clone(),
                     Member {
                         role: *role,
@@ -711,52 +720,68 @@ impl ChannelState {
                         added_by: by.clone(),
                     },
                 );
+                (vec![identity.clone()], None)
             }
             Change::Remove { identity } => {
                 self.admin(&by)?;
                 if *identity == by {
                     return Err(ChannelError::RemovesSelf);
                 }
-                if next.remove(identity).is_none() {
+                // The remover is an admin and stays: an admin remains.
+                if self.members.remove(identity).is_none() {
                     return Err(ChannelError::NotAMember(identity.clone()));
                 }
+                (Vec::new(), Some(identity.clone()))
             }
             Change::SetRole { identity, role } => {
                 self.admin(&by)?;
-                let member = next
-                    .get_mut(identity)
-                    .ok_or_else(|| ChannelError::NotAMember(identity.clone()))?;
-                member.role = *role;
+                let current = self
+                    .members
+                    .get(identity)
+                    .ok_or_else(|| ChannelError::NotAMember(identity.clone()))?
+                    .role;
+                if current == Role::Admin && *role != Role::Admin && self.admins() == 1 {
+                    return Err(ChannelError::NoAdminLeft);
+                }
+                if let Some(member) = self.members.get_mut(identity) {
+                    member.role = *role;
+                }
+                (Vec::new(), None)
             }
             Change::SetVisibility(v) => {
                 self.admin(&by)?;
                 self.visibility = *v;
+                (Vec::new(), None)
             }
             Change::Rename(name) => {
                 self.admin(&by)?;
                 self.name = name.clone();
+                (Vec::new(), None)
             }
             Change::Leave => {
-                if next.remove(&by).is_none() {
-                    return Err(ChannelError::NotAMember(by));
+                let role = self
+                    .members
+                    .get(&by)
+                    .ok_or_else(|| ChannelError::NotAMember(by.clone()))?
+                    .role;
+                if role == Role::Admin && self.admins() == 1 && self.members.len() > 1 {
+                    return Err(ChannelError::NoAdminLeft);
                 }
+                self.members.remove(&by);
+                (Vec::new(), Some(by.clone()))
             }
-        }
-        if !next.is_empty() && !next.values().any(|m| m.role == Role::Admin) {
-            return Err(ChannelError::NoAdminLeft);
-        }
-        for identity in next.keys().filter(|i| !self.members.contains_key(*i)) {
-            self.spans.entry(identity.clone()).or_default().push(Span {
+        };
+        for identity in joined {
+            self.spans.entry(identity).or_default().push(Span {
                 from: epoch,
                 until: None,
             });
         }
-        for identity in self.members.keys().filter(|i| !next.contains_key(*i)) {
-            if let Some(span) = self.spans.get_mut(identity).and_then(|s| s.last_mut()) {
-                span.until = Some(epoch);
-            }
+        if let Some(identity) = gone
+            && let Some(span) = self.spans.get_mut(&identity).and_then(|s| s.last_mut())
+        {
+            span.until = Some(epoch);
         }
-        self.members = next;
         self.hashes.push(statement.hash);
         Ok(statement.change.clone())
     }

@@ -225,7 +225,7 @@ pub(crate) enum Visibility {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ChannelCommand {
-    /// Create a channel.
+    /// Create a channel (this device signs its creation; you are its admin).
     Create {
         name: String,
         /// Further members, comma-separated.
@@ -235,13 +235,42 @@ pub(crate) enum ChannelCommand {
         visibility: Visibility,
     },
     /// Add a member (channel admins only).
-    Add { channel: String, identity: String },
-    /// Remove a member (admins; anyone may remove themselves).
+    Add {
+        channel: String,
+        identity: String,
+        /// Add them as an admin.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Remove a member (channel admins only; to remove yourself, `leave`).
     Remove { channel: String, identity: String },
-    /// Your channels.
+    /// Leave a channel.
+    Leave { channel: String },
+    /// Make a member an admin or a plain member (channel admins only).
+    Role {
+        channel: String,
+        identity: String,
+        #[arg(value_enum)]
+        role: RoleArg,
+    },
+    /// Rename a channel (channel admins only).
+    Rename { channel: String, name: String },
+    /// Change who sees history from before they joined (channel admins only).
+    Visibility {
+        channel: String,
+        #[arg(value_enum)]
+        visibility: Visibility,
+    },
+    /// Your channels (as the app server lists them).
     List,
-    /// A channel and its members.
+    /// A channel's verified membership: epoch, members, who added each.
     Show { channel: String },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum RoleArg {
+    Member,
+    Admin,
 }
 
 #[derive(Subcommand, Debug)]

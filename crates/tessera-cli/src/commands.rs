@@ -6,14 +6,14 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tessera_client::{
     Approval, CardId, CheckpointView, Client, ClientError, Content, Endpoints, Enrollment,
-    ExistingFile, HistoryVisibility, Home, KdfParams, Origin, Received, Source, TrustEvent,
-    approval_code, safe_file_name,
+    ExistingFile, Home, KdfParams, Origin, Received, Source, TrustEvent, approval_code,
+    channel_event::Event, safe_file_name,
 };
 use tessera_crypto::VerifyingKey;
 use zeroize::Zeroizing;
 
 use crate::{
-    cli::{AdminCommand, ChannelCommand, DeviceCommand, Joining, OrgCommand, Visibility},
+    cli::{AdminCommand, DeviceCommand, Joining, OrgCommand},
     error::CliError,
 };
 
@@ -571,74 +571,6 @@ impl Ctx {
         }
     }
 
-    pub(crate) async fn channel(&self, cmd: ChannelCommand) -> Result<(), CliError> {
-        let c = self.open()?;
-        let show = |ch: &tessera_client::Channel| {
-            let members: Vec<&str> = ch.members.iter().map(|m| m.identity.as_str()).collect();
-            let text = format!(
-                "{}  {}  ({}, {} messages){}",
-                ch.channel_id,
-                ch.name,
-                if ch.history_visibility == HistoryVisibility::Joined as i32 {
-                    "joined"
-                } else {
-                    "shared"
-                },
-                ch.next_index.saturating_sub(1),
-                if members.is_empty() {
-                    String::new()
-                } else {
-                    format!("\n  members: {}", members.join(", "))
-                }
-            );
-            let value = json!({"channel_id": ch.channel_id, "name": ch.name, "creator": ch.creator, "members": members, "messages": ch.next_index.saturating_sub(1), "visible_from_index": ch.visible_from_index});
-            (text, value)
-        };
-        match cmd {
-            ChannelCommand::Create {
-                name,
-                members,
-                visibility,
-            } => {
-                let vis = match visibility {
-                    Visibility::Shared => HistoryVisibility::Shared,
-                    Visibility::Joined => HistoryVisibility::Joined,
-                };
-                let ch = c.create_channel(&name, vis, &members).await?;
-                let (t, v) = show(&ch);
-                self.out(|| t, || v);
-            }
-            ChannelCommand::Add { channel, identity } => {
-                let id = self.channel_id(&c, &channel).await?;
-                let (t, v) = show(&c.add_member(&id, &identity).await?);
-                self.out(|| t, || v);
-            }
-            ChannelCommand::Remove { channel, identity } => {
-                let id = self.channel_id(&c, &channel).await?;
-                let (t, v) = show(&c.remove_member(&id, &identity).await?);
-                self.out(|| t, || v);
-            }
-            ChannelCommand::List => {
-                let all: Vec<_> = c.channels().await?.iter().map(show).collect();
-                self.out(
-                    || {
-                        all.iter()
-                            .map(|(t, _)| t.clone())
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    },
-                    || json!(all.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>()),
-                );
-            }
-            ChannelCommand::Show { channel } => {
-                let id = self.channel_id(&c, &channel).await?;
-                let (t, v) = show(&c.channel(&id).await?);
-                self.out(|| t, || v);
-            }
-        }
-        Ok(())
-    }
-
     pub(crate) async fn send(&self, channel: &str, text: &str) -> Result<(), CliError> {
         let c = self.open()?;
         let id = self.channel_id(&c, channel).await?;
@@ -653,9 +585,12 @@ impl Ctx {
         let sent = c.send_text(&id, &body).await?;
         self.warn_events(&sent.events);
         self.warn_unsent(&sent);
+        if !self.json {
+            self.print_changes(&sent.membership_changes);
+        }
         self.out(
-            || format!("sent as message {} (encrypted to {} devices)", sent.index, sent.recipients.len()),
-            || json!({"index": sent.index, "message_id": hex::encode(sent.message_id), "recipients": sent.recipients.iter().map(|r| r.to_string()).collect::<Vec<_>>(), "duplicate": sent.duplicate}),
+            || format!("sent as message {} (epoch {}, encrypted to {} devices)", sent.index, sent.epoch, sent.recipients.len()),
+            || json!({"index": sent.index, "epoch": sent.epoch, "message_id": hex::encode(sent.message_id), "recipients": sent.recipients.iter().map(|r| r.to_string()).collect::<Vec<_>>(), "duplicate": sent.duplicate}),
         );
         Ok(())
     }
@@ -767,6 +702,17 @@ impl Ctx {
         } else {
             ""
         };
+        let unverified_membership = if r.epoch.is_none() {
+            " (membership unverified: channel made before protocol v2)"
+        } else {
+            ""
+        };
+        self.warn_events(&r.events);
+        if !self.json {
+            for d in &r.recipient_differences {
+                eprintln!("note: message {}: {d}", r.index);
+            }
+        }
         if r.sender_reset_unacknowledged && !self.json {
             eprintln!(
                 "warning: {} RESET their identity and you have not verified them since: check before you trust this (tessera verify {})",
@@ -774,8 +720,8 @@ impl Ctx {
             );
         }
         self.out(
-            || format!("#{} {} ({}){via}: {what}", r.index, r.sender_identity, r.sender_device),
-            || json!({"index": r.index, "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": verified, "sender_reset_unverified": r.sender_reset_unacknowledged}),
+            || format!("#{} {} ({}){via}{unverified_membership}: {what}", r.index, r.sender_identity, r.sender_device),
+            || json!({"index": r.index, "epoch": r.epoch, "recipient_differences": r.recipient_differences.iter().map(ToString::to_string).collect::<Vec<_>>(), "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": verified, "sender_reset_unverified": r.sender_reset_unacknowledged}),
         );
     }
 
@@ -799,9 +745,13 @@ impl Ctx {
     ) -> Result<(), CliError> {
         let c = self.open()?;
         let id = self.channel_id(&c, channel).await?;
+        c.verified_channel(&id).await?;
         let page = c.history(&id, anchor, limit, backward).await?;
         let mut refused = 0;
+        let mut previous = None;
         for (index, result) in &page.messages {
+            self.print_changes_placed(&c, &id, previous.map_or(*index, |p: u64| p + 1), index + 1)?;
+            previous = Some(*index);
             let shown = match result {
                 Ok(r) => self.show_received(&c, r).await,
                 Err(e) => {
@@ -810,6 +760,16 @@ impl Ctx {
                 }
             };
             refused += usize::from(!shown);
+        }
+        // Changes after the newest message, on the page that ends there.
+        let newest = if backward {
+            anchor == 0
+        } else {
+            page.next_anchor == 0
+        };
+        if newest {
+            let after = previous.map_or(anchor.max(1), |p| p + 1);
+            self.print_changes_placed(&c, &id, after, u64::MAX)?;
         }
         if page.next_anchor != 0 && !self.json {
             eprintln!(
@@ -834,10 +794,14 @@ impl Ctx {
         // "Only new messages" is pinned to an index now, so a reconnect
         // resumes from there and nothing sent during an outage is lost
         // (subscribing from 0 again would skip it).
+        let view = c.channel(&id).await?;
         let mut next = match from {
             Some(n) => n,
-            None => c.channel(&id).await?.next_index,
+            None => view.served.next_index,
         };
+        // Membership changes are shown from here on, in order with the
+        // messages: those up to the first message's epoch before it.
+        let mut shown_through = view.verified.state.length();
         let mut seen = 0u64;
         let mut refused = 0;
         let mut backoff = RECONNECT_FIRST;
@@ -871,8 +835,8 @@ impl Ctx {
                     item = stream.next() => item,
                     _ = tokio::signal::ctrl_c() => break 'outer,
                 };
-                let stored = match item {
-                    Some(Ok(m)) => m,
+                let event = match item {
+                    Some(Ok(e)) => e.event,
                     Some(Err(status)) if resumable(&status) => {
                         // A server restart, the connection lost, or the
                         // token expired: resume from the next index (with a
@@ -892,7 +856,29 @@ impl Ctx {
                     None => continue 'outer,
                 };
                 backoff = RECONNECT_FIRST;
+                let stored = match event {
+                    Some(Event::Message(m)) => m,
+                    Some(Event::ChainLength(length)) => {
+                        if length > shown_through {
+                            let verified = c.verified_channel(&id).await?;
+                            let to = verified.state.length();
+                            self.print_changes(&c.membership_changes(&id, shown_through, to)?);
+                            shown_through = shown_through.max(to);
+                        }
+                        continue;
+                    }
+                    None => continue,
+                };
                 next = stored.index + 1;
+                if stored.epoch >= shown_through {
+                    // The message names a later epoch: its changes first
+                    // (opening it verifies the chain that far).
+                    if let Ok(verified) = c.verified_channel(&id).await {
+                        let to = verified.state.length().min(stored.epoch + 1);
+                        self.print_changes(&c.membership_changes(&id, shown_through, to)?);
+                        shown_through = shown_through.max(to);
+                    }
+                }
                 match c.open_message(&stored).await {
                     Ok(r) if self.show_received(&c, &r).await => {
                         let _ = c.set_read_horizon(&id, r.index).await;

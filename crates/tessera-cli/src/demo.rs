@@ -4,9 +4,13 @@
 
 use std::path::Path;
 
-use tessera_card::{CardKind, NewCard, app_sign, kms_sign};
+use tessera_card::{
+    CardKind, NewCard, app_sign,
+    channel::{Change, NewChannelStatement, Role},
+    kms_sign,
+};
 use tessera_client::{
-    Approval, Client, Content, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams, Source,
+    Approval, Client, Content, Endpoints, Enrollment, Home, KdfParams, Source, Visibility,
     approval_code,
 };
 use tessera_crypto::{DeviceKeys, SigningKey, envelope::ParsedEnvelope};
@@ -265,7 +269,7 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
     let step = "message exchange";
     d.title("alice sends to bob: EncMsg = Enc(Msg, every device of every member)");
     let channel = alice_laptop
-        .create_channel("deal", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("deal", Visibility::Shared, &["bob".into()])
         .await?;
     let secret = "Bob, the price is 4.2 million. Keep it quiet.";
     let sent = alice_laptop.send_text(&channel.channel_id, secret).await?;
@@ -503,7 +507,69 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
         .await?;
     println!("   bob revokes it");
 
-    // 10. Tampered message.
+    // 10. A ghost member.
+    let step = "channel membership";
+    d.title("The app server adds an account of its own, mallory, to the deal channel: bob's client refuses the ghost");
+    let mallory = d.device("mallory", "mallory", true).await?;
+    d.relay
+        .control
+        .set_tamper(hostile::ghost_member("mallory".into()));
+    let view = bob_phone.channel(&channel.channel_id).await?;
+    check(
+        view.unverified_members == ["mallory"],
+        step,
+        "bob's client did not notice a member nobody added",
+    )?;
+    let sent = bob_phone
+        .send_text(&channel.channel_id, "Agreed, 4.2 it is.")
+        .await?;
+    check(
+        !sent.recipients.contains(&mallory.card_id()),
+        step,
+        "bob encrypted to the ghost",
+    )?;
+    println!(
+        "   the server's member list names mallory; the channel's signed membership chain does not: bob's message goes to {} cards, none of mallory's",
+        sent.recipients.len()
+    );
+    // The server goes further: it slips a statement "mallory joins", signed
+    // by mallory's own device, into the chain it serves.
+    let state = bob_phone.verified_channel(&channel.channel_id).await?.state;
+    let keys = tessera_crypto::keystore::load(
+        &d.home.profile_dir("mallory").join("device.key"),
+        Some(PASSPHRASE),
+    )
+    .and_then(|k| k.into_device())
+    .map_err(|e| fail(step, e.to_string()))?;
+    let joins = NewChannelStatement {
+        channel_id: &channel.channel_id,
+        epoch: state.length(),
+        previous_hash: state.head(),
+        signer_identity: "mallory",
+        signer: mallory.card_id(),
+        created_at: tessera_service::now_secs(),
+        change: Change::Add {
+            identity: "mallory".into(),
+            role: Role::Member,
+        },
+    }
+    .sign(&keys.signing);
+    d.relay.control.set_tamper(hostile::both(
+        hostile::ghost_member("mallory".into()),
+        hostile::append_statement(channel.channel_id.clone(), joins),
+    ));
+    match bob_phone
+        .send_text(&channel.channel_id, "Is mallory with us?")
+        .await
+    {
+        Err(e @ tessera_client::ClientError::Channel { .. }) => println!("   refused: {e}"),
+        Err(e) => return Err(fail(step, format!("failed for another reason: {e}"))),
+        Ok(_) => return Err(fail(step, "the forged statement was accepted")),
+    }
+    d.relay.control.set_tamper(hostile::honest());
+    println!("   (nothing was sent: only a member with the right role can sign a change)");
+
+    // 11. Tampered message.
     let step = "tampered message";
     d.title("The relay turns hostile and flips one bit of each message: bob's client refuses them");
     d.relay.control.set_tamper(hostile::rewrite_messages(|m| {
@@ -522,7 +588,7 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
         println!("   refused: {e}");
     }
 
-    // 11. Safety numbers.
+    // 12. Safety numbers.
     let step = "safety numbers";
     d.title("alice and bob compare safety numbers");
     let a = alice_laptop.safety_number("bob").await?;

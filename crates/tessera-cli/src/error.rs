@@ -46,6 +46,7 @@ impl CliError {
                 ClientError::CardRejected { .. }
                 | ClientError::Fork(_)
                 | ClientError::DeviceList { .. }
+                | ClientError::Channel { .. }
                 | ClientError::BadMessage { .. }
                 | ClientError::History { .. } => 6,
                 ClientError::Keystore(tessera_crypto::keystore::KeystoreError::WrongPassphrase) => {
@@ -80,6 +81,9 @@ impl CliError {
             }
             Self::Client(ClientError::CardRejected { .. }) => {
                 Some("the directory served a card that does not verify: do not trust this contact until it is resolved".into())
+            }
+            Self::Client(ClientError::Channel { .. }) => {
+                Some("do not trust who the app server says is in this channel until this is resolved; compare `tessera channel show` with the other members".into())
             }
             Self::Client(ClientError::Fork(_)) => {
                 Some("the key directory may be attacked; compare `tessera audit` with other users".into())

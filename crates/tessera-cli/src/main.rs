@@ -7,6 +7,7 @@
     reason = "a command-line tool prints"
 )]
 
+mod channels;
 mod cli;
 mod commands;
 mod demo;

@@ -474,6 +474,7 @@ impl Client {
             info.card.device_name(),
             Source::Organisation,
         )
+        .await
     }
 }
 

@@ -144,7 +144,18 @@ pub struct Client {
         Mutex<HashMap<CardId, (tessera_card::record::CheckedRecord, std::time::Instant)>>,
     pub(crate) org: Mutex<Option<crate::backup::OrgInfo>>,
     pub(crate) replay: state::ReplayLog,
+    /// Approved devices of each (channel, epoch)'s members, with when they
+    /// were fetched: what opening a message compares its recipients with.
+    pub(crate) epoch_devices: Mutex<EpochDevices>,
 }
+
+pub(crate) type EpochDevices = HashMap<
+    (String, u64),
+    (
+        std::collections::BTreeMap<CardId, String>,
+        std::time::Instant,
+    ),
+>;
 
 pub(crate) fn channel(
     service: &'static str,
@@ -332,6 +343,7 @@ impl Client {
             card_cache: Mutex::new(HashMap::new()),
             org: Mutex::new(None),
             replay: state::ReplayLog::new(&dir),
+            epoch_devices: Mutex::new(HashMap::new()),
             config,
         };
         // The registered card is checked like any other: signatures and log inclusion.
@@ -410,6 +422,7 @@ impl Client {
             card_cache: Mutex::new(HashMap::new()),
             org: Mutex::new(None),
             replay: state::ReplayLog::new(&dir),
+            epoch_devices: Mutex::new(HashMap::new()),
             dir,
             config,
         })

@@ -697,7 +697,38 @@ impl Client {
         identity: &str,
         kind: CardKind,
     ) -> Result<CheckedRecord, ClientError> {
+        self.fetch_card_as(id, Some(identity), kind).await
+    }
+
+    /// [`Self::fetch_card`] for an expected identity, or (`None`) whichever
+    /// identity the card verifies under.
+    async fn fetch_card_as(
+        &self,
+        id: &CardId,
+        identity: Option<&str>,
+        kind: CardKind,
+    ) -> Result<CheckedRecord, ClientError> {
         let (record, checkpoint) = self.fresh(|| self.get_card_once(id)).await?;
+        let claimed;
+        let identity = match identity {
+            Some(i) => i,
+            None => {
+                claimed = transparency::registered_card(&record.registration_entry)
+                    .ok()
+                    .and_then(|c| tessera_card::ParsedCard::parse(c).ok())
+                    .map(|c| c.identity().to_owned())
+                    .ok_or_else(|| {
+                        ClientError::card(
+                            "(unknown)",
+                            Some(*id),
+                            tessera_card::CardError::Malformed(
+                                "the key service's record holds no readable card",
+                            ),
+                        )
+                    })?;
+                &claimed
+            }
+        };
         let checked = self.check_record(&record, &checkpoint, identity, kind)?;
         if &checked.card.id() != id {
             return Err(ClientError::card(
@@ -710,6 +741,23 @@ impl Client {
         }
         self.cache_record(&checked);
         Ok(checked)
+    }
+
+    /// The client card with `id`, verified under whichever identity owns
+    /// it (from the cache for up to a minute).
+    pub(crate) async fn card_owner(&self, id: &CardId) -> Result<CardInfo, ClientError> {
+        let cached = self
+            .card_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(id).cloned())
+            .filter(|(r, at)| r.card.kind() == CardKind::Client && at.elapsed() < CACHE_FOR);
+        match cached {
+            Some((record, _)) => Ok(CardInfo::from_record(&record)),
+            None => Ok(CardInfo::from_record(
+                &self.fetch_card_as(id, None, CardKind::Client).await?,
+            )),
+        }
     }
 
     async fn get_card_once(

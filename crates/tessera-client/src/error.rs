@@ -54,6 +54,13 @@ pub enum ClientError {
         identity: String,
         reason: tessera_card::device_list::DeviceListError,
     },
+    #[error(
+        "the membership chain of channel {channel_id} refused: {reason}: the app server may be lying about who is in the channel"
+    )]
+    Channel {
+        channel_id: String,
+        reason: tessera_card::channel::ChannelError,
+    },
     #[error("message refused: {0}")]
     Message(String),
     #[error("the organisation's history of {channel_id} refused: {reason}")]

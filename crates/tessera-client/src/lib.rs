@@ -14,6 +14,7 @@
 //! ([`Client::safety_number`], [`Client::audit`]).
 
 mod backup;
+mod channels;
 mod client;
 mod devices;
 mod directory;
@@ -27,6 +28,7 @@ mod state;
 mod trust;
 
 pub use backup::{HistoryEntry, OrgInfo};
+pub use channels::{ChannelView, MembershipChange, RecipientDifference, VerifiedChannel};
 pub use client::{Approval, Client, Enrollment};
 pub use devices::OwnDevices;
 pub use directory::{CardInfo, Devices, TrustEvent};
@@ -38,11 +40,14 @@ pub use profile::{Endpoints, Home, ProfileConfig, validate_profile_name};
 pub use trust::{AuditReport, AuditedCard, AuditedStatement, Origin, SafetyCheck};
 
 pub use tessera_card::{
-    CardId, VerifiedCard, device_list::approval_code, safety_number::SafetyNumber,
+    CardId, VerifiedCard,
+    channel::{Change, ChannelState, Role, Visibility},
+    device_list::approval_code,
+    safety_number::SafetyNumber,
 };
 pub use tessera_crypto::keystore::KdfParams;
 pub use tessera_proto::{
     envelope::v1::FileAttachment,
     kms::v1::CardStatus,
-    server::v1::{Channel, Device, HistoryVisibility, Member, StoredMessage},
+    server::v1::{Channel, ChannelEvent, Device, Member, StoredMessage, channel_event},
 };

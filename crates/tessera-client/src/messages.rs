@@ -7,22 +7,28 @@ use std::fmt;
 
 use tessera_card::{CardId, CardKind};
 use tessera_crypto::envelope::{
-    self, CONTENT_TYPE_FILE, CONTENT_TYPE_TEXT, Draft, ExpectedSender, Opener, ParsedEnvelope,
-    Recipient, Sender, VerifiedPayload,
+    self, CONTENT_TYPE_FILE, CONTENT_TYPE_TEXT, Draft, Epoch, ExpectedSender, Opener,
+    ParsedEnvelope, Recipient, Sender, VerifiedPayload,
 };
 use tessera_proto::{
     Message as _,
     envelope::v1::FileAttachment,
     kms::v1::CardStatus,
     server::v1::{
-        AddMemberRequest, Channel, CreateChannelRequest, Direction, GetChannelRequest,
-        GetReadHorizonRequest, HistoryVisibility, ListChannelsRequest, ListMessagesRequest,
-        RemoveMemberRequest, SendMessageRequest, SetReadHorizonRequest, StoredMessage,
-        SubscribeRequest, channels_client::ChannelsClient,
+        Channel, ChannelEvent, Direction, GetReadHorizonRequest, ListChannelsRequest,
+        ListMessagesRequest, SendMessageRequest, SetReadHorizonRequest, StoredMessage,
+        SubscribeRequest, channel_event, channels_client::ChannelsClient,
     },
 };
 
-use crate::{CardInfo, Client, ClientError, TrustEvent, client::now_ms, error::rpc};
+use crate::{
+    CardInfo, Client, ClientError, MembershipChange, RecipientDifference, TrustEvent,
+    client::now_ms, error::rpc,
+};
+
+/// How many times a message is sealed again when the membership changed
+/// meanwhile (the app server answers ABORTED).
+const SEND_ATTEMPTS: usize = 3;
 
 /// Largest message body a client sends (Twilio's limit is 32 KB).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -73,6 +79,15 @@ pub struct Received {
     /// The sender reset their identity (section 12 of the protocol) and the
     /// user has not verified them again: show it with the message.
     pub sender_reset_unacknowledged: bool,
+    /// The membership epoch the sender sealed under (checked against the
+    /// verified chain); `None` in a channel made before protocol v2, whose
+    /// membership nobody signed.
+    pub epoch: Option<u64>,
+    /// How the recipients differ from the epoch's members' approved devices
+    /// as this device sees them now (see [`RecipientDifference`]).
+    pub recipient_differences: Vec<RecipientDifference>,
+    /// Device changes noticed while checking the recipients.
+    pub events: Vec<TrustEvent>,
     pub(crate) payload: VerifiedPayload,
 }
 
@@ -111,6 +126,10 @@ pub struct Sent {
     pub pending: Vec<PendingDevice>,
     /// Members with no approved active device: they cannot read it.
     pub unreachable: Vec<String>,
+    /// The membership epoch it was sealed under.
+    pub epoch: u64,
+    /// Membership changes verified for the first time while sending.
+    pub membership_changes: Vec<MembershipChange>,
 }
 
 /// A card the app and the key service vouch for but its identity's own
@@ -157,41 +176,6 @@ impl Client {
         ChannelsClient::new(self.server.clone()).max_decoding_message_size(64 << 20)
     }
 
-    pub async fn create_channel(
-        &self,
-        name: &str,
-        visibility: HistoryVisibility,
-        members: &[String],
-    ) -> Result<Channel, ClientError> {
-        let request = self
-            .request(CreateChannelRequest {
-                name: name.to_owned(),
-                history_visibility: visibility as i32,
-                members: members.to_vec(),
-            })
-            .await?;
-        Ok(self
-            .channels_client()
-            .create_channel(request)
-            .await
-            .map_err(rpc("app server", self.server_url(), "the new channel"))?
-            .into_inner())
-    }
-
-    pub async fn channel(&self, channel_id: &str) -> Result<Channel, ClientError> {
-        let request = self
-            .request(GetChannelRequest {
-                channel_id: channel_id.to_owned(),
-            })
-            .await?;
-        Ok(self
-            .channels_client()
-            .get_channel(request)
-            .await
-            .map_err(rpc("app server", self.server_url(), "the channel"))?
-            .into_inner())
-    }
-
     pub async fn channels(&self) -> Result<Vec<Channel>, ClientError> {
         let request = self.request(ListChannelsRequest {}).await?;
         Ok(self
@@ -201,45 +185,6 @@ impl Client {
             .map_err(rpc("app server", self.server_url(), "the channel list"))?
             .into_inner()
             .channels)
-    }
-
-    pub async fn add_member(
-        &self,
-        channel_id: &str,
-        identity: &str,
-    ) -> Result<Channel, ClientError> {
-        let request = self
-            .request(AddMemberRequest {
-                channel_id: channel_id.to_owned(),
-                identity: identity.to_owned(),
-                role: 0,
-            })
-            .await?;
-        Ok(self
-            .channels_client()
-            .add_member(request)
-            .await
-            .map_err(rpc("app server", self.server_url(), "the new member"))?
-            .into_inner())
-    }
-
-    pub async fn remove_member(
-        &self,
-        channel_id: &str,
-        identity: &str,
-    ) -> Result<Channel, ClientError> {
-        let request = self
-            .request(RemoveMemberRequest {
-                channel_id: channel_id.to_owned(),
-                identity: identity.to_owned(),
-            })
-            .await?;
-        Ok(self
-            .channels_client()
-            .remove_member(request)
-            .await
-            .map_err(rpc("app server", self.server_url(), "the member removal"))?
-            .into_inner())
     }
 
     /// Sends a text message.
@@ -279,8 +224,68 @@ impl Client {
                 body.len()
             )));
         }
-        let channel = self.channel(channel_id).await?;
-        let identities: Vec<String> = channel.members.iter().map(|m| m.identity.clone()).collect();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (sealed, mut sent, epoch) = self
+                .seal_for_channel(channel_id, content_type, body)
+                .await?;
+            let mut unavailable = 0;
+            let response = loop {
+                let request = self
+                    .request(SendMessageRequest {
+                        channel_id: channel_id.to_owned(),
+                        client_message_id: client_message_id.to_vec(),
+                        sender_card_id: self.card_id.to_vec(),
+                        envelope: sealed.envelope.clone(),
+                        epoch,
+                    })
+                    .await?;
+                match self.channels_client().send_message(request).await {
+                    Ok(r) => break Ok(r.into_inner()),
+                    Err(s) if s.code() == tonic::Code::Unavailable && unavailable < 2 => {
+                        unavailable += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(200 * unavailable))
+                            .await;
+                    }
+                    Err(s) => break Err(s),
+                }
+            };
+            match response {
+                Ok(r) => {
+                    sent.index = r.index;
+                    sent.duplicate = r.duplicate;
+                    return Ok(sent);
+                }
+                // The membership changed since the chain was read: seal
+                // again for the new epoch's members (nothing was stored).
+                Err(s) if s.code() == tonic::Code::Aborted && attempt < SEND_ATTEMPTS => {}
+                Err(s) => return Err(rpc("app server", self.server_url(), "the message")(s)),
+            }
+        }
+    }
+
+    /// Seals `body` for every approved device of every member of the
+    /// channel's current epoch, as the verified chain has them.
+    async fn seal_for_channel(
+        &self,
+        channel_id: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<(envelope::Sealed, Sent, u64), ClientError> {
+        let verified = self.verified_channel(channel_id).await?;
+        let (Some(epoch), Some(head)) = (verified.state.epoch(), verified.state.head()) else {
+            return Err(ClientError::Usage(format!(
+                "channel {channel_id} was made before signed membership (protocol v2): its history stays readable, but it takes no new message; create a new channel"
+            )));
+        };
+        if verified.state.member(self.identity()).is_none() {
+            return Err(ClientError::Usage(format!(
+                "{} is not a member of channel {channel_id} (by its signed membership)",
+                self.identity()
+            )));
+        }
+        let identities: Vec<String> = verified.state.members().keys().cloned().collect();
         let (cards, found, events) = self.recipient_cards(&identities).await?;
         if !cards.iter().any(|c| c.id() == self.card_id) {
             let mine = found.get(self.identity());
@@ -327,39 +332,26 @@ impl Client {
                 content_type,
                 body,
                 sent_at_ms: now_ms(),
-                epoch: None,
+                epoch: Some(Epoch {
+                    number: epoch,
+                    hash: head,
+                }),
             },
             &recipients,
         )
         .map_err(|e| ClientError::Crypto(e.to_string()))?;
-        let mut attempt = 0;
-        let response = loop {
-            attempt += 1;
-            let request = self
-                .request(SendMessageRequest {
-                    channel_id: channel_id.to_owned(),
-                    client_message_id: client_message_id.to_vec(),
-                    sender_card_id: self.card_id.to_vec(),
-                    envelope: sealed.envelope.clone(),
-                })
-                .await?;
-            match self.channels_client().send_message(request).await {
-                Ok(r) => break r.into_inner(),
-                Err(s) if s.code() == tonic::Code::Unavailable && attempt < 3 => {
-                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
-                }
-                Err(s) => return Err(rpc("app server", self.server_url(), "the message")(s)),
-            }
-        };
-        Ok(Sent {
-            index: response.index,
+        let sent = Sent {
+            index: 0,
             message_id: sealed.message_id,
             recipients: cards.iter().map(|c| c.id()).collect(),
-            duplicate: response.duplicate,
+            duplicate: false,
+            epoch,
             events,
             pending,
             unreachable,
-        })
+            membership_changes: verified.fresh_changes().to_vec(),
+        };
+        Ok((sealed, sent, epoch))
     }
 
     /// Decrypts a message the app server delivered and verifies it: the
@@ -418,6 +410,7 @@ impl Client {
             card.device_name(),
             Source::Server,
         )
+        .await
     }
 
     /// The verified card of a message's sender, refused when it was revoked
@@ -452,8 +445,10 @@ impl Client {
         Ok(info)
     }
 
-    /// Common last steps of opening: the channel and replay checks.
-    pub(crate) fn finish_received(
+    /// Common last steps of opening: the membership checks (the epoch the
+    /// sender named, the sender and recipients at that epoch) and the
+    /// replay check.
+    pub(crate) async fn finish_received(
         &self,
         payload: VerifiedPayload,
         index: u64,
@@ -462,6 +457,14 @@ impl Client {
         source: Source,
     ) -> Result<Received, ClientError> {
         let channel_id = payload.channel_id.clone();
+        let membership =
+            self.check_membership(&payload)
+                .await?
+                .map_err(|reason| ClientError::BadMessage {
+                    channel_id: channel_id.clone(),
+                    index,
+                    reason,
+                })?;
         let sender_card = CardId::from_array(payload.sender_card_id);
         let accepted = self.replay.accept(
             &sender_card.to_string(),
@@ -490,6 +493,9 @@ impl Client {
             server_time_ms,
             content: decode_content(&payload.content_type, payload.body.clone()),
             source,
+            epoch: membership.epoch,
+            recipient_differences: membership.differences,
+            events: membership.events,
             channel_id,
             payload,
         })
@@ -574,7 +580,7 @@ impl Client {
         &self,
         channel_id: &str,
         from_index: u64,
-    ) -> Result<tonic::Streaming<StoredMessage>, ClientError> {
+    ) -> Result<tonic::Streaming<ChannelEvent>, ClientError> {
         let request = self
             .request(SubscribeRequest {
                 channel_id: channel_id.to_owned(),
@@ -587,6 +593,28 @@ impl Client {
             .await
             .map_err(rpc("app server", self.server_url(), "the subscription"))?
             .into_inner())
+    }
+
+    /// [`Client::subscribe`] without the chain events: only the messages.
+    pub async fn subscribe_messages(
+        &self,
+        channel_id: &str,
+        from_index: u64,
+    ) -> Result<
+        impl futures_util::Stream<Item = Result<StoredMessage, tonic::Status>> + use<>,
+        ClientError,
+    > {
+        use futures_util::StreamExt as _;
+        let events = self.subscribe(channel_id, from_index).await?;
+        Ok(events.filter_map(|item| async move {
+            match item {
+                Ok(ChannelEvent {
+                    event: Some(channel_event::Event::Message(m)),
+                }) => Some(Ok(m)),
+                Ok(_) => None,
+                Err(status) => Some(Err(status)),
+            }
+        }))
     }
 
     /// Marks messages up to `index` as read, for all of this user's devices.

@@ -75,7 +75,7 @@ pub(crate) struct State {
     pub(crate) acknowledged: BTreeSet<String>,
 }
 
-fn lock(dir: &Path, name: &str) -> Result<File, ClientError> {
+pub(crate) fn lock(dir: &Path, name: &str) -> Result<File, ClientError> {
     let path = dir.join(name);
     let file = OpenOptions::new()
         .create(true)

@@ -9,8 +9,8 @@
 )]
 
 use tessera_client::{
-    Client, ClientError, Content, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams,
-    Origin, Source, TrustEvent,
+    Client, ClientError, Content, Endpoints, Enrollment, Home, KdfParams, Origin, Source,
+    TrustEvent, Visibility,
 };
 use tessera_stack::{Stack, StackConfig};
 
@@ -117,7 +117,7 @@ async fn send_to_every_device_and_verify_on_each() {
     let alice2 = w.approved_device("alice-phone", "alice", &alice1).await;
     let bob = w.device("bob-phone", "bob", true).await;
     let channel = alice1
-        .create_channel("general", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("general", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     let sent = alice1
@@ -156,7 +156,7 @@ async fn device_changes_are_reported_and_drop_verification() {
     let alice = w.device("alice", "alice", true).await;
     let bob = w.device("bob", "bob", true).await;
     let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("c", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     let first = alice.send_text(&channel.channel_id, "one").await.unwrap();
@@ -253,15 +253,11 @@ async fn relabelled_moved_and_replayed_messages_are_refused() {
     let bob = w.device("bob", "bob", true).await;
     let _carol = w.device("carol", "carol", true).await;
     let c1 = alice
-        .create_channel(
-            "c1",
-            HistoryVisibility::Shared,
-            &["bob".into(), "carol".into()],
-        )
+        .create_channel("c1", Visibility::Shared, &["bob".into(), "carol".into()])
         .await
         .unwrap();
     let c2 = alice
-        .create_channel("c2", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("c2", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     alice.send_text(&c1.channel_id, "original").await.unwrap();
@@ -271,7 +267,7 @@ async fn relabelled_moved_and_replayed_messages_are_refused() {
     assert_eq!(text(&first.content), "original");
     // What a hostile relay could hand a client, built from the stored copy.
     let mut stored = bob
-        .subscribe(&c1.channel_id, 1)
+        .subscribe_messages(&c1.channel_id, 1)
         .await
         .unwrap()
         .message()
@@ -307,7 +303,7 @@ async fn relabelled_moved_and_replayed_messages_are_refused() {
     );
 
     let mut tampered = bob
-        .subscribe(&c1.channel_id, 1)
+        .subscribe_messages(&c1.channel_id, 1)
         .await
         .unwrap()
         .message()
@@ -336,7 +332,7 @@ async fn org_backup_and_history_sync_for_a_later_device() {
     assert!(!alice.is_org_member().await.unwrap());
 
     let channel = alice
-        .create_channel("deal", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("deal", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     for i in 0..5 {
@@ -422,7 +418,7 @@ async fn attachments_round_trip_and_audit_flags_unknown_cards() {
     let alice = w.device("alice", "alice", true).await;
     let bob = w.device("bob", "bob", true).await;
     let channel = alice
-        .create_channel("files", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("files", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     let src = w.home.root().join("report.bin");
@@ -550,7 +546,7 @@ async fn history_sync_pages_past_the_services_page_size() {
     admin.set_org_member("bob", true).await.unwrap();
     let bob = std::sync::Arc::new(Client::open(&w.home, "bob", b"device passphrase").unwrap());
     let channel = alice
-        .create_channel("long", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("long", Visibility::Shared, &["bob".into()])
         .await
         .unwrap()
         .channel_id;
@@ -634,7 +630,7 @@ async fn revocation_during_a_send() {
     let bob0 = w.device("bob-0", "bob", true).await;
     let bob1 = std::sync::Arc::new(w.approved_device("bob-1", "bob", &bob0).await);
     let channel = alice
-        .create_channel("race", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("race", Visibility::Shared, &["bob".into()])
         .await
         .unwrap()
         .channel_id;

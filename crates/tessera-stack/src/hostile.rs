@@ -376,18 +376,18 @@ pub fn rewrite_messages(
 ) -> Tamper {
     use tessera_proto::{
         Message as _,
-        server::v1::{ListMessagesResponse, StoredMessage},
+        server::v1::{ChannelEvent, ListMessagesResponse, channel_event::Event},
     };
     Arc::new(move |method, message| match method {
-        "/tessera.server.v1.Channels/Subscribe" => {
-            match StoredMessage::decode(message.as_slice()) {
-                Ok(mut m) => {
-                    f(&mut m);
-                    vec![m.encode_to_vec()]
+        "/tessera.server.v1.Channels/Subscribe" => match ChannelEvent::decode(message.as_slice()) {
+            Ok(mut e) => {
+                if let Some(Event::Message(m)) = &mut e.event {
+                    f(m);
                 }
-                Err(_) => vec![message],
+                vec![e.encode_to_vec()]
             }
-        }
+            Err(_) => vec![message],
+        },
         "/tessera.server.v1.Channels/ListMessages" => {
             match ListMessagesResponse::decode(message.as_slice()) {
                 Ok(mut page) => {
@@ -399,6 +399,53 @@ pub fn rewrite_messages(
         }
         _ => vec![message],
     })
+}
+
+/// Applies `first`, then `then` to what it lets through.
+pub fn both(first: Tamper, then: Tamper) -> Tamper {
+    Arc::new(move |method, message| {
+        first(method, message)
+            .into_iter()
+            .flat_map(|m| then(method, m))
+            .collect()
+    })
+}
+
+/// An app server that lists `identity` as a member of every channel it
+/// describes (`GetChannel`): a ghost nobody added.
+pub fn ghost_member(identity: String) -> Tamper {
+    use tessera_proto::server::v1::{Channel, Member, MemberRole};
+    rewrite::<Channel>("/tessera.server.v1.Channels/GetChannel", move |c| {
+        if !c.members.iter().any(|m| m.identity == identity) {
+            c.members.push(Member {
+                identity: identity.clone(),
+                role: MemberRole::Member as i32,
+                ..Default::default()
+            });
+        }
+    })
+}
+
+/// An app server that appends `statement` to the membership chain of
+/// `channel_id` it serves, as if it had been accepted.
+pub fn append_statement(
+    channel_id: String,
+    statement: tessera_proto::channel::v1::SignedChannelStatement,
+) -> Tamper {
+    use tessera_proto::server::v1::{ChainEntry, ChannelChain};
+    rewrite::<ChannelChain>(
+        "/tessera.server.v1.Channels/GetChannelChain",
+        move |chain| {
+            if chain.channel_id == channel_id {
+                chain.length += 1;
+                chain.entries.push(ChainEntry {
+                    statement: Some(statement.clone()),
+                    server_time_ms: tessera_service::now_ms(),
+                    next_index: 0,
+                });
+            }
+        },
+    )
 }
 
 /// Calls `method` (e.g. `/tessera.kms.v1.KeyDirectory/GetCard`) with `body`

@@ -19,7 +19,7 @@ use std::{
 use clap::Parser;
 use futures_util::StreamExt;
 use tessera_bench::machine;
-use tessera_client::{Client, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams};
+use tessera_client::{Client, Endpoints, Enrollment, Home, KdfParams, Visibility};
 use tessera_crypto::{
     DeviceKeys,
     envelope::{self, CONTENT_TYPE_HISTORY, Draft, Recipient, Sender},
@@ -179,7 +179,7 @@ async fn main() {
     admin.set_org_member("bob", true).await.unwrap();
     let bob = Arc::new(Client::open(&home, "bob-0", b"bench").unwrap());
     let channel_id = alice
-        .create_channel("archive", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("archive", Visibility::Shared, &["bob".into()])
         .await
         .unwrap()
         .channel_id;

@@ -23,7 +23,7 @@ use std::{
 use clap::Parser;
 use futures_util::StreamExt;
 use tessera_bench::{closed_loop, machine, percentile};
-use tessera_client::{Client, Enrollment, HistoryVisibility, Home, KdfParams};
+use tessera_client::{Client, Enrollment, Home, KdfParams, Visibility};
 use tessera_proto::server::v1::{
     LoginRequest, SendMessageRequest, accounts_client::AccountsClient,
     channels_client::ChannelsClient,
@@ -92,7 +92,7 @@ async fn main() {
     }
     let members: Vec<String> = (1..args.devices).map(|i| format!("user{i}")).collect();
     let channel_id = clients[0]
-        .create_channel("load", HistoryVisibility::Shared, &members)
+        .create_channel("load", Visibility::Shared, &members)
         .await
         .unwrap()
         .channel_id;
@@ -148,7 +148,7 @@ async fn main() {
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let mut streams = Vec::new();
     for c in &clients {
-        streams.push(c.subscribe(&channel_id, 0).await.unwrap());
+        streams.push(c.subscribe_messages(&channel_id, 0).await.unwrap());
     }
     for mut stream in streams {
         let (sent_at, latencies) = (sent_at.clone(), latencies.clone());
