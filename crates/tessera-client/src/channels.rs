@@ -270,7 +270,14 @@ impl Client {
                 }
                 // A card that does not verify or was not approved: extend
                 // refuses its statement.
-                Err(ClientError::Message(_) | ClientError::CardRejected { .. }) => {}
+                Err(
+                    ClientError::Message(_)
+                    | ClientError::CardRejected { .. }
+                    | ClientError::Rejected {
+                        code: tonic::Code::NotFound,
+                        ..
+                    },
+                ) => {}
                 Err(e) => return Err(e),
             }
         }
