@@ -9,7 +9,7 @@ use tessera_proto::server::v1::{
     archive_server::Archive,
 };
 use tessera_service::{
-    Caller, limits,
+    Caller,
     token::{AuthMethod, Role},
 };
 use tonic::{Request, Response, Status};
@@ -42,9 +42,9 @@ impl Archive for ArchiveService {
         let caller = app.authenticate(&request)?;
         app.require_backup_service(&caller)?;
         let r = request.into_inner();
-        limits::identity("identity", &r.identity)?;
-        let (channel, member) = app.membership(&r.channel_id, &r.identity)?;
-        Ok(Response::new(app.channel_view(&channel, &member, true)?))
+        Ok(Response::new(
+            app.channels.member_view(&r.channel_id, &r.identity)?,
+        ))
     }
 
     async fn get_stored_message(
@@ -55,18 +55,8 @@ impl Archive for ArchiveService {
         let caller = app.authenticate(&request)?;
         app.require_backup_service(&caller)?;
         let r = request.into_inner();
-        app.channel_record(&r.channel_id)?;
-        app.store
-            // One message, however large (a page always carries its first).
-            .messages(&r.channel_id, r.index, r.index.saturating_add(1), 1, 0)?
-            .into_iter()
-            .find(|m| m.index == r.index)
-            .map(Response::new)
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no message {} in channel {}",
-                    r.index, r.channel_id
-                ))
-            })
+        Ok(Response::new(
+            app.channels.stored_message(&r.channel_id, r.index)?,
+        ))
     }
 }

@@ -120,6 +120,7 @@ impl App {
             created_at: parsed.created_at(),
             status: DeviceStatus::Active as i32,
             org_card,
+            signing_public_key: parsed.signing_key().as_bytes().to_vec(),
         };
         let mut card = parsed.into_card();
         card.kms_signature.clear();

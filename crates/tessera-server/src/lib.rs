@@ -6,20 +6,22 @@
 //! Five gRPC services: `Accounts` (sign-up, log-in by password or by device
 //! signature, tokens for each service), `Devices` (enroll, list, revoke),
 //! `Admin` (org card, org members, revoking any device), `Archive` (what the
-//! organisation's backup service may ask) and `Channels` (membership,
-//! ordered messages, live subscriptions, read horizons, attachments).
+//! organisation's backup service may ask) and `Channels` (membership
+//! chains, ordered messages, live subscriptions, read horizons,
+//! attachments). Channels have a domain layer (`channels::Channels`) that
+//! answers a typed `ServerError`, turned into a status at the gRPC edge.
 
 mod accounts;
 mod archive;
 mod challenges;
 mod channels;
 mod devices;
-mod hub;
+mod error;
 mod kms_client;
 pub mod passwords;
 mod quota;
+mod signers;
 pub mod store;
-mod subscription;
 pub mod throttle;
 
 use std::{
@@ -59,7 +61,6 @@ pub struct Limits {
     pub max_page_size: u32,
     pub max_devices_per_user: usize,
     pub max_attachment_bytes: u64,
-    pub max_channel_name_bytes: usize,
     pub max_password_bytes: usize,
     /// Messages each channel's live broadcast keeps for slow subscribers;
     /// one that falls further behind catches up from the store.
@@ -87,7 +88,6 @@ impl Default for Limits {
             max_page_size: 500,
             max_devices_per_user: 32,
             max_attachment_bytes: 1024 * 1024 * 1024,
-            max_channel_name_bytes: 128,
             max_password_bytes: 1024,
             live_buffer_messages: 256,
             max_page_bytes: 4 * 1024 * 1024,
@@ -185,46 +185,51 @@ pub fn load_or_create_keys(
     Ok((app, token))
 }
 
-/// State shared by the four gRPC services.
+/// State shared by the five gRPC services.
 pub(crate) struct App {
     pub(crate) store: Arc<dyn store::Store>,
     pub(crate) app_key: SigningKey,
-    pub(crate) issuer: TokenIssuer,
+    pub(crate) issuer: Arc<TokenIssuer>,
     pub(crate) verifier: TokenVerifier,
-    pub(crate) kms: kms_client::KmsClient,
+    pub(crate) kms: Arc<kms_client::KmsClient>,
     pub(crate) config: Config,
     pub(crate) throttle: throttle::Throttle,
     pub(crate) hashes: passwords::HashLimiter,
     pub(crate) challenges: challenges::Challenges,
-    pub(crate) hub: hub::Hub,
-    pub(crate) subscriptions: quota::Subscriptions,
-    pub(crate) uploads: quota::Uploads,
-    pub(crate) send_locks: Vec<tokio::sync::Mutex<()>>,
-    pub(crate) user_locks: Vec<tokio::sync::Mutex<()>>,
-    pub(crate) closing: watch::Receiver<bool>,
-    pub(crate) attachments_dir: PathBuf,
+    pub(crate) user_locks: Arc<Locks>,
+    pub(crate) channels: Arc<channels::Channels>,
 }
 
 const LOCK_SHARDS: usize = 64;
 
-fn shard(key: &str) -> usize {
-    // FNV-1a: cheap and stable; only spreads contention.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+/// Async locks by key (a channel, a user), sharded: two keys may share a
+/// lock, which only costs contention.
+pub(crate) struct Locks(Vec<tokio::sync::Mutex<()>>);
+
+impl Locks {
+    pub(crate) fn new() -> Self {
+        Self(
+            (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        )
     }
-    (h % LOCK_SHARDS as u64) as usize
+
+    pub(crate) fn of(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        // FNV-1a: cheap and stable; only spreads contention.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        &self.0[(h % LOCK_SHARDS as u64) as usize]
+    }
 }
 
 impl App {
-    /// Serialises sends into one channel (indices increase by one).
-    pub(crate) fn channel_lock(&self, channel_id: &str) -> &tokio::sync::Mutex<()> {
-        &self.send_locks[shard(channel_id)]
-    }
-
-    /// Serialises device changes of one user (device limit).
+    /// Serialises changes of one user: its devices (the device limit), its
+    /// quotas and read horizons (taken after a channel's lock).
     pub(crate) fn user_lock(&self, identity: &str) -> &tokio::sync::Mutex<()> {
-        &self.user_locks[shard(identity)]
+        self.user_locks.of(identity)
     }
 
     /// The caller of `request`. A token issued to a device (passwordless
@@ -294,32 +299,35 @@ impl Server {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .connect_lazy();
-        let issuer = TokenIssuer::new(token_key, config.token_lifetime);
+        let issuer = Arc::new(TokenIssuer::new(token_key, config.token_lifetime));
         let verifier = TokenVerifier::new(issuer.public_key(), Audience::Server);
         let (closing_tx, closing_rx) = watch::channel(false);
+        let kms = Arc::new(kms_client::KmsClient::new(channel));
+        let user_locks = Arc::new(Locks::new());
+        let channels = channels::Channels::new(
+            store.clone(),
+            config.limits.clone(),
+            signers::SignerKeys::new(
+                store.clone(),
+                kms.clone(),
+                issuer.clone(),
+                user_locks.clone(),
+            ),
+            user_locks.clone(),
+            attachments_dir,
+            closing_rx,
+        );
         let app = App {
             store,
             app_key,
             issuer,
             verifier,
-            kms: kms_client::KmsClient::new(channel),
+            kms,
             throttle: throttle::Throttle::new(config.throttle),
             hashes: passwords::HashLimiter::new(config.hash_limits),
             challenges: challenges::Challenges::new(config.challenge_limits, config.challenge_ttl),
-            hub: hub::Hub::new(config.limits.live_buffer_messages),
-            subscriptions: quota::Subscriptions::new(
-                config.limits.max_subscriptions_per_user,
-                config.limits.max_subscriptions,
-            ),
-            uploads: quota::Uploads::new(config.limits.max_uploads_per_user),
-            send_locks: (0..LOCK_SHARDS)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-            user_locks: (0..LOCK_SHARDS)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-            closing: closing_rx,
-            attachments_dir,
+            user_locks,
+            channels: Arc::new(channels),
             config,
         };
         Ok(Self {

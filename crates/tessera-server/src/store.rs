@@ -9,7 +9,7 @@ use std::{
 };
 
 use prost::Message;
-use tessera_proto::server::v1::StoredMessage;
+use tessera_proto::server::v1::{ChainEntry, StoredMessage};
 use tessera_service::storage::{self, FlushFuture, StorageError, read_u64, u64_key};
 
 /// Argon2id password hash with its parameters.
@@ -71,6 +71,11 @@ pub struct Device {
     /// The kind of card: client devices, or the organisation's card.
     #[prost(bool, tag = "6")]
     pub org_card: bool,
+    /// The card's Ed25519 signing key (32 bytes), which channel statements
+    /// are checked against. Empty in records written before it was kept:
+    /// then taken once from the card at the key service.
+    #[prost(bytes = "vec", tag = "7")]
+    pub signing_public_key: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -88,6 +93,14 @@ pub struct ChannelRecord {
     /// Index the next message gets (messages are numbered from 1).
     #[prost(uint64, tag = "6")]
     pub next_index: u64,
+    /// Statements in the membership chain; 0 for a channel made before
+    /// protocol v2 (readable, but it takes no statement and no message).
+    #[prost(uint64, tag = "7")]
+    pub chain_length: u64,
+    /// Statement hash of the chain's last statement (32 bytes; empty when
+    /// `chain_length` is 0).
+    #[prost(bytes = "vec", tag = "8")]
+    pub chain_head: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -100,6 +113,12 @@ pub struct MemberRecord {
     pub joined_at_index: u64,
     #[prost(int64, tag = "4")]
     pub joined_at_ms: i64,
+    /// The epoch whose statement added the member (last time), and its
+    /// signer.
+    #[prost(uint64, tag = "5")]
+    pub added_at_epoch: u64,
+    #[prost(string, tag = "6")]
+    pub added_by: String,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -155,12 +174,33 @@ fn take_bounded<T, E>(
     Ok(out)
 }
 
-/// A change to a channel and its members, applied atomically.
-#[derive(Default)]
-pub struct ChannelChange {
-    pub channel: Option<ChannelRecord>,
+/// A statement accepted into a channel's chain and what it changes,
+/// stored atomically by [`Store::append_statement`].
+pub struct StatementChange {
+    /// The channel afterwards (its `chain_length` and `chain_head` name
+    /// the new statement).
+    pub channel: ChannelRecord,
+    /// The statement, stored at epoch = the expected chain length.
+    pub entry: ChainEntry,
+    /// Members added or whose role changed (new members also enter the
+    /// user's channel index).
     pub put_members: Vec<MemberRecord>,
+    /// Members removed (and their channel index entries).
     pub remove_members: Vec<String>,
+}
+
+/// Whether a stored channel is the one a statement expects to extend:
+/// none for a creation (`expected_length` 0), else a channel whose chain
+/// has `expected_length` statements ending at `expected_head`.
+fn extends(current: Option<&ChannelRecord>, expected_length: u64, expected_head: &[u8]) -> bool {
+    match current {
+        None => expected_length == 0,
+        Some(c) => {
+            expected_length > 0
+                && c.chain_length == expected_length
+                && c.chain_head == expected_head
+        }
+    }
 }
 
 /// Storage of the app server.
@@ -187,7 +227,29 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<MemberRecord>, StorageError>;
     fn members(&self, channel_id: &str) -> Result<Vec<MemberRecord>, StorageError>;
     fn channels_of(&self, identity: &str) -> Result<Vec<String>, StorageError>;
-    fn change_channel(&self, channel_id: &str, change: ChannelChange) -> Result<(), StorageError>;
+    /// Appends a statement to a channel's chain by compare-and-set: stores
+    /// `change` atomically if the channel's chain still has
+    /// `expected_length` statements ending at `expected_head` (for a
+    /// creation, `expected_length` 0: if no channel has this id); `false`,
+    /// changing nothing, otherwise.
+    fn append_statement(
+        &self,
+        channel_id: &str,
+        expected_length: u64,
+        expected_head: &[u8],
+        change: &StatementChange,
+    ) -> Result<bool, StorageError>;
+    /// Statements of the chain with `from <= epoch < to`, ascending, at most
+    /// `limit` and, but for the first, at most `max_bytes` of stored
+    /// entries.
+    fn chain(
+        &self,
+        channel_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChainEntry>, StorageError>;
 
     /// Index of a message already stored under this client message id.
     fn dedupe(
@@ -281,7 +343,8 @@ fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, S
 /// The sled store: one tree with prefixed keys:
 /// `a/` accounts, `d/` devices by card id, `du/<identity>\0<card id>` device
 /// index, `o/` org members, `c/` channels, `cm/<channel>\0<identity>`
-/// members, `uc/<identity>\0<channel>` a user's channels,
+/// members, `cs/<channel>\0<epoch>` the membership chain's statements
+/// (`ChainEntry`), `uc/<identity>\0<channel>` a user's channels,
 /// `m/<channel>\0<index>` messages, `md/<channel>\0<client id>` dedupe,
 /// `rh/<identity>\0<channel>` read horizons, `at/` attachments, `uq/` usage.
 pub struct SledStore {
@@ -412,29 +475,69 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn change_channel(&self, channel_id: &str, change: ChannelChange) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        if let Some(channel) = &change.channel {
-            batch.insert(
-                key(b"c/", &[channel_id.as_bytes()]),
-                channel.encode_to_vec(),
-            );
+    fn append_statement(
+        &self,
+        channel_id: &str,
+        expected_length: u64,
+        expected_head: &[u8],
+        change: &StatementChange,
+    ) -> Result<bool, StorageError> {
+        use sled::transaction::ConflictableTransactionError as Conflict;
+        let id = channel_id.as_bytes();
+        let channel_key = key(b"c/", &[id]);
+        let channel = change.channel.encode_to_vec();
+        let entry = change.entry.encode_to_vec();
+        let appended = self.db.transaction(|tx| {
+            let current = tx
+                .get(&channel_key)?
+                .map(|v| decode::<ChannelRecord>(&v, "channel"))
+                .transpose()
+                .map_err(Conflict::Abort)?;
+            if !extends(current.as_ref(), expected_length, expected_head) {
+                return Ok(false);
+            }
+            tx.insert(channel_key.as_slice(), channel.as_slice())?;
+            tx.insert(
+                key(b"cs/", &[id, &u64_key(expected_length)]),
+                entry.as_slice(),
+            )?;
+            for m in &change.put_members {
+                tx.insert(key(b"cm/", &[id, m.identity.as_bytes()]), m.encode_to_vec())?;
+                tx.insert(key(b"uc/", &[m.identity.as_bytes(), id]), &[] as &[u8])?;
+            }
+            for identity in &change.remove_members {
+                tx.remove(key(b"cm/", &[id, identity.as_bytes()]))?;
+                tx.remove(key(b"uc/", &[identity.as_bytes(), id]))?;
+            }
+            Ok(true)
+        })?;
+        Ok(appended)
+    }
+
+    fn chain(
+        &self,
+        channel_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChainEntry>, StorageError> {
+        if from >= to {
+            return Ok(Vec::new());
         }
-        for m in &change.put_members {
-            batch.insert(
-                key(b"cm/", &[channel_id.as_bytes(), m.identity.as_bytes()]),
-                m.encode_to_vec(),
-            );
-            batch.insert(
-                key(b"uc/", &[m.identity.as_bytes(), channel_id.as_bytes()]),
-                Vec::<u8>::new(),
-            );
-        }
-        for identity in &change.remove_members {
-            batch.remove(key(b"cm/", &[channel_id.as_bytes(), identity.as_bytes()]));
-            batch.remove(key(b"uc/", &[identity.as_bytes(), channel_id.as_bytes()]));
-        }
-        Ok(self.db.apply_batch(batch)?)
+        let id = channel_id.as_bytes();
+        let range = self
+            .db
+            .range(key(b"cs/", &[id, &u64_key(from)])..key(b"cs/", &[id, &u64_key(to)]));
+        let raw: Vec<sled::IVec> = take_bounded(
+            range.map(|item| {
+                let (_, v) = item?;
+                Ok::<_, StorageError>((v.len(), v))
+            }),
+            limit,
+            max_bytes,
+        )?;
+        raw.iter().map(|v| decode(v, "chain entry")).collect()
     }
 
     fn dedupe(
@@ -561,6 +664,7 @@ struct Memory {
     org: BTreeMap<String, ()>,
     channels: BTreeMap<String, ChannelRecord>,
     members: BTreeMap<(String, String), MemberRecord>,
+    chains: BTreeMap<(String, u64), ChainEntry>,
     messages: BTreeMap<(String, u64), StoredMessage>,
     dedupe: BTreeMap<(String, Vec<u8>), u64>,
     horizons: BTreeMap<(String, String), u64>,
@@ -669,19 +773,48 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    fn change_channel(&self, channel_id: &str, change: ChannelChange) -> Result<(), StorageError> {
+    fn append_statement(
+        &self,
+        channel_id: &str,
+        expected_length: u64,
+        expected_head: &[u8],
+        change: &StatementChange,
+    ) -> Result<bool, StorageError> {
         let mut m = self.lock()?;
-        if let Some(c) = change.channel {
-            m.channels.insert(channel_id.to_owned(), c);
+        if !extends(m.channels.get(channel_id), expected_length, expected_head) {
+            return Ok(false);
         }
-        for member in change.put_members {
+        let id = channel_id.to_owned();
+        m.channels.insert(id.clone(), change.channel.clone());
+        m.chains
+            .insert((id.clone(), expected_length), change.entry.clone());
+        for member in &change.put_members {
             m.members
-                .insert((channel_id.to_owned(), member.identity.clone()), member);
+                .insert((id.clone(), member.identity.clone()), member.clone());
         }
-        for identity in change.remove_members {
-            m.members.remove(&(channel_id.to_owned(), identity));
+        for identity in &change.remove_members {
+            m.members.remove(&(id.clone(), identity.clone()));
         }
-        Ok(())
+        Ok(true)
+    }
+
+    fn chain(
+        &self,
+        channel_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChainEntry>, StorageError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let m = self.lock()?;
+        let range = m
+            .chains
+            .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to))
+            .map(|(_, v)| Ok::<_, StorageError>((v.encoded_len(), v.clone())));
+        take_bounded(range, limit, max_bytes)
     }
 
     fn dedupe(
@@ -823,6 +956,7 @@ mod tests {
             created_at: 0,
             status: DeviceStatus::Active as i32,
             org_card: false,
+            signing_public_key: vec![id; 32],
         };
         store
             .put_devices(&[device(1, "alice"), device(2, "alice"), device(3, "bob")])
@@ -830,41 +964,82 @@ mod tests {
         assert_eq!(store.devices("alice").unwrap().len(), 2);
         assert_eq!(store.device(&[3; 32]).unwrap().unwrap().identity, "bob");
 
-        let mut channel = ChannelRecord {
-            channel_id: "c1".into(),
-            next_index: 1,
-            ..Default::default()
-        };
+        // The membership chain: appended by compare-and-set on its length
+        // and head.
         let member = |identity: &str| MemberRecord {
             identity: identity.into(),
             role: 1,
             joined_at_index: 1,
             joined_at_ms: 0,
+            added_at_epoch: 0,
+            added_by: "alice".into(),
         };
-        store
-            .change_channel(
-                "c1",
-                ChannelChange {
-                    channel: Some(channel.clone()),
-                    put_members: vec![member("alice"), member("bob")],
-                    remove_members: vec![],
-                },
-            )
-            .unwrap();
+        let entry = |n: u8| ChainEntry {
+            statement: Some(tessera_proto::channel::v1::SignedChannelStatement {
+                statement: vec![n; 10],
+                signature: vec![n; 64],
+            }),
+            server_time_ms: i64::from(n),
+            next_index: 1,
+        };
+        let mut channel = ChannelRecord {
+            channel_id: "c1".into(),
+            next_index: 1,
+            chain_length: 1,
+            chain_head: vec![1; 32],
+            ..Default::default()
+        };
+        let creation = StatementChange {
+            channel: channel.clone(),
+            entry: entry(0),
+            put_members: vec![member("alice"), member("bob")],
+            remove_members: vec![],
+        };
+        assert!(store.append_statement("c1", 0, &[], &creation).unwrap());
+        assert!(
+            !store.append_statement("c1", 0, &[], &creation).unwrap(),
+            "a channel id is created once"
+        );
         assert_eq!(store.members("c1").unwrap().len(), 2);
         assert_eq!(store.channels_of("bob").unwrap(), vec!["c1".to_string()]);
-        store
-            .change_channel(
-                "c1",
-                ChannelChange {
-                    channel: None,
-                    put_members: vec![],
-                    remove_members: vec!["bob".into()],
-                },
-            )
-            .unwrap();
+        channel.chain_length = 2;
+        channel.chain_head = vec![2; 32];
+        let removal = StatementChange {
+            channel: channel.clone(),
+            entry: entry(1),
+            put_members: vec![],
+            remove_members: vec!["bob".into()],
+        };
+        // Not at the head: nothing changes.
+        assert!(!store.append_statement("c1", 2, &[1; 32], &removal).unwrap());
+        assert!(!store.append_statement("c1", 1, &[9; 32], &removal).unwrap());
+        assert!(!store.append_statement("c2", 1, &[1; 32], &removal).unwrap());
+        assert!(store.member("c1", "bob").unwrap().is_some());
+        assert_eq!(store.chain("c1", 0, 10, 10, usize::MAX).unwrap().len(), 1);
+        assert!(store.append_statement("c1", 1, &[1; 32], &removal).unwrap());
+        assert!(
+            !store.append_statement("c1", 1, &[1; 32], &removal).unwrap(),
+            "the same position twice"
+        );
         assert!(store.member("c1", "bob").unwrap().is_none());
         assert!(store.channels_of("bob").unwrap().is_empty());
+        assert_eq!(store.channel("c1").unwrap().unwrap().chain_length, 2);
+        let chain = store.chain("c1", 0, 2, 10, usize::MAX).unwrap();
+        assert_eq!(chain, vec![entry(0), entry(1)]);
+        assert_eq!(
+            store.chain("c1", 1, 2, 10, usize::MAX).unwrap(),
+            vec![entry(1)]
+        );
+        assert_eq!(
+            store.chain("c1", 0, 1, 10, usize::MAX).unwrap(),
+            vec![entry(0)]
+        );
+        assert_eq!(
+            store.chain("c1", 0, 2, 10, 0).unwrap(),
+            vec![entry(0)],
+            "the first always"
+        );
+        assert!(store.chain("c2", 0, 2, 10, usize::MAX).unwrap().is_empty());
 
         for i in 1..=5u64 {
             let m = StoredMessage {

@@ -1,6 +1,7 @@
-//! Live delivery: one broadcast channel per chat channel with subscribers.
-//! A subscriber that falls behind reloads from the store, so the broadcast
-//! is only a fast path, never the source of truth.
+//! Live delivery: one broadcast channel per chat channel with subscribers,
+//! carrying new messages and the growth of the membership chain. A
+//! subscriber that falls behind reloads from the store, so the broadcast is
+//! only a fast path, never the source of truth.
 //!
 //! The broadcast keeps its last `capacity` items for slow subscribers, so
 //! only small messages travel in it whole; for a larger one it carries the
@@ -16,25 +17,32 @@ use std::{
 use prost::Message as _;
 use tessera_proto::server::v1::StoredMessage;
 use tokio::sync::broadcast;
-use tonic::Status;
 
-use crate::store::Store;
+use crate::{error::ServerError, store::Store};
 
 /// Largest stored message carried whole by the broadcast.
 const INLINE_MAX_BYTES: usize = 16 * 1024;
 
-/// What the broadcast carries for one new message.
+/// What the broadcast carries: a new message, or a statement accepted into
+/// the chain.
 #[derive(Clone)]
 pub(crate) enum Live {
     Inline(Arc<StoredMessage>),
     Stored(u64),
+    /// The chain grew to `length` statements (subscribers read where the
+    /// statement falls among the messages from the store).
+    Chain {
+        length: u64,
+    },
 }
 
 impl Live {
-    pub(crate) fn index(&self) -> u64 {
+    /// The new message's index (none for a statement).
+    pub(crate) fn index(&self) -> Option<u64> {
         match self {
-            Self::Inline(m) => m.index,
-            Self::Stored(index) => *index,
+            Self::Inline(m) => Some(m.index),
+            Self::Stored(index) => Some(*index),
+            Self::Chain { .. } => None,
         }
     }
 
@@ -43,13 +51,16 @@ impl Live {
         &self,
         store: &Arc<dyn Store>,
         channel_id: &str,
-    ) -> Result<StoredMessage, Status> {
+    ) -> Result<StoredMessage, ServerError> {
         match self {
             Self::Inline(m) => Ok((**m).clone()),
             Self::Stored(index) => store
                 .messages(channel_id, *index, index + 1, 1, usize::MAX)?
                 .pop()
-                .ok_or_else(|| Status::internal("a published message is not in the store")),
+                .ok_or(ServerError::Internal(
+                    "a published message is not in the store",
+                )),
+            Self::Chain { .. } => Err(ServerError::Internal("a statement is not a message")),
         }
     }
 }
@@ -79,21 +90,30 @@ impl Hub {
     }
 
     pub(crate) fn publish(&self, message: StoredMessage) {
-        let Ok(mut channels) = self.channels.lock() else {
-            return;
-        };
         let id = message.channel_id.clone();
-        let Some(sender) = channels.get(&id) else {
-            return;
-        };
         let item = if message.encoded_len() <= INLINE_MAX_BYTES {
             Live::Inline(Arc::new(message))
         } else {
             Live::Stored(message.index)
         };
+        self.send(&id, item);
+    }
+
+    /// Announces that `channel_id`'s chain grew to `length` statements.
+    pub(crate) fn publish_chain(&self, channel_id: &str, length: u64) {
+        self.send(channel_id, Live::Chain { length });
+    }
+
+    fn send(&self, channel_id: &str, item: Live) {
+        let Ok(mut channels) = self.channels.lock() else {
+            return;
+        };
+        let Some(sender) = channels.get(channel_id) else {
+            return;
+        };
         if sender.send(item).is_err() {
             // Nobody listens any more.
-            channels.remove(&id);
+            channels.remove(channel_id);
         }
     }
 }

@@ -1,0 +1,217 @@
+//! Messages: the ordered index of each channel (one index per message,
+//! under the channel's lock, each naming the membership epoch it was sealed
+//! under), pages of history as each member may see it, read horizons.
+
+use prost::Message as _;
+use tessera_crypto::envelope::ParsedEnvelope;
+use tessera_proto::server::v1::{
+    Direction, ListMessagesRequest, ListMessagesResponse, SendMessageRequest, SendMessageResponse,
+    StoredMessage,
+};
+use tessera_service::{Caller, limits};
+
+use super::{Channels, legacy, not_a_member, visible_from};
+use crate::{error::ServerError, signers::own_active_device};
+
+const CLIENT_MESSAGE_ID_LEN: usize = 16;
+const DEFAULT_PAGE: u32 = 50;
+
+impl Channels {
+    /// Stores a message at the channel's next index, if it was sealed at
+    /// the channel's current epoch, and hands it to live subscribers.
+    pub(crate) async fn send(
+        &self,
+        caller: &Caller,
+        r: SendMessageRequest,
+    ) -> Result<SendMessageResponse, ServerError> {
+        if r.client_message_id.len() != CLIENT_MESSAGE_ID_LEN {
+            return Err(ServerError::InvalidArgument(
+                "client_message_id must be 16 bytes".into(),
+            ));
+        }
+        let sender_card = limits::card_id("sender_card_id", &r.sender_card_id)?;
+        limits::check_len("envelope", r.envelope.len(), self.limits.max_envelope_bytes)?;
+        let envelope = ParsedEnvelope::parse(&r.envelope)
+            .map_err(|e| ServerError::InvalidArgument(format!("envelope: {e}")))?;
+        if envelope.sender_card_id() != sender_card.as_bytes() {
+            return Err(ServerError::InvalidArgument(
+                "the envelope names another sender card".into(),
+            ));
+        }
+        self.membership(&r.channel_id, &caller.identity)?;
+        own_active_device(&*self.store, caller, sender_card, "send")?;
+
+        let _lock = self.channel_locks.of(&r.channel_id).lock().await;
+        let mut channel = self.channel(&r.channel_id)?;
+        if let Some(index) = self.store.dedupe(&r.channel_id, &r.client_message_id)? {
+            let stored = self
+                .store
+                .messages(&r.channel_id, index, index + 1, 1, usize::MAX)?;
+            return Ok(SendMessageResponse {
+                index,
+                server_time_ms: stored.first().map_or(0, |m| m.server_time_ms),
+                duplicate: true,
+            });
+        }
+        if channel.chain_length == 0 {
+            return Err(legacy(&r.channel_id));
+        }
+        // Again under the lock: a statement accepted since may have
+        // removed the sender.
+        if self
+            .store
+            .member(&r.channel_id, &caller.identity)?
+            .is_none()
+        {
+            return Err(not_a_member(&caller.identity, &r.channel_id));
+        }
+        let epoch = channel.chain_length - 1;
+        if r.epoch != epoch {
+            return Err(ServerError::Aborted(format!(
+                "channel {} is at epoch {epoch}, the message was sealed at epoch {}: refetch the chain and seal again",
+                r.channel_id, r.epoch
+            )));
+        }
+        let message = StoredMessage {
+            channel_id: r.channel_id.clone(),
+            index: channel.next_index,
+            sender_identity: caller.identity.clone(),
+            sender_card_id: sender_card.to_vec(),
+            client_message_id: r.client_message_id,
+            server_time_ms: tessera_service::now_ms(),
+            envelope: r.envelope,
+            epoch,
+        };
+        channel.next_index += 1;
+        // The sender's quota, under its own lock (taken after the channel's,
+        // as everywhere): sends to two channels at once cannot both fit.
+        let _user = self.user_locks.of(&caller.identity).lock().await;
+        let mut usage = self.store.usage(&caller.identity)?;
+        usage.message_bytes = usage
+            .message_bytes
+            .saturating_add(message.encoded_len() as u64);
+        if usage.message_bytes > self.limits.max_message_bytes_per_user {
+            return Err(ServerError::ResourceExhausted(format!(
+                "{} has used up its quota of {} bytes of stored messages",
+                caller.identity, self.limits.max_message_bytes_per_user
+            )));
+        }
+        self.store.append_message(&channel, &message, &usage)?;
+        self.store.flush().await?;
+        let (index, server_time_ms) = (message.index, message.server_time_ms);
+        self.hub.publish(message);
+        Ok(SendMessageResponse {
+            index,
+            server_time_ms,
+            duplicate: false,
+        })
+    }
+
+    /// A page of the messages the caller may see.
+    pub(crate) fn messages(
+        &self,
+        caller: &Caller,
+        r: &ListMessagesRequest,
+    ) -> Result<ListMessagesResponse, ServerError> {
+        let (channel, me) = self.membership(&r.channel_id, &caller.identity)?;
+        let page = limits::page_size(r.page_size, DEFAULT_PAGE, self.limits.max_page_size)?;
+        // A page holds at most `max_page_bytes` of stored messages (one
+        // message alone may be larger): it is cut short rather than loaded.
+        let max_bytes = self.limits.max_page_bytes;
+        let first = visible_from(&channel, &me);
+        let end = channel.next_index; // exclusive
+        let (messages, next_anchor) = match Direction::try_from(r.direction) {
+            Ok(Direction::Unspecified | Direction::Forward) => {
+                let start = r.anchor.max(first);
+                let messages = self
+                    .store
+                    .messages(&r.channel_id, start, end, page, max_bytes)?;
+                let next = match messages.last() {
+                    Some(last) if last.index + 1 < end => last.index + 1,
+                    _ => 0,
+                };
+                (messages, next)
+            }
+            Ok(Direction::Backward) => {
+                let last = if r.anchor == 0 {
+                    end.saturating_sub(1)
+                } else {
+                    r.anchor.min(end.saturating_sub(1))
+                };
+                if last < first {
+                    (Vec::new(), 0)
+                } else {
+                    let messages = self.store.messages_before(
+                        &r.channel_id,
+                        first,
+                        last + 1,
+                        page,
+                        max_bytes,
+                    )?;
+                    let next = match messages.first() {
+                        Some(oldest) if oldest.index > first => oldest.index - 1,
+                        _ => 0,
+                    };
+                    (messages, next)
+                }
+            }
+            Err(_) => return Err(ServerError::InvalidArgument("unknown direction".into())),
+        };
+        Ok(ListMessagesResponse {
+            messages,
+            next_anchor,
+        })
+    }
+
+    /// The message stored at `index` (for the organisation's backup
+    /// service), or `NOT_FOUND`.
+    pub(crate) fn stored_message(
+        &self,
+        channel_id: &str,
+        index: u64,
+    ) -> Result<StoredMessage, ServerError> {
+        self.channel(channel_id)?;
+        self.store
+            // One message, however large (a page always carries its first).
+            .messages(channel_id, index, index.saturating_add(1), 1, 0)?
+            .into_iter()
+            .find(|m| m.index == index)
+            .ok_or_else(|| {
+                ServerError::NotFound(format!("no message {index} in channel {channel_id}"))
+            })
+    }
+
+    /// Moves the caller's read horizon up to `index` (never down).
+    pub(crate) async fn set_read_horizon(
+        &self,
+        caller: &Caller,
+        channel_id: &str,
+        index: u64,
+    ) -> Result<u64, ServerError> {
+        let (channel, _) = self.membership(channel_id, &caller.identity)?;
+        if index >= channel.next_index {
+            return Err(ServerError::OutOfRange(format!(
+                "index {index} is beyond the last message ({})",
+                channel.next_index - 1
+            )));
+        }
+        let _lock = self.user_locks.of(&caller.identity).lock().await;
+        let index = self
+            .store
+            .read_horizon(&caller.identity, channel_id)?
+            .max(index);
+        self.store
+            .set_read_horizon(&caller.identity, channel_id, index)?;
+        self.store.flush().await?;
+        Ok(index)
+    }
+
+    pub(crate) fn read_horizon(
+        &self,
+        caller: &Caller,
+        channel_id: &str,
+    ) -> Result<u64, ServerError> {
+        self.membership(channel_id, &caller.identity)?;
+        Ok(self.store.read_horizon(&caller.identity, channel_id)?)
+    }
+}

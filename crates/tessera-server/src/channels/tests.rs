@@ -1,0 +1,1217 @@
+//! Unit tests of the channels domain layer, on the in-memory store, with no
+//! gRPC: the membership rules as the server applies them (who may sign,
+//! compare-and-set on the head, retries, channels made before protocol v2,
+//! who may read the chain), sends naming their epoch, visibility, and
+//! subscriptions announcing statements in order among the messages.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::{Stream, StreamExt as _};
+use tessera_card::{
+    CardId, CardKind, NewCard,
+    channel::{
+        Change, ChannelError, MAX_STATEMENTS, NewChannelStatement, Role, Visibility, statement_hash,
+    },
+    transparency::{self, Hash},
+};
+use tessera_crypto::DeviceKeys;
+use tessera_proto::{
+    Message as _,
+    channel::v1::SignedChannelStatement,
+    envelope::v1::{Envelope, EnvelopeHeader, Stanza},
+    server::v1::{
+        ChannelEvent, Direction, ListMessagesRequest, SendMessageRequest,
+        channel_event::Event as PbEvent,
+    },
+};
+use tessera_service::{
+    Caller, TokenIssuer,
+    token::{AuthMethod, Role as TokenRole},
+};
+use tokio::sync::watch;
+use tonic::Code;
+
+use super::Channels;
+use crate::{
+    Limits, Locks,
+    error::ServerError,
+    kms_client::KmsClient,
+    signers::{SignerKeys, key_from_registration},
+    store::{
+        Account, ChannelRecord, Device, DeviceStatus, MemberRecord, MemoryStore, StatementChange,
+        Store as _,
+    },
+};
+
+const CH: &str = "00112233445566778899aabbccddeeff";
+
+struct World {
+    _dir: tempfile::TempDir,
+    store: MemoryStore,
+    channels: Arc<Channels>,
+    _closing: watch::Sender<bool>,
+}
+
+/// An enrolled device: its keys, its card id, its owner.
+struct Dev {
+    identity: String,
+    keys: DeviceKeys,
+    card: CardId,
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with(Limits::default())
+    }
+
+    fn with(limits: Limits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MemoryStore::default();
+        let shared: Arc<dyn crate::store::Store> = Arc::new(store.clone());
+        // The key service is never reached: every device record here holds
+        // its key (the fetch for older records is tested over gRPC).
+        let kms = Arc::new(KmsClient::new(
+            tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
+        ));
+        let issuer = Arc::new(TokenIssuer::new(
+            tessera_crypto::SigningKey::generate().unwrap(),
+            Duration::from_secs(900),
+        ));
+        let user_locks = Arc::new(Locks::new());
+        let (closing_tx, closing) = watch::channel(false);
+        let channels = Channels::new(
+            shared.clone(),
+            limits,
+            SignerKeys::new(shared, kms, issuer, user_locks.clone()),
+            user_locks,
+            dir.path().to_path_buf(),
+            closing,
+        );
+        Self {
+            _dir: dir,
+            store,
+            channels: Arc::new(channels),
+            _closing: closing_tx,
+        }
+    }
+
+    /// An account with one enrolled device.
+    fn user(&self, identity: &str) -> Dev {
+        self.store
+            .create_account(&Account {
+                identity: identity.into(),
+                ..Default::default()
+            })
+            .unwrap();
+        self.device(identity)
+    }
+
+    /// Another enrolled device of `identity`.
+    fn device(&self, identity: &str) -> Dev {
+        let keys = DeviceKeys::generate().unwrap();
+        let card = NewCard {
+            identity,
+            kind: CardKind::Client,
+            device_name: "phone",
+            created_at: 0,
+            previous_card_id: None,
+        }
+        .self_signed(&keys)
+        .unwrap();
+        let id = CardId::of_snapshot(&card.content_snapshot);
+        self.store
+            .put_devices(&[Device {
+                card_id: id.to_vec(),
+                identity: identity.into(),
+                device_name: "phone".into(),
+                created_at: 0,
+                status: DeviceStatus::Active as i32,
+                org_card: false,
+                signing_public_key: keys.signing.verifying_key().as_bytes().to_vec(),
+            }])
+            .unwrap();
+        Dev {
+            identity: identity.into(),
+            keys,
+            card: id,
+        }
+    }
+
+    fn revoke(&self, dev: &Dev) {
+        let mut d = self.store.device(dev.card.as_bytes()).unwrap().unwrap();
+        d.status = DeviceStatus::Revoked as i32;
+        self.store.put_devices(&[d]).unwrap();
+    }
+
+    fn record(&self) -> ChannelRecord {
+        self.store.channel(CH).unwrap().unwrap()
+    }
+
+    fn member(&self, identity: &str) -> Option<MemberRecord> {
+        self.store.member(CH, identity).unwrap()
+    }
+
+    /// Creates channel `CH` by `creator` (admin) with `members`.
+    async fn create(&self, chain: &mut Chain, creator: &Dev, members: &[&str]) {
+        let creation = chain.creation(creator, Visibility::Shared, members);
+        self.channels
+            .create(&caller(creator), Some(creation))
+            .await
+            .unwrap();
+    }
+
+    /// Publishes `change` signed by `by` at `chain`'s head.
+    async fn publish(
+        &self,
+        chain: &mut Chain,
+        by: &Dev,
+        change: Change,
+    ) -> Result<(), ServerError> {
+        let s = chain.sign(by, change);
+        self.channels
+            .publish(&caller(by), chain.channel_id, Some(s.clone()))
+            .await?;
+        chain.accepted(&s);
+        Ok(())
+    }
+
+    async fn send(&self, from: &Dev, epoch: u64, n: u8) -> Result<u64, ServerError> {
+        self.channels
+            .send(&caller(from), send_request(from, epoch, n))
+            .await
+            .map(|r| r.index)
+    }
+}
+
+/// The token of a device log-in of `dev`.
+fn caller(dev: &Dev) -> Caller {
+    Caller {
+        identity: dev.identity.clone(),
+        role: TokenRole::User,
+        device_card_id: Some(dev.card),
+        org_member: false,
+        auth: AuthMethod::Device,
+        issued_at: tessera_service::now_secs(),
+        expires_at: tessera_service::now_secs() + 900,
+    }
+}
+
+/// The token of a password log-in of `dev`'s owner (it names no device).
+fn password_caller(dev: &Dev) -> Caller {
+    Caller {
+        device_card_id: None,
+        auth: AuthMethod::Password,
+        ..caller(dev)
+    }
+}
+
+fn send_request(from: &Dev, epoch: u64, n: u8) -> SendMessageRequest {
+    SendMessageRequest {
+        channel_id: CH.into(),
+        client_message_id: vec![n; 16],
+        sender_card_id: from.card.to_vec(),
+        envelope: Envelope {
+            header: EnvelopeHeader {
+                version: 1,
+                sender_card_id: from.card.to_vec(),
+                stanzas: vec![Stanza {
+                    card_id: vec![9; 32],
+                    encapsulated_key: vec![1; 32],
+                    wrapped_key: vec![2; 48],
+                }],
+            }
+            .encode_to_vec(),
+            ciphertext: vec![n; 64],
+        }
+        .encode_to_vec(),
+        epoch,
+    }
+}
+
+/// A channel's chain as the test's clients know it: its length and head.
+struct Chain {
+    channel_id: &'static str,
+    length: u64,
+    head: Option<Hash>,
+}
+
+impl Chain {
+    /// Channel `CH`, before its creation.
+    fn new() -> Self {
+        Self::of(CH)
+    }
+
+    fn of(channel_id: &'static str) -> Self {
+        Self {
+            channel_id,
+            length: 0,
+            head: None,
+        }
+    }
+
+    /// `CH` at `length` statements ending at `head`.
+    fn at(length: u64, head: Hash) -> Self {
+        Self {
+            channel_id: CH,
+            length,
+            head: Some(head),
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.length - 1
+    }
+
+    fn creation(
+        &mut self,
+        creator: &Dev,
+        visibility: Visibility,
+        others: &[&str],
+    ) -> SignedChannelStatement {
+        let mut members: Vec<(String, Role)> = others
+            .iter()
+            .map(|i| ((*i).to_owned(), Role::Member))
+            .collect();
+        members.push((creator.identity.clone(), Role::Admin));
+        members.sort();
+        let s = self.sign(
+            creator,
+            Change::Create {
+                name: "plans".into(),
+                visibility,
+                members,
+            },
+        );
+        self.accepted(&s);
+        s
+    }
+
+    /// `change` signed by `by` against the current head.
+    fn sign(&self, by: &Dev, change: Change) -> SignedChannelStatement {
+        self.sign_at(by, self.length, self.head, change)
+    }
+
+    fn sign_at(
+        &self,
+        by: &Dev,
+        epoch: u64,
+        previous: Option<Hash>,
+        change: Change,
+    ) -> SignedChannelStatement {
+        NewChannelStatement {
+            channel_id: self.channel_id,
+            epoch,
+            previous_hash: previous,
+            signer_identity: &by.identity,
+            signer: by.card,
+            created_at: 0,
+            change,
+        }
+        .sign(&by.keys.signing)
+    }
+
+    fn accepted(&mut self, s: &SignedChannelStatement) {
+        self.length += 1;
+        self.head = Some(statement_hash(&s.statement));
+    }
+}
+
+fn add(identity: &str) -> Change {
+    Change::Add {
+        identity: identity.into(),
+        role: Role::Member,
+    }
+}
+
+fn code<T: std::fmt::Debug>(result: Result<T, ServerError>) -> Code {
+    result.unwrap_err().code()
+}
+
+#[tokio::test]
+async fn a_creation_stores_the_channel_its_members_and_its_first_statement() {
+    let w = World::new();
+    let (alice, _bob) = (w.user("alice"), w.user("bob"));
+    let mut chain = Chain::new();
+    let creation = chain.creation(&alice, Visibility::Joined, &["bob"]);
+    let view = w
+        .channels
+        .create(&caller(&alice), Some(creation.clone()))
+        .await
+        .unwrap();
+    assert_eq!(view.channel_id, CH);
+    assert_eq!(view.name, "plans");
+    assert_eq!(view.creator, "alice");
+    assert_eq!(view.chain_length, 1);
+    assert_eq!(
+        view.chain_head,
+        statement_hash(&creation.statement).to_vec()
+    );
+    assert_eq!(view.next_index, 1);
+    assert_eq!(view.visible_from_index, 1);
+    assert_eq!(view.members.len(), 2);
+    for m in &view.members {
+        assert_eq!((m.added_at_epoch, m.added_by.as_str()), (0, "alice"));
+        assert_eq!(m.joined_at_index, 1);
+    }
+    let record = w.record();
+    assert_eq!(record.chain_length, 1);
+    assert_eq!(record.next_index, 1);
+    let entries = w.store.chain(CH, 0, 10, 10, usize::MAX).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].statement.as_ref(), Some(&creation));
+    assert_eq!(entries[0].next_index, 1);
+    assert_eq!(w.store.channels_of("bob").unwrap(), [CH]);
+    let chain = w.channels.chain(&caller(&alice), CH, 0).unwrap();
+    assert_eq!((chain.length, chain.entries.len()), (1, 1));
+
+    // Sent again (a retry): the same channel. Another creation under the
+    // same id: taken.
+    let again = w
+        .channels
+        .create(&caller(&alice), Some(creation))
+        .await
+        .unwrap();
+    assert_eq!(again, view);
+    let other = Chain::new().creation(&alice, Visibility::Shared, &[]);
+    let err = w
+        .channels
+        .create(&caller(&alice), Some(other))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err}");
+    assert_eq!(w.store.chain(CH, 0, 10, 10, usize::MAX).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn creations_that_break_a_rule_or_a_limit_are_refused() {
+    let w = World::with(Limits {
+        max_members_per_channel: 3,
+        max_channels_per_user: 1,
+        ..Limits::default()
+    });
+    let (alice, bob, carol, dave) = (
+        w.user("alice"),
+        w.user("bob"),
+        w.user("carol"),
+        w.user("dave"),
+    );
+    let create = |by: &Dev, s: Option<SignedChannelStatement>| {
+        let c = caller(by);
+        let channels = w.channels.clone();
+        async move { channels.create(&c, s).await }
+    };
+    assert_eq!(code(create(&alice, None).await), Code::InvalidArgument);
+    let garbage = SignedChannelStatement {
+        statement: vec![0xff; 10],
+        signature: vec![0; 64],
+    };
+    assert_eq!(
+        code(create(&alice, Some(garbage)).await),
+        Code::InvalidArgument
+    );
+    // A later statement is not a creation.
+    let later = Chain::at(1, [7; 32]).sign(&alice, add("bob"));
+    assert_eq!(
+        code(create(&alice, Some(later)).await),
+        Code::InvalidArgument
+    );
+    // A member without an account, named.
+    let ghost = Chain::new().creation(&alice, Visibility::Shared, &["nobody"]);
+    let err = create(&alice, Some(ghost)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.to_string().contains("nobody"), "{err}");
+    // The creator must be an admin among the members.
+    let s = Chain::new();
+    let not_admin = s.sign(
+        &alice,
+        Change::Create {
+            name: "x".into(),
+            visibility: Visibility::Shared,
+            members: vec![("alice".into(), Role::Member), ("bob".into(), Role::Admin)],
+        },
+    );
+    assert_eq!(
+        code(create(&alice, Some(not_admin)).await),
+        Code::PermissionDenied
+    );
+    // The server's member limit.
+    let crowd = Chain::new().creation(&alice, Visibility::Shared, &["bob", "carol", "dave"]);
+    let err = create(&alice, Some(crowd)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.to_string().contains("3 members per channel"), "{err}");
+    // Channels per user: bob's one channel is used up, so nobody can put him
+    // in another.
+    let mut first = Chain::new();
+    w.create(&mut first, &bob, &[]).await;
+    let with_bob = Chain::of("ffeeddccbbaa99887766554433221100").creation(
+        &carol,
+        Visibility::Shared,
+        &["bob"],
+    );
+    let err = create(&carol, Some(with_bob)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.to_string().contains("channels for bob"), "{err}");
+    assert!(w.store.channels_of("carol").unwrap().is_empty());
+    drop(dave);
+}
+
+#[tokio::test]
+async fn only_an_active_device_of_the_caller_signs() {
+    let w = World::new();
+    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    let alice_laptop = w.device("alice");
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    let publish = |who: Caller, s: SignedChannelStatement| {
+        let channels = w.channels.clone();
+        async move { channels.publish(&who, CH, Some(s)).await }
+    };
+    // Signed by alice, sent by bob.
+    let s = chain.sign(&alice, Change::Rename("a".into()));
+    let err = publish(caller(&bob), s.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    // Alice's token names her phone; the statement names her laptop.
+    let laptop = chain.sign(&alice_laptop, Change::Rename("b".into()));
+    assert_eq!(
+        code(publish(caller(&alice), laptop.clone()).await),
+        Code::PermissionDenied
+    );
+    // ... which a password token (naming no device) may send.
+    publish(password_caller(&alice), laptop.clone())
+        .await
+        .unwrap();
+    chain.accepted(&laptop);
+    // Bob's card named as alice's signer.
+    let forged = chain.sign_at(
+        &Dev {
+            identity: "alice".into(),
+            keys: DeviceKeys::generate().unwrap(),
+            card: bob.card,
+        },
+        chain.length,
+        chain.head,
+        Change::Rename("c".into()),
+    );
+    assert_eq!(
+        code(publish(password_caller(&alice), forged).await),
+        Code::PermissionDenied
+    );
+    // A key that is not the card's: the signature does not verify.
+    let other_key = Dev {
+        identity: "alice".into(),
+        keys: DeviceKeys::generate().unwrap(),
+        card: alice.card,
+    };
+    let bad = chain.sign(&other_key, Change::Rename("d".into()));
+    let err = publish(caller(&alice), bad).await.unwrap_err();
+    assert!(
+        matches!(err, ServerError::Statement(ChannelError::BadSignature)),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // A revoked device.
+    w.revoke(&alice_laptop);
+    let revoked = chain.sign(&alice_laptop, Change::Rename("e".into()));
+    assert_eq!(
+        code(publish(password_caller(&alice), revoked).await),
+        Code::PermissionDenied
+    );
+    // An unknown card.
+    let stranger = Dev {
+        identity: "alice".into(),
+        keys: DeviceKeys::generate().unwrap(),
+        card: CardId::from_array([5; 32]),
+    };
+    let unknown = chain.sign(&stranger, Change::Rename("f".into()));
+    assert_eq!(
+        code(publish(password_caller(&alice), unknown).await),
+        Code::PermissionDenied
+    );
+    // The organisation's card is no member's device.
+    let mut org = w.store.device(alice.card.as_bytes()).unwrap().unwrap();
+    org.org_card = true;
+    w.store.put_devices(&[org]).unwrap();
+    let by_org = chain.sign(&alice, Change::Rename("g".into()));
+    assert_eq!(
+        code(publish(caller(&alice), by_org).await),
+        Code::PermissionDenied
+    );
+    // Nothing but the laptop's rename was stored.
+    assert_eq!(w.record().chain_length, 2);
+    assert_eq!(w.record().name, "b");
+}
+
+#[tokio::test]
+async fn statements_extend_the_head_by_compare_and_set_and_retries_answer_ok() {
+    let w = World::new();
+    let (alice, bob, _carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
+    // Two statements made against the same head: the first wins, the
+    // second is told to refetch.
+    let first = chain.sign(&alice, add("carol"));
+    let second = chain.sign(&alice, Change::Rename("late".into()));
+    let view = w
+        .channels
+        .publish(&caller(&alice), CH, Some(first.clone()))
+        .await
+        .unwrap();
+    chain.accepted(&first);
+    assert_eq!(view.chain_length, 2);
+    assert_eq!(view.chain_head, chain.head.unwrap().to_vec());
+    let err = w
+        .channels
+        .publish(&caller(&alice), CH, Some(second))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(err.to_string().contains("refetch"), "{err}");
+    // At the right epoch but on another parent; and one from the future.
+    let fork = chain.sign_at(
+        &alice,
+        chain.length,
+        Some([3; 32]),
+        Change::Rename("x".into()),
+    );
+    assert_eq!(
+        code(w.channels.publish(&caller(&alice), CH, Some(fork)).await),
+        Code::Aborted
+    );
+    let future = chain.sign_at(
+        &alice,
+        chain.length + 1,
+        chain.head,
+        Change::Rename("x".into()),
+    );
+    assert_eq!(
+        code(w.channels.publish(&caller(&alice), CH, Some(future)).await),
+        Code::Aborted
+    );
+    let record = w.record();
+    assert_eq!((record.chain_length, record.name.as_str()), (2, "plans"));
+
+    // The accepted one sent again: answered as stored, nothing appended.
+    let again = w
+        .channels
+        .publish(&caller(&alice), CH, Some(first))
+        .await
+        .unwrap();
+    assert_eq!(again.chain_length, 2);
+    assert_eq!(w.store.chain(CH, 0, 10, 10, usize::MAX).unwrap().len(), 2);
+    // Carol was added when the next message index was 2: she joined there.
+    let carol = w.member("carol").unwrap();
+    assert_eq!(
+        (
+            carol.joined_at_index,
+            carol.added_at_epoch,
+            carol.added_by.as_str()
+        ),
+        (2, 1, "alice")
+    );
+    assert_eq!(
+        w.store.chain(CH, 1, 2, 1, usize::MAX).unwrap()[0].next_index,
+        2
+    );
+
+    // A retried leave, from someone who is no longer a member, is
+    // answered too (without the members).
+    let leave = chain.sign(&bob, Change::Leave);
+    w.channels
+        .publish(&caller(&bob), CH, Some(leave.clone()))
+        .await
+        .unwrap();
+    chain.accepted(&leave);
+    assert!(w.member("bob").is_none());
+    assert!(w.store.channels_of("bob").unwrap().is_empty());
+    let retried = w
+        .channels
+        .publish(&caller(&bob), CH, Some(leave))
+        .await
+        .unwrap();
+    assert_eq!(retried.chain_length, 3);
+    assert!(retried.members.is_empty());
+    assert_eq!(retried.visible_from_index, 0);
+}
+
+#[tokio::test]
+async fn only_admins_change_members_and_the_rules_answer_their_statuses() {
+    let w = World::with(Limits {
+        max_members_per_channel: 4,
+        ..Limits::default()
+    });
+    let (alice, bob, carol, eve) = (
+        w.user("alice"),
+        w.user("bob"),
+        w.user("carol"),
+        w.user("eve"),
+    );
+    let dave = w.user("dave");
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    // A ghost added by a member who is no admin; a non-member adding
+    // herself.
+    let err = w.publish(&mut chain, &bob, add("eve")).await.unwrap_err();
+    assert!(
+        matches!(err, ServerError::Statement(ChannelError::NotAnAdmin(ref who)) if who == "bob"),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = w.publish(&mut chain, &eve, add("eve")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.to_string().contains("eve is not a member"), "{err}");
+    assert!(w.member("eve").is_none());
+    // An identity without an account.
+    let err = w
+        .publish(&mut chain, &alice, add("nobody"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.to_string().contains("nobody"), "{err}");
+    // Already a member; removing oneself; removing or promoting someone who
+    // is not there; the last admin leaving.
+    for (by, change) in [
+        (&alice, add("bob")),
+        (
+            &alice,
+            Change::Remove {
+                identity: "alice".into(),
+            },
+        ),
+        (
+            &alice,
+            Change::Remove {
+                identity: "carol".into(),
+            },
+        ),
+        (
+            &alice,
+            Change::SetRole {
+                identity: "carol".into(),
+                role: Role::Admin,
+            },
+        ),
+        (&alice, Change::Leave),
+    ] {
+        let err = w.publish(&mut chain, by, change.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{change:?}: {err}");
+    }
+    assert_eq!(w.record().chain_length, 1, "nothing was stored");
+    // The server's member limit (4), then the channel's chain limit.
+    w.publish(&mut chain, &alice, add("carol")).await.unwrap();
+    w.publish(&mut chain, &alice, add("dave")).await.unwrap();
+    let err = w.publish(&mut chain, &alice, add("eve")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    let full = chain.sign_at(
+        &alice,
+        MAX_STATEMENTS,
+        chain.head,
+        Change::Rename("x".into()),
+    );
+    assert_eq!(
+        code(w.channels.publish(&caller(&alice), CH, Some(full)).await),
+        Code::ResourceExhausted
+    );
+    // Roles, names and visibility change by admins; a member leaves; an
+    // admin removes.
+    w.publish(
+        &mut chain,
+        &alice,
+        Change::SetRole {
+            identity: "bob".into(),
+            role: Role::Admin,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(w.member("bob").unwrap().role, super::role_code(Role::Admin));
+    assert_eq!(w.member("bob").unwrap().added_at_epoch, 0, "kept");
+    w.publish(&mut chain, &bob, Change::Rename("ours".into()))
+        .await
+        .unwrap();
+    w.publish(&mut chain, &bob, Change::SetVisibility(Visibility::Joined))
+        .await
+        .unwrap();
+    w.publish(&mut chain, &carol, Change::Leave).await.unwrap();
+    w.publish(
+        &mut chain,
+        &bob,
+        Change::Remove {
+            identity: "dave".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let record = w.record();
+    assert_eq!(record.name, "ours");
+    assert_eq!(
+        record.history_visibility,
+        super::visibility_code(Visibility::Joined)
+    );
+    assert_eq!(record.chain_length, chain.length);
+    assert_eq!(record.chain_head, chain.head.unwrap().to_vec());
+    let members: Vec<String> = w
+        .store
+        .members(CH)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.identity)
+        .collect();
+    assert_eq!(members, ["alice", "bob"]);
+    assert!(w.store.channels_of("dave").unwrap().is_empty());
+    // The removed member may not publish any more.
+    let err = w
+        .publish(&mut chain, &dave, Change::Leave)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn malformed_and_misaddressed_statements_are_invalid_arguments() {
+    let w = World::new();
+    let alice = w.user("alice");
+    let mut chain = Chain::new();
+    let publish = |channel_id: &'static str, s: Option<SignedChannelStatement>| {
+        let c = caller(&alice);
+        let channels = w.channels.clone();
+        async move { channels.publish(&c, channel_id, s).await }
+    };
+    let rename = chain.sign_at(&alice, 1, Some([1; 32]), Change::Rename("x".into()));
+    // No channel yet.
+    assert_eq!(
+        code(publish(CH, Some(rename.clone())).await),
+        Code::NotFound
+    );
+    w.create(&mut chain, &alice, &[]).await;
+    assert_eq!(
+        code(publish("NOT-HEX", Some(rename.clone())).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(publish("ffeeddccbbaa99887766554433221100", Some(rename)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(code(publish(CH, None).await), Code::InvalidArgument);
+    let mut short = chain.sign(&alice, Change::Rename("x".into()));
+    short.signature.pop();
+    assert_eq!(code(publish(CH, Some(short)).await), Code::InvalidArgument);
+    let creation = Chain::new().creation(&alice, Visibility::Shared, &[]);
+    assert_eq!(
+        code(publish(CH, Some(creation)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(w.record().chain_length, 1);
+}
+
+#[tokio::test]
+async fn the_chain_is_served_to_current_members_only_from_an_epoch_in_pages() {
+    let w = World::new();
+    let (alice, bob, eve) = (w.user("alice"), w.user("bob"), w.user("eve"));
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    for i in 0..1004 {
+        w.publish(&mut chain, &alice, Change::Rename(format!("name {i}")))
+            .await
+            .unwrap();
+    }
+    let all = w.channels.chain(&caller(&bob), CH, 0).unwrap();
+    assert_eq!(all.length, 1005);
+    assert_eq!(all.entries.len(), 1000, "at most 1000 in one answer");
+    let rest = w.channels.chain(&caller(&bob), CH, 1000).unwrap();
+    assert_eq!(rest.entries.len(), 5);
+    let last = rest.entries.last().unwrap().statement.as_ref().unwrap();
+    assert_eq!(statement_hash(&last.statement), chain.head.unwrap());
+    assert!(
+        w.channels
+            .chain(&caller(&bob), CH, 1005)
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    assert_eq!(
+        code(w.channels.chain(&caller(&bob), CH, 1006)),
+        Code::InvalidArgument
+    );
+    // Not a member (any more): no chain.
+    assert_eq!(
+        code(w.channels.chain(&caller(&eve), CH, 0)),
+        Code::PermissionDenied
+    );
+    w.publish(&mut chain, &bob, Change::Leave).await.unwrap();
+    assert_eq!(
+        code(w.channels.chain(&caller(&bob), CH, 0)),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            w.channels
+                .chain(&caller(&bob), "ffeeddccbbaa99887766554433221100", 0)
+        ),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn messages_name_the_current_epoch() {
+    let w = World::new();
+    let (alice, bob, _carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
+    w.publish(&mut chain, &alice, add("carol")).await.unwrap();
+    // Sealed at the old epoch: refetch and seal again.
+    let err = w.send(&bob, 0, 2).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(err.to_string().contains("at epoch 1"), "{err}");
+    assert_eq!(code(w.send(&bob, 2, 2).await), Code::Aborted);
+    assert_eq!(w.send(&bob, 1, 2).await.unwrap(), 2);
+    // A retry of a message stored before the statement is still a
+    // duplicate, not a stale epoch.
+    let again = w
+        .channels
+        .send(&caller(&alice), send_request(&alice, 0, 1))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.index, 1);
+    let stored = w
+        .channels
+        .messages(
+            &caller(&bob),
+            &ListMessagesRequest {
+                channel_id: CH.into(),
+                direction: Direction::Forward as i32,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .messages;
+    let epochs: Vec<(u64, u64)> = stored.iter().map(|m| (m.index, m.epoch)).collect();
+    assert_eq!(epochs, [(1, 0), (2, 1)]);
+    // A member removed cannot send, at any epoch; nor a revoked device.
+    w.publish(
+        &mut chain,
+        &alice,
+        Change::Remove {
+            identity: "bob".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(code(w.send(&bob, 2, 3).await), Code::PermissionDenied);
+    let laptop = w.device("alice");
+    w.revoke(&laptop);
+    assert_eq!(code(w.send(&laptop, 2, 4).await), Code::PermissionDenied);
+    assert_eq!(w.send(&alice, 2, 5).await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn a_channel_made_before_protocol_v2_stays_readable_and_takes_nothing_new() {
+    let w = World::new();
+    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    // As a protocol v1 server left it: no chain, members joined at 1.
+    let channel = ChannelRecord {
+        channel_id: CH.into(),
+        name: "old".into(),
+        creator: "alice".into(),
+        history_visibility: super::visibility_code(Visibility::Shared),
+        created_at_ms: 1,
+        next_index: 1,
+        chain_length: 0,
+        chain_head: Vec::new(),
+    };
+    let member = |identity: &str, role: Role| MemberRecord {
+        identity: identity.into(),
+        role: super::role_code(role),
+        joined_at_index: 1,
+        joined_at_ms: 1,
+        ..Default::default()
+    };
+    assert!(
+        w.store
+            .append_statement(
+                CH,
+                0,
+                &[],
+                &StatementChange {
+                    channel: channel.clone(),
+                    // Never served: reads stop at the record's length, 0.
+                    entry: Default::default(),
+                    put_members: vec![member("alice", Role::Admin), member("bob", Role::Member)],
+                    remove_members: Vec::new(),
+                },
+            )
+            .unwrap()
+    );
+    let old = tessera_proto::server::v1::StoredMessage {
+        channel_id: CH.into(),
+        index: 1,
+        sender_identity: "alice".into(),
+        client_message_id: vec![1; 16],
+        ..Default::default()
+    };
+    w.store
+        .append_message(
+            &ChannelRecord {
+                next_index: 2,
+                ..channel
+            },
+            &old,
+            &Default::default(),
+        )
+        .unwrap();
+    let view = w.channels.get(&caller(&bob), CH).unwrap();
+    assert_eq!((view.chain_length, view.chain_head.len()), (0, 0));
+    let chain = w.channels.chain(&caller(&bob), CH, 0).unwrap();
+    assert_eq!((chain.length, chain.entries.len()), (0, 0));
+    assert_eq!(
+        code(w.channels.chain(&caller(&bob), CH, 1)),
+        Code::InvalidArgument
+    );
+    let history = w
+        .channels
+        .messages(
+            &caller(&bob),
+            &ListMessagesRequest {
+                channel_id: CH.into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(history.messages, [old]);
+    let err = w.send(&alice, 0, 2).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.to_string().contains("create a new channel"), "{err}");
+    let rename = Chain::at(1, [0; 32]).sign(&alice, Change::Rename("new".into()));
+    assert_eq!(
+        code(w.channels.publish(&caller(&alice), CH, Some(rename)).await),
+        Code::FailedPrecondition
+    );
+    let creation = Chain::new().creation(&alice, Visibility::Shared, &["bob"]);
+    assert_eq!(
+        code(w.channels.create(&caller(&alice), Some(creation)).await),
+        Code::AlreadyExists
+    );
+}
+
+#[tokio::test]
+async fn joined_history_starts_where_the_last_addition_was_accepted() {
+    let w = World::new();
+    let (alice, _bob, carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let mut chain = Chain::new();
+    let creation = chain.creation(&alice, Visibility::Joined, &["bob"]);
+    w.channels
+        .create(&caller(&alice), Some(creation))
+        .await
+        .unwrap();
+    for n in 1..=3 {
+        w.send(&alice, chain.epoch(), n).await.unwrap();
+    }
+    w.publish(&mut chain, &alice, add("carol")).await.unwrap();
+    assert_eq!(
+        w.channels
+            .get(&caller(&carol), CH)
+            .unwrap()
+            .visible_from_index,
+        4
+    );
+    w.send(&alice, chain.epoch(), 4).await.unwrap();
+    w.publish(&mut chain, &carol, Change::Leave).await.unwrap();
+    w.send(&alice, chain.epoch(), 5).await.unwrap();
+    w.publish(&mut chain, &alice, add("carol")).await.unwrap();
+    w.send(&alice, chain.epoch(), 6).await.unwrap();
+    let view = w.channels.get(&caller(&carol), CH).unwrap();
+    assert_eq!(view.visible_from_index, 6);
+    let carol_member = view.members.iter().find(|m| m.identity == "carol").unwrap();
+    assert_eq!(
+        (carol_member.added_at_epoch, carol_member.joined_at_index),
+        (3, 6)
+    );
+    let seen: Vec<u64> = w
+        .channels
+        .messages(
+            &caller(&carol),
+            &ListMessagesRequest {
+                channel_id: CH.into(),
+                anchor: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .messages
+        .iter()
+        .map(|m| m.index)
+        .collect();
+    assert_eq!(seen, [6]);
+    // The organisation's backup service sees the same view of her.
+    let archived = w.channels.member_view(CH, "carol").unwrap();
+    assert_eq!(archived.visible_from_index, 6);
+    assert_eq!(archived.chain_length, chain.length);
+    assert_eq!(
+        code(w.channels.member_view(CH, "dave")),
+        Code::PermissionDenied
+    );
+}
+
+/// The next event of a subscription, within 10 s.
+async fn next_event<S>(s: &mut S) -> Result<ChannelEvent, ServerError>
+where
+    S: Stream<Item = Result<ChannelEvent, ServerError>> + Unpin,
+{
+    tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream is open")
+}
+
+/// An event as `m<index>` or `chain<length>`.
+fn label(event: ChannelEvent) -> String {
+    match event.event {
+        Some(PbEvent::Message(m)) => format!("m{}", m.index),
+        Some(PbEvent::ChainLength(n)) => format!("chain{n}"),
+        None => "none".into(),
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_announce_statements_in_order_among_the_messages() {
+    let w = World::new();
+    let (alice, bob, _carol, _dave) = (
+        w.user("alice"),
+        w.user("bob"),
+        w.user("carol"),
+        w.user("dave"),
+    );
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    w.send(&alice, 0, 1).await.unwrap();
+    w.send(&alice, 0, 2).await.unwrap();
+    w.publish(&mut chain, &alice, add("carol")).await.unwrap();
+    w.send(&alice, 1, 3).await.unwrap();
+    // Two statements between two messages come as one announcement.
+    w.publish(&mut chain, &alice, Change::Rename("a".into()))
+        .await
+        .unwrap();
+    w.publish(&mut chain, &alice, Change::Rename("b".into()))
+        .await
+        .unwrap();
+    w.send(&alice, 3, 4).await.unwrap();
+    w.publish(&mut chain, &alice, Change::Rename("c".into()))
+        .await
+        .unwrap();
+
+    // From the start: the creation comes before message 1.
+    let mut from_start = Box::pin(w.channels.subscribe(caller(&bob), CH.into(), 1).unwrap());
+    let mut got = Vec::new();
+    for _ in 0..8 {
+        got.push(label(next_event(&mut from_start).await.unwrap()));
+    }
+    assert_eq!(
+        got,
+        [
+            "chain1", "m1", "m2", "chain2", "m3", "chain4", "m4", "chain5"
+        ]
+    );
+    // From message 3: the statements accepted when the next index was 3
+    // or later (the addition came right before message 3).
+    let mut from_three = Box::pin(w.channels.subscribe(caller(&bob), CH.into(), 3).unwrap());
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(label(next_event(&mut from_three).await.unwrap()));
+    }
+    assert_eq!(got, ["chain2", "m3", "chain4", "m4", "chain5"]);
+    // Live: a message, a statement, a message.
+    w.send(&alice, 4, 5).await.unwrap();
+    w.publish(&mut chain, &alice, add("dave")).await.unwrap();
+    w.send(&alice, 5, 6).await.unwrap();
+    for s in [&mut from_start, &mut from_three] {
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(label(next_event(s).await.unwrap()));
+        }
+        assert_eq!(got, ["m5", "chain6", "m6"]);
+    }
+}
+
+#[tokio::test]
+async fn a_removed_member_gets_nothing_sent_after_the_removal() {
+    let w = World::new();
+    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    let mut live = Box::pin(w.channels.subscribe(caller(&bob), CH.into(), 0).unwrap());
+    // From the next message on: the statements since the last message
+    // (here the creation) come first.
+    assert_eq!(label(next_event(&mut live).await.unwrap()), "chain1");
+    w.send(&alice, 0, 1).await.unwrap();
+    assert_eq!(label(next_event(&mut live).await.unwrap()), "m1");
+    // Bob does not read while he is removed and more is sent.
+    w.send(&alice, 0, 2).await.unwrap();
+    w.publish(
+        &mut chain,
+        &alice,
+        Change::Remove {
+            identity: "bob".into(),
+        },
+    )
+    .await
+    .unwrap();
+    w.send(&alice, 1, 3).await.unwrap();
+    assert_eq!(label(next_event(&mut live).await.unwrap()), "m2");
+    let end = next_event(&mut live).await.unwrap_err();
+    assert_eq!(end.code(), Code::PermissionDenied, "{end}");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), live.next())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A new subscription is refused outright.
+    assert_eq!(
+        w.channels
+            .subscribe(caller(&bob), CH.into(), 1)
+            .err()
+            .map(|e| e.code()),
+        Some(Code::PermissionDenied)
+    );
+}
+
+#[tokio::test]
+async fn a_device_record_without_a_key_takes_the_key_its_card_id_commits_to() {
+    let w = World::new();
+    let alice = w.user("alice");
+    let bob = w.user("bob");
+    let card_of = |dev: &Dev| {
+        let mut card = NewCard {
+            identity: &dev.identity,
+            kind: CardKind::Client,
+            device_name: "phone",
+            created_at: 0,
+            previous_card_id: None,
+        }
+        .self_signed(&dev.keys)
+        .unwrap();
+        card.app_signature = vec![1; 64];
+        card.kms_signature = vec![2; 64];
+        card
+    };
+    let record = w.store.device(alice.card.as_bytes()).unwrap().unwrap();
+    let entry = transparency::registration_entry(&card_of(&alice), "alice", 0);
+    assert_eq!(
+        key_from_registration(&record, &entry).unwrap(),
+        alice.keys.signing.verifying_key()
+    );
+    // The key service answering with another card (bob's) is not believed.
+    let other = transparency::registration_entry(&card_of(&bob), "bob", 0);
+    assert_eq!(
+        key_from_registration(&record, &other).unwrap_err().code(),
+        Code::Internal
+    );
+    assert_eq!(
+        key_from_registration(&record, b"not an entry")
+            .unwrap_err()
+            .code(),
+        Code::Internal
+    );
+}
