@@ -91,6 +91,8 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         recipient_card_ids: vec![RECIPIENT_CARD.to_vec()],
         content_type: envelope::CONTENT_TYPE_TEXT.into(),
         body: b"hello".to_vec(),
+        epoch: 0,
+        epoch_hash: Vec::new(),
     }
     .encode_to_vec();
     let sealed_content = SealedContent {
@@ -202,6 +204,7 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         client_message_id: vec![3; 16],
         server_time_ms: 5,
         envelope: sealed.envelope.clone(),
+        epoch: 0,
     }
     .encode_to_vec();
     let stored_card = tessera_kms::store::StoredCard {

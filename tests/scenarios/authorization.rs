@@ -3,6 +3,7 @@
 
 use tessera_card::{
     CardId, CardKind, NewCard,
+    channel::{Change, NewChannelStatement, Role},
     device_list::{Action, NewStatement},
     revocation,
 };
@@ -17,12 +18,13 @@ use tessera_proto::{
         RegisterCardRequest, RevokeCardRequest, SearchCardsRequest,
     },
     server::v1::{
-        AddMemberRequest, AdminRevokeDeviceRequest, CreateChannelRequest,
-        DownloadAttachmentRequest, EnrollDeviceRequest, GetChannelRequest, GetMemberViewRequest,
+        AdminRevokeDeviceRequest, CreateChannelRequest, DownloadAttachmentRequest,
+        EnrollDeviceRequest, GetChannelChainRequest, GetChannelRequest, GetMemberViewRequest,
         GetReadHorizonRequest, GetStoredMessageRequest, IssueTokenRequest, ListChannelsRequest,
-        ListDevicesRequest, ListMessagesRequest, ListOrgMembersRequest, RegisterOrgCardRequest,
-        RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest, SetOrgMemberRequest,
-        SetReadHorizonRequest, SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest,
+        ListDevicesRequest, ListMessagesRequest, ListOrgMembersRequest,
+        PublishChannelStatementRequest, RegisterOrgCardRequest, RevokeDeviceRequest,
+        SendMessageRequest, SetOrgMemberRequest, SetReadHorizonRequest, SubscribeRequest,
+        UploadAttachmentRequest, WhoAmIRequest,
     },
 };
 use tessera_stack::hostile::raw_call;
@@ -92,6 +94,19 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
         subject: CardId::of_snapshot(&alice_claim.content_snapshot),
         signer: alice_card,
         created_at: 0,
+    }
+    .sign(&eve_keys.signing);
+    let eve_adds_herself_as_alice = NewChannelStatement {
+        channel_id: &channel,
+        epoch: 1,
+        previous_hash: Some([0; 32]),
+        signer_identity: "alice",
+        signer: alice_card,
+        created_at: 0,
+        change: Change::Add {
+            identity: "eve".into(),
+            role: Role::Member,
+        },
     }
     .sign(&eve_keys.signing);
     let denied = Some(Code::PermissionDenied);
@@ -275,29 +290,24 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
         call(
             "server",
             "/tessera.server.v1.Channels/CreateChannel",
-            CreateChannelRequest {
-                name: "mine".into(),
-                history_visibility: 0,
-                members: vec![],
-            },
+            CreateChannelRequest { creation: None },
             None,
         ),
         call(
             "server",
-            "/tessera.server.v1.Channels/AddMember",
-            AddMemberRequest {
+            "/tessera.server.v1.Channels/PublishChannelStatement",
+            PublishChannelStatementRequest {
                 channel_id: ch(),
-                identity: "eve".into(),
-                role: 0,
+                statement: Some(eve_adds_herself_as_alice),
             },
             denied,
         ),
         call(
             "server",
-            "/tessera.server.v1.Channels/RemoveMember",
-            RemoveMemberRequest {
+            "/tessera.server.v1.Channels/GetChannelChain",
+            GetChannelChainRequest {
                 channel_id: ch(),
-                identity: "alice".into(),
+                from_epoch: 0,
             },
             denied,
         ),
@@ -323,6 +333,7 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
                 envelope: alice.stored_messages(&channel, 1, 1).await.unwrap()[0]
                     .envelope
                     .clone(),
+                epoch: 0,
             },
             denied,
         ),

@@ -6,6 +6,7 @@ use tessera_proto::{
     Message,
     backup::v1::{OrgEncMsg, SubmitBackupRequest},
     card::v1::SignedDeviceStatement,
+    channel::v1::SignedChannelStatement,
     kms::v1::{GetCardRequest, GetDeviceListRequest, PublishDeviceStatementRequest},
     server::v1::{
         BeginDeviceLoginRequest, CreateChannelRequest, SendMessageRequest, SignUpRequest,
@@ -154,20 +155,16 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
         (
             server.clone(),
             "/tessera.server.v1.Channels/CreateChannel",
-            CreateChannelRequest {
-                name: "n".repeat(10_000),
-                history_visibility: 0,
-                members: vec![],
-            }
-            .encode_to_vec(),
+            CreateChannelRequest { creation: None }.encode_to_vec(),
         ),
         (
             server.clone(),
             "/tessera.server.v1.Channels/CreateChannel",
             CreateChannelRequest {
-                name: "ok".into(),
-                history_visibility: 99,
-                members: vec![],
+                creation: Some(SignedChannelStatement {
+                    statement: vec![0xff; 10],
+                    signature: vec![0; 64],
+                }),
             }
             .encode_to_vec(),
         ),
@@ -201,6 +198,7 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
             client_message_id: vec![9; 16],
             sender_card_id,
             envelope,
+            epoch: 0,
         }
         .encode_to_vec()
     };

@@ -263,7 +263,6 @@ async fn forged_and_replayed_statements_are_refused() {
         .channel_id;
     alice.add_member(&other, "eve", Role::Member).await.unwrap();
     let real = real_entries(&cluster, "alice", &ch).await;
-    let count = |c: &Client| c.stored_messages(&ch, 0, 100);
 
     // 1. eve signs "eve joins" herself: she is no member.
     let by_eve = statement(
@@ -301,11 +300,15 @@ async fn forged_and_replayed_statements_are_refused() {
         let mut entries = real.clone();
         entries.push(forged);
         relay.control.set_tamper(serve_chain(ch.clone(), entries));
-        let before = count(&alice).await.unwrap().len();
+        let before = alice.stored_messages(&ch, 0, 100).await.unwrap().len();
         let err = bob.send_text(&ch, "hello").await.unwrap_err();
         let reason = channel_refusal(err).to_string();
         assert!(reason.contains(expect), "{reason}");
-        assert_eq!(count(&alice).await.unwrap().len(), before, "nothing sent");
+        assert_eq!(
+            alice.stored_messages(&ch, 0, 100).await.unwrap().len(),
+            before,
+            "nothing sent"
+        );
         let out = cli(&cluster, "bob", &["send", &ch, "hello"]).await;
         assert_eq!(out.status.code(), Some(6), "{out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);

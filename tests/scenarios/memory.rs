@@ -11,7 +11,7 @@ use tessera_proto::{
     Message as _,
     envelope::v1::{Envelope, EnvelopeHeader, Stanza},
     server::v1::{
-        Direction, ListMessagesRequest, SendMessageRequest, SubscribeRequest,
+        Direction, ListMessagesRequest, SendMessageRequest, SubscribeRequest, channel_event,
         channels_client::ChannelsClient,
     },
 };
@@ -80,6 +80,8 @@ async fn ten_parallel_worst_case_calls_keep_the_app_server_under_its_memory_boun
                     client_message_id,
                     sender_card_id: card.clone(),
                     envelope,
+                    // The chain is the creation alone.
+                    epoch: 0,
                 },
             ))
             .await
@@ -123,7 +125,12 @@ async fn ten_parallel_worst_case_calls_keep_the_app_server_under_its_memory_boun
                 .unwrap()
                 .into_inner();
             // One message proves the catch-up runs; the rest is left unread.
-            let first = stream.message().await.unwrap().unwrap().index;
+            let first = loop {
+                let event = stream.message().await.unwrap().unwrap();
+                if let Some(channel_event::Event::Message(m)) = event.event {
+                    break m.index;
+                }
+            };
             (first, stream)
         }
     });

@@ -9,7 +9,7 @@
 )]
 
 use futures_util::StreamExt;
-use tessera_client::{Client, Content, Enrollment, HistoryVisibility, Home, KdfParams, Received};
+use tessera_client::{Client, Content, Enrollment, Home, KdfParams, Received, Role, Visibility};
 use tessera_crypto::{
     envelope::{CONTENT_TYPE_HISTORY_END, ExpectedSender, Opener, ParsedEnvelope},
     seal_org_backup,
@@ -138,7 +138,7 @@ impl World {
         let bob = self.device("bob", "bob", true).await;
         admin.set_org_member("bob", true).await.unwrap();
         let channel_id = alice
-            .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+            .create_channel("c", Visibility::Shared, &["bob".into()])
             .await
             .unwrap()
             .channel_id;
@@ -206,7 +206,7 @@ async fn ingestion_checks_membership_signatures_duplicates_and_conflicts() {
     let bob = w.device("bob", "bob", true).await;
     admin.set_org_member("bob", true).await.unwrap();
     let channel = alice
-        .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("c", Visibility::Shared, &["bob".into()])
         .await
         .unwrap();
     alice.send_text(&channel.channel_id, "first").await.unwrap();
@@ -338,7 +338,7 @@ async fn history_sync_respects_visibility_and_membership() {
         Client::open(&w.home, "bob", b"pp").unwrap()
     };
     let channel = alice
-        .create_channel("j", HistoryVisibility::Joined, &["bob".into()])
+        .create_channel("j", Visibility::Joined, &["bob".into()])
         .await
         .unwrap();
     for i in 0..3 {
@@ -348,7 +348,7 @@ async fn history_sync_respects_visibility_and_membership() {
             .unwrap();
     }
     alice
-        .add_member(&channel.channel_id, "carol")
+        .add_member(&channel.channel_id, "carol", Role::Member)
         .await
         .unwrap();
     for i in 0..2 {
@@ -507,7 +507,7 @@ async fn two_devices_backing_up_the_same_message_at_once() {
         .map(|p| std::sync::Arc::new(Client::open(&w.home, p, b"pp").unwrap()))
         .collect();
     let channel = alice
-        .create_channel("race", HistoryVisibility::Shared, &["bob".into()])
+        .create_channel("race", Visibility::Shared, &["bob".into()])
         .await
         .unwrap()
         .channel_id;

@@ -606,14 +606,15 @@ impl Client {
     > {
         use futures_util::StreamExt as _;
         let events = self.subscribe(channel_id, from_index).await?;
-        Ok(events.filter_map(|item| async move {
-            match item {
+        // `ready` keeps the stream `Unpin`, so callers can poll it with `next()`.
+        Ok(events.filter_map(|item| {
+            std::future::ready(match item {
                 Ok(ChannelEvent {
                     event: Some(channel_event::Event::Message(m)),
                 }) => Some(Ok(m)),
                 Ok(_) => None,
                 Err(status) => Some(Err(status)),
-            }
+            })
         }))
     }
 

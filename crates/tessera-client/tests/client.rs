@@ -8,6 +8,7 @@
     reason = "test code"
 )]
 
+use futures_util::StreamExt as _;
 use tessera_client::{
     Client, ClientError, Content, Endpoints, Enrollment, Home, KdfParams, Origin, Source,
     TrustEvent, Visibility,
@@ -270,7 +271,7 @@ async fn relabelled_moved_and_replayed_messages_are_refused() {
         .subscribe_messages(&c1.channel_id, 1)
         .await
         .unwrap()
-        .message()
+        .next()
         .await
         .unwrap()
         .unwrap();
@@ -306,7 +307,7 @@ async fn relabelled_moved_and_replayed_messages_are_refused() {
         .subscribe_messages(&c1.channel_id, 1)
         .await
         .unwrap()
-        .message()
+        .next()
         .await
         .unwrap()
         .unwrap();

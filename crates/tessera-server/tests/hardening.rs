@@ -17,19 +17,31 @@
     reason = "test code"
 )]
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures_util::StreamExt as _;
 use futures_util::future::join_all;
+use tessera_card::{
+    CardId,
+    channel::{Change, NewChannelStatement, Role, Visibility, statement_hash},
+    transparency::Hash,
+};
+use tessera_crypto::SigningKey;
 use tessera_proto::{
     Message as _,
+    channel::v1::SignedChannelStatement,
     envelope::v1::{Envelope, EnvelopeHeader, Stanza},
     server::v1::{
-        AddMemberRequest, BeginDeviceLoginRequest, CreateChannelRequest, Direction,
+        BeginDeviceLoginRequest, ChannelEvent, CreateChannelRequest, Direction,
         DownloadAttachmentRequest, HistoryVisibility, ListChannelsRequest, ListMessagesRequest,
-        LoginRequest, RemoveMemberRequest, SendMessageRequest, SignUpRequest, SubscribeRequest,
-        UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
-        channels_client::ChannelsClient,
+        LoginRequest, PublishChannelStatementRequest, SendMessageRequest, SignUpRequest,
+        SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
+        channel_event, channels_client::ChannelsClient,
     },
 };
 use tessera_server::{
@@ -93,9 +105,11 @@ impl App {
         AccountsClient::new(channel)
     }
 
-    /// An active device of `identity`, straight into the store.
+    /// An active device of `identity`, straight into the store; its
+    /// signing key is [`device_key`]`(n)`.
     fn device(&self, identity: &str, n: u8) -> Vec<u8> {
         let card_id = [n; 32].to_vec();
+        let signing_public_key = device_key(n).verifying_key().as_bytes().to_vec();
         self.store
             .put_devices(&[Device {
                 card_id: card_id.clone(),
@@ -104,6 +118,7 @@ impl App {
                 created_at: 1,
                 status: DeviceStatus::Active as i32,
                 org_card: false,
+                signing_public_key,
             }])
             .unwrap();
         card_id
@@ -378,7 +393,71 @@ async fn admin_rights_come_only_from_the_operator_never_from_a_sign_up() {
 struct User {
     identity: String,
     card_id: Vec<u8>,
+    /// Seed of the device's signing key ([`device_key`]).
+    n: u8,
     token: String,
+}
+
+fn device_key(n: u8) -> SigningKey {
+    SigningKey::from_seed(&[n; 32]).unwrap()
+}
+
+/// Each channel's chain length and head, as the statements accepted so far
+/// left them (channel ids are random, so tests running at once share it).
+static TIPS: Mutex<Option<HashMap<String, (u64, Option<Hash>)>>> = Mutex::new(None);
+
+fn tip(channel_id: &str) -> (u64, Option<Hash>) {
+    TIPS.lock()
+        .unwrap()
+        .get_or_insert_default()
+        .get(channel_id)
+        .copied()
+        .unwrap_or((0, None))
+}
+
+fn accepted(channel_id: &str, signed: &SignedChannelStatement) {
+    let (length, _) = tip(channel_id);
+    TIPS.lock().unwrap().get_or_insert_default().insert(
+        channel_id.to_owned(),
+        (length + 1, Some(statement_hash(&signed.statement))),
+    );
+}
+
+/// The current epoch of a channel these tests made.
+fn epoch(channel_id: &str) -> u64 {
+    tip(channel_id).0.saturating_sub(1)
+}
+
+/// Signs `change` at the channel's tip with `by`'s device key.
+fn statement(by: &User, channel_id: &str, change: Change) -> SignedChannelStatement {
+    let (epoch, previous_hash) = tip(channel_id);
+    NewChannelStatement {
+        channel_id,
+        epoch,
+        previous_hash,
+        signer_identity: &by.identity,
+        signer: CardId::from_bytes(&by.card_id).unwrap(),
+        created_at: tessera_service::now_secs(),
+        change,
+    }
+    .sign(&device_key(by.n))
+}
+
+async fn publish(
+    channels: &mut ChannelsClient<tonic::transport::Channel>,
+    by: &User,
+    channel_id: &str,
+    change: Change,
+) -> Result<(), Status> {
+    let signed = statement(by, channel_id, change);
+    channels
+        .publish_channel_statement(by.req(PublishChannelStatementRequest {
+            channel_id: channel_id.to_owned(),
+            statement: Some(signed.clone()),
+        }))
+        .await?;
+    accepted(channel_id, &signed);
+    Ok(())
 }
 
 impl User {
@@ -405,6 +484,7 @@ impl App {
         User {
             identity: identity.into(),
             card_id: self.device(identity, n),
+            n,
             token: bearer_header(&login.access_token),
         }
     }
@@ -454,6 +534,7 @@ async fn send(
             client_message_id,
             sender_card_id: from.card_id.clone(),
             envelope: envelope(&from.card_id, size, n as u8),
+            epoch: epoch(&channel_id),
         }))
         .await
         .unwrap()
@@ -467,16 +548,31 @@ async fn create_channel(
     members: &[&User],
     visibility: HistoryVisibility,
 ) -> String {
+    let channel_id = format!(
+        "{:032x}",
+        u128::from_be_bytes(tessera_crypto::random_array::<16>().unwrap())
+    );
+    let mut entries: Vec<(String, Role)> = std::iter::once((creator.identity.clone(), Role::Admin))
+        .chain(members.iter().map(|m| (m.identity.clone(), Role::Member)))
+        .collect();
+    entries.sort();
+    let creation = statement(
+        creator,
+        &channel_id,
+        Change::Create {
+            name: "room".into(),
+            visibility: Visibility::from_proto(visibility as i32).unwrap(),
+            members: entries,
+        },
+    );
     channels
         .create_channel(creator.req(CreateChannelRequest {
-            name: "room".into(),
-            history_visibility: visibility as i32,
-            members: members.iter().map(|m| m.identity.clone()).collect(),
+            creation: Some(creation.clone()),
         }))
         .await
-        .unwrap()
-        .into_inner()
-        .channel_id
+        .unwrap();
+    accepted(&channel_id, &creation);
+    channel_id
 }
 
 #[tokio::test]
@@ -503,13 +599,16 @@ async fn a_removed_member_gets_nothing_sent_after_a_lagged_catch_up() {
     for n in 0..100 {
         last_before_removal = send(&mut channels, &alice, &channel_id, 256 * 1024, n).await;
     }
-    channels
-        .remove_member(alice.req(RemoveMemberRequest {
-            channel_id: channel_id.clone(),
+    publish(
+        &mut channels,
+        &alice,
+        &channel_id,
+        Change::Remove {
             identity: "bob".into(),
-        }))
-        .await
-        .unwrap();
+        },
+    )
+    .await
+    .unwrap();
     for n in 100..105 {
         send(&mut channels, &alice, &channel_id, 1024, n).await;
     }
@@ -517,7 +616,10 @@ async fn a_removed_member_gets_nothing_sent_after_a_lagged_catch_up() {
     let mut received = Vec::new();
     let end = loop {
         match tokio::time::timeout(Duration::from_secs(60), live.next()).await {
-            Ok(Some(Ok(m))) => received.push(m.index),
+            Ok(Some(Ok(ChannelEvent {
+                event: Some(channel_event::Event::Message(m)),
+            }))) => received.push(m.index),
+            Ok(Some(Ok(_))) => {} // the chain grew
             Ok(Some(Err(status))) => break Some(status),
             Ok(None) => break None,
             Err(_) => panic!("the subscription neither ended nor delivered: {received:?}"),
@@ -558,14 +660,17 @@ async fn attachments_uploaded_before_a_member_could_see_are_refused() {
         .into_inner()
         .attachment_id;
     send(&mut channels, &alice, &channel_id, 100, 1).await;
-    channels
-        .add_member(alice.req(AddMemberRequest {
-            channel_id: channel_id.clone(),
+    publish(
+        &mut channels,
+        &alice,
+        &channel_id,
+        Change::Add {
             identity: "carol".into(),
-            role: 0,
-        }))
-        .await
-        .unwrap();
+            role: Role::Member,
+        },
+    )
+    .await
+    .unwrap();
     let late = channels
         .upload_attachment(alice.req(tokio_stream::iter([upload(vec![2; 1000])])))
         .await
@@ -625,6 +730,7 @@ async fn send_message_requires_the_header_sender_card_and_list_channels_has_no_m
             client_message_id: vec![1; 16],
             sender_card_id: alice.card_id.clone(),
             envelope: envelope(&bob.card_id, 100, 1),
+            epoch: epoch(&channel_id),
         }))
         .await
         .unwrap_err();
@@ -692,6 +798,7 @@ async fn per_user_quotas_for_messages_and_attachments() {
             client_message_id: vec![n; 16],
             sender_card_id: from.card_id.clone(),
             envelope: envelope(&from.card_id, 3000, n),
+            epoch: epoch(&channel_id),
         })
     };
     // Three ~3.1 kB records fit in 10 000 bytes; the fourth does not.

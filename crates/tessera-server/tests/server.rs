@@ -8,11 +8,15 @@
     reason = "test code"
 )]
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use futures_util::StreamExt;
 use tessera_card::{
     CardId, CardKind, NewCard, Verifier,
+    channel::{Change, NewChannelStatement, Role, Visibility},
     device_list::{Action, NewStatement},
     revocation, transparency,
 };
@@ -22,16 +26,18 @@ use tessera_crypto::{
 };
 use tessera_kms::{DEFAULT_MAX_REQUEST_BYTES, Kms};
 use tessera_proto::{
+    channel::v1::SignedChannelStatement,
     kms::v1::CardStatus,
     server::v1::{
-        AddMemberRequest, BeginDeviceLoginRequest, CreateChannelRequest, Direction,
+        BeginDeviceLoginRequest, ChannelEvent, CreateChannelRequest, Direction,
         DownloadAttachmentRequest, EnrollDeviceRequest, FinishDeviceLoginRequest,
         GetChannelRequest, GetReadHorizonRequest, GetServerInfoRequest, HistoryVisibility,
         IssueTokenRequest, ListChannelsRequest, ListDevicesRequest, ListMessagesRequest,
-        LoginRequest, RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest,
+        LoginRequest, PublishChannelStatementRequest, RevokeDeviceRequest, SendMessageRequest,
         SetOrgMemberRequest, SetReadHorizonRequest, SignUpRequest, StoredMessage, SubscribeRequest,
         UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
-        admin_client::AdminClient, channels_client::ChannelsClient, devices_client::DevicesClient,
+        admin_client::AdminClient, channel_event, channels_client::ChannelsClient,
+        devices_client::DevicesClient,
     },
 };
 use tessera_server::{Config, Limits, PasswordParams, Server, ThrottleLimits};
@@ -50,6 +56,8 @@ struct Stack {
     verifier: Verifier,
     limits: Limits,
     challenge_ttl: Duration,
+    /// Each channel's chain length and head, as the statements accepted so far left them.
+    tips: std::sync::Mutex<HashMap<String, (u64, Option<transparency::Hash>)>>,
 }
 
 async fn spawn_server(
@@ -130,6 +138,7 @@ impl Stack {
             verifier: Verifier::new(app.verifying_key(), kms_key),
             limits,
             challenge_ttl,
+            tips: Default::default(),
         }
     }
 
@@ -228,16 +237,70 @@ impl Stack {
         members: &[&User],
         visibility: HistoryVisibility,
     ) -> String {
-        self.channels()
-            .create_channel(creator.req(CreateChannelRequest {
+        let channel_id = format!(
+            "{:032x}",
+            u128::from_be_bytes(tessera_crypto::random_array::<16>().unwrap())
+        );
+        let mut entries: Vec<(String, Role)> =
+            std::iter::once((creator.identity.clone(), Role::Admin))
+                .chain(members.iter().map(|u| (u.identity.clone(), Role::Member)))
+                .collect();
+        entries.sort();
+        let creation = statement(
+            creator,
+            &channel_id,
+            (0, None),
+            Change::Create {
                 name: "general".into(),
-                history_visibility: visibility as i32,
-                members: members.iter().map(|u| u.identity.clone()).collect(),
+                visibility: Visibility::from_proto(visibility as i32).unwrap(),
+                members: entries,
+            },
+        );
+        let id = self
+            .channels()
+            .create_channel(creator.req(CreateChannelRequest {
+                creation: Some(creation.clone()),
             }))
             .await
             .unwrap()
             .into_inner()
-            .channel_id
+            .channel_id;
+        assert_eq!(id, channel_id);
+        self.accepted(&channel_id, &creation);
+        channel_id
+    }
+
+    /// Signs `change` with `by`'s first device at the channel's tip and
+    /// publishes it.
+    async fn publish(&self, by: &User, channel_id: &str, change: Change) -> Result<(), Status> {
+        let tip = self.tips.lock().unwrap()[channel_id];
+        let signed = statement(by, channel_id, tip, change);
+        self.channels()
+            .publish_channel_statement(by.req(PublishChannelStatementRequest {
+                channel_id: channel_id.into(),
+                statement: Some(signed.clone()),
+            }))
+            .await?;
+        self.accepted(channel_id, &signed);
+        Ok(())
+    }
+
+    fn accepted(&self, channel_id: &str, signed: &SignedChannelStatement) {
+        let mut tips = self.tips.lock().unwrap();
+        let tip = tips.entry(channel_id.into()).or_insert((0, None));
+        *tip = (
+            tip.0 + 1,
+            Some(tessera_card::channel::statement_hash(&signed.statement)),
+        );
+    }
+
+    /// The current epoch of a channel whose chain this stack wrote.
+    fn epoch(&self, channel_id: &str) -> u64 {
+        self.tips
+            .lock()
+            .unwrap()
+            .get(channel_id)
+            .map_or(0, |(length, _)| length.saturating_sub(1))
     }
 
     async fn send(
@@ -256,6 +319,7 @@ impl Stack {
                 client_message_id: tessera_crypto::random_array::<16>().unwrap().to_vec(),
                 sender_card_id: from.devices[device].card_id.to_vec(),
                 envelope,
+                epoch: self.epoch(channel_id),
             }))
             .await?
             .into_inner();
@@ -312,7 +376,27 @@ fn seal(from: &User, device: usize, channel_id: &str, to: &[&User], body: &str) 
     .envelope
 }
 
-async fn collect(stream: &mut tonic::Streaming<StoredMessage>, n: usize) -> Vec<StoredMessage> {
+/// Signs `change` with `by`'s first device, after the statement `tip` names.
+fn statement(
+    by: &User,
+    channel_id: &str,
+    (epoch, previous_hash): (u64, Option<transparency::Hash>),
+    change: Change,
+) -> SignedChannelStatement {
+    NewChannelStatement {
+        channel_id,
+        epoch,
+        previous_hash,
+        signer_identity: &by.identity,
+        signer: by.devices[0].card_id,
+        created_at: tessera_service::now_secs(),
+        change,
+    }
+    .sign(&by.devices[0].keys.signing)
+}
+
+/// The next `n` messages of a subscription (chain growth skipped).
+async fn collect(stream: &mut tonic::Streaming<ChannelEvent>, n: usize) -> Vec<StoredMessage> {
     let mut out = Vec::new();
     while out.len() < n {
         let next = tokio::time::timeout(Duration::from_secs(20), stream.next())
@@ -320,7 +404,9 @@ async fn collect(stream: &mut tonic::Streaming<StoredMessage>, n: usize) -> Vec<
             .expect("a message within 20 s")
             .expect("stream still open")
             .unwrap();
-        out.push(next);
+        if let Some(channel_event::Event::Message(message)) = next.event {
+            out.push(message);
+        }
     }
     out
 }
@@ -752,12 +838,14 @@ async fn authorization_denials() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let err = s
-        .channels()
-        .add_member(bob.req(AddMemberRequest {
-            channel_id: channel_id.clone(),
-            identity: "eve".into(),
-            role: 0,
-        }))
+        .publish(
+            &bob,
+            &channel_id,
+            Change::Add {
+                identity: "eve".into(),
+                role: Role::Member,
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(
@@ -774,6 +862,7 @@ async fn authorization_denials() {
             client_message_id: vec![1; 16],
             sender_card_id: a1.to_vec(),
             envelope,
+            epoch: s.epoch(&channel_id),
         }))
         .await
         .unwrap_err();
@@ -927,6 +1016,7 @@ async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
             client_message_id: vec![7; 16],
             sender_card_id: alice.devices[0].card_id.to_vec(),
             envelope: envelope.clone(),
+            epoch: s.epoch(&channel_id),
         })
     };
     let first = s
@@ -1102,14 +1192,16 @@ async fn joined_visibility_membership_changes_and_limits() {
         .await
         .unwrap();
     }
-    s.channels()
-        .add_member(alice.req(AddMemberRequest {
-            channel_id: channel_id.clone(),
+    s.publish(
+        &alice,
+        &channel_id,
+        Change::Add {
             identity: "carol".into(),
-            role: 0,
-        }))
-        .await
-        .unwrap();
+            role: Role::Member,
+        },
+    )
+    .await
+    .unwrap();
     s.send(
         &alice,
         0,
@@ -1157,12 +1249,14 @@ async fn joined_visibility_membership_changes_and_limits() {
 
     // Member limit.
     let err = s
-        .channels()
-        .add_member(alice.req(AddMemberRequest {
-            channel_id: channel_id.clone(),
-            identity: "dave".into(),
-            role: 0,
-        }))
+        .publish(
+            &alice,
+            &channel_id,
+            Change::Add {
+                identity: "dave".into(),
+                role: Role::Member,
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
@@ -1173,12 +1267,14 @@ async fn joined_visibility_membership_changes_and_limits() {
     );
     // Unknown user.
     let err = s
-        .channels()
-        .add_member(alice.req(AddMemberRequest {
-            channel_id: channel_id.clone(),
-            identity: "nobody".into(),
-            role: 0,
-        }))
+        .publish(
+            &alice,
+            &channel_id,
+            Change::Add {
+                identity: "nobody".into(),
+                role: Role::Member,
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -1202,6 +1298,7 @@ async fn joined_visibility_membership_changes_and_limits() {
             client_message_id: vec![0; 16],
             sender_card_id: alice.devices[0].card_id.to_vec(),
             envelope: vec![0xde, 0xad],
+            epoch: s.epoch(&channel_id),
         }))
         .await
         .unwrap_err();
@@ -1217,13 +1314,15 @@ async fn joined_visibility_membership_changes_and_limits() {
         .await
         .unwrap()
         .into_inner();
-    s.channels()
-        .remove_member(alice.req(RemoveMemberRequest {
-            channel_id: channel_id.clone(),
+    s.publish(
+        &alice,
+        &channel_id,
+        Change::Remove {
             identity: "bob".into(),
-        }))
-        .await
-        .unwrap();
+        },
+    )
+    .await
+    .unwrap();
     s.send(&alice, 0, &channel_id, &[&alice, &carol], "bob is gone")
         .await
         .unwrap();

@@ -135,6 +135,8 @@ async fn main() {
                 client_message_id: seq_id(seq),
                 sender_card_id: sender_card.clone(),
                 envelope: envelope.clone(),
+                // The channel's chain is its creation alone.
+                epoch: 0,
             });
             r.metadata_mut()
                 .insert("authorization", token.parse().unwrap());
