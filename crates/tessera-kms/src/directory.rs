@@ -28,7 +28,10 @@ use tessera_service::{Caller, storage::StorageError};
 use thiserror::Error;
 use tonic::Status;
 
-use crate::store::{Append, Store, StoredCard};
+use crate::{
+    index::CardIndex,
+    store::{Append, Store, StoredCard},
+};
 
 /// Limits of the key service.
 #[derive(Debug, Clone)]
@@ -119,12 +122,22 @@ pub struct Directory {
     limits: Limits,
     write: tokio::sync::Mutex<()>,
     tree: RwLock<Tree>,
+    /// What search reads: every card, in memory (see `index.rs`).
+    index: RwLock<CardIndex>,
     published: RwLock<Arc<Published>>,
     failed: AtomicBool,
 }
 
 fn lock_error<T>(_: T) -> KmsError {
     KmsError::Internal("lock poisoned")
+}
+
+/// The proof that leaf `index` is in the tree of `size` leaves.
+fn inclusion_proof(tree: &Tree, index: u64, size: u64) -> Result<InclusionProof, KmsError> {
+    let hashes = tree
+        .inclusion_proof(index, size)
+        .ok_or(KmsError::Internal("inclusion proof out of range"))?;
+    Ok(transparency::inclusion_proof_message(index, size, hashes))
 }
 
 impl Directory {
@@ -181,6 +194,7 @@ impl Directory {
             }
         };
         tracing::info!(entries = tree.len(), log_id = %transparency::log_id(&key.verifying_key()), "log rebuilt from disk");
+        let index = CardIndex::build(store.as_ref())?;
         Ok(Self {
             store,
             key,
@@ -188,6 +202,7 @@ impl Directory {
             limits,
             write: tokio::sync::Mutex::new(()),
             tree: RwLock::new(tree),
+            index: RwLock::new(index),
             published: RwLock::new(Arc::new(published)),
             failed: AtomicBool::new(false),
         })
@@ -242,9 +257,6 @@ impl Directory {
         } else {
             stored.registration_entry.clone()
         };
-        let hashes = tree
-            .inclusion_proof(stored.registration_index, size)
-            .ok_or(KmsError::Internal("inclusion proof out of range"))?;
         Ok(Some(CardRecord {
             status: status as i32,
             revocation: if revoked {
@@ -253,11 +265,7 @@ impl Directory {
                 None
             },
             registration_entry: entry,
-            inclusion: Some(transparency::inclusion_proof_message(
-                stored.registration_index,
-                size,
-                hashes,
-            )),
+            inclusion: Some(inclusion_proof(tree, stored.registration_index, size)?),
             superseded_by: if superseded {
                 stored.superseded_by.clone()
             } else {
@@ -297,6 +305,7 @@ impl Directory {
         };
         let checkpoint =
             transparency::sign_checkpoint(&self.key, index + 1, &root, tessera_service::now_secs());
+        let indexed = cards.clone();
         let applied = self.store.apply(Append {
             index,
             entry,
@@ -309,12 +318,22 @@ impl Directory {
             self.tree.write().map_err(lock_error)?.truncate(index);
             return Err(e.into());
         }
-        if let Err(e) = self.store.flush().await {
-            // Written but maybe not durable: the in-memory state can no
-            // longer be trusted to match the disk. Stop accepting writes;
-            // a restart rebuilds from what is on disk.
+        // Readers see the indexed change only once it is published.
+        let reindexed = self
+            .index
+            .write()
+            .map_err(lock_error)?
+            .update(&indexed, self.store.as_ref());
+        let flushed = match reindexed {
+            Ok(()) => self.store.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = flushed {
+            // Written but maybe not durable (or not indexed): the in-memory
+            // state can no longer be trusted to match the disk. Stop
+            // accepting writes; a restart rebuilds from what is on disk.
             self.failed.store(true, Ordering::SeqCst);
-            tracing::error!(error = %e, "flush failed; refusing further writes");
+            tracing::error!(error = %e, "flush or index update failed; refusing further writes");
             return Err(KmsError::Unavailable);
         }
         *self.published.write().map_err(lock_error)? = Arc::new(Published {
@@ -489,19 +508,21 @@ impl Directory {
         }
         let p = self.published()?;
         let tree = self.tree.read().map_err(lock_error)?;
+        let index = self.index.read().map_err(lock_error)?;
+        let kind = kind.map(|k| k.to_proto() as i32);
         let mut results = Vec::with_capacity(identities.len());
         for identity in identities {
-            let mut cards = Vec::new();
-            for stored in self.store.cards_of(identity)? {
-                if kind.is_some_and(|k| stored.kind != k.to_proto() as i32) {
-                    continue;
-                }
-                if let Some(record) = self.record_at(&stored, p.size, &tree)?
-                    && record.status == CardStatus::Active as i32
-                {
-                    cards.push(record);
-                }
-            }
+            let cards = index
+                .active(identity, kind, p.size)
+                .map(|card| {
+                    Ok(CardRecord {
+                        status: CardStatus::Active as i32,
+                        registration_entry: card.registration_entry.to_vec(),
+                        inclusion: Some(inclusion_proof(&tree, card.registration_index, p.size)?),
+                        ..CardRecord::default()
+                    })
+                })
+                .collect::<Result<_, KmsError>>()?;
             results.push(IdentityCards {
                 identity: identity.clone(),
                 cards,
@@ -690,9 +711,13 @@ mod tests {
             1
         );
 
-        // Reopening over the same store rebuilds the same log.
+        // Reopening over the same store rebuilds the same log and index.
         let reopened = directory(store, SigningKey::from_seed(&key_seed).unwrap(), &app);
         assert_eq!(reopened.verified_checkpoint().unwrap().tree_size, 3);
+        assert_eq!(
+            reopened.search(&["alice".into()], None).unwrap().0,
+            dir.search(&["alice".into()], None).unwrap().0
+        );
         assert_eq!(
             reopened.verified_checkpoint().unwrap().root_hash,
             dir.verified_checkpoint().unwrap().root_hash

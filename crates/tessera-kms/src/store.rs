@@ -59,6 +59,12 @@ pub trait Store: Send + Sync + 'static {
     fn card(&self, id: &CardId) -> Result<Option<StoredCard>, StorageError>;
     /// Every card ever registered for `identity` (any status), by index lookup.
     fn cards_of(&self, identity: &str) -> Result<Vec<StoredCard>, StorageError>;
+    /// Calls `f` with every card record, in no particular order (to build
+    /// the search index at start); stops at the first error.
+    fn for_each_card(
+        &self,
+        f: &mut dyn FnMut(StoredCard) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError>;
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError>;
     fn entries(&self, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StorageError>;
     /// Every leaf hash in order, to rebuild the tree at start.
@@ -130,6 +136,16 @@ impl Store for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn for_each_card(
+        &self,
+        f: &mut dyn FnMut(StoredCard) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        for item in self.db.scan_prefix(b"c/") {
+            f(decode_card(&item?.1)?)?;
+        }
+        Ok(())
     }
 
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
@@ -239,6 +255,15 @@ impl Store for MemoryStore {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    fn for_each_card(
+        &self,
+        f: &mut dyn FnMut(StoredCard) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        // Copied out first: `f` may call back into the store.
+        let cards: Vec<StoredCard> = self.lock()?.cards.values().cloned().collect();
+        cards.into_iter().try_for_each(f)
     }
 
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {

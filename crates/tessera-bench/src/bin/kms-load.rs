@@ -1,8 +1,16 @@
 //! `cargo run --release -p tessera-bench --bin kms-load`: SearchCards and
-//! RegisterCard throughput and latency at several concurrencies with 1 k and
-//! 100 k registered cards, beside a bare tonic echo service measured by the
-//! same tool in the same run. Everything runs on loopback in this process,
-//! the key service over sled in a temporary directory.
+//! RegisterCard throughput and latency at several concurrencies and
+//! directory sizes (1 k, 100 k and 1 M cards by default), beside a bare
+//! tonic echo service measured by the same tool in the same run. Everything
+//! runs on loopback in this process, the key service over sled in a
+//! temporary directory.
+//!
+//! Each size gets a fresh key service whose store is preloaded in bulk
+//! ([`bulk_preload`]): the very records `Directory::register` writes (card
+//! record with its log entry, identity index, log entry, leaf hash, signed
+//! checkpoint), written straight into the sled store before the service
+//! opens it, since a million registrations through the RPC (each flushed
+//! alone) would take the best part of an hour.
 
 #![allow(
     clippy::unwrap_used,
@@ -13,6 +21,7 @@
 )]
 
 use std::{
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -21,13 +30,20 @@ use std::{
 };
 
 use clap::Parser;
-use tessera_bench::{EchoService, Stats, closed_loop, machine};
-use tessera_card::{CardKind, NewCard, app_sign};
+use tessera_bench::{EchoService, Stats, closed_loop, machine, resident_mib};
+use tessera_card::{
+    CardKind, NewCard, app_sign, kms_sign,
+    transparency::{self, Tree},
+};
 use tessera_crypto::{DeviceKeys, SigningKey};
-use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits};
+use tessera_kms::{
+    Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits,
+    store::{Append, SledStore, Store, StoredCard},
+};
 use tessera_proto::{
     bench::v1::{EchoMessage, echo_client::EchoClient, echo_server::EchoServer},
     kms::v1::{RegisterCardRequest, SearchCardsRequest, key_directory_client::KeyDirectoryClient},
+    transparency::v1::SignedCheckpoint,
 };
 use tessera_service::{
     TokenIssuer,
@@ -39,7 +55,7 @@ use tonic::{Request, service::Routes, transport::Channel};
 #[derive(Parser)]
 struct Args {
     /// Directory sizes (registered cards) to measure at.
-    #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000,1000000")]
     sizes: Vec<u64>,
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
@@ -56,21 +72,20 @@ struct Args {
         default_value = "echo,echo-large,search,register"
     )]
     calls: Vec<String>,
-}
-
-/// One row of the closing summary: search against the echoes.
-struct Ratio {
-    size: u64,
-    concurrency: usize,
-    to_echo: Option<f64>,
-    to_same_size_echo: Option<f64>,
-    p99_ms: f64,
+    /// Rounds: each measures every size in turn, so a change in the
+    /// machine's load hits every size alike; the summary takes the median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Keep the preloaded stores here and reuse them on the next run
+    /// (default: a temporary directory, removed after each size).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 struct Load {
     kms: Vec<KeyDirectoryClient<Channel>>,
     echo: Vec<EchoClient<Channel>>,
-    app: SigningKey,
+    app: Arc<SigningKey>,
     service_token: String,
     user_token: String,
     /// Cards registered so far (identity `user<n / 2>`: two cards each).
@@ -157,26 +172,108 @@ impl Load {
     }
 }
 
-async fn preload(load: &Arc<Load>, target: u64) {
+/// Cards made per batch by the preload's worker threads.
+const PRELOAD_BATCH: u64 = 8192;
+
+/// One registration as `Directory::register` makes it: the card with its
+/// self, app and kms signatures, and its log entry.
+fn registration(
+    n: u64,
+    keys: &DeviceKeys,
+    app: &SigningKey,
+    kms: &SigningKey,
+    now: i64,
+) -> (Vec<u8>, StoredCard) {
+    let identity = format!("user{}", n / 2);
+    let mut card = NewCard {
+        identity: &identity,
+        kind: CardKind::Client,
+        device_name: "bench device",
+        created_at: n as i64,
+        previous_card_id: None,
+    }
+    .self_signed(keys)
+    .unwrap();
+    app_sign(&mut card, app);
+    kms_sign(&mut card, kms);
+    let entry = transparency::registration_entry(&card, &identity, now);
+    let stored = StoredCard {
+        registration_entry: entry.clone(),
+        card: Some(card),
+        identity,
+        kind: CardKind::Client.to_proto() as i32,
+        registration_index: n,
+        revocation: None,
+        revocation_index: 0,
+        superseded_by: Vec::new(),
+        superseded_at_index: 0,
+    };
+    (entry, stored)
+}
+
+/// Writes cards `0..count` (identity `user<n / 2>`: two cards each) into the
+/// key service's store under `data_dir`, as `count` appends of one
+/// registration each, like the directory's; the last append of each batch
+/// carries a freshly signed checkpoint over the tree so far (the others
+/// repeat the previous one, which the next append overwrites anyway), so
+/// the service opens the store, rebuilds the tree and checks the root as it
+/// would after real registrations. Devices share a few keys (the card ids
+/// still differ: each snapshot names its own identity and time).
+fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
     let start = Instant::now();
-    let from = load.next_card.load(Ordering::Relaxed);
-    let mut workers = Vec::new();
-    for w in 0..64 {
-        let load = load.clone();
-        workers.push(tokio::spawn(async move {
-            while load.next_card.load(Ordering::Relaxed) < target {
-                assert!(load.register(w).await, "registration failed during preload");
+    let kms = tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
+    let store = SledStore::open(&data_dir.join("db")).unwrap();
+    let keys: Vec<DeviceKeys> = (0..16).map(|_| DeviceKeys::generate().unwrap()).collect();
+    let now = tessera_service::now_secs();
+    let mut tree = Tree::new();
+    let mut checkpoint = SignedCheckpoint::default();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    for batch in (0..count).step_by(PRELOAD_BATCH as usize) {
+        let end = (batch + PRELOAD_BATCH).min(count);
+        let per_thread = (end - batch).div_ceil(threads);
+        let made: Vec<(Vec<u8>, StoredCard)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (keys, kms) = (&keys, &kms);
+                    let from = (batch + t * per_thread).min(end);
+                    let to = (from + per_thread).min(end);
+                    scope.spawn(move || {
+                        (from..to)
+                            .map(|n| registration(n, &keys[n as usize % keys.len()], app, kms, now))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        for (n, (entry, stored)) in (batch..end).zip(made) {
+            let leaf_hash = transparency::leaf_hash(&entry);
+            assert_eq!(tree.push(leaf_hash), n);
+            if n + 1 == end {
+                let root = tree.root(n + 1).unwrap();
+                checkpoint = transparency::sign_checkpoint(&kms, n + 1, &root, now);
             }
-        }));
+            store
+                .apply(Append {
+                    index: n,
+                    entry,
+                    leaf_hash,
+                    cards: vec![stored],
+                    checkpoint: checkpoint.clone(),
+                })
+                .unwrap();
+        }
     }
-    for w in workers {
-        w.await.unwrap();
-    }
-    let n = load.next_card.load(Ordering::Relaxed) - from;
+    tokio::runtime::Handle::current()
+        .block_on(store.flush())
+        .unwrap();
     eprintln!(
-        "preloaded {n} cards in {:.1} s ({:.0}/s)",
+        "preloaded {count} cards in bulk in {:.1} s ({:.0}/s)",
         start.elapsed().as_secs_f64(),
-        n as f64 / start.elapsed().as_secs_f64()
+        count as f64 / start.elapsed().as_secs_f64()
     );
 }
 
@@ -194,14 +291,31 @@ async fn connect(url: &str, n: usize) -> Vec<Channel> {
     out
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
-    let dir = tempfile::tempdir().unwrap();
-    let app = SigningKey::generate().unwrap();
-    let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(3600));
+/// A key service preloaded with `size` cards, serving on loopback.
+async fn start_kms(
+    dir: &Path,
+    size: u64,
+    app: &Arc<SigningKey>,
+    issuer: &TokenIssuer,
+) -> (Kms, Running) {
+    let data_dir = dir.join(format!("kms-{size}"));
+    let done = data_dir.join("preloaded");
+    if done.exists() {
+        eprintln!(
+            "reusing the {size} cards preloaded in {}",
+            data_dir.display()
+        );
+    } else {
+        let app_key = app.clone();
+        let preload_dir = data_dir.clone();
+        tokio::task::spawn_blocking(move || bulk_preload(&preload_dir, &app_key, size))
+            .await
+            .unwrap();
+        std::fs::write(&done, b"").unwrap();
+    }
+    let opening = Instant::now();
     let kms = Kms::open(&Config {
-        data_dir: dir.path().join("kms"),
+        data_dir,
         key_path: None,
         app_public_key: app.verifying_key(),
         token_public_key: issuer.public_key(),
@@ -209,124 +323,220 @@ async fn main() {
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
     })
     .unwrap();
-    let kms_running = Running::spawn(
+    eprintln!(
+        "opened the key service over {size} cards in {:.1} s; this process now holds {} MiB",
+        opening.elapsed().as_secs_f64(),
+        resident_mib().map_or("?".to_owned(), |m| m.to_string())
+    );
+    let running = Running::spawn(
         kms.routes().await.unwrap(),
         bind("127.0.0.1:0".parse().unwrap()).await.unwrap(),
         ServeOptions::default(),
     )
     .unwrap();
+    (kms, running)
+}
+
+/// What was measured at one size and concurrency, one entry per round.
+#[derive(Default)]
+struct Measured {
+    echo: Vec<Stats>,
+    echo_large: Vec<Stats>,
+    search: Vec<Stats>,
+    register: Vec<Stats>,
+}
+
+/// The round with the median QPS.
+fn median(runs: &[Stats]) -> Option<&Stats> {
+    let mut sorted: Vec<&Stats> = runs.iter().collect();
+    sorted.sort_by(|a, b| a.qps().total_cmp(&b.qps()));
+    sorted.get(sorted.len() / 2).copied()
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let app = Arc::new(SigningKey::generate().unwrap());
+    let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(3600));
     let echo_running = Running::spawn(
         Routes::new(EchoServer::new(EchoService)),
         bind("127.0.0.1:0".parse().unwrap()).await.unwrap(),
         ServeOptions::default(),
     )
     .unwrap();
-    let load = Arc::new(Load {
-        kms: connect(&kms_running.url(), args.connections)
-            .await
-            .into_iter()
-            .map(KeyDirectoryClient::new)
-            .collect(),
-        echo: connect(&echo_running.url(), args.connections)
-            .await
-            .into_iter()
-            .map(EchoClient::new)
-            .collect(),
-        app,
-        service_token: bearer_header(
-            &issuer
-                .issue("tessera-server", Role::Service, None, false)
-                .unwrap()
-                .bytes,
-        ),
-        user_token: bearer_header(
-            &issuer
-                .issue("bench", Role::User, None, false)
-                .unwrap()
-                .bytes,
-        ),
-        next_card: AtomicU64::new(0),
-    });
+    let echo: Vec<EchoClient<Channel>> = connect(&echo_running.url(), args.connections)
+        .await
+        .into_iter()
+        .map(EchoClient::new)
+        .collect();
+    let service_token = bearer_header(
+        &issuer
+            .issue("tessera-server", Role::Service, None, false)
+            .unwrap()
+            .bytes,
+    );
+    let user_token = bearer_header(
+        &issuer
+            .issue("bench", Role::User, None, false)
+            .unwrap()
+            .bytes,
+    );
+    // Every size is preloaded and served at once, so the rounds below can
+    // take the sizes in turns.
+    let mut services = Vec::new();
+    for &size in &args.sizes {
+        let (kms, running) = start_kms(&dir, size, &app, &issuer).await;
+        let load = Arc::new(Load {
+            kms: connect(&running.url(), args.connections)
+                .await
+                .into_iter()
+                .map(KeyDirectoryClient::new)
+                .collect(),
+            echo: echo.clone(),
+            app: app.clone(),
+            service_token: service_token.clone(),
+            user_token: user_token.clone(),
+            next_card: AtomicU64::new(size),
+        });
+        let answer_bytes = load.search_answer_bytes().await;
+        services.push((size, kms, running, load, answer_bytes));
+    }
     let secs = Duration::from_secs(args.seconds);
     println!(
-        "kms-load on {} — {} s per measurement, {} connections",
+        "kms-load on {} — {} s per measurement, {} connections, {} rounds",
         machine(),
         args.seconds,
-        args.connections
+        args.connections,
+        args.rounds
     );
-    let mut summary: Vec<Ratio> = Vec::new();
-    for &size in &args.sizes {
-        preload(&load, size).await;
-        let answer_bytes = load.search_answer_bytes().await;
-        println!("\n### {size} registered cards (a search answer: {answer_bytes} bytes)\n");
-        println!("| call | concurrency | QPS | p50 | p99 |\n|---|---|---|---|---|");
-        let on = |name: &str| args.calls.iter().any(|c| c == name);
-        for &c in &args.concurrency {
-            let mut echo_qps = None;
-            let mut echo_large_qps = None;
-            if on("echo") {
-                let l = load.clone();
-                let echo: Stats = closed_loop(c, secs, move |w, _| {
-                    let l = l.clone();
-                    async move { l.echo(w, 0).await }
-                })
-                .await;
-                println!("{}", echo.row("echo (baseline)"));
-                echo_qps = Some(echo.qps());
+    for (size, _, _, _, answer_bytes) in &services {
+        println!("{size} cards: a search answer is {answer_bytes} bytes");
+    }
+    let on = |name: &str| args.calls.iter().any(|c| c == name);
+    let mut measured: Vec<Vec<Measured>> = services
+        .iter()
+        .map(|_| {
+            args.concurrency
+                .iter()
+                .map(|_| Measured::default())
+                .collect()
+        })
+        .collect();
+    // Sizes are measured back to back at each concurrency, so a change in
+    // the machine's load falls on every size alike.
+    for round in 1..=args.rounds {
+        println!("\n### Round {round}\n");
+        println!(
+            "| cards | call | concurrency | QPS | p50 | p99 | CPU per call |\n|---|---|---|---|---|---|---|"
+        );
+        for (ci, &c) in args.concurrency.iter().enumerate() {
+            for (s, (size, _, _, load, answer_bytes)) in services.iter().enumerate() {
+                let (size, answer_bytes) = (*size, *answer_bytes);
+                let m = &mut measured[s][ci];
+                if on("echo") {
+                    let l = load.clone();
+                    let stats: Stats = closed_loop(c, secs, move |w, _| {
+                        let l = l.clone();
+                        async move { l.echo(w, 0).await }
+                    })
+                    .await;
+                    println!("| {size} {}", stats.row("echo (baseline)"));
+                    m.echo.push(stats);
+                }
+                if on("echo-large") {
+                    // A small request answered with as many bytes as a
+                    // search: what the answer's size alone costs.
+                    let l = load.clone();
+                    let stats: Stats = closed_loop(c, secs, move |w, _| {
+                        let l = l.clone();
+                        async move { l.echo(w, answer_bytes).await }
+                    })
+                    .await;
+                    println!("| {size} {}", stats.row("same-size echo"));
+                    m.echo_large.push(stats);
+                }
+                if on("search") {
+                    let l = load.clone();
+                    let stats = closed_loop(c, secs, move |w, seq| {
+                        let l = l.clone();
+                        async move { l.search(w, seq, size).await }
+                    })
+                    .await;
+                    println!("| {size} {}", stats.row("SearchCards"));
+                    m.search.push(stats);
+                }
+                if on("register") {
+                    let l = load.clone();
+                    let stats = closed_loop(c, secs, move |w, _| {
+                        let l = l.clone();
+                        async move { l.register(w).await }
+                    })
+                    .await;
+                    println!("| {size} {}", stats.row("RegisterCard"));
+                    m.register.push(stats);
+                }
             }
-            if on("echo-large") {
-                // A small request answered with as many bytes as a search:
-                // what the answer's size alone costs.
-                let l = load.clone();
-                let echo: Stats = closed_loop(c, secs, move |w, _| {
-                    let l = l.clone();
-                    async move { l.echo(w, answer_bytes).await }
-                })
-                .await;
-                println!("{}", echo.row("echo answering a search's size"));
-                echo_large_qps = Some(echo.qps());
-            }
-            if on("search") {
-                let l = load.clone();
-                let search = closed_loop(c, secs, move |w, seq| {
-                    let l = l.clone();
-                    async move { l.search(w, seq, size).await }
-                })
-                .await;
-                println!("{}", search.row("SearchCards"));
-                summary.push(Ratio {
-                    size,
-                    concurrency: c,
-                    to_echo: echo_qps.map(|e| search.qps() / e),
-                    to_same_size_echo: echo_large_qps.map(|e| search.qps() / e),
-                    p99_ms: search.p99.as_secs_f64() * 1e3,
-                });
-            }
-            if on("register") {
-                let l = load.clone();
-                let register = closed_loop(c, secs, move |w, _| {
-                    let l = l.clone();
-                    async move { l.register(w).await }
-                })
-                .await;
-                println!("{}", register.row("RegisterCard"));
+        }
+    }
+    println!("\n### Median of {} rounds\n", args.rounds);
+    println!(
+        "| cards | call | concurrency | QPS | p50 | p99 | CPU per call |\n|---|---|---|---|---|---|---|"
+    );
+    for (s, (size, ..)) in services.iter().enumerate() {
+        for m in &measured[s] {
+            for (what, runs) in [
+                ("echo (baseline)", &m.echo),
+                ("same-size echo", &m.echo_large),
+                ("SearchCards", &m.search),
+                ("RegisterCard", &m.register),
+            ] {
+                if let Some(stats) = median(runs) {
+                    println!("| {size} {}", stats.row(what));
+                }
             }
         }
     }
     println!(
-        "\n| cards | concurrency | search / echo | search / same-size echo | search p99 |\n|---|---|---|---|---|"
+        "\n| cards | concurrency | search QPS | against the smallest size | search / echo | search / same-size echo | search p99 | search CPU per call | against the smallest size |\n|---|---|---|---|---|---|---|---|---|"
     );
     let pct = |r: Option<f64>| r.map_or("—".to_owned(), |r| format!("{:.0} %", r * 100.0));
-    for r in summary {
-        println!(
-            "| {} | {} | {} | {} | {:.2} ms |",
-            r.size,
-            r.concurrency,
-            pct(r.to_echo),
-            pct(r.to_same_size_echo),
-            r.p99_ms
-        );
+    for (s, (size, ..)) in services.iter().enumerate() {
+        for (ci, &c) in args.concurrency.iter().enumerate() {
+            let m = &measured[s][ci];
+            let Some(search) = median(&m.search) else {
+                continue;
+            };
+            let smallest = median(&measured[0][ci].search);
+            let change =
+                |d: Option<f64>| d.map_or("—".to_owned(), |d| format!("{:+.0} %", d * 100.0));
+            let cpu = search.cpu_us_per_op();
+            println!(
+                "| {size} | {c} | {:.0} | {} | {} | {} | {:.2} ms | {} | {} |",
+                search.qps(),
+                change(smallest.map(|f| search.qps() / f.qps() - 1.0)),
+                pct(median(&m.echo).map(|e| search.qps() / e.qps())),
+                pct(median(&m.echo_large).map(|e| search.qps() / e.qps())),
+                search.p99.as_secs_f64() * 1e3,
+                cpu.map_or("—".to_owned(), |c| format!("{c:.0} µs")),
+                change(
+                    cpu.zip(smallest.and_then(Stats::cpu_us_per_op))
+                        .map(|(c, f)| c / f - 1.0)
+                ),
+            );
+        }
     }
-    drop(kms_running);
+    for (size, kms, running, load, _) in services {
+        drop(load);
+        running.stop().await.unwrap();
+        drop(kms);
+        if args.data_dir.is_none() {
+            std::fs::remove_dir_all(dir.join(format!("kms-{size}"))).unwrap();
+        }
+    }
     drop(echo_running);
 }
