@@ -12,6 +12,7 @@ mod authorization;
 mod bad_input;
 mod durability;
 mod exchange;
+mod metrics;
 mod mitm;
 mod org;
 mod registration;

@@ -24,7 +24,11 @@ use tessera_proto::{
     kms::v1::{CardRecord, CardStatus, IdentityCards},
     transparency::v1::{ConsistencyProof, InclusionProof, SignedCheckpoint},
 };
-use tessera_service::{Caller, storage::StorageError};
+use tessera_service::{
+    Caller,
+    metrics::{self, KMS_CARDS_REGISTERED, KMS_CARDS_REVOKED, KMS_LOG_ENTRIES},
+    storage::StorageError,
+};
 use thiserror::Error;
 use tonic::Status;
 
@@ -195,6 +199,7 @@ impl Directory {
         };
         tracing::info!(entries = tree.len(), log_id = %transparency::log_id(&key.verifying_key()), "log rebuilt from disk");
         let index = CardIndex::build(store.as_ref())?;
+        metrics::set_gauge(KMS_LOG_ENTRIES, published.size as f64);
         Ok(Self {
             store,
             key,
@@ -340,6 +345,7 @@ impl Directory {
             size: index + 1,
             checkpoint,
         });
+        metrics::set_gauge(KMS_LOG_ENTRIES, (index + 1) as f64);
         Ok(index)
     }
 
@@ -442,6 +448,7 @@ impl Directory {
             .ok_or(KmsError::Internal("card missing after append"))?;
         let (record, checkpoint) = self.single_record(&stored)?;
         tracing::info!(card_id = %id, identity = %stored.identity, "card registered");
+        metrics::increment(KMS_CARDS_REGISTERED);
         Ok((record, checkpoint))
     }
 
@@ -486,6 +493,7 @@ impl Directory {
             .card(&id)?
             .ok_or(KmsError::Internal("card missing after revocation"))?;
         tracing::info!(card_id = %id, by = %parsed.revoked_by(), "card revoked");
+        metrics::increment(KMS_CARDS_REVOKED);
         self.single_record(&stored)
     }
 

@@ -13,7 +13,10 @@ use std::{
 use prost::Message;
 use tessera_card::{CardId, transparency::Hash};
 use tessera_proto::{card::v1 as card_pb, transparency::v1::SignedCheckpoint};
-use tessera_service::storage::{self, FlushFuture, StorageError, read_u64, u64_key};
+use tessera_service::{
+    metrics::record_store,
+    storage::{self, FlushFuture, StorageError, read_u64, u64_key},
+};
 
 /// A card as stored, with the log indices that let a reader see the
 /// directory as of any checkpoint.
@@ -118,10 +121,10 @@ impl SledStore {
 
 impl Store for SledStore {
     fn card(&self, id: &CardId) -> Result<Option<StoredCard>, StorageError> {
-        self.db
-            .get(stored_card_key(id.as_bytes()))?
-            .map(|v| decode_card(&v))
-            .transpose()
+        let started = std::time::Instant::now();
+        let card = self.db.get(stored_card_key(id.as_bytes()));
+        record_store("card", started);
+        card?.map(|v| decode_card(&v)).transpose()
     }
 
     fn cards_of(&self, identity: &str) -> Result<Vec<StoredCard>, StorageError> {
@@ -192,6 +195,7 @@ impl Store for SledStore {
     }
 
     fn apply(&self, append: Append) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
         let mut batch = sled::Batch::default();
         batch.insert(entry_key(append.index), append.entry);
         batch.insert(hash_key(append.index), append.leaf_hash.to_vec());
@@ -211,6 +215,7 @@ impl Store for SledStore {
         }
         batch.insert(CHECKPOINT_KEY, append.checkpoint.encode_to_vec());
         self.db.apply_batch(batch)?;
+        record_store("apply", started);
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use tessera_proto::server::v1::{
     SetReadHorizonRequest, StoredMessage, SubscribeRequest, UploadAttachmentRequest,
     UploadAttachmentResponse, channels_server::Channels,
 };
-use tessera_service::{Caller, limits};
+use tessera_service::{Caller, limits, metrics};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::{broadcast::error::RecvError, mpsc},
@@ -168,6 +168,7 @@ async fn run_subscription(
     mut next: u64,
     tx: mpsc::Sender<Result<StoredMessage, Status>>,
 ) {
+    let _live = metrics::GaugeGuard::new(metrics::SERVER_LIVE_SUBSCRIPTIONS);
     let Some(mut live) = app.hub.subscribe(&channel_id) else {
         let _ = tx
             .send(Err(Status::internal("subscription hub unavailable")))
@@ -486,6 +487,7 @@ impl Channels for ChannelsService {
         channel.next_index += 1;
         app.store.append_message(&channel, &message)?;
         app.store.flush().await?;
+        metrics::increment(metrics::SERVER_MESSAGES_STORED);
         let (index, server_time_ms) = (message.index, message.server_time_ms);
         app.hub.publish(Arc::new(message));
         Ok(Response::new(SendMessageResponse {

@@ -120,6 +120,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         max_attachment_bytes: cli.max_attachment_bytes,
         ..Limits::default()
     };
+    common.start_metrics().map_err(|e| e.to_string())?;
     let server = Server::open(config).map_err(|e| e.to_string())?;
     let routes = server.routes().await.map_err(|e| e.to_string())?;
     let listener = serve::bind(common.listen)

@@ -10,7 +10,10 @@ use std::{
 
 use prost::Message;
 use tessera_proto::server::v1::StoredMessage;
-use tessera_service::storage::{self, FlushFuture, StorageError, read_u64, u64_key};
+use tessera_service::{
+    metrics::{self, time_store},
+    storage::{self, FlushFuture, StorageError, read_u64, u64_key},
+};
 
 /// Argon2id password hash with its parameters.
 #[derive(Clone, PartialEq, Message)]
@@ -348,10 +351,12 @@ impl Store for SledStore {
         channel_id: &str,
         client_message_id: &[u8],
     ) -> Result<Option<u64>, StorageError> {
-        self.db
-            .get(key(b"md/", &[channel_id.as_bytes(), client_message_id]))?
-            .map(|v| read_u64(&v))
-            .transpose()
+        time_store("dedupe", || {
+            self.db
+                .get(key(b"md/", &[channel_id.as_bytes(), client_message_id]))?
+                .map(|v| read_u64(&v))
+                .transpose()
+        })
     }
 
     fn append_message(
@@ -370,7 +375,7 @@ impl Store for SledStore {
             u64_key(message.index).to_vec(),
         );
         batch.insert(key(b"c/", &[id]), channel.encode_to_vec());
-        Ok(self.db.apply_batch(batch)?)
+        Ok(time_store("append_message", || self.db.apply_batch(batch))?)
     }
 
     fn messages(
@@ -384,15 +389,17 @@ impl Store for SledStore {
             return Ok(Vec::new());
         }
         let id = channel_id.as_bytes();
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]))
-            .take(limit)
-        {
-            out.push(decode(&item?.1, "message")?);
-        }
-        Ok(out)
+        time_store("messages", || {
+            let mut out = Vec::new();
+            for item in self
+                .db
+                .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]))
+                .take(limit)
+            {
+                out.push(decode(&item?.1, "message")?);
+            }
+            Ok(out)
+        })
     }
 
     fn read_horizon(&self, identity: &str, channel_id: &str) -> Result<u64, StorageError> {
@@ -427,7 +434,12 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> FlushFuture<'_> {
-        Box::pin(storage::flush(&self.db))
+        Box::pin(async {
+            storage::flush(&self.db).await?;
+            metrics::increment(metrics::SERVER_STORE_FLUSHES);
+            metrics::record(metrics::SERVER_FLUSH_BATCH, 1.0);
+            Ok(())
+        })
     }
 }
 

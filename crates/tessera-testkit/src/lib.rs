@@ -86,6 +86,8 @@ pub struct Service {
     args: Vec<String>,
     env: BTreeMap<String, String>,
     pub addr: SocketAddr,
+    /// Where the service serves its Prometheus metrics (`--metrics-addr`).
+    pub metrics_addr: SocketAddr,
     log: PathBuf,
     child: Option<Child>,
     /// Served over TLS with a certificate this CA file vouches for.
@@ -105,6 +107,7 @@ impl Service {
             args,
             env: BTreeMap::new(),
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             log: dir.join(format!("{name}.log")),
             child: None,
             ca: tls.map(|t| t.cert.clone()),
@@ -145,6 +148,10 @@ impl Service {
             .env(
                 format!("{}_LISTEN", self.env_prefix()),
                 self.addr.to_string(),
+            )
+            .env(
+                format!("{}_METRICS_ADDR", self.env_prefix()),
+                self.metrics_addr.to_string(),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -216,6 +223,29 @@ impl Service {
         }
     }
 
+    /// The service's metrics as it serves them (`GET /metrics`).
+    pub async fn scrape(&self) -> Metrics {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .unwrap_or_else(|e| panic!("{} metrics at {}: {e}", self.name, self.metrics_addr));
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{} metrics: no HTTP response: {response}", self.name));
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "{} metrics: {head}",
+            self.name
+        );
+        Metrics(body.to_owned())
+    }
+
     /// The last lines of the service's log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -273,6 +303,35 @@ impl Drop for Service {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A scrape of a service's metrics (Prometheus text format).
+#[derive(Debug, Clone)]
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of the sample `name` whose labels include every one of
+    /// `labels`, summed over the samples that match (0 when none does).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (series_name, series_labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let matches = series_name == name
+                    && labels.iter().all(|(k, v)| {
+                        series_labels
+                            .split(',')
+                            .any(|l| l == format!("{k}=\"{v}\""))
+                    });
+                matches.then(|| value.parse::<f64>().ok()).flatten()
+            })
+            .sum()
     }
 }
 
