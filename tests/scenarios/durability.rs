@@ -75,6 +75,61 @@ async fn acknowledged_messages_survive_app_server_crashes() {
     }
 }
 
+/// The same with four senders at once, so acknowledgements come from shared
+/// flushes (group commit): still every acknowledged message, once, in order.
+#[tokio::test]
+async fn acknowledged_concurrent_messages_survive_app_server_crashes() {
+    const SENDERS: usize = 4;
+    const EACH: usize = 30;
+    let mut cluster = Cluster::start().await;
+    let alice = Arc::new(cluster.device("alice", "alice", true).await);
+    let bob = cluster.device("bob", "bob", true).await;
+    let channel = alice
+        .create_channel("crashes", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| tokio::spawn(send_through_crashes(alice.clone(), channel.clone(), EACH)))
+        .collect();
+    for _ in 0..ROUNDS {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        cluster.server.kill();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        cluster.server.restart().await;
+    }
+    let mut acked = Vec::new();
+    for (n, sender) in senders.into_iter().enumerate() {
+        // Bodies repeat across senders: tell them apart.
+        acked.extend(
+            sender
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(body, index)| (format!("{n}/{body}"), body, index)),
+        );
+    }
+    let total = SENDERS * EACH;
+    assert_eq!(acked.len(), total);
+
+    let page = bob.history(&channel, 0, 500, false).await.unwrap();
+    let indices: Vec<u64> = page.messages.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        indices,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "in order, no gaps, nothing duplicated"
+    );
+    let mut seen = std::collections::HashSet::new();
+    for (tag, body, index) in &acked {
+        assert!(
+            seen.insert(*index),
+            "{tag} acknowledged at an index already taken"
+        );
+        let (_, r) = &page.messages[(*index - 1) as usize];
+        assert_eq!(text(r.as_ref().unwrap()), body, "{tag} at {index}");
+    }
+}
+
 #[tokio::test]
 async fn acknowledged_cards_survive_key_service_crashes_and_the_log_stays_consistent() {
     let mut cluster = Cluster::start().await;

@@ -465,10 +465,13 @@ impl Channels for ChannelsService {
             )));
         }
 
-        let _lock = app.channel_lock(&r.channel_id).lock().await;
+        let lock = app.channel_lock(&r.channel_id).lock().await;
         let mut channel = app.channel(&r.channel_id)?;
         if let Some(index) = app.store.dedupe(&r.channel_id, &r.client_message_id)? {
             let stored = app.store.messages(&r.channel_id, index, index + 1, 1)?;
+            drop(lock);
+            // The first copy's own send may still be waiting for its flush.
+            app.store.flush().await?;
             return Ok(Response::new(SendMessageResponse {
                 index,
                 server_time_ms: stored.first().map_or(0, |m| m.server_time_ms),
@@ -486,6 +489,9 @@ impl Channels for ChannelsService {
         };
         channel.next_index += 1;
         app.store.append_message(&channel, &message)?;
+        // The lock only orders the indices: released before the flush, so
+        // concurrent sends share one flush (group commit, see the store).
+        drop(lock);
         app.store.flush().await?;
         metrics::increment(metrics::SERVER_MESSAGES_STORED);
         let (index, server_time_ms) = (message.index, message.server_time_ms);
