@@ -6,7 +6,7 @@
 //! same cluster with every hop over TLS (a self-signed certificate the
 //! services and clients are told to trust). No child outlives the test: they
 //! are killed on drop (also when a test panics) and, on Linux, when the test
-//! process itself dies.
+//! process itself dies. [`Postgres`] is a throwaway PostgreSQL server.
 
 #![allow(
     clippy::unwrap_used,
@@ -25,6 +25,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod postgres;
+
+pub use postgres::Postgres;
 use tessera_client::{Client, Endpoints, Enrollment, Home, KdfParams};
 use tessera_crypto::VerifyingKey;
 use tessera_proto::server::v1::{SignUpRequest, accounts_client::AccountsClient};
@@ -70,6 +73,25 @@ fn bin_dir() -> &'static PathBuf {
         assert!(status.success(), "building the service binaries failed");
         profile_dir
     })
+}
+
+/// On Linux, the child started by `cmd` is killed when this process dies.
+fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of the child
+        // between fork and exec; it allocates nothing and takes no lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }
 
 fn free_port() -> u16 {
@@ -156,19 +178,7 @@ impl Service {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of the child
-            // between fork and exec; it allocates nothing and takes no lock.
-            #[allow(unsafe_code)]
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
+        die_with_parent(&mut cmd);
         self.child = Some(
             cmd.spawn()
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name)),
