@@ -42,6 +42,7 @@ use tessera_kms::{
 };
 use tessera_proto::{
     bench::v1::{EchoMessage, echo_client::EchoClient, echo_server::EchoServer},
+    card::v1 as card_pb,
     kms::v1::{RegisterCardRequest, SearchCardsRequest, key_directory_client::KeyDirectoryClient},
     transparency::v1::SignedCheckpoint,
 };
@@ -100,19 +101,25 @@ fn with<T>(token: &str, message: T) -> Request<T> {
 }
 
 impl Load {
+    async fn call(
+        &self,
+        call: Call,
+        worker: usize,
+        seq: u64,
+        size: u64,
+        answer_bytes: u32,
+    ) -> bool {
+        match call {
+            Call::Echo => self.echo(worker, 0).await,
+            Call::SameSizeEcho => self.echo(worker, answer_bytes).await,
+            Call::Search => self.search(worker, seq, size).await,
+            Call::Register => self.register(worker).await,
+        }
+    }
+
     async fn register(&self, worker: usize) -> bool {
         let n = self.next_card.fetch_add(1, Ordering::Relaxed);
-        let identity = format!("user{}", n / 2);
-        let mut card = NewCard {
-            identity: &identity,
-            kind: CardKind::Client,
-            device_name: "bench device",
-            created_at: n as i64,
-            previous_card_id: None,
-        }
-        .self_signed(&DeviceKeys::generate().unwrap())
-        .unwrap();
-        app_sign(&mut card, &self.app);
+        let (_, card) = bench_card(n, &DeviceKeys::generate().unwrap(), &self.app);
         let mut client = self.kms[worker % self.kms.len()].clone();
         client
             .register_card(with(
@@ -175,15 +182,9 @@ impl Load {
 /// Cards made per batch by the preload's worker threads.
 const PRELOAD_BATCH: u64 = 8192;
 
-/// One registration as `Directory::register` makes it: the card with its
-/// self, app and kms signatures, and its log entry.
-fn registration(
-    n: u64,
-    keys: &DeviceKeys,
-    app: &SigningKey,
-    kms: &SigningKey,
-    now: i64,
-) -> (Vec<u8>, StoredCard) {
+/// Card `n` of the bench (identity `user<n / 2>`: two cards each), with
+/// its self and app signatures.
+fn bench_card(n: u64, keys: &DeviceKeys, app: &SigningKey) -> (String, card_pb::Card) {
     let identity = format!("user{}", n / 2);
     let mut card = NewCard {
         identity: &identity,
@@ -195,6 +196,19 @@ fn registration(
     .self_signed(keys)
     .unwrap();
     app_sign(&mut card, app);
+    (identity, card)
+}
+
+/// One registration as `Directory::register` makes it: the card with its
+/// self, app and kms signatures, and its log entry.
+fn registration(
+    n: u64,
+    keys: &DeviceKeys,
+    app: &SigningKey,
+    kms: &SigningKey,
+    now: i64,
+) -> (Vec<u8>, StoredCard) {
+    let (identity, mut card) = bench_card(n, keys, app);
     kms_sign(&mut card, kms);
     let entry = transparency::registration_entry(&card, &identity, now);
     let stored = StoredCard {
@@ -340,10 +354,30 @@ async fn start_kms(
 /// What was measured at one size and concurrency, one entry per round.
 #[derive(Default)]
 struct Measured {
-    echo: Vec<Stats>,
-    echo_large: Vec<Stats>,
-    search: Vec<Stats>,
-    register: Vec<Stats>,
+    /// One entry per round, for each of [`CALLS`].
+    runs: [Vec<Stats>; 4],
+}
+
+/// What is measured: the `--calls` name, the row's label.
+#[derive(Clone, Copy)]
+enum Call {
+    Echo,
+    SameSizeEcho,
+    Search,
+    Register,
+}
+
+const CALLS: [(Call, &str, &str); 4] = [
+    (Call::Echo, "echo", "echo (baseline)"),
+    (Call::SameSizeEcho, "echo-large", "same-size echo"),
+    (Call::Search, "search", "SearchCards"),
+    (Call::Register, "register", "RegisterCard"),
+];
+
+impl Measured {
+    fn of(&self, call: Call) -> &[Stats] {
+        &self.runs[call as usize]
+    }
 }
 
 /// The round with the median QPS.
@@ -437,48 +471,18 @@ async fn main() {
         for (ci, &c) in args.concurrency.iter().enumerate() {
             for (s, (size, _, _, load, answer_bytes)) in services.iter().enumerate() {
                 let (size, answer_bytes) = (*size, *answer_bytes);
-                let m = &mut measured[s][ci];
-                if on("echo") {
-                    let l = load.clone();
-                    let stats: Stats = closed_loop(c, secs, move |w, _| {
-                        let l = l.clone();
-                        async move { l.echo(w, 0).await }
-                    })
-                    .await;
-                    println!("| {size} {}", stats.row("echo (baseline)"));
-                    m.echo.push(stats);
-                }
-                if on("echo-large") {
-                    // A small request answered with as many bytes as a
-                    // search: what the answer's size alone costs.
-                    let l = load.clone();
-                    let stats: Stats = closed_loop(c, secs, move |w, _| {
-                        let l = l.clone();
-                        async move { l.echo(w, answer_bytes).await }
-                    })
-                    .await;
-                    println!("| {size} {}", stats.row("same-size echo"));
-                    m.echo_large.push(stats);
-                }
-                if on("search") {
+                for (call, name, label) in CALLS {
+                    if !on(name) {
+                        continue;
+                    }
                     let l = load.clone();
                     let stats = closed_loop(c, secs, move |w, seq| {
                         let l = l.clone();
-                        async move { l.search(w, seq, size).await }
+                        async move { l.call(call, w, seq, size, answer_bytes).await }
                     })
                     .await;
-                    println!("| {size} {}", stats.row("SearchCards"));
-                    m.search.push(stats);
-                }
-                if on("register") {
-                    let l = load.clone();
-                    let stats = closed_loop(c, secs, move |w, _| {
-                        let l = l.clone();
-                        async move { l.register(w).await }
-                    })
-                    .await;
-                    println!("| {size} {}", stats.row("RegisterCard"));
-                    m.register.push(stats);
+                    println!("| {size} {}", stats.row(label));
+                    measured[s][ci].runs[call as usize].push(stats);
                 }
             }
         }
@@ -489,14 +493,9 @@ async fn main() {
     );
     for (s, (size, ..)) in services.iter().enumerate() {
         for m in &measured[s] {
-            for (what, runs) in [
-                ("echo (baseline)", &m.echo),
-                ("same-size echo", &m.echo_large),
-                ("SearchCards", &m.search),
-                ("RegisterCard", &m.register),
-            ] {
-                if let Some(stats) = median(runs) {
-                    println!("| {size} {}", stats.row(what));
+            for (call, _, label) in CALLS {
+                if let Some(stats) = median(m.of(call)) {
+                    println!("| {size} {}", stats.row(label));
                 }
             }
         }
@@ -508,10 +507,10 @@ async fn main() {
     for (s, (size, ..)) in services.iter().enumerate() {
         for (ci, &c) in args.concurrency.iter().enumerate() {
             let m = &measured[s][ci];
-            let Some(search) = median(&m.search) else {
+            let Some(search) = median(m.of(Call::Search)) else {
                 continue;
             };
-            let smallest = median(&measured[0][ci].search);
+            let smallest = median(measured[0][ci].of(Call::Search));
             let change =
                 |d: Option<f64>| d.map_or("—".to_owned(), |d| format!("{:+.0} %", d * 100.0));
             let cpu = search.cpu_us_per_op();
@@ -519,8 +518,8 @@ async fn main() {
                 "| {size} | {c} | {:.0} | {} | {} | {} | {:.2} ms | {} | {} |",
                 search.qps(),
                 change(smallest.map(|f| search.qps() / f.qps() - 1.0)),
-                pct(median(&m.echo).map(|e| search.qps() / e.qps())),
-                pct(median(&m.echo_large).map(|e| search.qps() / e.qps())),
+                pct(median(m.of(Call::Echo)).map(|e| search.qps() / e.qps())),
+                pct(median(m.of(Call::SameSizeEcho)).map(|e| search.qps() / e.qps())),
                 search.p99.as_secs_f64() * 1e3,
                 cpu.map_or("—".to_owned(), |c| format!("{c:.0} µs")),
                 change(
