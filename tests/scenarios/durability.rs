@@ -44,43 +44,20 @@ async fn send_through_crashes(alice: Arc<Client>, channel: String, n: usize) -> 
 
 #[tokio::test]
 async fn acknowledged_messages_survive_app_server_crashes() {
-    let mut cluster = Cluster::start().await;
-    let alice = Arc::new(cluster.device("alice", "alice", true).await);
-    let bob = cluster.device("bob", "bob", true).await;
-    let channel = alice
-        .create_channel("crashes", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
-    let sender = tokio::spawn(send_through_crashes(alice.clone(), channel.clone(), 60));
-    for _ in 0..ROUNDS {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        cluster.server.kill();
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        cluster.server.restart().await;
-    }
-    let acked = sender.await.unwrap();
-    assert_eq!(acked.len(), 60);
-
-    let page = bob.history(&channel, 0, 500, false).await.unwrap();
-    let indices: Vec<u64> = page.messages.iter().map(|(i, _)| *i).collect();
-    assert_eq!(
-        indices,
-        (1..=60).collect::<Vec<_>>(),
-        "in order, no gaps, nothing duplicated"
-    );
-    for (body, index) in &acked {
-        let (_, r) = &page.messages[(*index - 1) as usize];
-        assert_eq!(text(r.as_ref().unwrap()), body, "message at {index}");
-    }
+    messages_survive_app_server_crashes(1, 60).await;
 }
 
 /// The same with four senders at once, so acknowledgements come from shared
 /// flushes (group commit): still every acknowledged message, once, in order.
 #[tokio::test]
 async fn acknowledged_concurrent_messages_survive_app_server_crashes() {
-    const SENDERS: usize = 4;
-    const EACH: usize = 30;
+    messages_survive_app_server_crashes(4, 30).await;
+}
+
+/// `senders` × `each` messages sent while the app server is SIGKILLed
+/// `ROUNDS` times: all acknowledged, each at its index, in order, no gap,
+/// none twice.
+async fn messages_survive_app_server_crashes(senders: usize, each: usize) {
     let mut cluster = Cluster::start().await;
     let alice = Arc::new(cluster.device("alice", "alice", true).await);
     let bob = cluster.device("bob", "bob", true).await;
@@ -89,8 +66,8 @@ async fn acknowledged_concurrent_messages_survive_app_server_crashes() {
         .await
         .unwrap()
         .channel_id;
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|_| tokio::spawn(send_through_crashes(alice.clone(), channel.clone(), EACH)))
+    let sending: Vec<_> = (0..senders)
+        .map(|_| tokio::spawn(send_through_crashes(alice.clone(), channel.clone(), each)))
         .collect();
     for _ in 0..ROUNDS {
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -99,17 +76,13 @@ async fn acknowledged_concurrent_messages_survive_app_server_crashes() {
         cluster.server.restart().await;
     }
     let mut acked = Vec::new();
-    for (n, sender) in senders.into_iter().enumerate() {
+    for (n, sender) in sending.into_iter().enumerate() {
         // Bodies repeat across senders: tell them apart.
-        acked.extend(
-            sender
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|(body, index)| (format!("{n}/{body}"), body, index)),
-        );
+        for (body, index) in sender.await.unwrap() {
+            acked.push((format!("{n}/{body}"), body, index));
+        }
     }
-    let total = SENDERS * EACH;
+    let total = senders * each;
     assert_eq!(acked.len(), total);
 
     let page = bob.history(&channel, 0, 500, false).await.unwrap();

@@ -143,6 +143,20 @@ impl Stack {
         self.server = Some((running, server, store));
     }
 
+    /// A stack where alice (device "laptop") and bob (device "phone")
+    /// share a channel with shared history.
+    async fn alice_and_bob_in_a_channel() -> (Self, User, User, String) {
+        let s = Self::start().await;
+        let mut alice = s.signup("alice").await;
+        let mut bob = s.signup("bob").await;
+        s.enroll(&mut alice, "laptop").await;
+        s.enroll(&mut bob, "phone").await;
+        let channel_id = s
+            .create_channel(&alice, &[&bob], HistoryVisibility::Shared)
+            .await;
+        (s, alice, bob, channel_id)
+    }
+
     /// Flushes the server's store has made.
     fn flushes(&self) -> u64 {
         self.server
@@ -690,14 +704,7 @@ async fn authorization_denials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sends_to_one_channel_share_flushes() {
     const SENDS: usize = 32;
-    let s = Stack::start().await;
-    let mut alice = s.signup("alice").await;
-    let mut bob = s.signup("bob").await;
-    s.enroll(&mut alice, "laptop").await;
-    s.enroll(&mut bob, "phone").await;
-    let channel_id = s
-        .create_channel(&alice, &[&bob], HistoryVisibility::Shared)
-        .await;
+    let (s, alice, bob, channel_id) = Stack::alice_and_bob_in_a_channel().await;
     let before = s.flushes();
     let (to, bodies) = (
         [&alice, &bob],
@@ -736,14 +743,7 @@ async fn concurrent_sends_to_one_channel_share_flushes() {
 
 #[tokio::test]
 async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
-    let s = Stack::start().await;
-    let mut alice = s.signup("alice").await;
-    let mut bob = s.signup("bob").await;
-    s.enroll(&mut alice, "laptop").await;
-    s.enroll(&mut bob, "phone").await;
-    let channel_id = s
-        .create_channel(&alice, &[&bob], HistoryVisibility::Shared)
-        .await;
+    let (s, alice, bob, channel_id) = Stack::alice_and_bob_in_a_channel().await;
 
     // Three live subscribers from the start.
     let mut subs = Vec::new();
