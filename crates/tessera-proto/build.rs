@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = manifest_dir.join("../../proto");
     let files = [
         "tessera/card/v1/card.proto",
+        "tessera/card/v1/device_list.proto",
         "tessera/envelope/v1/envelope.proto",
         "tessera/transparency/v1/log.proto",
         "tessera/auth/v1/token.proto",

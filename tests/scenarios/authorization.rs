@@ -1,30 +1,35 @@
 //! Authorization: every RPC of every service, called anonymously, as a
 //! non-member and as another user, is denied.
 
-use tessera_card::{CardKind, NewCard, revocation};
+use tessera_card::{
+    CardId, CardKind, NewCard,
+    device_list::{Action, NewStatement},
+    revocation,
+};
 use tessera_client::HistoryVisibility;
 use tessera_crypto::DeviceKeys;
 use tessera_proto::{
     Message,
     backup::v1::{GetOrgInfoRequest, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest},
     kms::v1::{
-        GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest, GetInclusionProofRequest,
-        ListLogEntriesRequest, RegisterCardRequest, RevokeCardRequest, SearchCardsRequest,
+        GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest, GetDeviceListRequest,
+        GetInclusionProofRequest, ListLogEntriesRequest, PublishDeviceStatementRequest,
+        RegisterCardRequest, RevokeCardRequest, SearchCardsRequest,
     },
     server::v1::{
         AddMemberRequest, AdminRevokeDeviceRequest, CreateChannelRequest,
-        DownloadAttachmentRequest, EnrollDeviceRequest, GetChannelRequest, GetReadHorizonRequest,
-        ListChannelsRequest, ListDevicesRequest, ListMessagesRequest, ListOrgMembersRequest,
-        RegisterOrgCardRequest, RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest,
-        SetOrgMemberRequest, SetReadHorizonRequest, SubscribeRequest, UploadAttachmentRequest,
-        WhoAmIRequest,
+        DownloadAttachmentRequest, EnrollDeviceRequest, GetChannelRequest, GetMemberViewRequest,
+        GetReadHorizonRequest, GetStoredMessageRequest, IssueTokenRequest, ListChannelsRequest,
+        ListDevicesRequest, ListMessagesRequest, ListOrgMembersRequest, RegisterOrgCardRequest,
+        RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest, SetOrgMemberRequest,
+        SetReadHorizonRequest, SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest,
     },
 };
 use tessera_stack::hostile::raw_call;
 use tessera_testkit::Cluster;
 use tonic::Code;
 
-use crate::{connect, user_token};
+use crate::{connect, user_tokens};
 
 struct Call {
     service: &'static str,
@@ -79,11 +84,65 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
         0,
     )
     .unwrap();
+    let eve_edits_alices_list = NewStatement {
+        identity: "alice",
+        seqno: 1,
+        previous_hash: Some([0; 32]),
+        action: Action::Add,
+        subject: CardId::of_snapshot(&alice_claim.content_snapshot),
+        signer: alice_card,
+        created_at: 0,
+    }
+    .sign(&eve_keys.signing);
     let denied = Some(Code::PermissionDenied);
     let ch = || channel.clone();
 
     let calls = vec![
         // Key service: reading the directory is open to every user; writing is not.
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/PublishDeviceStatement",
+            PublishDeviceStatementRequest {
+                statement: Some(eve_edits_alices_list),
+            },
+            denied,
+        ),
+        call(
+            "kms",
+            "/tessera.kms.v1.KeyDirectory/GetDeviceList",
+            GetDeviceListRequest {
+                identity: "alice".into(),
+                from_seqno: 0,
+            },
+            None,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Accounts/IssueToken",
+            IssueTokenRequest {
+                audience: "kms".into(),
+            },
+            None,
+        ),
+        // Only the organisation's backup service, logged in with the OrgKey.
+        call(
+            "server",
+            "/tessera.server.v1.Archive/GetMemberView",
+            GetMemberViewRequest {
+                channel_id: ch(),
+                identity: "alice".into(),
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Archive/GetStoredMessage",
+            GetStoredMessageRequest {
+                channel_id: ch(),
+                index: 1,
+            },
+            denied,
+        ),
         call(
             "kms",
             "/tessera.kms.v1.KeyDirectory/RegisterCard",
@@ -106,6 +165,7 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
             SearchCardsRequest {
                 identities: vec!["alice".into()],
                 kind: 0,
+                device_list_from: Default::default(),
             },
             None,
         ),
@@ -162,6 +222,7 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
             "/tessera.server.v1.Devices/EnrollDevice",
             EnrollDeviceRequest {
                 card: Some(alice_claim),
+                statement: None,
             },
             denied,
         ),
@@ -340,15 +401,14 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
             "/tessera.backup.v1.Backup/SyncHistory",
             SyncHistoryRequest {
                 channel_id: ch(),
-                from_index: 0,
-                limit: 0,
+                ..Default::default()
             },
             denied,
         ),
     ];
-    assert_eq!(calls.len(), 31, "every RPC that needs a token");
+    assert_eq!(calls.len(), 36, "every RPC that needs a token");
 
-    let eve = user_token(&cluster, "eve").await;
+    let eve = user_tokens(&cluster, "eve").await;
     for c in calls {
         let url = match c.service {
             "kms" => cluster.kms.url(),
@@ -376,8 +436,33 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
             "{} with a forged token",
             c.method
         );
+        // A token of another service is refused: a token captured at the key
+        // service or the backup service is useless anywhere else.
+        for other in ["kms", "server", "backup"] {
+            if other == c.service {
+                continue;
+            }
+            let captured = raw_call(
+                channel.clone(),
+                c.method,
+                c.body.clone(),
+                Some(eve.of(other)),
+            )
+            .await;
+            let status = captured.map(|_| ()).unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::Unauthenticated,
+                "{} with a {other} token",
+                c.method
+            );
+            assert!(
+                status.message().contains("not meant for this service"),
+                "{status:?}"
+            );
+        }
         if let Some(code) = c.as_eve {
-            let result = raw_call(channel, c.method, c.body, Some(&eve)).await;
+            let result = raw_call(channel, c.method, c.body, Some(eve.of(c.service))).await;
             assert_eq!(
                 result.map(|_| ()).unwrap_err().code(),
                 code,

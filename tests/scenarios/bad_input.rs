@@ -5,7 +5,8 @@ use tessera_client::HistoryVisibility;
 use tessera_proto::{
     Message,
     backup::v1::{OrgEncMsg, SubmitBackupRequest},
-    kms::v1::GetCardRequest,
+    card::v1::SignedDeviceStatement,
+    kms::v1::{GetCardRequest, GetDeviceListRequest, PublishDeviceStatementRequest},
     server::v1::{
         BeginDeviceLoginRequest, CreateChannelRequest, SendMessageRequest, SignUpRequest,
     },
@@ -14,7 +15,7 @@ use tessera_stack::hostile::raw_call;
 use tessera_testkit::Cluster;
 use tonic::Code;
 
-use crate::{connect, user_token};
+use crate::{connect, user_tokens};
 
 const METHODS: &[(&str, &str)] = &[
     ("kms", "/tessera.kms.v1.KeyDirectory/GetServiceInfo"),
@@ -26,12 +27,15 @@ const METHODS: &[(&str, &str)] = &[
     ("kms", "/tessera.kms.v1.KeyDirectory/GetConsistencyProof"),
     ("kms", "/tessera.kms.v1.KeyDirectory/GetInclusionProof"),
     ("kms", "/tessera.kms.v1.KeyDirectory/ListLogEntries"),
+    ("kms", "/tessera.kms.v1.KeyDirectory/PublishDeviceStatement"),
+    ("kms", "/tessera.kms.v1.KeyDirectory/GetDeviceList"),
     ("server", "/tessera.server.v1.Accounts/GetServerInfo"),
     ("server", "/tessera.server.v1.Accounts/SignUp"),
     ("server", "/tessera.server.v1.Accounts/Login"),
     ("server", "/tessera.server.v1.Accounts/BeginDeviceLogin"),
     ("server", "/tessera.server.v1.Accounts/FinishDeviceLogin"),
     ("server", "/tessera.server.v1.Accounts/WhoAmI"),
+    ("server", "/tessera.server.v1.Accounts/IssueToken"),
     ("server", "/tessera.server.v1.Devices/EnrollDevice"),
     ("server", "/tessera.server.v1.Devices/ListDevices"),
     ("server", "/tessera.server.v1.Devices/RevokeDevice"),
@@ -39,6 +43,8 @@ const METHODS: &[(&str, &str)] = &[
     ("server", "/tessera.server.v1.Admin/SetOrgMember"),
     ("server", "/tessera.server.v1.Admin/ListOrgMembers"),
     ("server", "/tessera.server.v1.Admin/AdminRevokeDevice"),
+    ("server", "/tessera.server.v1.Archive/GetMemberView"),
+    ("server", "/tessera.server.v1.Archive/GetStoredMessage"),
     ("server", "/tessera.server.v1.Channels/CreateChannel"),
     ("server", "/tessera.server.v1.Channels/AddMember"),
     ("server", "/tessera.server.v1.Channels/RemoveMember"),
@@ -74,7 +80,7 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
         .set_org_member("alice", true)
         .await
         .unwrap();
-    let token = user_token(&cluster, "alice").await;
+    let tokens = user_tokens(&cluster, "alice").await;
     let url = |service: &str| match service {
         "kms" => cluster.kms.url(),
         "server" => cluster.server.url(),
@@ -86,9 +92,10 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
     let huge = vec![0x0a; 5 * 1024 * 1024];
     for (service, method) in METHODS {
         let channel = connect(&url(service)).await;
-        let c = code(raw_call(channel.clone(), method, garbage.clone(), Some(&token)).await);
+        let token = tokens.of(service);
+        let c = code(raw_call(channel.clone(), method, garbage.clone(), Some(token)).await);
         assert_eq!(c, Code::InvalidArgument, "{method} with malformed protobuf");
-        let c = code(raw_call(channel, method, huge.clone(), Some(&token)).await);
+        let c = code(raw_call(channel, method, huge.clone(), Some(token)).await);
         assert_eq!(c, Code::ResourceExhausted, "{method} with 5 MiB");
     }
 
@@ -97,6 +104,27 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
     let kms = connect(&cluster.kms.url()).await;
     let backup = connect(&cluster.backup.url()).await;
     let cases: Vec<(tonic::transport::Channel, &str, Vec<u8>)> = vec![
+        (
+            kms.clone(),
+            "/tessera.kms.v1.KeyDirectory/PublishDeviceStatement",
+            PublishDeviceStatementRequest {
+                statement: Some(SignedDeviceStatement {
+                    statement: vec![0x08, 0x01],
+                    signature: vec![0; 64],
+                    app_signature: vec![],
+                }),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            kms.clone(),
+            "/tessera.kms.v1.KeyDirectory/GetDeviceList",
+            GetDeviceListRequest {
+                identity: "Not An Identity".into(),
+                from_seqno: 0,
+            }
+            .encode_to_vec(),
+        ),
         (
             kms.clone(),
             "/tessera.kms.v1.KeyDirectory/GetCard",
@@ -158,7 +186,8 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
         ),
     ];
     for (channel, method, body) in cases {
-        let c = code(raw_call(channel, method, body, Some(&token)).await);
+        let service = method.split('.').nth(1).unwrap_or("server");
+        let c = code(raw_call(channel, method, body, Some(tokens.of(service))).await);
         assert_eq!(c, Code::InvalidArgument, "{method}");
     }
     let channel = alice
@@ -180,7 +209,7 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
             server.clone(),
             "/tessera.server.v1.Channels/SendMessage",
             send(vec![1; 31], vec![1]),
-            Some(&token),
+            Some(&tokens.server),
         )
         .await,
     );
@@ -190,7 +219,7 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
             server.clone(),
             "/tessera.server.v1.Channels/SendMessage",
             send(alice.card_id().to_vec(), vec![0xee; 1000]),
-            Some(&token),
+            Some(&tokens.server),
         )
         .await,
     );

@@ -1,63 +1,65 @@
-//! Durability: writes keep coming while a service is killed with SIGKILL and
-//! restarted several times. Every acknowledged write is there afterwards, in
-//! order, nothing duplicated; the transparency log stays consistent.
+//! Durability: writes keep coming from several writers while a service is
+//! killed with SIGKILL and restarted three times. Each kill lands while
+//! writes are in flight, and the test proves it: at least one write in
+//! flight at every kill failed and was retried (`tessera_testkit::Writes`).
+//! Only transport failures are retried; a refusal fails the test at once.
+//! Every acknowledged write is there afterwards, in order, nothing
+//! duplicated; the transparency log stays consistent.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use tessera_card::{CardId, CardKind, NewCard, app_sign, transparency};
-use tessera_client::{Client, HistoryVisibility};
-use tessera_crypto::{DeviceKeys, envelope::CONTENT_TYPE_TEXT};
+use tessera_card::{CardId, app_sign, transparency};
+use tessera_client::{Client, ClientError, HistoryVisibility};
+use tessera_crypto::envelope::CONTENT_TYPE_TEXT;
 use tessera_proto::kms::v1::{
-    GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest, RegisterCardRequest,
+    GetCardRequest, GetConsistencyProofRequest, RegisterCardRequest,
     key_directory_client::KeyDirectoryClient,
 };
-use tessera_testkit::Cluster;
+use tessera_testkit::{Cluster, Writes, is_transport};
 use tokio::sync::Mutex;
 use tonic::Request;
 
-use crate::{app_key, connect, service_token, text};
+use crate::{
+    alice_and_org_member_bob, app_key, channel, connect, kms_checkpoint, new_card, service_token,
+    text,
+};
 
-const ROUNDS: usize = 3;
+/// Kills per scenario.
+const KILLS: u64 = 3;
+/// Concurrent writers: while one waits for its answer, others are in flight.
+const WRITERS: usize = 3;
 
-/// Sends `n` messages, retrying each with the same client message id until
-/// acknowledged; returns (text, acknowledged index) pairs.
-async fn send_through_crashes(alice: Arc<Client>, channel: String, n: usize) -> Vec<(String, u64)> {
-    let mut acked = Vec::new();
-    for i in 0..n {
-        let body = format!("message {i}");
-        let id = tessera_crypto::random_array::<16>().unwrap();
-        loop {
-            match alice
-                .send_with_id(&channel, CONTENT_TYPE_TEXT, body.as_bytes(), id)
-                .await
-            {
-                Ok(sent) => {
-                    acked.push((body, sent.index));
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+/// The service was not there (refused, reset, closed): worth retrying.
+fn unreachable(e: &ClientError) -> bool {
+    matches!(e, ClientError::Unreachable { .. })
+}
+
+/// Kills `service` three times, each while writes are in flight, spread over
+/// `total` writes (so the writers are still busy at the third kill).
+async fn crash_three_times(service: &mut tessera_testkit::Service, writes: &Writes, total: u64) {
+    for k in 1..=KILLS {
+        service.crash_during(writes, k * total / (KILLS + 1)).await;
     }
-    acked
+    let kills = writes.kills();
+    assert_eq!(kills.len(), KILLS as usize);
+    assert!(
+        kills
+            .iter()
+            .all(|&(in_flight, failed)| failed > 0 && failed <= in_flight),
+        "(in flight, failed) at each kill: {kills:?}"
+    );
+}
+
+fn with<T>(token: &str, m: T) -> Request<T> {
+    let mut r = Request::new(m);
+    r.metadata_mut()
+        .insert("authorization", token.parse().unwrap());
+    r
 }
 
 #[tokio::test]
 async fn acknowledged_messages_survive_app_server_crashes() {
-    messages_survive_app_server_crashes(1, 60).await;
-}
-
-/// The same with four senders at once, so acknowledgements come from shared
-/// flushes (group commit): still every acknowledged message, once, in order.
-#[tokio::test]
-async fn acknowledged_concurrent_messages_survive_app_server_crashes() {
-    messages_survive_app_server_crashes(4, 30).await;
-}
-
-/// `senders` × `each` messages sent while the app server is SIGKILLed
-/// `ROUNDS` times: all acknowledged, each at its index, in order, no gap,
-/// none twice.
-async fn messages_survive_app_server_crashes(senders: usize, each: usize) {
+    const N: usize = 60;
     let mut cluster = Cluster::start().await;
     let alice = Arc::new(cluster.device("alice", "alice", true).await);
     let bob = cluster.device("bob", "bob", true).await;
@@ -66,120 +68,109 @@ async fn messages_survive_app_server_crashes(senders: usize, each: usize) {
         .await
         .unwrap()
         .channel_id;
-    let sending: Vec<_> = (0..senders)
-        .map(|_| tokio::spawn(send_through_crashes(alice.clone(), channel.clone(), each)))
-        .collect();
-    for _ in 0..ROUNDS {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        cluster.server.kill();
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        cluster.server.restart().await;
+    let writes = Arc::new(Writes::default());
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (alice, channel, writes) = (alice.clone(), channel.clone(), writes.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..N / WRITERS {
+                let body = format!("writer {w} message {i}");
+                // Retried with the same client message id: stored once.
+                let id = tessera_crypto::random_array::<16>().unwrap();
+                let sent = writes
+                    .retry(
+                        || alice.send_with_id(&channel, CONTENT_TYPE_TEXT, body.as_bytes(), id),
+                        unreachable,
+                    )
+                    .await;
+                acked.push((body, sent.index));
+            }
+            acked
+        }));
     }
+    crash_three_times(&mut cluster.server, &writes, N as u64).await;
     let mut acked = Vec::new();
-    for (n, sender) in sending.into_iter().enumerate() {
-        // Bodies repeat across senders: tell them apart.
-        for (body, index) in sender.await.unwrap() {
-            acked.push((format!("{n}/{body}"), body, index));
-        }
+    for w in writers {
+        acked.extend(w.await.unwrap());
     }
-    let total = senders * each;
-    assert_eq!(acked.len(), total);
+    assert_eq!(acked.len(), N);
 
     let page = bob.history(&channel, 0, 500, false).await.unwrap();
     let indices: Vec<u64> = page.messages.iter().map(|(i, _)| *i).collect();
     assert_eq!(
         indices,
-        (1..=total as u64).collect::<Vec<_>>(),
+        (1..=N as u64).collect::<Vec<_>>(),
         "in order, no gaps, nothing duplicated"
     );
-    let mut seen = std::collections::HashSet::new();
-    for (tag, body, index) in &acked {
-        assert!(
-            seen.insert(*index),
-            "{tag} acknowledged at an index already taken"
-        );
+    for (body, index) in &acked {
         let (_, r) = &page.messages[(*index - 1) as usize];
-        assert_eq!(text(r.as_ref().unwrap()), body, "{tag} at {index}");
+        assert_eq!(text(r.as_ref().unwrap()), body, "message at {index}");
     }
 }
 
 #[tokio::test]
 async fn acknowledged_cards_survive_key_service_crashes_and_the_log_stays_consistent() {
+    const N: usize = 48;
     let mut cluster = Cluster::start().await;
     let token = service_token(&cluster);
-    let app = app_key(&cluster);
+    let app = Arc::new(app_key(&cluster));
     let url = cluster.kms.url();
     // The cluster's set-up already logged the OrgCard.
-    let before = {
-        let mut r = Request::new(GetCheckpointRequest {});
-        r.metadata_mut()
-            .insert("authorization", token.parse().unwrap());
-        let cp = KeyDirectoryClient::new(connect(&url).await)
-            .get_checkpoint(r)
-            .await
-            .unwrap()
-            .into_inner()
-            .checkpoint
-            .unwrap();
-        transparency::verify_checkpoint(&cp, &cluster.keys.kms)
-            .unwrap()
-            .tree_size
-    };
+    let before = kms_checkpoint(&cluster).await.tree_size;
     let checkpoints = Arc::new(Mutex::new(Vec::new()));
-    let seen = checkpoints.clone();
-    let writer = tokio::spawn(async move {
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .unwrap()
-            .connect_lazy();
-        let mut kms = KeyDirectoryClient::new(channel);
-        let mut acked = Vec::new();
-        for i in 0..40 {
-            let mut card = NewCard {
-                identity: &format!("user{}", i % 7),
-                kind: CardKind::Client,
-                device_name: "d",
-                created_at: i,
-                previous_card_id: None,
+    let writes = Arc::new(Writes::default());
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (seen, writes, app, token) = (
+            checkpoints.clone(),
+            writes.clone(),
+            app.clone(),
+            token.clone(),
+        );
+        let kms = KeyDirectoryClient::new(
+            tonic::transport::Endpoint::from_shared(url.clone())
+                .unwrap()
+                .connect_lazy(),
+        );
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..N / WRITERS {
+                let mut card = new_card(&format!("user{}", i % 7), &format!("writer {w}"));
+                app_sign(&mut card, &app);
+                let id = CardId::of_snapshot(&card.content_snapshot);
+                let response = writes
+                    .retry(
+                        || {
+                            let mut kms = kms.clone();
+                            let request = with(
+                                &token,
+                                RegisterCardRequest {
+                                    card: Some(card.clone()),
+                                },
+                            );
+                            async move { kms.register_card(request).await }
+                        },
+                        is_transport,
+                    )
+                    .await;
+                seen.lock()
+                    .await
+                    .push(response.into_inner().checkpoint.unwrap());
+                acked.push(id);
             }
-            .self_signed(&DeviceKeys::generate().unwrap())
-            .unwrap();
-            app_sign(&mut card, &app);
-            let id = CardId::of_snapshot(&card.content_snapshot);
-            loop {
-                let mut request = Request::new(RegisterCardRequest {
-                    card: Some(card.clone()),
-                });
-                request
-                    .metadata_mut()
-                    .insert("authorization", token.parse().unwrap());
-                match kms.register_card(request).await {
-                    Ok(r) => {
-                        seen.lock().await.push(r.into_inner().checkpoint.unwrap());
-                        acked.push(id);
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        }
-        acked
-    });
-    for _ in 0..ROUNDS {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        cluster.kms.kill();
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        cluster.kms.restart().await;
+            acked
+        }));
     }
-    let acked = writer.await.unwrap();
+    crash_three_times(&mut cluster.kms, &writes, N as u64).await;
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    assert_eq!(acked.len(), N);
 
     let token = service_token(&cluster);
     let mut kms = KeyDirectoryClient::new(connect(&cluster.kms.url()).await);
-    fn with<T>(token: &str, m: T) -> Request<T> {
-        let mut r = Request::new(m);
-        r.metadata_mut()
-            .insert("authorization", token.parse().unwrap());
-        r
-    }
     for id in &acked {
         kms.get_card(with(
             &token,
@@ -188,19 +179,12 @@ async fn acknowledged_cards_survive_key_service_crashes_and_the_log_stays_consis
             },
         ))
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("acknowledged card {id} is gone: {e}"));
     }
-    let latest = kms
-        .get_checkpoint(with(&token, GetCheckpointRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoint
-        .unwrap();
-    let latest = transparency::verify_checkpoint(&latest, &cluster.keys.kms).unwrap();
+    let latest = kms_checkpoint(&cluster).await;
     assert_eq!(
         latest.tree_size,
-        before + 40,
+        before + N as u64,
         "each card logged exactly once"
     );
     // Every checkpoint handed out before a crash is a prefix of today's log.
@@ -225,24 +209,18 @@ async fn acknowledged_cards_survive_key_service_crashes_and_the_log_stays_consis
 
 #[tokio::test]
 async fn acknowledged_backups_survive_backup_service_crashes() {
+    const N: usize = 30;
     let mut cluster = Cluster::start().await;
-    let admin = cluster.admin().await;
-    let alice = cluster.device("alice", "alice", true).await;
-    cluster.device("bob", "bob", true).await;
-    admin.set_org_member("bob", true).await.unwrap();
-    let bob = Arc::new(cluster.reopen("bob"));
-    let channel = alice
-        .create_channel("archive", HistoryVisibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
-    for i in 0..30 {
+    let (alice, bob) = alice_and_org_member_bob(&cluster).await;
+    let bob: Arc<Client> = Arc::new(bob);
+    let channel = channel(&alice, "archive", &["bob"]).await;
+    for i in 0..N {
         alice
             .send_text(&channel, &format!("line {i}"))
             .await
             .unwrap();
     }
-    let messages: Vec<_> = bob
+    let mut messages: Vec<_> = bob
         .history(&channel, 0, 100, false)
         .await
         .unwrap()
@@ -250,25 +228,27 @@ async fn acknowledged_backups_survive_backup_service_crashes() {
         .into_iter()
         .map(|(_, r)| r.unwrap())
         .collect();
-    let backer = bob.clone();
-    let writer = tokio::spawn(async move {
-        for m in &messages {
-            // Retried until acknowledged; "already stored" after a lost ack is fine.
-            while backer.back_up(m).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(messages.len(), N);
+    let writes = Arc::new(Writes::default());
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let mine: Vec<_> = messages.drain(..N / WRITERS).collect();
+        let (bob, writes) = (bob.clone(), writes.clone());
+        writers.push(tokio::spawn(async move {
+            for m in &mine {
+                // "Already stored" after a lost acknowledgement is Ok(false).
+                writes.retry(|| bob.back_up(m), unreachable).await;
             }
-        }
-    });
-    for _ in 0..ROUNDS {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        cluster.backup.kill();
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        cluster.backup.restart().await;
+            w
+        }));
     }
-    writer.await.unwrap();
+    crash_three_times(&mut cluster.backup, &writes, N as u64).await;
+    for w in writers {
+        w.await.unwrap();
+    }
     let synced = bob.sync_from_org(&channel, 0, 0, |_, _| {}).await.unwrap();
     let indices: Vec<u64> = synced.iter().map(|e| e.index).collect();
-    assert_eq!(indices, (1..=30).collect::<Vec<_>>());
+    assert_eq!(indices, (1..=N as u64).collect::<Vec<_>>());
     for (i, e) in synced.iter().enumerate() {
         assert_eq!(text(e.result.as_ref().unwrap()), format!("line {i}"));
     }

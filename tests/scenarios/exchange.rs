@@ -66,7 +66,16 @@ async fn every_device_of_every_member_decrypts_and_verifies() {
             "received on all of mine"
         );
     }
-    assert!(open_stream.next().await.is_some());
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(20), open_stream.next())
+        .await
+        .expect("the reply within 20 s")
+        .expect("the stream is still open")
+        .expect("a message, not an error");
+    assert_eq!(reply.index, 2);
+    assert_eq!(
+        text(&bob[0].open_message(&reply).await.unwrap()),
+        "received on all of mine"
+    );
 
     // SIGTERM: each service exits cleanly (0), the app server without
     // waiting out its grace period on the open subscription.
@@ -79,11 +88,17 @@ async fn every_device_of_every_member_decrypts_and_verifies() {
     );
     let ended = tokio::time::timeout(std::time::Duration::from_secs(10), open_stream.next())
         .await
-        .unwrap();
-    assert!(
-        !matches!(ended, Some(Ok(_))),
-        "the stream ended with the server"
-    );
+        .expect("the stream ends with the server");
+    match ended {
+        Some(Err(status)) => {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(
+                status.message().contains("server shutting down"),
+                "the server did not end the subscription itself: {status:?}"
+            );
+        }
+        other => panic!("expected the server's shutdown status, got {other:?}"),
+    }
     assert!(cluster.backup.stop().await, "backup service exit status");
     assert!(cluster.kms.stop().await, "key service exit status");
 }

@@ -137,7 +137,7 @@ async fn messages_of_a_revoked_card_are_refused() {
         )
         .await;
     let bob0 = cluster.device("bob-0", "bob", true).await;
-    let bob1 = cluster.device("bob-1", "bob", false).await;
+    let bob1 = cluster.approved_device("bob-1", &bob0).await;
     let channel = alice
         .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
         .await
@@ -152,7 +152,9 @@ async fn messages_of_a_revoked_card_are_refused() {
     .unwrap()
     .into_device()
     .unwrap();
-    bob0.revoke_device(&bob1.card_id(), "stolen").await.unwrap();
+    bob0.revoke_device(&bob1.card_id(), "stolen", Some("bob-testkit-password"))
+        .await
+        .unwrap();
     // Revocations carry whole seconds: what follows is in a later second.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 
@@ -170,7 +172,7 @@ async fn messages_of_a_revoked_card_are_refused() {
         .await
         .unwrap();
     let (found, _) = alice.cards_of(&["alice".into()]).await.unwrap();
-    let alice_card = &found["alice"][0];
+    let alice_card = &found["alice"].approved[0];
     let forged = envelope::seal(
         &Sender {
             identity: "bob",

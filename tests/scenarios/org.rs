@@ -12,8 +12,8 @@ async fn org_backup_and_both_history_sync_options() {
     let cluster = Cluster::start().await;
     let admin = cluster.admin().await;
     let alice = cluster.device("alice-0", "alice", true).await;
-    cluster.device("bob-0", "bob", true).await;
-    cluster.device("bob-1", "bob", false).await;
+    let bob0 = cluster.device("bob-0", "bob", true).await;
+    cluster.approved_device("bob-1", &bob0).await;
     admin.set_org_member("bob", true).await.unwrap();
     let bob0 = cluster.reopen("bob-0");
     let bob1 = cluster.reopen("bob-1");
@@ -28,12 +28,12 @@ async fn org_backup_and_both_history_sync_options() {
         alice.send_text(&channel.channel_id, line).await.unwrap();
     }
     // Steps 3-4: bob's device decrypts, re-encrypts to the OrgCard, sends.
-    for (_, r) in bob0
+    let page = bob0
         .history(&channel.channel_id, 0, 10, false)
         .await
-        .unwrap()
-        .messages
-    {
+        .unwrap();
+    assert_eq!(page.messages.len(), lines.len());
+    for (_, r) in page.messages {
         assert!(bob0.back_up(&r.unwrap()).await.unwrap());
     }
     // Option 1: the app server re-sends the stored EncMsgs to an existing device.
@@ -49,16 +49,17 @@ async fn org_backup_and_both_history_sync_options() {
     assert_eq!(got, lines);
 
     // Option 2: a device enrolled afterwards could not read the originals...
-    let bob_new = cluster.device("bob-new", "bob", false).await;
-    for (_, r) in bob_new
+    let bob_new = cluster.approved_device("bob-new", &bob0).await;
+    let page = bob_new
         .history(&channel.channel_id, 0, 10, false)
         .await
-        .unwrap()
-        .messages
-    {
+        .unwrap();
+    assert_eq!(page.messages.len(), lines.len());
+    for (i, r) in page.messages {
+        let err = r.expect_err("the originals were not encrypted to the new device");
         assert!(
-            r.is_err(),
-            "the originals were not encrypted to the new device"
+            err.to_string().contains("not encrypted to this device"),
+            "message {i}: {err}"
         );
     }
     // ...and reads them all from the organisation, verified twice over.

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
-use tessera_client::{Endpoints, HistoryVisibility};
+use tessera_client::HistoryVisibility;
 use tessera_proto::{
     Message as _,
     envelope::v1::{Envelope, EnvelopeHeader},
@@ -14,7 +14,7 @@ use tessera_proto::{
 use tessera_stack::hostile::{self, Proxy};
 use tessera_testkit::Cluster;
 
-use crate::text;
+use crate::{behind_relay, text};
 
 fn refused(page: &tessera_client::HistoryPage, index: u64) -> String {
     let (_, r) = page.messages.iter().find(|(i, _)| *i == index).unwrap();
@@ -30,17 +30,7 @@ async fn hostile_relay_attacks_are_rejected() {
     let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
     let alice = cluster.device("alice", "alice", true).await;
     cluster.device("carol", "carol", true).await;
-    let bob = cluster
-        .device_with(
-            "bob",
-            "bob",
-            true,
-            Endpoints {
-                server_url: relay.url(),
-                ..cluster.endpoints()
-            },
-        )
-        .await;
+    let bob = behind_relay(&cluster, &relay, "bob", "bob").await;
     let c1 = alice
         .create_channel(
             "one",
@@ -78,7 +68,13 @@ async fn hostile_relay_attacks_are_rejected() {
         env.header = header.encode_to_vec();
         m.envelope = env.encode_to_vec();
     }));
-    for (_, r) in bob.history(&c1, 0, 10, false).await.unwrap().messages {
+    let page = bob.history(&c1, 0, 10, false).await.unwrap();
+    assert_eq!(
+        page.messages.len(),
+        2,
+        "both messages delivered, both refused"
+    );
+    for (_, r) in page.messages {
         let err = r.unwrap_err().to_string();
         assert!(
             err.contains("does not authenticate") || err.contains("not encrypted to this device"),
@@ -144,11 +140,21 @@ async fn hostile_relay_attacks_are_rejected() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert!(bob.open_message(&stored).await.is_err());
+    assert_eq!(stored.index, 3);
+    let err = bob.open_message(&stored).await.unwrap_err().to_string();
+    assert!(
+        err.contains("message 3") && err.contains("refused"),
+        "the live message was not refused as tampered: {err}"
+    );
     assert_eq!(*seen.lock().unwrap(), 1);
 
     // Without the attacker everything reads again.
     relay.control.set_tamper(hostile::honest());
     let page = bob.history(&c1, 0, 10, false).await.unwrap();
-    assert!(page.messages.iter().all(|(_, r)| r.is_ok()));
+    let read: Vec<&str> = page
+        .messages
+        .iter()
+        .map(|(i, r)| text(r.as_ref().unwrap_or_else(|e| panic!("message {i}: {e}"))))
+        .collect();
+    assert_eq!(read, ["first", "second", "live"]);
 }

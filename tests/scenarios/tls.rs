@@ -38,7 +38,7 @@ async fn every_hop_over_tls() {
     // backup service verified the sender through the key service over TLS.
     let bob = cluster.reopen("bob-0");
     assert!(bob.back_up(received).await.unwrap());
-    let bob_new = cluster.device("bob-new", "bob", false).await;
+    let bob_new = cluster.approved_device("bob-new", &bob).await;
     let synced = bob_new
         .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
         .await
@@ -69,6 +69,7 @@ async fn every_hop_over_tls() {
             kdf: tessera_client::KdfParams::DANGER_FAST_FOR_TESTS,
             expected_app_key: Some(cluster.keys.app),
             expected_kms_key: Some(cluster.keys.kms),
+            reset: false,
         },
     )
     .await
@@ -78,5 +79,12 @@ async fn every_hop_over_tls() {
         matches!(err, ClientError::Unreachable { .. }),
         "unexpected error: {err}"
     );
-    eprintln!("untrusted certificate: {err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "cannot reach the app server at {}",
+            cluster.server.url()
+        )) && message.contains("invalid peer certificate"),
+        "the refusal does not say why: {message}"
+    );
 }

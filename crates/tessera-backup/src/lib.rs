@@ -35,7 +35,7 @@ use tessera_service::{
     TokenVerifier,
     serve::{self, ServeError},
     storage::StorageError,
-    token::{AUDIENCE_BACKUP, bearer_header},
+    token::{Audience, bearer_header},
 };
 use thiserror::Error;
 use tonic::{Request, server::NamedService, service::Routes, transport::Channel};
@@ -212,12 +212,12 @@ impl Backup {
             &key_path,
             config.org_key_passphrase.as_ref().map(|p| p.as_bytes()),
         )?;
-        let org = Org {
+        let org = Arc::new(Org {
             identity: verified.identity().to_owned(),
             card_id: verified.id(),
             keys,
             retired,
-        };
+        });
         tracing::info!(org = %org.identity, card_id = %org.card_id, retired_keys = org.retired.len(), "OrgKey loaded");
         let upstream = upstream::Upstream {
             server: endpoint(
@@ -231,12 +231,14 @@ impl Backup {
                 config.upstream_ca.as_deref(),
             )?,
             verifier,
+            org: org.clone(),
+            tokens: Default::default(),
         };
         Ok(Self {
             service: Arc::new(service::BackupService {
-                org: Arc::new(org),
+                org,
                 store,
-                tokens: TokenVerifier::new(config.token_public_key, AUDIENCE_BACKUP),
+                tokens: TokenVerifier::new(config.token_public_key, Audience::Backup),
                 upstream,
                 limits: config.limits,
             }),

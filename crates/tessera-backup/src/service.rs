@@ -7,7 +7,8 @@ use tessera_card::CardId;
 use tessera_crypto::{
     EncryptionPublicKey,
     envelope::{
-        self, CONTENT_TYPE_HISTORY, Draft, ExpectedSender, Recipient, Sender, VerifiedPayload,
+        self, CONTENT_TYPE_HISTORY, CONTENT_TYPE_HISTORY_END, Draft, ExpectedSender, Recipient,
+        Sender, VerifiedPayload,
     },
     open_org_backup,
 };
@@ -17,7 +18,7 @@ use tessera_proto::{
         BackupRecord, GetOrgInfoRequest, GetOrgInfoResponse, SubmitBackupRequest,
         SubmitBackupResponse, SyncHistoryItem, SyncHistoryRequest, backup_server::Backup,
     },
-    envelope::v1::HistoryItem,
+    envelope::v1::{HistoryEnd, HistoryItem},
 };
 use tessera_service::{
     Caller, TokenVerifier, limits,
@@ -46,6 +47,8 @@ type SyncStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<SyncHistoryItem
 
 /// Archived messages read from the store at a time during a sync.
 const SYNC_BATCH: usize = 128;
+/// Longest nonce a sync request may carry.
+const MAX_NONCE_BYTES: usize = 64;
 
 impl Org {
     /// Decrypts an archived OrgEncMsg into its backup record.
@@ -94,6 +97,31 @@ impl Org {
             server_time_ms: record.server_time_ms,
         };
         let body = Zeroizing::new(item.encode_to_vec());
+        self.seal_history(&item.channel_id, CONTENT_TYPE_HISTORY, &body, recipients)
+    }
+
+    /// The signed end of a sync answer: the request's nonce and how many
+    /// messages the answer carried.
+    pub(crate) fn history_end_envelope(
+        &self,
+        end: &HistoryEnd,
+        recipients: &[(CardId, EncryptionPublicKey)],
+    ) -> Result<Vec<u8>, Status> {
+        self.seal_history(
+            &end.channel_id,
+            CONTENT_TYPE_HISTORY_END,
+            &end.encode_to_vec(),
+            recipients,
+        )
+    }
+
+    fn seal_history(
+        &self,
+        channel_id: &str,
+        content_type: &str,
+        body: &[u8],
+        recipients: &[(CardId, EncryptionPublicKey)],
+    ) -> Result<Vec<u8>, Status> {
         let to: Vec<Recipient<'_>> = recipients
             .iter()
             .map(|(id, key)| Recipient {
@@ -108,9 +136,9 @@ impl Org {
                 key: &self.keys.signing,
             },
             &Draft {
-                channel_id: &item.channel_id,
-                content_type: CONTENT_TYPE_HISTORY,
-                body: &body,
+                channel_id,
+                content_type,
+                body,
                 sent_at_ms: tessera_service::now_ms(),
             },
             &to,
@@ -201,7 +229,7 @@ impl Backup for BackupService {
                 .map_err(|e| Status::invalid_argument(format!("original payload: {e}")))?;
         let stored = self
             .upstream
-            .message(&caller, &r.channel_id, r.message_index)
+            .message(&r.channel_id, r.message_index)
             .await?
             .ok_or_else(|| {
                 Status::not_found(format!("no message {} in this channel", r.message_index))
@@ -213,10 +241,18 @@ impl Backup for BackupService {
                 "the record's sender is not the sender the app server stored at this index",
             ));
         }
+        // Clients date the message by this time (revocation and removal
+        // cut-offs): it must be the app server's, not the submitter's.
+        if record.server_time_ms != stored.server_time_ms {
+            return Err(Status::invalid_argument(
+                "the record's server time is not the one the app server stored at this index",
+            ));
+        }
         let card = self
             .upstream
-            .card(&caller, &CardId::from_array(sender_card), &sender_identity)
-            .await?;
+            .card(&CardId::from_array(sender_card), &sender_identity)
+            .await?
+            .card;
         let payload = VerifiedPayload::verify(
             record.original_payload.clone(),
             record.original_signature.clone(),
@@ -274,6 +310,7 @@ impl Backup for BackupService {
     ) -> Result<Response<Self::SyncHistoryStream>, Status> {
         let caller = self.authenticate(&request)?;
         let r = request.into_inner();
+        limits::check_len("nonce", r.nonce.len(), MAX_NONCE_BYTES)?;
         let limit = limits::page_size(
             r.limit,
             self.limits.default_sync_limit,
@@ -282,22 +319,37 @@ impl Backup for BackupService {
         let channel = self.upstream.channel(&caller, &r.channel_id).await?;
         let start = r.from_index.max(channel.visible_from_index).max(1);
         let end = channel.next_index;
+        // Only devices the member's own devices approved get history.
         let recipients: Vec<(CardId, EncryptionPublicKey)> = self
             .upstream
-            .active_cards(&caller, &caller.identity)
+            .approved_cards(&caller.identity)
             .await?
             .iter()
             .map(|c| (c.id(), *c.encryption_key()))
             .collect();
-        if recipients.is_empty() {
+        if let Some(device) = caller.device_card_id
+            && !recipients.iter().any(|(id, _)| *id == device)
+        {
             return Err(Status::failed_precondition(format!(
-                "{} has no active device to re-encrypt history to",
+                "device {device} is not approved by {}'s other devices yet: approve it first",
                 caller.identity
             )));
         }
-        let total = self.store.count(&r.channel_id, start, end, limit)? as u64;
+        if recipients.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "{} has no approved active device to re-encrypt history to",
+                caller.identity
+            )));
+        }
+        // One more than the limit tells whether the archive goes on.
+        let found = self
+            .store
+            .count(&r.channel_id, start, end, limit.saturating_add(1))?;
+        let more = found > limit;
+        let total = found.min(limit) as u64;
         let (tx, rx) = mpsc::channel(64);
         let (org, store, channel_id) = (self.org.clone(), self.store.clone(), r.channel_id);
+        let nonce = r.nonce;
         tracing::info!(%channel_id, identity = %caller.identity, from = start, total, "history sync");
         metrics::increment(BACKUP_SYNCS);
         tokio::task::spawn_blocking(move || {
@@ -307,7 +359,7 @@ impl Backup for BackupService {
                 let want = ((total - sent) as usize).min(SYNC_BATCH);
                 let batch = match store.range(&channel_id, next, end, want) {
                     Ok(b) if !b.is_empty() => b,
-                    Ok(_) => return,
+                    Ok(_) => break,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(e.into()));
                         return;
@@ -325,15 +377,27 @@ impl Backup for BackupService {
                                 remaining: total - sent,
                             })
                     });
-                    let synced = item.is_ok();
-                    if tx.blocking_send(item).is_err() {
-                        return; // the caller went away
+                    let failed = item.is_err();
+                    if tx.blocking_send(item).is_err() || failed {
+                        return; // the caller went away, or the answer ends with an error
                     }
-                    if synced {
-                        metrics::increment(BACKUP_SYNCED_MESSAGES);
-                    }
+                    metrics::increment(BACKUP_SYNCED_MESSAGES);
                 }
             }
+            let end = HistoryEnd {
+                channel_id: channel_id.clone(),
+                nonce,
+                count: sent,
+                more: more && sent == total,
+            };
+            let last =
+                org.history_end_envelope(&end, &recipients)
+                    .map(|envelope| SyncHistoryItem {
+                        message_index: 0,
+                        envelope,
+                        remaining: 0,
+                    });
+            let _ = tx.blocking_send(last);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

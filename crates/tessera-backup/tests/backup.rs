@@ -10,14 +10,18 @@
 
 use futures_util::StreamExt;
 use tessera_client::{Client, Content, Enrollment, HistoryVisibility, Home, KdfParams, Received};
-use tessera_crypto::seal_org_backup;
+use tessera_crypto::{
+    envelope::{CONTENT_TYPE_HISTORY_END, ExpectedSender, Opener, ParsedEnvelope},
+    seal_org_backup,
+};
 use tessera_proto::{
     Message as _,
     backup::v1::{
-        BackupRecord, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
+        BackupRecord, GetOrgInfoRequest, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
         backup_client::BackupClient,
     },
-    server::v1::{LoginRequest, accounts_client::AccountsClient},
+    envelope::v1::HistoryEnd,
+    server::v1::{IssueTokenRequest, LoginRequest, accounts_client::AccountsClient},
 };
 use tessera_stack::{Stack, StackConfig};
 use tonic::{Code, Request, transport::Channel};
@@ -63,6 +67,7 @@ impl World {
                 kdf: KdfParams::DANGER_FAST_FOR_TESTS,
                 expected_app_key: Some(info.app_public_key),
                 expected_kms_key: Some(info.kms_public_key),
+                reset: false,
             },
         )
         .await
@@ -77,7 +82,8 @@ impl World {
             .connect()
             .await
             .unwrap();
-        let login = AccountsClient::new(server)
+        let mut accounts = AccountsClient::new(server);
+        let login = accounts
             .login(LoginRequest {
                 identity: identity.into(),
                 password: format!("{identity}-password-123"),
@@ -85,14 +91,33 @@ impl World {
             .await
             .unwrap()
             .into_inner();
+        let server_token = format!("Bearer {}", hex::encode(login.access_token));
         let backup = Channel::from_shared(info.backup_url.clone().unwrap())
             .unwrap()
             .connect()
             .await
             .unwrap();
+        let mut client = BackupClient::new(backup);
+        // The app server's token is refused here: each token has one audience.
+        let status = client
+            .get_org_info(with(&server_token, GetOrgInfoRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        let traded = accounts
+            .issue_token(with(
+                &server_token,
+                IssueTokenRequest {
+                    audience: "backup".into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(traded.audience, "backup");
         (
-            BackupClient::new(backup),
-            format!("Bearer {}", hex::encode(login.access_token)),
+            client,
+            format!("Bearer {}", hex::encode(traded.access_token)),
         )
     }
 }
@@ -201,17 +226,15 @@ async fn ingestion_checks_membership_signatures_duplicates_and_conflicts() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("signature"), "{}", err.message());
-    // A record claiming another index than the stored message's.
+    // A record claiming another index than the stored message's: its
+    // server time is not the one stored there.
     let shifted = org_enc_msg(&org, &messages[1], 1, |_| {});
     let err = backup
         .submit_backup(with(&bob_token, shifted))
         .await
         .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Code::AlreadyExists,
-        "index 1 holds another record: {err:?}"
-    );
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("server time"), "{err:?}");
     // Sealed to another card, or garbage.
     let mut other_card = org_enc_msg(&org, &messages[1], 2, |_| {});
     other_card.org_enc_msg.as_mut().unwrap().org_card_id = vec![7; 32];
@@ -319,8 +342,26 @@ async fn history_sync_respects_visibility_and_membership() {
         .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
         .await
         .unwrap();
-    assert_eq!(all.len(), 5);
-    assert!(all.iter().all(|e| e.result.is_ok()));
+    let texts: Vec<String> = all
+        .iter()
+        .map(|e| match &e.result {
+            Ok(r) => match &r.content {
+                Content::Text(t) => t.clone(),
+                other => panic!("message {}: {other:?}", e.index),
+            },
+            Err(err) => panic!("message {} refused: {err}", e.index),
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "before carol 0",
+            "before carol 1",
+            "before carol 2",
+            "after carol 0",
+            "after carol 1"
+        ]
+    );
 
     // Eve is not a member of the channel: denied.
     let (mut backup, eve_token) = w.raw("eve").await;
@@ -329,8 +370,7 @@ async fn history_sync_respects_visibility_and_membership() {
             &eve_token,
             SyncHistoryRequest {
                 channel_id: channel.channel_id.clone(),
-                from_index: 0,
-                limit: 0,
+                ..Default::default()
             },
         ))
         .await
@@ -343,8 +383,8 @@ async fn history_sync_respects_visibility_and_membership() {
             &bob_token,
             SyncHistoryRequest {
                 channel_id: channel.channel_id.clone(),
-                from_index: 0,
                 limit: 1_000_000,
+                ..Default::default()
             },
         ))
         .await
@@ -357,15 +397,130 @@ async fn history_sync_respects_visibility_and_membership() {
                 channel_id: channel.channel_id.clone(),
                 from_index: 2,
                 limit: 2,
+                nonce: b"sixteen byte nonce".to_vec(),
             },
         ))
         .await
         .unwrap()
         .into_inner();
     let mut got = Vec::new();
+    let mut last = None;
     while let Some(item) = two.next().await {
         let item = item.unwrap();
         got.push((item.message_index, item.remaining));
+        last = Some(item.envelope);
     }
-    assert_eq!(got, vec![(2, 1), (3, 0)]);
+    // Two messages, then the organisation's signed end (index 0).
+    assert_eq!(got, vec![(2, 1), (3, 0), (0, 0)]);
+    // The end is signed by the OrgCard, addressed to bob's device, and
+    // names the request's nonce and the count.
+    let org = bob.org().await.unwrap();
+    let keys =
+        tessera_crypto::keystore::load(&w.home.profile_dir("bob").join("device.key"), Some(b"pp"))
+            .unwrap()
+            .into_device()
+            .unwrap();
+    let end = ParsedEnvelope::parse(&last.unwrap())
+        .unwrap()
+        .open(
+            &Opener {
+                card_id: *bob.card_id().as_bytes(),
+                secret: &keys.encryption,
+            },
+            &ExpectedSender {
+                identity: org.card.identity(),
+                card_id: *org.card.id().as_bytes(),
+                key: org.card.signing_key(),
+            },
+        )
+        .unwrap();
+    assert_eq!(end.content_type, CONTENT_TYPE_HISTORY_END);
+    let end = HistoryEnd::decode(end.body.as_slice()).unwrap();
+    assert_eq!(end.channel_id, channel.channel_id);
+    assert_eq!(end.nonce, b"sixteen byte nonce");
+    assert_eq!(end.count, 2);
+    // A nonce longer than 64 bytes is refused.
+    let err = backup
+        .sync_history(with(
+            &bob_token,
+            SyncHistoryRequest {
+                channel_id: channel.channel_id.clone(),
+                nonce: vec![0; 65],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
+
+/// Two of a member's devices back up the same messages at the same moment:
+/// each message is archived once, one backup says stored and the others
+/// say it was there already, and the archive syncs every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_backing_up_the_same_message_at_once() {
+    let w = World::start().await;
+    let admin = w.device("admin", "admin", true).await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob0 = w.device("bob-0", "bob", true).await;
+    let bob1 = w.device("bob-1", "bob", false).await;
+    bob0.approve_device(&bob1.card_id()).await.unwrap();
+    admin.set_org_member("bob", true).await.unwrap();
+    let bobs: Vec<std::sync::Arc<Client>> = ["bob-0", "bob-1"]
+        .iter()
+        .map(|p| std::sync::Arc::new(Client::open(&w.home, p, b"pp").unwrap()))
+        .collect();
+    let channel = alice
+        .create_channel("race", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    for i in 0..6 {
+        alice
+            .send_text(&channel, &format!("raced {i}"))
+            .await
+            .unwrap();
+    }
+    // Each device reads the messages itself, then both back up every
+    // message at the same moment (twice each).
+    let mut copies = Vec::new();
+    for bob in &bobs {
+        copies.push(received(bob, &channel).await);
+    }
+    for (index, (first, second)) in copies[0].iter().zip(&copies[1]).enumerate() {
+        let calls: Vec<_> = (0..4)
+            .map(|n| {
+                let bob = bobs[n % 2].clone();
+                let m = if n % 2 == 0 { first } else { second }.clone();
+                tokio::spawn(async move { bob.back_up(&m).await })
+            })
+            .collect();
+        let mut stored = 0;
+        for call in calls {
+            match call.await.unwrap() {
+                Ok(true) => stored += 1,
+                Ok(false) => {}
+                Err(e) => panic!("message {}: a backup failed: {e}", index + 1),
+            }
+        }
+        assert_eq!(stored, 1, "message {} stored exactly once", index + 1);
+    }
+    let synced = bobs[0]
+        .sync_from_org(&channel, 0, 0, |_, _| {})
+        .await
+        .unwrap();
+    let texts: Vec<String> = synced
+        .iter()
+        .map(|e| match &e.result {
+            Ok(r) => match &r.content {
+                Content::Text(t) => t.clone(),
+                other => panic!("{other:?}"),
+            },
+            Err(err) => panic!("message {} refused: {err}", e.index),
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        (0..6).map(|i| format!("raced {i}")).collect::<Vec<_>>()
+    );
 }

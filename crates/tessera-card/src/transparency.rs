@@ -420,7 +420,24 @@ pub fn revocation_entry(
     .encode_to_vec()
 }
 
-/// A decoded log entry (not yet checked against any checkpoint).
+/// The encoded leaf for a device list statement (protocol v2).
+pub fn device_statement_entry(
+    statement: &card_pb::SignedDeviceStatement,
+    identity: &str,
+    appended_at: i64,
+) -> Vec<u8> {
+    LogEntry {
+        version: VERSION,
+        appended_at,
+        identity: identity.to_owned(),
+        event: Some(Event::DeviceStatement(statement.clone())),
+    }
+    .encode_to_vec()
+}
+
+/// A decoded log entry (not yet checked against any checkpoint). The outer
+/// `identity` is the directory's claim; readers compare it with what the
+/// card, revocation or statement inside says.
 #[derive(Clone, Debug)]
 pub enum LogEvent {
     Registered {
@@ -432,6 +449,11 @@ pub enum LogEvent {
         identity: String,
         appended_at: i64,
         revocation: card_pb::Revocation,
+    },
+    DeviceStatement {
+        identity: String,
+        appended_at: i64,
+        statement: card_pb::SignedDeviceStatement,
     },
 }
 
@@ -451,6 +473,11 @@ pub fn parse_entry(entry: &[u8]) -> Result<LogEvent, CardError> {
             appended_at: e.appended_at,
             revocation,
         }),
+        Some(Event::DeviceStatement(statement)) => Ok(LogEvent::DeviceStatement {
+            identity: e.identity,
+            appended_at: e.appended_at,
+            statement,
+        }),
         None => Err(CardError::MalformedLogEntry("no event")),
     }
 }
@@ -460,8 +487,8 @@ pub fn parse_entry(entry: &[u8]) -> Result<LogEvent, CardError> {
 pub fn registered_card(entry: &[u8]) -> Result<card_pb::Card, CardError> {
     match parse_entry(entry)? {
         LogEvent::Registered { card, .. } => Ok(card),
-        LogEvent::Revoked { .. } => Err(CardError::MalformedLogEntry(
-            "a revocation where a card registration was expected",
+        _ => Err(CardError::MalformedLogEntry(
+            "another event where a card registration was expected",
         )),
     }
 }

@@ -103,6 +103,10 @@ impl VerifiedCard {
     pub fn card(&self) -> &pb::Card {
         self.0.card()
     }
+    /// The card's parsed fields (what revocation checks take).
+    pub fn parsed(&self) -> &ParsedCard {
+        &self.0
+    }
 }
 
 #[cfg(test)]

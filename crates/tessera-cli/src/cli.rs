@@ -78,6 +78,10 @@ pub(crate) struct Joining {
     /// A name for this device [default: the profile name].
     #[arg(long)]
     pub(crate) device_name: Option<String>,
+    /// Every other device of the account is lost: make this one the only
+    /// device (contacts see an identity change). Login only.
+    #[arg(long)]
+    pub(crate) reset: bool,
     #[command(flatten)]
     pub(crate) services: Services,
 }
@@ -86,18 +90,19 @@ pub(crate) struct Joining {
 pub(crate) enum Command {
     /// Create an account and enroll this device (password: TESSERA_PASSWORD or a prompt).
     Signup(Joining),
-    /// Enroll this profile as a new device of an existing account.
+    /// Enroll this profile as a new device of an existing account; it waits
+    /// for approval by one of your other devices (tessera device approve).
     Login(Joining),
     /// Who this profile is.
     Whoami,
     /// List the device profiles in TESSERA_HOME.
     Profiles,
-    /// List your devices.
+    /// List your devices: approved, pending approval, revoked.
     Devices,
     /// Manage your devices.
     #[command(subcommand)]
     Device(DeviceCommand),
-    /// Show a user's verified devices.
+    /// Show a user's devices: approved by their own devices, and pending.
     Whois { identity: String },
     /// Show the safety number of you and a user; --confirm marks them verified.
     Verify {
@@ -152,7 +157,7 @@ pub(crate) enum Command {
         channel: String,
         #[arg(long, default_value_t = 0)]
         from: u64,
-        /// At most this many messages [default: the service's page size].
+        /// At most this many messages [default: all, in as many calls as the service's page size takes].
         #[arg(long, default_value_t = 0)]
         limit: u32,
     },
@@ -161,6 +166,14 @@ pub(crate) enum Command {
         /// Record that you enrolled this card yourself.
         #[arg(long)]
         acknowledge: Option<String>,
+    },
+    /// Print this device's view of the key directory's log (to compare with
+    /// someone else's), or check theirs against yours: a directory showing
+    /// you different logs is caught here (exit code 6).
+    Checkpoint {
+        /// A checkpoint someone else's `tessera checkpoint` printed (hex).
+        #[arg(long)]
+        compare: Option<String>,
     },
     /// Admin commands (the organisation, any device).
     #[command(subcommand)]
@@ -179,7 +192,16 @@ pub(crate) enum Command {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum DeviceCommand {
-    /// Revoke one of your devices (a card id or a unique prefix of one).
+    /// Approve a pending device of yours (a card id or a unique prefix of
+    /// one) after comparing the code both devices show.
+    Approve {
+        card: String,
+        /// Do not ask: the codes were compared already.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Remove one of your devices from your device list and revoke it (a
+    /// card id or a unique prefix of one).
     Revoke {
         card: String,
         #[arg(long, default_value = "")]

@@ -5,8 +5,8 @@ use std::{io::IsTerminal, path::PathBuf};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tessera_client::{
-    CardId, Client, ClientError, Content, Endpoints, Enrollment, HistoryVisibility, Home,
-    KdfParams, Origin, Received, Source, TrustEvent,
+    Approval, CardId, CheckpointView, Client, ClientError, Content, Endpoints, Enrollment,
+    HistoryVisibility, Home, KdfParams, Origin, Received, Source, TrustEvent, approval_code,
 };
 use tessera_crypto::VerifyingKey;
 use zeroize::Zeroizing;
@@ -15,6 +15,60 @@ use crate::{
     cli::{AdminCommand, ChannelCommand, DeviceCommand, Joining, OrgCommand, Visibility},
     error::CliError,
 };
+
+fn approval_name(a: Approval) -> &'static str {
+    match a {
+        Approval::Approved => "approved",
+        Approval::Pending => "pending",
+        Approval::Gone => "gone",
+    }
+}
+
+/// First and longest pause before `listen` subscribes again.
+const RECONNECT_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `listen` should keep trying to subscribe after `e`: the app
+/// server or the way to it is down, not a refusal.
+fn reconnectable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Unreachable { .. }
+            | ClientError::Rejected {
+                code: tonic::Code::Unavailable,
+                ..
+            }
+    )
+}
+
+/// Whether a live subscription that ended with `status` should be resumed:
+/// the server restarting or shutting down, the connection lost (locally or
+/// at a proxy on the way), or the token expired (a fresh log-in follows).
+/// A refusal (removed from the channel, a bad request) ends `listen`.
+fn resumable(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    std::error::Error::source(status).is_some()
+        || matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::Unauthenticated
+                | Code::Unknown
+                | Code::Internal
+                | Code::Cancelled
+                | Code::Aborted
+                | Code::DeadlineExceeded
+        )
+}
+
+/// Exit code 6 once every message was printed, when some were refused.
+fn refusals(refused: usize) -> Result<(), CliError> {
+    if refused == 0 {
+        return Ok(());
+    }
+    Err(CliError::Security(format!(
+        "{refused} message(s) refused (printed above as REFUSED)"
+    )))
+}
 
 /// What every command works with.
 pub(crate) struct Ctx {
@@ -104,6 +158,11 @@ impl Ctx {
     }
 
     pub(crate) async fn join(&self, j: Joining, sign_up: bool) -> Result<(), CliError> {
+        if j.reset && sign_up {
+            return Err(CliError::Usage(
+                "--reset replaces the devices of an existing account: use it with login".into(),
+            ));
+        }
         let password = secret(
             "TESSERA_PASSWORD",
             &format!("password of {}", j.identity),
@@ -146,9 +205,11 @@ impl Ctx {
                     .as_deref()
                     .map(|k| parse_key(k, "--kms-key"))
                     .transpose()?,
+                reset: j.reset,
             },
         )
         .await?;
+        let approval = client.approval().await?;
         let cfg = client.config();
         self.out(
             || {
@@ -164,8 +225,25 @@ impl Ctx {
                     self.home.root().display()
                 )
             },
-            || json!({"identity": client.identity(), "card_id": client.card_id().to_string(), "device_name": client.device_name(), "profile": self.profile, "app_public_key": cfg.app_public_key, "kms_public_key": cfg.kms_public_key}),
+            || json!({"identity": client.identity(), "card_id": client.card_id().to_string(), "device_name": client.device_name(), "profile": self.profile, "app_public_key": cfg.app_public_key, "kms_public_key": cfg.kms_public_key, "approval": approval_name(approval), "approval_code": approval_code(&client.card_id())}),
         );
+        if !self.json {
+            match approval {
+                Approval::Approved if j.reset => eprintln!(
+                    "warning: this device replaced every other device of {}: their contacts will see an identity change",
+                    client.identity()
+                ),
+                Approval::Approved => {}
+                Approval::Pending => println!(
+                    "This device is waiting for approval: nothing is encrypted to it yet.\n  approval code  {}\nOn one of your other devices run:\n  tessera device approve {}\nand check it shows the same code.",
+                    approval_code(&client.card_id()),
+                    &client.card_id().to_string()[..16]
+                ),
+                Approval::Gone => {
+                    eprintln!("warning: the enrolled card is not active in your device list")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -196,29 +274,56 @@ impl Ctx {
 
     pub(crate) async fn devices(&self) -> Result<(), CliError> {
         let c = self.open()?;
-        let devices = c.devices().await?;
-        let status = |s: i32| {
-            tessera_client::CardStatus::try_from(s)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("CARD_STATUS_")
-                        .to_lowercase()
-                })
-                .unwrap_or_default()
+        let listed = c.devices().await?;
+        let own = c.own_devices().await?;
+        let status = |id: &str, server_status: i32| {
+            if own.approved.iter().any(|d| d.id().to_string() == id) {
+                "approved".to_owned()
+            } else if own.pending.iter().any(|d| d.id().to_string() == id) {
+                "pending".to_owned()
+            } else {
+                tessera_client::CardStatus::try_from(server_status)
+                    .map(|s| {
+                        s.as_str_name()
+                            .trim_start_matches("CARD_STATUS_")
+                            .to_lowercase()
+                    })
+                    .map(|s| {
+                        if s == "active" {
+                            "removed".to_owned()
+                        } else {
+                            s
+                        }
+                    })
+                    .unwrap_or_default()
+            }
         };
+        let rows: Vec<(String, String, String)> = listed
+            .iter()
+            .map(|d| {
+                let id = hex::encode(&d.card_id);
+                let st = status(&id, d.status);
+                (id, st, d.device_name.clone())
+            })
+            .collect();
         self.out(
             || {
-                devices
+                let mut lines: Vec<String> = rows
                     .iter()
-                    .map(|d| {
-                        let id = hex::encode(&d.card_id);
-                        let me = if id == c.card_id().to_string() { "  (this device)" } else { "" };
-                        format!("{}  {:<10} {}{me}", &id[..16], status(d.status), d.device_name)
+                    .map(|(id, st, name)| {
+                        let me = if *id == c.card_id().to_string() { "  (this device)" } else { "" };
+                        format!("{}  {:<10} {name}{me}", &id[..16], st)
                     })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                    .collect();
+                if !own.pending.is_empty() {
+                    lines.push(format!(
+                        "{} device(s) wait for approval: compare the code on that device, then tessera device approve <card>",
+                        own.pending.len()
+                    ));
+                }
+                lines.join("\n")
             },
-            || json!(devices.iter().map(|d| json!({"card_id": hex::encode(&d.card_id), "device_name": d.device_name, "status": status(d.status)})).collect::<Vec<_>>()),
+            || json!(rows.iter().map(|(id, st, name)| json!({"card_id": id, "device_name": name, "status": st})).collect::<Vec<_>>()),
         );
         Ok(())
     }
@@ -256,6 +361,38 @@ impl Ctx {
     pub(crate) async fn device(&self, cmd: DeviceCommand) -> Result<(), CliError> {
         let c = self.open()?;
         match cmd {
+            DeviceCommand::Approve { card, yes } => {
+                let pending = c.own_devices().await?.pending;
+                let id = Self::resolve_card(&card, pending.iter().map(|d| d.id().to_string()))?;
+                let name = pending
+                    .iter()
+                    .find(|d| d.id() == id)
+                    .map(|d| d.device_name().to_owned())
+                    .unwrap_or_default();
+                let code = approval_code(&id);
+                if !yes {
+                    if !std::io::stdin().is_terminal() {
+                        return Err(CliError::Usage(format!(
+                            "device {name:?} shows approval code {code}? Compare it, then pass --yes"
+                        )));
+                    }
+                    eprint!(
+                        "Approve device {name:?} (card {})?\nIt must show the approval code {code}. [y/N] ",
+                        id.short()
+                    );
+                    let mut answer = String::new();
+                    let ok = std::io::stdin().read_line(&mut answer).is_ok()
+                        && answer.trim().eq_ignore_ascii_case("y");
+                    if !ok {
+                        return Err(CliError::Failed("not approved".into()));
+                    }
+                }
+                c.approve_device(&id).await?;
+                self.out(
+                    || format!("approved {name:?} (card {id}, code {code})"),
+                    || json!({"approved": id.to_string(), "device_name": name, "approval_code": code}),
+                );
+            }
             DeviceCommand::Revoke { card, reason } => {
                 let own: Vec<String> = c
                     .devices()
@@ -264,7 +401,17 @@ impl Ctx {
                     .map(|d| hex::encode(&d.card_id))
                     .collect();
                 let id = Self::resolve_card(&card, own)?;
-                c.revoke_device(&id, &reason).await?;
+                let password = if id == c.card_id() {
+                    None
+                } else {
+                    Some(secret(
+                        "TESSERA_PASSWORD",
+                        &format!("password of {} (revoking another device)", c.identity()),
+                        false,
+                    )?)
+                };
+                c.revoke_device(&id, &reason, password.as_ref().map(|p| p.as_str()))
+                    .await?;
                 self.out(
                     || format!("revoked {id}"),
                     || json!({"revoked": id.to_string()}),
@@ -305,8 +452,33 @@ impl Ctx {
                         "{identity} is no longer verified: their devices changed; run tessera verify {identity}"
                     )
                 }
+                TrustEvent::DevicePending {
+                    identity,
+                    card_id,
+                    device_name,
+                } => format!(
+                    "{identity} has a device {device_name:?} (card {}) that none of their devices approved: nothing is encrypted to it, its messages are refused",
+                    card_id.short()
+                ),
+                TrustEvent::IdentityReset { identity } => format!(
+                    "!!! {identity} RESET their identity: every earlier device was replaced after a password log-in. If {identity} did not lose all their devices, this may be an attack by the server. Compare safety numbers: tessera verify {identity}"
+                ),
             };
             eprintln!("warning: {line}");
+        }
+    }
+
+    /// Says which members' devices a message was not encrypted to.
+    pub(crate) fn warn_unsent(&self, sent: &tessera_client::Sent) {
+        let mut pending: std::collections::BTreeMap<&str, usize> = Default::default();
+        for p in &sent.pending {
+            *pending.entry(p.identity.as_str()).or_default() += 1;
+        }
+        for (identity, n) in pending {
+            eprintln!("{identity} has {n} pending device(s) (not encrypted to)");
+        }
+        for identity in &sent.unreachable {
+            eprintln!("warning: {identity} has no approved device: they cannot read this message");
         }
     }
 
@@ -314,21 +486,29 @@ impl Ctx {
         let c = self.open()?;
         let (found, events) = c.cards_of(&[identity.to_owned()]).await?;
         self.warn_events(&events);
-        let cards = found.get(identity).cloned().unwrap_or_default();
+        let devices = found.get(identity).cloned().unwrap_or_default();
         let verified = c.contacts()?.get(identity).copied().unwrap_or(false);
+        let card_json = |card: &tessera_client::VerifiedCard, status: &str| json!({"card_id": card.id().to_string(), "device_name": card.device_name(), "created_at": card.created_at(), "status": status});
         self.out(
             || {
                 let mut lines = vec![format!(
-                    "{identity}: {} active device(s), {}",
-                    cards.len(),
+                    "{identity}: {} approved device(s){}, {}",
+                    devices.approved.len(),
+                    match devices.pending.len() {
+                        0 => String::new(),
+                        n => format!(", {n} pending (not encrypted to)"),
+                    },
                     if verified { "verified" } else { "not verified" }
                 )];
-                for card in &cards {
+                for card in &devices.approved {
                     lines.push(format!("  {}  {}", card.id(), card.device_name()));
+                }
+                for card in &devices.pending {
+                    lines.push(format!("  {}  {}  (pending)", card.id(), card.device_name()));
                 }
                 lines.join("\n")
             },
-            || json!({"identity": identity, "verified": verified, "cards": cards.iter().map(|c| json!({"card_id": c.id().to_string(), "device_name": c.device_name(), "created_at": c.created_at()})).collect::<Vec<_>>()}),
+            || json!({"identity": identity, "verified": verified, "cards": devices.approved.iter().map(|c| card_json(c, "approved")).chain(devices.pending.iter().map(|c| card_json(c, "pending"))).collect::<Vec<_>>()}),
         );
         Ok(())
     }
@@ -471,6 +651,7 @@ impl Ctx {
         };
         let sent = c.send_text(&id, &body).await?;
         self.warn_events(&sent.events);
+        self.warn_unsent(&sent);
         self.out(
             || format!("sent as message {} (encrypted to {} devices)", sent.index, sent.recipients.len()),
             || json!({"index": sent.index, "message_id": hex::encode(sent.message_id), "recipients": sent.recipients.iter().map(|r| r.to_string()).collect::<Vec<_>>(), "duplicate": sent.duplicate}),
@@ -540,7 +721,23 @@ impl Ctx {
         Ok(())
     }
 
-    fn print_message(&self, r: &Received) {
+    /// Prints a received message once its signed original verifies again
+    /// against the sender's card (`verified` in JSON is that check), or as
+    /// refused; returns whether it verified.
+    async fn show_received(&self, c: &Client, r: &Received) -> bool {
+        match c.verify_received(r).await {
+            Ok(()) => {
+                self.print_message(r, true);
+                true
+            }
+            Err(e) => {
+                self.print_refused(r.index, &e);
+                false
+            }
+        }
+    }
+
+    fn print_message(&self, r: &Received, verified: bool) {
         let what = match &r.content {
             Content::Text(t) => t.clone(),
             Content::File(f) => format!(
@@ -556,9 +753,15 @@ impl Ctx {
         } else {
             ""
         };
+        if r.sender_reset_unacknowledged && !self.json {
+            eprintln!(
+                "warning: {} RESET their identity and you have not verified them since: check before you trust this (tessera verify {})",
+                r.sender_identity, r.sender_identity
+            );
+        }
         self.out(
             || format!("#{} {} ({}){via}: {what}", r.index, r.sender_identity, r.sender_device),
-            || json!({"index": r.index, "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": true}),
+            || json!({"index": r.index, "channel_id": r.channel_id, "sender": r.sender_identity, "sender_card_id": r.sender_card_id.to_string(), "device": r.sender_device, "sent_at_ms": r.sent_at_ms, "text": match &r.content { Content::Text(t) => Value::from(t.clone()), _ => Value::Null }, "source": if r.source == Source::Organisation { "org" } else { "server" }, "verified": verified, "sender_reset_unverified": r.sender_reset_unacknowledged}),
         );
     }
 
@@ -583,11 +786,16 @@ impl Ctx {
         let c = self.open()?;
         let id = self.channel_id(&c, channel).await?;
         let page = c.history(&id, anchor, limit, backward).await?;
+        let mut refused = 0;
         for (index, result) in &page.messages {
-            match result {
-                Ok(r) => self.print_message(r),
-                Err(e) => self.print_refused(*index, e),
-            }
+            let shown = match result {
+                Ok(r) => self.show_received(&c, r).await,
+                Err(e) => {
+                    self.print_refused(*index, e);
+                    false
+                }
+            };
+            refused += usize::from(!shown);
         }
         if page.next_anchor != 0 && !self.json {
             eprintln!(
@@ -596,7 +804,7 @@ impl Ctx {
                 if backward { " --backward" } else { "" }
             );
         }
-        Ok(())
+        refusals(refused)
     }
 
     pub(crate) async fn listen(
@@ -609,8 +817,16 @@ impl Ctx {
         let c = std::sync::Arc::new(self.open()?);
         let id = self.channel_id(&c, channel).await?;
         let backup = !no_backup && c.is_org_member().await?;
-        let mut next = from.unwrap_or(0);
+        // "Only new messages" is pinned to an index now, so a reconnect
+        // resumes from there and nothing sent during an outage is lost
+        // (subscribing from 0 again would skip it).
+        let mut next = match from {
+            Some(n) => n,
+            None => c.channel(&id).await?.next_index,
+        };
         let mut seen = 0u64;
+        let mut refused = 0;
+        let mut backoff = RECONNECT_FIRST;
         let mut backups = tokio::task::JoinSet::new();
         if !self.json {
             eprintln!(
@@ -623,7 +839,19 @@ impl Ctx {
             );
         }
         'outer: loop {
-            let mut stream = c.subscribe(&id, next).await?;
+            let mut stream = match c.subscribe(&id, next).await {
+                Ok(stream) => stream,
+                Err(e) if reconnectable(&e) => {
+                    // The app server (or the way to it) is down: try again.
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = tokio::signal::ctrl_c() => break 'outer,
+                    }
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    continue 'outer;
+                }
+                Err(e) => return Err(e.into()),
+            };
             loop {
                 let item = tokio::select! {
                     item = stream.next() => item,
@@ -631,12 +859,14 @@ impl Ctx {
                 };
                 let stored = match item {
                     Some(Ok(m)) => m,
-                    Some(Err(status))
-                        if status.code() == tonic::Code::Unavailable
-                            || status.code() == tonic::Code::Unauthenticated =>
-                    {
-                        // Server restart or token expiry: resume after the last index.
-                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    Some(Err(status)) if resumable(&status) => {
+                        // A server restart, the connection lost, or the
+                        // token expired: resume from the next index (with a
+                        // fresh log-in when the token expired).
+                        tokio::select! {
+                            () = tokio::time::sleep(RECONNECT_FIRST) => {}
+                            _ = tokio::signal::ctrl_c() => break 'outer,
+                        }
                         continue 'outer;
                     }
                     Some(Err(status)) => {
@@ -647,10 +877,10 @@ impl Ctx {
                     }
                     None => continue 'outer,
                 };
+                backoff = RECONNECT_FIRST;
                 next = stored.index + 1;
                 match c.open_message(&stored).await {
-                    Ok(r) => {
-                        self.print_message(&r);
+                    Ok(r) if self.show_received(&c, &r).await => {
                         let _ = c.set_read_horizon(&id, r.index).await;
                         if backup {
                             let c = c.clone();
@@ -661,7 +891,11 @@ impl Ctx {
                             });
                         }
                     }
-                    Err(e) => self.print_refused(stored.index, &e),
+                    Ok(_) => refused += 1,
+                    Err(e) => {
+                        refused += 1;
+                        self.print_refused(stored.index, &e);
+                    }
                 }
                 seen += 1;
                 if count.is_some_and(|n| seen >= n) {
@@ -670,7 +904,7 @@ impl Ctx {
             }
         }
         while backups.join_next().await.is_some() {}
-        Ok(())
+        refusals(refused)
     }
 
     pub(crate) async fn sync(&self, channel: &str, from: u64, limit: u32) -> Result<(), CliError> {
@@ -700,7 +934,11 @@ impl Ctx {
         let mut refused = 0;
         for entry in &entries {
             match &entry.result {
-                Ok(r) => self.print_message(r),
+                Ok(r) => {
+                    if !self.show_received(&c, r).await {
+                        refused += 1;
+                    }
+                }
                 Err(e) => {
                     refused += 1;
                     self.print_refused(entry.index, e);
@@ -738,6 +976,7 @@ impl Ctx {
             Origin::ThisDevice => "this device",
             Origin::CreatedHere => "enrolled from this computer",
             Origin::Acknowledged => "acknowledged by you",
+            Origin::Approved => "approved by one of your devices",
             Origin::Unrecognised => "UNRECOGNISED",
         };
         self.out(
@@ -757,10 +996,40 @@ impl Ctx {
                         origin(a.origin)
                     ));
                 }
+                lines.push(format!(
+                    "Your device list has {} statement(s):",
+                    report.statements.len()
+                ));
+                for s in &report.statements {
+                    lines.push(format!(
+                        "  #{:<3} {:<8} {}  signed by {} ({})",
+                        s.seqno,
+                        s.action,
+                        &s.subject.to_string()[..16],
+                        &s.signer.to_string()[..16],
+                        origin(s.signer_origin)
+                    ));
+                }
                 lines.join("\n")
             },
-            || json!({"log_size": report.log_size, "cards": report.cards.iter().map(|a| json!({"card_id": a.card_id.to_string(), "device_name": a.device_name, "revoked": a.revoked, "origin": origin(a.origin), "log_index": a.log_index})).collect::<Vec<_>>()}),
+            || json!({"log_size": report.log_size, "cards": report.cards.iter().map(|a| json!({"card_id": a.card_id.to_string(), "device_name": a.device_name, "revoked": a.revoked, "origin": origin(a.origin), "log_index": a.log_index})).collect::<Vec<_>>(), "statements": report.statements.iter().map(|s| json!({"seqno": s.seqno, "action": s.action.to_string(), "subject": s.subject.to_string(), "signer": s.signer.to_string(), "signer_origin": origin(s.signer_origin), "log_index": s.log_index})).collect::<Vec<_>>(), "conflicts": report.conflicts}),
         );
+        if !report.conflicts.is_empty() {
+            return Err(CliError::Security(format!(
+                "the log holds two histories of your device list (statements {:?}): the key service is forking it",
+                report.conflicts
+            )));
+        }
+        let strangers: Vec<String> = report
+            .unrecognised_statements()
+            .map(|s| format!("#{} {} by {}", s.seqno, s.action, s.signer.short()))
+            .collect();
+        if !strangers.is_empty() {
+            return Err(CliError::Security(format!(
+                "statement(s) of your device list signed by a card none of your devices made: {}. If you did not reset your account, it was taken over: reset it (tessera login --reset)",
+                strangers.join(", ")
+            )));
+        }
         let unknown: Vec<String> = report
             .unrecognised_active()
             .map(|a| a.card_id.short())
@@ -771,6 +1040,40 @@ impl Ctx {
                 unknown.len(),
                 unknown.join(", ")
             )));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn checkpoint(&self, compare: Option<&str>) -> Result<(), CliError> {
+        let c = self.open()?;
+        let view = |v: &CheckpointView| json!({"tree_size": v.tree_size, "root_hash": hex::encode(v.root_hash), "timestamp": v.timestamp, "checkpoint": v.exported});
+        match compare {
+            None => {
+                let mine = c.export_checkpoint().await?;
+                self.out(
+                    || {
+                        format!(
+                            "The key directory's log as this device sees it: {} entries, root {}.\nGive this to the other person, who runs `tessera checkpoint --compare <it>`:\n{}",
+                            mine.tree_size,
+                            hex::encode(mine.root_hash),
+                            mine.exported
+                        )
+                    },
+                    || view(&mine),
+                );
+            }
+            Some(theirs) => {
+                let agreed = c.compare_checkpoint(theirs).await?;
+                self.out(
+                    || {
+                        format!(
+                            "Consistent: their log of {} entries and yours of {} are one history.",
+                            agreed.theirs.tree_size, agreed.mine.tree_size
+                        )
+                    },
+                    || json!({"consistent": true, "mine": view(&agreed.mine), "theirs": view(&agreed.theirs)}),
+                );
+            }
         }
         Ok(())
     }

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use tessera_card::{CardKind, NewCard, app_sign, kms_sign};
 use tessera_client::{
-    Client, Content, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams, Source,
+    Approval, Client, Content, Endpoints, Enrollment, HistoryVisibility, Home, KdfParams, Source,
+    approval_code,
 };
 use tessera_crypto::{DeviceKeys, SigningKey, envelope::ParsedEnvelope};
 use tessera_stack::{
@@ -23,7 +24,7 @@ struct Demo {
     stack: Stack,
     /// The directory as alice's devices see it: honest until step 8.
     directory: Proxy,
-    /// The app server as bob's devices see it: honest until step 9.
+    /// The app server as bob's devices see it: honest until step 10.
     relay: Proxy,
     step: usize,
 }
@@ -61,11 +62,22 @@ impl Demo {
         identity: &str,
         sign_up: bool,
     ) -> Result<Client, CliError> {
+        self.device_in(&self.home, profile, identity, sign_up).await
+    }
+
+    /// [`Demo::device`] with its profile in `home` (another machine's).
+    async fn device_in(
+        &self,
+        home: &Home,
+        profile: &str,
+        identity: &str,
+        sign_up: bool,
+    ) -> Result<Client, CliError> {
         let info = self.stack.info();
         let via_proxy = identity == "alice";
         let password = format!("{identity} demo password");
         let client = Client::enroll(
-            &self.home,
+            home,
             profile,
             Enrollment {
                 endpoints: Endpoints {
@@ -90,6 +102,7 @@ impl Demo {
                 kdf: KdfParams::DEFAULT,
                 expected_app_key: Some(info.app_public_key),
                 expected_kms_key: Some(info.kms_public_key),
+                reset: false,
             },
         )
         .await?;
@@ -164,17 +177,32 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
     d.title("Registration: alice enrolls two devices, bob one (ClientCard = self + AppKey + KMS signatures)");
     let alice_laptop = d.device("alice-laptop", "alice", true).await?;
     let alice_phone = d.device("alice-phone", "alice", false).await?;
+    check(
+        alice_phone.approval().await? == Approval::Pending,
+        step,
+        "alice's second device was trusted before any of her devices approved it",
+    )?;
+    let code = approval_code(&alice_phone.card_id());
+    println!(
+        "   alice's phone waits for approval (code {code}); her laptop shows the same code and approves it"
+    );
+    check(
+        approval_code(&alice_phone.card_id()) == code,
+        step,
+        "the two devices disagree on the approval code",
+    )?;
+    alice_laptop.approve_device(&alice_phone.card_id()).await?;
     let bob_phone = d.device("bob-phone", "bob", true).await?;
     let (found, _) = alice_laptop
         .cards_of(&["alice".into(), "bob".into()])
         .await?;
     let bob_cards = found.get("bob").cloned().unwrap_or_default();
     check(
-        found.get("alice").map_or(0, Vec::len) == 2 && bob_cards.len() == 1,
+        found.get("alice").map_or(0, |d| d.approved.len()) == 2 && bob_cards.approved.len() == 1,
         step,
         "expected 2 cards for alice and 1 for bob",
     )?;
-    for card in found.values().flatten() {
+    for card in found.values().flat_map(|d| d.approved.iter()) {
         let c = card.card();
         check(
             !c.self_signature.is_empty()
@@ -185,7 +213,7 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
         )?;
     }
     println!(
-        "   every card verified: self, app and kms signatures, and its place in the transparency log"
+        "   every card verified: self, app and kms signatures, its place in the transparency log, and its owner's signed device list"
     );
     for profile in ["alice-laptop", "alice-phone", "bob-phone"] {
         let key = std::fs::read(d.home.profile_dir(profile).join("device.key"))
@@ -216,6 +244,7 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
             kdf: KdfParams::DEFAULT,
             expected_app_key: Some(d.stack.info().app_public_key),
             expected_kms_key: Some(d.stack.info().kms_public_key),
+            reset: false,
         },
     )
     .await?;
@@ -269,12 +298,19 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
         parsed.recipient_count(),
         hex::encode(&m.envelope[m.envelope.len() - 24..])
     );
+    // Every 8-byte piece of the plaintext, wherever it sits in the message,
+    // is looked for in what the server stores.
+    let leaked = secret
+        .as_bytes()
+        .windows(8)
+        .find(|piece| m.envelope.windows(piece.len()).any(|w| w == *piece));
     check(
-        !m.envelope
-            .windows(secret.len().min(12))
-            .any(|w| w == &secret.as_bytes()[..12]),
+        leaked.is_none(),
         step,
-        "the plaintext appears in what the server stores",
+        &format!(
+            "part of the plaintext ({:?}) appears in what the server stores",
+            leaked.map(String::from_utf8_lossy)
+        ),
     )?;
     println!("   the plaintext appears nowhere in it: ciphertext only");
 
@@ -336,8 +372,21 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
 
     // 7. New device + history sync.
     let step = "history sync";
-    d.title("bob enrolls a new device: it cannot read the originals, and syncs them from the org");
+    d.title("bob enrolls a new device, approves it from his phone: it cannot read the originals, and syncs them from the org");
     let bob_tablet = d.device("bob-tablet", "bob", false).await?;
+    check(
+        bob_tablet
+            .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
+            .await
+            .is_err(),
+        step,
+        "the organisation served history to a device bob had not approved",
+    )?;
+    bob_phone.approve_device(&bob_tablet.card_id()).await?;
+    println!(
+        "   approved from bob's phone (code {})",
+        approval_code(&bob_tablet.card_id())
+    );
     let page = bob_tablet
         .history(&channel.channel_id, 0, 10, false)
         .await?;
@@ -408,7 +457,53 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
         .send_text(&channel.channel_id, "Did you get it?")
         .await?;
 
-    // 9. Tampered message.
+    // 9. A device behind bob's back.
+    let step = "device list";
+    d.title("The app server, which holds the AppKey and sees bob's password, enrolls a device of its own for bob");
+    let attacker = Home::new(d.home.root().with_file_name("attacker-home"));
+    let rogue = d.device_in(&attacker, "server-made", "bob", false).await?;
+    let sent = alice_laptop
+        .send_text(&channel.channel_id, "Only for bob's real devices.")
+        .await?;
+    check(
+        !sent.recipients.contains(&rogue.card_id())
+            && sent.pending.iter().any(|p| p.card_id == rogue.card_id()),
+        step,
+        "alice encrypted to a device none of bob's devices approved",
+    )?;
+    println!(
+        "   its card carries valid app and kms signatures, but none of bob's devices signed it into his device list:"
+    );
+    println!(
+        "   alice's client reports \"bob has 1 pending device (not encrypted to)\" and encrypts to {} cards only",
+        sent.recipients.len()
+    );
+    check(
+        rogue
+            .send_text(&channel.channel_id, "Send the money here.")
+            .await
+            .is_err(),
+        step,
+        "a device nobody approved could send",
+    )?;
+    let audit = bob_phone.audit().await?;
+    check(
+        audit
+            .unrecognised_active()
+            .any(|c| c.card_id == rogue.card_id()),
+        step,
+        "bob's audit does not flag the device",
+    )?;
+    println!(
+        "   bob's audit flags card {} as made by none of his devices",
+        short(&rogue.card_id())
+    );
+    bob_phone
+        .revoke_device(&rogue.card_id(), "not mine", Some("bob demo password"))
+        .await?;
+    println!("   bob revokes it");
+
+    // 10. Tampered message.
     let step = "tampered message";
     d.title("The relay turns hostile and flips one bit of each message: bob's client refuses them");
     d.relay.control.set_tamper(hostile::rewrite_messages(|m| {
@@ -427,7 +522,7 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
         println!("   refused: {e}");
     }
 
-    // 10. Safety numbers.
+    // 11. Safety numbers.
     let step = "safety numbers";
     d.title("alice and bob compare safety numbers");
     let a = alice_laptop.safety_number("bob").await?;

@@ -45,7 +45,9 @@ impl CliError {
                 ClientError::NotFound { .. } => 4,
                 ClientError::CardRejected { .. }
                 | ClientError::Fork(_)
-                | ClientError::BadMessage { .. } => 6,
+                | ClientError::DeviceList { .. }
+                | ClientError::BadMessage { .. }
+                | ClientError::History { .. } => 6,
                 ClientError::Keystore(tessera_crypto::keystore::KeystoreError::WrongPassphrase) => {
                     7
                 }

@@ -74,6 +74,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             limit,
         } => ctx.sync(&channel, from, limit).await,
         Command::Audit { acknowledge } => ctx.audit(acknowledge).await,
+        Command::Checkpoint { compare } => ctx.checkpoint(compare.as_deref()).await,
         Command::Admin(cmd) => ctx.admin(cmd).await,
         Command::Stack(args) => stack::run(args).await,
         Command::Demo { keep } => demo::run(keep.as_deref()).await,

@@ -27,6 +27,19 @@ impl Env {
 
     /// Runs `tessera args...` as profile `profile`, off the async runtime.
     async fn run(&self, profile: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command(profile, args, extra_env);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// `tessera args...` as profile `profile`, pointed at the stack.
+    fn command(
+        &self,
+        profile: &str,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
         cmd.args(args)
             .env_clear()
@@ -43,9 +56,7 @@ impl Env {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        tokio::task::spawn_blocking(move || cmd.output().unwrap())
-            .await
-            .unwrap()
+        cmd
     }
 
     async fn ok(&self, profile: &str, args: &[&str]) -> String {
@@ -126,12 +137,38 @@ async fn every_command_happy_path() {
     );
     e.ok_with("bob", &["signup", "bob"], &[("TESSERA_PASSWORD", &bob_pw)])
         .await;
-    e.ok_with(
-        "alice-phone",
-        &["login", "alice", "--device-name", "phone"],
-        &[("TESSERA_PASSWORD", &alice_pw)],
-    )
-    .await;
+    // A second device of alice waits for approval, showing a code.
+    let joined = json(
+        &e.ok_with(
+            "alice-phone",
+            &["--json", "login", "alice", "--device-name", "phone"],
+            &[("TESSERA_PASSWORD", &alice_pw)],
+        )
+        .await,
+    );
+    assert_eq!(joined["approval"], "pending");
+    let phone_card = joined["card_id"].as_str().unwrap().to_owned();
+    let code = joined["approval_code"].as_str().unwrap().to_owned();
+    let devices = e.ok("alice", &["devices"]).await;
+    assert!(devices.contains("pending"), "{devices}");
+    assert!(
+        devices.contains("1 device(s) wait for approval"),
+        "{devices}"
+    );
+    // Without a terminal to ask on, approving needs --yes, and names the code.
+    let refused = e
+        .fails("alice", &["device", "approve", &phone_card[..12]], 2, &[])
+        .await;
+    assert!(refused.contains(&code), "{refused}");
+    let approved = json(
+        &e.ok(
+            "alice",
+            &["--json", "device", "approve", &phone_card[..12], "--yes"],
+        )
+        .await,
+    );
+    assert_eq!(approved["approved"], phone_card.as_str());
+    assert_eq!(approved["approval_code"], code.as_str());
     e.ok_with(
         "admin",
         &["login", "admin"],
@@ -204,7 +241,9 @@ async fn every_command_happy_path() {
         .await,
     );
     assert_eq!(listened["text"], "hello bob");
-    assert_eq!(listened["verified"], true);
+    assert_eq!(listened["verified"], true, "{listened}");
+    let alice_card = json(&e.ok("alice", &["--json", "whoami"]).await)["card_id"].clone();
+    assert_eq!(listened["sender_card_id"], alice_card);
 
     // Files.
     let file = e.dir.path().join("notes.txt");
@@ -240,11 +279,26 @@ async fn every_command_happy_path() {
         true
     );
 
-    // A new device of bob reads the past from the organisation.
-    e.ok_with(
-        "bob-new",
-        &["login", "bob"],
-        &[("TESSERA_PASSWORD", &bob_pw)],
+    // A new device of bob reads the past from the organisation, once bob's
+    // phone approved it.
+    let joined = json(
+        &e.ok_with(
+            "bob-new",
+            &["--json", "login", "bob"],
+            &[("TESSERA_PASSWORD", &bob_pw)],
+        )
+        .await,
+    );
+    let refused = e.fails("bob-new", &["sync", "general"], 2, &[]).await;
+    assert!(refused.contains("not approved"), "{refused}");
+    e.ok(
+        "bob",
+        &[
+            "device",
+            "approve",
+            &joined["card_id"].as_str().unwrap()[..16],
+            "--yes",
+        ],
     )
     .await;
     let synced = e.ok("bob-new", &["sync", "general"]).await;
@@ -265,10 +319,19 @@ async fn every_command_happy_path() {
         .as_str()
         .unwrap()
         .to_owned();
+    // Revoking another device is an account change: the password is asked.
+    let refused = e
+        .fails("alice", &["device", "revoke", &phone[..12]], 2, &[])
+        .await;
+    assert!(refused.contains("TESSERA_PASSWORD"), "{refused}");
     assert!(
-        e.ok("alice", &["device", "revoke", &phone[..12]])
-            .await
-            .contains("revoked")
+        e.ok_with(
+            "alice",
+            &["device", "revoke", &phone[..12]],
+            &[("TESSERA_PASSWORD", &alice_pw)]
+        )
+        .await
+        .contains("revoked")
     );
     let sent = e
         .ok("alice", &["send", "general", "after the revocation"])
@@ -411,4 +474,183 @@ async fn the_demo_plays_the_seed_end_to_end() {
             "missing {expected:?} in:\n{stdout}"
         );
     }
+}
+
+impl Env {
+    /// Enrolls profile `admin` as the stack's admin.
+    async fn admin_login(&self) {
+        self.ok_with(
+            "admin",
+            &["login", "admin"],
+            &[("TESSERA_PASSWORD", &self.admin_password)],
+        )
+        .await;
+    }
+
+    /// Runs `tessera args...` as `profile` with `input` on its stdin.
+    async fn run_with_stdin(&self, profile: &str, args: &[&str], input: &'static [u8]) -> Output {
+        use std::io::Write;
+        let mut cmd = self.command(profile, args, &[]);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        tokio::task::spawn_blocking(move || {
+            let mut child = cmd.spawn().unwrap();
+            child.stdin.take().unwrap().write_all(input).unwrap();
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// The commands the happy path does not run: channel add and remove, send
+/// from stdin, the organisation's remove-member, an admin revoking a device,
+/// acknowledging a card in an audit; and history and listen exiting 6 when
+/// they refused a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_admin_audit_stdin_and_refusals() {
+    let (e, _stack) = start().await;
+    let pw = |who: &str| format!("{who}-password-1");
+    for who in ["alice", "bob"] {
+        e.ok_with(who, &["signup", who], &[("TESSERA_PASSWORD", &pw(who))])
+            .await;
+    }
+    e.admin_login().await;
+
+    // channel add / remove.
+    e.ok("alice", &["channel", "create", "team"]).await;
+    let added = json(
+        &e.ok("alice", &["--json", "channel", "add", "team", "bob"])
+            .await,
+    );
+    assert_eq!(added["members"], serde_json::json!(["alice", "bob"]));
+    assert!(e.ok("bob", &["channel", "list"]).await.contains("team"));
+
+    // send - : the message is read from standard input, whole.
+    let out = e
+        .run_with_stdin(
+            "alice",
+            &["send", "team", "-"],
+            b"first line\nsecond line\n",
+        )
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    let read = json(&e.ok("bob", &["--json", "history", "team"]).await);
+    assert_eq!(read["text"], "first line\nsecond line\n");
+    assert_eq!(read["verified"], true);
+
+    let removed = json(
+        &e.ok("alice", &["--json", "channel", "remove", "team", "bob"])
+            .await,
+    );
+    assert_eq!(removed["members"], serde_json::json!(["alice"]));
+    let err = e.fails("bob", &["history", "team"], 4, &[]).await;
+    assert!(err.contains("no such channel: team"), "{err}");
+    let channel_id = added["channel_id"].as_str().unwrap().to_owned();
+    let err = e.fails("bob", &["history", &channel_id], 3, &[]).await;
+    assert!(err.contains("not a member"), "{err}");
+
+    // admin org add-member / remove-member.
+    e.ok("admin", &["admin", "org", "add-member", "bob"]).await;
+    let members = json(
+        &e.ok("admin", &["--json", "admin", "org", "remove-member", "bob"])
+            .await,
+    );
+    assert_eq!(members, serde_json::json!([]));
+    let listed = json(&e.ok("admin", &["--json", "admin", "org", "members"]).await);
+    assert_eq!(listed["members"], serde_json::json!([]));
+    assert_eq!(
+        json(&e.ok("bob", &["--json", "whoami"]).await)["org_member"],
+        false
+    );
+
+    // audit --acknowledge: a device of alice's enrolled from another
+    // computer (another home) is flagged until she acknowledges it.
+    let elsewhere = e.dir.path().join("elsewhere");
+    let other = json(
+        &e.ok_with(
+            "alice-tablet",
+            &["--json", "login", "alice", "--device-name", "tablet"],
+            &[
+                ("TESSERA_PASSWORD", &pw("alice")),
+                ("TESSERA_HOME", elsewhere.to_str().unwrap()),
+            ],
+        )
+        .await,
+    );
+    let tablet = other["card_id"].as_str().unwrap().to_owned();
+    let err = e.fails("alice", &["audit"], 6, &[]).await;
+    assert!(err.contains(&tablet[..16]), "{err}");
+    let out = e
+        .ok("alice", &["audit", "--acknowledge", &tablet[..12]])
+        .await;
+    assert_eq!(out.trim(), format!("acknowledged {tablet}"));
+    let report = json(&e.ok("alice", &["--json", "audit"]).await);
+    let origins: Vec<&str> = report["cards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["origin"].as_str().unwrap())
+        .collect();
+    assert_eq!(origins, ["this device", "acknowledged by you"]);
+
+    // admin revoke-device: the tablet is revoked with the AppKey.
+    let out = e.ok("admin", &["admin", "revoke-device", &tablet]).await;
+    assert_eq!(out.trim(), format!("revoked {tablet}"));
+    let err = e
+        .fails(
+            "alice-tablet",
+            &["whoami"],
+            3,
+            &[("TESSERA_HOME", elsewhere.to_str().unwrap())],
+        )
+        .await;
+    assert!(err.contains("is not an active device of alice"), "{err}");
+    let whois = json(&e.ok("bob", &["--json", "whois", "alice"]).await);
+    assert_eq!(whois["cards"].as_array().unwrap().len(), 1);
+    // Not an admin: refused.
+    let err = e
+        .fails("bob", &["admin", "revoke-device", &tablet], 3, &[])
+        .await;
+    assert!(err.contains("admin only"), "{err}");
+
+    // history and listen print a message they cannot accept as REFUSED and
+    // exit 6: here the message was sent before the device was enrolled.
+    e.ok("alice", &["channel", "create", "later", "--members", "bob"])
+        .await;
+    e.ok("alice", &["send", "later", "before bob's new phone"])
+        .await;
+    e.ok("alice", &["send", "later", "also before"]).await;
+    e.ok_with(
+        "bob-phone",
+        &["login", "bob"],
+        &[("TESSERA_PASSWORD", &pw("bob"))],
+    )
+    .await;
+    let out = e.run("bob-phone", &["history", "later"], &[]).await;
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("#1 REFUSED") && stderr.contains("#2 REFUSED"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 message(s) refused"), "{stderr}");
+    let out = e
+        .run(
+            "bob-phone",
+            &["--json", "listen", "later", "--from", "1", "--count", "2"],
+            &[],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(json)
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["verified"] == false));
+    // The same messages on bob's first device: exit 0.
+    let out = e.run("bob", &["history", "later"], &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }

@@ -4,7 +4,10 @@
 use futures_util::StreamExt;
 use tessera_card::{CardId, CardKind, VerifiedCard};
 use tessera_crypto::{
-    envelope::{CONTENT_TYPE_HISTORY, ExpectedSender, Opener, ParsedEnvelope, VerifiedPayload},
+    envelope::{
+        CONTENT_TYPE_HISTORY, CONTENT_TYPE_HISTORY_END, ExpectedSender, Opener, ParsedEnvelope,
+        VerifiedPayload,
+    },
     seal_org_backup,
 };
 use tessera_proto::{
@@ -13,11 +16,11 @@ use tessera_proto::{
         BackupRecord, GetOrgInfoRequest, OrgEncMsg, SubmitBackupRequest, SyncHistoryRequest,
         backup_client::BackupClient,
     },
-    envelope::v1::HistoryItem,
+    envelope::v1::{HistoryEnd, HistoryItem},
     kms::v1::CardStatus,
 };
 
-use crate::{Client, ClientError, Received, Source, error::rpc};
+use crate::{Client, ClientError, Received, Source, client::Service, error::rpc};
 
 /// The organisation's current OrgCard, verified.
 #[derive(Debug, Clone)]
@@ -55,16 +58,26 @@ impl Client {
 
     /// The organisation's card, as announced by the backup service and
     /// verified like any card (kind ORG, the organisation's identity, active).
+    /// Remembered for backups until the backup service refuses one as sealed
+    /// to another card (the OrgKey was rotated); a history sync always asks
+    /// again.
     pub async fn org(&self) -> Result<OrgInfo, ClientError> {
         if let Some(org) = self.org.lock().ok().and_then(|o| o.clone()) {
             return Ok(org);
         }
+        self.fetch_org().await
+    }
+
+    /// Asks the backup service for the current OrgCard and checks it.
+    async fn fetch_org(&self) -> Result<OrgInfo, ClientError> {
         let identity = self
             .config
             .org_identity
             .clone()
             .ok_or_else(|| ClientError::Usage("the app server has no organisation".into()))?;
-        let request = self.request(GetOrgInfoRequest {}).await?;
+        let request = self
+            .request_to(Service::Backup, GetOrgInfoRequest {})
+            .await?;
         let announced = self
             .backup_client()?
             .get_org_info(request)
@@ -110,6 +123,27 @@ impl Client {
             return Ok(false);
         }
         let org = self.org().await?;
+        match self.submit_backup(&org, message).await {
+            // Sealed to a card the organisation no longer uses: its OrgKey was
+            // rotated since the card was looked up. Look it up again, once.
+            Err(
+                refused @ ClientError::Rejected {
+                    code: tonic::Code::FailedPrecondition,
+                    ..
+                },
+            ) => {
+                let current = self.fetch_org().await?;
+                if current.card.id() == org.card.id() {
+                    return Err(refused);
+                }
+                tracing::info!(old = %org.card.id(), new = %current.card.id(), "the organisation's card changed");
+                self.submit_backup(&current, message).await
+            }
+            other => other,
+        }
+    }
+
+    async fn submit_backup(&self, org: &OrgInfo, message: &Received) -> Result<bool, ClientError> {
         let record = BackupRecord {
             channel_id: message.channel_id.clone(),
             message_index: message.index,
@@ -125,15 +159,18 @@ impl Client {
         )
         .map_err(|e| ClientError::Crypto(e.to_string()))?;
         let request = self
-            .request(SubmitBackupRequest {
-                channel_id: message.channel_id.clone(),
-                message_index: message.index,
-                org_enc_msg: Some(OrgEncMsg {
-                    org_card_id: org.card.id().to_vec(),
-                    encapsulated_key: sealed.encapsulated_key.to_vec(),
-                    ciphertext: sealed.ciphertext,
-                }),
-            })
+            .request_to(
+                Service::Backup,
+                SubmitBackupRequest {
+                    channel_id: message.channel_id.clone(),
+                    message_index: message.index,
+                    org_enc_msg: Some(OrgEncMsg {
+                        org_card_id: org.card.id().to_vec(),
+                        encapsulated_key: sealed.encapsulated_key.to_vec(),
+                        ciphertext: sealed.ciphertext,
+                    }),
+                },
+            )
             .await?;
         let stored = self
             .backup_client()?
@@ -146,10 +183,17 @@ impl Client {
     }
 
     /// History of a channel from the organisation's archive, re-encrypted
-    /// for this user's current devices. Each entry is verified twice: the
-    /// organisation's signature on the re-encrypted copy, and the original
-    /// sender's signature on the original payload. `progress(done, total)`
-    /// is called after each message.
+    /// for this user's current devices: every archived message from
+    /// `from_index` on (at most `limit` when it is not 0), asked for in as
+    /// many calls as the service's page size takes. Each entry is verified
+    /// twice: the organisation's signature on the re-encrypted copy, and the
+    /// original sender's signature on the original payload. Each answer as a
+    /// whole must come in ascending index order and end with the
+    /// organisation's signed end naming this request's nonce, how many
+    /// messages it carried and whether more follow, or the sync is refused
+    /// (`ClientError::History`): messages dropped, reordered, duplicated, cut
+    /// off or replayed from an earlier answer. `progress(done, total)` is
+    /// called after each message (`total` as far as known).
     pub async fn sync_from_org(
         &self,
         channel_id: &str,
@@ -157,13 +201,60 @@ impl Client {
         limit: u32,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Vec<HistoryEntry>, ClientError> {
-        let org = self.org().await?;
+        // The history is signed by the organisation's current card: ask
+        // which one that is now (it changes when the OrgKey is rotated).
+        let org = self.fetch_org().await?;
+        let mut out: Vec<HistoryEntry> = Vec::new();
+        let mut from = from_index;
+        loop {
+            let want = match limit {
+                0 => 0,
+                n => n - out.len() as u32,
+            };
+            let more = self
+                .sync_answer(&org, channel_id, from, want, &mut out, &mut progress)
+                .await?;
+            let done = limit != 0 && out.len() >= limit as usize;
+            match out.last() {
+                Some(last) if more && !done => from = last.index + 1,
+                None if more => {
+                    return Err(ClientError::History {
+                        channel_id: channel_id.to_owned(),
+                        reason: "an empty answer that says more follow".into(),
+                    });
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// One call of a history sync: appends what it carried to `out` and
+    /// returns whether the organisation says more follow.
+    async fn sync_answer(
+        &self,
+        org: &OrgInfo,
+        channel_id: &str,
+        from_index: u64,
+        limit: u32,
+        out: &mut Vec<HistoryEntry>,
+        progress: &mut impl FnMut(u64, u64),
+    ) -> Result<bool, ClientError> {
+        let refused = |reason: String| ClientError::History {
+            channel_id: channel_id.to_owned(),
+            reason,
+        };
+        let nonce =
+            tessera_crypto::random_array::<16>().map_err(|e| ClientError::Crypto(e.to_string()))?;
         let request = self
-            .request(SyncHistoryRequest {
-                channel_id: channel_id.to_owned(),
-                from_index,
-                limit,
-            })
+            .request_to(
+                Service::Backup,
+                SyncHistoryRequest {
+                    channel_id: channel_id.to_owned(),
+                    from_index,
+                    limit,
+                    nonce: nonce.to_vec(),
+                },
+            )
             .await?;
         let mut stream = self
             .backup_client()?
@@ -171,22 +262,100 @@ impl Client {
             .await
             .map_err(rpc("backup service", self.backup_url(), "the history sync"))?
             .into_inner();
-        let mut out = Vec::new();
-        let mut done = 0u64;
+        let before = out.len();
+        let mut end = None;
         while let Some(item) = stream.next().await {
             let item =
                 item.map_err(rpc("backup service", self.backup_url(), "the history sync"))?;
+            if end.is_some() {
+                return Err(refused(
+                    "more arrived after the organisation's signed end".into(),
+                ));
+            }
+            if item.message_index == 0 {
+                end = Some(self.open_history_end(org, channel_id, &item.envelope)?);
+                continue;
+            }
+            let previous = out[before..]
+                .last()
+                .map_or(from_index.max(1).saturating_sub(1), |e| e.index);
+            if item.message_index <= previous {
+                return Err(refused(format!(
+                    "message {} arrived after message {previous}: reordered or repeated",
+                    item.message_index
+                )));
+            }
             let result = self
-                .open_history(&org, channel_id, item.message_index, &item.envelope)
+                .open_history(org, channel_id, item.message_index, &item.envelope)
                 .await;
-            done += 1;
+            let done = out.len() as u64 + 1;
             progress(done, done + item.remaining);
             out.push(HistoryEntry {
                 index: item.message_index,
                 result,
             });
         }
-        Ok(out)
+        let end = end.ok_or_else(|| {
+            refused("the answer ended without the organisation's signed end: cut short".into())
+        })?;
+        if !tessera_crypto::ct_eq(&end.nonce, &nonce) {
+            return Err(refused(
+                "the organisation's signed end answers another request: a replayed answer".into(),
+            ));
+        }
+        let arrived = (out.len() - before) as u64;
+        if end.count != arrived {
+            return Err(refused(format!(
+                "the organisation sent {} message(s) and {arrived} arrived: some were dropped or added",
+                end.count
+            )));
+        }
+        Ok(end.more)
+    }
+
+    /// Opens the organisation's signed end of a sync answer.
+    fn open_history_end(
+        &self,
+        org: &OrgInfo,
+        channel_id: &str,
+        envelope: &[u8],
+    ) -> Result<HistoryEnd, ClientError> {
+        let refused = |reason: String| ClientError::History {
+            channel_id: channel_id.to_owned(),
+            reason: format!("the organisation's signed end: {reason}"),
+        };
+        let wrapper = self.open_from_org(org, envelope).map_err(refused)?;
+        if wrapper.content_type != CONTENT_TYPE_HISTORY_END || wrapper.channel_id != channel_id {
+            return Err(refused("not the end of this channel's history".into()));
+        }
+        let end = HistoryEnd::decode(wrapper.body.as_slice())
+            .map_err(|_| refused("not a HistoryEnd".into()))?;
+        if end.channel_id != channel_id {
+            return Err(refused("names another channel".into()));
+        }
+        Ok(end)
+    }
+
+    /// Opens an envelope the OrgCard sent to this device and checks the
+    /// organisation's signature.
+    fn open_from_org(&self, org: &OrgInfo, envelope: &[u8]) -> Result<VerifiedPayload, String> {
+        let parsed = ParsedEnvelope::parse(envelope).map_err(|e| e.to_string())?;
+        if parsed.sender_card_id() != org.card.id().as_bytes() {
+            return Err("not sent by the organisation's card".into());
+        }
+        parsed
+            .open(
+                &Opener {
+                    card_id: *self.card_id.as_bytes(),
+                    secret: &self.keys.encryption,
+                },
+                &ExpectedSender {
+                    identity: org.card.identity(),
+                    card_id: *org.card.id().as_bytes(),
+                    key: org.card.signing_key(),
+                },
+            )
+            .map_err(|e| e.to_string())
     }
 
     async fn open_history(
@@ -201,22 +370,8 @@ impl Client {
             index,
             reason,
         };
-        let parsed = ParsedEnvelope::parse(envelope).map_err(|e| bad(e.to_string()))?;
-        if parsed.sender_card_id() != org.card.id().as_bytes() {
-            return Err(bad("history not sent by the organisation's card".into()));
-        }
-        let wrapper = parsed
-            .open(
-                &Opener {
-                    card_id: *self.card_id.as_bytes(),
-                    secret: &self.keys.encryption,
-                },
-                &ExpectedSender {
-                    identity: org.card.identity(),
-                    card_id: *org.card.id().as_bytes(),
-                    key: org.card.signing_key(),
-                },
-            )
+        let wrapper = self
+            .open_from_org(org, envelope)
             .map_err(|e| bad(format!("organisation's copy: {e}")))?;
         if wrapper.content_type != CONTENT_TYPE_HISTORY || wrapper.channel_id != channel_id {
             return Err(bad(
@@ -231,11 +386,13 @@ impl Client {
         let (sender_identity, sender_card) =
             VerifiedPayload::claimed_sender(&item.original_payload)
                 .map_err(|e| bad(e.to_string()))?;
+        // The same sender rules as for the app server's copy: revoked before
+        // the message was stored, or never approved, is refused.
         let info = self
-            .card_info(
+            .sender_card(
                 &CardId::from_array(sender_card),
                 &sender_identity,
-                CardKind::Client,
+                item.server_time_ms,
             )
             .await
             .map_err(|e| bad(format!("original sender: {e}")))?;

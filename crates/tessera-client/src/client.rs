@@ -7,16 +7,22 @@ use std::{
     time::Duration,
 };
 
-use tessera_card::{CardId, CardKind, NewCard, Verifier};
+use tessera_card::{
+    CardId, CardKind, NewCard, Verifier,
+    device_list::{self, Action, NewStatement},
+    transparency,
+};
 use tessera_crypto::{
     DeviceKeys, SignatureContext, VerifyingKey,
     keystore::{self, KdfParams, Protection},
 };
 use tessera_proto::{
-    kms::v1::{GetServiceInfoRequest, key_directory_client::KeyDirectoryClient},
+    kms::v1::{
+        GetDeviceListRequest, GetServiceInfoRequest, key_directory_client::KeyDirectoryClient,
+    },
     server::v1::{
         BeginDeviceLoginRequest, EnrollDeviceRequest, FinishDeviceLoginRequest,
-        GetServerInfoRequest, LoginRequest, LoginResponse, SignUpRequest,
+        GetServerInfoRequest, IssueTokenRequest, LoginRequest, LoginResponse, SignUpRequest,
         accounts_client::AccountsClient, devices_client::DevicesClient,
     },
 };
@@ -44,15 +50,70 @@ pub struct Enrollment<'a> {
     /// they are taken from the services on first use and pinned from then on.
     pub expected_app_key: Option<VerifyingKey>,
     pub expected_kms_key: Option<VerifyingKey>,
+    /// Every device of the account was lost: replace them all with this one
+    /// (a RESET of the device list; contacts see an identity change).
+    /// Without it, a device of an account that already has devices joins as
+    /// pending until one of them approves it.
+    pub reset: bool,
 }
 
-/// A logged-in session with the app server.
+/// Whether the user's own devices approved a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approval {
+    /// In the verified device list, active.
+    Approved,
+    /// Enrolled (signed by the app and the key service) but not approved
+    /// yet: it receives nothing until another device of the user approves it.
+    Pending,
+    /// Neither: removed from the list, revoked or replaced.
+    Gone,
+}
+
+/// The service a token is for: each token works at one service only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Service {
+    Server,
+    Kms,
+    Backup,
+}
+
+impl Service {
+    fn audience(self) -> &'static str {
+        match self {
+            Self::Server => "server",
+            Self::Kms => "kms",
+            Self::Backup => "backup",
+        }
+    }
+}
+
+/// A token for one service.
 #[derive(Clone)]
 pub(crate) struct Session {
     pub(crate) header: String,
     pub(crate) expires_at: i64,
     pub(crate) org_member: bool,
     pub(crate) admin: bool,
+}
+
+/// This device's tokens, one per service. The app-server token comes from a
+/// log-in; the others are traded for it (`IssueToken`), so no service ever
+/// sees a token another one accepts.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    server: Option<Session>,
+    kms: Option<Session>,
+    backup: Option<Session>,
+}
+
+impl Sessions {
+    fn slot(&mut self, service: Service) -> &mut Option<Session> {
+        match service {
+            Service::Server => &mut self.server,
+            Service::Kms => &mut self.kms,
+            Service::Backup => &mut self.backup,
+        }
+    }
 }
 
 impl Session {
@@ -77,9 +138,10 @@ pub struct Client {
     pub(crate) server: Channel,
     pub(crate) kms: Channel,
     pub(crate) backup: Option<Channel>,
-    session: tokio::sync::Mutex<Option<Session>>,
+    sessions: tokio::sync::Mutex<Sessions>,
     /// Cards verified by id (inclusion checked), with their status and when it was fetched.
-    pub(crate) card_cache: Mutex<HashMap<CardId, (crate::directory::CardInfo, std::time::Instant)>>,
+    pub(crate) card_cache:
+        Mutex<HashMap<CardId, (tessera_card::record::CheckedRecord, std::time::Instant)>>,
     pub(crate) org: Mutex<Option<crate::backup::OrgInfo>>,
     pub(crate) replay: state::ReplayLog,
 }
@@ -197,7 +259,31 @@ impl Client {
         }
         .self_signed(&keys)
         .map_err(|err| ClientError::Usage(err.to_string()))?;
-        let mut request = Request::new(EnrollDeviceRequest { card: Some(card) });
+        let card_id = CardId::of_snapshot(&card.content_snapshot);
+        // The first device starts the device list (GENESIS); a reset
+        // replaces it; any other device joins as pending.
+        let (length, head) = own_list_head(&server, &kms, &session, e.identity, url).await?;
+        let action = match (length, e.reset) {
+            (0, _) => Some(Action::Genesis),
+            (_, true) => Some(Action::Reset),
+            (_, false) => None,
+        };
+        let statement = action.map(|action| {
+            NewStatement {
+                identity: e.identity,
+                seqno: length,
+                previous_hash: head,
+                action,
+                subject: card_id,
+                signer: card_id,
+                created_at: now_secs(),
+            }
+            .sign(&keys.signing)
+        });
+        let mut request = Request::new(EnrollDeviceRequest {
+            card: Some(card),
+            statement,
+        });
         authorize(&mut request, &session.header)?;
         let response = DevicesClient::new(server.clone())
             .enroll_device(request)
@@ -239,7 +325,10 @@ impl Client {
             server,
             kms,
             backup,
-            session: tokio::sync::Mutex::new(Some(session)),
+            sessions: tokio::sync::Mutex::new(Sessions {
+                server: Some(session),
+                ..Default::default()
+            }),
             card_cache: Mutex::new(HashMap::new()),
             org: Mutex::new(None),
             replay: state::ReplayLog::new(&dir),
@@ -247,7 +336,9 @@ impl Client {
         };
         // The registered card is checked like any other: signatures and log inclusion.
         let checkpoint = client.advance_checkpoint(&checkpoint).await?;
-        let card = client.check_record(&record, &checkpoint, e.identity, CardKind::Client)?;
+        let card = client
+            .check_record(&record, &checkpoint, e.identity, CardKind::Client)?
+            .card;
         if card.signing_key() != &client.keys.signing.verifying_key() {
             return Err(ClientError::Crypto(
                 "the enrolled card is not this device's".into(),
@@ -265,12 +356,26 @@ impl Client {
         home.record_created(e.identity, &client.config.card_id)?;
         // From now on this device logs in as itself (by signature), so
         // revoking it takes effect at once.
-        *client.session.get_mut() = None;
+        *client.sessions.get_mut() = Sessions::default();
         state::with_state(&dir, |s| {
             s.acknowledged.insert(client.config.card_id.clone());
         })?;
         tracing::info!(identity = e.identity, card_id = %client.card_id, "device enrolled");
         Ok(client)
+    }
+
+    /// Whether this user's own devices approved this device (per the device
+    /// list, verified).
+    pub async fn approval(&self) -> Result<Approval, ClientError> {
+        let (found, _) = self.cards_of(&[self.identity().to_owned()]).await?;
+        let devices = found.get(self.identity()).cloned().unwrap_or_default();
+        Ok(if devices.approved.iter().any(|c| c.id() == self.card_id) {
+            Approval::Approved
+        } else if devices.pending.iter().any(|c| c.id() == self.card_id) {
+            Approval::Pending
+        } else {
+            Approval::Gone
+        })
     }
 
     /// Opens profile `name` of `home`, unlocking its key with `passphrase`.
@@ -301,7 +406,7 @@ impl Client {
             server,
             kms,
             backup,
-            session: tokio::sync::Mutex::new(None),
+            sessions: tokio::sync::Mutex::new(Sessions::default()),
             card_cache: Mutex::new(HashMap::new()),
             org: Mutex::new(None),
             replay: state::ReplayLog::new(&dir),
@@ -338,15 +443,66 @@ impl Client {
         &self.config.endpoints.kms_url
     }
 
-    /// A valid session, logging in without a password (by signing a
-    /// challenge with this device's key) when the last one is about to expire.
+    /// A valid app-server session, logging in without a password (by
+    /// signing a challenge with this device's key) when the last one is
+    /// about to expire.
     pub(crate) async fn session(&self) -> Result<Session, ClientError> {
-        let mut cached = self.session.lock().await;
-        if let Some(s) = cached.as_ref()
+        self.session_for(Service::Server).await
+    }
+
+    /// A valid token for `service`.
+    pub(crate) async fn session_for(&self, service: Service) -> Result<Session, ClientError> {
+        let mut sessions = self.sessions.lock().await;
+        if let Some(s) = sessions.slot(service).as_ref()
             && s.expires_at - now_secs() > 60
         {
             return Ok(s.clone());
         }
+        let server = match sessions.server.as_ref() {
+            Some(s) if s.expires_at - now_secs() > 60 => s.clone(),
+            _ => {
+                let s = self.device_login().await?;
+                sessions.server = Some(s.clone());
+                s
+            }
+        };
+        if service == Service::Server {
+            return Ok(server);
+        }
+        let token = self.trade(&server, service).await?;
+        *sessions.slot(service) = Some(token.clone());
+        Ok(token)
+    }
+
+    /// A fresh app-server session from a password log-in (what account
+    /// changes need); not kept.
+    pub(crate) async fn password_session(&self, password: &str) -> Result<Session, ClientError> {
+        let login = AccountsClient::new(self.server.clone())
+            .login(LoginRequest {
+                identity: self.identity().to_owned(),
+                password: password.to_owned(),
+            })
+            .await
+            .map_err(rpc("app server", self.server_url(), "log-in"))?
+            .into_inner();
+        Ok(Session::from_login(&login))
+    }
+
+    /// Trades an app-server token for a token of `service`.
+    async fn trade(&self, server: &Session, service: Service) -> Result<Session, ClientError> {
+        let mut request = Request::new(IssueTokenRequest {
+            audience: service.audience().to_owned(),
+        });
+        authorize(&mut request, &server.header)?;
+        let response = AccountsClient::new(self.server.clone())
+            .issue_token(request)
+            .await
+            .map_err(rpc("app server", self.server_url(), "a service token"))?
+            .into_inner();
+        Ok(Session::from_login(&response))
+    }
+
+    async fn device_login(&self) -> Result<Session, ClientError> {
         let url = self.server_url().to_owned();
         let mut accounts = AccountsClient::new(self.server.clone());
         let challenge = accounts
@@ -358,11 +514,8 @@ impl Client {
             .map_err(rpc("app server", &url, "device log-in"))?
             .into_inner()
             .challenge;
-        let mut message = Vec::with_capacity(100);
-        message.extend_from_slice(&challenge);
-        message.extend_from_slice(&(self.identity().len() as u32).to_be_bytes());
-        message.extend_from_slice(self.identity().as_bytes());
-        message.extend_from_slice(self.card_id.as_bytes());
+        let message =
+            tessera_card::device_login_message(&challenge, self.identity(), &self.card_id);
         let signature = self
             .keys
             .signing
@@ -377,14 +530,21 @@ impl Client {
             .await
             .map_err(rpc("app server", &url, "device log-in"))?
             .into_inner();
-        let session = Session::from_login(&login);
-        *cached = Some(session.clone());
-        Ok(session)
+        Ok(Session::from_login(&login))
     }
 
-    /// `message` with this device's current access token.
+    /// `message` with this device's current app-server token.
     pub(crate) async fn request<T>(&self, message: T) -> Result<Request<T>, ClientError> {
-        let session = self.session().await?;
+        self.request_to(Service::Server, message).await
+    }
+
+    /// `message` with this device's current token for `service`.
+    pub(crate) async fn request_to<T>(
+        &self,
+        service: Service,
+        message: T,
+    ) -> Result<Request<T>, ClientError> {
+        let session = self.session_for(service).await?;
         let mut request = Request::new(message);
         authorize(&mut request, &session.header)?;
         Ok(request)
@@ -410,6 +570,65 @@ impl Client {
         )?;
         Ok(())
     }
+}
+
+/// The length and head hash of `identity`'s device list, to sign the next
+/// statement against. Not trusted beyond that: the key service refuses a
+/// statement that does not extend the real head, and the list is verified
+/// in full once the device is enrolled.
+async fn own_list_head(
+    server: &Channel,
+    kms: &Channel,
+    session: &Session,
+    identity: &str,
+    url: &str,
+) -> Result<(u64, Option<[u8; 32]>), ClientError> {
+    let mut request = Request::new(IssueTokenRequest {
+        audience: "kms".into(),
+    });
+    authorize(&mut request, &session.header)?;
+    let kms_token = AccountsClient::new(server.clone())
+        .issue_token(request)
+        .await
+        .map_err(rpc("app server", url, "a key service token"))?
+        .into_inner();
+    let mut request = Request::new(GetDeviceListRequest {
+        identity: identity.to_owned(),
+        from_seqno: u64::MAX,
+    });
+    authorize(&mut request, &Session::from_login(&kms_token).header)?;
+    let list = KeyDirectoryClient::new(kms.clone())
+        .get_device_list(request)
+        .await
+        .map_err(rpc("key service", url, "the device list"))?
+        .into_inner()
+        .device_list
+        .unwrap_or_default();
+    if list.length == 0 {
+        return Ok((0, None));
+    }
+    let mut request = Request::new(GetDeviceListRequest {
+        identity: identity.to_owned(),
+        from_seqno: list.length - 1,
+    });
+    authorize(&mut request, &Session::from_login(&kms_token).header)?;
+    let head = KeyDirectoryClient::new(kms.clone())
+        .get_device_list(request)
+        .await
+        .map_err(rpc("key service", url, "the device list"))?
+        .into_inner()
+        .device_list
+        .and_then(|l| l.statements.into_iter().last())
+        .and_then(|s| match transparency::parse_entry(&s.entry) {
+            Ok(transparency::LogEvent::DeviceStatement { statement, .. }) => {
+                Some(device_list::statement_hash(&statement.statement))
+            }
+            _ => None,
+        })
+        .ok_or_else(|| {
+            ClientError::Message("the key service did not show the device list's head".into())
+        })?;
+    Ok((list.length, Some(head)))
 }
 
 pub(crate) fn authorize<T>(request: &mut Request<T>, header: &str) -> Result<(), ClientError> {

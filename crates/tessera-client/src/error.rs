@@ -43,8 +43,21 @@ pub enum ClientError {
         "the key directory's history is inconsistent with what this device saw before ({0}): the directory may be showing different histories to different users"
     )]
     Fork(String),
+    #[error(
+        "the key service answered from an older view of its log ({served} entries, after {seen} were seen): ask again"
+    )]
+    StaleView { served: u64, seen: u64 },
+    #[error(
+        "the device list of {identity:?} refused: {reason}: the key service or the app server may be lying about which devices {identity} approved"
+    )]
+    DeviceList {
+        identity: String,
+        reason: tessera_card::device_list::DeviceListError,
+    },
     #[error("message refused: {0}")]
     Message(String),
+    #[error("the organisation's history of {channel_id} refused: {reason}")]
+    History { channel_id: String, reason: String },
     #[error("message {index} in {channel_id} refused: {reason}")]
     BadMessage {
         channel_id: String,
@@ -92,16 +105,25 @@ pub(crate) fn rpc(
 ) -> impl FnOnce(tonic::Status) -> ClientError {
     let url = url.to_owned();
     move |status| {
-        // tonic builds a status from a local connection failure (refused,
-        // TLS handshake, DNS) with the error as its source; one the service
-        // sent back never has a source.
-        let transport = status.code() == tonic::Code::Unavailable
-            && std::error::Error::source(&status).is_some();
-        if transport {
+        // tonic builds a status from a local transport failure (refused,
+        // reset or closed connection, TLS handshake, DNS) with the error as
+        // its source, whatever code it picks (UNAVAILABLE, or UNKNOWN for a
+        // connection that died mid-call); one the service sent back never
+        // has a source.
+        if let Some(source) = std::error::Error::source(&status) {
+            let mut detail = status.message().to_owned();
+            let mut cause = Some(source);
+            while let Some(e) = cause {
+                let text = e.to_string();
+                if !detail.contains(&text) {
+                    detail = format!("{detail}: {text}");
+                }
+                cause = e.source();
+            }
             ClientError::Unreachable {
                 service,
                 url,
-                detail: status.message().to_owned(),
+                detail,
             }
         } else {
             ClientError::Rejected {

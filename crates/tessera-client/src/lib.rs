@@ -19,20 +19,26 @@ mod devices;
 mod directory;
 mod error;
 mod files;
+mod gossip;
 mod messages;
 mod profile;
+mod recheck;
 mod state;
 mod trust;
 
 pub use backup::{HistoryEntry, OrgInfo};
-pub use client::{Client, Enrollment};
-pub use directory::{CardInfo, TrustEvent};
+pub use client::{Approval, Client, Enrollment};
+pub use devices::OwnDevices;
+pub use directory::{CardInfo, Devices, TrustEvent};
 pub use error::ClientError;
-pub use messages::{Content, HistoryPage, MAX_BODY_BYTES, Received, Sent, Source};
+pub use gossip::{Agreement, CheckpointView};
+pub use messages::{Content, HistoryPage, MAX_BODY_BYTES, PendingDevice, Received, Sent, Source};
 pub use profile::{Endpoints, Home, ProfileConfig, validate_profile_name};
-pub use trust::{AuditReport, AuditedCard, Origin, SafetyCheck};
+pub use trust::{AuditReport, AuditedCard, AuditedStatement, Origin, SafetyCheck};
 
-pub use tessera_card::{CardId, VerifiedCard, safety_number::SafetyNumber};
+pub use tessera_card::{
+    CardId, VerifiedCard, device_list::approval_code, safety_number::SafetyNumber,
+};
 pub use tessera_crypto::keystore::KdfParams;
 pub use tessera_proto::{
     envelope::v1::FileAttachment,

@@ -22,7 +22,7 @@ use tessera_proto::{
     },
 };
 
-use crate::{Client, ClientError, TrustEvent, client::now_ms, error::rpc};
+use crate::{CardInfo, Client, ClientError, TrustEvent, client::now_ms, error::rpc};
 
 /// Largest message body a client sends (Twilio's limit is 32 KB).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -70,6 +70,9 @@ pub struct Received {
     pub server_time_ms: i64,
     pub content: Content,
     pub source: Source,
+    /// The sender reset their identity (section 12 of the protocol) and the
+    /// user has not verified them again: show it with the message.
+    pub sender_reset_unacknowledged: bool,
     pub(crate) payload: VerifiedPayload,
 }
 
@@ -104,6 +107,19 @@ pub struct Sent {
     pub duplicate: bool,
     /// Device changes noticed while finding the recipients.
     pub events: Vec<TrustEvent>,
+    /// Members' cards that no device of theirs approved: not encrypted to.
+    pub pending: Vec<PendingDevice>,
+    /// Members with no approved active device: they cannot read it.
+    pub unreachable: Vec<String>,
+}
+
+/// A card the app and the key service vouch for but its identity's own
+/// devices did not approve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDevice {
+    pub identity: String,
+    pub card_id: CardId,
+    pub device_name: String,
 }
 
 /// One page of history.
@@ -265,12 +281,34 @@ impl Client {
         }
         let channel = self.channel(channel_id).await?;
         let identities: Vec<String> = channel.members.iter().map(|m| m.identity.clone()).collect();
-        let (cards, events) = self.recipient_cards(&identities).await?;
+        let (cards, found, events) = self.recipient_cards(&identities).await?;
         if !cards.iter().any(|c| c.id() == self.card_id) {
-            return Err(ClientError::Message(
-                "this device's card is not active at the key service (revoked?)".into(),
-            ));
+            let mine = found.get(self.identity());
+            let pending = mine.is_some_and(|d| d.pending.iter().any(|c| c.id() == self.card_id));
+            let removed = mine.is_some_and(|d| d.removed.iter().any(|c| c.id() == self.card_id));
+            return Err(ClientError::Message(if pending {
+                "this device is waiting for approval: approve it from one of your other devices (tessera device approve)".into()
+            } else if removed {
+                "this device is no longer in your device list (removed by another device, or replaced by a reset): it cannot send".into()
+            } else {
+                "this device's card is not active at the key service (revoked?)".into()
+            }));
         }
+        let pending: Vec<PendingDevice> = found
+            .iter()
+            .flat_map(|(identity, d)| {
+                d.pending.iter().map(|c| PendingDevice {
+                    identity: identity.clone(),
+                    card_id: c.id(),
+                    device_name: c.device_name().to_owned(),
+                })
+            })
+            .collect();
+        let unreachable: Vec<String> = found
+            .iter()
+            .filter(|(_, d)| d.approved.is_empty())
+            .map(|(identity, _)| identity.clone())
+            .collect();
         let recipients: Vec<Recipient<'_>> = cards
             .iter()
             .map(|c| Recipient {
@@ -318,6 +356,8 @@ impl Client {
             recipients: cards.iter().map(|c| c.id()).collect(),
             duplicate: response.duplicate,
             events,
+            pending,
+            unreachable,
         })
     }
 
@@ -339,18 +379,12 @@ impl Client {
         }
         let sender_card = CardId::from_array(*parsed.sender_card_id());
         let info = self
-            .card_info(&sender_card, &m.sender_identity, CardKind::Client)
+            .sender_card(&sender_card, &m.sender_identity, m.server_time_ms)
             .await
-            .map_err(|e| bad(format!("sender: {e}")))?;
-        // Revocations carry whole seconds: only a message stored in a later
-        // second than the revocation is known to postdate it.
-        if info.status == CardStatus::Revoked
-            && info
-                .revoked_at
-                .is_some_and(|at| at < m.server_time_ms / 1000)
-        {
-            return Err(bad("sent after the sender's card was revoked".into()));
-        }
+            .map_err(|e| match e {
+                ClientError::Message(reason) => bad(reason),
+                other => bad(format!("sender: {other}")),
+            })?;
         let card = &info.card;
         let payload = parsed
             .open(
@@ -385,6 +419,38 @@ impl Client {
         )
     }
 
+    /// The verified card of a message's sender, refused when it was revoked
+    /// before the app server stored the message, or when the sender's own
+    /// devices did not approve it (then or now).
+    pub(crate) async fn sender_card(
+        &self,
+        card_id: &CardId,
+        identity: &str,
+        server_time_ms: i64,
+    ) -> Result<CardInfo, ClientError> {
+        let info = self.card_info(card_id, identity, CardKind::Client).await?;
+        // Revocations are dated by their log entry, in whole seconds: only a
+        // message stored in a later second is known to postdate it.
+        if info.status == CardStatus::Revoked
+            && info.revoked_at.is_some_and(|at| at < server_time_ms / 1000)
+        {
+            return Err(ClientError::Message(
+                "sent after the sender's card was revoked".into(),
+            ));
+        }
+        if !self
+            .approved_sender(identity, card_id, server_time_ms)
+            .await?
+        {
+            return Err(ClientError::Message(format!(
+                "sent by device {} ({}), which none of {identity}'s devices approved (pending)",
+                card_id.short(),
+                info.card.device_name()
+            )));
+        }
+        Ok(info)
+    }
+
     /// Common last steps of opening: the channel and replay checks.
     pub(crate) fn finish_received(
         &self,
@@ -411,8 +477,10 @@ impl Client {
                 ),
             });
         }
+        let sender_reset_unacknowledged = self.unacknowledged_reset(&payload.sender_identity)?;
         Ok(Received {
             index,
+            sender_reset_unacknowledged,
             sender_identity: payload.sender_identity.clone(),
             sender_card_id: sender_card,
             sender_device: device.to_owned(),

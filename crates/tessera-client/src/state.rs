@@ -28,10 +28,35 @@ const MAX_SEEN: usize = 200_000;
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct ContactPin {
-    /// Card ids (hex) last seen for the contact, with device names.
+    /// Approved, active card ids (hex) last seen for the contact, with
+    /// device names.
     pub(crate) cards: BTreeMap<String, String>,
+    /// Pending cards (hex) already reported.
+    #[serde(default)]
+    pub(crate) pending: BTreeSet<String>,
     /// The card set the user confirmed with a safety number, if any.
     pub(crate) verified: Option<BTreeSet<String>>,
+    /// Resets of the contact's device list the user has taken note of (by
+    /// verifying them again); fewer than the list holds: warn.
+    #[serde(default)]
+    pub(crate) acknowledged_resets: u64,
+}
+
+/// An identity's device list as this device verified it last.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct DeviceListPin {
+    /// Number of statements verified.
+    pub(crate) length: u64,
+    /// Hex of the head statement's hash.
+    pub(crate) head: String,
+    /// Cards (hex) the list trusts.
+    pub(crate) trusted: BTreeSet<String>,
+    /// Cards (hex) the list trusted once and no longer does, with the Unix
+    /// time the key service logged their removal (or reset): messages the
+    /// app server stored before then still verify.
+    pub(crate) removed: BTreeMap<String, i64>,
+    /// Number of resets seen.
+    pub(crate) resets: u64,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +64,13 @@ pub(crate) struct State {
     /// Hex of the last verified `SignedCheckpoint`.
     pub(crate) checkpoint: Option<String>,
     pub(crate) contacts: BTreeMap<String, ContactPin>,
+    /// Device lists verified so far, by identity (this user's own included).
+    #[serde(default)]
+    pub(crate) device_lists: BTreeMap<String, DeviceListPin>,
+    /// Cards (hex) seen revoked, with a proven revocation: a key service
+    /// that shows one as active again is lying.
+    #[serde(default)]
+    pub(crate) revoked: BTreeSet<String>,
     /// Own cards (hex) the user said they enrolled.
     pub(crate) acknowledged: BTreeSet<String>,
 }

@@ -1,19 +1,19 @@
 //! Safety numbers, verified contacts, and the audit of the transparency log
-//! for cards under this user's identity that none of its devices made.
+//! for cards under this user's identity that none of its devices made, and
+//! for statements of its device list that none of them signed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use tessera_card::{
     CardId, CardKind, ParsedCard,
+    device_list::{Action, ParsedStatement},
     revocation::ParsedRevocation,
     safety_number::SafetyNumber,
     transparency::{self, LogEvent, Tree},
 };
-use tessera_proto::kms::v1::{
-    GetCheckpointRequest, ListLogEntriesRequest, key_directory_client::KeyDirectoryClient,
-};
+use tessera_proto::kms::v1::{ListLogEntriesRequest, key_directory_client::KeyDirectoryClient};
 
-use crate::{Client, ClientError, TrustEvent, error::rpc, state};
+use crate::{Client, ClientError, TrustEvent, client::Service, error::rpc, state};
 
 /// The safety number of this user and a contact, with the card sets it covers.
 #[derive(Debug, Clone)]
@@ -36,6 +36,8 @@ pub enum Origin {
     CreatedHere,
     /// The user confirmed they enrolled it.
     Acknowledged,
+    /// One of the devices above signed it into the device list.
+    Approved,
     /// None of this user's devices is known to have made it.
     Unrecognised,
 }
@@ -49,10 +51,28 @@ pub struct AuditedCard {
     pub origin: Origin,
 }
 
+/// A statement of this user's device list, as the log holds it.
+#[derive(Debug, Clone)]
+pub struct AuditedStatement {
+    pub seqno: u64,
+    pub action: Action,
+    pub subject: CardId,
+    pub signer: CardId,
+    pub log_index: u64,
+    /// How the signing card came to be (a statement signed by a card none
+    /// of the user's devices made was made behind their back).
+    pub signer_origin: Origin,
+}
+
 #[derive(Debug, Clone)]
 pub struct AuditReport {
     pub log_size: u64,
     pub cards: Vec<AuditedCard>,
+    /// Every statement of this user's device list, in log order.
+    pub statements: Vec<AuditedStatement>,
+    /// Sequence numbers the log holds more than one statement for: the key
+    /// service logged two histories of the list.
+    pub conflicts: Vec<u64>,
 }
 
 impl AuditReport {
@@ -62,6 +82,14 @@ impl AuditReport {
         self.cards
             .iter()
             .filter(|c| c.origin == Origin::Unrecognised && !c.revoked)
+    }
+
+    /// Statements of this user's device list signed by a card none of the
+    /// user's devices made (a reset by the app server, say).
+    pub fn unrecognised_statements(&self) -> impl Iterator<Item = &AuditedStatement> {
+        self.statements
+            .iter()
+            .filter(|s| s.signer_origin == Origin::Unrecognised)
     }
 }
 
@@ -76,7 +104,7 @@ impl Client {
         let ids = |who: &str| -> BTreeSet<CardId> {
             found
                 .get(who)
-                .map(|cards| cards.iter().map(|c| c.id()).collect())
+                .map(|devices| devices.approved.iter().map(|c| c.id()).collect())
                 .unwrap_or_default()
         };
         let own_cards = ids(self.identity());
@@ -115,10 +143,11 @@ impl Client {
     pub fn mark_verified(&self, check: &SafetyCheck) -> Result<(), ClientError> {
         let cards: BTreeSet<String> = check.contact_cards.iter().map(CardId::to_string).collect();
         state::with_state(&self.dir, |s| {
-            s.contacts
-                .entry(check.contact.clone())
-                .or_default()
-                .verified = Some(cards);
+            let resets = s.device_lists.get(&check.contact).map_or(0, |p| p.resets);
+            let pin = s.contacts.entry(check.contact.clone()).or_default();
+            pin.verified = Some(cards);
+            // Verifying again is how the user takes note of a reset.
+            pin.acknowledged_resets = resets;
         })
     }
 
@@ -144,25 +173,23 @@ impl Client {
     /// ones none of this user's devices made.
     pub async fn audit(&self) -> Result<AuditReport, ClientError> {
         let mut kms = KeyDirectoryClient::new(self.kms.clone()).max_decoding_message_size(64 << 20);
-        let request = self.request(GetCheckpointRequest {}).await?;
-        let signed = kms
-            .get_checkpoint(request)
-            .await
-            .map_err(rpc("key service", self.kms_url(), "the checkpoint"))?
-            .into_inner()
-            .checkpoint
-            .ok_or_else(|| ClientError::Fork("no checkpoint".into()))?;
-        let checkpoint = self.advance_checkpoint(&signed).await?;
+        let checkpoint = self.refresh_checkpoint().await?;
 
         let mut tree = Tree::new();
         let mut mine: BTreeMap<CardId, AuditedCard> = BTreeMap::new();
         let mut revocations: Vec<CardId> = Vec::new();
+        let mut statements: Vec<(ParsedStatement, u64)> = Vec::new();
+        // Every card's identity, to check the identity a revocation's entry names.
+        let mut identities: BTreeMap<CardId, String> = BTreeMap::new();
         while tree.len() < checkpoint.tree_size {
             let request = self
-                .request(ListLogEntriesRequest {
-                    from_index: tree.len(),
-                    limit: AUDIT_PAGE,
-                })
+                .request_to(
+                    Service::Kms,
+                    ListLogEntriesRequest {
+                        from_index: tree.len(),
+                        limit: AUDIT_PAGE,
+                    },
+                )
                 .await?;
             let page = kms
                 .list_log_entries(request)
@@ -179,15 +206,24 @@ impl Client {
                     break;
                 }
                 let index = tree.push(transparency::leaf_hash(&entry));
+                // The entry's outer identity is only the directory's claim:
+                // what is inside decides, and a mismatch hides the entry
+                // from the owner's audit.
+                let mislabelled = |inner: &str| {
+                    ClientError::Fork(format!(
+                        "log entry {index} is labelled with another identity than its content ({inner})"
+                    ))
+                };
                 match transparency::parse_entry(&entry) {
-                    Ok(LogEvent::Registered { identity, card, .. })
-                        if identity == self.identity() =>
-                    {
+                    Ok(LogEvent::Registered { identity, card, .. }) => {
                         let Ok(parsed) = ParsedCard::parse(card) else {
                             continue;
                         };
-                        if parsed.kind() != CardKind::Client || parsed.identity() != self.identity()
-                        {
+                        if identity != parsed.identity() {
+                            return Err(mislabelled(parsed.identity()));
+                        }
+                        identities.insert(parsed.id(), identity.clone());
+                        if parsed.kind() != CardKind::Client || identity != self.identity() {
                             continue;
                         }
                         mine.insert(
@@ -205,12 +241,33 @@ impl Client {
                         identity,
                         revocation,
                         ..
-                    }) if identity == self.identity() => {
-                        if let Ok(r) = ParsedRevocation::parse(revocation) {
-                            revocations.push(r.card_id());
+                    }) => {
+                        let Ok(r) = ParsedRevocation::parse(revocation) else {
+                            continue;
+                        };
+                        if let Some(owner) = identities.get(&r.card_id())
+                            && *owner != identity
+                        {
+                            return Err(mislabelled(owner));
+                        }
+                        revocations.push(r.card_id());
+                    }
+                    Ok(LogEvent::DeviceStatement {
+                        identity,
+                        statement,
+                        ..
+                    }) => {
+                        let Ok(parsed) = ParsedStatement::parse(statement) else {
+                            continue;
+                        };
+                        if identity != parsed.identity() {
+                            return Err(mislabelled(parsed.identity()));
+                        }
+                        if identity == self.identity() {
+                            statements.push((parsed, index));
                         }
                     }
-                    _ => {}
+                    Err(_) => {}
                 }
             }
         }
@@ -239,11 +296,51 @@ impl Client {
                 Origin::Unrecognised
             };
         }
+        // A card a recognised device signed into the list is recognised too.
+        statements.sort_by_key(|(s, _)| s.seqno());
+        for (s, _) in &statements {
+            let signer_known = mine
+                .get(&s.signer())
+                .is_some_and(|c| c.origin != Origin::Unrecognised);
+            if signer_known
+                && s.action() == Action::Add
+                && let Some(card) = mine.get_mut(&s.subject())
+                && card.origin == Origin::Unrecognised
+            {
+                card.origin = Origin::Approved;
+            }
+        }
+        let origin_of = |id: &CardId| {
+            mine.get(id)
+                .map_or(Origin::Unrecognised, |card| card.origin)
+        };
+        let mut seqnos: BTreeMap<u64, usize> = BTreeMap::new();
+        let statements: Vec<AuditedStatement> = statements
+            .into_iter()
+            .map(|(s, log_index)| {
+                *seqnos.entry(s.seqno()).or_default() += 1;
+                AuditedStatement {
+                    seqno: s.seqno(),
+                    action: s.action(),
+                    subject: s.subject(),
+                    signer: s.signer(),
+                    log_index,
+                    signer_origin: origin_of(&s.signer()),
+                }
+            })
+            .collect();
+        let conflicts = seqnos
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(seqno, _)| seqno)
+            .collect();
         let mut cards: Vec<AuditedCard> = mine.into_values().collect();
         cards.sort_by_key(|c| c.log_index);
         Ok(AuditReport {
             log_size: checkpoint.tree_size,
             cards,
+            statements,
+            conflicts,
         })
     }
 }

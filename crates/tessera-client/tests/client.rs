@@ -54,10 +54,30 @@ impl World {
                 kdf: KdfParams::DANGER_FAST_FOR_TESTS,
                 expected_app_key: Some(self.stack.info().app_public_key),
                 expected_kms_key: Some(self.stack.info().kms_public_key),
+                reset: false,
             },
         )
         .await
         .unwrap()
+    }
+
+    /// Another device of `identity`, approved from its device `approver`.
+    async fn approved_device(&self, profile: &str, identity: &str, approver: &Client) -> Client {
+        let device = self.device(profile, identity, false).await;
+        assert_eq!(
+            device.approval().await.unwrap(),
+            tessera_client::Approval::Pending
+        );
+        approver.approve_device(&device.card_id()).await.unwrap();
+        assert_eq!(
+            device.approval().await.unwrap(),
+            tessera_client::Approval::Approved
+        );
+        device
+    }
+
+    fn reopen(&self, profile: &str) -> Client {
+        Client::open(&self.home, profile, b"device passphrase").unwrap()
     }
 
     async fn admin(&self) -> Client {
@@ -75,6 +95,7 @@ impl World {
                 kdf: KdfParams::DANGER_FAST_FOR_TESTS,
                 expected_app_key: None,
                 expected_kms_key: None,
+                reset: false,
             },
         )
         .await
@@ -93,7 +114,7 @@ fn text(content: &Content) -> &str {
 async fn send_to_every_device_and_verify_on_each() {
     let w = World::start().await;
     let alice1 = w.device("alice-laptop", "alice", true).await;
-    let alice2 = w.device("alice-phone", "alice", false).await;
+    let alice2 = w.approved_device("alice-phone", "alice", &alice1).await;
     let bob = w.device("bob-phone", "bob", true).await;
     let channel = alice1
         .create_channel("general", HistoryVisibility::Shared, &["bob".into()])
@@ -153,9 +174,35 @@ async fn device_changes_are_reported_and_drop_verification() {
     alice.mark_verified(&a_view).unwrap();
     assert!(alice.safety_number("bob").await.unwrap().verified);
 
-    // Bob adds a device: reported, the verification mark drops, the number changes.
+    // Bob enrolls a device: pending until one of his devices approves it,
+    // reported as such, not encrypted to.
     let bob2 = w.device("bob-tablet", "bob", false).await;
+    let sent = alice
+        .send_text(&channel.channel_id, "pending")
+        .await
+        .unwrap();
+    assert_eq!(
+        sent.events,
+        vec![TrustEvent::DevicePending {
+            identity: "bob".into(),
+            card_id: bob2.card_id(),
+            device_name: "bob-tablet".into(),
+        }]
+    );
+    assert!(!sent.recipients.contains(&bob2.card_id()));
+    assert_eq!(sent.pending.len(), 1);
+    assert!(alice.safety_number("bob").await.unwrap().verified);
+    // The pending device cannot send either.
+    let err = bob2
+        .send_text(&channel.channel_id, "let me in")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("waiting for approval"), "{err}");
+
+    // Bob approves it: reported, the verification mark drops, the number changes.
+    bob.approve_device(&bob2.card_id()).await.unwrap();
     let sent = alice.send_text(&channel.channel_id, "two").await.unwrap();
+    assert!(sent.recipients.contains(&bob2.card_id()));
     assert!(sent.events.contains(&TrustEvent::DeviceAdded {
         identity: "bob".into(),
         card_id: bob2.card_id(),
@@ -169,15 +216,34 @@ async fn device_changes_are_reported_and_drop_verification() {
     assert_ne!(after.number, a_view.number);
 
     // Bob revokes the tablet: reported as removed.
-    bob.revoke_device(&bob2.card_id(), "sold").await.unwrap();
+    let err = bob
+        .revoke_device(&bob2.card_id(), "sold", None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("needs your password"), "{err}");
+    bob.revoke_device(&bob2.card_id(), "sold", Some("bob-password-123"))
+        .await
+        .unwrap();
     let sent = alice.send_text(&channel.channel_id, "three").await.unwrap();
     assert!(sent.events.contains(&TrustEvent::DeviceRemoved {
         identity: "bob".into(),
         card_id: bob2.card_id(),
     }));
     assert_eq!(sent.recipients.len(), 2);
-    // The revoked device can no longer log in.
-    assert!(bob2.channels().await.is_err());
+    // The revoked device can no longer log in (nor use the token it holds).
+    let err = bob2.channels().await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unauthenticated), "{err}");
+    assert!(
+        err.to_string()
+            .contains("this device was revoked or replaced"),
+        "{err}"
+    );
+    let err = w.reopen("bob-tablet").channels().await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
+    assert!(
+        err.to_string().contains("is not an active device of bob"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -200,7 +266,9 @@ async fn relabelled_moved_and_replayed_messages_are_refused() {
         .unwrap();
     alice.send_text(&c1.channel_id, "original").await.unwrap();
     let page = bob.history(&c1.channel_id, 0, 10, false).await.unwrap();
-    assert!(page.messages[0].1.is_ok());
+    assert_eq!(page.messages.len(), 1);
+    let first = page.messages[0].1.as_ref().unwrap();
+    assert_eq!(text(&first.content), "original");
     // What a hostile relay could hand a client, built from the stored copy.
     let mut stored = bob
         .subscribe(&c1.channel_id, 1)
@@ -210,10 +278,11 @@ async fn relabelled_moved_and_replayed_messages_are_refused() {
         .await
         .unwrap()
         .unwrap();
-    assert!(
-        bob.open_message(&stored).await.is_ok(),
-        "reading it again is fine"
-    );
+    let again = bob
+        .open_message(&stored)
+        .await
+        .unwrap_or_else(|e| panic!("reading it again is fine, got: {e}"));
+    assert_eq!(again.message_id, first.message_id);
 
     let mut relabelled = stored.clone();
     relabelled.sender_identity = "carol".into();
@@ -304,8 +373,16 @@ async fn org_backup_and_history_sync_for_a_later_device() {
             .unwrap()
     );
 
-    // Bob's new device cannot read the originals...
+    // Bob's new device gets nothing from the organisation before he approves it...
     let bob_new = w.device("bob-new", "bob", false).await;
+    let err = bob_new
+        .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("not approved"), "{err}");
+    bob.approve_device(&bob_new.card_id()).await.unwrap();
+    // ...cannot read the originals...
     let page = bob_new
         .history(&channel.channel_id, 0, 50, false)
         .await
@@ -374,10 +451,13 @@ async fn attachments_round_trip_and_audit_flags_unknown_cards() {
     // A tampered key in the signed message cannot decrypt it.
     let mut wrong = file.clone();
     wrong.file_key[0] ^= 1;
+    let err = bob
+        .download_file(&channel.channel_id, &wrong, &w.home.root().join("x.bin"))
+        .await
+        .unwrap_err();
     assert!(
-        bob.download_file(&channel.channel_id, &wrong, &w.home.root().join("x.bin"))
-            .await
-            .is_err()
+        matches!(err, ClientError::Attachment(_)) && err.to_string().contains("authenticat"),
+        "{err}"
     );
     assert!(
         !w.home.root().join("x.bin").exists(),
@@ -403,7 +483,6 @@ async fn attachments_round_trip_and_audit_flags_unknown_cards() {
         alice.audit().await.unwrap().unrecognised_active().count(),
         0
     );
-    let _ = ClientError::Usage(String::new());
 }
 
 /// Registers a card for `identity` with the stack's own AppKey and token
@@ -425,10 +504,8 @@ async fn inject_card(w: &World, identity: &str) -> tessera_client::CardId {
     let header = tessera_service::token::bearer_header(
         &issuer
             .issue(
-                "tessera-server",
-                tessera_service::token::Role::Service,
-                None,
-                false,
+                &tessera_service::token::Grant::service("tessera-server"),
+                tessera_service::token::Audience::Kms,
             )
             .unwrap()
             .bytes,
@@ -458,4 +535,185 @@ async fn inject_card(w: &World, identity: &str) -> tessera_client::CardId {
         .await
         .unwrap();
     id
+}
+
+/// More archived messages than the backup service sends in one answer (its
+/// default page is 1000): the client asks again until the signed end says
+/// there is no more, and gets every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_sync_pages_past_the_services_page_size() {
+    const N: u64 = 1003;
+    let w = World::start().await;
+    let admin = w.admin().await;
+    let alice = std::sync::Arc::new(w.device("alice", "alice", true).await);
+    w.device("bob", "bob", true).await;
+    admin.set_org_member("bob", true).await.unwrap();
+    let bob = std::sync::Arc::new(Client::open(&w.home, "bob", b"device passphrase").unwrap());
+    let channel = alice
+        .create_channel("long", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    // Eight senders at once; the server orders them.
+    let mut senders = Vec::new();
+    for s in 0..8 {
+        let (alice, channel) = (alice.clone(), channel.clone());
+        senders.push(tokio::spawn(async move {
+            for i in (s..N).step_by(8) {
+                alice
+                    .send_text(&channel, &format!("line {i}"))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let mut received = Vec::new();
+    let mut anchor = 0;
+    loop {
+        let page = bob.history(&channel, anchor, 500, false).await.unwrap();
+        received.extend(page.messages.into_iter().map(|(_, r)| r.unwrap()));
+        if page.next_anchor == 0 {
+            break;
+        }
+        anchor = page.next_anchor;
+    }
+    assert_eq!(received.len() as u64, N);
+    let received = std::sync::Arc::new(received);
+    let mut backers = Vec::new();
+    for s in 0..8 {
+        let (bob, received) = (bob.clone(), received.clone());
+        backers.push(tokio::spawn(async move {
+            for m in received.iter().skip(s).step_by(8) {
+                assert!(bob.back_up(m).await.unwrap());
+            }
+        }));
+    }
+    for b in backers {
+        b.await.unwrap();
+    }
+    let tablet = w.approved_device("bob-tablet", "bob", &bob).await;
+    let synced = tablet
+        .sync_from_org(&channel, 0, 0, |_, _| {})
+        .await
+        .unwrap();
+    let indices: Vec<u64> = synced.iter().map(|e| e.index).collect();
+    assert_eq!(indices.len() as u64, N, "messages synced");
+    assert_eq!(indices, (1..=N).collect::<Vec<_>>());
+    let mut lines: Vec<String> = synced
+        .iter()
+        .map(|e| match &e.result {
+            Ok(r) => text(&r.content).to_owned(),
+            Err(err) => panic!("message {}: {err}", e.index),
+        })
+        .collect();
+    lines.sort();
+    let mut expected: Vec<String> = (0..N).map(|i| format!("line {i}")).collect();
+    expected.sort();
+    assert_eq!(lines, expected);
+    // A limit is honoured across answers too, and so is a start.
+    let some = tablet
+        .sync_from_org(&channel, 990, 12, |_, _| {})
+        .await
+        .unwrap();
+    let indices: Vec<u64> = some.iter().map(|e| e.index).collect();
+    assert_eq!(indices, (990..1002).collect::<Vec<_>>());
+}
+
+/// A device keeps sending while another device of the same user revokes it.
+/// Every send either is acknowledged or denied (nothing else); every send
+/// that began after the revocation returned is denied; every acknowledged
+/// message is either read by the recipient or refused as sent after the
+/// revocation, never accepted from a revoked card later than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_during_a_send() {
+    let w = World::start().await;
+    let alice = w.device("alice", "alice", true).await;
+    let bob0 = w.device("bob-0", "bob", true).await;
+    let bob1 = std::sync::Arc::new(w.approved_device("bob-1", "bob", &bob0).await);
+    let channel = alice
+        .create_channel("race", HistoryVisibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let go = started.clone();
+    let sender = {
+        let (bob1, channel) = (bob1.clone(), channel.clone());
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            let mut denied_in_a_row = 0;
+            for i in 0..200 {
+                let began = std::time::Instant::now();
+                let result = bob1.send_text(&channel, &format!("send {i}")).await;
+                if i == 3 {
+                    go.notify_one();
+                }
+                denied_in_a_row = if result.is_err() {
+                    denied_in_a_row + 1
+                } else {
+                    0
+                };
+                outcomes.push((began, result));
+                if denied_in_a_row == 3 {
+                    break;
+                }
+            }
+            outcomes
+        })
+    };
+    started.notified().await;
+    bob0.revoke_device(&bob1.card_id(), "stolen", Some("bob-password-123"))
+        .await
+        .unwrap();
+    let revoked = std::time::Instant::now();
+    let outcomes = sender.await.unwrap();
+    assert!(
+        outcomes.last().unwrap().1.is_err(),
+        "bob-1 kept sending after its revocation"
+    );
+    let mut acknowledged = Vec::new();
+    for (began, result) in &outcomes {
+        match result {
+            Ok(sent) => {
+                assert!(
+                    *began < revoked,
+                    "a send that began after the revocation was acknowledged (message {})",
+                    sent.index
+                );
+                acknowledged.push(sent.index);
+            }
+            Err(e) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("is not an active device")
+                        || text.contains("not active at the key service")
+                        || text.contains("no longer in your device list")
+                        || text.contains("this device was revoked or replaced"),
+                    "a send failed for another reason than the revocation: {text}"
+                );
+            }
+        }
+    }
+    assert!(acknowledged.len() >= 4, "{acknowledged:?}");
+    // What the server acknowledged, alice either reads or refuses as sent
+    // after the revocation.
+    let page = alice.history(&channel, 0, 500, false).await.unwrap();
+    let stored: Vec<u64> = page.messages.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        stored, acknowledged,
+        "exactly the acknowledged messages are stored"
+    );
+    for (index, result) in &page.messages {
+        match result {
+            Ok(r) => assert_eq!(r.sender_card_id, bob1.card_id()),
+            Err(e) => assert!(
+                e.to_string()
+                    .contains("sent after the sender's card was revoked"),
+                "message {index}: {e}"
+            ),
+        }
+    }
 }

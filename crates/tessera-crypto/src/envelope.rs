@@ -37,6 +37,9 @@ pub const CONTENT_TYPE_TEXT: &str = "text/plain; charset=utf-8";
 pub const CONTENT_TYPE_FILE: &str = "application/vnd.tessera.file+v1";
 /// Content type of a message carrying a `HistoryItem` from the organisation.
 pub const CONTENT_TYPE_HISTORY: &str = "application/vnd.tessera.history+v1";
+/// Content type of the organisation's signed `HistoryEnd`, the last message
+/// of every history sync answer.
+pub const CONTENT_TYPE_HISTORY_END: &str = "application/vnd.tessera.history-end+v1";
 
 /// The content key is fresh for every message, so one fixed nonce is safe.
 const BODY_NONCE: [u8; 12] = [0u8; 12];

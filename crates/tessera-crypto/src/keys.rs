@@ -33,6 +33,10 @@ pub enum SignatureContext {
     Token,
     /// A device's answer to a passwordless log-in challenge.
     DeviceLogin,
+    /// A device list statement, by the signing device (protocol v2).
+    DeviceStatement,
+    /// The AppKey's co-signature on a GENESIS or RESET device list statement.
+    DeviceStatementApp,
 }
 
 impl SignatureContext {
@@ -47,6 +51,8 @@ impl SignatureContext {
             Self::Message => "tessera/v1/message",
             Self::Token => "tessera/v1/token",
             Self::DeviceLogin => "tessera/v1/device-login",
+            Self::DeviceStatement => "tessera/v2/device-list/statement",
+            Self::DeviceStatementApp => "tessera/v2/device-list/app",
         }
     }
 
@@ -275,7 +281,19 @@ mod tests {
             Message,
             Token,
             DeviceLogin,
+            DeviceStatement,
+            DeviceStatementApp,
         ];
+        for a in &all {
+            for b in &all {
+                assert!(
+                    a == b || !b.label().starts_with(a.label()),
+                    "{} is a prefix of {}",
+                    a.label(),
+                    b.label()
+                );
+            }
+        }
         let mut labels: Vec<_> = all.iter().map(|c| c.label()).collect();
         labels.sort_unstable();
         labels.dedup();

@@ -14,27 +14,29 @@ use std::sync::{
 };
 
 use tessera_card::{
-    CardId, CardKind, ParsedCard, SignatureRole,
+    CardId, CardKind, ParsedCard, SignatureRole, VerifiedCard, Verifier,
+    device_list::{self, DeviceListError, DeviceListState, ParsedStatement},
     revocation::ParsedRevocation,
     transparency::{self, Tree, VerifiedCheckpoint},
 };
 use tessera_crypto::{SigningKey, VerifyingKey};
 use tessera_proto::{
     card::v1 as card_pb,
-    kms::v1::{CardRecord, CardStatus, IdentityCards},
+    kms::v1::{CardRecord, CardStatus, DeviceList, IdentityCards, LoggedStatement},
     transparency::v1::{ConsistencyProof, InclusionProof, SignedCheckpoint},
 };
 use tessera_service::{
     Caller,
     metrics::{self, KMS_CARDS_REGISTERED, KMS_CARDS_REVOKED, KMS_LOG_ENTRIES},
     storage::StorageError,
+    token::Role,
 };
 use thiserror::Error;
 use tonic::Status;
 
 use crate::{
     index::CardIndex,
-    store::{Append, Store, StoredCard},
+    store::{Append, Store, StoredCard, StoredDeviceList},
 };
 
 /// Limits of the key service.
@@ -44,6 +46,10 @@ pub struct Limits {
     pub max_page_size: u32,
     pub max_active_cards_per_identity: usize,
     pub max_snapshot_bytes: usize,
+    pub max_statement_bytes: usize,
+    /// Device list statements one search answer carries at most; the lists
+    /// past it are sent truncated (fetch them with GetDeviceList).
+    pub max_statements_per_search: usize,
 }
 
 impl Default for Limits {
@@ -53,6 +59,8 @@ impl Default for Limits {
             max_page_size: 1000,
             max_active_cards_per_identity: 256,
             max_snapshot_bytes: 4096,
+            max_statement_bytes: 1024,
+            max_statements_per_search: 2000,
         }
     }
 }
@@ -71,6 +79,8 @@ pub enum KmsError {
     #[error("{0}")]
     ResourceExhausted(String),
     #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
     OutOfRange(String),
     #[error("the key service is unavailable after a storage failure; restart it")]
     Unavailable,
@@ -88,6 +98,7 @@ impl From<KmsError> for Status {
             KmsError::NotFound(m) => Status::not_found(m),
             KmsError::FailedPrecondition(m) => Status::failed_precondition(m),
             KmsError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            KmsError::Aborted(m) => Status::aborted(m),
             KmsError::OutOfRange(m) => Status::out_of_range(m),
             KmsError::Unavailable => Status::unavailable(e.to_string()),
             KmsError::Storage(s) => s.into(),
@@ -112,6 +123,28 @@ pub enum OpenError {
         "the stored log does not match its checkpoint (size {size}, {detail}): the data is corrupt"
     )]
     Inconsistent { size: u64, detail: &'static str },
+}
+
+/// Clock difference tolerated between a revocation's signer and the key
+/// service, in seconds.
+const REVOCATION_SKEW_SECS: i64 = 300;
+
+/// The device list state a stored record holds.
+fn stored_state(list: &StoredDeviceList) -> Result<DeviceListState, KmsError> {
+    let corrupt = |_| KmsError::Internal("stored device list is corrupt");
+    let head: Option<transparency::Hash> = match list.head.len() {
+        0 => None,
+        _ => Some(list.head.as_slice().try_into().map_err(corrupt)?),
+    };
+    let trusted = list
+        .trusted
+        .iter()
+        .map(|id| {
+            CardId::from_bytes(id).map_err(|_| KmsError::Internal("stored device list is corrupt"))
+        })
+        .collect::<Result<_, _>>()?;
+    DeviceListState::resume(&list.identity, list.indices.len() as u64, head, trusted)
+        .map_err(|_| KmsError::Internal("stored device list is corrupt"))
 }
 
 struct Published {
@@ -262,6 +295,18 @@ impl Directory {
         } else {
             stored.registration_entry.clone()
         };
+        let (revocation_entry, revocation_inclusion) = if revoked {
+            let entry = self
+                .store
+                .entry(stored.revocation_index)?
+                .ok_or(KmsError::Internal("revocation entry missing"))?;
+            (
+                entry,
+                Some(inclusion_proof(tree, stored.revocation_index, size)?),
+            )
+        } else {
+            (Vec::new(), None)
+        };
         Ok(Some(CardRecord {
             status: status as i32,
             revocation: if revoked {
@@ -269,6 +314,8 @@ impl Directory {
             } else {
                 None
             },
+            revocation_entry,
+            revocation_inclusion,
             registration_entry: entry,
             inclusion: Some(inclusion_proof(tree, stored.registration_index, size)?),
             superseded_by: if superseded {
@@ -297,10 +344,14 @@ impl Directory {
         &self,
         entry: Vec<u8>,
         mut cards: Vec<StoredCard>,
+        mut device_list: Option<StoredDeviceList>,
         set_index: impl Fn(&mut [StoredCard], u64),
     ) -> Result<u64, KmsError> {
         let index = self.tree.read().map_err(lock_error)?.len();
         set_index(&mut cards, index);
+        if let Some(list) = &mut device_list {
+            list.indices.push(index);
+        }
         let leaf_hash = transparency::leaf_hash(&entry);
         let root = {
             let mut tree = self.tree.write().map_err(lock_error)?;
@@ -316,6 +367,7 @@ impl Directory {
             entry,
             leaf_hash,
             cards,
+            device_list,
             checkpoint: checkpoint.clone(),
         });
         if let Err(e) = applied {
@@ -435,7 +487,7 @@ impl Directory {
             superseded_at_index: 0,
         };
         changed.insert(0, new_record);
-        self.append(entry, changed, |cards, index| {
+        self.append(entry, changed, None, |cards, index| {
             cards[0].registration_index = index;
             for prev in &mut cards[1..] {
                 prev.superseded_at_index = index;
@@ -478,13 +530,31 @@ impl Directory {
         if stored.revocation.is_some() {
             return self.single_record(&stored);
         }
+        // The signer chooses `revoked_at`; clients date a revocation by its
+        // log entry, but a date before the card existed is refused outright.
+        let registration = match stored.registration_entry.is_empty() {
+            false => stored.registration_entry.clone(),
+            true => self
+                .store
+                .entry(stored.registration_index)?
+                .ok_or(KmsError::Internal("registration entry missing"))?,
+        };
+        if let Ok(transparency::LogEvent::Registered { appended_at, .. }) =
+            transparency::parse_entry(&registration)
+            && parsed.revoked_at() < appended_at - REVOCATION_SKEW_SECS
+        {
+            return Err(KmsError::InvalidArgument(format!(
+                "the revocation is dated {}, before the card was registered ({appended_at})",
+                parsed.revoked_at()
+            )));
+        }
         let entry = transparency::revocation_entry(
             parsed.revocation(),
             &stored.identity,
             tessera_service::now_secs(),
         );
         stored.revocation = Some(parsed.revocation().clone());
-        self.append(entry, vec![stored], |cards, index| {
+        self.append(entry, vec![stored], None, |cards, index| {
             cards[0].revocation_index = index
         })
         .await?;
@@ -497,11 +567,220 @@ impl Directory {
         self.single_record(&stored)
     }
 
+    /// A stored card as a verified card (the directory checked its
+    /// signatures when it registered it) and whether it is active now.
+    fn verified_card(&self, id: &CardId) -> Result<Option<(VerifiedCard, bool)>, KmsError> {
+        let Some(stored) = self.store.card(id)? else {
+            return Ok(None);
+        };
+        if stored.kind != CardKind::Client.to_proto() as i32 {
+            return Err(KmsError::FailedPrecondition(format!(
+                "{id} is not a client card"
+            )));
+        }
+        let verified = Verifier::new(self.app_key, self.key.verifying_key())
+            .verify(
+                &stored.card.clone().unwrap_or_default(),
+                None,
+                CardKind::Client,
+            )
+            .map_err(|_| KmsError::Internal("a stored card does not verify"))?;
+        let active = stored.revocation.is_none() && stored.superseded_by.is_empty();
+        Ok(Some((verified, active)))
+    }
+
+    /// Appends a device list statement after checking it extends the
+    /// identity's list (the same rules every client applies): signed by the
+    /// card it names, that card a trusted and active device of the identity
+    /// (or, for a genesis or reset, the subject itself with the AppKey's
+    /// co-signature), naming the current head. A statement signed against an
+    /// older head is ABORTED: the device refetches and signs again. Publishing
+    /// the same statement again returns it as logged.
+    pub async fn publish(
+        &self,
+        caller: &Caller,
+        signed: card_pb::SignedDeviceStatement,
+    ) -> Result<(LoggedStatement, SignedCheckpoint), KmsError> {
+        tessera_service::limits::check_len(
+            "statement",
+            signed.statement.len(),
+            self.limits.max_statement_bytes,
+        )
+        .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
+        let statement =
+            ParsedStatement::parse(signed).map_err(|e| KmsError::InvalidArgument(e.to_string()))?;
+        let identity = statement.identity().to_owned();
+        if caller.role != Role::Service && caller.identity != identity {
+            return Err(KmsError::PermissionDenied(format!(
+                "{} cannot publish to the device list of {identity}",
+                caller.identity
+            )));
+        }
+        let _write = self.write.lock().await;
+        self.check_writable()?;
+        let stored = self.store.device_list(&identity)?;
+        let mut state = match &stored {
+            None => DeviceListState::empty(&identity),
+            Some(list) => stored_state(list)?,
+        };
+        if let Some(list) = &stored
+            && let Some(&index) = list.indices.get(statement.seqno() as usize)
+        {
+            let entry = self
+                .store
+                .entry(index)?
+                .ok_or(KmsError::Internal("statement entry missing"))?;
+            let same = matches!(
+                transparency::parse_entry(&entry),
+                Ok(transparency::LogEvent::DeviceStatement { statement: s, .. }) if s == *statement.signed()
+            );
+            if same {
+                return self.logged_statement(index, &entry);
+            }
+        }
+        let (signer, signer_active) =
+            self.verified_card(&statement.signer())?.ok_or_else(|| {
+                KmsError::FailedPrecondition(format!("no card {}", statement.signer()))
+            })?;
+        if !signer_active {
+            return Err(KmsError::PermissionDenied(format!(
+                "the signer {} is revoked or replaced",
+                statement.signer()
+            )));
+        }
+        if statement.action() != device_list::Action::Remove {
+            match self.verified_card(&statement.subject())? {
+                Some((card, true)) if card.identity() == identity => {}
+                Some(_) => {
+                    return Err(KmsError::FailedPrecondition(format!(
+                        "{} is not an active card of {identity}",
+                        statement.subject()
+                    )));
+                }
+                None => {
+                    return Err(KmsError::FailedPrecondition(format!(
+                        "no card {}",
+                        statement.subject()
+                    )));
+                }
+            }
+        }
+        state
+            .apply(&statement, &signer, &self.app_key)
+            .map_err(|e| match e {
+                DeviceListError::Stale { .. } => KmsError::Aborted(e.to_string()),
+                DeviceListError::Full => KmsError::ResourceExhausted(format!("{identity}: {e}")),
+                DeviceListError::SignerNotTrusted(_)
+                | DeviceListError::BadSignature
+                | DeviceListError::BadAppSignature(_)
+                | DeviceListError::SignerMismatch => KmsError::PermissionDenied(e.to_string()),
+                other => KmsError::FailedPrecondition(other.to_string()),
+            })?;
+        let entry = transparency::device_statement_entry(
+            statement.signed(),
+            &identity,
+            tessera_service::now_secs(),
+        );
+        let mut list = stored.unwrap_or_else(|| StoredDeviceList {
+            identity: identity.clone(),
+            ..Default::default()
+        });
+        list.head = state.head().map(|h| h.to_vec()).unwrap_or_default();
+        list.trusted = state.trusted().iter().map(CardId::to_vec).collect();
+        let index = self
+            .append(entry.clone(), Vec::new(), Some(list), |_, _| {})
+            .await?;
+        tracing::info!(%identity, seqno = statement.seqno(), action = %statement.action(), subject = %statement.subject(), "device list statement logged");
+        self.logged_statement(index, &entry)
+    }
+
+    fn logged_statement(
+        &self,
+        index: u64,
+        entry: &[u8],
+    ) -> Result<(LoggedStatement, SignedCheckpoint), KmsError> {
+        let p = self.published()?;
+        let tree = self.tree.read().map_err(lock_error)?;
+        let hashes = tree
+            .inclusion_proof(index, p.size)
+            .ok_or(KmsError::Internal("statement not visible after append"))?;
+        Ok((
+            LoggedStatement {
+                entry: entry.to_vec(),
+                inclusion: Some(transparency::inclusion_proof_message(index, p.size, hashes)),
+            },
+            p.checkpoint.clone(),
+        ))
+    }
+
+    /// `identity`'s device list as it stood at `size` entries, from
+    /// sequence number `from` on; truncated (no statements) when it would
+    /// carry more than `budget` statements.
+    fn device_list_at(
+        &self,
+        identity: &str,
+        from: u64,
+        size: u64,
+        tree: &Tree,
+        budget: usize,
+    ) -> Result<DeviceList, KmsError> {
+        let Some(list) = self.store.device_list(identity)? else {
+            return Ok(DeviceList::default());
+        };
+        // Statements appended after the published checkpoint do not exist yet.
+        let visible: Vec<u64> = list.indices.into_iter().filter(|&i| i < size).collect();
+        let wanted = &visible[(from.min(visible.len() as u64) as usize)..];
+        if wanted.len() > budget {
+            return Ok(DeviceList {
+                length: visible.len() as u64,
+                statements: Vec::new(),
+                truncated: true,
+            });
+        }
+        let mut statements = Vec::with_capacity(wanted.len());
+        for &index in wanted {
+            let entry = self
+                .store
+                .entry(index)?
+                .ok_or(KmsError::Internal("statement entry missing"))?;
+            let hashes = tree
+                .inclusion_proof(index, size)
+                .ok_or(KmsError::Internal("inclusion proof out of range"))?;
+            statements.push(LoggedStatement {
+                entry,
+                inclusion: Some(transparency::inclusion_proof_message(index, size, hashes)),
+            });
+        }
+        Ok(DeviceList {
+            length: visible.len() as u64,
+            statements,
+            truncated: false,
+        })
+    }
+
+    /// `identity`'s device list from sequence number `from` on, as of the
+    /// latest checkpoint.
+    pub fn device_list(
+        &self,
+        identity: &str,
+        from: u64,
+    ) -> Result<(DeviceList, SignedCheckpoint), KmsError> {
+        tessera_service::limits::identity("identity", identity)
+            .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
+        let p = self.published()?;
+        let tree = self.tree.read().map_err(lock_error)?;
+        Ok((
+            self.device_list_at(identity, from, p.size, &tree, usize::MAX)?,
+            p.checkpoint.clone(),
+        ))
+    }
+
     /// Every active card of each identity, as of the latest checkpoint.
     pub fn search(
         &self,
         identities: &[String],
         kind: Option<CardKind>,
+        device_list_from: &std::collections::HashMap<String, u64>,
     ) -> Result<(Vec<IdentityCards>, SignedCheckpoint), KmsError> {
         if identities.len() > self.limits.max_identities_per_search {
             return Err(KmsError::InvalidArgument(format!(
@@ -510,18 +789,25 @@ impl Directory {
                 self.limits.max_identities_per_search
             )));
         }
+        let mut seen = std::collections::HashSet::new();
         for identity in identities {
             tessera_service::limits::identity("identity", identity)
                 .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
+            if !seen.insert(identity) {
+                return Err(KmsError::InvalidArgument(format!(
+                    "{identity} is asked for twice"
+                )));
+            }
         }
+        let mut statement_budget = self.limits.max_statements_per_search;
         let p = self.published()?;
         let tree = self.tree.read().map_err(lock_error)?;
         let index = self.index.read().map_err(lock_error)?;
-        let kind = kind.map(|k| k.to_proto() as i32);
+        let kind_code = kind.map(|k| k.to_proto() as i32);
         let mut results = Vec::with_capacity(identities.len());
         for identity in identities {
             let cards = index
-                .active(identity, kind, p.size)
+                .active(identity, kind_code, p.size)
                 .map(|card| {
                     Ok(CardRecord {
                         status: CardStatus::Active as i32,
@@ -531,9 +817,18 @@ impl Directory {
                     })
                 })
                 .collect::<Result<_, KmsError>>()?;
+            let device_list = if kind.is_none_or(|k| k == CardKind::Client) {
+                let from = device_list_from.get(identity).copied().unwrap_or(0);
+                let list = self.device_list_at(identity, from, p.size, &tree, statement_budget)?;
+                statement_budget -= list.statements.len();
+                Some(list)
+            } else {
+                None
+            };
             results.push(IdentityCards {
                 identity: identity.clone(),
                 cards,
+                device_list,
             });
         }
         Ok((results, p.checkpoint.clone()))
@@ -650,7 +945,7 @@ mod tests {
     use tessera_crypto::DeviceKeys;
     use tessera_service::{
         TokenIssuer, TokenVerifier,
-        token::{AUDIENCE_KMS, Role, bearer_header},
+        token::{Audience, AuthMethod, Grant, bearer_header},
     };
 
     use super::*;
@@ -686,14 +981,16 @@ mod tests {
         );
         let (record, _) = dir.register(card(&app, "alice")).await.unwrap();
         dir.register(card(&app, "alice")).await.unwrap();
-        let (found, cp) = dir.search(&["alice".into()], None).unwrap();
+        let (found, cp) = dir
+            .search(&["alice".into()], None, &Default::default())
+            .unwrap();
         assert_eq!(found[0].cards.len(), 2);
 
         let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(60));
-        let caller = TokenVerifier::new(issuer.public_key(), AUDIENCE_KMS)
+        let caller = TokenVerifier::new(issuer.public_key(), Audience::Kms)
             .verify_header(&bearer_header(
                 &issuer
-                    .issue("alice", Role::User, None, false)
+                    .issue(&Grant::user("alice", AuthMethod::Password), Audience::Kms)
                     .unwrap()
                     .bytes,
             ))
@@ -708,12 +1005,14 @@ mod tests {
             tessera_card::revocation::RevokedBy::App,
             &app,
             "",
-            0,
+            tessera_service::now_secs(),
         )
         .unwrap();
         dir.revoke(&caller, revocation).await.unwrap();
         assert_eq!(
-            dir.search(&["alice".into()], None).unwrap().0[0]
+            dir.search(&["alice".into()], None, &Default::default())
+                .unwrap()
+                .0[0]
                 .cards
                 .len(),
             1
@@ -723,8 +1022,13 @@ mod tests {
         let reopened = directory(store, SigningKey::from_seed(&key_seed).unwrap(), &app);
         assert_eq!(reopened.verified_checkpoint().unwrap().tree_size, 3);
         assert_eq!(
-            reopened.search(&["alice".into()], None).unwrap().0,
-            dir.search(&["alice".into()], None).unwrap().0
+            reopened
+                .search(&["alice".into()], None, &Default::default())
+                .unwrap()
+                .0,
+            dir.search(&["alice".into()], None, &Default::default())
+                .unwrap()
+                .0
         );
         assert_eq!(
             reopened.verified_checkpoint().unwrap().root_hash,

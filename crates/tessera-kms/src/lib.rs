@@ -20,7 +20,7 @@ use tessera_service::{
     TokenVerifier,
     serve::{self, ServeError},
     storage::StorageError,
-    token::AUDIENCE_KMS,
+    token::Audience,
 };
 use thiserror::Error;
 use tonic::{server::NamedService, service::Routes};
@@ -100,7 +100,7 @@ impl Kms {
         let directory = Directory::open(store, key, config.app_public_key, config.limits.clone())?;
         Ok(Self {
             directory: Arc::new(directory),
-            tokens: TokenVerifier::new(config.token_public_key, AUDIENCE_KMS),
+            tokens: TokenVerifier::new(config.token_public_key, Audience::Kms),
             max_request_bytes: config.max_request_bytes,
         })
     }

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use tessera_card::CardKind;
 use tessera_proto::kms::v1::{
     CardResponse, GetCardRequest, GetCheckpointRequest, GetCheckpointResponse,
-    GetConsistencyProofRequest, GetConsistencyProofResponse, GetInclusionProofRequest,
-    GetInclusionProofResponse, GetServiceInfoRequest, GetServiceInfoResponse,
-    ListLogEntriesRequest, ListLogEntriesResponse, RegisterCardRequest, RevokeCardRequest,
-    SearchCardsRequest, SearchCardsResponse, key_directory_server::KeyDirectory,
+    GetConsistencyProofRequest, GetConsistencyProofResponse, GetDeviceListRequest,
+    GetDeviceListResponse, GetInclusionProofRequest, GetInclusionProofResponse,
+    GetServiceInfoRequest, GetServiceInfoResponse, ListLogEntriesRequest, ListLogEntriesResponse,
+    PublishDeviceStatementRequest, PublishDeviceStatementResponse, RegisterCardRequest,
+    RevokeCardRequest, SearchCardsRequest, SearchCardsResponse, key_directory_server::KeyDirectory,
 };
 use tessera_service::{TokenVerifier, limits, token::Role};
 use tonic::{Request, Response, Status};
@@ -77,7 +78,14 @@ impl KeyDirectory for KmsService {
                     .map_err(|_| Status::invalid_argument("unknown card kind"))?,
             ),
         };
-        let (results, checkpoint) = self.directory.search(&request.identities, kind)?;
+        if request.device_list_from.len() > request.identities.len() {
+            return Err(Status::invalid_argument(
+                "device_list_from names more identities than the search",
+            ));
+        }
+        let (results, checkpoint) =
+            self.directory
+                .search(&request.identities, kind, &request.device_list_from)?;
         Ok(Response::new(SearchCardsResponse {
             results,
             checkpoint: Some(checkpoint),
@@ -155,6 +163,36 @@ impl KeyDirectory for KmsService {
         Ok(Response::new(ListLogEntriesResponse {
             entries,
             from_index: r.from_index,
+            checkpoint: Some(checkpoint),
+        }))
+    }
+
+    async fn publish_device_statement(
+        &self,
+        request: Request<PublishDeviceStatementRequest>,
+    ) -> Result<Response<PublishDeviceStatementResponse>, Status> {
+        let caller = self.tokens.authenticate(&request)?;
+        let statement = request
+            .into_inner()
+            .statement
+            .ok_or_else(|| Status::invalid_argument("statement is missing"))?;
+        let (statement, checkpoint) = self.directory.publish(&caller, statement).await?;
+        Ok(Response::new(PublishDeviceStatementResponse {
+            statement: Some(statement),
+            checkpoint: Some(checkpoint),
+        }))
+    }
+
+    async fn get_device_list(
+        &self,
+        request: Request<GetDeviceListRequest>,
+    ) -> Result<Response<GetDeviceListResponse>, Status> {
+        self.tokens.authenticate(&request)?;
+        let r = request.into_inner();
+        let (device_list, checkpoint) = self.directory.device_list(&r.identity, r.from_seqno)?;
+        Ok(Response::new(GetDeviceListResponse {
+            identity: r.identity,
+            device_list: Some(device_list),
             checkpoint: Some(checkpoint),
         }))
     }

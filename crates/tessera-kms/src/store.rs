@@ -47,6 +47,23 @@ pub struct StoredCard {
     pub registration_entry: Vec<u8>,
 }
 
+/// An identity's device list as verified when each statement was appended:
+/// where its statements are in the log, and the state after the last one.
+#[derive(Clone, PartialEq, Message)]
+pub struct StoredDeviceList {
+    #[prost(string, tag = "1")]
+    pub identity: String,
+    /// Log index of each statement, in sequence order.
+    #[prost(uint64, repeated, tag = "2")]
+    pub indices: Vec<u64>,
+    /// Statement hash of the head (32 bytes).
+    #[prost(bytes = "vec", tag = "3")]
+    pub head: Vec<u8>,
+    /// Trusted card ids after the head (32 bytes each), ascending.
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub trusted: Vec<Vec<u8>>,
+}
+
 /// One atomic append.
 pub struct Append {
     pub index: u64,
@@ -54,6 +71,8 @@ pub struct Append {
     pub leaf_hash: Hash,
     /// Card records created or changed by the entry.
     pub cards: Vec<StoredCard>,
+    /// The device list the entry extends, already including `index`.
+    pub device_list: Option<StoredDeviceList>,
     pub checkpoint: SignedCheckpoint,
 }
 
@@ -68,6 +87,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         f: &mut dyn FnMut(StoredCard) -> Result<(), StorageError>,
     ) -> Result<(), StorageError>;
+    /// The identity's device list, if it has one.
+    fn device_list(&self, identity: &str) -> Result<Option<StoredDeviceList>, StorageError>;
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError>;
     fn entries(&self, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StorageError>;
     /// Every leaf hash in order, to rebuild the tree at start.
@@ -89,6 +110,10 @@ fn identity_key(identity: &str) -> Vec<u8> {
     [b"i/".as_slice(), identity.as_bytes()].concat()
 }
 
+fn device_list_key(identity: &str) -> Vec<u8> {
+    [b"d/".as_slice(), identity.as_bytes()].concat()
+}
+
 fn entry_key(index: u64) -> Vec<u8> {
     [b"l/".as_slice(), &u64_key(index)].concat()
 }
@@ -104,7 +129,8 @@ fn decode_card(bytes: &[u8]) -> Result<StoredCard, StorageError> {
 }
 
 /// The sled store: one tree, keys prefixed by record type
-/// (`c/` cards, `i/` identity index, `l/` entries, `h/` leaf hashes, `m/` meta).
+/// (`c/` cards, `i/` identity index, `d/` device lists, `l/` entries,
+/// `h/` leaf hashes, `m/` meta).
 /// Writes happen under the directory's write lock, so the identity index
 /// is read and rewritten without races.
 pub struct SledStore {
@@ -149,6 +175,16 @@ impl Store for SledStore {
             f(decode_card(&item?.1)?)?;
         }
         Ok(())
+    }
+
+    fn device_list(&self, identity: &str) -> Result<Option<StoredDeviceList>, StorageError> {
+        self.db
+            .get(device_list_key(identity))?
+            .map(|v| {
+                StoredDeviceList::decode(v.as_ref())
+                    .map_err(|_| StorageError::Corrupt("device list record"))
+            })
+            .transpose()
     }
 
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
@@ -213,6 +249,9 @@ impl Store for SledStore {
                 batch.insert(key, ids);
             }
         }
+        if let Some(list) = &append.device_list {
+            batch.insert(device_list_key(&list.identity), list.encode_to_vec());
+        }
         batch.insert(CHECKPOINT_KEY, append.checkpoint.encode_to_vec());
         self.db.apply_batch(batch)?;
         record_store("apply", started);
@@ -234,6 +273,7 @@ pub struct MemoryStore {
 struct MemoryInner {
     cards: BTreeMap<CardId, StoredCard>,
     by_identity: BTreeMap<String, Vec<CardId>>,
+    device_lists: BTreeMap<String, StoredDeviceList>,
     entries: Vec<(Vec<u8>, Hash)>,
     checkpoint: Option<SignedCheckpoint>,
 }
@@ -269,6 +309,10 @@ impl Store for MemoryStore {
         // Copied out first: `f` may call back into the store.
         let cards: Vec<StoredCard> = self.lock()?.cards.values().cloned().collect();
         cards.into_iter().try_for_each(f)
+    }
+
+    fn device_list(&self, identity: &str) -> Result<Option<StoredDeviceList>, StorageError> {
+        Ok(self.lock()?.device_lists.get(identity).cloned())
     }
 
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
@@ -315,6 +359,9 @@ impl Store for MemoryStore {
                 ids.push(id);
             }
             inner.cards.insert(id, card);
+        }
+        if let Some(list) = append.device_list {
+            inner.device_lists.insert(list.identity.clone(), list);
         }
         inner.checkpoint = Some(append.checkpoint);
         Ok(())

@@ -12,25 +12,28 @@ use std::time::Duration;
 
 use tessera_card::{
     CardId, CardKind, NewCard, Verifier, app_sign,
+    device_list::{self, Action, DeviceListState, NewStatement, ParsedStatement},
+    record,
     revocation::{RevokedBy, sign_revocation},
     transparency::{self, VerifiedCheckpoint},
 };
 use tessera_crypto::{DeviceKeys, SigningKey, VerifyingKey};
 use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits};
 use tessera_proto::{
+    Message as _,
     card::v1::Card,
     kms::v1::{
         CardRecord, CardStatus, GetCardRequest, GetCheckpointRequest, GetConsistencyProofRequest,
-        GetInclusionProofRequest, GetServiceInfoRequest, ListLogEntriesRequest,
-        RegisterCardRequest, RevokeCardRequest, SearchCardsRequest,
-        key_directory_client::KeyDirectoryClient,
+        GetDeviceListRequest, GetInclusionProofRequest, GetServiceInfoRequest,
+        ListLogEntriesRequest, PublishDeviceStatementRequest, RegisterCardRequest,
+        RevokeCardRequest, SearchCardsRequest, key_directory_client::KeyDirectoryClient,
     },
     transparency::v1::SignedCheckpoint,
 };
 use tessera_service::{
     TokenIssuer,
     serve::{Running, ServeOptions},
-    token::{Role, bearer_header},
+    token::{Audience, AuthMethod, Grant, bearer_header},
 };
 use tonic::{Code, Request, transport::Channel};
 
@@ -89,13 +92,13 @@ impl Fixture {
         let (running, client, kms_key) = serve(dir.path(), &app, &issuer).await;
         let service_token = bearer_header(
             &issuer
-                .issue("tessera-server", Role::Service, None, false)
+                .issue(&Grant::service("tessera-server"), Audience::Kms)
                 .unwrap()
                 .bytes,
         );
         let user_token = bearer_header(
             &issuer
-                .issue("alice", Role::User, None, false)
+                .issue(&Grant::user("alice", AuthMethod::Password), Audience::Kms)
                 .unwrap()
                 .bytes,
         );
@@ -166,6 +169,7 @@ impl Fixture {
             SearchCardsRequest {
                 identities: identities.iter().map(|s| s.to_string()).collect(),
                 kind: 0,
+                device_list_from: Default::default(),
             },
         );
         Ok(self.client.search_cards(request).await?.into_inner())
@@ -243,8 +247,14 @@ async fn register_search_get_revoke_with_several_devices() {
     }
 
     // Self-revocation: the card leaves search but stays fetchable by id.
-    let revocation =
-        sign_revocation(id1, RevokedBy::SelfKey, &alice1_keys.signing, "lost", 1).unwrap();
+    let revocation = sign_revocation(
+        id1,
+        RevokedBy::SelfKey,
+        &alice1_keys.signing,
+        "lost",
+        tessera_service::now_secs(),
+    )
+    .unwrap();
     let request = f.with(
         &f.user_token.clone(),
         RevokeCardRequest {
@@ -365,7 +375,25 @@ async fn revocation_by_a_stranger_is_refused() {
         assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     }
     // The AppKey may revoke.
-    let revocation = sign_revocation(id, RevokedBy::App, &f.app, "admin", 1).unwrap();
+    // A revocation dated before the card existed would void its whole past.
+    let backdated = sign_revocation(id, RevokedBy::App, &f.app, "admin", 1).unwrap();
+    let request = f.with(
+        &f.service_token.clone(),
+        RevokeCardRequest {
+            revocation: Some(backdated),
+        },
+    );
+    let status = f.client.revoke_card(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("before the card was registered"));
+    let revocation = sign_revocation(
+        id,
+        RevokedBy::App,
+        &f.app,
+        "admin",
+        tessera_service::now_secs(),
+    )
+    .unwrap();
     let request = f.with(
         &f.service_token.clone(),
         RevokeCardRequest {
@@ -670,7 +698,7 @@ async fn health_and_reflection_are_served() {
         .connect()
         .await
         .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "tessera.kms.v1.KeyDirectory".into(),
@@ -683,4 +711,365 @@ async fn health_and_reflection_are_served() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+
+    // Reflection lists the key directory, health and reflection itself, and
+    // describes the key directory's file.
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask = |request: MessageRequest| {
+        futures_util::stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        }])
+    };
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not list the services");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "tessera.kms.v1.KeyDirectory",
+        ]
+    );
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+            "tessera.kms.v1.KeyDirectory".into(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not describe tessera.kms.v1.KeyDirectory");
+    };
+    let described = files.file_descriptor_proto.iter().any(|bytes| {
+        let file = prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap();
+        file.service.iter().any(|s| {
+            s.name() == "KeyDirectory" && s.method.iter().any(|m| m.name() == "RegisterCard")
+        })
+    });
+    assert!(described, "no descriptor of KeyDirectory.RegisterCard");
+}
+
+/// Many registrations at once, some of them the same card: every card is
+/// logged exactly once, every answer's record is proven in its checkpoint,
+/// and every checkpoint handed out is a prefix of the final log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_are_each_logged_once() {
+    const DISTINCT: usize = 16;
+    const SAME: usize = 6;
+    let mut f = Fixture::start().await;
+    let before = f.checkpoint().await.tree_size;
+    let mut cards: Vec<Card> = (0..DISTINCT)
+        .map(|i| f.card(&format!("user{}", i % 3), &format!("device {i}")).1)
+        .collect();
+    let shared = f.card("shared", "one card, registered six times at once").1;
+    cards.extend(std::iter::repeat_n(shared.clone(), SAME));
+    let calls = cards.into_iter().map(|card| {
+        let mut client = f.client.clone();
+        let request = f.with(&f.service_token, RegisterCardRequest { card: Some(card) });
+        tokio::spawn(async move { client.register_card(request).await })
+    });
+    let mut answers = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        let r = call.await.unwrap().unwrap().into_inner();
+        answers.push((r.record.unwrap(), r.checkpoint.unwrap()));
+    }
+    let latest = f.checkpoint().await;
+    assert_eq!(
+        latest.tree_size,
+        before + DISTINCT as u64 + 1,
+        "each distinct card logged once"
+    );
+    let shared_id = CardId::of_snapshot(&shared.content_snapshot);
+    let mut shared_entries = std::collections::HashSet::new();
+    for (record, checkpoint) in &answers {
+        let identity = transparency::registered_card(&record.registration_entry)
+            .map(|c| {
+                tessera_card::ParsedCard::parse(c)
+                    .unwrap()
+                    .identity()
+                    .to_owned()
+            })
+            .unwrap();
+        let id = f.check_record(record, checkpoint, &identity);
+        if id == shared_id {
+            shared_entries.insert(record.registration_entry.clone());
+        }
+        // Each checkpoint handed out is a prefix of the final log.
+        let old = transparency::verify_checkpoint(checkpoint, &f.kms_key).unwrap();
+        let request = f.with(
+            &f.user_token.clone(),
+            GetConsistencyProofRequest {
+                old_size: old.tree_size,
+                new_size: latest.tree_size,
+            },
+        );
+        let proof = f
+            .client
+            .get_consistency_proof(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .proof
+            .unwrap();
+        transparency::verify_consistency(&old, &latest, &proof).unwrap();
+    }
+    assert_eq!(
+        shared_entries.len(),
+        1,
+        "the card registered six times at once has one registration entry"
+    );
+    // The log itself holds each card once.
+    let request = f.with(
+        &f.user_token.clone(),
+        ListLogEntriesRequest {
+            from_index: before,
+            limit: 100,
+        },
+    );
+    let entries = f
+        .client
+        .list_log_entries(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let mut ids: Vec<CardId> = entries
+        .iter()
+        .map(|e| {
+            let card = transparency::registered_card(e).unwrap();
+            CardId::of_snapshot(&card.content_snapshot)
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), DISTINCT + 1);
+    assert_eq!(entries.len(), DISTINCT + 1);
+}
+
+/// Signs `action` on `subject` against `state` with `signer`'s key.
+fn statement(
+    state: &DeviceListState,
+    action: Action,
+    subject: CardId,
+    signer: (CardId, &DeviceKeys),
+    app: Option<&SigningKey>,
+) -> tessera_proto::card::v1::SignedDeviceStatement {
+    let mut signed = NewStatement {
+        identity: state.identity(),
+        seqno: state.length(),
+        previous_hash: state.head(),
+        action,
+        subject,
+        signer: signer.0,
+        created_at: tessera_service::now_secs(),
+    }
+    .sign(&signer.1.signing);
+    if let Some(app) = app {
+        device_list::app_cosign(&mut signed, app);
+    }
+    signed
+}
+
+#[tokio::test]
+async fn device_lists_are_checked_logged_served_and_survive_restart() {
+    let mut f = Fixture::start().await;
+    let (phone_keys, phone) = f.card("alice", "phone");
+    let (laptop_keys, laptop) = f.card("alice", "laptop");
+    let (_, rogue) = f.card("alice", "made by the server");
+    let mut ids = Vec::new();
+    let mut cards = Vec::new();
+    for card in [phone, laptop, rogue] {
+        let (record, cp) = f.register(card).await.unwrap();
+        ids.push(f.check_record(&record, &cp, "alice"));
+        cards.push(
+            f.verifier()
+                .verify(
+                    &transparency::registered_card(&record.registration_entry).unwrap(),
+                    Some("alice"),
+                    CardKind::Client,
+                )
+                .unwrap(),
+        );
+    }
+    let (phone_id, laptop_id, rogue_id) = (ids[0], ids[1], ids[2]);
+    let phone_card = cards[0].clone();
+    let alice = f.user_token.clone();
+    let service = f.service_token.clone();
+    let publish =
+        |f: &mut Fixture, token: &str, s: tessera_proto::card::v1::SignedDeviceStatement| {
+            let request = f.with(token, PublishDeviceStatementRequest { statement: Some(s) });
+            let mut client = f.client.clone();
+            async move { client.publish_device_statement(request).await }
+        };
+
+    // A genesis without the AppKey's co-signature is refused; with it, logged.
+    let mut truth = DeviceListState::empty("alice");
+    let bare = statement(
+        &truth,
+        Action::Genesis,
+        phone_id,
+        (phone_id, &phone_keys),
+        None,
+    );
+    let err = publish(&mut f, &alice, bare).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let genesis = statement(
+        &truth,
+        Action::Genesis,
+        phone_id,
+        (phone_id, &phone_keys),
+        Some(&f.app),
+    );
+    let logged = publish(&mut f, &service, genesis.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let cp = transparency::verify_checkpoint(&logged.checkpoint.unwrap(), &f.kms_key).unwrap();
+    let one = device_list::check_logged(&logged.statement.unwrap(), "alice", &cp).unwrap();
+    truth
+        .apply(&one.statement, &phone_card, &f.app.verifying_key())
+        .unwrap();
+    // Publishing the same statement again returns it as logged.
+    let again = publish(&mut f, &service, genesis)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.statement.unwrap().inclusion.unwrap().leaf_index,
+        one.leaf_index
+    );
+
+    // Another user cannot write alice's list.
+    let bob = bearer_header(
+        &f.issuer
+            .issue(&Grant::user("bob", AuthMethod::Device), Audience::Kms)
+            .unwrap()
+            .bytes,
+    );
+    let add_laptop = statement(
+        &truth,
+        Action::Add,
+        laptop_id,
+        (phone_id, &phone_keys),
+        None,
+    );
+    let err = publish(&mut f, &bob, add_laptop.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A device nobody approved cannot add itself or another.
+    let forged = statement(
+        &truth,
+        Action::Add,
+        rogue_id,
+        (laptop_id, &laptop_keys),
+        None,
+    );
+    let err = publish(&mut f, &alice, forged).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not a trusted device"), "{err:?}");
+    // The phone approves the laptop.
+    publish(&mut f, &alice, add_laptop.clone()).await.unwrap();
+    let mut stale_base = truth.clone();
+    let laptop_added = ParsedStatement::parse(add_laptop).unwrap();
+    truth
+        .apply(&laptop_added, &phone_card, &f.app.verifying_key())
+        .unwrap();
+    // A statement signed against the old head is ABORTED: refetch and sign again.
+    let stale = statement(
+        &stale_base,
+        Action::Remove,
+        phone_id,
+        (phone_id, &phone_keys),
+        None,
+    );
+    let err = publish(&mut f, &alice, stale).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    stale_base = truth.clone();
+
+    // Served from any seqno, with proofs, in search and alone; the same after a restart.
+    f.restart().await;
+    let request = f.with(
+        &alice,
+        GetDeviceListRequest {
+            identity: "alice".into(),
+            from_seqno: 1,
+        },
+    );
+    let list = f
+        .client
+        .get_device_list(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let cp = transparency::verify_checkpoint(&list.checkpoint.unwrap(), &f.kms_key).unwrap();
+    let list = list.device_list.unwrap();
+    assert_eq!(list.length, 2);
+    assert_eq!(list.statements.len(), 1);
+    let served = device_list::ServedList::check(&list, "alice", &cp).unwrap();
+    assert_eq!(
+        served.statements[0].statement.hash(),
+        stale_base.head().unwrap()
+    );
+
+    let mut from = std::collections::HashMap::new();
+    from.insert("alice".to_owned(), 0u64);
+    let request = f.with(
+        &alice,
+        SearchCardsRequest {
+            identities: vec!["alice".into(), "nobody".into()],
+            kind: CardKind::Client.to_proto() as i32,
+            device_list_from: from,
+        },
+    );
+    let found = f.client.search_cards(request).await.unwrap().into_inner();
+    let cp = transparency::verify_checkpoint(&found.checkpoint.unwrap(), &f.kms_key).unwrap();
+    let list = found.results[0].device_list.clone().unwrap();
+    let mut view = DeviceListState::empty("alice");
+    let records: std::collections::BTreeMap<CardId, record::CheckedRecord> = found.results[0]
+        .cards
+        .iter()
+        .map(|r| {
+            let c = record::check_record(&f.verifier(), r, &cp, Some("alice"), CardKind::Client)
+                .unwrap();
+            (c.card.id(), c)
+        })
+        .collect();
+    device_list::ServedList::check(&list, "alice", &cp)
+        .unwrap()
+        .extend(
+            &mut view,
+            &|id| records.get(id).cloned(),
+            &f.app.verifying_key(),
+        )
+        .unwrap();
+    assert_eq!(view, truth);
+    assert!(view.is_trusted(&laptop_id) && !view.is_trusted(&rogue_id));
+    assert_eq!(found.results[1].device_list.clone().unwrap().length, 0);
+    // Asking for ORG cards only leaves the device lists out.
+    let request = f.with(
+        &alice,
+        SearchCardsRequest {
+            identities: vec!["alice".into()],
+            kind: CardKind::Org.to_proto() as i32,
+            device_list_from: Default::default(),
+        },
+    );
+    let found = f.client.search_cards(request).await.unwrap().into_inner();
+    assert!(found.results[0].device_list.is_none());
 }

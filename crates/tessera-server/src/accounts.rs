@@ -9,15 +9,19 @@ use tessera_proto::{
     kms::v1::CardStatus,
     server::v1::{
         BeginDeviceLoginRequest, BeginDeviceLoginResponse, FinishDeviceLoginRequest,
-        GetServerInfoRequest, GetServerInfoResponse, Limits as PbLimits, LoginRequest,
-        LoginResponse, SignUpRequest, WhoAmIRequest, WhoAmIResponse, accounts_server::Accounts,
+        GetServerInfoRequest, GetServerInfoResponse, IssueTokenRequest, Limits as PbLimits,
+        LoginRequest, LoginResponse, SignUpRequest, WhoAmIRequest, WhoAmIResponse,
+        accounts_server::Accounts,
     },
 };
-use tessera_service::{limits, token::Role};
+use tessera_service::{
+    limits,
+    token::{Audience, AuthMethod, Grant, Role},
+};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    App, challenges,
+    App,
     kms_client::SERVICE_SUBJECT,
     passwords,
     store::{Account, DeviceStatus},
@@ -28,25 +32,45 @@ pub(crate) struct AccountsService(pub(crate) Arc<App>);
 const MIN_PASSWORD_BYTES: usize = 8;
 
 impl App {
-    /// A log-in answer with a fresh token for `identity`.
+    /// A log-in answer with a fresh app-server token for a user.
     pub(crate) fn login_response(
         &self,
         identity: &str,
         device: Option<tessera_card::CardId>,
     ) -> Result<LoginResponse, Status> {
         let admin = self.config.admins.iter().any(|a| a == identity);
-        let org_member = self.is_org_member(identity)?;
-        let role = if admin { Role::Admin } else { Role::User };
+        let grant = Grant {
+            subject: identity.to_owned(),
+            role: if admin { Role::Admin } else { Role::User },
+            device_card_id: device,
+            org_member: self.is_org_member(identity)?,
+            auth: if device.is_some() {
+                AuthMethod::Device
+            } else {
+                AuthMethod::Password
+            },
+        };
+        self.token_response(&grant, Audience::Server, i64::MAX)
+    }
+
+    /// A token for `grant` at `audience`, expiring no later than `not_after`.
+    pub(crate) fn token_response(
+        &self,
+        grant: &Grant,
+        audience: Audience,
+        not_after: i64,
+    ) -> Result<LoginResponse, Status> {
         let token = self
             .issuer
-            .issue(identity, role, device, org_member)
+            .issue_until(grant, audience, not_after)
             .map_err(|_| Status::internal("cannot issue a token"))?;
         Ok(LoginResponse {
             access_token: token.bytes,
             expires_at: token.expires_at,
-            identity: identity.to_owned(),
-            admin,
-            org_member,
+            identity: grant.subject.clone(),
+            admin: grant.role == Role::Admin,
+            org_member: grant.org_member,
+            audience: audience.as_str().to_owned(),
         })
     }
 
@@ -116,6 +140,7 @@ impl Accounts for AccountsService {
             identity: identity.clone(),
             password: Some(hash),
             created_at: tessera_service::now_secs(),
+            device_list_started: false,
         };
         if !app.store.create_account(&account)? {
             return Err(Status::already_exists(format!(
@@ -173,10 +198,9 @@ impl Accounts for AccountsService {
         limits::identity("identity", &r.identity)?;
         let card_id = limits::card_id("card_id", &r.card_id)?;
         match app.store.device(card_id.as_bytes())? {
-            Some(d)
-                if d.identity == r.identity
-                    && d.status == DeviceStatus::Active as i32
-                    && !d.org_card => {}
+            // A user's device, or the organisation's card (the backup
+            // service logging in with the OrgKey).
+            Some(d) if d.identity == r.identity && d.status == DeviceStatus::Active as i32 => {}
             _ => {
                 return Err(Status::permission_denied(format!(
                     "{card_id} is not an active device of {}",
@@ -193,7 +217,7 @@ impl Accounts for AccountsService {
         }
         Ok(Response::new(BeginDeviceLoginResponse {
             challenge: challenge.to_vec(),
-            expires_at: tessera_service::now_secs() + challenges::CHALLENGE_TTL.as_secs() as i64,
+            expires_at: tessera_service::now_secs() + app.challenges.ttl().as_secs() as i64,
         }))
     }
 
@@ -228,7 +252,9 @@ impl Accounts for AccountsService {
         if card.id() != card_id {
             return Err(Status::internal("key service returned another card"));
         }
-        if card.identity() != r.identity || card.kind() != CardKind::Client {
+        let org = app.config.org_identity.as_deref();
+        let is_org = card.kind() == CardKind::Org && org == Some(card.identity());
+        if card.identity() != r.identity || !(card.kind() == CardKind::Client || is_org) {
             return Err(Status::permission_denied(
                 "the card is not a device of this identity",
             ));
@@ -245,13 +271,60 @@ impl Accounts for AccountsService {
         card.signing_key()
             .verify(
                 SignatureContext::DeviceLogin,
-                &challenges::signed_message(&r.challenge, &r.identity, &card_id),
+                &tessera_card::device_login_message(&r.challenge, &r.identity, &card_id),
                 &r.signature,
             )
             .map_err(|_| Status::unauthenticated("the challenge signature does not verify"))?;
+        if is_org {
+            // The backup service: a credential of its own, never a user's.
+            let grant = Grant {
+                subject: r.identity.clone(),
+                role: Role::Backup,
+                device_card_id: Some(card_id),
+                org_member: false,
+                auth: AuthMethod::Service,
+            };
+            tracing::info!(org = %r.identity, "backup service logged in with the OrgKey");
+            return Ok(Response::new(app.token_response(
+                &grant,
+                Audience::Server,
+                i64::MAX,
+            )?));
+        }
         Ok(Response::new(
             app.login_response(&r.identity, Some(card_id))?,
         ))
+    }
+
+    async fn issue_token(
+        &self,
+        request: Request<IssueTokenRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
+        let app = &self.0;
+        let caller = app.authenticate(&request)?;
+        let audience = match Audience::parse(&request.get_ref().audience) {
+            Some(a @ (Audience::Kms | Audience::Backup)) => a,
+            Some(Audience::Server) => {
+                return Err(Status::invalid_argument(
+                    "app-server tokens come from a log-in only",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "audience must be \"kms\" or \"backup\"",
+                ));
+            }
+        };
+        // Membership may have changed since the log-in: ask again.
+        let mut grant = caller.grant();
+        if caller.role == Role::User || caller.role == Role::Admin {
+            grant.org_member = app.is_org_member(&caller.identity)?;
+        }
+        Ok(Response::new(app.token_response(
+            &grant,
+            audience,
+            caller.expires_at,
+        )?))
     }
 
     async fn who_am_i(

@@ -8,8 +8,8 @@ use std::{
 
 use tessera_card::CardId;
 
-/// How long a challenge may be answered.
-pub(crate) const CHALLENGE_TTL: Duration = Duration::from_secs(60);
+/// How long a challenge may be answered, unless configured otherwise.
+pub(crate) const DEFAULT_CHALLENGE_TTL: Duration = Duration::from_secs(60);
 /// Most challenges outstanding at once.
 const MAX_OUTSTANDING: usize = 100_000;
 
@@ -19,12 +19,24 @@ struct Pending {
     issued: Instant,
 }
 
-#[derive(Default)]
 pub(crate) struct Challenges {
     pending: Mutex<HashMap<[u8; 32], Pending>>,
+    ttl: Duration,
 }
 
 impl Challenges {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Self {
+            pending: Mutex::default(),
+            ttl,
+        }
+    }
+
+    /// How long a challenge may be answered.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Remembers `challenge` for (`identity`, `card_id`); `false` when too
     /// many are outstanding.
     pub(crate) fn insert(&self, challenge: [u8; 32], identity: &str, card_id: CardId) -> bool {
@@ -32,7 +44,7 @@ impl Challenges {
             return false;
         };
         if p.len() >= MAX_OUTSTANDING {
-            p.retain(|_, v| v.issued.elapsed() < CHALLENGE_TTL);
+            p.retain(|_, v| v.issued.elapsed() < self.ttl);
             if p.len() >= MAX_OUTSTANDING {
                 return false;
             }
@@ -59,23 +71,11 @@ impl Challenges {
         };
         match p.remove(&key) {
             Some(v) => {
-                v.issued.elapsed() < CHALLENGE_TTL
-                    && v.identity == identity
-                    && &v.card_id == card_id
+                v.issued.elapsed() < self.ttl && v.identity == identity && &v.card_id == card_id
             }
             None => false,
         }
     }
-}
-
-/// The bytes a device signs to answer a challenge.
-pub(crate) fn signed_message(challenge: &[u8], identity: &str, card_id: &CardId) -> Vec<u8> {
-    let mut m = Vec::with_capacity(32 + 4 + identity.len() + 32);
-    m.extend_from_slice(challenge);
-    m.extend_from_slice(&(identity.len() as u32).to_be_bytes());
-    m.extend_from_slice(identity.as_bytes());
-    m.extend_from_slice(card_id.as_bytes());
-    m
 }
 
 #[cfg(test)]
@@ -84,7 +84,7 @@ mod tests {
 
     #[test]
     fn single_use_and_bound_to_identity_and_card() {
-        let c = Challenges::default();
+        let c = Challenges::new(DEFAULT_CHALLENGE_TTL);
         let card = CardId::of_snapshot(b"c");
         assert!(c.insert([1; 32], "alice", card));
         assert!(!c.take(&[1; 32], "bob", &card));

@@ -71,6 +71,10 @@ fn visible_from(channel: &ChannelRecord, member: &MemberRecord) -> u64 {
 }
 
 impl App {
+    pub(crate) fn channel_record(&self, channel_id: &str) -> Result<ChannelRecord, Status> {
+        self.channel(channel_id)
+    }
+
     fn channel(&self, channel_id: &str) -> Result<ChannelRecord, Status> {
         check_id("channel_id", channel_id)?;
         self.store
@@ -93,7 +97,7 @@ impl App {
         Ok((channel, member))
     }
 
-    fn channel_view(
+    pub(crate) fn channel_view(
         &self,
         channel: &ChannelRecord,
         me: &MemberRecord,

@@ -6,16 +6,17 @@ use std::sync::Arc;
 
 use tessera_card::{
     CardId, CardKind, ParsedCard, app_sign,
+    device_list::{Action, ParsedStatement, app_cosign},
     revocation::{ParsedRevocation, RevokedBy, sign_revocation},
 };
 use tessera_proto::{
-    card::v1::{Card, Revocation},
+    card::v1::{Card, Revocation, SignedDeviceStatement},
     kms::v1::{CardResponse, CardStatus},
     server::v1::{
-        AdminRevokeDeviceRequest, Device as PbDevice, EnrollDeviceRequest, ListDevicesRequest,
-        ListDevicesResponse, ListOrgMembersRequest, ListOrgMembersResponse, RegisterOrgCardRequest,
-        RevokeDeviceRequest, SetOrgMemberRequest, SetOrgMemberResponse, admin_server::Admin,
-        devices_server::Devices,
+        AdminRevokeDeviceRequest, Device as PbDevice, EnrollDeviceRequest, EnrollDeviceResponse,
+        ListDevicesRequest, ListDevicesResponse, ListOrgMembersRequest, ListOrgMembersResponse,
+        RegisterOrgCardRequest, RevokeDeviceRequest, SetOrgMemberRequest, SetOrgMemberResponse,
+        admin_server::Admin, devices_server::Devices,
     },
 };
 use tessera_service::{Caller, limits};
@@ -31,6 +32,48 @@ pub(crate) struct AdminService(pub(crate) Arc<App>);
 
 /// Largest card snapshot accepted for enrollment.
 const MAX_SNAPSHOT_BYTES: usize = 4096;
+
+/// How old a password log-in may be to enroll a device or reset an identity.
+pub(crate) const FRESH_PASSWORD_SECS: i64 = 300;
+
+/// Checks a GENESIS or RESET statement sent with a card for `identity` and
+/// adds the AppKey's co-signature (the app server vouching that the account
+/// password was just given).
+fn cosign_statement(
+    statement: SignedDeviceStatement,
+    card: &ParsedCard,
+    app_key: &tessera_crypto::SigningKey,
+) -> Result<(SignedDeviceStatement, Action), Status> {
+    let mut unsigned = statement;
+    // The device leaves it empty; parsing checks the shape with it filled.
+    let app_len = unsigned.app_signature.len();
+    if app_len != 0 {
+        return Err(Status::invalid_argument(
+            "leave the statement's app_signature empty: the server adds it",
+        ));
+    }
+    app_cosign(&mut unsigned, app_key);
+    let parsed =
+        ParsedStatement::parse(unsigned).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if !matches!(parsed.action(), Action::Genesis | Action::Reset) {
+        return Err(Status::invalid_argument(
+            "only a genesis or reset statement comes with an enrollment; publish others at the key service",
+        ));
+    }
+    if parsed.identity() != card.identity() || parsed.subject() != card.id() {
+        return Err(Status::invalid_argument(
+            "the statement must make the enrolled card its subject and signer",
+        ));
+    }
+    card.signing_key()
+        .verify(
+            tessera_crypto::SignatureContext::DeviceStatement,
+            &parsed.signed().statement,
+            &parsed.signed().signature,
+        )
+        .map_err(|_| Status::invalid_argument("the statement's signature does not verify"))?;
+    Ok((parsed.signed().clone(), parsed.action()))
+}
 
 fn parse_self_signed(card: Option<Card>, kind: CardKind) -> Result<ParsedCard, Status> {
     let card = card.ok_or_else(|| Status::invalid_argument("card is missing"))?;
@@ -150,10 +193,19 @@ impl Devices for DevicesService {
     async fn enroll_device(
         &self,
         request: Request<EnrollDeviceRequest>,
-    ) -> Result<Response<CardResponse>, Status> {
+    ) -> Result<Response<EnrollDeviceResponse>, Status> {
         let app = &self.0;
         let caller = app.authenticate(&request)?;
-        let parsed = parse_self_signed(request.into_inner().card, CardKind::Client)?;
+        // A device-login token, or a token another service could have
+        // captured, never enrolls a device: only the password, just given.
+        if !caller.password_login_within(FRESH_PASSWORD_SECS) {
+            return Err(Status::unauthenticated(format!(
+                "enrolling a device needs a password log-in less than {} minutes old: log in with the password again",
+                FRESH_PASSWORD_SECS / 60
+            )));
+        }
+        let r = request.into_inner();
+        let parsed = parse_self_signed(r.card, CardKind::Client)?;
         if parsed.identity() != caller.identity {
             return Err(Status::permission_denied(format!(
                 "{} cannot enroll a card for {}",
@@ -161,43 +213,98 @@ impl Devices for DevicesService {
                 parsed.identity()
             )));
         }
+        let statement = r
+            .statement
+            .map(|s| cosign_statement(s, &parsed, &app.app_key))
+            .transpose()?;
         let _user = app.user_lock(&caller.identity).lock().await;
+        let mut genesis_of = None;
+        if let Some((_, Action::Genesis)) = &statement {
+            // A genesis is co-signed once per account: after that, only a
+            // reset (reported to contacts as one) replaces the list.
+            let mut account = app
+                .store
+                .account(&caller.identity)?
+                .ok_or_else(|| Status::not_found("no such account"))?;
+            if account.device_list_started {
+                return Err(Status::failed_precondition(
+                    "this account already has a device list: approve the device from another one, or reset",
+                ));
+            }
+            account.device_list_started = true;
+            genesis_of = Some(account);
+        }
         let devices = app.store.devices(&caller.identity)?;
-        if let Some(existing) = devices.iter().find(|d| d.card_id == parsed.id().to_vec()) {
+        let id = parsed.id();
+        let mut response = if let Some(existing) = devices.iter().find(|d| d.card_id == id.to_vec())
+        {
             // Enrolling the same card again returns it as registered.
             if existing.status != DeviceStatus::Active as i32 {
                 return Err(Status::failed_precondition(
                     "this card was revoked or replaced: make a new card to enroll this device again",
                 ));
             }
-            return Ok(Response::new(app.kms.get(&app.issuer, &parsed.id()).await?));
-        }
-        let active = devices
-            .iter()
-            .filter(|d| d.status == DeviceStatus::Active as i32)
-            .count();
-        limits::check_quota(
-            "devices per user",
-            active,
-            app.config.limits.max_devices_per_user,
-        )?;
-        let superseded = match parsed.previous_card_id() {
-            None => None,
-            Some(prev) => Some(
-                devices
-                    .into_iter()
-                    .find(|d| d.card_id == prev.to_vec() && d.status == DeviceStatus::Active as i32)
-                    .ok_or_else(|| {
-                        Status::failed_precondition(format!(
-                            "previous card {prev} is not an active device of yours"
-                        ))
-                    })?,
-            ),
+            app.kms.get(&app.issuer, &id).await?
+        } else {
+            let active = devices
+                .iter()
+                .filter(|d| d.status == DeviceStatus::Active as i32)
+                .count();
+            limits::check_quota(
+                "devices per user",
+                active,
+                app.config.limits.max_devices_per_user,
+            )?;
+            let superseded = match parsed.previous_card_id() {
+                None => None,
+                Some(prev) => Some(
+                    devices
+                        .into_iter()
+                        .find(|d| {
+                            d.card_id == prev.to_vec() && d.status == DeviceStatus::Active as i32
+                        })
+                        .ok_or_else(|| {
+                            Status::failed_precondition(format!(
+                                "previous card {prev} is not an active device of yours"
+                            ))
+                        })?,
+                ),
+            };
+            let response = app.vouch_and_register(parsed, superseded, false).await?;
+            tracing::info!(identity = %caller.identity, card_id = %id, "device enrolled");
+            response
         };
-        let id = parsed.id();
-        let response = app.vouch_and_register(parsed, superseded, false).await?;
-        tracing::info!(identity = %caller.identity, card_id = %id, "device enrolled");
-        Ok(Response::new(response))
+        let statement_logged = statement.is_some();
+        if let Some((statement, action)) = statement {
+            app.kms.publish(&app.issuer, statement).await?;
+            tracing::info!(identity = %caller.identity, card_id = %id, %action, "device list statement published");
+            if let Some(account) = genesis_of {
+                app.store.put_account(&account)?;
+                app.store.flush().await?;
+            }
+            if action == Action::Reset {
+                // Every earlier device was lost: none of them may log in,
+                // send or back up any more (a stolen one least of all).
+                for other in app.store.devices(&caller.identity)? {
+                    if other.status == DeviceStatus::Active as i32
+                        && other.card_id != id.to_vec()
+                        && !other.org_card
+                    {
+                        let other_id = hex::encode(&other.card_id);
+                        app.revoke_device(other, None, "replaced by a reset")
+                            .await?;
+                        tracing::info!(identity = %caller.identity, card_id = %other_id, "device revoked by a reset");
+                    }
+                }
+            }
+            // The card again, proven in a checkpoint that has the statement too.
+            response = app.kms.get(&app.issuer, &id).await?;
+        }
+        Ok(Response::new(EnrollDeviceResponse {
+            record: response.record,
+            checkpoint: response.checkpoint,
+            statement_logged,
+        }))
     }
 
     async fn list_devices(
@@ -234,6 +341,15 @@ impl Devices for DevicesService {
             r.reason.len(),
             tessera_card::revocation::MAX_REASON_LEN,
         )?;
+        // A device revokes itself with its own key. Revoking another device
+        // with the AppKey is an account change: it needs the password, just
+        // given, so a pending or stolen device cannot revoke the others.
+        if r.revocation.is_none() && !caller.password_login_within(FRESH_PASSWORD_SECS) {
+            return Err(Status::unauthenticated(format!(
+                "revoking another device needs a password log-in less than {} minutes old (a device revokes itself with a revocation signed by its own key)",
+                FRESH_PASSWORD_SECS / 60
+            )));
+        }
         let _user = app.user_lock(&caller.identity).lock().await;
         let device = app
             .store

@@ -5,15 +5,16 @@ use std::sync::Mutex;
 
 use tessera_card::CardId;
 use tessera_proto::{
-    card::v1::{Card, Revocation},
+    card::v1::{Card, Revocation, SignedDeviceStatement},
     kms::v1::{
-        CardResponse, GetCardRequest, RegisterCardRequest, RevokeCardRequest,
+        CardResponse, GetCardRequest, PublishDeviceStatementRequest,
+        PublishDeviceStatementResponse, RegisterCardRequest, RevokeCardRequest,
         key_directory_client::KeyDirectoryClient,
     },
 };
 use tessera_service::{
     TokenIssuer,
-    token::{Role, bearer_header},
+    token::{Audience, Grant, bearer_header},
 };
 use tonic::{Request, Status, transport::Channel};
 
@@ -53,7 +54,7 @@ impl KmsClient {
                 Some((h, expires)) if *expires - 60 > now => h.clone(),
                 _ => {
                     let t = issuer
-                        .issue(SERVICE_SUBJECT, Role::Service, None, false)
+                        .issue(&Grant::service(SERVICE_SUBJECT), Audience::Kms)
                         .map_err(|_| Status::internal("cannot issue a service token"))?;
                     let h = bearer_header(&t.bytes);
                     *cached = Some((h.clone(), t.expires_at));
@@ -121,6 +122,26 @@ impl KmsClient {
             .client
             .clone()
             .get_card(request)
+            .await
+            .map_err(relay)?
+            .into_inner())
+    }
+
+    pub(crate) async fn publish(
+        &self,
+        issuer: &TokenIssuer,
+        statement: SignedDeviceStatement,
+    ) -> Result<PublishDeviceStatementResponse, Status> {
+        let request = self.request(
+            issuer,
+            PublishDeviceStatementRequest {
+                statement: Some(statement),
+            },
+        )?;
+        Ok(self
+            .client
+            .clone()
+            .publish_device_statement(request)
             .await
             .map_err(relay)?
             .into_inner())

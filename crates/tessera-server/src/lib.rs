@@ -3,12 +3,14 @@
 //! accounts, vouches for cards with the AppKey, and carries ciphertext in
 //! ordered channels; it never sees plaintext.
 //!
-//! Four gRPC services: `Accounts` (sign-up, log-in by password or by device
-//! signature, tokens), `Devices` (enroll, list, revoke), `Admin` (org card,
-//! org members, revoking any device) and `Channels` (membership, ordered
-//! messages, live subscriptions, read horizons, attachments).
+//! Five gRPC services: `Accounts` (sign-up, log-in by password or by device
+//! signature, tokens for each service), `Devices` (enroll, list, revoke),
+//! `Admin` (org card, org members, revoking any device), `Archive` (what the
+//! organisation's backup service may ask) and `Channels` (membership,
+//! ordered messages, live subscriptions, read horizons, attachments).
 
 mod accounts;
+mod archive;
 mod challenges;
 mod channels;
 mod devices;
@@ -26,14 +28,14 @@ use std::{
 
 use tessera_crypto::{SigningKey, VerifyingKey, keystore};
 use tessera_proto::server::v1::{
-    accounts_server::AccountsServer, admin_server::AdminServer, channels_server::ChannelsServer,
-    devices_server::DevicesServer,
+    accounts_server::AccountsServer, admin_server::AdminServer, archive_server::ArchiveServer,
+    channels_server::ChannelsServer, devices_server::DevicesServer,
 };
 use tessera_service::{
     TokenIssuer, TokenVerifier,
     serve::{self, ServeError},
     storage::StorageError,
-    token::AUDIENCE_SERVER,
+    token::Audience,
 };
 use thiserror::Error;
 use tokio::sync::watch;
@@ -91,6 +93,8 @@ pub struct Config {
     /// Identity of the organisation's ORG card; `None`: no organisation.
     pub org_identity: Option<String>,
     pub token_lifetime: Duration,
+    /// How long a device-login challenge may be answered.
+    pub challenge_ttl: Duration,
     pub limits: Limits,
     pub password_params: PasswordParams,
     pub throttle: ThrottleLimits,
@@ -108,6 +112,7 @@ impl Config {
             admins: Vec::new(),
             org_identity: None,
             token_lifetime: Duration::from_secs(15 * 60),
+            challenge_ttl: challenges::DEFAULT_CHALLENGE_TTL,
             limits: Limits::default(),
             password_params: PasswordParams::DEFAULT,
             throttle: ThrottleLimits::default(),
@@ -258,7 +263,7 @@ impl Server {
             .timeout(Duration::from_secs(30))
             .connect_lazy();
         let issuer = TokenIssuer::new(token_key, config.token_lifetime);
-        let verifier = TokenVerifier::new(issuer.public_key(), AUDIENCE_SERVER);
+        let verifier = TokenVerifier::new(issuer.public_key(), Audience::Server);
         let (closing_tx, closing_rx) = watch::channel(false);
         let app = App {
             store,
@@ -267,7 +272,7 @@ impl Server {
             verifier,
             kms: kms_client::KmsClient::new(channel),
             throttle: throttle::Throttle::new(config.throttle),
-            challenges: challenges::Challenges::default(),
+            challenges: challenges::Challenges::new(config.challenge_ttl),
             hub: hub::Hub::default(),
             send_locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
@@ -304,6 +309,8 @@ impl Server {
         let accounts = AccountsServer::new(accounts::AccountsService(self.app.clone()));
         let devices = DevicesServer::new(devices::DevicesService(self.app.clone()));
         let admin = AdminServer::new(devices::AdminService(self.app.clone()));
+        let archive = ArchiveServer::new(archive::ArchiveService(self.app.clone()))
+            .max_encoding_message_size(64 * 1024 * 1024);
         let channels = ChannelsServer::new(channels::ChannelsService(self.app.clone()))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(64 * 1024 * 1024);
@@ -311,11 +318,13 @@ impl Server {
             Routes::new(accounts)
                 .add_service(devices)
                 .add_service(admin)
+                .add_service(archive)
                 .add_service(channels),
             &[
                 <AccountsServer<accounts::AccountsService> as NamedService>::NAME,
                 <DevicesServer<devices::DevicesService> as NamedService>::NAME,
                 <AdminServer<devices::AdminService> as NamedService>::NAME,
+                <ArchiveServer<archive::ArchiveService> as NamedService>::NAME,
                 <ChannelsServer<channels::ChannelsService> as NamedService>::NAME,
             ],
         )

@@ -42,6 +42,10 @@ pub struct Account {
     pub password: Option<PasswordHash>,
     #[prost(int64, tag = "3")]
     pub created_at: i64,
+    /// The app server co-signed this account's device list GENESIS: a
+    /// second one is never co-signed (only a RESET replaces the list).
+    #[prost(bool, tag = "4")]
+    pub device_list_started: bool,
 }
 
 /// Device status as the server knows it (the key service is the authority
@@ -130,6 +134,8 @@ pub trait Store: Send + Sync + 'static {
     fn account(&self, identity: &str) -> Result<Option<Account>, StorageError>;
     /// Creates the account; `false` if the identity is taken.
     fn create_account(&self, account: &Account) -> Result<bool, StorageError>;
+    /// Replaces an existing account record.
+    fn put_account(&self, account: &Account) -> Result<(), StorageError>;
 
     fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError>;
     fn device(&self, card_id: &[u8]) -> Result<Option<Device>, StorageError>;
@@ -284,6 +290,14 @@ impl Store for SledStore {
             .db
             .compare_and_swap(k, None as Option<&[u8]>, Some(account.encode_to_vec()))?
             .is_ok())
+    }
+
+    fn put_account(&self, account: &Account) -> Result<(), StorageError> {
+        self.db.insert(
+            key(b"a/", &[account.identity.as_bytes()]),
+            account.encode_to_vec(),
+        )?;
+        Ok(())
     }
 
     fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError> {
@@ -519,6 +533,13 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
+    fn put_account(&self, account: &Account) -> Result<(), StorageError> {
+        self.lock()?
+            .accounts
+            .insert(account.identity.clone(), account.clone());
+        Ok(())
+    }
+
     fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError> {
         Ok(self
             .lock()?
@@ -701,6 +722,7 @@ mod tests {
             identity: "alice".into(),
             password: None,
             created_at: 1,
+            device_list_started: false,
         };
         assert!(store.create_account(&account).unwrap());
         assert!(

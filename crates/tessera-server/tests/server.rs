@@ -11,7 +11,11 @@
 use std::{collections::HashSet, time::Duration};
 
 use futures_util::StreamExt;
-use tessera_card::{CardId, CardKind, NewCard, Verifier, revocation, transparency};
+use tessera_card::{
+    CardId, CardKind, NewCard, Verifier,
+    device_list::{Action, NewStatement},
+    revocation, transparency,
+};
 use tessera_crypto::{
     DeviceKeys, SignatureContext, VerifyingKey,
     envelope::{self, Draft, Recipient, Sender},
@@ -23,9 +27,9 @@ use tessera_proto::{
         AddMemberRequest, BeginDeviceLoginRequest, CreateChannelRequest, Direction,
         DownloadAttachmentRequest, EnrollDeviceRequest, FinishDeviceLoginRequest,
         GetChannelRequest, GetReadHorizonRequest, GetServerInfoRequest, HistoryVisibility,
-        ListChannelsRequest, ListDevicesRequest, ListMessagesRequest, LoginRequest,
-        RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest, SetOrgMemberRequest,
-        SetReadHorizonRequest, SignUpRequest, StoredMessage, SubscribeRequest,
+        IssueTokenRequest, ListChannelsRequest, ListDevicesRequest, ListMessagesRequest,
+        LoginRequest, RemoveMemberRequest, RevokeDeviceRequest, SendMessageRequest,
+        SetOrgMemberRequest, SetReadHorizonRequest, SignUpRequest, StoredMessage, SubscribeRequest,
         UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
         admin_client::AdminClient, channels_client::ChannelsClient, devices_client::DevicesClient,
     },
@@ -46,14 +50,17 @@ struct Stack {
     channel: Channel,
     verifier: Verifier,
     limits: Limits,
+    challenge_ttl: Duration,
 }
 
 async fn spawn_server(
     dir: &std::path::Path,
     kms_url: String,
     limits: Limits,
+    challenge_ttl: Duration,
 ) -> (Running, std::sync::Arc<Server>, std::sync::Arc<SledStore>) {
     let mut config = Config::new(dir, kms_url);
+    config.challenge_ttl = challenge_ttl;
     config.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
     config.admins = vec!["admin".into()];
     config.org_identity = Some("org:acme".into());
@@ -84,6 +91,10 @@ impl Stack {
     }
 
     async fn with_limits(limits: Limits) -> Self {
+        Self::with(limits, Duration::from_secs(60)).await
+    }
+
+    async fn with(limits: Limits, challenge_ttl: Duration) -> Self {
         let kms_dir = tempfile::tempdir().unwrap();
         let server_dir = tempfile::tempdir().unwrap();
         let (app, token) = tessera_server::load_or_create_keys(
@@ -109,7 +120,7 @@ impl Stack {
         )
         .unwrap();
         let (running, server, store) =
-            spawn_server(server_dir.path(), kms.url(), limits.clone()).await;
+            spawn_server(server_dir.path(), kms.url(), limits.clone(), challenge_ttl).await;
         let channel = Channel::from_shared(running.url())
             .unwrap()
             .connect()
@@ -123,6 +134,7 @@ impl Stack {
             channel,
             verifier: Verifier::new(app.verifying_key(), kms_key),
             limits,
+            challenge_ttl,
         }
     }
 
@@ -133,8 +145,13 @@ impl Stack {
         self.channel = Channel::from_static("http://127.0.0.1:9").connect_lazy();
         running.stop().await.unwrap();
         drop((server, store));
-        let (running, server, store) =
-            spawn_server(self.server_dir.path(), self.kms.url(), self.limits.clone()).await;
+        let (running, server, store) = spawn_server(
+            self.server_dir.path(),
+            self.kms.url(),
+            self.limits.clone(),
+            self.challenge_ttl,
+        )
+        .await;
         self.channel = Channel::from_shared(running.url())
             .unwrap()
             .connect()
@@ -207,7 +224,10 @@ impl Stack {
         .unwrap();
         let r = self
             .devices()
-            .enroll_device(user.req(EnrollDeviceRequest { card: Some(card) }))
+            .enroll_device(user.req(EnrollDeviceRequest {
+                card: Some(card),
+                statement: None,
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -406,6 +426,59 @@ async fn enrollment_of_several_devices_and_passwordless_login() {
     assert_eq!(me.identity, "alice");
     assert_eq!(me.device_card_id, a2.to_vec());
 
+    // A device-login token never enrolls a device: that needs the password.
+    let keys = DeviceKeys::generate().unwrap();
+    let card = NewCard {
+        identity: "alice",
+        kind: CardKind::Client,
+        device_name: "behind your back",
+        created_at: 0,
+        previous_card_id: None,
+    }
+    .self_signed(&keys)
+    .unwrap();
+    let err = s
+        .devices()
+        .enroll_device(device_user.req(EnrollDeviceRequest {
+            card: Some(card),
+            statement: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("password log-in"), "{err:?}");
+    // It trades for a key-service token, which the app server refuses, and
+    // never for another app-server token.
+    let traded = s
+        .accounts()
+        .issue_token(device_user.req(IssueTokenRequest {
+            audience: "kms".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(traded.audience, "kms");
+    assert!(traded.expires_at <= login.expires_at);
+    let kms_user = User {
+        identity: "alice".into(),
+        token: bearer_header(&traded.access_token),
+        devices: vec![],
+    };
+    let err = s
+        .accounts()
+        .who_am_i(kms_user.req(WhoAmIRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = s
+        .accounts()
+        .issue_token(device_user.req(IssueTokenRequest {
+            audience: "server".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
     // The same challenge cannot be replayed; a wrong key cannot answer one.
     let replay = s
         .accounts()
@@ -475,6 +548,77 @@ async fn enrollment_of_several_devices_and_passwordless_login() {
 }
 
 #[tokio::test]
+async fn enrollment_publishes_a_genesis_and_a_reset_co_signed_by_the_app() {
+    let s = Stack::start().await;
+    let carol = s.signup("carol").await;
+    let enroll = |name: &'static str, action: Action, seqno: u64, previous: Option<[u8; 32]>| {
+        let keys = DeviceKeys::generate().unwrap();
+        let card = NewCard {
+            identity: "carol",
+            kind: CardKind::Client,
+            device_name: name,
+            created_at: 0,
+            previous_card_id: None,
+        }
+        .self_signed(&keys)
+        .unwrap();
+        let id = CardId::of_snapshot(&card.content_snapshot);
+        let statement = NewStatement {
+            identity: "carol",
+            seqno,
+            previous_hash: previous,
+            action,
+            subject: id,
+            signer: id,
+            created_at: 0,
+        }
+        .sign(&keys.signing);
+        (
+            EnrollDeviceRequest {
+                card: Some(card),
+                statement: Some(statement.clone()),
+            },
+            statement,
+        )
+    };
+    let (request, genesis) = enroll("first", Action::Genesis, 0, None);
+    let r = s
+        .devices()
+        .enroll_device(carol.req(request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.statement_logged);
+    // The app server co-signs one genesis per account.
+    let (request, _) = enroll("second", Action::Genesis, 0, None);
+    let err = s
+        .devices()
+        .enroll_device(carol.req(request))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // An ADD does not come with an enrollment; a statement with the app
+    // signature already filled in is refused.
+    let (request, _) = enroll("third", Action::Add, 1, Some([0; 32]));
+    let err = s
+        .devices()
+        .enroll_device(carol.req(request))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A reset against the genesis, with a fresh password log-in, is logged.
+    let head = tessera_card::device_list::statement_hash(&genesis.statement);
+    let (request, _) = enroll("after loss", Action::Reset, 1, Some(head));
+    let r = s
+        .devices()
+        .enroll_device(carol.req(request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.statement_logged);
+}
+
+#[tokio::test]
 async fn device_revoked_by_its_own_key_and_device_limits() {
     let s = Stack::with_limits(Limits {
         max_devices_per_user: 2,
@@ -499,6 +643,7 @@ async fn device_revoked_by_its_own_key_and_device_limits() {
         .devices()
         .enroll_device(carol.req(EnrollDeviceRequest {
             card: Some(card.clone()),
+            statement: None,
         }))
         .await
         .unwrap_err();
@@ -514,7 +659,7 @@ async fn device_revoked_by_its_own_key_and_device_limits() {
         revocation::RevokedBy::SelfKey,
         &carol.devices[0].keys.signing,
         "retired",
-        1,
+        tessera_service::now_secs(),
     )
     .unwrap();
     s.devices()
@@ -526,7 +671,10 @@ async fn device_revoked_by_its_own_key_and_device_limits() {
         .await
         .unwrap();
     s.devices()
-        .enroll_device(carol.req(EnrollDeviceRequest { card: Some(card) }))
+        .enroll_device(carol.req(EnrollDeviceRequest {
+            card: Some(card),
+            statement: None,
+        }))
         .await
         .unwrap();
 }
@@ -561,6 +709,7 @@ async fn authorization_denials() {
         .devices()
         .enroll_device(eve.req(EnrollDeviceRequest {
             card: Some(card.clone()),
+            statement: None,
         }))
         .await
         .unwrap_err();
@@ -662,7 +811,10 @@ async fn authorization_denials() {
             .await
             .unwrap_err(),
         s.devices()
-            .enroll_device(anon.req(EnrollDeviceRequest { card: Some(card) }))
+            .enroll_device(anon.req(EnrollDeviceRequest {
+                card: Some(card),
+                statement: None,
+            }))
             .await
             .unwrap_err(),
         s.devices()
@@ -1281,4 +1433,122 @@ async fn attachments_and_login_throttling() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.channels.len(), 1);
+}
+
+/// A device-login challenge answered after it expired is refused; a fresh
+/// one answered in time is not.
+#[tokio::test]
+async fn device_login_challenges_expire() {
+    const TTL: Duration = Duration::from_secs(1);
+    let s = Stack::with(Limits::default(), TTL).await;
+    let mut alice = s.signup("alice").await;
+    let card = s.enroll(&mut alice, "laptop").await;
+    let begin = || async {
+        s.accounts()
+            .begin_device_login(BeginDeviceLoginRequest {
+                identity: "alice".into(),
+                card_id: card.to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let finish = |challenge: Vec<u8>| {
+        let message = [
+            challenge.as_slice(),
+            &5u32.to_be_bytes(),
+            b"alice",
+            card.as_bytes(),
+        ]
+        .concat();
+        let signature = alice.devices[0]
+            .keys
+            .signing
+            .sign(SignatureContext::DeviceLogin, &message);
+        let request = FinishDeviceLoginRequest {
+            identity: "alice".into(),
+            card_id: card.to_vec(),
+            challenge,
+            signature: signature.to_vec(),
+        };
+        let mut accounts = s.accounts();
+        async move { accounts.finish_device_login(request).await }
+    };
+    let late = begin().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (now..=now + TTL.as_secs() as i64 + 1).contains(&late.expires_at),
+        "expires_at {} announces the TTL",
+        late.expires_at
+    );
+    tokio::time::sleep(TTL + Duration::from_millis(300)).await;
+    let err = finish(late.challenge).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("unknown, used or expired challenge"),
+        "{}",
+        err.message()
+    );
+    let in_time = begin().await;
+    finish(in_time.challenge).await.unwrap();
+}
+
+/// Two devices enrolling at once when the user has room for one more:
+/// exactly one is enrolled, the other refused with the limit, and the user
+/// ends with as many devices as the limit allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_at_the_device_limit_from_two_clients_at_once() {
+    let s = Stack::with_limits(Limits {
+        max_devices_per_user: 2,
+        ..Limits::default()
+    })
+    .await;
+    for round in 0..5 {
+        let identity = format!("user{round}");
+        let mut user = s.signup(&identity).await;
+        s.enroll(&mut user, "first").await;
+        let attempt = |name: &str| {
+            let card = NewCard {
+                identity: &identity,
+                kind: CardKind::Client,
+                device_name: name,
+                created_at: 0,
+                previous_card_id: None,
+            }
+            .self_signed(&DeviceKeys::generate().unwrap())
+            .unwrap();
+            let request = user.req(EnrollDeviceRequest {
+                card: Some(card),
+                statement: None,
+            });
+            let mut devices = s.devices();
+            tokio::spawn(async move { devices.enroll_device(request).await })
+        };
+        let (a, b) = (attempt("second"), attempt("also second"));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let outcomes: Vec<Result<(), Code>> = results
+            .iter()
+            .map(|r| r.as_ref().map(|_| ()).map_err(Status::code))
+            .collect();
+        let enrolled = outcomes.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(enrolled, 1, "round {round}: {outcomes:?}");
+        let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused.message().contains("limit of 2 devices per user"),
+            "{}",
+            refused.message()
+        );
+        let listed = s
+            .devices()
+            .list_devices(user.req(ListDevicesRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .devices;
+        assert_eq!(listed.len(), 2, "round {round}");
+    }
 }

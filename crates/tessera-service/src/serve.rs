@@ -68,7 +68,9 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
 }
 
 /// Adds health (every name in `service_names` reported SERVING) and
-/// reflection (over every Tessera proto) to `routes`.
+/// reflection to `routes`. Reflection describes every Tessera message but
+/// lists only the services this process serves (`service_names`, health and
+/// reflection), not the other services' that share the descriptor set.
 pub async fn with_health_and_reflection(
     routes: Routes,
     service_names: &[&str],
@@ -82,9 +84,15 @@ pub async fn with_health_and_reflection(
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
+    let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection");
+    for name in service_names {
+        reflection = reflection.with_service_name(*name);
+    }
+    let reflection = reflection
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
     Ok(routes.add_service(health).add_service(reflection))

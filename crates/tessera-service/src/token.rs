@@ -4,6 +4,12 @@
 //! A token is an `AccessToken { claims, signature }` whose signature is
 //! Ed25519 (label `tessera/v1/token`) over the exact `TokenClaims` bytes. It
 //! travels as `authorization: Bearer <lowercase hex of the AccessToken>`.
+//!
+//! A token names exactly one audience, and each service accepts only its
+//! own: a token shown to the key service or the backup service is useless at
+//! the app server. It also says how its subject logged in (password, device
+//! signature, service), so the app server can ask for a fresh password
+//! log-in where a device-login token must not suffice.
 
 use std::{fmt, time::Duration};
 
@@ -11,19 +17,68 @@ use tessera_card::CardId;
 use tessera_crypto::{SignatureContext, SigningKey, VerifyingKey, random_array};
 use tessera_proto::{
     Message as _,
-    auth::v1::{AccessToken, Role as PbRole, TokenClaims},
+    auth::v1::{AccessToken, AuthMethod as PbAuthMethod, Role as PbRole, TokenClaims},
 };
 use thiserror::Error;
 use tonic::{Request, Status};
 
-/// Audience of the key service.
-pub const AUDIENCE_KMS: &str = "kms";
-/// Audience of the app server.
-pub const AUDIENCE_SERVER: &str = "server";
-/// Audience of the backup service.
-pub const AUDIENCE_BACKUP: &str = "backup";
+/// The one service a token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Kms,
+    Server,
+    Backup,
+}
 
-const VERSION: u32 = 1;
+impl Audience {
+    /// The `audience` claim: "kms", "server" or "backup".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kms => "kms",
+            Self::Server => "server",
+            Self::Backup => "backup",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "kms" => Some(Self::Kms),
+            "server" => Some(Self::Server),
+            "backup" => Some(Self::Backup),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Audience {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a token's subject proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// The account password.
+    Password,
+    /// A device signing a challenge with its ClientKey.
+    Device,
+    /// A service (the app server itself, or the backup service with the OrgKey).
+    Service,
+}
+
+impl AuthMethod {
+    fn to_proto(self) -> PbAuthMethod {
+        match self {
+            Self::Password => PbAuthMethod::Password,
+            Self::Device => PbAuthMethod::Device,
+            Self::Service => PbAuthMethod::Service,
+        }
+    }
+}
+
+/// Version of the token claims (2: one audience and the log-in method).
+const VERSION: u32 = 2;
 /// Longest `authorization` header accepted.
 const MAX_HEADER_LEN: usize = 4096;
 /// Clock skew tolerated between services, in seconds.
@@ -36,6 +91,8 @@ pub enum Role {
     Admin,
     /// The app server calling the key service.
     Service,
+    /// The organisation's backup service, logged in with the OrgKey.
+    Backup,
 }
 
 impl Role {
@@ -44,6 +101,7 @@ impl Role {
             Self::User => PbRole::User,
             Self::Admin => PbRole::Admin,
             Self::Service => PbRole::Service,
+            Self::Backup => PbRole::Backup,
         }
     }
 }
@@ -60,7 +118,7 @@ pub enum TokenError {
     BadSignature,
     #[error("access token expired; log in again")]
     Expired,
-    #[error("access token is not meant for this service")]
+    #[error("access token is not meant for this service: get a token for it from the app server")]
     WrongAudience,
 }
 
@@ -75,6 +133,42 @@ pub struct IssuedToken {
     /// Encoded `AccessToken`.
     pub bytes: Vec<u8>,
     pub expires_at: i64,
+}
+
+/// Who a token is for and how they logged in (everything but the audience
+/// and the times).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub subject: String,
+    pub role: Role,
+    /// The card of a device that logged in by signature.
+    pub device_card_id: Option<CardId>,
+    pub org_member: bool,
+    pub auth: AuthMethod,
+}
+
+impl Grant {
+    /// A service's own grant (the app server calling the key service).
+    pub fn service(subject: &str) -> Self {
+        Self {
+            subject: subject.to_owned(),
+            role: Role::Service,
+            device_card_id: None,
+            org_member: false,
+            auth: AuthMethod::Service,
+        }
+    }
+
+    /// A plain user's grant, not a member of the organisation.
+    pub fn user(subject: &str, auth: AuthMethod) -> Self {
+        Self {
+            subject: subject.to_owned(),
+            role: Role::User,
+            device_card_id: None,
+            org_member: false,
+            auth,
+        }
+    }
 }
 
 /// Issues tokens (the app server).
@@ -92,40 +186,48 @@ impl TokenIssuer {
         self.key.verifying_key()
     }
 
-    /// A token for `subject`, valid at every service.
+    /// A token for `grant`, valid at `audience` only.
     pub fn issue(
         &self,
-        subject: &str,
-        role: Role,
-        device_card_id: Option<CardId>,
-        org_member: bool,
+        grant: &Grant,
+        audience: Audience,
     ) -> Result<IssuedToken, tessera_crypto::KeyError> {
-        self.issue_at(crate::now_secs(), subject, role, device_card_id, org_member)
+        self.issue_at(crate::now_secs(), grant, audience, i64::MAX)
+    }
+
+    /// A token for `grant` at `audience` that expires no later than
+    /// `not_after` (a token traded for another never outlives it).
+    pub fn issue_until(
+        &self,
+        grant: &Grant,
+        audience: Audience,
+        not_after: i64,
+    ) -> Result<IssuedToken, tessera_crypto::KeyError> {
+        self.issue_at(crate::now_secs(), grant, audience, not_after)
     }
 
     fn issue_at(
         &self,
         now: i64,
-        subject: &str,
-        role: Role,
-        device_card_id: Option<CardId>,
-        org_member: bool,
+        grant: &Grant,
+        audience: Audience,
+        not_after: i64,
     ) -> Result<IssuedToken, tessera_crypto::KeyError> {
-        let expires_at = now + self.lifetime.as_secs() as i64;
+        let expires_at = (now + self.lifetime.as_secs() as i64).min(not_after);
         let claims = TokenClaims {
             version: VERSION,
-            subject: subject.to_owned(),
-            device_card_id: device_card_id.map(|id| id.to_vec()).unwrap_or_default(),
+            subject: grant.subject.clone(),
+            device_card_id: grant
+                .device_card_id
+                .map(|id| id.to_vec())
+                .unwrap_or_default(),
             issued_at: now,
             expires_at,
-            audiences: vec![
-                AUDIENCE_KMS.into(),
-                AUDIENCE_SERVER.into(),
-                AUDIENCE_BACKUP.into(),
-            ],
-            role: role.to_proto() as i32,
+            role: grant.role.to_proto() as i32,
             token_id: random_array::<16>()?.to_vec(),
-            org_member,
+            org_member: grant.org_member,
+            audience: audience.as_str().to_owned(),
+            auth: grant.auth.to_proto() as i32,
         }
         .encode_to_vec();
         let signature = self.key.sign(SignatureContext::Token, &claims).to_vec();
@@ -141,27 +243,18 @@ pub fn bearer_header(token: &[u8]) -> String {
     format!("Bearer {}", hex::encode(token))
 }
 
-/// Who is calling, from a verified token.
-#[derive(Clone)]
+/// Who is calling, from a verified token. Holds no credential: a service
+/// never forwards a caller's token.
+#[derive(Clone, Debug)]
 pub struct Caller {
     pub identity: String,
     pub role: Role,
     /// Set when the token came from a passwordless device log-in.
     pub device_card_id: Option<CardId>,
     pub org_member: bool,
+    pub auth: AuthMethod,
+    pub issued_at: i64,
     pub expires_at: i64,
-    header: String,
-}
-
-impl fmt::Debug for Caller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The token itself is a bearer credential: never printed.
-        f.debug_struct("Caller")
-            .field("identity", &self.identity)
-            .field("role", &self.role)
-            .field("device_card_id", &self.device_card_id)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Caller {
@@ -169,10 +262,22 @@ impl Caller {
         self.role == Role::Admin
     }
 
-    /// The `authorization` header the caller sent, to call another service
-    /// on the caller's behalf (the backup service asking the app server).
-    pub fn authorization_header(&self) -> &str {
-        &self.header
+    /// What the caller's token granted, to issue it a token for another
+    /// service.
+    pub fn grant(&self) -> Grant {
+        Grant {
+            subject: self.identity.clone(),
+            role: self.role,
+            device_card_id: self.device_card_id,
+            org_member: self.org_member,
+            auth: self.auth,
+        }
+    }
+
+    /// Whether the caller logged in with the password at most `max_age_secs`
+    /// ago (what enrolling a device or resetting an identity needs).
+    pub fn password_login_within(&self, max_age_secs: i64) -> bool {
+        self.auth == AuthMethod::Password && crate::now_secs() - self.issued_at <= max_age_secs
     }
 }
 
@@ -185,12 +290,12 @@ const CACHE_ENTRIES: usize = 10_000;
 #[derive(Clone)]
 pub struct TokenVerifier {
     key: VerifyingKey,
-    audience: &'static str,
+    audience: Audience,
     cache: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], Caller>>>,
 }
 
 impl TokenVerifier {
-    pub fn new(key: VerifyingKey, audience: &'static str) -> Self {
+    pub fn new(key: VerifyingKey, audience: Audience) -> Self {
         Self {
             key,
             audience,
@@ -239,13 +344,20 @@ impl TokenVerifier {
         if claims.expires_at + SKEW_SECS < now || claims.issued_at > now + SKEW_SECS {
             return Err(TokenError::Expired);
         }
-        if !claims.audiences.iter().any(|a| a == self.audience) {
+        if claims.audience != self.audience.as_str() {
             return Err(TokenError::WrongAudience);
         }
+        let auth = match PbAuthMethod::try_from(claims.auth) {
+            Ok(PbAuthMethod::Password) => AuthMethod::Password,
+            Ok(PbAuthMethod::Device) => AuthMethod::Device,
+            Ok(PbAuthMethod::Service) => AuthMethod::Service,
+            _ => return Err(TokenError::Malformed),
+        };
         let role = match PbRole::try_from(claims.role) {
             Ok(PbRole::User) => Role::User,
             Ok(PbRole::Admin) => Role::Admin,
             Ok(PbRole::Service) => Role::Service,
+            Ok(PbRole::Backup) => Role::Backup,
             _ => return Err(TokenError::Malformed),
         };
         let device_card_id = match claims.device_card_id.len() {
@@ -259,8 +371,9 @@ impl TokenVerifier {
             role,
             device_card_id,
             org_member: claims.org_member,
+            auth,
+            issued_at: claims.issued_at,
             expires_at: claims.expires_at,
-            header: header.to_owned(),
         })
     }
 
@@ -280,20 +393,36 @@ impl TokenVerifier {
 mod tests {
     use super::*;
 
+    fn grant(auth: AuthMethod) -> Grant {
+        Grant {
+            subject: "alice".into(),
+            role: Role::User,
+            device_card_id: Some(CardId::of_snapshot(b"card")),
+            org_member: true,
+            auth,
+        }
+    }
+
     #[test]
     fn issued_tokens_verify_and_forgeries_do_not() {
         let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(600));
-        let verifier = TokenVerifier::new(issuer.public_key(), AUDIENCE_KMS);
-        let card = CardId::of_snapshot(b"card");
-        let t = issuer.issue("alice", Role::User, Some(card), true).unwrap();
+        let verifier = TokenVerifier::new(issuer.public_key(), Audience::Kms);
+        let t = issuer
+            .issue(&grant(AuthMethod::Device), Audience::Kms)
+            .unwrap();
         let caller = verifier.verify_header(&bearer_header(&t.bytes)).unwrap();
         assert_eq!(caller.identity, "alice");
-        assert_eq!(caller.device_card_id, Some(card));
+        assert_eq!(caller.device_card_id, Some(CardId::of_snapshot(b"card")));
+        assert_eq!(caller.auth, AuthMethod::Device);
+        assert_eq!(caller.grant(), grant(AuthMethod::Device));
         assert!(caller.org_member);
         assert!(!caller.is_admin());
+        assert!(!caller.password_login_within(300));
 
         let other = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(600));
-        let forged = other.issue("alice", Role::Admin, None, false).unwrap();
+        let mut admin = grant(AuthMethod::Password);
+        admin.role = Role::Admin;
+        let forged = other.issue(&admin, Audience::Kms).unwrap();
         assert_eq!(
             verifier
                 .verify_header(&bearer_header(&forged.bytes))
@@ -314,7 +443,12 @@ mod tests {
         );
 
         let old = issuer
-            .issue_at(crate::now_secs() - 3600, "alice", Role::User, None, false)
+            .issue_at(
+                crate::now_secs() - 3600,
+                &grant(AuthMethod::Password),
+                Audience::Kms,
+                i64::MAX,
+            )
             .unwrap();
         assert_eq!(
             verifier
@@ -322,5 +456,53 @@ mod tests {
                 .unwrap_err(),
             TokenError::Expired
         );
+    }
+
+    #[test]
+    fn a_token_works_at_its_one_service_only() {
+        let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(600));
+        let at = |a| TokenVerifier::new(issuer.public_key(), a);
+        for audience in [Audience::Kms, Audience::Server, Audience::Backup] {
+            let t = issuer.issue(&grant(AuthMethod::Device), audience).unwrap();
+            let header = bearer_header(&t.bytes);
+            for service in [Audience::Kms, Audience::Server, Audience::Backup] {
+                let result = at(service).verify_header(&header);
+                if service == audience {
+                    assert!(result.is_ok(), "{audience} token at {service}: {result:?}");
+                } else {
+                    assert_eq!(result.unwrap_err(), TokenError::WrongAudience);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn password_freshness_and_traded_tokens() {
+        let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(900));
+        let server = TokenVerifier::new(issuer.public_key(), Audience::Server);
+        let fresh = issuer
+            .issue(&grant(AuthMethod::Password), Audience::Server)
+            .unwrap();
+        let caller = server.verify_header(&bearer_header(&fresh.bytes)).unwrap();
+        assert!(caller.password_login_within(300));
+        let stale = issuer
+            .issue_at(
+                crate::now_secs() - 301,
+                &grant(AuthMethod::Password),
+                Audience::Server,
+                i64::MAX,
+            )
+            .unwrap();
+        let caller = server.verify_header(&bearer_header(&stale.bytes)).unwrap();
+        assert!(!caller.password_login_within(300));
+        // A traded token never outlives the one it was traded for.
+        let capped = issuer
+            .issue_until(
+                &grant(AuthMethod::Device),
+                Audience::Kms,
+                caller.expires_at - 10,
+            )
+            .unwrap();
+        assert_eq!(capped.expires_at, caller.expires_at - 10);
     }
 }

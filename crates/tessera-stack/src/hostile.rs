@@ -79,10 +79,14 @@ impl Codec for RawCodec {
     }
 }
 
-/// The proxy's state: where it forwards to, and how it tampers.
+/// The proxy's state: where it forwards to, how it tampers, and the
+/// credentials it saw (what the operator of a service can capture).
 pub struct ProxyControl {
     upstream: RwLock<Channel>,
     tamper: RwLock<Tamper>,
+    captured: std::sync::Mutex<Vec<String>>,
+    /// Calls forwarded so far, per method path.
+    calls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl ProxyControl {
@@ -94,6 +98,20 @@ impl ProxyControl {
             .connect_lazy();
         *self.upstream.write().map_err(|_| "poisoned".to_owned())? = channel;
         Ok(())
+    }
+
+    /// Every `authorization` header the proxy forwarded so far.
+    pub fn captured_tokens(&self) -> Vec<String> {
+        self.captured.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// How many calls of `method` (e.g. `/tessera.server.v1.Channels/Subscribe`)
+    /// came through so far.
+    pub fn calls(&self, method: &str) -> usize {
+        self.calls
+            .lock()
+            .map(|c| c.get(method).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Tampers with responses this way from now on.
@@ -125,6 +143,9 @@ impl tonic::server::StreamingService<Vec<u8>> for Method {
     fn call(&mut self, request: tonic::Request<Streaming<Vec<u8>>>) -> Self::Future {
         let path = self.path.clone();
         let control = self.control.clone();
+        if let Ok(mut calls) = control.calls.lock() {
+            *calls.entry(path.clone()).or_default() += 1;
+        }
         Box::pin(async move {
             let upstream = control
                 .upstream
@@ -137,6 +158,11 @@ impl tonic::server::StreamingService<Vec<u8>> for Method {
                 .map_err(|_| Status::internal("proxy poisoned"))?
                 .clone();
             let (metadata, extensions, inbound) = request.into_parts();
+            if let Some(token) = metadata.get("authorization").and_then(|v| v.to_str().ok())
+                && let Ok(mut captured) = control.captured.lock()
+            {
+                captured.push(token.to_owned());
+            }
             let outbound = inbound.filter_map(|m| async move { m.ok() });
             let mut forwarded = tonic::Request::from_parts(metadata, extensions, outbound);
             forwarded.set_timeout(std::time::Duration::from_secs(120));
@@ -215,6 +241,7 @@ named!(
     AccountsProxy => "tessera.server.v1.Accounts",
     DevicesProxy => "tessera.server.v1.Devices",
     AdminProxy => "tessera.server.v1.Admin",
+    ArchiveProxy => "tessera.server.v1.Archive",
     ChannelsProxy => "tessera.server.v1.Channels",
     BackupProxy => "tessera.backup.v1.Backup",
 );
@@ -237,6 +264,7 @@ impl Proxy {
             Routes::new(AccountsProxy(f.clone()))
                 .add_service(DevicesProxy(f.clone()))
                 .add_service(AdminProxy(f.clone()))
+                .add_service(ArchiveProxy(f.clone()))
                 .add_service(ChannelsProxy(f))
         })
         .await
@@ -255,6 +283,8 @@ impl Proxy {
                     .connect_lazy(),
             ),
             tamper: RwLock::new(honest()),
+            captured: Default::default(),
+            calls: Default::default(),
         });
         let listener = bind("127.0.0.1:0".parse().map_err(|_| "address")?)
             .await
@@ -312,10 +342,31 @@ pub fn inject_card(identity: String, card: tessera_proto::card::v1::Card) -> Tam
                 revocation: None,
                 registration_entry: entry,
                 inclusion,
-                superseded_by: Vec::new(),
+                ..Default::default()
             });
         }
         vec![response.encode_to_vec()]
+    })
+}
+
+/// Rewrites every response message of `method` (e.g.
+/// `/tessera.backup.v1.Backup/GetOrgInfo`) decoded as `M`; anything that
+/// does not decode passes unchanged.
+pub fn rewrite<M: tessera_proto::Message + Default + 'static>(
+    method: &'static str,
+    f: impl Fn(&mut M) + Send + Sync + 'static,
+) -> Tamper {
+    Arc::new(move |called, message| {
+        if called != method {
+            return vec![message];
+        }
+        match M::decode(message.as_slice()) {
+            Ok(mut m) => {
+                f(&mut m);
+                vec![m.encode_to_vec()]
+            }
+            Err(_) => vec![message],
+        }
     })
 }
 

@@ -2,7 +2,8 @@
 //! `tessera-server` and `tessera-backup` binaries as child processes on free
 //! loopback ports, each with its own temporary data directory and keys,
 //! waits for their health checks, and can stop (SIGTERM), kill (SIGKILL) and
-//! restart any of them on the same data. [`Cluster::start_tls`] runs the
+//! restart any of them on the same data ([`Service::crash_during`] kills one
+//! while [`Writes`] are in flight, and proves it). [`Cluster::start_tls`] runs the
 //! same cluster with every hop over TLS (a self-signed certificate the
 //! services and clients are told to trust). No child outlives the test: they
 //! are killed on drop (also when a test panics) and, on Linux, when the test
@@ -25,8 +26,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod crash;
 pub mod postgres;
 
+pub use crash::{Writes, is_transport};
 pub use postgres::Postgres;
 use tessera_client::{Client, Endpoints, Enrollment, Home, KdfParams};
 use tessera_crypto::VerifyingKey;
@@ -64,6 +67,28 @@ fn bin_dir() -> &'static PathBuf {
         cmd.args(["test", "--quiet", "--workspace", "--no-run"])
             .arg("--target-dir")
             .arg(&target_dir);
+        // What cargo sets for the running test (its manifest directory, its
+        // package) must not reach the build: some build scripts watch these
+        // variables (ring's watches CARGO_MANIFEST_DIR), so passing them on
+        // would rebuild half the workspace here and again in the next
+        // `cargo test`.
+        for (name, _) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&name)
+            {
+                cmd.env_remove(name);
+            }
+        }
         if release {
             cmd.arg("--release");
         }
@@ -263,15 +288,6 @@ impl Service {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    fn signal(&mut self, signal: &str) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg(signal)
-            .arg(child.id().to_string())
-            .status();
-        Some(child.wait().unwrap())
-    }
-
     /// SIGTERM, and waits for a graceful exit; returns whether it exited
     /// cleanly. The wait happens off the async runtime, so this process's
     /// own connections keep answering the service while it shuts down.
@@ -292,12 +308,38 @@ impl Service {
 
     /// SIGKILL: no chance to clean up.
     pub fn kill(&mut self) {
-        self.signal("-KILL");
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILLs the service while `writes` are in flight (once at least
+    /// `at_least` were acknowledged), waits until every write then in flight
+    /// has ended, fails the test unless one of them failed (the kill hit a
+    /// write), and starts the service again on the same data.
+    pub async fn crash_during(&mut self, writes: &Writes, at_least: u64) {
+        let mut child = self
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        writes
+            .kill_in_flight(at_least, || {
+                let _ = child.kill();
+            })
+            .await;
+        let _ = child.wait();
+        self.start().await;
     }
 
     /// Starts again on the same address and data.
     pub async fn restart(&mut self) {
         self.start().await;
+    }
+
+    /// Sets an environment variable of the service for its next start.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.insert(name.to_owned(), value.to_owned());
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -373,8 +415,9 @@ fn key_from(json: &serde_json::Value, field: &str) -> VerifyingKey {
     VerifyingKey::from_bytes(&hex::decode(hex_key).unwrap()).unwrap()
 }
 
-/// Runs one of the binaries' `keys` / `init-org` commands and parses its JSON.
-fn run_json(bin: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+/// Runs one of the binaries' commands that print JSON (`keys`, `init-org`)
+/// and parses what it printed; panics when it fails.
+pub fn run_json(bin: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     let out = Command::new(bin_dir().join(bin))
         .args(args)
         .envs(env.iter().copied())
@@ -387,6 +430,40 @@ fn run_json(bin: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value
     );
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{bin} {args:?} printed no JSON: {e}"))
+}
+
+/// Runs `tessera-backup init-org` (with `--rotate` when `rotate`), as the
+/// admin, against the app server at `server_url`; returns its JSON.
+async fn init_org(
+    backup_dir: PathBuf,
+    server_url: String,
+    admin_password: String,
+    ca: Option<PathBuf>,
+    rotate: bool,
+) -> serde_json::Value {
+    tokio::task::spawn_blocking(move || {
+        let backup_dir = path_string(&backup_dir);
+        let mut args = vec![
+            "init-org",
+            "--data-dir",
+            &backup_dir,
+            "--server-url",
+            &server_url,
+            "--admin",
+            ADMIN,
+        ];
+        if rotate {
+            args.push("--rotate");
+        }
+        let ca = ca.as_deref().map(path_string);
+        let mut env = vec![("TESSERA_BACKUP_ADMIN_PASSWORD", admin_password.as_str())];
+        if let Some(ca) = &ca {
+            env.push(("TESSERA_BACKUP_UPSTREAM_CA", ca));
+        }
+        run_json("tessera-backup", &args, &env)
+    })
+    .await
+    .unwrap()
 }
 
 /// A self-signed certificate for 127.0.0.1 and localhost, and its key.
@@ -421,17 +498,32 @@ impl Cluster {
     /// Keys generated, key service, app server (admin `admin`, organisation
     /// `org:test`), the OrgKey set up, backup service: all healthy.
     pub async fn start() -> Self {
-        Self::start_with(false).await
+        Self::start_with(false, &[]).await
     }
 
     /// [`Cluster::start`] with every service served over TLS, the server
     /// and backup service reaching their upstreams over TLS, and clients
     /// trusting the certificate.
     pub async fn start_tls() -> Self {
-        Self::start_with(true).await
+        Self::start_with(true, &[]).await
     }
 
-    async fn start_with(tls: bool) -> Self {
+    /// [`Cluster::start`] with more environment variables for some services:
+    /// (`binary`, variable, value), e.g. `("tessera-server",
+    /// "TESSERA_SERVER_TOKEN_LIFETIME_SECS", "3")`.
+    pub async fn start_with_env(extra: &[(&str, &str, &str)]) -> Self {
+        Self::start_with(false, extra).await
+    }
+
+    async fn start_with(tls: bool, extra: &[(&str, &str, &str)]) -> Self {
+        let with_extra = |mut service: Service| {
+            for (binary, name, value) in extra {
+                if *binary == service.name {
+                    service.set_env(name, value);
+                }
+            }
+            service
+        };
         let dir = tempfile::tempdir().unwrap();
         let tls = tls.then(|| TlsFiles::generate(dir.path()));
         let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
@@ -450,7 +542,7 @@ impl Cluster {
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect()
         };
-        let mut kms = Service::new(
+        let mut kms = with_extra(Service::new(
             "tessera-kms",
             dir.path(),
             vec![],
@@ -460,7 +552,7 @@ impl Cluster {
                 ("TESSERA_KMS_TOKEN_PUBLIC_KEY", hex_key(&keys.token)),
             ]),
             tls.as_ref(),
-        );
+        ));
         kms.start().await;
         let ca = tls.as_ref().map(|t| path_string(&t.cert));
         let with_ca = |mut vars: BTreeMap<String, String>, var: &str| {
@@ -469,7 +561,7 @@ impl Cluster {
             }
             vars
         };
-        let mut server = Service::new(
+        let mut server = with_extra(Service::new(
             "tessera-server",
             dir.path(),
             vec![],
@@ -483,7 +575,7 @@ impl Cluster {
                 "TESSERA_SERVER_KMS_CA",
             ),
             tls.as_ref(),
-        );
+        ));
         server.start().await;
 
         let admin_password = hex::encode(tessera_crypto::random_array::<12>().unwrap());
@@ -495,36 +587,16 @@ impl Cluster {
             })
             .await
             .unwrap();
-        let url = server.url();
-        let pw = admin_password.clone();
-        let backup_dir = d("backup");
-        let init_env = with_ca(
-            env(&[("TESSERA_BACKUP_ADMIN_PASSWORD", pw)]),
-            "TESSERA_BACKUP_UPSTREAM_CA",
-        );
-        let org = tokio::task::spawn_blocking(move || {
-            let init_env: Vec<(&str, &str)> = init_env
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            run_json(
-                "tessera-backup",
-                &[
-                    "init-org",
-                    "--data-dir",
-                    &backup_dir,
-                    "--server-url",
-                    &url,
-                    "--admin",
-                    ADMIN,
-                ],
-                &init_env,
-            )
-        })
-        .await
-        .unwrap();
+        let org = init_org(
+            dir.path().join("backup"),
+            server.url(),
+            admin_password.clone(),
+            tls.as_ref().map(|t| t.cert.clone()),
+            false,
+        )
+        .await;
         assert_eq!(org["org_identity"], ORG);
-        let mut backup = Service::new(
+        let mut backup = with_extra(Service::new(
             "tessera-backup",
             dir.path(),
             vec![],
@@ -540,7 +612,7 @@ impl Cluster {
                 "TESSERA_BACKUP_UPSTREAM_CA",
             ),
             tls.as_ref(),
-        );
+        ));
         backup.start().await;
         let home = Home::new(dir.path().join("home"));
         Self {
@@ -570,12 +642,31 @@ impl Cluster {
             .await
     }
 
+    /// A device of `identity` that replaces all its others (a RESET of its
+    /// device list, after a password log-in).
+    pub async fn reset_device(&self, profile: &str, identity: &str) -> Client {
+        self.enroll(profile, identity, false, true, self.endpoints())
+            .await
+    }
+
     /// Like [`Cluster::device`], reaching the services at `endpoints` (a proxy, say).
     pub async fn device_with(
         &self,
         profile: &str,
         identity: &str,
         first: bool,
+        endpoints: Endpoints,
+    ) -> Client {
+        self.enroll(profile, identity, first, false, endpoints)
+            .await
+    }
+
+    async fn enroll(
+        &self,
+        profile: &str,
+        identity: &str,
+        first: bool,
+        reset: bool,
         endpoints: Endpoints,
     ) -> Client {
         let admin = identity == ADMIN;
@@ -597,26 +688,40 @@ impl Cluster {
                 kdf: KdfParams::DANGER_FAST_FOR_TESTS,
                 expected_app_key: Some(self.keys.app),
                 expected_kms_key: Some(self.keys.kms),
+                reset,
             },
         )
         .await
         .unwrap_or_else(|e| panic!("enrolling {profile} of {identity}: {e}"))
     }
 
-    /// Profiles for `users` × `devices` (named `<user>-<n>`), in order.
+    /// Profiles for `users` × `devices` (named `<user>-<n>`), in order;
+    /// each user's first device approves the others.
     pub async fn users(&self, users: &[&str], devices: usize) -> BTreeMap<String, Vec<Client>> {
         let mut out = BTreeMap::new();
         for user in users {
-            let mut clients = Vec::new();
+            let mut clients: Vec<Client> = Vec::new();
             for n in 0..devices {
-                clients.push(self.device(&format!("{user}-{n}"), user, n == 0).await);
+                let device = self.device(&format!("{user}-{n}"), user, n == 0).await;
+                if let Some(first) = clients.first() {
+                    approve(first, &device).await;
+                }
+                clients.push(device);
             }
             out.insert((*user).to_owned(), clients);
         }
         out
     }
 
-    /// The admin's device (to manage the organisation).
+    /// Another device of `approver`'s user, approved by `approver`.
+    pub async fn approved_device(&self, profile: &str, approver: &Client) -> Client {
+        let device = self.device(profile, approver.identity(), false).await;
+        approve(approver, &device).await;
+        device
+    }
+
+    /// The admin's device (to manage the organisation). The first admin
+    /// profile of a cluster starts the admin's device list.
     pub async fn admin(&self) -> Client {
         self.device("admin", ADMIN, false).await
     }
@@ -626,9 +731,177 @@ impl Cluster {
         Client::open(&self.home, profile, PASSPHRASE).unwrap()
     }
 
+    /// Rotates the OrgKey as docs/operations.md says: `tessera-backup
+    /// init-org --rotate`, then a restart of the backup service. Returns
+    /// what init-org printed (`org_card_id`, ...).
+    pub async fn rotate_org_key(&mut self) -> serde_json::Value {
+        let created = init_org(
+            self.data_dir("backup"),
+            self.server.url(),
+            self.admin_password.clone(),
+            self.tls.as_ref().map(|t| t.cert.clone()),
+            true,
+        )
+        .await;
+        assert!(self.backup.stop().await, "backup service exit status");
+        self.backup.start().await;
+        created
+    }
+
     /// The data directory of a service ("kms", "server", "backup").
     pub fn data_dir(&self, service: &str) -> PathBuf {
         self.dir.path().join(service)
+    }
+}
+
+/// A `tessera` CLI process running in the background (`listen`, say): its
+/// output lines arrive as they are printed.
+pub struct CliProcess {
+    child: Option<Child>,
+    stdout: tokio::sync::mpsc::UnboundedReceiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CliProcess {
+    /// The next line it prints on stdout, within `timeout`.
+    pub async fn line(&mut self, timeout: Duration) -> String {
+        match tokio::time::timeout(timeout, self.stdout.recv()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("the CLI ended; stderr:\n{}", self.stderr()),
+            Err(_) => panic!(
+                "no line from the CLI within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Waits until its stderr contains `text`.
+    pub async fn wait_stderr(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} not printed within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits (off the runtime) until it exits; returns its exit code, the
+    /// rest of its stdout and all of its stderr.
+    pub async fn finish(mut self) -> (Option<i32>, Vec<String>, String) {
+        let mut child = self.child.take().unwrap();
+        let readers = std::mem::take(&mut self.readers);
+        let code = tokio::task::spawn_blocking(move || {
+            let status = child.wait().unwrap();
+            for reader in readers {
+                let _ = reader.join();
+            }
+            status.code()
+        })
+        .await
+        .unwrap();
+        let mut rest = Vec::new();
+        while let Ok(line) = self.stdout.try_recv() {
+            rest.push(line);
+        }
+        (code, rest, self.stderr.lock().unwrap().clone())
+    }
+
+    /// Sends SIGINT (Ctrl-C) to it.
+    pub fn interrupt(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-INT")
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+}
+
+impl Drop for CliProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Cluster {
+    /// The `tessera` CLI as profile `profile` of this cluster's home,
+    /// pointed at its services (fast KDF, the testkit passphrase).
+    pub fn cli(&self, profile: &str) -> Command {
+        let mut cmd = Command::new(bin_path("tessera"));
+        let endpoints = self.endpoints();
+        cmd.env("TESSERA_HOME", self.home.root())
+            .env("TESSERA_PROFILE", profile)
+            .env(
+                "TESSERA_PASSPHRASE",
+                std::str::from_utf8(PASSPHRASE).unwrap(),
+            )
+            .env("TESSERA_DANGER_FAST_KDF", "1")
+            .env("TESSERA_SERVER_URL", &endpoints.server_url)
+            .env("TESSERA_KMS_URL", &endpoints.kms_url)
+            .env(
+                "TESSERA_BACKUP_URL",
+                endpoints.backup_url.unwrap_or_default(),
+            )
+            .stdin(Stdio::null());
+        if let Some(ca) = endpoints.ca_cert {
+            cmd.env("TESSERA_CA_CERT", ca);
+        }
+        cmd
+    }
+
+    /// Runs `tessera <args>` as `profile` to the end (off the runtime).
+    pub async fn run_cli(&self, profile: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = self.cli(profile);
+        cmd.args(args);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Starts `tessera <args>` as `profile` in the background.
+    pub fn spawn_cli(&self, profile: &str, args: &[&str]) -> CliProcess {
+        use std::io::BufRead;
+        let mut cmd = self.cli(profile);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let (tx, stdout) = tokio::sync::mpsc::unbounded_channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let collected = stderr.clone();
+        let readers = vec![
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            }),
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                    if let Ok(mut s) = collected.lock() {
+                        s.push_str(&line);
+                        s.push('\n');
+                    }
+                }
+            }),
+        ];
+        CliProcess {
+            child: Some(child),
+            stdout,
+            stderr,
+            readers,
+        }
     }
 }
 
@@ -637,21 +910,66 @@ pub fn bin_path(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 impl Cluster {
+    /// A copy of the key service's data directory as it is now (the key
+    /// service is stopped for the copy and started again), to run a second
+    /// key service on with [`Cluster::kms_on`], after editing its database
+    /// as a key service's operator could.
+    pub async fn copy_kms_data(&mut self, name: &str) -> PathBuf {
+        let from = self.data_dir("kms");
+        let to = self.dir.path().join(name);
+        assert!(self.kms.stop().await, "key service exit status");
+        copy_dir(&from, &to);
+        self.kms.restart().await;
+        to
+    }
+
+    /// A key service with the real one's key on the data in `dir` (from
+    /// [`Cluster::copy_kms_data`]).
+    pub async fn kms_on(&self, dir: &Path) -> Service {
+        let mut env = self.kms.env.clone();
+        env.insert("TESSERA_KMS_DATA_DIR".into(), path_string(dir));
+        env.retain(|k, _| !k.ends_with("_TLS_CERT") && !k.ends_with("_TLS_KEY"));
+        let mut kms = Service::new("tessera-kms", dir, vec![], env, self.tls.as_ref());
+        kms.start().await;
+        kms
+    }
+
     /// A second key service holding this cluster's KMS key but its own,
     /// empty log: a directory that can sign checkpoints of another history.
     pub async fn forked_kms(&self) -> Service {
         let dir = self.dir.path().join("kms-fork");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(self.data_dir("kms").join("kms.key"), dir.join("kms.key")).unwrap();
-        let mut env = self.kms.env.clone();
-        env.insert(
-            "TESSERA_KMS_DATA_DIR".into(),
-            dir.to_string_lossy().into_owned(),
-        );
-        env.retain(|k, _| !k.ends_with("_TLS_CERT") && !k.ends_with("_TLS_KEY"));
-        let mut fork = Service::new("tessera-kms", &dir, vec![], env, self.tls.as_ref());
-        fork.start().await;
-        fork
+        self.kms_on(&dir).await
     }
+
+    /// A second key service started from a copy of this one's key and log
+    /// (the key service is stopped for the copy and started again): from
+    /// here on the two logs can grow apart, each consistent with the common
+    /// past, as a directory showing users a split view would.
+    pub async fn cloned_kms(&mut self) -> Service {
+        let dir = self.copy_kms_data("kms-clone").await;
+        self.kms_on(&dir).await
+    }
+}
+
+/// `approver` approves `device` (another device of the same user).
+pub async fn approve(approver: &Client, device: &Client) {
+    approver
+        .approve_device(&device.card_id())
+        .await
+        .unwrap_or_else(|e| panic!("approving {}: {e}", device.device_name()));
 }

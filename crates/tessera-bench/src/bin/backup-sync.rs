@@ -132,6 +132,7 @@ fn enrollment<'a>(
         kdf: KdfParams::DANGER_FAST_FOR_TESTS,
         expected_app_key: Some(info.app_public_key),
         expected_kms_key: Some(info.kms_public_key),
+        reset: false,
     }
 }
 
@@ -255,6 +256,7 @@ async fn main() {
         channel_id: channel_id.clone(),
         from_index: 0,
         limit: args.messages as u32,
+        nonce: vec![7; 16],
     });
     request.metadata_mut().insert(
         "authorization",
@@ -269,7 +271,10 @@ async fn main() {
     while let Some(item) = stream.next().await {
         let item = item.unwrap();
         bytes += item.envelope.len();
-        n += 1;
+        // The last item (index 0) is the organisation's signed end.
+        if item.message_index != 0 {
+            n += 1;
+        }
     }
     let raw = t.elapsed();
     assert_eq!(n, args.messages, "every archived message synced");

@@ -49,7 +49,7 @@ use tessera_proto::{
 use tessera_service::{
     TokenIssuer,
     serve::{Running, ServeOptions, bind},
-    token::{Role, bearer_header},
+    token::{Audience, AuthMethod, Grant, bearer_header},
 };
 use tonic::{Request, service::Routes, transport::Channel};
 
@@ -143,6 +143,7 @@ impl Load {
                 SearchCardsRequest {
                     identities: vec![format!("user{pick}")],
                     kind: 0,
+                    device_list_from: Default::default(),
                 },
             ))
             .await;
@@ -171,6 +172,7 @@ impl Load {
                 SearchCardsRequest {
                     identities: vec!["user0".into()],
                     kind: 0,
+                    device_list_from: Default::default(),
                 },
             ))
             .await
@@ -276,6 +278,7 @@ fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
                     entry,
                     leaf_hash,
                     cards: vec![stored],
+                    device_list: None,
                     checkpoint: checkpoint.clone(),
                 })
                 .unwrap();
@@ -410,13 +413,13 @@ async fn main() {
         .collect();
     let service_token = bearer_header(
         &issuer
-            .issue("tessera-server", Role::Service, None, false)
+            .issue(&Grant::service("tessera-server"), Audience::Kms)
             .unwrap()
             .bytes,
     );
     let user_token = bearer_header(
         &issuer
-            .issue("bench", Role::User, None, false)
+            .issue(&Grant::user("bench", AuthMethod::Password), Audience::Kms)
             .unwrap()
             .bytes,
     );

@@ -83,6 +83,7 @@ async fn main() {
                     kdf: KdfParams::DANGER_FAST_FOR_TESTS,
                     expected_app_key: Some(info.app_public_key),
                     expected_kms_key: Some(info.kms_public_key),
+                    reset: false,
                 },
             )
             .await
