@@ -361,7 +361,7 @@ impl Directory {
         };
         let checkpoint =
             transparency::sign_checkpoint(&self.key, index + 1, &root, tessera_service::now_secs());
-        let indexed = cards.clone();
+        let indexed = (cards.clone(), device_list.clone());
         let applied = self.store.apply(Append {
             index,
             entry,
@@ -376,11 +376,11 @@ impl Directory {
             return Err(e.into());
         }
         // Readers see the indexed change only once it is published.
-        let reindexed = self
-            .index
-            .write()
-            .map_err(lock_error)?
-            .update(&indexed, self.store.as_ref());
+        let reindexed = self.index.write().map_err(lock_error)?.update(
+            &indexed.0,
+            indexed.1.as_ref(),
+            self.store.as_ref(),
+        );
         let flushed = match reindexed {
             Ok(()) => self.store.flush().await,
             Err(e) => Err(e),
@@ -718,17 +718,19 @@ impl Directory {
     /// carry more than `budget` statements.
     fn device_list_at(
         &self,
+        index: &CardIndex,
         identity: &str,
         from: u64,
         size: u64,
         tree: &Tree,
         budget: usize,
     ) -> Result<DeviceList, KmsError> {
-        let Some(list) = self.store.device_list(identity)? else {
-            return Ok(DeviceList::default());
-        };
         // Statements appended after the published checkpoint do not exist yet.
-        let visible: Vec<u64> = list.indices.into_iter().filter(|&i| i < size).collect();
+        let visible: Vec<&(u64, Box<[u8]>)> = index
+            .statements(identity)
+            .iter()
+            .filter(|(i, _)| *i < size)
+            .collect();
         let wanted = &visible[(from.min(visible.len() as u64) as usize)..];
         if wanted.len() > budget {
             return Ok(DeviceList {
@@ -738,17 +740,10 @@ impl Directory {
             });
         }
         let mut statements = Vec::with_capacity(wanted.len());
-        for &index in wanted {
-            let entry = self
-                .store
-                .entry(index)?
-                .ok_or(KmsError::Internal("statement entry missing"))?;
-            let hashes = tree
-                .inclusion_proof(index, size)
-                .ok_or(KmsError::Internal("inclusion proof out of range"))?;
+        for (index, entry) in wanted {
             statements.push(LoggedStatement {
-                entry,
-                inclusion: Some(transparency::inclusion_proof_message(index, size, hashes)),
+                entry: entry.to_vec(),
+                inclusion: Some(inclusion_proof(tree, *index, size)?),
             });
         }
         Ok(DeviceList {
@@ -769,8 +764,9 @@ impl Directory {
             .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
         let p = self.published()?;
         let tree = self.tree.read().map_err(lock_error)?;
+        let index = self.index.read().map_err(lock_error)?;
         Ok((
-            self.device_list_at(identity, from, p.size, &tree, usize::MAX)?,
+            self.device_list_at(&index, identity, from, p.size, &tree, usize::MAX)?,
             p.checkpoint.clone(),
         ))
     }
@@ -819,7 +815,8 @@ impl Directory {
                 .collect::<Result<_, KmsError>>()?;
             let device_list = if kind.is_none_or(|k| k == CardKind::Client) {
                 let from = device_list_from.get(identity).copied().unwrap_or(0);
-                let list = self.device_list_at(identity, from, p.size, &tree, statement_budget)?;
+                let list =
+                    self.device_list_at(&index, identity, from, p.size, &tree, statement_budget)?;
                 statement_budget -= list.statements.len();
                 Some(list)
             } else {

@@ -1,22 +1,24 @@
 //! The search index: every card of every identity, in memory, with the log
 //! indices that decide its status at any checkpoint and the exact bytes of
-//! its registration entry (what a search answers with).
+//! its registration entry, and every identity's device list statements with
+//! their log indices and entries: what a search answers with.
 //!
 //! Search used to read the store three times per identity (the identity's
 //! card list, then each card). Past a few hundred thousand cards those
 //! records no longer fit sled's page cache, and at a million cards search
 //! spent half its time paging them in from disk (`docs/benchmarks.md`).
-//! The index is built from the stored card records at start and updated by
-//! every append, so a search touches no storage: one hash lookup per
-//! identity, whatever the directory's size. It costs about 0.5 KB of memory
-//! per card (the registration entry is most of it).
+//! The index is built from the stored card records and device lists at
+//! start and updated by every append, so a search touches no storage: two
+//! hash lookups per identity, whatever the directory's size. It costs about
+//! 0.5 KB of memory per card and per statement (the entries are most of
+//! it).
 
 use std::collections::HashMap;
 
 use tessera_card::CardId;
 use tessera_service::storage::StorageError;
 
-use crate::store::{Store, StoredCard};
+use crate::store::{Store, StoredCard, StoredDeviceList};
 
 /// Marks a status change that has not happened.
 const NEVER: u64 = u64::MAX;
@@ -58,28 +60,39 @@ pub(crate) struct ActiveCard<'a> {
     pub(crate) registration_entry: &'a [u8],
 }
 
+/// A device list statement: its log index and entry.
+pub(crate) type Statement = (u64, Box<[u8]>);
+
 #[derive(Default)]
 pub(crate) struct CardIndex {
     by_identity: HashMap<String, Vec<Slot>>,
+    /// Each identity's device list statements, in sequence order.
+    lists: HashMap<String, Vec<Statement>>,
 }
 
 impl CardIndex {
-    /// Indexes every card record in `store`.
+    /// Indexes every card record and device list in `store`.
     pub(crate) fn build(store: &dyn Store) -> Result<Self, StorageError> {
         let mut index = Self::default();
-        store.for_each_card(&mut |card| index.update(std::slice::from_ref(&card), store))?;
+        store.for_each_card(&mut |card| index.update(std::slice::from_ref(&card), None, store))?;
+        store.for_each_device_list(&mut |list| index.update(&[], Some(&list), store))?;
         for slots in index.by_identity.values_mut() {
             slots.sort_by_key(|s| s.registration_index);
         }
         Ok(index)
     }
 
-    /// Takes in card records just written (new cards, or new statuses).
+    /// Takes in card records (new cards, or new statuses) and a device list
+    /// just written.
     pub(crate) fn update(
         &mut self,
         cards: &[StoredCard],
+        list: Option<&StoredDeviceList>,
         store: &dyn Store,
     ) -> Result<(), StorageError> {
+        if let Some(list) = list {
+            self.update_list(list, store)?;
+        }
         for stored in cards {
             let id = stored
                 .card
@@ -111,6 +124,42 @@ impl CardIndex {
             slots.push(slot);
         }
         Ok(())
+    }
+
+    /// Takes `list` in: entries already indexed are kept, new ones read.
+    fn update_list(
+        &mut self,
+        list: &StoredDeviceList,
+        store: &dyn Store,
+    ) -> Result<(), StorageError> {
+        let mut known: HashMap<u64, Box<[u8]>> = self
+            .lists
+            .remove(&list.identity)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let statements = list
+            .indices
+            .iter()
+            .map(|&index| {
+                let entry = match known.remove(&index) {
+                    Some(entry) => entry,
+                    None => store
+                        .entry(index)?
+                        .ok_or(StorageError::Corrupt("statement entry missing"))?
+                        .into_boxed_slice(),
+                };
+                Ok((index, entry))
+            })
+            .collect::<Result<_, StorageError>>()?;
+        self.lists.insert(list.identity.clone(), statements);
+        Ok(())
+    }
+
+    /// Every device list statement of `identity`, in sequence order (also
+    /// those not yet published: callers filter by log index).
+    pub(crate) fn statements(&self, identity: &str) -> &[Statement] {
+        self.lists.get(identity).map_or(&[], Vec::as_slice)
     }
 
     /// The cards of `identity` (of `kind`, when given) active in the
@@ -172,15 +221,17 @@ mod tests {
         let mut b = stored("alice", b"b", 1, 1);
         let c = stored("alice", b"c", 1, 2);
         index
-            .update(&[a.clone(), b.clone(), c.clone()], &store)
+            .update(&[a.clone(), b.clone(), c.clone()], None, &store)
             .unwrap();
-        index.update(&[stored("org", b"o", 2, 3)], &store).unwrap();
+        index
+            .update(&[stored("org", b"o", 2, 3)], None, &store)
+            .unwrap();
         // c replaces b at 2; a is revoked at 4.
         b.superseded_by = vec![9; 32];
         b.superseded_at_index = 2;
         a.revocation = Some(card_pb::Revocation::default());
         a.revocation_index = 4;
-        index.update(&[b, a], &store).unwrap();
+        index.update(&[b, a], None, &store).unwrap();
 
         assert_eq!(active(&index, "alice", None, 0), Vec::<u64>::new());
         assert_eq!(active(&index, "alice", None, 1), vec![0]);
@@ -193,11 +244,58 @@ mod tests {
     }
 
     #[test]
+    fn device_lists_keep_their_statements_in_order() {
+        use tessera_proto::transparency::v1::SignedCheckpoint;
+
+        use crate::store::Append;
+        let store = MemoryStore::default();
+        for i in 0..4u64 {
+            store
+                .apply(Append {
+                    index: i,
+                    entry: format!("entry {i}").into_bytes(),
+                    leaf_hash: [0; 32],
+                    cards: Vec::new(),
+                    device_list: None,
+                    checkpoint: SignedCheckpoint::default(),
+                })
+                .unwrap();
+        }
+        let list = |indices: &[u64]| StoredDeviceList {
+            identity: "alice".into(),
+            indices: indices.to_vec(),
+            ..Default::default()
+        };
+        let mut index = CardIndex::default();
+        index.update(&[], Some(&list(&[0, 2])), &store).unwrap();
+        index.update(&[], Some(&list(&[0, 2, 3])), &store).unwrap();
+        let got: Vec<(u64, &[u8])> = index
+            .statements("alice")
+            .iter()
+            .map(|(i, e)| (*i, e.as_ref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, b"entry 0".as_slice()),
+                (2, b"entry 2".as_slice()),
+                (3, b"entry 3".as_slice())
+            ]
+        );
+        assert!(index.statements("bob").is_empty());
+        // A statement the log does not hold is corruption.
+        assert!(matches!(
+            index.update(&[], Some(&list(&[0, 9])), &store),
+            Err(StorageError::Corrupt(_))
+        ));
+    }
+
+    #[test]
     fn a_card_record_without_its_card_is_refused() {
         let mut card = stored("alice", b"a", 1, 0);
         card.card = None;
         assert!(matches!(
-            CardIndex::default().update(&[card], &MemoryStore::default()),
+            CardIndex::default().update(&[card], None, &MemoryStore::default()),
             Err(StorageError::Corrupt(_))
         ));
     }

@@ -89,6 +89,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
     /// The identity's device list, if it has one.
     fn device_list(&self, identity: &str) -> Result<Option<StoredDeviceList>, StorageError>;
+    /// Calls `f` with every device list, in no particular order (to build
+    /// the search index at start); stops at the first error.
+    fn for_each_device_list(
+        &self,
+        f: &mut dyn FnMut(StoredDeviceList) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError>;
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError>;
     fn entries(&self, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StorageError>;
     /// Every leaf hash in order, to rebuild the tree at start.
@@ -123,6 +129,10 @@ fn hash_key(index: u64) -> Vec<u8> {
 }
 
 const CHECKPOINT_KEY: &[u8] = b"m/checkpoint";
+
+fn decode_device_list(bytes: &[u8]) -> Result<StoredDeviceList, StorageError> {
+    StoredDeviceList::decode(bytes).map_err(|_| StorageError::Corrupt("device list record"))
+}
 
 fn decode_card(bytes: &[u8]) -> Result<StoredCard, StorageError> {
     StoredCard::decode(bytes).map_err(|_| StorageError::Corrupt("card record"))
@@ -180,11 +190,18 @@ impl Store for SledStore {
     fn device_list(&self, identity: &str) -> Result<Option<StoredDeviceList>, StorageError> {
         self.db
             .get(device_list_key(identity))?
-            .map(|v| {
-                StoredDeviceList::decode(v.as_ref())
-                    .map_err(|_| StorageError::Corrupt("device list record"))
-            })
+            .map(|v| decode_device_list(&v))
             .transpose()
+    }
+
+    fn for_each_device_list(
+        &self,
+        f: &mut dyn FnMut(StoredDeviceList) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        for item in self.db.scan_prefix(b"d/") {
+            f(decode_device_list(&item?.1)?)?;
+        }
+        Ok(())
     }
 
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
@@ -313,6 +330,15 @@ impl Store for MemoryStore {
 
     fn device_list(&self, identity: &str) -> Result<Option<StoredDeviceList>, StorageError> {
         Ok(self.lock()?.device_lists.get(identity).cloned())
+    }
+
+    fn for_each_device_list(
+        &self,
+        f: &mut dyn FnMut(StoredDeviceList) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        // Copied out first: `f` may call back into the store.
+        let lists: Vec<StoredDeviceList> = self.lock()?.device_lists.values().cloned().collect();
+        lists.into_iter().try_for_each(f)
     }
 
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {

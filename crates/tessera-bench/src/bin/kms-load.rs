@@ -6,11 +6,13 @@
 //! temporary directory.
 //!
 //! Each size gets a fresh key service whose store is preloaded in bulk
-//! ([`bulk_preload`]): the very records `Directory::register` writes (card
-//! record with its log entry, identity index, log entry, leaf hash, signed
-//! checkpoint), written straight into the sled store before the service
-//! opens it, since a million registrations through the RPC (each flushed
-//! alone) would take the best part of an hour.
+//! ([`bulk_preload`]): the very records `Directory::register` and
+//! `Directory::publish` write (card records with their log entries,
+//! identity index, each identity's device list with its GENESIS statement,
+//! log entries, leaf hashes, signed checkpoint), written straight into the
+//! sled store before the service opens it, since a million registrations
+//! through the RPC (each flushed alone) would take the best part of an
+//! hour.
 
 #![allow(
     clippy::unwrap_used,
@@ -32,18 +34,23 @@ use std::{
 use clap::Parser;
 use tessera_bench::{EchoService, Stats, closed_loop, machine, resident_mib};
 use tessera_card::{
-    CardKind, NewCard, app_sign, kms_sign,
+    CardId, CardKind, NewCard, Verifier, app_sign,
+    device_list::{Action, DeviceListState, NewStatement, ParsedStatement, ServedList, app_cosign},
+    kms_sign,
     transparency::{self, Tree},
 };
-use tessera_crypto::{DeviceKeys, SigningKey};
+use tessera_crypto::{DeviceKeys, SigningKey, VerifyingKey};
 use tessera_kms::{
     Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits,
-    store::{Append, SledStore, Store, StoredCard},
+    store::{Append, SledStore, Store, StoredCard, StoredDeviceList},
 };
 use tessera_proto::{
     bench::v1::{EchoMessage, echo_client::EchoClient, echo_server::EchoServer},
     card::v1 as card_pb,
-    kms::v1::{RegisterCardRequest, SearchCardsRequest, key_directory_client::KeyDirectoryClient},
+    kms::v1::{
+        RegisterCardRequest, SearchCardsRequest, SearchCardsResponse,
+        key_directory_client::KeyDirectoryClient,
+    },
     transparency::v1::SignedCheckpoint,
 };
 use tessera_service::{
@@ -162,8 +169,9 @@ impl Load {
             .is_ok()
     }
 
-    /// Encoded size of one search answer at this directory size.
-    async fn search_answer_bytes(&self) -> u32 {
+    /// Encoded size of one search answer at this directory size, after
+    /// checking the answer.
+    async fn search_answer_bytes(&self, kms_key: &VerifyingKey) -> u32 {
         use tessera_proto::Message as _;
         let mut client = self.kms[0].clone();
         let r = client
@@ -177,8 +185,44 @@ impl Load {
             ))
             .await
             .expect("search for user0");
+        check_answer(r.get_ref(), &self.app.verifying_key(), kms_key);
         r.get_ref().encoded_len() as u32
     }
+}
+
+/// Checks a search answer for `user0` as a client would: both cards verify
+/// and are in the log, and the device list is a logged GENESIS that applies
+/// (so the bulk preload wrote what the directory would have).
+fn check_answer(answer: &SearchCardsResponse, app: &VerifyingKey, kms: &VerifyingKey) {
+    let checkpoint =
+        transparency::verify_checkpoint(answer.checkpoint.as_ref().unwrap(), kms).unwrap();
+    let found = &answer.results[0];
+    assert_eq!(found.cards.len(), 2, "user0 has two active cards");
+    let verifier = Verifier::new(*app, *kms);
+    let cards: Vec<_> = found
+        .cards
+        .iter()
+        .map(|record| {
+            transparency::verify_inclusion(
+                &checkpoint,
+                &record.registration_entry,
+                record.inclusion.as_ref().unwrap(),
+            )
+            .unwrap();
+            let card = transparency::registered_card(&record.registration_entry).unwrap();
+            verifier
+                .verify(&card, Some("user0"), CardKind::Client)
+                .unwrap()
+        })
+        .collect();
+    let served = ServedList::check(found.device_list.as_ref().unwrap(), "user0", &checkpoint)
+        .expect("a logged device list");
+    assert_eq!(served.statements.len(), 1);
+    let mut state = DeviceListState::empty("user0");
+    state
+        .apply(&served.statements[0].statement, &cards[0], app)
+        .expect("the GENESIS statement applies");
+    assert!(state.is_trusted(&cards[0].id()));
 }
 
 /// Cards made per batch by the preload's worker threads.
@@ -201,40 +245,70 @@ fn bench_card(n: u64, keys: &DeviceKeys, app: &SigningKey) -> (String, card_pb::
     (identity, card)
 }
 
-/// One registration as `Directory::register` makes it: the card with its
-/// self, app and kms signatures, and its log entry.
+/// One append as the directory makes it: the log entry, the card records
+/// it writes, the device list it extends.
+type Appended = (Vec<u8>, Vec<StoredCard>, Option<StoredDeviceList>);
+
+/// Card `n`'s registration as `Directory::register` makes it (the card with
+/// its self, app and kms signatures, and its log entry) and, for the first
+/// card of an identity, the GENESIS statement of its device list as
+/// `Directory::publish` logs it (signed by that card, co-signed by the
+/// AppKey): every enrolled user has one. Log indices are set when applied.
 fn registration(
     n: u64,
     keys: &DeviceKeys,
     app: &SigningKey,
     kms: &SigningKey,
     now: i64,
-) -> (Vec<u8>, StoredCard) {
+) -> Vec<Appended> {
     let (identity, mut card) = bench_card(n, keys, app);
     kms_sign(&mut card, kms);
+    let id = CardId::of_snapshot(&card.content_snapshot);
     let entry = transparency::registration_entry(&card, &identity, now);
     let stored = StoredCard {
         registration_entry: entry.clone(),
         card: Some(card),
-        identity,
+        identity: identity.clone(),
         kind: CardKind::Client.to_proto() as i32,
-        registration_index: n,
-        revocation: None,
-        revocation_index: 0,
-        superseded_by: Vec::new(),
-        superseded_at_index: 0,
+        ..StoredCard::default()
     };
-    (entry, stored)
+    let mut appends = vec![(entry, vec![stored], None)];
+    if n.is_multiple_of(2) {
+        let mut genesis = NewStatement {
+            identity: &identity,
+            seqno: 0,
+            previous_hash: None,
+            action: Action::Genesis,
+            subject: id,
+            signer: id,
+            created_at: now,
+        }
+        .sign(&keys.signing);
+        app_cosign(&mut genesis, app);
+        let list = StoredDeviceList {
+            identity: identity.clone(),
+            indices: Vec::new(),
+            head: ParsedStatement::parse(genesis.clone())
+                .unwrap()
+                .hash()
+                .to_vec(),
+            trusted: vec![id.to_vec()],
+        };
+        let entry = transparency::device_statement_entry(&genesis, &identity, now);
+        appends.push((entry, Vec::new(), Some(list)));
+    }
+    appends
 }
 
-/// Writes cards `0..count` (identity `user<n / 2>`: two cards each) into the
-/// key service's store under `data_dir`, as `count` appends of one
-/// registration each, like the directory's; the last append of each batch
-/// carries a freshly signed checkpoint over the tree so far (the others
-/// repeat the previous one, which the next append overwrites anyway), so
-/// the service opens the store, rebuilds the tree and checks the root as it
-/// would after real registrations. Devices share a few keys (the card ids
-/// still differ: each snapshot names its own identity and time).
+/// Writes cards `0..count` (identity `user<n / 2>`: two cards each, and a
+/// device list of one GENESIS statement) into the key service's store under
+/// `data_dir`, one append per registration and statement, like the
+/// directory's; the last append of each batch carries a freshly signed
+/// checkpoint over the tree so far (the others repeat the previous one,
+/// which the next append overwrites anyway), so the service opens the
+/// store, rebuilds the tree and checks the root as it would after real
+/// registrations. Devices share a few keys (the card ids still differ:
+/// each snapshot names its own identity and time).
 fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
     let start = Instant::now();
     let kms = tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
@@ -247,7 +321,7 @@ fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
     for batch in (0..count).step_by(PRELOAD_BATCH as usize) {
         let end = (batch + PRELOAD_BATCH).min(count);
         let per_thread = (end - batch).div_ceil(threads);
-        let made: Vec<(Vec<u8>, StoredCard)> = std::thread::scope(|scope| {
+        let made: Vec<Appended> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
                 .map(|t| {
                     let (keys, kms) = (&keys, &kms);
@@ -255,7 +329,9 @@ fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
                     let to = (from + per_thread).min(end);
                     scope.spawn(move || {
                         (from..to)
-                            .map(|n| registration(n, &keys[n as usize % keys.len()], app, kms, now))
+                            .flat_map(|n| {
+                                registration(n, &keys[n as usize % keys.len()], app, kms, now)
+                            })
                             .collect::<Vec<_>>()
                     })
                 })
@@ -265,20 +341,27 @@ fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
                 .flat_map(|w| w.join().unwrap())
                 .collect()
         });
-        for (n, (entry, stored)) in (batch..end).zip(made) {
+        let last = made.len() - 1;
+        for (i, (entry, mut cards, mut device_list)) in made.into_iter().enumerate() {
             let leaf_hash = transparency::leaf_hash(&entry);
-            assert_eq!(tree.push(leaf_hash), n);
-            if n + 1 == end {
-                let root = tree.root(n + 1).unwrap();
-                checkpoint = transparency::sign_checkpoint(&kms, n + 1, &root, now);
+            let index = tree.push(leaf_hash);
+            for card in &mut cards {
+                card.registration_index = index;
+            }
+            if let Some(list) = &mut device_list {
+                list.indices.push(index);
+            }
+            if i == last {
+                let root = tree.root(index + 1).unwrap();
+                checkpoint = transparency::sign_checkpoint(&kms, index + 1, &root, now);
             }
             store
                 .apply(Append {
-                    index: n,
+                    index,
                     entry,
                     leaf_hash,
-                    cards: vec![stored],
-                    device_list: None,
+                    cards,
+                    device_list,
                     checkpoint: checkpoint.clone(),
                 })
                 .unwrap();
@@ -288,7 +371,8 @@ fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
         .block_on(store.flush())
         .unwrap();
     eprintln!(
-        "preloaded {count} cards in bulk in {:.1} s ({:.0}/s)",
+        "preloaded {count} cards and {} device lists in bulk in {:.1} s ({:.0} cards/s)",
+        count.div_ceil(2),
         start.elapsed().as_secs_f64(),
         count as f64 / start.elapsed().as_secs_f64()
     );
@@ -440,7 +524,9 @@ async fn main() {
             user_token: user_token.clone(),
             next_card: AtomicU64::new(size),
         });
-        let answer_bytes = load.search_answer_bytes().await;
+        let answer_bytes = load
+            .search_answer_bytes(&kms.directory().public_key())
+            .await;
         services.push((size, kms, running, load, answer_bytes));
     }
     let secs = Duration::from_secs(args.seconds);
