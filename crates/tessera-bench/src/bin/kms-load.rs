@@ -84,8 +84,9 @@ struct Args {
     /// machine's load hits every size alike; the summary takes the median.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Keep the preloaded stores here and reuse them on the next run
-    /// (default: a temporary directory, removed after each size).
+    /// Keep the preloaded stores (and the AppKey that signed their cards)
+    /// here and reuse them on the next run (default: a temporary directory,
+    /// removed after each size).
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
 }
@@ -482,7 +483,12 @@ async fn main() {
         .data_dir
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
-    let app = Arc::new(SigningKey::generate().unwrap());
+    // The AppKey lives with the preloaded stores: a store reused from an
+    // earlier run holds cards that key signed.
+    std::fs::create_dir_all(&dir).unwrap();
+    let (app, _) =
+        tessera_crypto::keystore::load_or_generate_signing(&dir.join("bench-app.key")).unwrap();
+    let app = Arc::new(app);
     let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(3600));
     let echo_running = Running::spawn(
         Routes::new(EchoServer::new(EchoService)),
