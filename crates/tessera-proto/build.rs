@@ -4,12 +4,26 @@
 
 use std::{env, path::PathBuf};
 
+/// Messages whose `Debug` is written by hand in `src/redacted.rs`.
+const REDACTED: [&str; 9] = [
+    ".tessera.envelope.v1.FileAttachment",
+    ".tessera.envelope.v1.SignedPayload",
+    ".tessera.envelope.v1.SealedContent",
+    ".tessera.envelope.v1.HistoryItem",
+    ".tessera.backup.v1.BackupRecord",
+    ".tessera.auth.v1.AccessToken",
+    ".tessera.server.v1.SignUpRequest",
+    ".tessera.server.v1.LoginRequest",
+    ".tessera.server.v1.LoginResponse",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let proto_root = manifest_dir.join("../../proto");
     let files = [
         "tessera/card/v1/card.proto",
         "tessera/card/v1/device_list.proto",
+        "tessera/channel/v1/channel.proto",
         "tessera/envelope/v1/envelope.proto",
         "tessera/transparency/v1/log.proto",
         "tessera/auth/v1/token.proto",
@@ -30,6 +44,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        // Messages that hold a secret or plaintext get a hand-written Debug
+        // that leaves it out (src/redacted.rs).
+        .skip_debug(REDACTED)
         .build_client(true)
         .build_server(true)
         .build_transport(false)

@@ -95,6 +95,8 @@ impl Org {
             original_payload: record.original_payload,
             original_signature: record.original_signature,
             server_time_ms: record.server_time_ms,
+            envelope_sha256: record.envelope_sha256,
+            content_key: record.content_key,
         };
         let body = Zeroizing::new(item.encode_to_vec());
         self.seal_history(&item.channel_id, CONTENT_TYPE_HISTORY, &body, recipients)
@@ -248,6 +250,23 @@ impl Backup for BackupService {
                 "the record's server time is not the one the app server stored at this index",
             ));
         }
+        // And it must be *that* message: the envelope stored at this index
+        // is the one the record names, and its body opens, with the record's
+        // content key, to exactly the record's payload and signature.
+        envelope::check_binding(
+            &stored.envelope,
+            &record.envelope_sha256,
+            &record.content_key,
+            &record.original_payload,
+            &record.original_signature,
+        )
+        .map_err(|e| {
+            tracing::warn!(channel_id = %r.channel_id, index = r.message_index, by = %caller.identity, "refused backup: {e}");
+            Status::invalid_argument(format!(
+                "the record is not the message the app server stores at index {}: {e}",
+                r.message_index
+            ))
+        })?;
         let card = self
             .upstream
             .card(&CardId::from_array(sender_card), &sender_identity)

@@ -129,6 +129,27 @@ fn with<T>(token: &str, message: T) -> Request<T> {
     r
 }
 
+impl World {
+    /// Alice sends two messages to a channel with bob, an org member;
+    /// returns bob's device, the channel and the two messages as he got them.
+    async fn bob_receives_two_payments(&self) -> (Client, String, Vec<Received>) {
+        let admin = self.device("admin", "admin", true).await;
+        let alice = self.device("alice", "alice", true).await;
+        let bob = self.device("bob", "bob", true).await;
+        admin.set_org_member("bob", true).await.unwrap();
+        let channel_id = alice
+            .create_channel("c", HistoryVisibility::Shared, &["bob".into()])
+            .await
+            .unwrap()
+            .channel_id;
+        for text in ["pay 10", "pay 1000"] {
+            alice.send_text(&channel_id, text).await.unwrap();
+        }
+        let messages = received(&bob, &channel_id).await;
+        (bob, channel_id, messages)
+    }
+}
+
 /// An OrgEncMsg of `message`, as a member's device makes it, optionally altered.
 fn org_enc_msg(
     org: &tessera_client::OrgInfo,
@@ -137,12 +158,15 @@ fn org_enc_msg(
     alter: impl FnOnce(&mut BackupRecord),
 ) -> SubmitBackupRequest {
     let (payload, signature) = m.signed_original();
+    let binding = m.envelope_binding().unwrap();
     let mut record = BackupRecord {
         channel_id: m.channel_id.clone(),
         message_index: index,
         original_payload: payload.to_vec(),
         original_signature: signature.to_vec(),
         server_time_ms: m.server_time_ms,
+        envelope_sha256: binding.envelope_sha256.to_vec(),
+        content_key: binding.content_key.to_vec(),
     };
     alter(&mut record);
     let sealed = seal_org_backup(
@@ -206,17 +230,26 @@ async fn ingestion_checks_membership_signatures_duplicates_and_conflicts() {
         .unwrap();
     assert!(!again.into_inner().stored);
 
-    // A different record for the same message is refused.
-    let conflicting = org_enc_msg(&org, &messages[0], 1, |r| {
+    // A different record for the same message is refused: every field of
+    // it is checked against the stored message (here its server time).
+    let conflicting = org_enc_msg(&org, &messages[0], 1, |r| r.server_time_ms += 1);
+    let err = backup
+        .submit_backup(with(&bob_token, conflicting))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("server time"), "{err:?}");
+    // Another message's payload under this message's envelope: not stored here.
+    let swapped = org_enc_msg(&org, &messages[0], 1, |r| {
         let (p, s) = messages[1].signed_original();
         r.original_payload = p.to_vec();
         r.original_signature = s.to_vec();
     });
     let err = backup
-        .submit_backup(with(&bob_token, conflicting))
+        .submit_backup(with(&bob_token, swapped))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 
     // A forged original signature is refused, and nothing is stored.
     let forged = org_enc_msg(&org, &messages[1], 2, |r| r.original_signature[5] ^= 1);
@@ -234,7 +267,10 @@ async fn ingestion_checks_membership_signatures_duplicates_and_conflicts() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("server time"), "{err:?}");
+    assert!(
+        err.message().contains("server time") || err.message().contains("stores"),
+        "index 1 stores another message: {err:?}"
+    );
     // Sealed to another card, or garbage.
     let mut other_card = org_enc_msg(&org, &messages[1], 2, |_| {});
     other_card.org_enc_msg.as_mut().unwrap().org_card_id = vec![7; 32];
@@ -522,5 +558,119 @@ async fn two_devices_backing_up_the_same_message_at_once() {
     assert_eq!(
         texts,
         (0..6).map(|i| format!("raced {i}")).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_message_cannot_be_archived_at_another_index_to_block_the_genuine_one() {
+    let w = World::start().await;
+    let (bob, _channel_id, messages) = w.bob_receives_two_payments().await;
+    let org = bob.org().await.unwrap();
+    let (mut backup, bob_token) = w.raw("bob").await;
+
+    // Bob, a member, files message 1 as index 2: same sender, same
+    // channel, a valid signature: with its own envelope's binding ...
+    let as_second = org_enc_msg(&org, &messages[0], 2, |_| {});
+    let err = backup
+        .submit_backup(with(&bob_token, as_second))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // ... or with index 2's (he received it, so he has its key).
+    let as_second = org_enc_msg(&org, &messages[0], 2, |r| {
+        let binding = messages[1].envelope_binding().unwrap();
+        r.envelope_sha256 = binding.envelope_sha256.to_vec();
+        r.content_key = binding.content_key.to_vec();
+    });
+    let err = backup
+        .submit_backup(with(&bob_token, as_second))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // So the genuine backup of index 2 is still the first, and is kept.
+    let genuine = backup
+        .submit_backup(with(&bob_token, org_enc_msg(&org, &messages[1], 2, |_| {})))
+        .await
+        .unwrap();
+    assert!(genuine.into_inner().stored);
+}
+
+#[tokio::test]
+async fn a_device_refuses_history_whose_archived_message_is_not_the_one_stored_at_its_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StackConfig::for_tests(dir.path().join("stack"));
+    let stack = Stack::start(config.clone()).await.unwrap();
+    let w = World {
+        _dir: tempfile::tempdir().unwrap(),
+        stack,
+        home: Home::new(dir.path().join("home")),
+    };
+    let (bob, channel_id, messages) = w.bob_receives_two_payments().await;
+    assert!(bob.back_up(&messages[0]).await.unwrap());
+    let org = bob.org().await.unwrap();
+    let org_card_id = org.card.id().to_vec();
+    let org_key = *org.card.encryption_key();
+    w.stack.stop().await;
+
+    // The archive (a compromised backup service, or its disk) holds
+    // message 1, intact and correctly signed, at index 2.
+    let backup_dir = dir.path().join("stack/backup");
+    {
+        let store = tessera_backup::store::SledStore::open(&backup_dir.join("db")).unwrap();
+        use tessera_backup::store::Store as _;
+        let (payload, signature) = messages[0].signed_original();
+        let binding = messages[0].envelope_binding().unwrap();
+        let record = BackupRecord {
+            channel_id: channel_id.clone(),
+            message_index: 2,
+            original_payload: payload.to_vec(),
+            original_signature: signature.to_vec(),
+            server_time_ms: messages[1].server_time_ms,
+            envelope_sha256: binding.envelope_sha256.to_vec(),
+            content_key: binding.content_key.to_vec(),
+        };
+        let sealed = seal_org_backup(&org_key, &channel_id, 2, &record.encode_to_vec()).unwrap();
+        assert!(
+            store
+                .insert(&tessera_backup::store::Archived {
+                    channel_id: channel_id.clone(),
+                    message_index: 2,
+                    org_card_id,
+                    encapsulated_key: sealed.encapsulated_key.to_vec(),
+                    ciphertext: sealed.ciphertext,
+                    submitted_by: "bob".into(),
+                    submitted_at_ms: 0,
+                })
+                .unwrap()
+        );
+        store.flush().await.unwrap();
+    }
+    let stack = Stack::start(config).await.unwrap();
+    let w = World {
+        _dir: tempfile::tempdir().unwrap(),
+        stack,
+        home: Home::new(dir.path().join("home")),
+    };
+    let tablet = w.device("bob-tablet", "bob", false).await;
+    // Bob's phone approves it, at the restarted stack's addresses.
+    w.home
+        .set_endpoints("bob", w.stack.info().endpoints())
+        .unwrap();
+    Client::open(&w.home, "bob", b"pp")
+        .unwrap()
+        .approve_device(&tablet.card_id())
+        .await
+        .unwrap();
+    let history = tablet
+        .sync_from_org(&channel_id, 0, 0, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 2);
+    let first = history[0].result.as_ref().unwrap();
+    assert_eq!(first.index, 1);
+    let err = history[1].result.as_ref().unwrap_err().to_string();
+    assert!(
+        err.contains("not the one stored at this index"),
+        "message 1 shown as message 2: {err}"
     );
 }

@@ -185,6 +185,15 @@ impl ParsedCard {
     pub fn parse(card: pb::Card) -> Result<Self, CardError> {
         let content = CardContent::decode(card.content_snapshot.as_slice())
             .map_err(|_| CardError::Malformed("content snapshot is not a CardContent"))?;
+        // Strict: the snapshot must be the canonical encoding of what it
+        // says (docs/protocol.md section 3). Unknown fields, repeated or
+        // out-of-order fields, default values written out and overlong
+        // varints are all refused, so what is signed is exactly what is read.
+        if content.encode_to_vec() != card.content_snapshot {
+            return Err(CardError::Malformed(
+                "content snapshot is not the canonical encoding of a CardContent",
+            ));
+        }
         if content.version != VERSION {
             return Err(CardError::UnsupportedVersion(content.version));
         }
@@ -332,6 +341,60 @@ mod tests {
                 Err(CardError::BadSignature(SignatureRole::SelfSigned))
             );
         }
+    }
+
+    #[test]
+    fn a_snapshot_that_is_not_canonical_is_refused_even_when_signed() {
+        let keys = DeviceKeys::generate().unwrap();
+        let card = NewCard {
+            identity: "alice",
+            kind: CardKind::Client,
+            device_name: "laptop",
+            created_at: 1,
+            previous_card_id: None,
+        }
+        .self_signed(&keys)
+        .unwrap();
+        let canonical = card.content_snapshot.clone();
+        let resign = |snapshot: Vec<u8>| pb::Card {
+            self_signature: keys
+                .signing
+                .sign(SignatureContext::CardSelf, &snapshot)
+                .to_vec(),
+            content_snapshot: snapshot,
+            ..Default::default()
+        };
+        let mut unknown_field = canonical.clone();
+        unknown_field.extend_from_slice(&[0x78, 0x01]); // field 15, varint 1
+        let mut version_repeated = canonical.clone();
+        version_repeated.extend_from_slice(&[0x08, 0x01]); // field 1 again
+        let mut overlong_version = vec![0x08, 0x81, 0x00]; // version = 1 in two bytes
+        overlong_version.extend_from_slice(&canonical[2..]);
+        let mut default_written = canonical.clone();
+        default_written.extend_from_slice(&[0x42, 0x00]); // empty previous_card_id
+        for (what, snapshot) in [
+            ("unknown field", unknown_field),
+            ("repeated field", version_repeated),
+            ("overlong varint", overlong_version),
+            ("default value written out", default_written),
+        ] {
+            // Each still decodes to the same content under prost...
+            assert_eq!(
+                CardContent::decode(snapshot.as_slice()).unwrap(),
+                CardContent::decode(canonical.as_slice()).unwrap(),
+                "{what}"
+            );
+            // ... and carries a valid self signature, yet is refused.
+            let signed = resign(snapshot);
+            assert_eq!(
+                ParsedCard::parse(signed).unwrap_err(),
+                CardError::Malformed(
+                    "content snapshot is not the canonical encoding of a CardContent"
+                ),
+                "{what}"
+            );
+        }
+        assert!(ParsedCard::parse(resign(canonical)).is_ok());
     }
 
     #[test]

@@ -9,13 +9,15 @@
 //! keys and the identity and kind asked for (the seed's automatic card
 //! verification): parse, don't validate.
 //!
-//! Also here: the one check of a key-service card record ([`record`]),
+//! Also here: channel membership chains signed by members ([`channel`],
+//! protocol v2), the one check of a key-service card record ([`record`]),
 //! device lists signed by an identity's own devices ([`device_list`],
 //! protocol v2), revocation records ([`revocation`]), the transparency log's
 //! Merkle tree and proof checks ([`transparency`]) and safety numbers
 //! ([`safety_number`]).
 
 mod card;
+pub mod channel;
 pub mod device_list;
 mod error;
 mod identity;

@@ -118,13 +118,19 @@ pub(crate) enum Command {
     Send { channel: String, text: String },
     /// Send an encrypted file.
     SendFile { channel: String, path: PathBuf },
-    /// Download the attachment of a message.
+    /// Download the attachment of a message. Never replaces an existing
+    /// file unless --force is given.
     Download {
         channel: String,
         index: u64,
-        /// Where to write it [default: the sender's file name].
+        /// Where to write it [default: the sender's file name made safe: its
+        /// last path component, without leading dots or control characters,
+        /// in the current directory].
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Print messages as they arrive, decrypted and verified; backs them up
     /// to the organisation in the background when you belong to it.

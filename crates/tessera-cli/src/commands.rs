@@ -6,7 +6,8 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tessera_client::{
     Approval, CardId, CheckpointView, Client, ClientError, Content, Endpoints, Enrollment,
-    HistoryVisibility, Home, KdfParams, Origin, Received, Source, TrustEvent, approval_code,
+    ExistingFile, HistoryVisibility, Home, KdfParams, Origin, Received, Source, TrustEvent,
+    approval_code, safe_file_name,
 };
 use tessera_crypto::VerifyingKey;
 use zeroize::Zeroizing;
@@ -687,6 +688,7 @@ impl Ctx {
         channel: &str,
         index: u64,
         output: Option<PathBuf>,
+        force: bool,
     ) -> Result<(), CliError> {
         let c = self.open()?;
         let id = self.channel_id(&c, channel).await?;
@@ -703,11 +705,20 @@ impl Ctx {
         let Content::File(file) = &received.content else {
             return Err(CliError::Usage(format!("message {index} is not a file")));
         };
-        let name = std::path::Path::new(&file.file_name)
-            .file_name()
-            .map_or_else(|| PathBuf::from("attachment"), PathBuf::from);
-        let out = output.unwrap_or(name);
-        let size = c.download_file(&id, file, &out).await?;
+        // The sender chose the name: never a path, never a dotfile.
+        let out = output.unwrap_or_else(|| PathBuf::from(safe_file_name(&file.file_name)));
+        let existing = if force {
+            ExistingFile::Replace
+        } else {
+            ExistingFile::Refuse
+        };
+        let size = c
+            .download_file_to(&id, file, &out, existing)
+            .await
+            .map_err(|e| match e {
+                ClientError::Usage(m) => CliError::Usage(format!("{m} (--force replaces it)")),
+                other => other.into(),
+            })?;
         self.out(
             || {
                 format!(
@@ -742,7 +753,10 @@ impl Ctx {
             Content::Text(t) => t.clone(),
             Content::File(f) => format!(
                 "[file {} ({} bytes): tessera download {} {}]",
-                f.file_name, f.size, r.channel_id, r.index
+                safe_file_name(&f.file_name),
+                f.size,
+                r.channel_id,
+                r.index
             ),
             Content::Other { content_type, body } => {
                 format!("[{content_type}, {} bytes]", body.len())

@@ -55,7 +55,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             channel,
             index,
             output,
-        } => ctx.download(&channel, index, output).await,
+            force,
+        } => ctx.download(&channel, index, output, force).await,
         Command::Listen {
             channel,
             from,

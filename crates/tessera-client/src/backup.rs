@@ -5,8 +5,8 @@ use futures_util::StreamExt;
 use tessera_card::{CardId, CardKind, VerifiedCard};
 use tessera_crypto::{
     envelope::{
-        CONTENT_TYPE_HISTORY, CONTENT_TYPE_HISTORY_END, ExpectedSender, Opener, ParsedEnvelope,
-        VerifiedPayload,
+        CONTENT_TYPE_HISTORY, CONTENT_TYPE_HISTORY_END, EnvelopeBinding, ExpectedSender, Opener,
+        ParsedEnvelope, VerifiedPayload, check_binding,
     },
     seal_org_backup,
 };
@@ -18,9 +18,20 @@ use tessera_proto::{
     },
     envelope::v1::{HistoryEnd, HistoryItem},
     kms::v1::CardStatus,
+    server::v1::StoredMessage,
 };
+use zeroize::Zeroizing;
 
 use crate::{Client, ClientError, Received, Source, client::Service, error::rpc};
+
+impl Received {
+    /// The envelope this message was opened from (its SHA-256 and content
+    /// key), which a backup of it names; `None` for a message that came from
+    /// the organisation's archive.
+    pub fn envelope_binding(&self) -> Option<&EnvelopeBinding> {
+        self.payload.envelope.as_ref()
+    }
+}
 
 /// The organisation's current OrgCard, verified.
 #[derive(Debug, Clone)]
@@ -144,18 +155,28 @@ impl Client {
     }
 
     async fn submit_backup(&self, org: &OrgInfo, message: &Received) -> Result<bool, ClientError> {
-        let record = BackupRecord {
-            channel_id: message.channel_id.clone(),
-            message_index: message.index,
-            original_payload: message.payload.signed_payload.clone(),
-            original_signature: message.payload.signature.clone(),
-            server_time_ms: message.server_time_ms,
+        let Some(binding) = &message.payload.envelope else {
+            return Err(ClientError::Usage(
+                "only a message opened from the app server's envelope can be backed up".into(),
+            ));
         };
+        let record = Zeroizing::new(
+            BackupRecord {
+                channel_id: message.channel_id.clone(),
+                message_index: message.index,
+                original_payload: message.payload.signed_payload.clone(),
+                original_signature: message.payload.signature.clone(),
+                server_time_ms: message.server_time_ms,
+                envelope_sha256: binding.envelope_sha256.to_vec(),
+                content_key: binding.content_key.to_vec(),
+            }
+            .encode_to_vec(),
+        );
         let sealed = seal_org_backup(
             org.card.encryption_key(),
             &message.channel_id,
             message.index,
-            &record.encode_to_vec(),
+            &record,
         )
         .map_err(|e| ClientError::Crypto(e.to_string()))?;
         let request = self
@@ -264,6 +285,7 @@ impl Client {
             .into_inner();
         let before = out.len();
         let mut end = None;
+        let mut stored = StoredWindow::default();
         while let Some(item) = stream.next().await {
             let item =
                 item.map_err(rpc("backup service", self.backup_url(), "the history sync"))?;
@@ -285,9 +307,19 @@ impl Client {
                     item.message_index
                 )));
             }
-            let result = self
-                .open_history(org, channel_id, item.message_index, &item.envelope)
-                .await;
+            let result = match stored.get(self, channel_id, item.message_index).await {
+                Ok(original) => {
+                    self.open_history(
+                        org,
+                        channel_id,
+                        item.message_index,
+                        &item.envelope,
+                        original,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
             let done = out.len() as u64 + 1;
             progress(done, done + item.remaining);
             out.push(HistoryEntry {
@@ -364,6 +396,7 @@ impl Client {
         channel_id: &str,
         index: u64,
         envelope: &[u8],
+        stored: Option<&StoredMessage>,
     ) -> Result<Received, ClientError> {
         let bad = |reason: String| ClientError::BadMessage {
             channel_id: channel_id.to_owned(),
@@ -382,6 +415,29 @@ impl Client {
             .map_err(|_| bad("not a HistoryItem".into()))?;
         if item.channel_id != channel_id || item.message_index != index {
             return Err(bad("the history item names another channel or index".into()));
+        }
+        // The archived message must be the one the app server stores at
+        // this index (an archive cannot move a message to another place).
+        let stored = stored.ok_or_else(|| {
+            bad("the app server has no message at this index to check the archive against".into())
+        })?;
+        check_binding(
+            &stored.envelope,
+            &item.envelope_sha256,
+            &item.content_key,
+            &item.original_payload,
+            &item.original_signature,
+        )
+        .map_err(|e| {
+            bad(format!(
+                "the archived message is not the one stored at this index: {e}"
+            ))
+        })?;
+        // The sender rules below date the message by this time.
+        if item.server_time_ms != stored.server_time_ms {
+            return Err(bad(
+                "the archived message's server time is not the app server's".into(),
+            ));
         }
         let (sender_identity, sender_card) =
             VerifiedPayload::claimed_sender(&item.original_payload)
@@ -418,5 +474,43 @@ impl Client {
             info.card.device_name(),
             Source::Organisation,
         )
+    }
+}
+
+/// Messages the app server stores, fetched a page at a time as a sync
+/// walks the archive, to check each archived message against its index.
+#[derive(Default)]
+struct StoredWindow {
+    messages: std::collections::BTreeMap<u64, StoredMessage>,
+    /// Indices asked for that the app server does not hold (or shows).
+    missing: std::collections::BTreeSet<u64>,
+}
+
+/// Stored messages fetched at once while syncing.
+const STORED_PAGE: u32 = 100;
+
+impl StoredWindow {
+    async fn get(
+        &mut self,
+        client: &Client,
+        channel_id: &str,
+        index: u64,
+    ) -> Result<Option<&StoredMessage>, ClientError> {
+        if !self.messages.contains_key(&index) && !self.missing.contains(&index) {
+            // Earlier indices are done with: keep memory to one page.
+            self.messages = self.messages.split_off(&index);
+            let page = client
+                .stored_messages(channel_id, index, STORED_PAGE)
+                .await?;
+            for m in page {
+                if m.channel_id == channel_id && m.index >= index {
+                    self.messages.insert(m.index, m);
+                }
+            }
+            if !self.messages.contains_key(&index) {
+                self.missing.insert(index);
+            }
+        }
+        Ok(self.messages.get(&index))
     }
 }

@@ -20,6 +20,47 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{Client, ClientError, Sent, error::rpc};
 
+/// What a download does when its output file exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistingFile {
+    /// Fail, leaving the file as it is (the default).
+    Refuse,
+    /// Replace it (atomically, once the download is whole and authentic).
+    Replace,
+}
+
+/// Most bytes of a file name [`safe_file_name`] returns.
+pub const MAX_FILE_NAME_BYTES: usize = 255;
+
+/// A file name to save an attachment under, made from the name its sender
+/// chose, which is untrusted: only the part after the last `/` or `\`;
+/// control characters and `:` replaced by `_`; leading dots and spaces
+/// removed (no dotfile such as `.bashrc`, no `.` or `..`) and trailing dots
+/// and spaces too; at most 255 bytes; `attachment` when nothing is left.
+/// The result is a plain name in the current directory, never a path.
+pub fn safe_file_name(sender_name: &str) -> String {
+    let base = sender_name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let cleaned: String = base
+        .chars()
+        .map(|c| if c.is_control() || c == ':' { '_' } else { c })
+        .collect();
+    let trimmed = cleaned
+        .trim_start_matches(|c: char| c == '.' || c.is_whitespace())
+        .trim_end_matches(|c: char| c == '.' || c.is_whitespace());
+    let mut name = String::new();
+    for c in trimmed.chars() {
+        if name.len() + c.len_utf8() > MAX_FILE_NAME_BYTES {
+            break;
+        }
+        name.push(c);
+    }
+    if name.is_empty() {
+        "attachment".to_owned()
+    } else {
+        name
+    }
+}
+
 /// Reads until `buf` is full or the file ends.
 async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
@@ -121,13 +162,44 @@ impl Client {
 
     /// Downloads an attachment, checks the ciphertext's SHA-256 against the
     /// signed message, and decrypts it to `out` (written only when whole and
-    /// authentic). Returns the plaintext size.
+    /// authentic; an existing `out` is never replaced). Returns the
+    /// plaintext size.
     pub async fn download_file(
         &self,
         channel_id: &str,
         attachment: &FileAttachment,
         out: &Path,
     ) -> Result<u64, ClientError> {
+        self.download_file_to(channel_id, attachment, out, ExistingFile::Refuse)
+            .await
+    }
+
+    /// [`Client::download_file`], saying what to do when `out` exists.
+    pub async fn download_file_to(
+        &self,
+        channel_id: &str,
+        attachment: &FileAttachment,
+        out: &Path,
+        existing: ExistingFile,
+    ) -> Result<u64, ClientError> {
+        // The id names temporary files: it must be the server's id format,
+        // never a path the sender chose.
+        if attachment.attachment_id.len() != 32
+            || !attachment
+                .attachment_id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(ClientError::Attachment(
+                "the message names a malformed attachment id".into(),
+            ));
+        }
+        if existing == ExistingFile::Refuse && out.symlink_metadata().is_ok() {
+            return Err(ClientError::Usage(format!(
+                "{} exists; choose another path or allow replacing it",
+                out.display()
+            )));
+        }
         let request = self
             .request(DownloadAttachmentRequest {
                 channel_id: channel_id.to_owned(),
@@ -184,7 +256,26 @@ impl Client {
                 .into_inner()
                 .map_err(|e| ClientError::io(&pp, e.into_error()))?;
             file.sync_all().map_err(|e| ClientError::io(&pp, e))?;
-            std::fs::rename(&pp, &out).map_err(|e| ClientError::io(&out, e))?;
+            match existing {
+                ExistingFile::Replace => {
+                    std::fs::rename(&pp, &out).map_err(|e| ClientError::io(&out, e))?;
+                }
+                // A hard link fails if `out` exists (even if it appeared
+                // since the check above): nothing is ever replaced.
+                ExistingFile::Refuse => {
+                    std::fs::hard_link(&pp, &out).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::AlreadyExists {
+                            ClientError::Usage(format!(
+                                "{} exists; choose another path or allow replacing it",
+                                out.display()
+                            ))
+                        } else {
+                            ClientError::io(&out, e)
+                        }
+                    })?;
+                    let _ = std::fs::remove_file(&pp);
+                }
+            }
             Ok(size)
         })
         .await
@@ -194,5 +285,48 @@ impl Client {
             let _ = std::fs::remove_file(&partial);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sender_chosen_names_become_plain_safe_names() {
+        for (sent, saved) in [
+            ("plan.txt", "plan.txt"),
+            (".bashrc", "bashrc"),
+            ("..", "attachment"),
+            (".", "attachment"),
+            ("", "attachment"),
+            ("../../etc/passwd", "passwd"),
+            ("/etc/shadow", "shadow"),
+            ("..\\..\\windows\\win.ini", "win.ini"),
+            ("dir/", "attachment"),
+            ("  ..hidden  ", "hidden"),
+            ("a\u{1b}[31mred.txt", "a_[31mred.txt"),
+            ("line\nbreak", "line_break"),
+            ("C:evil", "C_evil"),
+            ("rapport été.pdf", "rapport été.pdf"),
+            ("name.", "name"),
+        ] {
+            assert_eq!(safe_file_name(sent), saved, "{sent:?}");
+        }
+        let long = "é".repeat(300);
+        let name = safe_file_name(&long);
+        assert!(name.len() <= MAX_FILE_NAME_BYTES && name.chars().all(|c| c == 'é'));
+        for hostile in [
+            "../x",
+            "a/b/../../c",
+            "\\\\server\\share",
+            ".ssh/authorized_keys",
+        ] {
+            let name = safe_file_name(hostile);
+            assert!(
+                !name.contains(['/', '\\']) && !name.starts_with('.'),
+                "{name}"
+            );
+        }
     }
 }

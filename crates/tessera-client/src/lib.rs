@@ -31,6 +31,7 @@ pub use client::{Approval, Client, Enrollment};
 pub use devices::OwnDevices;
 pub use directory::{CardInfo, Devices, TrustEvent};
 pub use error::ClientError;
+pub use files::{ExistingFile, MAX_FILE_NAME_BYTES, safe_file_name};
 pub use gossip::{Agreement, CheckpointView};
 pub use messages::{Content, HistoryPage, MAX_BODY_BYTES, PendingDevice, Received, Sent, Source};
 pub use profile::{Endpoints, Home, ProfileConfig, validate_profile_name};

@@ -57,6 +57,16 @@ pub struct Home {
 }
 
 impl Home {
+    /// Points profile `name` at services that moved (new addresses; the
+    /// pinned keys stay, so services with other keys are still refused).
+    pub fn set_endpoints(&self, name: &str, endpoints: Endpoints) -> Result<(), ClientError> {
+        validate_profile_name(name)?;
+        let dir = self.profile_dir(name);
+        let mut config = ProfileConfig::load(&dir)?;
+        config.endpoints = endpoints;
+        config.save(&dir)
+    }
+
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }

@@ -1,5 +1,9 @@
 //! `cargo bench -p tessera-crypto`: the figures of docs/benchmarks.md.
 //!
+//! * `ed25519_sign`: a signature over 1 KiB by `SigningKey` (which keeps
+//!   only the seed and rebuilds ring's key pair for each signature, so no
+//!   un-wipeable expanded key lives on) beside ring signing with a key pair
+//!   built once.
 //! * `key_wrap`: one HPKE key wrap (Tessera's per-recipient cost) beside
 //!   ring's X25519 ephemeral agreement (generate + public key + agree).
 //! * `envelope`: seal and open of a 1 KiB message for 1, 10, 100, 1000 cards.
@@ -29,6 +33,22 @@ use tessera_crypto::{
     hazmat,
     stream::{self, FileKey},
 };
+
+fn ed25519_sign(c: &mut Criterion) {
+    use ring::signature::Ed25519KeyPair;
+    let mut g = c.benchmark_group("ed25519_sign_1KiB");
+    let seed = [7u8; 32];
+    let message = vec![0x61u8; 1024];
+    let key = tessera_crypto::SigningKey::from_seed(&seed).unwrap();
+    g.bench_function("tessera_signing_key", |b| {
+        b.iter(|| hazmat::ed25519_sign(&key, black_box(&message)))
+    });
+    let pair = Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+    g.bench_function("ring_keypair_built_once", |b| {
+        b.iter(|| pair.sign(black_box(&message)))
+    });
+    g.finish();
+}
 
 fn key_wrap(c: &mut Criterion) {
     let mut g = c.benchmark_group("key_wrap");
@@ -231,5 +251,11 @@ fn stream_100mib(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, key_wrap, envelope_seal_open, stream_100mib);
+criterion_group!(
+    benches,
+    ed25519_sign,
+    key_wrap,
+    envelope_seal_open,
+    stream_100mib
+);
 criterion_main!(benches);

@@ -72,6 +72,8 @@ pub enum EnvelopeError {
     RecipientSetMismatch,
     #[error("this card is not among the recipients the sender signed")]
     NotInSignedRecipients,
+    #[error("not the envelope the record names: {0}")]
+    OtherEnvelope(&'static str),
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -130,6 +132,24 @@ pub fn seal(
     draft: &Draft<'_>,
     recipients: &[Recipient<'_>],
 ) -> Result<Sealed, EnvelopeError> {
+    seal_with(sender, draft, recipients, None)
+}
+
+/// The random values of one envelope, chosen by the caller: for test
+/// vectors only ([`crate::hazmat::seal_envelope_with`]).
+pub(crate) struct FixedRandomness<'a> {
+    pub(crate) message_id: [u8; MESSAGE_ID_LEN],
+    pub(crate) content_key: [u8; 32],
+    /// One HPKE ephemeral secret per recipient, in ascending card-id order.
+    pub(crate) ephemeral: &'a [[u8; 32]],
+}
+
+pub(crate) fn seal_with(
+    sender: &Sender<'_>,
+    draft: &Draft<'_>,
+    recipients: &[Recipient<'_>],
+    fixed: Option<&FixedRandomness<'_>>,
+) -> Result<Sealed, EnvelopeError> {
     if recipients.is_empty() {
         return Err(EnvelopeError::NoRecipients);
     }
@@ -145,7 +165,10 @@ pub fn seal(
         return Err(EnvelopeError::DuplicateRecipient);
     }
 
-    let message_id = random_array::<MESSAGE_ID_LEN>()?;
+    let message_id = match fixed {
+        Some(f) => f.message_id,
+        None => random_array::<MESSAGE_ID_LEN>()?,
+    };
     let payload = SignedPayload {
         version: VERSION,
         channel_id: draft.channel_id.to_owned(),
@@ -165,8 +188,23 @@ pub fn seal(
     }
     .encode_to_vec();
 
-    let content_key = Zeroizing::new(random_array::<32>()?);
-    let stanzas = wrap_for_all(&sorted, &content_key)?;
+    let content_key = Zeroizing::new(match fixed {
+        Some(f) => f.content_key,
+        None => random_array::<32>()?,
+    });
+    let stanzas = match fixed {
+        Some(f) if f.ephemeral.len() == sorted.len() => sorted
+            .iter()
+            .zip(f.ephemeral)
+            .map(|(r, esk)| wrap_one(r, &content_key, Some(esk)))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => {
+            return Err(EnvelopeError::Malformed(
+                "one ephemeral secret per recipient is needed",
+            ));
+        }
+        None => wrap_for_all(&sorted, &content_key)?,
+    };
     let header = EnvelopeHeader {
         version: VERSION,
         sender_card_id: sender.card_id.to_vec(),
@@ -189,8 +227,12 @@ pub fn seal(
 /// an independent X25519 agreement, the whole cost of a large fan-out.
 const PARALLEL_WRAP_FROM: usize = 16;
 
-fn wrap_one(r: &Recipient<'_>, content_key: &[u8; 32]) -> Result<Stanza, EnvelopeError> {
-    let wrapped = hpke_wrap::wrap_key(r.key, &r.card_id, content_key)?;
+fn wrap_one(
+    r: &Recipient<'_>,
+    content_key: &[u8; 32],
+    ephemeral: Option<&[u8; 32]>,
+) -> Result<Stanza, EnvelopeError> {
+    let wrapped = hpke_wrap::wrap_key(r.key, &r.card_id, content_key, ephemeral)?;
     Ok(Stanza {
         card_id: r.card_id.to_vec(),
         encapsulated_key: wrapped.encapsulated_key.to_vec(),
@@ -210,7 +252,7 @@ fn wrap_for_all(
     if threads <= 1 {
         return recipients
             .iter()
-            .map(|r| wrap_one(r, content_key))
+            .map(|r| wrap_one(r, content_key, None))
             .collect();
     }
     let per_thread = recipients.len().div_ceil(threads);
@@ -221,7 +263,7 @@ fn wrap_for_all(
             .map(|part| {
                 scope.spawn(move || {
                     part.iter()
-                        .map(|r| wrap_one(r, content_key))
+                        .map(|r| wrap_one(r, content_key, None))
                         .collect::<Result<Vec<_>, _>>()
                 })
             })
@@ -229,7 +271,7 @@ fn wrap_for_all(
         // The calling thread takes the first share itself.
         let mut stanzas: Vec<Stanza> = first
             .iter()
-            .map(|r| wrap_one(r, content_key))
+            .map(|r| wrap_one(r, content_key, None))
             .collect::<Result<_, _>>()?;
         stanzas.reserve(recipients.len() - stanzas.len());
         for handle in handles {
@@ -244,6 +286,8 @@ fn wrap_for_all(
 
 /// An envelope whose header has been parsed but nothing decrypted or trusted.
 pub struct ParsedEnvelope {
+    /// SHA-256 of the exact envelope bytes parsed.
+    sha256: [u8; 32],
     header_bytes: Vec<u8>,
     header: EnvelopeHeader,
     sender_card_id: [u8; 32],
@@ -266,7 +310,8 @@ fn card_id_of(bytes: &[u8], what: &'static str) -> Result<[u8; 32], EnvelopeErro
 
 impl ParsedEnvelope {
     /// Parses an encoded `Envelope` and checks the header's shape: version,
-    /// id lengths, a bounded number of distinct recipients.
+    /// id lengths, 1 to [`MAX_RECIPIENTS`] stanzas in strictly ascending
+    /// card-id order.
     pub fn parse(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         let envelope =
             Envelope::decode(bytes).map_err(|_| EnvelopeError::Malformed("not an Envelope"))?;
@@ -285,31 +330,48 @@ impl ParsedEnvelope {
                 max: MAX_RECIPIENTS,
             });
         }
-        let mut ids = Vec::with_capacity(header.stanzas.len());
+        let mut previous: Option<[u8; 32]> = None;
         for stanza in &header.stanzas {
-            ids.push(card_id_of(
-                &stanza.card_id,
-                "stanza card id is not 32 bytes",
-            )?);
+            let id = card_id_of(&stanza.card_id, "stanza card id is not 32 bytes")?;
             if stanza.encapsulated_key.len() != ENC_LEN
                 || stanza.wrapped_key.len() != 32 + HPKE_TAG_LEN
             {
                 return Err(EnvelopeError::Malformed("stanza key lengths are wrong"));
             }
-        }
-        ids.sort_unstable();
-        if ids.windows(2).any(|w| w[0] == w[1]) {
-            return Err(EnvelopeError::DuplicateRecipient);
+            // Sealing writes stanzas in strictly ascending card-id order;
+            // anything else (a repeat included) was not made by a sealer.
+            match previous {
+                Some(p) if p == id => return Err(EnvelopeError::DuplicateRecipient),
+                Some(p) if p > id => {
+                    return Err(EnvelopeError::Malformed(
+                        "stanzas are not in ascending card-id order",
+                    ));
+                }
+                _ => {}
+            }
+            previous = Some(id);
         }
         if envelope.ciphertext.len() < aead::TAG_LEN {
             return Err(EnvelopeError::Malformed("ciphertext shorter than its tag"));
         }
         Ok(Self {
+            sha256: crate::sha256(bytes),
             header_bytes: envelope.header,
             header,
             sender_card_id,
             ciphertext: envelope.ciphertext,
         })
+    }
+
+    /// Decrypts the body with a known content key (no stanza involved), as
+    /// whoever checks an [`EnvelopeBinding`] does.
+    fn open_with_key(&self, content_key: &[u8; 32]) -> Result<SealedContent, EnvelopeError> {
+        let mut body = Zeroizing::new(self.ciphertext.clone());
+        let len = aead::AeadKey::new(content_key)
+            .open_in_place(BODY_NONCE, &self.header_bytes, &mut body)
+            .map_err(|_| EnvelopeError::BodyDecryptFailed)?;
+        SealedContent::decode(&body[..len])
+            .map_err(|_| EnvelopeError::Malformed("body is not a SealedContent"))
     }
 
     /// The card the header says sent this (not yet authenticated).
@@ -350,28 +412,27 @@ impl ParsedEnvelope {
             &stanza.encapsulated_key,
             &stanza.wrapped_key,
         )?;
-        let mut body = Zeroizing::new(self.ciphertext.clone());
-        let len = aead::AeadKey::new(&content_key)
-            .open_in_place(BODY_NONCE, &self.header_bytes, &mut body)
-            .map_err(|_| EnvelopeError::BodyDecryptFailed)?;
-        let sealed = SealedContent::decode(&body[..len])
-            .map_err(|_| EnvelopeError::Malformed("body is not a SealedContent"))?;
+        let sealed = self.open_with_key(&content_key)?;
 
         if self.sender_card_id != sender.card_id {
             return Err(EnvelopeError::SenderMismatch);
         }
-        let payload = VerifiedPayload::verify(sealed.payload, sealed.signature, sender)?;
+        let mut payload = VerifiedPayload::verify(sealed.payload, sealed.signature, sender)?;
+        payload.envelope = Some(EnvelopeBinding {
+            envelope_sha256: self.sha256,
+            content_key,
+        });
 
         // The stanzas must be exactly the recipients the sender signed: a
         // stripped or added stanza, or an envelope re-addressed by a
-        // recipient who knows the content key, shows up here.
-        let mut stanza_ids: Vec<&[u8]> = self
+        // recipient who knows the content key, shows up here. Both lists
+        // are strictly ascending (checked at parse and at verify).
+        let stanza_ids: Vec<&[u8]> = self
             .header
             .stanzas
             .iter()
             .map(|s| s.card_id.as_slice())
             .collect();
-        stanza_ids.sort_unstable();
         let signed_ids: Vec<&[u8]> = payload
             .recipient_card_ids
             .iter()
@@ -403,6 +464,54 @@ pub struct VerifiedPayload {
     /// The exact signed bytes and the signature, for backups and history.
     pub signed_payload: Vec<u8>,
     pub signature: Vec<u8>,
+    /// The envelope it came in, when it was opened from one (not for a
+    /// detached payload): what binds a backup of it to that envelope.
+    pub envelope: Option<EnvelopeBinding>,
+}
+
+/// What ties a signed payload to the one envelope that carried it: the
+/// SHA-256 of the envelope's exact bytes and its content key. Whoever holds
+/// the envelope (the app server stores it) can check with
+/// [`check_binding`] that the envelope is those bytes and that its body
+/// decrypts, under that key, to exactly that payload and signature: a
+/// member cannot pass one message off as another stored elsewhere. The
+/// content key opens nothing but this one message. Cannot be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnvelopeBinding {
+    pub envelope_sha256: [u8; 32],
+    pub content_key: Zeroizing<[u8; 32]>,
+}
+
+/// Checks that `envelope` (exact bytes) is the envelope a binding names
+/// (`envelope_sha256`, `content_key`, as a backup record or history item
+/// carries them) and that its body, decrypted with that key, is exactly
+/// `payload` and `signature`. The signature itself is not checked here.
+pub fn check_binding(
+    envelope: &[u8],
+    envelope_sha256: &[u8],
+    content_key: &[u8],
+    payload: &[u8],
+    signature: &[u8],
+) -> Result<(), EnvelopeError> {
+    if envelope_sha256.len() != 32 || content_key.len() != 32 {
+        return Err(EnvelopeError::Malformed(
+            "an envelope binding needs a 32-byte digest and key",
+        ));
+    }
+    if crate::sha256(envelope).as_slice() != envelope_sha256 {
+        return Err(EnvelopeError::OtherEnvelope("its SHA-256 differs"));
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(content_key);
+    let sealed = ParsedEnvelope::parse(envelope)?
+        .open_with_key(&key)
+        .map_err(|_| EnvelopeError::OtherEnvelope("its body does not open with the key"))?;
+    if sealed.payload != payload || sealed.signature != signature {
+        return Err(EnvelopeError::OtherEnvelope(
+            "it carries another payload or signature",
+        ));
+    }
+    Ok(())
 }
 
 impl fmt::Debug for VerifiedPayload {
@@ -468,6 +577,7 @@ impl VerifiedPayload {
             body: p.body,
             signed_payload,
             signature,
+            envelope: None,
         })
     }
 
@@ -712,7 +822,7 @@ mod tests {
         let sealed = seal_from(&alice, &[&bob], b"only for bob");
         let eve_public = eve.public;
         let forwarded = readdress(&sealed.envelope, &bob, |stanzas, key| {
-            let w = hpke_wrap::wrap_key(&eve_public, &[9u8; 32], key).unwrap();
+            let w = hpke_wrap::wrap_key(&eve_public, &[9u8; 32], key, None).unwrap();
             stanzas.push(Stanza {
                 card_id: vec![9u8; 32],
                 encapsulated_key: w.encapsulated_key.to_vec(),
@@ -755,6 +865,120 @@ mod tests {
             seal(&sender, &draft, &[r, r]).map(|_| ()),
             Err(EnvelopeError::DuplicateRecipient)
         );
+    }
+
+    #[test]
+    fn stanzas_out_of_order_are_refused_even_when_the_body_authenticates() {
+        let alice = device("alice", 1);
+        let bob1 = device("bob", 2);
+        let bob2 = device("bob", 3);
+        let sealed = seal_from(&alice, &[&bob1, &bob2], b"in order");
+        // A recipient who knows the content key swaps the two stanzas and
+        // re-encrypts the body under the new header: the set is still the
+        // signed one, only the order differs from what sealing writes.
+        let swapped = readdress(&sealed.envelope, &bob1, |stanzas, _| stanzas.swap(0, 1));
+        assert_eq!(
+            ParsedEnvelope::parse(&swapped).map(|_| ()),
+            Err(EnvelopeError::Malformed(
+                "stanzas are not in ascending card-id order"
+            ))
+        );
+        assert!(open_as(&sealed.envelope, &bob2, &alice).is_ok());
+        // A repeated stanza is a duplicate recipient, wherever it sits.
+        let doubled = readdress(&sealed.envelope, &bob1, |stanzas, _| {
+            let first = stanzas[0].clone();
+            stanzas.push(first);
+        });
+        assert!(ParsedEnvelope::parse(&doubled).is_err());
+    }
+
+    #[test]
+    fn payload_checks_message_id_length_and_recipient_order() {
+        let alice = device("alice", 1);
+        let vk = alice.keys.signing.verifying_key();
+        let sender = ExpectedSender {
+            identity: "alice",
+            card_id: alice.card_id,
+            key: &vk,
+        };
+        let payload = |message_id: Vec<u8>, recipients: Vec<Vec<u8>>| {
+            let bytes = SignedPayload {
+                version: VERSION,
+                channel_id: "c".into(),
+                message_id,
+                sender_identity: "alice".into(),
+                sender_card_id: alice.card_id.to_vec(),
+                sent_at_ms: 0,
+                recipient_card_ids: recipients,
+                content_type: CONTENT_TYPE_TEXT.into(),
+                body: vec![],
+            }
+            .encode_to_vec();
+            let sig = alice.keys.signing.sign(SignatureContext::Message, &bytes);
+            VerifiedPayload::verify(bytes, sig.to_vec(), &sender)
+        };
+        assert!(payload(vec![0; 16], vec![vec![1; 32], vec![2; 32]]).is_ok());
+        assert_eq!(
+            payload(vec![0; 15], vec![vec![1; 32]]).unwrap_err(),
+            EnvelopeError::Malformed("message id is not 16 bytes")
+        );
+        for recipients in [
+            vec![vec![2; 32], vec![1; 32]],
+            vec![vec![1; 32], vec![1; 32]],
+        ] {
+            assert_eq!(
+                payload(vec![0; 16], recipients).unwrap_err(),
+                EnvelopeError::Malformed("signed recipients are not strictly ascending")
+            );
+        }
+    }
+
+    #[test]
+    fn a_binding_names_one_envelope_and_its_exact_payload() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let first = seal_from(&alice, &[&bob], b"first");
+        let second = seal_from(&alice, &[&bob], b"second");
+        let opened = open_as(&first.envelope, &bob, &alice).unwrap();
+        let other = open_as(&second.envelope, &bob, &alice).unwrap();
+        let binding = opened.envelope.clone().unwrap();
+        let check = |envelope: &[u8], sha: &[u8], key: &[u8], p: &VerifiedPayload| {
+            check_binding(envelope, sha, key, &p.signed_payload, &p.signature)
+        };
+        let (sha, key) = (&binding.envelope_sha256[..], &binding.content_key[..]);
+        assert_eq!(check(&first.envelope, sha, key, &opened), Ok(()));
+        // The first message's payload claimed for the second envelope.
+        assert_eq!(
+            check(&second.envelope, sha, key, &opened),
+            Err(EnvelopeError::OtherEnvelope("its SHA-256 differs"))
+        );
+        let second_sha = crate::sha256(&second.envelope);
+        assert_eq!(
+            check(&second.envelope, &second_sha, key, &opened),
+            Err(EnvelopeError::OtherEnvelope(
+                "its body does not open with the key"
+            ))
+        );
+        let second_key = other.envelope.clone().unwrap().content_key;
+        assert_eq!(
+            check(&second.envelope, &second_sha, &second_key[..], &opened),
+            Err(EnvelopeError::OtherEnvelope(
+                "it carries another payload or signature"
+            ))
+        );
+        assert!(check(&first.envelope, sha, &key[..31], &opened).is_err());
+        // A detached payload has no envelope.
+        let detached = VerifiedPayload::verify(
+            opened.signed_payload.clone(),
+            opened.signature.clone(),
+            &ExpectedSender {
+                identity: "alice",
+                card_id: alice.card_id,
+                key: &alice.keys.signing.verifying_key(),
+            },
+        )
+        .unwrap();
+        assert!(detached.envelope.is_none());
     }
 
     #[test]

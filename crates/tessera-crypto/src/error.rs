@@ -12,6 +12,12 @@ pub enum KeyError {
     },
     #[error("X25519 public key is of low order or not on the curve")]
     WeakPublicKey,
+    #[error("X25519 public key is not canonical (u must be below 2^255 - 19)")]
+    NonCanonicalPublicKey,
+    #[error("Ed25519 public key is not a canonical encoding of a curve point")]
+    MalformedSigningKey,
+    #[error("Ed25519 public key is of small order (it would let forged signatures verify)")]
+    WeakSigningKey,
     #[error("X25519 agreement was not contributory (the peer key has low order)")]
     NonContributory,
     #[error("Ed25519 key rejected")]

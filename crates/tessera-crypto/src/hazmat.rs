@@ -1,7 +1,10 @@
 //! The raw primitives under Tessera's wrappers, exposed so known-answer tests
 //! (Wycheproof, RFC 8032, RFC 7748, RFC 9180) run against exactly the code
-//! paths Tessera uses. Protocol code never calls these: it goes through the
-//! domain-separated APIs of the crate root.
+//! paths Tessera uses, and deterministic variants of the sealing functions
+//! (randomness given by the caller) that make Tessera's own golden vectors
+//! (`testdata/`). Protocol code never calls these: it goes through the
+//! domain-separated APIs of the crate root. Reusing a message id, content
+//! key, ephemeral secret, nonce or salt breaks the protocol's security.
 
 use crate::{EncryptionSecret, KeyError, SignatureError, SigningKey, VerifyingKey, aead};
 
@@ -99,7 +102,7 @@ pub fn wrap_content_key(
     card_id: &[u8; 32],
     key: &[u8; 32],
 ) -> Result<crate::SealedToKey, KeyError> {
-    crate::hpke_wrap::wrap_key(recipient, card_id, key)
+    crate::hpke_wrap::wrap_key(recipient, card_id, key, None)
 }
 
 /// The raw private halves of device keys (Ed25519 seed, X25519 secret), for
@@ -112,4 +115,67 @@ pub fn device_key_bytes(
         zeroize::Zeroizing::new(*keys.signing.seed()),
         zeroize::Zeroizing::new(*keys.encryption.as_bytes()),
     )
+}
+
+/// The random values of one envelope (see [`seal_envelope_with`]).
+pub struct EnvelopeRandomness<'a> {
+    pub message_id: [u8; crate::envelope::MESSAGE_ID_LEN],
+    pub content_key: [u8; 32],
+    /// One HPKE ephemeral X25519 secret per recipient, in ascending card-id
+    /// order (the order of the stanzas).
+    pub ephemeral: &'a [[u8; 32]],
+}
+
+/// [`crate::envelope::seal`] with every random value given: for test
+/// vectors only.
+pub fn seal_envelope_with(
+    sender: &crate::envelope::Sender<'_>,
+    draft: &crate::envelope::Draft<'_>,
+    recipients: &[crate::envelope::Recipient<'_>],
+    randomness: &EnvelopeRandomness<'_>,
+) -> Result<crate::envelope::Sealed, crate::envelope::EnvelopeError> {
+    crate::envelope::seal_with(
+        sender,
+        draft,
+        recipients,
+        Some(&crate::envelope::FixedRandomness {
+            message_id: randomness.message_id,
+            content_key: randomness.content_key,
+            ephemeral: randomness.ephemeral,
+        }),
+    )
+}
+
+/// [`crate::seal_org_backup`] with the HPKE ephemeral secret given: for
+/// test vectors only.
+pub fn seal_org_backup_with(
+    org_key: &crate::EncryptionPublicKey,
+    channel_id: &str,
+    message_index: u64,
+    record: &[u8],
+    ephemeral: &[u8; 32],
+) -> Result<crate::SealedToKey, KeyError> {
+    crate::hpke_wrap::seal_org_backup_with(org_key, channel_id, message_index, record, ephemeral)
+}
+
+/// [`crate::stream::encrypt`] with the stream's 16-byte nonce given: for
+/// test vectors only.
+pub fn stream_encrypt_with_nonce(
+    file_key: &crate::stream::FileKey,
+    nonce: [u8; 16],
+    reader: impl std::io::Read,
+    writer: impl std::io::Write,
+) -> Result<u64, crate::stream::StreamError> {
+    crate::stream::encrypt_with_nonce(file_key, nonce, reader, writer)
+}
+
+/// [`crate::keystore::seal`] with the Argon2id salt and AES-GCM nonce
+/// given: for test vectors only.
+pub fn keystore_seal_with(
+    material: &crate::keystore::KeyMaterial,
+    protection: &crate::keystore::Protection<'_>,
+    salt: [u8; 16],
+    nonce: [u8; 12],
+) -> Result<Vec<u8>, crate::keystore::KeystoreError> {
+    crate::keystore::seal_with(material, protection, salt, nonce)
 }

@@ -162,13 +162,26 @@ pub(crate) fn seal_from_dh(
     aead::seal(&key, base_nonce, aad, plaintext)
 }
 
-/// SealBase(pkR, info, aad, pt) with a fresh ephemeral key from ring.
+/// SealBase(pkR, info, aad, pt) with a fresh ephemeral key from ring, or,
+/// for test vectors only ([`crate::hazmat`]), with the given ephemeral
+/// X25519 secret (x25519-dalek).
 pub(crate) fn seal_base(
     recipient: &EncryptionPublicKey,
     info: &[u8],
     aad: &[u8],
     plaintext: &[u8],
+    ephemeral: Option<&[u8; 32]>,
 ) -> Result<SealedToKey, KeyError> {
+    if let Some(esk) = ephemeral {
+        let secret = EncryptionSecret::from_bytes(*esk);
+        let enc = *secret.public_key().as_bytes();
+        let dh = secret.agree(recipient.as_bytes())?;
+        let ciphertext = seal_from_dh(&dh, &enc, recipient.as_bytes(), info, aad, plaintext);
+        return Ok(SealedToKey {
+            encapsulated_key: enc,
+            ciphertext,
+        });
+    }
     let rng = SystemRandom::new();
     let ephemeral = EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| KeyError::Rng)?;
     let mut enc = [0u8; ENC_LEN];
@@ -243,13 +256,21 @@ pub(crate) fn open_raw(
     Ok(buf)
 }
 
-/// Wraps a 32-byte content key for one recipient; the recipient's card id is the aad.
+/// Wraps a 32-byte content key for one recipient; the recipient's card id
+/// is the aad. `ephemeral`: test vectors only.
 pub(crate) fn wrap_key(
     recipient: &EncryptionPublicKey,
     card_id: &[u8; 32],
     key: &[u8; 32],
+    ephemeral: Option<&[u8; 32]>,
 ) -> Result<SealedToKey, KeyError> {
-    seal_base(recipient, HpkeInfo::KeyWrap.label(), card_id, key)
+    seal_base(
+        recipient,
+        HpkeInfo::KeyWrap.label(),
+        card_id,
+        key,
+        ephemeral,
+    )
 }
 
 /// Unwraps a content key wrapped by [`wrap_key`].
@@ -291,7 +312,28 @@ pub fn seal_org_backup(
     message_index: u64,
     record: &[u8],
 ) -> Result<SealedToKey, KeyError> {
-    seal_to_key(org_key, &org_backup_aad(channel_id, message_index), record)
+    seal_to_key(
+        org_key,
+        &org_backup_aad(channel_id, message_index),
+        record,
+        None,
+    )
+}
+
+/// [`seal_org_backup`] with a given ephemeral secret: test vectors only.
+pub(crate) fn seal_org_backup_with(
+    org_key: &EncryptionPublicKey,
+    channel_id: &str,
+    message_index: u64,
+    record: &[u8],
+    ephemeral: &[u8; 32],
+) -> Result<SealedToKey, KeyError> {
+    seal_to_key(
+        org_key,
+        &org_backup_aad(channel_id, message_index),
+        record,
+        Some(ephemeral),
+    )
 }
 
 /// Opens an OrgEncMsg with the OrgKey; fails unless it was sealed for this
@@ -316,8 +358,15 @@ fn seal_to_key(
     recipient: &EncryptionPublicKey,
     aad: &[u8],
     plaintext: &[u8],
+    ephemeral: Option<&[u8; 32]>,
 ) -> Result<SealedToKey, KeyError> {
-    seal_base(recipient, HpkeInfo::OrgBackup.label(), aad, plaintext)
+    seal_base(
+        recipient,
+        HpkeInfo::OrgBackup.label(),
+        aad,
+        plaintext,
+        ephemeral,
+    )
 }
 
 /// Opens what [`seal_to_key`] sealed.
@@ -345,7 +394,7 @@ mod tests {
         let secret = EncryptionSecret::generate().unwrap();
         let card = [7u8; 32];
         let key = [9u8; 32];
-        let sealed = wrap_key(&secret.public_key(), &card, &key).unwrap();
+        let sealed = wrap_key(&secret.public_key(), &card, &key, None).unwrap();
         assert_eq!(sealed.ciphertext.len(), 48);
         let back =
             unwrap_key(&secret, &card, &sealed.encapsulated_key, &sealed.ciphertext).unwrap();
@@ -413,7 +462,7 @@ mod tests {
         let secret = EncryptionSecret::generate().unwrap();
         for len in [0usize, 1, 32, 1000] {
             let pt = vec![0x5a; len];
-            let sealed = seal_to_key(&secret.public_key(), b"aad", &pt).unwrap();
+            let sealed = seal_to_key(&secret.public_key(), b"aad", &pt, None).unwrap();
             let back = open_from_key(
                 &secret,
                 b"aad",

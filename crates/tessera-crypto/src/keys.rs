@@ -37,6 +37,8 @@ pub enum SignatureContext {
     DeviceStatement,
     /// The AppKey's co-signature on a GENESIS or RESET device list statement.
     DeviceStatementApp,
+    /// A channel membership statement, by a member's device (protocol v2).
+    ChannelStatement,
 }
 
 impl SignatureContext {
@@ -53,6 +55,7 @@ impl SignatureContext {
             Self::DeviceLogin => "tessera/v1/device-login",
             Self::DeviceStatement => "tessera/v2/device-list/statement",
             Self::DeviceStatementApp => "tessera/v2/device-list/app",
+            Self::ChannelStatement => "tessera/v2/channel/statement",
         }
     }
 
@@ -66,10 +69,22 @@ impl SignatureContext {
     }
 }
 
-/// An Ed25519 private key. Zeroized on drop; cannot be printed.
+/// An Ed25519 private key; cannot be printed.
+///
+/// What is wiped: the key is held only as its 32-byte RFC 8032 seed, in
+/// [`Zeroizing`] memory that is overwritten when the key is dropped.
+///
+/// What is not: ring's `Ed25519KeyPair` (the SHA-512-expanded secret
+/// scalar and nonce prefix) cannot be zeroized, so none is kept. Each
+/// signature rebuilds one from the seed on the stack and drops it at once;
+/// that stack frame, and the temporaries inside ring's signing code, are
+/// released without being overwritten and stay in memory until reused.
+/// Copies the operating system makes (swap, core dumps, hibernation) are
+/// out of the process's reach; so is anything a caller copies out through
+/// [`crate::hazmat`] or the keystore.
 pub struct SigningKey {
     seed: Zeroizing<[u8; 32]>,
-    pair: Ed25519KeyPair,
+    public: VerifyingKey,
 }
 
 impl SigningKey {
@@ -82,9 +97,11 @@ impl SigningKey {
     /// The key whose RFC 8032 private seed is `seed`.
     pub fn from_seed(seed: &[u8; 32]) -> Result<Self, KeyError> {
         let pair = Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| KeyError::Rejected)?;
+        let mut public = [0u8; 32];
+        public.copy_from_slice(pair.public_key().as_ref());
         Ok(Self {
             seed: Zeroizing::new(*seed),
-            pair,
+            public: VerifyingKey(public),
         })
     }
 
@@ -94,9 +111,7 @@ impl SigningKey {
     }
 
     pub fn verifying_key(&self) -> VerifyingKey {
-        let mut out = [0u8; 32];
-        out.copy_from_slice(self.pair.public_key().as_ref());
-        VerifyingKey(out)
+        self.public
     }
 
     /// Signs `message` for `context`.
@@ -107,7 +122,11 @@ impl SigningKey {
     /// Plain RFC 8032 Ed25519 over `message`, with no context.
     pub(crate) fn sign_raw(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
         let mut out = [0u8; SIGNATURE_LEN];
-        out.copy_from_slice(self.pair.sign(message).as_ref());
+        // The same seed was accepted when the key was made, so this cannot
+        // fail; were it to, the all-zero signature verifies for no key.
+        if let Ok(pair) = Ed25519KeyPair::from_seed_unchecked(self.seed.as_ref()) {
+            out.copy_from_slice(pair.sign(message).as_ref());
+        }
         out
     }
 }
@@ -117,12 +136,30 @@ impl SigningKey {
 pub struct VerifyingKey([u8; 32]);
 
 impl VerifyingKey {
+    /// Parses and validates an Ed25519 public key (RFC 8032 section 5.1.3,
+    /// strictly): the encoding must be canonical (y below p, and no "negative
+    /// zero" x), must decode to a curve point, and the point must not be of
+    /// small order. A small-order key lets one signature verify for many
+    /// messages (and, with a cofactored verifier, for every message), so such
+    /// a key is refused wherever a key is parsed: cards, pinned keys, tokens.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Length {
             what: "Ed25519 public key",
             expected: 32,
             got: bytes.len(),
         })?;
+        let compressed = curve25519_dalek::edwards::CompressedEdwardsY(arr);
+        let point = compressed
+            .decompress()
+            .ok_or(KeyError::MalformedSigningKey)?;
+        // decompress() reduces y mod p and accepts x = 0 with the sign bit
+        // set; re-encoding gives the canonical form, which must be the input.
+        if point.compress().0 != arr {
+            return Err(KeyError::MalformedSigningKey);
+        }
+        if point.is_small_order() {
+            return Err(KeyError::WeakSigningKey);
+        }
         Ok(Self(arr))
     }
 
@@ -193,23 +230,45 @@ impl EncryptionSecret {
     }
 }
 
-/// An X25519 public key that is on the curve and not of low order.
+/// An X25519 public key that is canonical, on the curve and not of low order.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EncryptionPublicKey([u8; 32]);
 
+/// p = 2^255 - 19, little-endian: the bound of a canonical X25519 `u`.
+const FIELD_PRIME_LE: [u8; 32] = {
+    let mut p = [0xff; 32];
+    p[0] = 0xed;
+    p[31] = 0x7f;
+    p
+};
+
+/// Whether the little-endian 32-byte integer `u` is below p = 2^255 - 19
+/// (which also means its top bit is clear). Public data: no constant time needed.
+fn is_canonical_u(u: &[u8; 32]) -> bool {
+    for i in (0..32).rev() {
+        if u[i] != FIELD_PRIME_LE[i] {
+            return u[i] < FIELD_PRIME_LE[i];
+        }
+    }
+    false // u == p
+}
+
 impl EncryptionPublicKey {
-    /// Parses and validates a public key: off-curve (twist) points and the
-    /// points of small order are refused, so no agreement with it can be
-    /// non-contributory.
+    /// Parses and validates a public key. Refused: a non-canonical encoding
+    /// (the 256-bit little-endian integer `u` must be below p = 2^255 - 19,
+    /// so the top bit is clear and none of the 19 values p..2^255-1, which
+    /// RFC 7748 decoders silently reduce, e.g. u = p + 9 for the base point
+    /// 9); a point on the twist (off the curve); a point of small order. So
+    /// every accepted key has exactly one encoding and no agreement with it
+    /// can be non-contributory.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Length {
             what: "X25519 public key",
             expected: 32,
             got: bytes.len(),
         })?;
-        // RFC 7748 decoders ignore the top bit; a key that sets it is not canonical.
-        if arr[31] & 0x80 != 0 {
-            return Err(KeyError::WeakPublicKey);
+        if !is_canonical_u(&arr) {
+            return Err(KeyError::NonCanonicalPublicKey);
         }
         let point = curve25519_dalek::montgomery::MontgomeryPoint(arr);
         match point.to_edwards(0) {
@@ -270,6 +329,21 @@ mod tests {
     }
 
     #[test]
+    fn a_signing_key_holds_only_its_seed_and_public_key() {
+        // 32 bytes of Zeroizing seed + the 32-byte public key: no ring key
+        // pair (whose expanded secret cannot be wiped) lives in it.
+        assert_eq!(size_of::<SigningKey>(), 64);
+        let key = SigningKey::from_seed(&[7; 32]).unwrap();
+        let again = SigningKey::from_seed(&[7; 32]).unwrap();
+        assert_eq!(key.verifying_key(), again.verifying_key());
+        assert_eq!(
+            key.sign(SignatureContext::Token, b"m"),
+            again.sign(SignatureContext::Token, b"m"),
+            "Ed25519 is deterministic: the per-signature key pair is the same"
+        );
+    }
+
+    #[test]
     fn labels_are_distinct() {
         use SignatureContext::*;
         let all = [
@@ -283,6 +357,7 @@ mod tests {
             DeviceLogin,
             DeviceStatement,
             DeviceStatementApp,
+            ChannelStatement,
         ];
         for a in &all {
             for b in &all {

@@ -201,7 +201,18 @@ fn derive_key(
 
 /// Serialises key material into the key file format.
 pub fn seal(material: &KeyMaterial, protection: &Protection<'_>) -> Result<Vec<u8>, KeystoreError> {
-    seal_plain(&material.encode(), protection)
+    seal_plain(&material.encode(), protection, None)
+}
+
+/// [`seal`] with the Argon2id salt and the AES-GCM nonce given: test
+/// vectors only ([`crate::hazmat::keystore_seal_with`]).
+pub(crate) fn seal_with(
+    material: &KeyMaterial,
+    protection: &Protection<'_>,
+    salt: [u8; SALT_LEN],
+    nonce: [u8; NONCE_LEN],
+) -> Result<Vec<u8>, KeystoreError> {
+    seal_plain(&material.encode(), protection, Some((salt, nonce)))
 }
 
 /// Serialises a device's (or organisation's) keys into the key file format.
@@ -209,7 +220,7 @@ pub fn seal_device(
     keys: &crate::DeviceKeys,
     protection: &Protection<'_>,
 ) -> Result<Vec<u8>, KeystoreError> {
-    seal_plain(&encode_device(keys), protection)
+    seal_plain(&encode_device(keys), protection, None)
 }
 
 /// Seals device keys and writes them to `path` (atomic, 0600).
@@ -221,7 +232,11 @@ pub fn save_device(
     write_private_file(path, &seal_device(keys, protection)?)
 }
 
-fn seal_plain(plain: &[u8], protection: &Protection<'_>) -> Result<Vec<u8>, KeystoreError> {
+fn seal_plain(
+    plain: &[u8],
+    protection: &Protection<'_>,
+    fixed: Option<([u8; SALT_LEN], [u8; NONCE_LEN])>,
+) -> Result<Vec<u8>, KeystoreError> {
     let mut out = Vec::with_capacity(128);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
@@ -243,8 +258,10 @@ fn seal_plain(plain: &[u8], protection: &Protection<'_>) -> Result<Vec<u8>, Keys
             out.extend_from_slice(&params.m_cost_kib.to_be_bytes());
             out.extend_from_slice(&params.t_cost.to_be_bytes());
             out.extend_from_slice(&params.p_cost.to_be_bytes());
-            let salt = random_array::<SALT_LEN>()?;
-            let nonce = random_array::<NONCE_LEN>()?;
+            let (salt, nonce) = match fixed {
+                Some(f) => f,
+                None => (random_array::<SALT_LEN>()?, random_array::<NONCE_LEN>()?),
+            };
             out.extend_from_slice(&salt);
             out.extend_from_slice(&nonce);
             let key = derive_key(passphrase, &salt, *params)?;

@@ -126,18 +126,25 @@ pub struct Encryptor {
 impl Encryptor {
     /// Starts a stream; returns the encryptor and the header to send first.
     pub fn new(file_key: &FileKey) -> Result<(Self, [u8; HEADER_LEN]), StreamError> {
-        let nonce = random_array::<NONCE_LEN>()?;
+        Ok(Self::with_nonce(file_key, random_array::<NONCE_LEN>()?))
+    }
+
+    /// A stream with the given nonce: test vectors only.
+    pub(crate) fn with_nonce(
+        file_key: &FileKey,
+        nonce: [u8; NONCE_LEN],
+    ) -> (Self, [u8; HEADER_LEN]) {
         let mut header = [0u8; HEADER_LEN];
         header[..MAGIC.len()].copy_from_slice(MAGIC);
         header[MAGIC.len()..].copy_from_slice(&nonce);
-        Ok((
+        (
             Self {
                 key: payload_key(file_key, &nonce),
                 counter: 0,
                 finished: false,
             },
             header,
-        ))
+        )
     }
 
     /// Encrypts one chunk in place, appending its tag. Every chunk but the
@@ -395,10 +402,27 @@ fn worker_gone() -> StreamError {
 /// Encrypts everything `reader` yields into `writer`; returns the plaintext size.
 pub fn encrypt(
     file_key: &FileKey,
+    reader: impl Read,
+    writer: impl Write,
+) -> Result<u64, StreamError> {
+    encrypt_with(Encryptor::new(file_key)?, reader, writer)
+}
+
+/// [`encrypt`] with the stream's nonce given: test vectors only.
+pub(crate) fn encrypt_with_nonce(
+    file_key: &FileKey,
+    nonce: [u8; NONCE_LEN],
+    reader: impl Read,
+    writer: impl Write,
+) -> Result<u64, StreamError> {
+    encrypt_with(Encryptor::with_nonce(file_key, nonce), reader, writer)
+}
+
+fn encrypt_with(
+    (mut enc, header): (Encryptor, [u8; HEADER_LEN]),
     mut reader: impl Read,
     mut writer: impl Write,
 ) -> Result<u64, StreamError> {
-    let (mut enc, header) = Encryptor::new(file_key)?;
     writer.write_all(&header)?;
     let mut carry = None;
     let mut total = 0u64;

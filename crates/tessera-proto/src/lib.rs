@@ -24,6 +24,13 @@ pub mod card {
     }
 }
 
+/// Channel membership statements (protocol v2).
+pub mod channel {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/tessera.channel.v1.rs"));
+    }
+}
+
 /// Sign-then-encrypt multi-recipient messages.
 pub mod envelope {
     pub mod v1 {
@@ -75,3 +82,5 @@ pub mod bench {
 
 #[cfg(feature = "client")]
 pub mod connect;
+
+mod redacted;

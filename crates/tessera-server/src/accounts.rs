@@ -1,7 +1,7 @@
 //! Accounts: sign-up, password log-in (throttled), passwordless log-in by
 //! device signature, and the server's public keys.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tessera_card::{CardKind, ParsedCard, transparency};
 use tessera_crypto::{SignatureContext, random_array};
@@ -19,9 +19,10 @@ use tessera_service::{
     token::{Audience, AuthMethod, Grant, Role},
 };
 use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
 
 use crate::{
-    App,
+    App, challenges,
     kms_client::SERVICE_SUBJECT,
     passwords,
     store::{Account, DeviceStatus},
@@ -38,7 +39,7 @@ impl App {
         identity: &str,
         device: Option<tessera_card::CardId>,
     ) -> Result<LoginResponse, Status> {
-        let admin = self.config.admins.iter().any(|a| a == identity);
+        let admin = self.store.account(identity)?.is_some_and(|a| a.admin);
         let grant = Grant {
             subject: identity.to_owned(),
             role: if admin { Role::Admin } else { Role::User },
@@ -74,6 +75,88 @@ impl App {
         })
     }
 
+    /// Creates an admin account (the operator's own act, never a sign-up);
+    /// `Ok(false)` when that admin exists already (its password is kept).
+    pub(crate) async fn create_admin(
+        &self,
+        identity: &str,
+        password: &str,
+    ) -> Result<bool, Status> {
+        limits::identity("identity", identity)?;
+        self.check_password_shape(password)?;
+        self.check_not_reserved(identity)?;
+        if let Some(existing) = self.store.account(identity)? {
+            if existing.admin {
+                return Ok(false);
+            }
+            // An existing account becomes admin only if the operator knows
+            // its password: someone who signed up first under the name the
+            // operator meant to use is found out here, not promoted.
+            let stored = existing.password.clone();
+            let given = Zeroizing::new(password.to_owned());
+            let theirs = hash_limited(self, move || {
+                stored.is_some_and(|h| passwords::verify(&given, &h))
+            })
+            .await?;
+            if !theirs {
+                return Err(Status::already_exists(format!(
+                    "{identity:?} is an account with another password: someone else may have signed up under this name; pick another for the admin"
+                )));
+            }
+            let promoted = Account {
+                admin: true,
+                ..existing.clone()
+            };
+            if !self.store.replace_account(&existing, &promoted)? {
+                return Err(Status::aborted("the account changed meanwhile; try again"));
+            }
+            self.store.flush().await?;
+            tracing::info!(%identity, "account made admin by the operator");
+            return Ok(true);
+        }
+        self.create_account(identity, password, true).await?;
+        tracing::info!(%identity, "admin account created by the operator");
+        Ok(true)
+    }
+
+    /// Hashes `password` (in a hashing slot) and stores a new account,
+    /// durably; ALREADY_EXISTS when the identity is taken.
+    async fn create_account(
+        &self,
+        identity: &str,
+        password: &str,
+        admin: bool,
+    ) -> Result<(), Status> {
+        let params = self.config.password_params;
+        let password = Zeroizing::new(password.to_owned());
+        let hash = hash_limited(self, move || passwords::hash(&password, params))
+            .await?
+            .ok_or_else(|| Status::internal("password hashing failed"))?;
+        let account = Account {
+            identity: identity.to_owned(),
+            password: Some(hash),
+            created_at: tessera_service::now_secs(),
+            admin,
+            device_list_started: false,
+        };
+        if !self.store.create_account(&account)? {
+            return Err(Status::already_exists(format!(
+                "identity {identity:?} is taken"
+            )));
+        }
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    fn check_not_reserved(&self, identity: &str) -> Result<(), Status> {
+        if identity == SERVICE_SUBJECT || self.config.org_identity.as_deref() == Some(identity) {
+            return Err(Status::already_exists(format!(
+                "identity {identity:?} is reserved"
+            )));
+        }
+        Ok(())
+    }
+
     fn check_password_shape(&self, password: &str) -> Result<(), Status> {
         limits::check_len(
             "password",
@@ -89,10 +172,27 @@ impl App {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
+/// Runs a password hash on the blocking pool, holding one of the limited
+/// hashing slots; RESOURCE_EXHAUSTED (retry in a second) when none is free.
+async fn hash_limited<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let Some(slot) = app.hashes.slot().await else {
+        return Err(limits::exhausted_retry(
+            "too many password checks in progress",
+            Duration::from_secs(1),
+        ));
+    };
+    let result = tokio::task::spawn_blocking(f)
         .await
-        .map_err(|_| Status::internal("password hashing task failed"))
+        .map_err(|_| Status::internal("password hashing task failed"));
+    drop(slot);
+    result
+}
+
+fn throttled(what: &str, wait_secs: u64) -> Status {
+    limits::exhausted_retry(what, Duration::from_secs(wait_secs))
 }
 
 #[tonic::async_trait]
@@ -122,32 +222,15 @@ impl Accounts for AccountsService {
         request: Request<SignUpRequest>,
     ) -> Result<Response<LoginResponse>, Status> {
         let app = &self.0;
+        let peer = request.remote_addr().map(|a| a.ip());
         let SignUpRequest { identity, password } = request.into_inner();
         limits::identity("identity", &identity)?;
         app.check_password_shape(&password)?;
-        if identity == SERVICE_SUBJECT
-            || app.config.org_identity.as_deref() == Some(identity.as_str())
-        {
-            return Err(Status::already_exists(format!(
-                "identity {identity:?} is reserved"
-            )));
-        }
-        let params = app.config.password_params;
-        let hash = blocking(move || passwords::hash(&password, params))
-            .await?
-            .ok_or_else(|| Status::internal("password hashing failed"))?;
-        let account = Account {
-            identity: identity.clone(),
-            password: Some(hash),
-            created_at: tessera_service::now_secs(),
-            device_list_started: false,
-        };
-        if !app.store.create_account(&account)? {
-            return Err(Status::already_exists(format!(
-                "identity {identity:?} is taken"
-            )));
-        }
-        app.store.flush().await?;
+        app.check_not_reserved(&identity)?;
+        app.throttle
+            .reserve_signup(peer)
+            .map_err(|wait| throttled("too many sign-ups from your address", wait))?;
+        app.create_account(&identity, &password, false).await?;
         tracing::info!(%identity, "account created");
         Ok(Response::new(app.login_response(&identity, None)?))
     }
@@ -165,14 +248,14 @@ impl Accounts for AccountsService {
             password.len(),
             app.config.limits.max_password_bytes,
         )?;
-        if let Err(wait) = app.throttle.check(&identity, peer) {
-            return Err(Status::resource_exhausted(format!(
-                "too many failed log-ins; try again in {wait} s"
-            )));
-        }
+        // The attempt counts from here on; only a right password gives it back.
+        let reservation = app
+            .throttle
+            .reserve(&identity, peer)
+            .map_err(|wait| throttled("too many failed log-ins", wait))?;
         let stored = app.store.account(&identity)?.and_then(|a| a.password);
         let params = app.config.password_params;
-        let ok = blocking(move || match stored {
+        let ok = hash_limited(&app, move || match stored {
             Some(hash) => passwords::verify(&password, &hash),
             None => {
                 passwords::verify_dummy(&password, params);
@@ -181,11 +264,10 @@ impl Accounts for AccountsService {
         })
         .await?;
         if !ok {
-            app.throttle.record_failure(&identity, peer);
             tracing::info!(%identity, "failed log-in");
             return Err(Status::unauthenticated("wrong identity or password"));
         }
-        app.throttle.record_success(&identity);
+        app.throttle.succeeded(&identity, reservation);
         Ok(Response::new(app.login_response(&identity, None)?))
     }
 
@@ -194,6 +276,7 @@ impl Accounts for AccountsService {
         request: Request<BeginDeviceLoginRequest>,
     ) -> Result<Response<BeginDeviceLoginResponse>, Status> {
         let app = &self.0;
+        let peer = request.remote_addr().map(|a| a.ip());
         let r = request.into_inner();
         limits::identity("identity", &r.identity)?;
         let card_id = limits::card_id("card_id", &r.card_id)?;
@@ -210,11 +293,21 @@ impl Accounts for AccountsService {
         }
         let challenge =
             random_array::<32>().map_err(|_| Status::internal("random number generator failed"))?;
-        if !app.challenges.insert(challenge, &r.identity, card_id) {
-            return Err(Status::unavailable(
-                "too many log-ins in progress; retry shortly",
-            ));
-        }
+        app.challenges
+            .insert(challenge, &r.identity, card_id, peer)
+            .map_err(|refused| match refused {
+                challenges::Refused::Identity(wait) => throttled(
+                    "too many device log-ins in progress for this identity",
+                    wait,
+                ),
+                challenges::Refused::Peer(wait) => throttled(
+                    "too many device log-ins in progress from your address",
+                    wait,
+                ),
+                challenges::Refused::Full(wait) => {
+                    throttled("too many device log-ins in progress", wait)
+                }
+            })?;
         Ok(Response::new(BeginDeviceLoginResponse {
             challenge: challenge.to_vec(),
             expires_at: tessera_service::now_secs() + app.challenges.ttl().as_secs() as i64,

@@ -57,7 +57,8 @@ impl Archive for ArchiveService {
         let r = request.into_inner();
         app.channel_record(&r.channel_id)?;
         app.store
-            .messages(&r.channel_id, r.index, r.index.saturating_add(1), 1)?
+            // One message, however large (a page always carries its first).
+            .messages(&r.channel_id, r.index, r.index.saturating_add(1), 1, 0)?
             .into_iter()
             .find(|m| m.index == r.index)
             .map(Response::new)

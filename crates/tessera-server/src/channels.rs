@@ -5,6 +5,7 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures_util::Stream;
+use prost::Message as _;
 use ring::digest;
 use tessera_crypto::{envelope::ParsedEnvelope, random_array};
 use tessera_proto::server::v1::{
@@ -18,14 +19,16 @@ use tessera_proto::server::v1::{
 use tessera_service::{Caller, limits, metrics};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    sync::{broadcast::error::RecvError, mpsc},
+    sync::mpsc,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     App,
+    quota::{Full, UploadSlot},
     store::{AttachmentRecord, ChannelChange, ChannelRecord, DeviceStatus, MemberRecord},
+    subscription,
 };
 
 pub(crate) struct ChannelsService(pub(crate) Arc<App>);
@@ -34,8 +37,6 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 const CLIENT_MESSAGE_ID_LEN: usize = 16;
 const DEFAULT_PAGE: u32 = 50;
-/// Messages read from the store at a time while a subscriber catches up.
-const CATCH_UP_BATCH: usize = 256;
 const ATTACHMENT_CHUNK: usize = 64 * 1024;
 
 fn random_id() -> Result<String, Status> {
@@ -62,7 +63,7 @@ fn is_admin(member: &MemberRecord) -> bool {
     member.role == MemberRole::Admin as i32
 }
 
-fn visible_from(channel: &ChannelRecord, member: &MemberRecord) -> u64 {
+pub(crate) fn visible_from(channel: &ChannelRecord, member: &MemberRecord) -> u64 {
     if channel.history_visibility == HistoryVisibility::Joined as i32 {
         member.joined_at_index.max(1)
     } else {
@@ -155,103 +156,6 @@ fn check_name(name: &str, max: usize) -> Result<(), Status> {
         ));
     }
     Ok(())
-}
-
-/// Sends `message` to a subscriber; `false` when the subscriber is gone.
-async fn deliver(tx: &mpsc::Sender<Result<StoredMessage, Status>>, message: StoredMessage) -> bool {
-    tx.send(Ok(message)).await.is_ok()
-}
-
-/// Drives one subscription: catch up from the store, then forward live
-/// messages; a gap (lagging behind the broadcast) is filled from the store,
-/// so a subscriber sees every index once, in order.
-async fn run_subscription(
-    app: Arc<App>,
-    caller: Caller,
-    channel_id: String,
-    mut next: u64,
-    tx: mpsc::Sender<Result<StoredMessage, Status>>,
-) {
-    let _live = metrics::GaugeGuard::new(metrics::SERVER_LIVE_SUBSCRIPTIONS);
-    let Some(mut live) = app.hub.subscribe(&channel_id) else {
-        let _ = tx
-            .send(Err(Status::internal("subscription hub unavailable")))
-            .await;
-        return;
-    };
-    let mut closing = app.closing.clone();
-    let expires_in =
-        Duration::from_secs((caller.expires_at - tessera_service::now_secs()).max(0) as u64);
-    let expiry = tokio::time::sleep(expires_in);
-    tokio::pin!(expiry);
-    // Catch up: everything stored from `next` on (the broadcast subscription
-    // above already buffers what arrives meanwhile).
-    if !catch_up(&app, &channel_id, &mut next, &tx).await {
-        return;
-    }
-    loop {
-        tokio::select! {
-            received = live.recv() => match received {
-                Ok(message) if message.index < next => {} // already delivered from the store
-                Ok(message) if message.index == next => {
-                    if app.store.member(&channel_id, &caller.identity).ok().flatten().is_none() {
-                        let _ = tx.send(Err(Status::permission_denied("you were removed from the channel"))).await;
-                        return;
-                    }
-                    next += 1;
-                    if !deliver(&tx, (*message).clone()).await {
-                        return;
-                    }
-                }
-                Ok(_) | Err(RecvError::Lagged(_)) => {
-                    if !catch_up(&app, &channel_id, &mut next, &tx).await {
-                        return;
-                    }
-                }
-                Err(RecvError::Closed) => return,
-            },
-            _ = closing.changed() => {
-                let _ = tx.send(Err(Status::unavailable("server shutting down; resubscribe from your last index"))).await;
-                return;
-            }
-            () = &mut expiry => {
-                let _ = tx.send(Err(Status::unauthenticated("access token expired; log in and resubscribe"))).await;
-                return;
-            }
-            () = tx.closed() => return,
-        }
-    }
-}
-
-/// Delivers stored messages from `*next` on; `false` when the subscription ended.
-async fn catch_up(
-    app: &App,
-    channel_id: &str,
-    next: &mut u64,
-    tx: &mpsc::Sender<Result<StoredMessage, Status>>,
-) -> bool {
-    loop {
-        let batch = match app
-            .store
-            .messages(channel_id, *next, u64::MAX, CATCH_UP_BATCH)
-        {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return false;
-            }
-        };
-        let done = batch.len() < CATCH_UP_BATCH;
-        for message in batch {
-            *next = message.index + 1;
-            if !deliver(tx, message).await {
-                return false;
-            }
-        }
-        if done {
-            return true;
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -472,7 +376,9 @@ impl Channels for ChannelsService {
         let lock = app.channel_lock(&r.channel_id).lock().await;
         let mut channel = app.channel(&r.channel_id)?;
         if let Some(index) = app.store.dedupe(&r.channel_id, &r.client_message_id)? {
-            let stored = app.store.messages(&r.channel_id, index, index + 1, 1)?;
+            let stored = app
+                .store
+                .messages(&r.channel_id, index, index + 1, 1, usize::MAX)?;
             drop(lock);
             // The first copy's own send may still be waiting for its flush.
             app.store.flush().await?;
@@ -492,14 +398,29 @@ impl Channels for ChannelsService {
             envelope: r.envelope,
         };
         channel.next_index += 1;
-        app.store.append_message(&channel, &message)?;
-        // The lock only orders the indices: released before the flush, so
-        // concurrent sends share one flush (group commit, see the store).
+        // The sender's quota, under its own lock (taken after the channel's,
+        // as everywhere): sends to two channels at once cannot both fit.
+        let user = app.user_lock(&caller.identity).lock().await;
+        let mut usage = app.store.usage(&caller.identity)?;
+        usage.message_bytes = usage
+            .message_bytes
+            .saturating_add(message.encoded_len() as u64);
+        if usage.message_bytes > app.config.limits.max_message_bytes_per_user {
+            return Err(Status::resource_exhausted(format!(
+                "{} has used up its quota of {} bytes of stored messages",
+                caller.identity, app.config.limits.max_message_bytes_per_user
+            )));
+        }
+        app.store.append_message(&channel, &message, &usage)?;
+        // The locks only order the indices and the quota: released before
+        // the flush, so concurrent sends share one flush (group commit, see
+        // the store).
+        drop(user);
         drop(lock);
         app.store.flush().await?;
         metrics::increment(metrics::SERVER_MESSAGES_STORED);
         let (index, server_time_ms) = (message.index, message.server_time_ms);
-        app.hub.publish(Arc::new(message));
+        app.hub.publish(message);
         Ok(Response::new(SendMessageResponse {
             index,
             server_time_ms,
@@ -516,14 +437,19 @@ impl Channels for ChannelsService {
         let r = request.into_inner();
         let (channel, me) = app.membership(&r.channel_id, &caller.identity)?;
         let page = limits::page_size(r.page_size, DEFAULT_PAGE, app.config.limits.max_page_size)?;
+        // A page holds at most `max_page_bytes` of stored messages (one
+        // message alone may be larger): it is cut short rather than loaded.
+        let max_bytes = app.config.limits.max_page_bytes;
         let first = visible_from(&channel, &me);
         let end = channel.next_index; // exclusive
         let (messages, next_anchor) = match Direction::try_from(r.direction) {
             Ok(Direction::Unspecified | Direction::Forward) => {
                 let start = r.anchor.max(first);
-                let messages = app.store.messages(&r.channel_id, start, end, page)?;
+                let messages = app
+                    .store
+                    .messages(&r.channel_id, start, end, page, max_bytes)?;
                 let next = match messages.last() {
-                    Some(last) if messages.len() == page && last.index + 1 < end => last.index + 1,
+                    Some(last) if last.index + 1 < end => last.index + 1,
                     _ => 0,
                 };
                 (messages, next)
@@ -537,9 +463,18 @@ impl Channels for ChannelsService {
                 if last < first {
                     (Vec::new(), 0)
                 } else {
-                    let start = (last + 1).saturating_sub(page as u64).max(first);
-                    let messages = app.store.messages(&r.channel_id, start, last + 1, page)?;
-                    (messages, if start > first { start - 1 } else { 0 })
+                    let messages = app.store.messages_before(
+                        &r.channel_id,
+                        first,
+                        last + 1,
+                        page,
+                        max_bytes,
+                    )?;
+                    let next = match messages.first() {
+                        Some(oldest) if oldest.index > first => oldest.index - 1,
+                        _ => 0,
+                    };
+                    (messages, next)
                 }
             }
             Err(_) => return Err(Status::invalid_argument("unknown direction")),
@@ -564,9 +499,18 @@ impl Channels for ChannelsService {
             0 => channel.next_index,
             from => from.max(visible_from(&channel, &me)),
         };
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(run_subscription(app, caller, r.channel_id, start, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let slot = app.subscriptions.open(&caller.identity).map_err(|full| {
+            let what = match full {
+                Full::User => format!(
+                    "{} has {} subscriptions open, the most one user may",
+                    caller.identity, app.config.limits.max_subscriptions_per_user
+                ),
+                Full::Process => "the server has all the subscriptions it takes".to_owned(),
+            };
+            limits::exhausted_retry(&what, Duration::from_secs(5))
+        })?;
+        let stream = subscription::subscribe(app, caller, r.channel_id, start, slot)?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn set_read_horizon(
@@ -623,28 +567,49 @@ impl Channels for ChannelsService {
             Status::invalid_argument("empty upload: the first message names the channel")
         })?;
         app.membership(&first.channel_id, &caller.identity)?;
+        let limits = &app.config.limits;
+        let mut slot = app.uploads.begin(&caller.identity).map_err(|_| {
+            limits::exhausted_retry(
+                &format!(
+                    "{} has {} uploads in progress, the most one user may",
+                    caller.identity, limits.max_uploads_per_user
+                ),
+                Duration::from_secs(5),
+            )
+        })?;
+        let stored = app.store.usage(&caller.identity)?;
+        if stored.attachments >= limits.max_attachments_per_user as u64 {
+            return Err(Status::resource_exhausted(format!(
+                "{} has used up its quota of {} attachments",
+                caller.identity, limits.max_attachments_per_user
+            )));
+        }
         let id = random_id()?;
         let tmp = app.attachments_dir.join(format!(".upload-{id}"));
-        let result = receive_upload(app, first.data, &mut stream, &tmp).await;
-        let (size, sha256) = match result {
+        let result = receive_upload(
+            app,
+            &mut slot,
+            stored.attachment_bytes,
+            first.data,
+            &mut stream,
+            &tmp,
+        )
+        .await;
+        let result = match result {
+            Ok((size, sha256)) => {
+                store_upload(app, &caller, &first.channel_id, &id, &tmp, size, sha256).await
+            }
+            Err(e) => Err(e),
+        };
+        let sha256 = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 return Err(e);
             }
         };
-        tokio::fs::rename(&tmp, app.attachments_dir.join(&id))
-            .await
-            .map_err(tessera_service::storage::StorageError::Io)?;
-        app.store.put_attachment(&AttachmentRecord {
-            attachment_id: id.clone(),
-            channel_id: first.channel_id,
-            size,
-            sha256: sha256.clone(),
-            uploader: caller.identity,
-            created_at_ms: tessera_service::now_ms(),
-        })?;
-        app.store.flush().await?;
+        let size = slot.received();
+        drop(slot);
         Ok(Response::new(UploadAttachmentResponse {
             attachment_id: id,
             size,
@@ -662,7 +627,7 @@ impl Channels for ChannelsService {
         let caller = app.authenticate(&request)?;
         let r = request.into_inner();
         check_id("attachment_id", &r.attachment_id)?;
-        app.membership(&r.channel_id, &caller.identity)?;
+        let (channel, me) = app.membership(&r.channel_id, &caller.identity)?;
         let record = app
             .store
             .attachment(&r.attachment_id)?
@@ -670,6 +635,13 @@ impl Channels for ChannelsService {
             .ok_or_else(|| {
                 Status::not_found(format!("no attachment {} in this channel", r.attachment_id))
             })?;
+        // Records from before `uploaded_at_index` existed count as index 1:
+        // visible to members who see the whole history.
+        if record.uploaded_at_index.max(1) < visible_from(&channel, &me) {
+            return Err(Status::permission_denied(
+                "the attachment was uploaded before the history you can see",
+            ));
+        }
         let mut file = tokio::fs::File::open(app.attachments_dir.join(&record.attachment_id))
             .await
             .map_err(tessera_service::storage::StorageError::Io)?;
@@ -705,8 +677,67 @@ impl Channels for ChannelsService {
 }
 
 /// Writes an upload to `tmp`, durably; returns its size and SHA-256.
+/// Moves a received upload into place and records it, charging the
+/// uploader's quota (under its lock: two uploads finishing at once cannot
+/// both fit). Returns its SHA-256.
+async fn store_upload(
+    app: &App,
+    caller: &Caller,
+    channel_id: &str,
+    id: &str,
+    tmp: &std::path::Path,
+    size: u64,
+    sha256: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    let _user = app.user_lock(&caller.identity).lock().await;
+    let mut usage = app.store.usage(&caller.identity)?;
+    usage.attachment_bytes = usage.attachment_bytes.saturating_add(size);
+    usage.attachments += 1;
+    let limits = &app.config.limits;
+    if usage.attachment_bytes > limits.max_attachment_bytes_per_user
+        || usage.attachments > limits.max_attachments_per_user as u64
+    {
+        return Err(attachment_quota(
+            caller,
+            limits.max_attachment_bytes_per_user,
+        ));
+    }
+    // The message that will carry it can only come after this index:
+    // who may not see a message stored now may not fetch the file.
+    let (channel, _) = app.membership(channel_id, &caller.identity)?;
+    tokio::fs::rename(tmp, app.attachments_dir.join(id))
+        .await
+        .map_err(tessera_service::storage::StorageError::Io)?;
+    app.store.put_attachment(
+        &AttachmentRecord {
+            attachment_id: id.to_owned(),
+            channel_id: channel_id.to_owned(),
+            size,
+            sha256: sha256.clone(),
+            uploader: caller.identity.clone(),
+            created_at_ms: tessera_service::now_ms(),
+            uploaded_at_index: channel.next_index,
+        },
+        &usage,
+    )?;
+    app.store.flush().await?;
+    Ok(sha256)
+}
+
+fn attachment_quota(caller: &Caller, max: u64) -> Status {
+    Status::resource_exhausted(format!(
+        "{} has used up its quota of {max} bytes of attachments",
+        caller.identity
+    ))
+}
+
+/// Writes an upload to `tmp`, durably, counting it against the uploader's
+/// quota (`stored` bytes plus every upload in progress) as it arrives;
+/// returns its size and SHA-256.
 async fn receive_upload(
     app: &App,
+    slot: &mut UploadSlot,
+    stored: u64,
     first_data: Vec<u8>,
     stream: &mut Streaming<UploadAttachmentRequest>,
     tmp: &std::path::Path,
@@ -716,6 +747,7 @@ async fn receive_upload(
     let mut hash = digest::Context::new(&digest::SHA256);
     let mut size = 0u64;
     let max = app.config.limits.max_attachment_bytes;
+    let quota = app.config.limits.max_attachment_bytes_per_user;
     let mut chunk = Some(first_data);
     loop {
         if let Some(data) = chunk.take() {
@@ -723,6 +755,11 @@ async fn receive_upload(
             if size > max {
                 return Err(Status::resource_exhausted(format!(
                     "attachment larger than the limit of {max} bytes"
+                )));
+            }
+            if stored.saturating_add(slot.add(data.len() as u64)) > quota {
+                return Err(Status::resource_exhausted(format!(
+                    "attachments in progress would exceed the quota of {quota} bytes"
                 )));
             }
             hash.update(&data);

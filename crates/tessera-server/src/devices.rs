@@ -222,7 +222,7 @@ impl Devices for DevicesService {
         if let Some((_, Action::Genesis)) = &statement {
             // A genesis is co-signed once per account: after that, only a
             // reset (reported to contacts as one) replaces the list.
-            let mut account = app
+            let account = app
                 .store
                 .account(&caller.identity)?
                 .ok_or_else(|| Status::not_found("no such account"))?;
@@ -231,7 +231,6 @@ impl Devices for DevicesService {
                     "this account already has a device list: approve the device from another one, or reset",
                 ));
             }
-            account.device_list_started = true;
             genesis_of = Some(account);
         }
         let devices = app.store.devices(&caller.identity)?;
@@ -279,7 +278,13 @@ impl Devices for DevicesService {
             app.kms.publish(&app.issuer, statement).await?;
             tracing::info!(identity = %caller.identity, card_id = %id, %action, "device list statement published");
             if let Some(account) = genesis_of {
-                app.store.put_account(&account)?;
+                let started = crate::store::Account {
+                    device_list_started: true,
+                    ..account.clone()
+                };
+                if !app.store.replace_account(&account, &started)? {
+                    return Err(Status::aborted("the account changed meanwhile; try again"));
+                }
                 app.store.flush().await?;
             }
             if action == Action::Reset {

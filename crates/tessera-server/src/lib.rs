@@ -17,7 +17,9 @@ mod devices;
 mod hub;
 mod kms_client;
 pub mod passwords;
+mod quota;
 pub mod store;
+mod subscription;
 pub mod throttle;
 
 use std::{
@@ -41,7 +43,8 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tonic::{server::NamedService, service::Routes};
 
-pub use passwords::PasswordParams;
+pub use challenges::ChallengeLimits;
+pub use passwords::{HashLimits, PasswordParams};
 pub use throttle::ThrottleLimits;
 
 /// Limits of the app server (Twilio's are the floor: 1 000 members per
@@ -58,6 +61,21 @@ pub struct Limits {
     pub max_attachment_bytes: u64,
     pub max_channel_name_bytes: usize,
     pub max_password_bytes: usize,
+    /// Messages each channel's live broadcast keeps for slow subscribers;
+    /// one that falls further behind catches up from the store.
+    pub live_buffer_messages: usize,
+    /// Most bytes of stored messages in one `ListMessages` page (a single
+    /// larger message still comes alone).
+    pub max_page_bytes: usize,
+    /// Open subscriptions per user, and in the whole server.
+    pub max_subscriptions_per_user: usize,
+    pub max_subscriptions: usize,
+    /// Per-user quotas: bytes of stored messages (envelopes and their
+    /// metadata), bytes and number of attachments, uploads at once.
+    pub max_message_bytes_per_user: u64,
+    pub max_attachment_bytes_per_user: u64,
+    pub max_attachments_per_user: usize,
+    pub max_uploads_per_user: usize,
 }
 
 impl Default for Limits {
@@ -71,6 +89,14 @@ impl Default for Limits {
             max_attachment_bytes: 1024 * 1024 * 1024,
             max_channel_name_bytes: 128,
             max_password_bytes: 1024,
+            live_buffer_messages: 256,
+            max_page_bytes: 4 * 1024 * 1024,
+            max_subscriptions_per_user: 64,
+            max_subscriptions: 4096,
+            max_message_bytes_per_user: 1024 * 1024 * 1024,
+            max_attachment_bytes_per_user: 10 * 1024 * 1024 * 1024,
+            max_attachments_per_user: 10_000,
+            max_uploads_per_user: 4,
         }
     }
 }
@@ -88,8 +114,6 @@ pub struct Config {
     pub kms_url: String,
     /// CA certificate (PEM) to trust for an `https` key service.
     pub kms_ca: Option<PathBuf>,
-    /// Identities whose tokens carry the ADMIN role.
-    pub admins: Vec<String>,
     /// Identity of the organisation's ORG card; `None`: no organisation.
     pub org_identity: Option<String>,
     pub token_lifetime: Duration,
@@ -97,6 +121,10 @@ pub struct Config {
     pub challenge_ttl: Duration,
     pub limits: Limits,
     pub password_params: PasswordParams,
+    /// Password hashes running and waiting at once.
+    pub hash_limits: HashLimits,
+    /// Outstanding device log-in challenges.
+    pub challenge_limits: ChallengeLimits,
     pub throttle: ThrottleLimits,
 }
 
@@ -109,12 +137,13 @@ impl Config {
             token_key_path: None,
             kms_url: kms_url.into(),
             kms_ca: None,
-            admins: Vec::new(),
             org_identity: None,
             token_lifetime: Duration::from_secs(15 * 60),
             challenge_ttl: challenges::DEFAULT_CHALLENGE_TTL,
             limits: Limits::default(),
             password_params: PasswordParams::DEFAULT,
+            hash_limits: HashLimits::default(),
+            challenge_limits: ChallengeLimits::default(),
             throttle: ThrottleLimits::default(),
         }
     }
@@ -165,8 +194,11 @@ pub(crate) struct App {
     pub(crate) kms: kms_client::KmsClient,
     pub(crate) config: Config,
     pub(crate) throttle: throttle::Throttle,
+    pub(crate) hashes: passwords::HashLimiter,
     pub(crate) challenges: challenges::Challenges,
     pub(crate) hub: hub::Hub,
+    pub(crate) subscriptions: quota::Subscriptions,
+    pub(crate) uploads: quota::Uploads,
     pub(crate) send_locks: Vec<tokio::sync::Mutex<()>>,
     pub(crate) user_locks: Vec<tokio::sync::Mutex<()>>,
     pub(crate) closing: watch::Receiver<bool>,
@@ -272,8 +304,14 @@ impl Server {
             verifier,
             kms: kms_client::KmsClient::new(channel),
             throttle: throttle::Throttle::new(config.throttle),
-            challenges: challenges::Challenges::new(config.challenge_ttl),
-            hub: hub::Hub::default(),
+            hashes: passwords::HashLimiter::new(config.hash_limits),
+            challenges: challenges::Challenges::new(config.challenge_limits, config.challenge_ttl),
+            hub: hub::Hub::new(config.limits.live_buffer_messages),
+            subscriptions: quota::Subscriptions::new(
+                config.limits.max_subscriptions_per_user,
+                config.limits.max_subscriptions,
+            ),
+            uploads: quota::Uploads::new(config.limits.max_uploads_per_user),
             send_locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -288,6 +326,17 @@ impl Server {
             app: Arc::new(app),
             closing: closing_tx,
         })
+    }
+
+    /// Creates the admin account `identity` with `password`: the only way
+    /// an account gets the ADMIN role (a sign-up never does, whatever its
+    /// name). `Ok(false)` when this admin exists already (its password is
+    /// kept); an error when a user who signed up holds the name.
+    pub async fn create_admin(&self, identity: &str, password: &str) -> Result<bool, StartError> {
+        self.app
+            .create_admin(identity, password)
+            .await
+            .map_err(|s| StartError::Config(format!("admin account: {}", s.message())))
     }
 
     pub fn app_public_key(&self) -> VerifyingKey {

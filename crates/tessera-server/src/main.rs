@@ -37,13 +37,8 @@ struct Cli {
     /// The token signing key (generated on first start) [default: <data-dir>/token.key].
     #[arg(long, global = true, env = "TESSERA_SERVER_TOKEN_KEY_PATH")]
     token_key_path: Option<PathBuf>,
-    /// Identities with the admin role (comma-separated in the environment).
-    #[arg(
-        long = "admin",
-        global = true,
-        env = "TESSERA_SERVER_ADMINS",
-        value_delimiter = ','
-    )]
+    /// No longer accepted: admins are made with `create-admin`.
+    #[arg(long = "admin", global = true, hide = true)]
     admins: Vec<String>,
     /// Identity of the organisation's card; enables org backup.
     #[arg(long, global = true, env = "TESSERA_SERVER_ORG_IDENTITY")]
@@ -71,6 +66,31 @@ struct Cli {
     /// Most active devices per user.
     #[arg(long, global = true, env = "TESSERA_SERVER_MAX_DEVICES_PER_USER", default_value_t = Limits::default().max_devices_per_user)]
     max_devices_per_user: usize,
+    /// Most bytes of stored messages in one ListMessages page.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_PAGE_BYTES", default_value_t = Limits::default().max_page_bytes)]
+    max_page_bytes: usize,
+    /// Open subscriptions per user.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_SUBSCRIPTIONS_PER_USER", default_value_t = Limits::default().max_subscriptions_per_user)]
+    max_subscriptions_per_user: usize,
+    /// Open subscriptions in all.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_SUBSCRIPTIONS", default_value_t = Limits::default().max_subscriptions)]
+    max_subscriptions: usize,
+    /// Quota of stored message bytes per user.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_MESSAGE_BYTES_PER_USER", default_value_t = Limits::default().max_message_bytes_per_user)]
+    max_message_bytes_per_user: u64,
+    /// Quota of attachment bytes per user.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ATTACHMENT_BYTES_PER_USER", default_value_t = Limits::default().max_attachment_bytes_per_user)]
+    max_attachment_bytes_per_user: u64,
+    /// Quota of attachments per user.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ATTACHMENTS_PER_USER", default_value_t = Limits::default().max_attachments_per_user)]
+    max_attachments_per_user: usize,
+    /// Sign-ups allowed per peer address (IPv6: per /64) and throttle window.
+    #[arg(long, global = true, env = "TESSERA_SERVER_SIGNUPS_PER_PEER", default_value_t = tessera_server::ThrottleLimits::default().signups_per_peer)]
+    signups_per_peer: usize,
+    /// Password hashes (Argon2id) run at once [default: one per core]; four
+    /// times as many may wait, more are answered RESOURCE_EXHAUSTED.
+    #[arg(long, global = true, env = "TESSERA_SERVER_CONCURRENT_HASHES")]
+    concurrent_hashes: Option<usize>,
     /// Largest attachment, in bytes.
     #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ATTACHMENT_BYTES", default_value_t = Limits::default().max_attachment_bytes)]
     max_attachment_bytes: u64,
@@ -84,6 +104,27 @@ enum Command {
     Serve,
     /// Create the AppKey and token key if missing and print their public keys as JSON.
     Keys,
+    /// Create an admin account (password from TESSERA_SERVER_ADMIN_PASSWORD,
+    /// or the first line of standard input); run it while the server is
+    /// stopped. The only way to an admin: sign-ups never are, whatever the name.
+    CreateAdmin {
+        /// The admin's identity.
+        identity: String,
+    },
+}
+
+/// The admin password: from the environment, else the first line of stdin.
+fn admin_password() -> Result<zeroize::Zeroizing<String>, String> {
+    if let Ok(p) = std::env::var("TESSERA_SERVER_ADMIN_PASSWORD") {
+        return Ok(zeroize::Zeroizing::new(p));
+    }
+    let mut line = zeroize::Zeroizing::new(String::new());
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the admin password from standard input: {e}"))?;
+    Ok(zeroize::Zeroizing::new(
+        line.trim_end_matches(['\r', '\n']).to_owned(),
+    ))
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -104,11 +145,15 @@ async fn run(cli: Cli) -> Result<(), String> {
         tessera_service::config::print_json(&json);
         return Ok(());
     }
+    if !cli.admins.is_empty() || std::env::var_os("TESSERA_SERVER_ADMINS").is_some() {
+        return Err(
+            "--admin / TESSERA_SERVER_ADMINS are no longer read (whoever signed up first under such a name became admin): create admin accounts with `tessera-server create-admin <identity>`".into(),
+        );
+    }
     let mut config = Config::new(common.data_dir.clone(), cli.kms_url);
     config.kms_ca = cli.kms_ca;
     config.app_key_path = cli.app_key_path;
     config.token_key_path = cli.token_key_path;
-    config.admins = cli.admins.into_iter().filter(|a| !a.is_empty()).collect();
     config.org_identity = cli.org_identity.filter(|o| !o.is_empty());
     config.token_lifetime = Duration::from_secs(cli.token_lifetime_secs);
     config.limits = Limits {
@@ -118,10 +163,34 @@ async fn run(cli: Cli) -> Result<(), String> {
         max_page_size: cli.max_page_size,
         max_devices_per_user: cli.max_devices_per_user,
         max_attachment_bytes: cli.max_attachment_bytes,
+        max_page_bytes: cli.max_page_bytes,
+        max_subscriptions_per_user: cli.max_subscriptions_per_user,
+        max_subscriptions: cli.max_subscriptions,
+        max_message_bytes_per_user: cli.max_message_bytes_per_user,
+        max_attachment_bytes_per_user: cli.max_attachment_bytes_per_user,
+        max_attachments_per_user: cli.max_attachments_per_user,
         ..Limits::default()
     };
+    config.throttle.signups_per_peer = cli.signups_per_peer;
+    if let Some(n) = cli.concurrent_hashes {
+        config.hash_limits = tessera_server::HashLimits {
+            concurrent: n.max(1),
+            queued: 4 * n.max(1),
+        };
+    }
     common.start_metrics().map_err(|e| e.to_string())?;
     let server = Server::open(config).map_err(|e| e.to_string())?;
+    if let Some(Command::CreateAdmin { identity }) = &cli.command {
+        let password = admin_password()?;
+        let created = server
+            .create_admin(identity, &password)
+            .await
+            .map_err(|e| e.to_string())?;
+        tessera_service::config::print_json(
+            &serde_json::json!({ "identity": identity, "created": created }),
+        );
+        return Ok(());
+    }
     let routes = server.routes().await.map_err(|e| e.to_string())?;
     let listener = serve::bind(common.listen)
         .await

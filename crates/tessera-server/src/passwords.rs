@@ -1,7 +1,11 @@
-//! Password hashes: Argon2id (RFC 9106), compared in constant time.
+//! Password hashes: Argon2id (RFC 9106), compared in constant time, with a
+//! cap on how many run at once (each takes its own `m_cost` of memory).
+
+use std::sync::Arc;
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use tessera_crypto::{ct_eq, random_array};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
 use crate::store::PasswordHash;
@@ -82,9 +86,85 @@ pub fn verify_dummy(password: &str, params: PasswordParams) {
     );
 }
 
+/// How many password hashes may run at once, and how many more may wait.
+#[derive(Debug, Clone, Copy)]
+pub struct HashLimits {
+    pub concurrent: usize,
+    pub queued: usize,
+}
+
+impl Default for HashLimits {
+    /// One hash per core; four per core waiting.
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            concurrent: cores,
+            queued: 4 * cores,
+        }
+    }
+}
+
+/// Admits password hashes: at most `concurrent` run, at most `queued` more
+/// wait, and beyond that a caller is turned away at once (the server
+/// answers RESOURCE_EXHAUSTED): memory for Argon2id is bounded by
+/// `concurrent × m_cost`, whatever the load.
+pub struct HashLimiter {
+    admitted: Arc<Semaphore>,
+    running: Arc<Semaphore>,
+}
+
+/// A slot to run one hash; the hash runs while it is held.
+pub struct HashSlot {
+    _admitted: OwnedSemaphorePermit,
+    _running: OwnedSemaphorePermit,
+}
+
+impl HashLimiter {
+    pub fn new(limits: HashLimits) -> Self {
+        let concurrent = limits.concurrent.max(1);
+        Self {
+            admitted: Arc::new(Semaphore::new(concurrent + limits.queued)),
+            running: Arc::new(Semaphore::new(concurrent)),
+        }
+    }
+
+    /// Waits for a slot, or `None` at once when too many hashes are
+    /// already running or waiting.
+    pub async fn slot(&self) -> Option<HashSlot> {
+        let admitted = self.admitted.clone().try_acquire_owned().ok()?;
+        let running = self.running.clone().acquire_owned().await.ok()?;
+        Some(HashSlot {
+            _admitted: admitted,
+            _running: running,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn at_most_concurrent_plus_queued_are_admitted() {
+        let limiter = Arc::new(HashLimiter::new(HashLimits {
+            concurrent: 2,
+            queued: 1,
+        }));
+        let a = limiter.slot().await.unwrap();
+        let _b = limiter.slot().await.unwrap();
+        // A third waits for a running slot; a fourth is turned away.
+        let waiter = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.slot().await.is_some() })
+        };
+        while limiter.admitted.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(limiter.slot().await.is_none(), "over the cap");
+        drop(a);
+        assert!(waiter.await.unwrap(), "the waiter runs once a slot frees");
+        assert!(limiter.slot().await.is_some());
+    }
 
     #[test]
     fn hash_and_verify() {

@@ -42,9 +42,13 @@ pub struct Account {
     pub password: Option<PasswordHash>,
     #[prost(int64, tag = "3")]
     pub created_at: i64,
+    /// Made by the operator (`tessera-server create-admin`), never by a
+    /// sign-up: the account's tokens carry the ADMIN role.
+    #[prost(bool, tag = "4")]
+    pub admin: bool,
     /// The app server co-signed this account's device list GENESIS: a
     /// second one is never co-signed (only a RESET replaces the list).
-    #[prost(bool, tag = "4")]
+    #[prost(bool, tag = "5")]
     pub device_list_started: bool,
 }
 
@@ -119,6 +123,43 @@ pub struct AttachmentRecord {
     pub uploader: String,
     #[prost(int64, tag = "6")]
     pub created_at_ms: i64,
+    /// The channel's next index when the upload finished: members who
+    /// cannot see a message stored then cannot download it (0 in records
+    /// written before this field: treated as 1).
+    #[prost(uint64, tag = "7")]
+    pub uploaded_at_index: u64,
+}
+
+/// What one user stores, counted against the per-user quotas.
+#[derive(Clone, Copy, PartialEq, Eq, Message)]
+pub struct Usage {
+    /// Stored message records (envelopes and their metadata), in bytes.
+    #[prost(uint64, tag = "1")]
+    pub message_bytes: u64,
+    #[prost(uint64, tag = "2")]
+    pub attachment_bytes: u64,
+    #[prost(uint64, tag = "3")]
+    pub attachments: u64,
+}
+
+/// Takes records from `items` (each with its encoded size) while they fit
+/// in `limit` records and `max_bytes`, the first always.
+fn take_bounded<T, E>(
+    items: impl Iterator<Item = Result<(usize, T), E>>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<T>, E> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for item in items.take(limit) {
+        let (size, message) = item?;
+        if !out.is_empty() && bytes.saturating_add(size) > max_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        out.push(message);
+    }
+    Ok(out)
 }
 
 /// A change to a channel and its members, applied atomically.
@@ -134,8 +175,9 @@ pub trait Store: Send + Sync + 'static {
     fn account(&self, identity: &str) -> Result<Option<Account>, StorageError>;
     /// Creates the account; `false` if the identity is taken.
     fn create_account(&self, account: &Account) -> Result<bool, StorageError>;
-    /// Replaces an existing account record.
-    fn put_account(&self, account: &Account) -> Result<(), StorageError>;
+    /// Replaces `old` with `new` (same identity) if `old` is still what is
+    /// stored; `false` otherwise.
+    fn replace_account(&self, old: &Account, new: &Account) -> Result<bool, StorageError>;
 
     fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError>;
     fn device(&self, card_id: &[u8]) -> Result<Option<Device>, StorageError>;
@@ -160,20 +202,57 @@ pub trait Store: Send + Sync + 'static {
         channel_id: &str,
         client_message_id: &[u8],
     ) -> Result<Option<u64>, StorageError>;
-    /// Stores `message` and the channel's new `next_index` atomically.
+    /// Stores `message`, the channel's new `next_index` and the sender's new
+    /// `usage` atomically.
     fn append_message(
         &self,
         channel: &ChannelRecord,
         message: &StoredMessage,
+        usage: &Usage,
     ) -> Result<(), StorageError>;
-    /// Messages with `from <= index < to`, ascending, at most `limit`.
+    /// Messages with `from <= index < to`, at most `limit` and, but for the
+    /// first, at most `max_bytes` of stored records (a page never holds more
+    /// than that in memory, whatever the envelopes' sizes), taken from the
+    /// oldest on, or from the newest on when `newest_first`; in the order
+    /// taken. Records past the bounds are not decoded.
+    fn message_range(
+        &self,
+        channel_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+        newest_first: bool,
+    ) -> Result<Vec<StoredMessage>, StorageError>;
+
+    /// The oldest messages of `from..to` that fit the bounds, ascending.
     fn messages(
         &self,
         channel_id: &str,
         from: u64,
         to: u64,
         limit: usize,
-    ) -> Result<Vec<StoredMessage>, StorageError>;
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        self.message_range(channel_id, from, to, limit, max_bytes, false)
+    }
+
+    /// The newest messages of `from..to` that fit the bounds, ascending.
+    fn messages_before(
+        &self,
+        channel_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let mut out = self.message_range(channel_id, from, to, limit, max_bytes, true)?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// What `identity` stores: message and attachment bytes, attachments.
+    fn usage(&self, identity: &str) -> Result<Usage, StorageError>;
 
     fn read_horizon(&self, identity: &str, channel_id: &str) -> Result<u64, StorageError>;
     fn set_read_horizon(
@@ -184,7 +263,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
 
     fn attachment(&self, attachment_id: &str) -> Result<Option<AttachmentRecord>, StorageError>;
-    fn put_attachment(&self, record: &AttachmentRecord) -> Result<(), StorageError>;
+    /// Stores the record and the uploader's new `usage` atomically.
+    fn put_attachment(&self, record: &AttachmentRecord, usage: &Usage) -> Result<(), StorageError>;
 
     /// Resolves when every write so far is durable.
     fn flush(&self) -> FlushFuture<'_>;
@@ -210,7 +290,7 @@ fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, S
 /// index, `o/` org members, `c/` channels, `cm/<channel>\0<identity>`
 /// members, `uc/<identity>\0<channel>` a user's channels,
 /// `m/<channel>\0<index>` messages, `md/<channel>\0<client id>` dedupe,
-/// `rh/<identity>\0<channel>` read horizons, `at/` attachments.
+/// `rh/<identity>\0<channel>` read horizons, `at/` attachments, `uq/` usage.
 ///
 /// Flushes are group commits: one fsync makes durable every write made
 /// before it started, so callers that ask while a flush runs share the next
@@ -292,12 +372,12 @@ impl Store for SledStore {
             .is_ok())
     }
 
-    fn put_account(&self, account: &Account) -> Result<(), StorageError> {
-        self.db.insert(
-            key(b"a/", &[account.identity.as_bytes()]),
-            account.encode_to_vec(),
-        )?;
-        Ok(())
+    fn replace_account(&self, old: &Account, new: &Account) -> Result<bool, StorageError> {
+        let k = key(b"a/", &[old.identity.as_bytes()]);
+        Ok(self
+            .db
+            .compare_and_swap(k, Some(old.encode_to_vec()), Some(new.encode_to_vec()))?
+            .is_ok())
     }
 
     fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError> {
@@ -419,9 +499,14 @@ impl Store for SledStore {
         &self,
         channel: &ChannelRecord,
         message: &StoredMessage,
+        usage: &Usage,
     ) -> Result<(), StorageError> {
         let id = channel.channel_id.as_bytes();
         let mut batch = sled::Batch::default();
+        batch.insert(
+            key(b"uq/", &[message.sender_identity.as_bytes()]),
+            usage.encode_to_vec(),
+        );
         batch.insert(
             key(b"m/", &[id, &u64_key(message.index)]),
             message.encode_to_vec(),
@@ -434,28 +519,41 @@ impl Store for SledStore {
         Ok(time_store("append_message", || self.db.apply_batch(batch))?)
     }
 
-    fn messages(
+    fn message_range(
         &self,
         channel_id: &str,
         from: u64,
         to: u64,
         limit: usize,
+        max_bytes: usize,
+        newest_first: bool,
     ) -> Result<Vec<StoredMessage>, StorageError> {
         if from >= to {
             return Ok(Vec::new());
         }
         let id = channel_id.as_bytes();
         time_store("messages", || {
-            let mut out = Vec::new();
-            for item in self
+            let range = self
                 .db
-                .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]))
-                .take(limit)
-            {
-                out.push(decode(&item?.1, "message")?);
-            }
-            Ok(out)
+                .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]));
+            let sized = |item: sled::Result<(sled::IVec, sled::IVec)>| {
+                let (_, v) = item?;
+                Ok::<_, StorageError>((v.len(), v))
+            };
+            // Decode only what is kept: sizes come from the raw records.
+            let raw: Vec<sled::IVec> = if newest_first {
+                take_bounded(range.rev().map(sized), limit, max_bytes)?
+            } else {
+                take_bounded(range.map(sized), limit, max_bytes)?
+            };
+            raw.iter().map(|v| decode(v, "message")).collect()
         })
+    }
+
+    fn usage(&self, identity: &str) -> Result<Usage, StorageError> {
+        Ok(self
+            .get(key(b"uq/", &[identity.as_bytes()]), "usage")?
+            .unwrap_or_default())
     }
 
     fn read_horizon(&self, identity: &str, channel_id: &str) -> Result<u64, StorageError> {
@@ -481,12 +579,17 @@ impl Store for SledStore {
         self.get(key(b"at/", &[attachment_id.as_bytes()]), "attachment")
     }
 
-    fn put_attachment(&self, record: &AttachmentRecord) -> Result<(), StorageError> {
-        self.db.insert(
+    fn put_attachment(&self, record: &AttachmentRecord, usage: &Usage) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(
             key(b"at/", &[record.attachment_id.as_bytes()]),
             record.encode_to_vec(),
-        )?;
-        Ok(())
+        );
+        batch.insert(
+            key(b"uq/", &[record.uploader.as_bytes()]),
+            usage.encode_to_vec(),
+        );
+        Ok(self.db.apply_batch(batch)?)
     }
 
     fn flush(&self) -> FlushFuture<'_> {
@@ -511,6 +614,7 @@ struct Memory {
     dedupe: BTreeMap<(String, Vec<u8>), u64>,
     horizons: BTreeMap<(String, String), u64>,
     attachments: BTreeMap<String, AttachmentRecord>,
+    usage: BTreeMap<String, Usage>,
 }
 
 impl MemoryStore {
@@ -533,11 +637,13 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    fn put_account(&self, account: &Account) -> Result<(), StorageError> {
-        self.lock()?
-            .accounts
-            .insert(account.identity.clone(), account.clone());
-        Ok(())
+    fn replace_account(&self, old: &Account, new: &Account) -> Result<bool, StorageError> {
+        let mut m = self.lock()?;
+        if m.accounts.get(&old.identity) != Some(old) {
+            return Ok(false);
+        }
+        m.accounts.insert(new.identity.clone(), new.clone());
+        Ok(true)
     }
 
     fn devices(&self, identity: &str) -> Result<Vec<Device>, StorageError> {
@@ -643,8 +749,10 @@ impl Store for MemoryStore {
         &self,
         channel: &ChannelRecord,
         message: &StoredMessage,
+        usage: &Usage,
     ) -> Result<(), StorageError> {
         let mut m = self.lock()?;
+        m.usage.insert(message.sender_identity.clone(), *usage);
         let id = channel.channel_id.clone();
         m.messages
             .insert((id.clone(), message.index), message.clone());
@@ -656,23 +764,37 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn messages(
+    fn message_range(
         &self,
         channel_id: &str,
         from: u64,
         to: u64,
         limit: usize,
+        max_bytes: usize,
+        newest_first: bool,
     ) -> Result<Vec<StoredMessage>, StorageError> {
         if from >= to {
             return Ok(Vec::new());
         }
+        let m = self.lock()?;
+        let range = m
+            .messages
+            .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to));
+        let sized = |(_, v): (_, &StoredMessage)| Ok((v.encoded_len(), v.clone()));
+        if newest_first {
+            take_bounded(range.rev().map(sized), limit, max_bytes)
+        } else {
+            take_bounded(range.map(sized), limit, max_bytes)
+        }
+    }
+
+    fn usage(&self, identity: &str) -> Result<Usage, StorageError> {
         Ok(self
             .lock()?
-            .messages
-            .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to))
-            .take(limit)
-            .map(|(_, v)| v.clone())
-            .collect())
+            .usage
+            .get(identity)
+            .copied()
+            .unwrap_or_default())
     }
 
     fn read_horizon(&self, identity: &str, channel_id: &str) -> Result<u64, StorageError> {
@@ -700,9 +822,10 @@ impl Store for MemoryStore {
         Ok(self.lock()?.attachments.get(attachment_id).cloned())
     }
 
-    fn put_attachment(&self, record: &AttachmentRecord) -> Result<(), StorageError> {
-        self.lock()?
-            .attachments
+    fn put_attachment(&self, record: &AttachmentRecord, usage: &Usage) -> Result<(), StorageError> {
+        let mut m = self.lock()?;
+        m.usage.insert(record.uploader.clone(), *usage);
+        m.attachments
             .insert(record.attachment_id.clone(), record.clone());
         Ok(())
     }
@@ -722,6 +845,7 @@ mod tests {
             identity: "alice".into(),
             password: None,
             created_at: 1,
+            admin: false,
             device_list_started: false,
         };
         assert!(store.create_account(&account).unwrap());
@@ -729,7 +853,17 @@ mod tests {
             !store.create_account(&account).unwrap(),
             "identities are unique"
         );
-        assert_eq!(store.account("alice").unwrap(), Some(account));
+        assert_eq!(store.account("alice").unwrap(), Some(account.clone()));
+        let admin = Account {
+            admin: true,
+            ..account.clone()
+        };
+        assert!(store.replace_account(&account, &admin).unwrap());
+        assert!(
+            !store.replace_account(&account, &admin).unwrap(),
+            "only over what is stored"
+        );
+        assert_eq!(store.account("alice").unwrap(), Some(admin));
 
         let device = |id: u8, identity: &str| Device {
             card_id: vec![id; 32],
@@ -789,21 +923,74 @@ mod tests {
                 ..Default::default()
             };
             channel.next_index = i + 1;
-            store.append_message(&channel, &m).unwrap();
+            store
+                .append_message(&channel, &m, &Usage::default())
+                .unwrap();
         }
         assert_eq!(store.channel("c1").unwrap().unwrap().next_index, 6);
         let range: Vec<u64> = store
-            .messages("c1", 2, 5, 10)
+            .messages("c1", 2, 5, 10, usize::MAX)
             .unwrap()
             .iter()
             .map(|m| m.index)
             .collect();
         assert_eq!(range, vec![2, 3, 4]);
-        assert_eq!(store.messages("c1", 1, 100, 2).unwrap().len(), 2);
+        assert_eq!(
+            store.messages("c1", 1, 100, 2, usize::MAX).unwrap().len(),
+            2
+        );
         assert!(
-            store.messages("c2", 1, 100, 10).unwrap().is_empty(),
+            store
+                .messages("c2", 1, 100, 10, usize::MAX)
+                .unwrap()
+                .is_empty(),
             "channels do not mix"
         );
+        // Bounded by bytes: the first always, then only what fits.
+        let one = StoredMessage {
+            channel_id: "c1".into(),
+            index: 1,
+            client_message_id: vec![1; 16],
+            ..Default::default()
+        }
+        .encoded_len();
+        let by_bytes = |from, to, max| -> Vec<u64> {
+            store
+                .messages("c1", from, to, 10, max)
+                .unwrap()
+                .iter()
+                .map(|m| m.index)
+                .collect()
+        };
+        assert_eq!(by_bytes(1, 6, 0), vec![1]);
+        assert_eq!(by_bytes(1, 6, 2 * one + 1), vec![1, 2]);
+        let newest: Vec<u64> = store
+            .messages_before("c1", 1, 6, 10, 2 * one)
+            .unwrap()
+            .iter()
+            .map(|m| m.index)
+            .collect();
+        assert_eq!(newest, vec![4, 5]);
+        let usage = Usage {
+            message_bytes: 7,
+            attachment_bytes: 8,
+            attachments: 1,
+        };
+        assert_eq!(store.usage("dave").unwrap(), Usage::default());
+        store
+            .append_message(
+                &channel,
+                &StoredMessage {
+                    channel_id: "c1".into(),
+                    index: 6,
+                    sender_identity: "dave".into(),
+                    client_message_id: vec![6; 16],
+                    ..Default::default()
+                },
+                &usage,
+            )
+            .unwrap();
+        assert_eq!(store.usage("dave").unwrap(), usage);
         assert_eq!(store.dedupe("c1", &[3; 16]).unwrap(), Some(3));
         assert_eq!(store.dedupe("c1", &[9; 16]).unwrap(), None);
 

@@ -62,12 +62,12 @@ async fn spawn_server(
     let mut config = Config::new(dir, kms_url);
     config.challenge_ttl = challenge_ttl;
     config.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
-    config.admins = vec!["admin".into()];
     config.org_identity = Some("org:acme".into());
     config.limits = limits;
     config.throttle = ThrottleLimits {
         per_identity: 3,
         per_peer: 1000,
+        signups_per_peer: 1000,
         window: Duration::from_secs(60),
     };
     let (app, token) =

@@ -5,7 +5,10 @@
 //! `RESOURCE_EXHAUSTED` is for a quota the caller has used up (devices per
 //! user, members per channel, channels per user).
 
-use tonic::Status;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 /// `INVALID_ARGUMENT` unless `len` ≤ `max`.
 pub fn check_len(field: &str, len: usize, max: usize) -> Result<(), Status> {
@@ -35,6 +38,23 @@ pub fn check_quota(what: &str, used: usize, max: usize) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// `RESOURCE_EXHAUSTED` for a quota that frees up with time, carrying a
+/// standard `google.rpc.RetryInfo` detail (`grpc-status-details-bin`) with
+/// `retry_after`, which the message repeats in whole seconds.
+pub fn exhausted_retry(what: &str, retry_after: Duration) -> Status {
+    let secs = retry_after.as_secs().max(1);
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!("{what}; retry in {secs} s"),
+        ErrorDetails::with_retry_info(Some(Duration::from_secs(secs))),
+    )
+}
+
+/// The retry delay a `RESOURCE_EXHAUSTED` answer carries, if any.
+pub fn retry_after(status: &Status) -> Option<Duration> {
+    status.get_error_details().retry_info()?.retry_delay
 }
 
 /// A page size: 0 means `default`; above `max` is `INVALID_ARGUMENT`.

@@ -67,10 +67,16 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
     })
 }
 
+/// The gRPC name of the health service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// The gRPC name of the reflection service.
+pub const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+
 /// Adds health (every name in `service_names` reported SERVING) and
-/// reflection to `routes`. Reflection describes every Tessera message but
-/// lists only the services this process serves (`service_names`, health and
-/// reflection), not the other services' that share the descriptor set.
+/// reflection to `routes`. Reflection lists exactly `service_names`, health
+/// and itself, and describes only the proto files that define them and what
+/// those files import: a client never sees a service this server does not
+/// serve.
 pub async fn with_health_and_reflection(
     routes: Routes,
     service_names: &[&str],
@@ -84,18 +90,72 @@ pub async fn with_health_and_reflection(
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
-    let mut reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_file_descriptor_set(descriptors_for(service_names)?)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("grpc.health.v1.Health")
-        .with_service_name("grpc.reflection.v1.ServerReflection");
+        .with_service_name(HEALTH_SERVICE)
+        .with_service_name(REFLECTION_SERVICE);
     for name in service_names {
-        reflection = reflection.with_service_name(*name);
+        builder = builder.with_service_name(*name);
     }
-    let reflection = reflection
+    let reflection = builder
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
     Ok(routes.add_service(health).add_service(reflection))
+}
+
+/// The files of Tessera's descriptor set that define one of `services`
+/// (fully qualified names), with every file they import, transitively, and
+/// no other service.
+fn descriptors_for(services: &[&str]) -> Result<prost_types::FileDescriptorSet, ServeError> {
+    use prost::Message as _;
+    let all = prost_types::FileDescriptorSet::decode(tessera_proto::FILE_DESCRIPTOR_SET)
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let names = |file: &prost_types::FileDescriptorProto| -> Vec<String> {
+        file.service
+            .iter()
+            .map(|s| format!("{}.{}", file.package(), s.name()))
+            .collect()
+    };
+    if let Some(missing) = services
+        .iter()
+        .find(|s| !all.file.iter().any(|f| names(f).iter().any(|n| n == *s)))
+    {
+        return Err(ServeError::Reflection(format!(
+            "no proto file defines the service {missing}"
+        )));
+    }
+    let mut wanted: Vec<String> = all
+        .file
+        .iter()
+        .filter(|f| names(f).iter().any(|n| services.contains(&n.as_str())))
+        .map(|f| f.name().to_owned())
+        .collect();
+    let mut i = 0;
+    while let Some(name) = wanted.get(i).cloned() {
+        if let Some(file) = all.file.iter().find(|f| f.name() == name) {
+            for dep in &file.dependency {
+                if !wanted.contains(dep) {
+                    wanted.push(dep.clone());
+                }
+            }
+        }
+        i += 1;
+    }
+    // A file pulled in only for its messages (the app server's protos
+    // import the key service's) keeps them but loses its services.
+    let file = all
+        .file
+        .into_iter()
+        .filter(|f| wanted.iter().any(|w| w == f.name()))
+        .map(|mut f| {
+            let package = f.package().to_owned();
+            f.service
+                .retain(|s| services.contains(&format!("{package}.{}", s.name()).as_str()));
+            f
+        })
+        .collect();
+    Ok(prost_types::FileDescriptorSet { file })
 }
 
 /// Binds `addr` (port 0 picks a free port).

@@ -328,8 +328,15 @@ impl TokenVerifier {
         }
         let hex_token = header
             .strip_prefix("Bearer ")
-            .ok_or(TokenError::Malformed)?
-            .trim();
+            .ok_or(TokenError::Malformed)?;
+        // Exactly as docs/protocol.md says: lowercase hex, nothing around it.
+        if hex_token.is_empty()
+            || !hex_token
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(TokenError::Malformed);
+        }
         let bytes = hex::decode(hex_token).map_err(|_| TokenError::Malformed)?;
         let token = AccessToken::decode(bytes.as_slice()).map_err(|_| TokenError::Malformed)?;
         self.key

@@ -16,7 +16,6 @@ use std::{
 
 use tessera_backup::{Backup, OrgSetup};
 use tessera_crypto::{VerifyingKey, keystore::KdfParams};
-use tessera_proto::server::v1::{SignUpRequest, accounts_client::AccountsClient};
 use tessera_server::{PasswordParams, Server};
 use tessera_service::serve::{Running, ServeOptions, bind};
 use thiserror::Error;
@@ -35,6 +34,10 @@ pub struct StackConfig {
     pub org_identity: Option<String>,
     /// Cheap Argon2id costs for passwords and the OrgKey: tests only.
     pub danger_fast_kdf: bool,
+    /// Sign-ups allowed per peer address and throttle window; `None` keeps
+    /// the app server's default. Tests and benchmarks sign every user up
+    /// from loopback.
+    pub signups_per_peer: Option<usize>,
 }
 
 impl StackConfig {
@@ -49,6 +52,7 @@ impl StackConfig {
             admin_identity: "admin".into(),
             org_identity: Some("org:example".into()),
             danger_fast_kdf: false,
+            signups_per_peer: None,
         }
     }
 
@@ -59,6 +63,7 @@ impl StackConfig {
             kms_port: 0,
             backup_port: 0,
             danger_fast_kdf: true,
+            signups_per_peer: Some(100_000),
             ..Self::new(data_dir)
         }
     }
@@ -166,32 +171,20 @@ impl Stack {
             ServeOptions::default(),
         )?;
 
-        let mut server_config = Config::server(&server_dir, kms_running.url(), &config);
-        server_config.admins = vec![config.admin_identity.clone()];
+        let server_config = Config::server(&server_dir, kms_running.url(), &config);
         let server = Arc::new(Server::open(server_config)?);
+        let (admin_password, _) = admin_password(&data.join("admin-password"))?;
+        if server
+            .create_admin(&config.admin_identity, &admin_password)
+            .await?
+        {
+            tracing::info!(admin = %config.admin_identity, "admin account created");
+        }
         let server_running = Running::spawn(
             server.routes().await?,
             bind(addr(config.server_port)).await?,
             ServeOptions::default(),
         )?;
-
-        let (admin_password, _) = admin_password(&data.join("admin-password"))?;
-        let channel = tonic::transport::Endpoint::from_shared(server_running.url())
-            .map_err(|e| StackError::Admin(e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| StackError::Admin(e.to_string()))?;
-        let signup = AccountsClient::new(channel)
-            .sign_up(SignUpRequest {
-                identity: config.admin_identity.clone(),
-                password: admin_password.clone(),
-            })
-            .await;
-        match signup {
-            Ok(_) => tracing::info!(admin = %config.admin_identity, "admin account created"),
-            Err(s) if s.code() == tonic::Code::AlreadyExists => {}
-            Err(s) => return Err(StackError::Admin(s.message().to_owned())),
-        }
 
         let mut running = vec![kms_running, server_running];
         let mut backup_url = None;
@@ -274,6 +267,9 @@ impl Config {
         c.org_identity = stack.org_identity.clone();
         if stack.danger_fast_kdf {
             c.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
+        }
+        if let Some(n) = stack.signups_per_peer {
+            c.throttle.signups_per_peer = n;
         }
         c
     }

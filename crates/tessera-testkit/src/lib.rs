@@ -33,7 +33,6 @@ pub use crash::{Writes, is_transport};
 pub use postgres::Postgres;
 use tessera_client::{Client, Endpoints, Enrollment, Home, KdfParams};
 use tessera_crypto::VerifyingKey;
-use tessera_proto::server::v1::{SignUpRequest, accounts_client::AccountsClient};
 use tonic::transport::Channel;
 
 /// Passphrase of every test device profile.
@@ -347,6 +346,39 @@ impl Service {
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
+
+    /// The process's memory as Linux reports it (`/proc/<pid>/status`).
+    pub fn memory(&self) -> Option<Memory> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
+        Some(Memory {
+            rss_kib: kib("VmRSS:")?,
+            peak_rss_kib: kib("VmHWM:")?,
+        })
+    }
+
+    /// Resets the process's peak resident set size (`VmHWM`) to its current
+    /// size, so [`Service::memory`] then shows the peak from now on.
+    pub fn reset_peak_memory(&self) -> bool {
+        self.child
+            .as_ref()
+            .is_some_and(|c| std::fs::write(format!("/proc/{}/clear_refs", c.id()), "5").is_ok())
+    }
+}
+
+/// Resident memory of a service process, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// `VmRSS`: resident now.
+    pub rss_kib: u64,
+    /// `VmHWM`: the peak since start or the last reset.
+    pub peak_rss_kib: u64,
 }
 
 impl Drop for Service {
@@ -569,24 +601,24 @@ impl Cluster {
                 env(&[
                     ("TESSERA_SERVER_DATA_DIR", d("server")),
                     ("TESSERA_SERVER_KMS_URL", kms.url()),
-                    ("TESSERA_SERVER_ADMINS", ADMIN.into()),
+                    // Every scenario signs its users up from loopback.
+                    ("TESSERA_SERVER_SIGNUPS_PER_PEER", "100000".into()),
                     ("TESSERA_SERVER_ORG_IDENTITY", ORG.into()),
                 ]),
                 "TESSERA_SERVER_KMS_CA",
             ),
             tls.as_ref(),
         ));
+        // The operator makes the admin account, before the server runs.
+        let admin_password = hex::encode(tessera_crypto::random_array::<12>().unwrap());
+        let created = run_json(
+            "tessera-server",
+            &["create-admin", "--data-dir", &d("server"), ADMIN],
+            &[("TESSERA_SERVER_ADMIN_PASSWORD", &admin_password)],
+        );
+        assert_eq!(created["created"], true);
         server.start().await;
 
-        let admin_password = hex::encode(tessera_crypto::random_array::<12>().unwrap());
-        let channel = server.channel().await.unwrap();
-        AccountsClient::new(channel)
-            .sign_up(SignUpRequest {
-                identity: ADMIN.into(),
-                password: admin_password.clone(),
-            })
-            .await
-            .unwrap();
         let org = init_org(
             dir.path().join("backup"),
             server.url(),

@@ -60,6 +60,8 @@ fn pure_crypto(n: usize, devices: usize) -> f64 {
         original_payload: vec![0x61; 1024 + 200],
         original_signature: vec![1; 64],
         server_time_ms: 0,
+        envelope_sha256: vec![2; 32],
+        content_key: vec![3; 32],
     }
     .encode_to_vec();
     let sealed = seal_org_backup(
@@ -86,6 +88,8 @@ fn pure_crypto(n: usize, devices: usize) -> f64 {
             original_payload: r.original_payload,
             original_signature: r.original_signature,
             server_time_ms: r.server_time_ms,
+            envelope_sha256: r.envelope_sha256,
+            content_key: r.content_key,
         }
         .encode_to_vec();
         let to: Vec<Recipient<'_>> = publics

@@ -1,0 +1,4 @@
+//! Tessera's fuzz target bodies; `fuzz_targets/*.rs` call one each.
+
+#[path = "bodies.rs"]
+pub mod bodies;
