@@ -47,8 +47,11 @@ const METHODS: &[(&str, &str)] = &[
     ("server", "/tessera.server.v1.Archive/GetMemberView"),
     ("server", "/tessera.server.v1.Archive/GetStoredMessage"),
     ("server", "/tessera.server.v1.Channels/CreateChannel"),
-    ("server", "/tessera.server.v1.Channels/AddMember"),
-    ("server", "/tessera.server.v1.Channels/RemoveMember"),
+    (
+        "server",
+        "/tessera.server.v1.Channels/PublishChannelStatement",
+    ),
+    ("server", "/tessera.server.v1.Channels/GetChannelChain"),
     ("server", "/tessera.server.v1.Channels/ListChannels"),
     ("server", "/tessera.server.v1.Channels/GetChannel"),
     ("server", "/tessera.server.v1.Channels/SendMessage"),

@@ -36,9 +36,14 @@ fn unreachable(e: &ClientError) -> bool {
 
 /// Kills `service` three times, each while writes are in flight, spread over
 /// `total` writes (so the writers are still busy at the third kill).
+/// The acknowledged counts at which the kills land.
+fn kill_points(total: u64) -> impl Iterator<Item = u64> {
+    (1..=KILLS).map(move |k| k * total / (KILLS + 1))
+}
+
 async fn crash_three_times(service: &mut tessera_testkit::Service, writes: &Writes, total: u64) {
-    for k in 1..=KILLS {
-        service.crash_during(writes, k * total / (KILLS + 1)).await;
+    for at in kill_points(total) {
+        service.crash_during(writes, at).await;
     }
     let kills = writes.kills();
     assert_eq!(kills.len(), KILLS as usize);
@@ -68,7 +73,7 @@ async fn acknowledged_messages_survive_app_server_crashes() {
         .await
         .unwrap()
         .channel_id;
-    let writes = Arc::new(Writes::default());
+    let writes = Arc::new(Writes::pausing_at(kill_points(N as u64)));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let (alice, channel, writes) = (alice.clone(), channel.clone(), writes.clone());
@@ -119,7 +124,7 @@ async fn acknowledged_cards_survive_key_service_crashes_and_the_log_stays_consis
     // The cluster's set-up already logged the OrgCard.
     let before = kms_checkpoint(&cluster).await.tree_size;
     let checkpoints = Arc::new(Mutex::new(Vec::new()));
-    let writes = Arc::new(Writes::default());
+    let writes = Arc::new(Writes::pausing_at(kill_points(N as u64)));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let (seen, writes, app, token) = (
@@ -229,7 +234,7 @@ async fn acknowledged_backups_survive_backup_service_crashes() {
         .map(|(_, r)| r.unwrap())
         .collect();
     assert_eq!(messages.len(), N);
-    let writes = Arc::new(Writes::default());
+    let writes = Arc::new(Writes::pausing_at(kill_points(N as u64)));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let mine: Vec<_> = messages.drain(..N / WRITERS).collect();

@@ -16,6 +16,7 @@ mod durability;
 mod exchange;
 mod hostile_backup;
 mod memory;
+mod metrics;
 mod mitm;
 mod org;
 mod outages;

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use tessera_card::CardKind;
-use tessera_client::{CardId, CardStatus, Source};
+use tessera_client::{CardId, CardStatus, Source, Visibility};
 use tessera_testkit::Cluster;
 
 use crate::{alice_and_org_member_bob, channel, text};
@@ -184,13 +184,30 @@ async fn app_key_rotation_by_hand_as_the_operations_guide_says() {
         assert!(info.is_err(), "{who}'s old card");
     }
 
+    // The old channel's membership chain was signed by cards only the old
+    // AppKey vouches for: it no longer verifies, and takes no message (the
+    // guide says to create channels anew).
+    let err = alice2
+        .send_text(&channel, "into the old channel")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is not a device its owner's devices approved"),
+        "{err}"
+    );
     // Devices enrolled under the new AppKey exchange messages and back up.
+    let after = alice2
+        .create_channel("after", Visibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
     let sent = alice2
-        .send_text(&channel, "under the new AppKey")
+        .send_text(&after, "under the new AppKey")
         .await
         .unwrap();
     assert_eq!(sent.recipients.len(), 2, "alice-2 and bob-2 only");
-    let page = bob2.history(&channel, sent.index, 1, false).await.unwrap();
+    let page = bob2.history(&after, sent.index, 1, false).await.unwrap();
     let received = page.messages[0].1.as_ref().unwrap();
     assert_eq!(text(received), "under the new AppKey");
     assert_eq!(received.sender_card_id, alice2.card_id());
@@ -203,11 +220,13 @@ async fn app_key_rotation_by_hand_as_the_operations_guide_says() {
     // What the guide says is lost: history from before the rotation does not
     // verify on a device that pins only the new AppKey; what came after does.
     let synced = bob2.sync_from_org(&channel, 0, 0, |_, _| {}).await.unwrap();
-    assert_eq!(synced.len(), 2);
+    assert_eq!(synced.len(), 1);
     let err = synced[0].result.as_ref().unwrap_err().to_string();
     assert!(err.contains("app signature does not verify"), "{err}");
+    let synced = bob2.sync_from_org(&after, 0, 0, |_, _| {}).await.unwrap();
+    assert_eq!(synced.len(), 1);
     assert_eq!(
-        text(synced[1].result.as_ref().unwrap()),
+        text(synced[0].result.as_ref().unwrap()),
         "under the new AppKey"
     );
 }

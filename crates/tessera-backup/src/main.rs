@@ -151,6 +151,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             ..Limits::default()
         },
     };
+    common.start_metrics().map_err(|e| e.to_string())?;
     let backup = Backup::open(config).map_err(|e| e.to_string())?;
     let routes = backup.routes().await.map_err(|e| e.to_string())?;
     let listener = serve::bind(common.listen)

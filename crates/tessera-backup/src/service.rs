@@ -20,7 +20,10 @@ use tessera_proto::{
     },
     envelope::v1::{HistoryEnd, HistoryItem},
 };
-use tessera_service::{Caller, TokenVerifier, limits};
+use tessera_service::{
+    Caller, TokenVerifier, limits,
+    metrics::{self, BACKUP_SUBMISSIONS, BACKUP_SYNCED_MESSAGES, BACKUP_SYNCS},
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -292,6 +295,7 @@ impl Backup for BackupService {
         let stored = if self.store.insert(&archived)? {
             self.store.flush().await?;
             tracing::info!(channel_id = %r.channel_id, index = r.message_index, by = %caller.identity, "message archived");
+            metrics::increment_labelled(BACKUP_SUBMISSIONS, "result", "archived");
             true
         } else {
             let existing = self
@@ -307,10 +311,12 @@ impl Backup for BackupService {
                     first_by = %existing.submitted_by,
                     "conflicting backup refused"
                 );
+                metrics::increment_labelled(BACKUP_SUBMISSIONS, "result", "conflict");
                 return Err(Status::already_exists(
                     "a different record is archived for this message; the backup was refused",
                 ));
             }
+            metrics::increment_labelled(BACKUP_SUBMISSIONS, "result", "duplicate");
             false
         };
         Ok(Response::new(SubmitBackupResponse { stored }))
@@ -365,6 +371,7 @@ impl Backup for BackupService {
         let (org, store, channel_id) = (self.org.clone(), self.store.clone(), r.channel_id);
         let nonce = r.nonce;
         tracing::info!(%channel_id, identity = %caller.identity, from = start, total, "history sync");
+        metrics::increment(BACKUP_SYNCS);
         tokio::task::spawn_blocking(move || {
             let mut next = start;
             let mut sent = 0u64;
@@ -394,6 +401,7 @@ impl Backup for BackupService {
                     if tx.blocking_send(item).is_err() || failed {
                         return; // the caller went away, or the answer ends with an error
                     }
+                    metrics::increment(BACKUP_SYNCED_MESSAGES);
                 }
             }
             let end = HistoryEnd {

@@ -9,7 +9,10 @@ use std::{
 };
 
 use prost::Message;
-use tessera_service::storage::{self, FlushFuture, StorageError, u64_key};
+use tessera_service::{
+    metrics::record_store,
+    storage::{self, FlushFuture, StorageError, u64_key},
+};
 
 /// One archived message.
 #[derive(Clone, PartialEq, Message)]
@@ -90,14 +93,14 @@ impl Store for SledStore {
     }
 
     fn insert(&self, record: &Archived) -> Result<bool, StorageError> {
-        Ok(self
-            .db
-            .compare_and_swap(
-                key(&record.channel_id, record.message_index),
-                None as Option<&[u8]>,
-                Some(record.encode_to_vec()),
-            )?
-            .is_ok())
+        let started = std::time::Instant::now();
+        let swapped = self.db.compare_and_swap(
+            key(&record.channel_id, record.message_index),
+            None as Option<&[u8]>,
+            Some(record.encode_to_vec()),
+        );
+        record_store("insert", started);
+        Ok(swapped?.is_ok())
     }
 
     fn range(

@@ -25,6 +25,9 @@ pub struct Stats {
     pub elapsed: Duration,
     pub p50: Duration,
     pub p99: Duration,
+    /// CPU time this process used during the run (every thread: the
+    /// services and the load generator), when the platform tells.
+    pub cpu: Option<Duration>,
 }
 
 impl Stats {
@@ -32,14 +35,25 @@ impl Stats {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
 
-    /// A markdown table row: what, concurrency, QPS, p50, p99.
+    /// CPU time of this process per successful call, in microseconds: on a
+    /// shared machine this moves far less than the QPS, which depends on
+    /// how much CPU the other tenants leave.
+    pub fn cpu_us_per_op(&self) -> Option<f64> {
+        self.cpu
+            .filter(|_| self.ops > 0)
+            .map(|c| c.as_secs_f64() * 1e6 / self.ops as f64)
+    }
+
+    /// A markdown table row: what, concurrency, QPS, p50, p99, CPU per call.
     pub fn row(&self, what: &str) -> String {
         format!(
-            "| {what} | {} | {:.0} | {:.2} ms | {:.2} ms |{}",
+            "| {what} | {} | {:.0} | {:.2} ms | {:.2} ms | {} |{}",
             self.concurrency,
             self.qps(),
             self.p50.as_secs_f64() * 1e3,
             self.p99.as_secs_f64() * 1e3,
+            self.cpu_us_per_op()
+                .map_or("—".to_owned(), |c| format!("{c:.0} µs")),
             if self.errors > 0 {
                 format!(" {} errors", self.errors)
             } else {
@@ -66,6 +80,7 @@ where
     Fut: Future<Output = bool> + Send,
 {
     let op = Arc::new(op);
+    let cpu_before = process_cpu_time();
     let start = Instant::now();
     let deadline = start + duration;
     let mut workers = Vec::with_capacity(concurrency);
@@ -96,6 +111,9 @@ where
         }
     }
     let elapsed = start.elapsed();
+    let cpu = process_cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     all.sort_unstable();
     Stats {
         concurrency,
@@ -104,7 +122,30 @@ where
         elapsed,
         p50: percentile(&all, 50.0),
         p99: percentile(&all, 99.0),
+        cpu,
     }
+}
+
+/// Resident memory of this process, in MiB (Linux: `/proc/self/status`).
+pub fn resident_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// User + system CPU time of this process so far (Linux: `/proc/self/stat`,
+/// in clock ticks of 10 ms).
+pub fn process_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 here.
+    let total = ticks(11)? + ticks(12)?;
+    const TICKS_PER_SECOND: u64 = 100;
+    Some(Duration::from_millis(total * 1000 / TICKS_PER_SECOND))
 }
 
 /// The bare unary echo service.

@@ -34,6 +34,14 @@ pub const STATEMENT_VERSION: u32 = 1;
 pub const MAX_MEMBERS: usize = 2000;
 /// Most statements one channel's chain may hold.
 pub const MAX_STATEMENTS: u64 = 100_000;
+/// Most statements in one `GetChannelChain` answer.
+pub const MAX_CHAIN_PAGE_ENTRIES: usize = 1000;
+/// Most bytes of encoded entries in one `GetChannelChain` answer after its
+/// first entry (which always comes, whatever its size).
+pub const MAX_CHAIN_PAGE_BYTES: usize = 1024 * 1024;
+/// Longest encoded statement, in bytes (a creation listing 2000 members of
+/// the longest identities fits).
+pub const MAX_STATEMENT_BYTES: usize = 256 * 1024;
 /// Longest channel name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -322,8 +330,18 @@ impl ParsedChannelStatement {
     /// Checks the statement's shape: version, channel id, epoch and parent,
     /// signer, the change's fields, signature length.
     pub fn parse(signed: SignedChannelStatement) -> Result<Self, ChannelError> {
+        if signed.statement.len() > MAX_STATEMENT_BYTES {
+            return Err(ChannelError::Malformed("statement longer than 256 KiB"));
+        }
         let s = ChannelStatement::decode(signed.statement.as_slice())
             .map_err(|_| ChannelError::Malformed("not a ChannelStatement"))?;
+        // One encoding per statement (as for cards): no padding with
+        // unknown fields, no second spelling of the same statement.
+        if s.encode_to_vec() != signed.statement {
+            return Err(ChannelError::Malformed(
+                "statement is not in its canonical encoding",
+            ));
+        }
         if s.version != STATEMENT_VERSION {
             return Err(ChannelError::UnsupportedVersion(s.version));
         }

@@ -641,11 +641,47 @@ impl ServedList {
     /// Every card that signs a statement [`ServedList::extend`] applies to
     /// `state`: the cards to look up before extending it.
     pub fn signers(&self, state: &DeviceListState) -> BTreeSet<CardId> {
+        self.signers_from(self.start(state))
+    }
+
+    /// Every card that signs a statement of the whole served part: the cards
+    /// to look up before [`ServedList::extend_whole`].
+    pub fn all_signers(&self) -> BTreeSet<CardId> {
+        self.signers_from(0)
+    }
+
+    fn signers_from(&self, start: usize) -> BTreeSet<CardId> {
         self.statements
             .iter()
-            .skip(self.start(state))
+            .skip(start)
             .map(|s| s.statement.signer)
             .collect()
+    }
+
+    /// Whether a first look would skip statements before a RESET.
+    pub fn has_reset(&self) -> bool {
+        self.statements
+            .iter()
+            .skip(1)
+            .any(|s| s.statement.action == Action::Reset)
+    }
+
+    /// Like [`ServedList::extend`] on a first look, but applying the rules
+    /// from the genesis through every RESET, so the devices a reset
+    /// replaced are known as removed at the reset (and what they signed
+    /// before it can be dated). Fails where [`ServedList::extend`] would not
+    /// when a statement before the latest reset no longer verifies (one
+    /// co-signed by a retired AppKey): callers fall back to it then.
+    pub fn extend_whole(
+        &self,
+        state: &mut DeviceListState,
+        signers: &dyn Fn(&CardId) -> Option<CheckedRecord>,
+        app_key: &VerifyingKey,
+    ) -> Result<Vec<(LoggedDeviceStatement, Change)>, DeviceListError> {
+        if state.head.is_some() {
+            return self.extend(state, signers, app_key);
+        }
+        self.extend_from(state, signers, app_key, 0)
     }
 
     /// Extends `state` (verified before, possibly empty) with this served
@@ -660,6 +696,18 @@ impl ServedList {
         state: &mut DeviceListState,
         signers: &dyn Fn(&CardId) -> Option<CheckedRecord>,
         app_key: &VerifyingKey,
+    ) -> Result<Vec<(LoggedDeviceStatement, Change)>, DeviceListError> {
+        self.extend_from(state, signers, app_key, self.start(state))
+    }
+
+    /// [`ServedList::extend`] applying the rules of a first look from
+    /// statement `start` on.
+    fn extend_from(
+        &self,
+        state: &mut DeviceListState,
+        signers: &dyn Fn(&CardId) -> Option<CheckedRecord>,
+        app_key: &VerifyingKey,
+        start: usize,
     ) -> Result<Vec<(LoggedDeviceStatement, Change)>, DeviceListError> {
         if self.length < state.length {
             return Err(DeviceListError::Rollback {
@@ -687,27 +735,24 @@ impl ServedList {
             return Err(DeviceListError::Malformed(
                 "a list seen for the first time must be shown from its genesis",
             ));
-        } else {
-            let start = self.start(state);
-            if start > 0 {
-                // The chain up to the latest reset must hold (each statement
-                // names its parent); their signers no longer matter.
-                for pair in rest[..=start].windows(2) {
-                    if pair[1].statement.previous_hash != Some(pair[0].statement.hash) {
-                        return Err(DeviceListError::Fork {
-                            seqno: pair[1].statement.seqno,
-                        });
-                    }
+        } else if start > 0 {
+            // The chain up to the latest reset must hold (each statement
+            // names its parent); their signers no longer matter.
+            for pair in rest[..=start].windows(2) {
+                if pair[1].statement.previous_hash != Some(pair[0].statement.hash) {
+                    return Err(DeviceListError::Fork {
+                        seqno: pair[1].statement.seqno,
+                    });
                 }
-                let reset = &rest[start].statement;
-                *state = DeviceListState::resume(
-                    &state.identity,
-                    reset.seqno,
-                    reset.previous_hash,
-                    BTreeSet::new(),
-                )?;
-                rest = &rest[start..];
             }
+            let reset = &rest[start].statement;
+            *state = DeviceListState::resume(
+                &state.identity,
+                reset.seqno,
+                reset.previous_hash,
+                BTreeSet::new(),
+            )?;
+            rest = &rest[start..];
         }
         let mut changes = Vec::with_capacity(rest.len());
         for logged in rest {

@@ -47,6 +47,8 @@ fn show(view: &ChannelView) -> (String, Value) {
             .map(|h| hex::encode(&h[..8]))
             .unwrap_or_default(),
     );
+    let names: Vec<&str> = state.members().keys().map(String::as_str).collect();
+    text.push_str(&format!("\n  members: {}", names.join(", ")));
     let mut members = Vec::new();
     for (identity, m) in state.members() {
         let role = if m.role == Role::Admin {

@@ -221,9 +221,15 @@ async fn every_command_happy_path() {
             .contains("members: ")
     );
     let sent = e.ok("alice", &["send", "general", "hello bob"]).await;
-    assert_eq!(sent.trim(), "sent as message 1 (encrypted to 3 devices)");
+    assert_eq!(
+        sent.trim(),
+        "sent as message 1 (epoch 0, encrypted to 3 devices)"
+    );
     let history = e.ok("bob", &["history", "general"]).await;
-    assert_eq!(history.trim(), "#1 alice (laptop): hello bob");
+    assert_eq!(
+        history.trim(),
+        "-- epoch 0: alice created \"general\" (shared history) with alice, bob (verified)\n#1 alice (laptop): hello bob"
+    );
     // listen prints (and backs up to the organisation, bob being a member).
     let listened = json(
         &e.ok(
@@ -524,7 +530,9 @@ async fn membership_admin_audit_stdin_and_refusals() {
         &e.ok("alice", &["--json", "channel", "add", "team", "bob"])
             .await,
     );
-    assert_eq!(added["members"], serde_json::json!(["alice", "bob"]));
+    assert_eq!(added["membership_change"], "alice added bob");
+    assert_eq!(added["epoch"], 1);
+    assert_eq!(added["verified"], true);
     assert!(e.ok("bob", &["channel", "list"]).await.contains("team"));
 
     // send - : the message is read from standard input, whole.
@@ -536,7 +544,10 @@ async fn membership_admin_audit_stdin_and_refusals() {
         )
         .await;
     assert!(out.status.success(), "{out:?}");
-    let read = json(&e.ok("bob", &["--json", "history", "team"]).await);
+    // The verified membership changes come first, one JSON line each.
+    let history = e.ok("bob", &["--json", "history", "team"]).await;
+    assert!(history.contains(r#""membership_change":"alice added bob""#));
+    let read = json(history.lines().last().unwrap());
     assert_eq!(read["text"], "first line\nsecond line\n");
     assert_eq!(read["verified"], true);
 
@@ -544,7 +555,8 @@ async fn membership_admin_audit_stdin_and_refusals() {
         &e.ok("alice", &["--json", "channel", "remove", "team", "bob"])
             .await,
     );
-    assert_eq!(removed["members"], serde_json::json!(["alice"]));
+    assert_eq!(removed["membership_change"], "alice removed bob");
+    assert_eq!(removed["epoch"], 2);
     let err = e.fails("bob", &["history", "team"], 4, &[]).await;
     assert!(err.contains("no such channel: team"), "{err}");
     let channel_id = added["channel_id"].as_str().unwrap().to_owned();

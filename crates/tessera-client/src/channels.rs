@@ -14,13 +14,17 @@ use serde::{Deserialize, Serialize};
 use tessera_card::{
     CardId,
     channel::{
-        Change, ChannelError, ChannelState, NewChannelStatement, ParsedChannelStatement, Role,
-        ServedChain, StatementSigner, Visibility, validate_channel_id,
+        Change, ChannelError, ChannelState, MAX_CHAIN_PAGE_BYTES, MAX_CHAIN_PAGE_ENTRIES,
+        NewChannelStatement, ParsedChannelStatement, Role, ServedChain, StatementSigner,
+        Visibility, validate_channel_id,
     },
 };
-use tessera_proto::server::v1::{
-    Channel, ChannelChain, CreateChannelRequest, GetChannelChainRequest, GetChannelRequest,
-    PublishChannelStatementRequest,
+use tessera_proto::{
+    Message as _,
+    server::v1::{
+        Channel, ChannelChain, CreateChannelRequest, GetChannelChainRequest, GetChannelRequest,
+        PublishChannelStatementRequest,
+    },
 };
 
 use crate::{
@@ -173,6 +177,18 @@ impl Client {
         Ok(new.clone())
     }
 
+    /// Refuses to sign membership from a device its owner's devices have
+    /// not approved (pending, removed): every member would refuse the
+    /// statement, and no statement can follow one they refuse.
+    async fn check_approved_to_sign(&self) -> Result<(), ClientError> {
+        let (cards, found, _) = self.recipient_cards(&[self.identity().to_owned()]).await?;
+        if cards.iter().any(|c| c.id() == self.card_id) {
+            Ok(())
+        } else {
+            Err(self.not_approved(&found, "sign membership changes"))
+        }
+    }
+
     /// This device as the signer of its own statements.
     fn own_signer(&self) -> (tessera_crypto::VerifyingKey, CardId) {
         (self.keys.signing.verifying_key(), self.card_id)
@@ -213,6 +229,15 @@ impl Client {
             let got = from + page.len() as u64;
             if got > length || length > tessera_card::channel::MAX_STATEMENTS {
                 return Err(channel_error(channel_id, ChannelError::Full));
+            }
+            // The page bounds of the protocol (section 11), so a hostile
+            // server cannot make this device hold an unbounded chain.
+            let beyond_first: usize = page.iter().skip(1).map(|e| e.encoded_len()).sum();
+            if page.len() > MAX_CHAIN_PAGE_ENTRIES || beyond_first > MAX_CHAIN_PAGE_BYTES {
+                return Err(channel_error(
+                    channel_id,
+                    ChannelError::Malformed("the app server's chain page is over the limits"),
+                ));
             }
             let empty = page.is_empty();
             entries.extend(page);
@@ -256,17 +281,33 @@ impl Client {
             length,
         )
         .map_err(|e| channel_error(channel_id, e))?;
-        // Every signer's card, checked first (the check is async).
-        let mut cards: BTreeMap<CardId, CardInfo> = BTreeMap::new();
-        let skip = usize::from(state.head().is_some());
-        for s in served.statements.iter().skip(skip) {
-            if cards.contains_key(&s.signer()) {
-                continue;
+        // The app server's times date the signers' cards: they must not go
+        // back along the chain (from the kept head, served again first), so
+        // a statement cannot be backdated to before an earlier one.
+        let mut previous = i64::MIN;
+        for (time, _) in times.values() {
+            if *time < previous {
+                return Err(channel_error(
+                    channel_id,
+                    ChannelError::Malformed("the app server's times go back along the chain"),
+                ));
             }
+            previous = *time;
+        }
+        // Every signer's card, checked first (the check is async), once, at
+        // the latest of its statements: a card removed or revoked before any
+        // of them is refused.
+        let skip = usize::from(state.head().is_some());
+        let mut latest: BTreeMap<CardId, (&str, i64)> = BTreeMap::new();
+        for s in served.statements.iter().skip(skip) {
             let at = times.get(&s.epoch()).map_or(0, |t| t.0);
-            match self.sender_card(&s.signer(), s.signer_identity(), at).await {
+            latest.insert(s.signer(), (s.signer_identity(), at));
+        }
+        let mut cards: BTreeMap<CardId, CardInfo> = BTreeMap::new();
+        for (card, (identity, at)) in latest {
+            match self.sender_card(&card, identity, at).await {
                 Ok(info) => {
-                    cards.insert(s.signer(), info);
+                    cards.insert(card, info);
                 }
                 // A card that does not verify or was not approved: extend
                 // refuses its statement.
@@ -349,6 +390,7 @@ impl Client {
         visibility: Visibility,
         members: &[String],
     ) -> Result<ChannelView, ClientError> {
+        self.check_approved_to_sign().await?;
         let mut listed: BTreeMap<String, Role> =
             members.iter().map(|m| (m.clone(), Role::Member)).collect();
         listed.insert(self.identity().to_owned(), Role::Admin);
@@ -421,6 +463,7 @@ impl Client {
         channel_id: &str,
         change: Change,
     ) -> Result<MembershipChange, ClientError> {
+        self.check_approved_to_sign().await?;
         let (key, card_id) = self.own_signer();
         let signer = StatementSigner {
             identity: self.identity(),

@@ -439,18 +439,61 @@ impl Client {
             Some(p) => p.state(identity)?,
             None => DeviceListState::empty(identity),
         };
-        for signer in served.signers(&state) {
-            if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(signer) {
-                slot.insert(self.card_record(&signer, identity).await?);
+        // A first look at a list with a reset: the rules from the genesis
+        // when every statement still verifies, so the devices the reset
+        // replaced are known (removed at the reset) and what they signed
+        // before it, channel statements included, can be dated. Statements
+        // co-signed by a retired AppKey no longer verify: then from the
+        // latest reset, as a first look always may.
+        let mut whole = None;
+        if pin.is_none() && served.has_reset() {
+            let mut found = true;
+            for signer in served.all_signers() {
+                if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(signer) {
+                    match self.card_record(&signer, identity).await {
+                        Ok(record) => {
+                            slot.insert(record);
+                        }
+                        Err(_) => {
+                            found = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            if found {
+                let mut from_genesis = state.clone();
+                whole = served
+                    .extend_whole(
+                        &mut from_genesis,
+                        &|id| records.get(id).cloned(),
+                        self.verifier.app_key(),
+                    )
+                    .ok()
+                    .map(|changes| (from_genesis, changes));
             }
         }
-        let changes = served
-            .extend(
-                &mut state,
-                &|id| records.get(id).cloned(),
-                self.verifier.app_key(),
-            )
-            .map_err(|e| device_list_error(identity, e))?;
+        let changes = match whole {
+            Some((from_genesis, changes)) => {
+                state = from_genesis;
+                changes
+            }
+            None => {
+                for signer in served.signers(&state) {
+                    if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(signer)
+                    {
+                        slot.insert(self.card_record(&signer, identity).await?);
+                    }
+                }
+                served
+                    .extend(
+                        &mut state,
+                        &|id| records.get(id).cloned(),
+                        self.verifier.app_key(),
+                    )
+                    .map_err(|e| device_list_error(identity, e))?
+            }
+        };
 
         // A trusted card the search left out must be proven gone.
         for id in state.trusted() {

@@ -288,16 +288,7 @@ impl Client {
         let identities: Vec<String> = verified.state.members().keys().cloned().collect();
         let (cards, found, events) = self.recipient_cards(&identities).await?;
         if !cards.iter().any(|c| c.id() == self.card_id) {
-            let mine = found.get(self.identity());
-            let pending = mine.is_some_and(|d| d.pending.iter().any(|c| c.id() == self.card_id));
-            let removed = mine.is_some_and(|d| d.removed.iter().any(|c| c.id() == self.card_id));
-            return Err(ClientError::Message(if pending {
-                "this device is waiting for approval: approve it from one of your other devices (tessera device approve)".into()
-            } else if removed {
-                "this device is no longer in your device list (removed by another device, or replaced by a reset): it cannot send".into()
-            } else {
-                "this device's card is not active at the key service (revoked?)".into()
-            }));
+            return Err(self.not_approved(&found, "send"));
         }
         let pending: Vec<PendingDevice> = found
             .iter()
@@ -616,6 +607,29 @@ impl Client {
                 Err(status) => Some(Err(status)),
             })
         }))
+    }
+
+    /// Why this device may not `act` (send, sign): it is not among the
+    /// approved cards `found` lists for this user.
+    pub(crate) fn not_approved(
+        &self,
+        found: &std::collections::BTreeMap<String, crate::directory::Devices>,
+        act: &str,
+    ) -> ClientError {
+        let mine = found.get(self.identity());
+        let pending = mine.is_some_and(|d| d.pending.iter().any(|c| c.id() == self.card_id));
+        let removed = mine.is_some_and(|d| d.removed.iter().any(|c| c.id() == self.card_id));
+        ClientError::Message(if pending {
+            format!(
+                "this device is waiting for approval: approve it from one of your other devices (tessera device approve); until then it cannot {act}"
+            )
+        } else if removed {
+            format!(
+                "this device is no longer in your device list (removed by another device, or replaced by a reset): it cannot {act}"
+            )
+        } else {
+            "this device's card is not active at the key service (revoked?)".into()
+        })
     }
 
     /// Marks messages up to `index` as read, for all of this user's devices.

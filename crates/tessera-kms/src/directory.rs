@@ -25,11 +25,19 @@ use tessera_proto::{
     kms::v1::{CardRecord, CardStatus, DeviceList, IdentityCards, LoggedStatement},
     transparency::v1::{ConsistencyProof, InclusionProof, SignedCheckpoint},
 };
-use tessera_service::{Caller, storage::StorageError, token::Role};
+use tessera_service::{
+    Caller,
+    metrics::{self, KMS_CARDS_REGISTERED, KMS_CARDS_REVOKED, KMS_LOG_ENTRIES},
+    storage::StorageError,
+    token::Role,
+};
 use thiserror::Error;
 use tonic::Status;
 
-use crate::store::{Append, Store, StoredCard, StoredDeviceList};
+use crate::{
+    index::CardIndex,
+    store::{Append, Store, StoredCard, StoredDeviceList},
+};
 
 /// Limits of the key service.
 #[derive(Debug, Clone)]
@@ -151,12 +159,22 @@ pub struct Directory {
     limits: Limits,
     write: tokio::sync::Mutex<()>,
     tree: RwLock<Tree>,
+    /// What search reads: every card, in memory (see `index.rs`).
+    index: RwLock<CardIndex>,
     published: RwLock<Arc<Published>>,
     failed: AtomicBool,
 }
 
 fn lock_error<T>(_: T) -> KmsError {
     KmsError::Internal("lock poisoned")
+}
+
+/// The proof that leaf `index` is in the tree of `size` leaves.
+fn inclusion_proof(tree: &Tree, index: u64, size: u64) -> Result<InclusionProof, KmsError> {
+    let hashes = tree
+        .inclusion_proof(index, size)
+        .ok_or(KmsError::Internal("inclusion proof out of range"))?;
+    Ok(transparency::inclusion_proof_message(index, size, hashes))
 }
 
 impl Directory {
@@ -213,6 +231,8 @@ impl Directory {
             }
         };
         tracing::info!(entries = tree.len(), log_id = %transparency::log_id(&key.verifying_key()), "log rebuilt from disk");
+        let index = CardIndex::build(store.as_ref())?;
+        metrics::set_gauge(KMS_LOG_ENTRIES, published.size as f64);
         Ok(Self {
             store,
             key,
@@ -220,6 +240,7 @@ impl Directory {
             limits,
             write: tokio::sync::Mutex::new(()),
             tree: RwLock::new(tree),
+            index: RwLock::new(index),
             published: RwLock::new(Arc::new(published)),
             failed: AtomicBool::new(false),
         })
@@ -274,24 +295,14 @@ impl Directory {
         } else {
             stored.registration_entry.clone()
         };
-        let hashes = tree
-            .inclusion_proof(stored.registration_index, size)
-            .ok_or(KmsError::Internal("inclusion proof out of range"))?;
         let (revocation_entry, revocation_inclusion) = if revoked {
             let entry = self
                 .store
                 .entry(stored.revocation_index)?
                 .ok_or(KmsError::Internal("revocation entry missing"))?;
-            let hashes = tree
-                .inclusion_proof(stored.revocation_index, size)
-                .ok_or(KmsError::Internal("inclusion proof out of range"))?;
             (
                 entry,
-                Some(transparency::inclusion_proof_message(
-                    stored.revocation_index,
-                    size,
-                    hashes,
-                )),
+                Some(inclusion_proof(tree, stored.revocation_index, size)?),
             )
         } else {
             (Vec::new(), None)
@@ -306,11 +317,7 @@ impl Directory {
             revocation_entry,
             revocation_inclusion,
             registration_entry: entry,
-            inclusion: Some(transparency::inclusion_proof_message(
-                stored.registration_index,
-                size,
-                hashes,
-            )),
+            inclusion: Some(inclusion_proof(tree, stored.registration_index, size)?),
             superseded_by: if superseded {
                 stored.superseded_by.clone()
             } else {
@@ -354,6 +361,7 @@ impl Directory {
         };
         let checkpoint =
             transparency::sign_checkpoint(&self.key, index + 1, &root, tessera_service::now_secs());
+        let indexed = (cards.clone(), device_list.clone());
         let applied = self.store.apply(Append {
             index,
             entry,
@@ -367,18 +375,29 @@ impl Directory {
             self.tree.write().map_err(lock_error)?.truncate(index);
             return Err(e.into());
         }
-        if let Err(e) = self.store.flush().await {
-            // Written but maybe not durable: the in-memory state can no
-            // longer be trusted to match the disk. Stop accepting writes;
-            // a restart rebuilds from what is on disk.
+        // Readers see the indexed change only once it is published.
+        let reindexed = self.index.write().map_err(lock_error)?.update(
+            &indexed.0,
+            indexed.1.as_ref(),
+            self.store.as_ref(),
+        );
+        let flushed = match reindexed {
+            Ok(()) => self.store.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = flushed {
+            // Written but maybe not durable (or not indexed): the in-memory
+            // state can no longer be trusted to match the disk. Stop
+            // accepting writes; a restart rebuilds from what is on disk.
             self.failed.store(true, Ordering::SeqCst);
-            tracing::error!(error = %e, "flush failed; refusing further writes");
+            tracing::error!(error = %e, "flush or index update failed; refusing further writes");
             return Err(KmsError::Unavailable);
         }
         *self.published.write().map_err(lock_error)? = Arc::new(Published {
             size: index + 1,
             checkpoint,
         });
+        metrics::set_gauge(KMS_LOG_ENTRIES, (index + 1) as f64);
         Ok(index)
     }
 
@@ -481,6 +500,7 @@ impl Directory {
             .ok_or(KmsError::Internal("card missing after append"))?;
         let (record, checkpoint) = self.single_record(&stored)?;
         tracing::info!(card_id = %id, identity = %stored.identity, "card registered");
+        metrics::increment(KMS_CARDS_REGISTERED);
         Ok((record, checkpoint))
     }
 
@@ -543,6 +563,7 @@ impl Directory {
             .card(&id)?
             .ok_or(KmsError::Internal("card missing after revocation"))?;
         tracing::info!(card_id = %id, by = %parsed.revoked_by(), "card revoked");
+        metrics::increment(KMS_CARDS_REVOKED);
         self.single_record(&stored)
     }
 
@@ -697,17 +718,19 @@ impl Directory {
     /// carry more than `budget` statements.
     fn device_list_at(
         &self,
+        index: &CardIndex,
         identity: &str,
         from: u64,
         size: u64,
         tree: &Tree,
         budget: usize,
     ) -> Result<DeviceList, KmsError> {
-        let Some(list) = self.store.device_list(identity)? else {
-            return Ok(DeviceList::default());
-        };
         // Statements appended after the published checkpoint do not exist yet.
-        let visible: Vec<u64> = list.indices.into_iter().filter(|&i| i < size).collect();
+        let visible: Vec<&(u64, Box<[u8]>)> = index
+            .statements(identity)
+            .iter()
+            .filter(|(i, _)| *i < size)
+            .collect();
         let wanted = &visible[(from.min(visible.len() as u64) as usize)..];
         if wanted.len() > budget {
             return Ok(DeviceList {
@@ -717,17 +740,10 @@ impl Directory {
             });
         }
         let mut statements = Vec::with_capacity(wanted.len());
-        for &index in wanted {
-            let entry = self
-                .store
-                .entry(index)?
-                .ok_or(KmsError::Internal("statement entry missing"))?;
-            let hashes = tree
-                .inclusion_proof(index, size)
-                .ok_or(KmsError::Internal("inclusion proof out of range"))?;
+        for (index, entry) in wanted {
             statements.push(LoggedStatement {
-                entry,
-                inclusion: Some(transparency::inclusion_proof_message(index, size, hashes)),
+                entry: entry.to_vec(),
+                inclusion: Some(inclusion_proof(tree, *index, size)?),
             });
         }
         Ok(DeviceList {
@@ -748,8 +764,9 @@ impl Directory {
             .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
         let p = self.published()?;
         let tree = self.tree.read().map_err(lock_error)?;
+        let index = self.index.read().map_err(lock_error)?;
         Ok((
-            self.device_list_at(identity, from, p.size, &tree, usize::MAX)?,
+            self.device_list_at(&index, identity, from, p.size, &tree, usize::MAX)?,
             p.checkpoint.clone(),
         ))
     }
@@ -781,22 +798,25 @@ impl Directory {
         let mut statement_budget = self.limits.max_statements_per_search;
         let p = self.published()?;
         let tree = self.tree.read().map_err(lock_error)?;
+        let index = self.index.read().map_err(lock_error)?;
+        let kind_code = kind.map(|k| k.to_proto() as i32);
         let mut results = Vec::with_capacity(identities.len());
         for identity in identities {
-            let mut cards = Vec::new();
-            for stored in self.store.cards_of(identity)? {
-                if kind.is_some_and(|k| stored.kind != k.to_proto() as i32) {
-                    continue;
-                }
-                if let Some(record) = self.record_at(&stored, p.size, &tree)?
-                    && record.status == CardStatus::Active as i32
-                {
-                    cards.push(record);
-                }
-            }
+            let cards = index
+                .active(identity, kind_code, p.size)
+                .map(|card| {
+                    Ok(CardRecord {
+                        status: CardStatus::Active as i32,
+                        registration_entry: card.registration_entry.to_vec(),
+                        inclusion: Some(inclusion_proof(&tree, card.registration_index, p.size)?),
+                        ..CardRecord::default()
+                    })
+                })
+                .collect::<Result<_, KmsError>>()?;
             let device_list = if kind.is_none_or(|k| k == CardKind::Client) {
                 let from = device_list_from.get(identity).copied().unwrap_or(0);
-                let list = self.device_list_at(identity, from, p.size, &tree, statement_budget)?;
+                let list =
+                    self.device_list_at(&index, identity, from, p.size, &tree, statement_budget)?;
                 statement_budget -= list.statements.len();
                 Some(list)
             } else {
@@ -995,9 +1015,18 @@ mod tests {
             1
         );
 
-        // Reopening over the same store rebuilds the same log.
+        // Reopening over the same store rebuilds the same log and index.
         let reopened = directory(store, SigningKey::from_seed(&key_seed).unwrap(), &app);
         assert_eq!(reopened.verified_checkpoint().unwrap().tree_size, 3);
+        assert_eq!(
+            reopened
+                .search(&["alice".into()], None, &Default::default())
+                .unwrap()
+                .0,
+            dir.search(&["alice".into()], None, &Default::default())
+                .unwrap()
+                .0
+        );
         assert_eq!(
             reopened.verified_checkpoint().unwrap().root_hash,
             dir.verified_checkpoint().unwrap().root_hash

@@ -7,6 +7,7 @@
 //! is a thin binary over it. Operators: see `docs/operations.md`.
 
 mod directory;
+mod index;
 mod service;
 pub mod store;
 

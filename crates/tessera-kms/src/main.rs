@@ -87,6 +87,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         },
         max_request_bytes: cli.max_request_bytes,
     };
+    common.start_metrics().map_err(|e| e.to_string())?;
     let kms = Kms::open(&config).map_err(|e| e.to_string())?;
     let routes = kms.routes().await.map_err(|e| e.to_string())?;
     let listener = serve::bind(common.listen)

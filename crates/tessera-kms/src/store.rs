@@ -13,7 +13,10 @@ use std::{
 use prost::Message;
 use tessera_card::{CardId, transparency::Hash};
 use tessera_proto::{card::v1 as card_pb, transparency::v1::SignedCheckpoint};
-use tessera_service::storage::{self, FlushFuture, StorageError, read_u64, u64_key};
+use tessera_service::{
+    metrics::record_store,
+    storage::{self, FlushFuture, StorageError, read_u64, u64_key},
+};
 
 /// A card as stored, with the log indices that let a reader see the
 /// directory as of any checkpoint.
@@ -78,8 +81,20 @@ pub trait Store: Send + Sync + 'static {
     fn card(&self, id: &CardId) -> Result<Option<StoredCard>, StorageError>;
     /// Every card ever registered for `identity` (any status), by index lookup.
     fn cards_of(&self, identity: &str) -> Result<Vec<StoredCard>, StorageError>;
+    /// Calls `f` with every card record, in no particular order (to build
+    /// the search index at start); stops at the first error.
+    fn for_each_card(
+        &self,
+        f: &mut dyn FnMut(StoredCard) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError>;
     /// The identity's device list, if it has one.
     fn device_list(&self, identity: &str) -> Result<Option<StoredDeviceList>, StorageError>;
+    /// Calls `f` with every device list, in no particular order (to build
+    /// the search index at start); stops at the first error.
+    fn for_each_device_list(
+        &self,
+        f: &mut dyn FnMut(StoredDeviceList) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError>;
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError>;
     fn entries(&self, from: u64, limit: usize) -> Result<Vec<Vec<u8>>, StorageError>;
     /// Every leaf hash in order, to rebuild the tree at start.
@@ -115,6 +130,10 @@ fn hash_key(index: u64) -> Vec<u8> {
 
 const CHECKPOINT_KEY: &[u8] = b"m/checkpoint";
 
+fn decode_device_list(bytes: &[u8]) -> Result<StoredDeviceList, StorageError> {
+    StoredDeviceList::decode(bytes).map_err(|_| StorageError::Corrupt("device list record"))
+}
+
 fn decode_card(bytes: &[u8]) -> Result<StoredCard, StorageError> {
     StoredCard::decode(bytes).map_err(|_| StorageError::Corrupt("card record"))
 }
@@ -138,10 +157,10 @@ impl SledStore {
 
 impl Store for SledStore {
     fn card(&self, id: &CardId) -> Result<Option<StoredCard>, StorageError> {
-        self.db
-            .get(stored_card_key(id.as_bytes()))?
-            .map(|v| decode_card(&v))
-            .transpose()
+        let started = std::time::Instant::now();
+        let card = self.db.get(stored_card_key(id.as_bytes()));
+        record_store("card", started);
+        card?.map(|v| decode_card(&v)).transpose()
     }
 
     fn cards_of(&self, identity: &str) -> Result<Vec<StoredCard>, StorageError> {
@@ -158,14 +177,31 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn for_each_card(
+        &self,
+        f: &mut dyn FnMut(StoredCard) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        for item in self.db.scan_prefix(b"c/") {
+            f(decode_card(&item?.1)?)?;
+        }
+        Ok(())
+    }
+
     fn device_list(&self, identity: &str) -> Result<Option<StoredDeviceList>, StorageError> {
         self.db
             .get(device_list_key(identity))?
-            .map(|v| {
-                StoredDeviceList::decode(v.as_ref())
-                    .map_err(|_| StorageError::Corrupt("device list record"))
-            })
+            .map(|v| decode_device_list(&v))
             .transpose()
+    }
+
+    fn for_each_device_list(
+        &self,
+        f: &mut dyn FnMut(StoredDeviceList) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        for item in self.db.scan_prefix(b"d/") {
+            f(decode_device_list(&item?.1)?)?;
+        }
+        Ok(())
     }
 
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
@@ -212,6 +248,7 @@ impl Store for SledStore {
     }
 
     fn apply(&self, append: Append) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
         let mut batch = sled::Batch::default();
         batch.insert(entry_key(append.index), append.entry);
         batch.insert(hash_key(append.index), append.leaf_hash.to_vec());
@@ -234,6 +271,7 @@ impl Store for SledStore {
         }
         batch.insert(CHECKPOINT_KEY, append.checkpoint.encode_to_vec());
         self.db.apply_batch(batch)?;
+        record_store("apply", started);
         Ok(())
     }
 
@@ -281,8 +319,26 @@ impl Store for MemoryStore {
             .unwrap_or_default())
     }
 
+    fn for_each_card(
+        &self,
+        f: &mut dyn FnMut(StoredCard) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        // Copied out first: `f` may call back into the store.
+        let cards: Vec<StoredCard> = self.lock()?.cards.values().cloned().collect();
+        cards.into_iter().try_for_each(f)
+    }
+
     fn device_list(&self, identity: &str) -> Result<Option<StoredDeviceList>, StorageError> {
         Ok(self.lock()?.device_lists.get(identity).cloned())
+    }
+
+    fn for_each_device_list(
+        &self,
+        f: &mut dyn FnMut(StoredDeviceList) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        // Copied out first: `f` may call back into the store.
+        let lists: Vec<StoredDeviceList> = self.lock()?.device_lists.values().cloned().collect();
+        lists.into_iter().try_for_each(f)
     }
 
     fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {

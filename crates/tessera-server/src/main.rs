@@ -178,6 +178,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             queued: 4 * n.max(1),
         };
     }
+    common.start_metrics().map_err(|e| e.to_string())?;
     let server = Server::open(config).map_err(|e| e.to_string())?;
     if let Some(Command::CreateAdmin { identity }) = &cli.command {
         let password = admin_password()?;

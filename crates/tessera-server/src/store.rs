@@ -1,16 +1,23 @@
 //! The app server's storage: a trait, the sled implementation (the embedded
 //! default) and an in-memory one for unit tests. Every acknowledged write is
-//! flushed by the caller (`Store::flush`) before it answers.
+//! flushed by the caller (`Store::flush`) before it answers; concurrent
+//! callers share flushes (group commit, see [`SledStore`]).
 
 use std::{
     collections::BTreeMap,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use prost::Message;
 use tessera_proto::server::v1::{ChainEntry, StoredMessage};
-use tessera_service::storage::{self, FlushFuture, StorageError, read_u64, u64_key};
+use tessera_service::{
+    metrics::{self, time_store},
+    storage::{self, FlushFuture, StorageError, read_u64, u64_key},
+};
 
 /// Argon2id password hash with its parameters.
 #[derive(Clone, PartialEq, Message)]
@@ -347,15 +354,53 @@ fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, S
 /// (`ChainEntry`), `uc/<identity>\0<channel>` a user's channels,
 /// `m/<channel>\0<index>` messages, `md/<channel>\0<client id>` dedupe,
 /// `rh/<identity>\0<channel>` read horizons, `at/` attachments, `uq/` usage.
+///
+/// Flushes are group commits: one fsync makes durable every write made
+/// before it started, so callers that ask while a flush runs share the next
+/// one instead of queueing one each (concurrent sends to a channel no
+/// longer pay one fsync per message).
 pub struct SledStore {
     db: sled::Db,
+    /// `flush` calls so far; a call's number is its ticket.
+    tickets: AtomicU64,
+    /// The highest ticket known durable. Held while a flush runs.
+    durable: tokio::sync::Mutex<u64>,
+    /// Flushes done (fsyncs).
+    flushes: AtomicU64,
 }
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         Ok(Self {
             db: storage::open_db(dir)?,
+            tickets: AtomicU64::new(0),
+            durable: tokio::sync::Mutex::new(0),
+            flushes: AtomicU64::new(0),
         })
+    }
+
+    /// Flushes (fsyncs) done since the store opened.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once everything written before the call is durable. The
+    /// caller's writes happened before it took its ticket; a flush that
+    /// starts after a ticket was taken covers that ticket, so it makes
+    /// durable every ticket taken before it started.
+    async fn group_flush(&self) -> Result<(), StorageError> {
+        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut durable = self.durable.lock().await;
+        if *durable >= ticket {
+            return Ok(()); // a flush that started after our writes finished
+        }
+        let covers = self.tickets.load(Ordering::SeqCst);
+        storage::flush(&self.db).await?;
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        metrics::increment(metrics::SERVER_STORE_FLUSHES);
+        metrics::record(metrics::SERVER_FLUSH_BATCH, (covers - *durable) as f64);
+        *durable = covers;
+        Ok(())
     }
 
     fn get<M: Message + Default>(
@@ -545,10 +590,12 @@ impl Store for SledStore {
         channel_id: &str,
         client_message_id: &[u8],
     ) -> Result<Option<u64>, StorageError> {
-        self.db
-            .get(key(b"md/", &[channel_id.as_bytes(), client_message_id]))?
-            .map(|v| read_u64(&v))
-            .transpose()
+        time_store("dedupe", || {
+            self.db
+                .get(key(b"md/", &[channel_id.as_bytes(), client_message_id]))?
+                .map(|v| read_u64(&v))
+                .transpose()
+        })
     }
 
     fn append_message(
@@ -572,7 +619,7 @@ impl Store for SledStore {
             u64_key(message.index).to_vec(),
         );
         batch.insert(key(b"c/", &[id]), channel.encode_to_vec());
-        Ok(self.db.apply_batch(batch)?)
+        Ok(time_store("append_message", || self.db.apply_batch(batch))?)
     }
 
     fn message_range(
@@ -588,20 +635,22 @@ impl Store for SledStore {
             return Ok(Vec::new());
         }
         let id = channel_id.as_bytes();
-        let range = self
-            .db
-            .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]));
-        let sized = |item: sled::Result<(sled::IVec, sled::IVec)>| {
-            let (_, v) = item?;
-            Ok::<_, StorageError>((v.len(), v))
-        };
-        // Decode only what is kept: sizes come from the raw records.
-        let raw: Vec<sled::IVec> = if newest_first {
-            take_bounded(range.rev().map(sized), limit, max_bytes)?
-        } else {
-            take_bounded(range.map(sized), limit, max_bytes)?
-        };
-        raw.iter().map(|v| decode(v, "message")).collect()
+        time_store("messages", || {
+            let range = self
+                .db
+                .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]));
+            let sized = |item: sled::Result<(sled::IVec, sled::IVec)>| {
+                let (_, v) = item?;
+                Ok::<_, StorageError>((v.len(), v))
+            };
+            // Decode only what is kept: sizes come from the raw records.
+            let raw: Vec<sled::IVec> = if newest_first {
+                take_bounded(range.rev().map(sized), limit, max_bytes)?
+            } else {
+                take_bounded(range.map(sized), limit, max_bytes)?
+            };
+            raw.iter().map(|v| decode(v, "message")).collect()
+        })
     }
 
     fn usage(&self, identity: &str) -> Result<Usage, StorageError> {
@@ -647,7 +696,7 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> FlushFuture<'_> {
-        Box::pin(storage::flush(&self.db))
+        Box::pin(self.group_flush())
     }
 }
 
@@ -1132,6 +1181,39 @@ mod tests {
     #[test]
     fn memory_store() {
         exercise(&MemoryStore::default());
+    }
+
+    #[tokio::test]
+    async fn concurrent_flushes_share_fsyncs() {
+        const N: u64 = 32;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let barrier = Arc::new(tokio::sync::Barrier::new(N as usize));
+        let writers: Vec<_> = (0..N)
+            .map(|i| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    store
+                        .set_read_horizon("alice", &format!("c{i}"), i)
+                        .unwrap();
+                    barrier.wait().await;
+                    store.flush().await.unwrap();
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        // The first flush covers the writer that started it; everyone who
+        // asked meanwhile shares the second.
+        assert_eq!(store.flushes(), 2, "{N} concurrent flushes");
+        for i in 0..N {
+            assert_eq!(store.read_horizon("alice", &format!("c{i}")).unwrap(), i);
+        }
+        // A write after the last flush gets a flush of its own.
+        store.set_read_horizon("bob", "c0", 1).unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(store.flushes(), 3);
     }
 
     #[test]

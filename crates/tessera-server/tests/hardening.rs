@@ -404,9 +404,11 @@ fn device_key(n: u8) -> SigningKey {
 
 /// Each channel's chain length and head, as the statements accepted so far
 /// left them (channel ids are random, so tests running at once share it).
-static TIPS: Mutex<Option<HashMap<String, (u64, Option<Hash>)>>> = Mutex::new(None);
+/// A chain's length and head.
+type Tip = (u64, Option<Hash>);
+static TIPS: Mutex<Option<HashMap<String, Tip>>> = Mutex::new(None);
 
-fn tip(channel_id: &str) -> (u64, Option<Hash>) {
+fn tip(channel_id: &str) -> Tip {
     TIPS.lock()
         .unwrap()
         .get_or_insert_default()
@@ -534,7 +536,7 @@ async fn send(
             client_message_id,
             sender_card_id: from.card_id.clone(),
             envelope: envelope(&from.card_id, size, n as u8),
-            epoch: epoch(&channel_id),
+            epoch: epoch(channel_id),
         }))
         .await
         .unwrap()

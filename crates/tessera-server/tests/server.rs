@@ -40,7 +40,7 @@ use tessera_proto::{
         devices_client::DevicesClient,
     },
 };
-use tessera_server::{Config, Limits, PasswordParams, Server, ThrottleLimits};
+use tessera_server::{Config, Limits, PasswordParams, Server, ThrottleLimits, store::SledStore};
 use tessera_service::{
     serve::{Running, ServeOptions, bind},
     token::bearer_header,
@@ -51,7 +51,8 @@ struct Stack {
     _kms_dir: tempfile::TempDir,
     server_dir: tempfile::TempDir,
     kms: Running,
-    server: Option<(Running, std::sync::Arc<Server>)>,
+    /// The server, and its store (to count its flushes).
+    server: Option<(Running, std::sync::Arc<Server>, std::sync::Arc<SledStore>)>,
     channel: Channel,
     verifier: Verifier,
     limits: Limits,
@@ -65,7 +66,7 @@ async fn spawn_server(
     kms_url: String,
     limits: Limits,
     challenge_ttl: Duration,
-) -> (Running, std::sync::Arc<Server>) {
+) -> (Running, std::sync::Arc<Server>, std::sync::Arc<SledStore>) {
     let mut config = Config::new(dir, kms_url);
     config.challenge_ttl = challenge_ttl;
     config.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
@@ -77,7 +78,11 @@ async fn spawn_server(
         signups_per_peer: 1000,
         window: Duration::from_secs(60),
     };
-    let server = std::sync::Arc::new(Server::open(config).unwrap());
+    let (app, token) =
+        tessera_server::load_or_create_keys(&dir.join("app.key"), &dir.join("token.key")).unwrap();
+    let store = std::sync::Arc::new(SledStore::open(&dir.join("db")).unwrap());
+    let server =
+        std::sync::Arc::new(Server::with_store(store.clone(), app, token, config).unwrap());
     let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let running = Running::spawn(
         server.routes().await.unwrap(),
@@ -85,7 +90,7 @@ async fn spawn_server(
         ServeOptions::default(),
     )
     .unwrap();
-    (running, server)
+    (running, server, store)
 }
 
 impl Stack {
@@ -122,7 +127,7 @@ impl Stack {
             ServeOptions::default(),
         )
         .unwrap();
-        let (running, server) =
+        let (running, server, store) =
             spawn_server(server_dir.path(), kms.url(), limits.clone(), challenge_ttl).await;
         let channel = Channel::from_shared(running.url())
             .unwrap()
@@ -133,7 +138,7 @@ impl Stack {
             _kms_dir: kms_dir,
             server_dir,
             kms,
-            server: Some((running, server)),
+            server: Some((running, server, store)),
             channel,
             verifier: Verifier::new(app.verifying_key(), kms_key),
             limits,
@@ -143,13 +148,13 @@ impl Stack {
     }
 
     async fn restart_server(&mut self) {
-        let (running, server) = self.server.take().unwrap();
+        let (running, server, store) = self.server.take().unwrap();
         server.begin_shutdown();
         // Close our connection, stop serving, and let go of the database.
         self.channel = Channel::from_static("http://127.0.0.1:9").connect_lazy();
         running.stop().await.unwrap();
-        drop(server);
-        let (running, server) = spawn_server(
+        drop((server, store));
+        let (running, server, store) = spawn_server(
             self.server_dir.path(),
             self.kms.url(),
             self.limits.clone(),
@@ -161,7 +166,28 @@ impl Stack {
             .connect()
             .await
             .unwrap();
-        self.server = Some((running, server));
+        self.server = Some((running, server, store));
+    }
+
+    /// A stack where alice (device "laptop") and bob (device "phone")
+    /// share a channel with shared history.
+    async fn alice_and_bob_in_a_channel() -> (Self, User, User, String) {
+        let s = Self::start().await;
+        let mut alice = s.signup("alice").await;
+        let mut bob = s.signup("bob").await;
+        s.enroll(&mut alice, "laptop").await;
+        s.enroll(&mut bob, "phone").await;
+        let channel_id = s
+            .create_channel(&alice, &[&bob], HistoryVisibility::Shared)
+            .await;
+        (s, alice, bob, channel_id)
+    }
+
+    /// Flushes the server's store has made.
+    fn flushes(&self) -> u64 {
+        self.server
+            .as_ref()
+            .map_or(0, |(_, _, store)| store.flushes())
     }
 
     fn accounts(&self) -> AccountsClient<Channel> {
@@ -915,16 +941,51 @@ async fn authorization_denials() {
     }
 }
 
+/// Group commit: sends to one channel at once share flushes, and each is
+/// acknowledged with its own index, none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_to_one_channel_share_flushes() {
+    const SENDS: usize = 32;
+    let (s, alice, bob, channel_id) = Stack::alice_and_bob_in_a_channel().await;
+    let before = s.flushes();
+    let (to, bodies) = (
+        [&alice, &bob],
+        (0..SENDS).map(|i| format!("m{i}")).collect::<Vec<_>>(),
+    );
+    let sends = bodies
+        .iter()
+        .map(|body| s.send(&alice, 0, &channel_id, &to, body));
+    let mut indices: Vec<u64> = futures_util::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let flushes = s.flushes() - before;
+    indices.sort_unstable();
+    assert_eq!(indices, (1..=SENDS as u64).collect::<Vec<_>>());
+    assert!(
+        flushes < SENDS as u64,
+        "{SENDS} concurrent sends took {flushes} flushes"
+    );
+    // All of them are stored, in order.
+    let stored = s
+        .channels()
+        .list_messages(alice.req(ListMessagesRequest {
+            channel_id: channel_id.clone(),
+            anchor: 1,
+            page_size: 100,
+            direction: Direction::Forward as i32,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(stored.len(), SENDS);
+}
+
 #[tokio::test]
 async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
-    let s = Stack::start().await;
-    let mut alice = s.signup("alice").await;
-    let mut bob = s.signup("bob").await;
-    s.enroll(&mut alice, "laptop").await;
-    s.enroll(&mut bob, "phone").await;
-    let channel_id = s
-        .create_channel(&alice, &[&bob], HistoryVisibility::Shared)
-        .await;
+    let (s, alice, bob, channel_id) = Stack::alice_and_bob_in_a_channel().await;
 
     // Three live subscribers from the start.
     let mut subs = Vec::new();

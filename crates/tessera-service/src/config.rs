@@ -42,6 +42,7 @@ pub struct Common {
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
     pub tls: Option<TlsFiles>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Common {
@@ -49,6 +50,16 @@ impl Common {
         ServeOptions {
             tls: self.tls.clone(),
             ..ServeOptions::default()
+        }
+    }
+
+    /// Starts serving Prometheus metrics when `--metrics-addr` was given
+    /// (before the service opens its store, so what it records while
+    /// opening is kept).
+    pub fn start_metrics(&self) -> Result<(), crate::metrics::MetricsError> {
+        match self.metrics_addr {
+            Some(addr) => crate::metrics::install(addr),
+            None => Ok(()),
         }
     }
 }
@@ -76,6 +87,9 @@ macro_rules! service_args {
             /// PEM private key for --tls-cert.
             #[arg(long, global = true, env = concat!($prefix, "_TLS_KEY"), requires = "tls_cert")]
             pub tls_key: Option<std::path::PathBuf>,
+            /// Serve Prometheus metrics (plain HTTP) on this address [default: off].
+            #[arg(long, global = true, env = concat!($prefix, "_METRICS_ADDR"))]
+            pub metrics_addr: Option<std::net::SocketAddr>,
         }
 
         impl $name {
@@ -91,6 +105,7 @@ macro_rules! service_args {
                         }),
                         _ => None,
                     },
+                    metrics_addr: self.metrics_addr,
                 }
             }
         }

@@ -166,7 +166,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 }
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then lets
-/// in-flight calls finish for at most `options.grace`.
+/// in-flight calls finish for at most `options.grace`. Every call is counted
+/// and timed when metrics are on ([`crate::metrics`]).
 pub async fn serve(
     routes: Routes,
     listener: TcpListener,
@@ -195,7 +196,9 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
+    // The first layer is the outermost: metrics see the rewritten status.
     let server = builder
+        .layer(crate::rpc_metrics::RpcMetricsLayer)
         .layer(crate::status_rewrite::StatusRewriteLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);

@@ -53,9 +53,11 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, StorageError> {
 /// seen to leave flushes queued with no thread to run them.
 pub async fn flush(db: &sled::Db) -> Result<(), StorageError> {
     let db = db.clone();
+    let started = std::time::Instant::now();
     tokio::task::spawn_blocking(move || db.flush())
         .await
         .map_err(|_| StorageError::Corrupt("flush task failed"))??;
+    crate::metrics::record_store("flush", started);
     Ok(())
 }
 

@@ -27,6 +27,17 @@ struct State {
     acked: u64,
     /// Attempts in flight at each kill, and how many of them failed.
     kills: Vec<(usize, usize)>,
+    /// Acknowledged counts at which no new attempt starts until the kill
+    /// planned there lets them go: fast writes cannot all finish before
+    /// the killer is ready.
+    pauses: BTreeSet<u64>,
+}
+
+impl State {
+    /// Whether a new attempt must wait for the killer.
+    fn paused(&self) -> bool {
+        self.pauses.first().is_some_and(|at| self.acked >= *at)
+    }
 }
 
 /// The writes of a crash test; share it between the writers and the killer.
@@ -44,6 +55,15 @@ pub fn is_transport(status: &tonic::Status) -> bool {
 }
 
 impl Writes {
+    /// Writes that pause, once `at` writes are acknowledged for each `at`,
+    /// until a kill planned there ([`crate::Service::crash_during`] with
+    /// that count) happens.
+    pub fn pausing_at(at: impl IntoIterator<Item = u64>) -> Self {
+        let writes = Self::default();
+        writes.state().pauses = at.into_iter().collect();
+        writes
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -58,6 +78,8 @@ impl Writes {
         Fut: Future<Output = Result<T, E>>,
     {
         loop {
+            self.wait_until("the kill planned here", |s| !s.paused())
+                .await;
             let id = {
                 let mut s = self.state();
                 let id = s.next_attempt;
@@ -131,7 +153,13 @@ impl Writes {
     pub(crate) async fn kill_in_flight(&self, at_least: u64, kill: impl FnOnce()) {
         self.wait_until("acknowledged writes", |s| s.acked >= at_least)
             .await;
-        let started = self.state().next_attempt;
+        let started = {
+            // Writers paused here (if planned) start again now.
+            let mut s = self.state();
+            s.pauses.retain(|at| *at > at_least);
+            s.next_attempt
+        };
+        self.changed.notify_waiters();
         self.wait_until("a write to start", |s| s.next_attempt > started)
             .await;
         let hit = {

@@ -7,7 +7,7 @@
 //! same cluster with every hop over TLS (a self-signed certificate the
 //! services and clients are told to trust). No child outlives the test: they
 //! are killed on drop (also when a test panics) and, on Linux, when the test
-//! process itself dies.
+//! process itself dies. [`Postgres`] is a throwaway PostgreSQL server.
 
 #![allow(
     clippy::unwrap_used,
@@ -27,8 +27,10 @@ use std::{
 };
 
 mod crash;
+pub mod postgres;
 
 pub use crash::{Writes, is_transport};
+pub use postgres::Postgres;
 use tessera_client::{Client, Endpoints, Enrollment, Home, KdfParams};
 use tessera_crypto::VerifyingKey;
 use tonic::transport::Channel;
@@ -97,6 +99,25 @@ fn bin_dir() -> &'static PathBuf {
     })
 }
 
+/// On Linux, the child started by `cmd` is killed when this process dies.
+fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of the child
+        // between fork and exec; it allocates nothing and takes no lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -111,6 +132,8 @@ pub struct Service {
     args: Vec<String>,
     env: BTreeMap<String, String>,
     pub addr: SocketAddr,
+    /// Where the service serves its Prometheus metrics (`--metrics-addr`).
+    pub metrics_addr: SocketAddr,
     log: PathBuf,
     child: Option<Child>,
     /// Served over TLS with a certificate this CA file vouches for.
@@ -130,6 +153,7 @@ impl Service {
             args,
             env: BTreeMap::new(),
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             log: dir.join(format!("{name}.log")),
             child: None,
             ca: tls.map(|t| t.cert.clone()),
@@ -171,22 +195,14 @@ impl Service {
                 format!("{}_LISTEN", self.env_prefix()),
                 self.addr.to_string(),
             )
+            .env(
+                format!("{}_METRICS_ADDR", self.env_prefix()),
+                self.metrics_addr.to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of the child
-            // between fork and exec; it allocates nothing and takes no lock.
-            #[allow(unsafe_code)]
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
+        die_with_parent(&mut cmd);
         self.child = Some(
             cmd.spawn()
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name)),
@@ -239,6 +255,29 @@ impl Service {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The service's metrics as it serves them (`GET /metrics`).
+    pub async fn scrape(&self) -> Metrics {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .unwrap_or_else(|e| panic!("{} metrics at {}: {e}", self.name, self.metrics_addr));
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{} metrics: no HTTP response: {response}", self.name));
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "{} metrics: {head}",
+            self.name
+        );
+        Metrics(body.to_owned())
     }
 
     /// The last lines of the service's log.
@@ -348,6 +387,35 @@ impl Drop for Service {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A scrape of a service's metrics (Prometheus text format).
+#[derive(Debug, Clone)]
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of the sample `name` whose labels include every one of
+    /// `labels`, summed over the samples that match (0 when none does).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (series_name, series_labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let matches = series_name == name
+                    && labels.iter().all(|(k, v)| {
+                        series_labels
+                            .split(',')
+                            .any(|l| l == format!("{k}=\"{v}\""))
+                    });
+                matches.then(|| value.parse::<f64>().ok()).flatten()
+            })
+            .sum()
     }
 }
 

@@ -1,8 +1,18 @@
 //! `cargo run --release -p tessera-bench --bin kms-load`: SearchCards and
-//! RegisterCard throughput and latency at several concurrencies with 1 k and
-//! 100 k registered cards, beside a bare tonic echo service measured by the
-//! same tool in the same run. Everything runs on loopback in this process,
-//! the key service over sled in a temporary directory.
+//! RegisterCard throughput and latency at several concurrencies and
+//! directory sizes (1 k, 100 k and 1 M cards by default), beside a bare
+//! tonic echo service measured by the same tool in the same run. Everything
+//! runs on loopback in this process, the key service over sled in a
+//! temporary directory.
+//!
+//! Each size gets a fresh key service whose store is preloaded in bulk
+//! ([`bulk_preload`]): the very records `Directory::register` and
+//! `Directory::publish` write (card records with their log entries,
+//! identity index, each identity's device list with its GENESIS statement,
+//! log entries, leaf hashes, signed checkpoint), written straight into the
+//! sled store before the service opens it, since a million registrations
+//! through the RPC (each flushed alone) would take the best part of an
+//! hour.
 
 #![allow(
     clippy::unwrap_used,
@@ -13,6 +23,7 @@
 )]
 
 use std::{
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -21,13 +32,26 @@ use std::{
 };
 
 use clap::Parser;
-use tessera_bench::{EchoService, Stats, closed_loop, machine};
-use tessera_card::{CardKind, NewCard, app_sign};
-use tessera_crypto::{DeviceKeys, SigningKey};
-use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits};
+use tessera_bench::{EchoService, Stats, closed_loop, machine, resident_mib};
+use tessera_card::{
+    CardId, CardKind, NewCard, Verifier, app_sign,
+    device_list::{Action, DeviceListState, NewStatement, ParsedStatement, ServedList, app_cosign},
+    kms_sign,
+    transparency::{self, Tree},
+};
+use tessera_crypto::{DeviceKeys, SigningKey, VerifyingKey};
+use tessera_kms::{
+    Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits,
+    store::{Append, SledStore, Store, StoredCard, StoredDeviceList},
+};
 use tessera_proto::{
     bench::v1::{EchoMessage, echo_client::EchoClient, echo_server::EchoServer},
-    kms::v1::{RegisterCardRequest, SearchCardsRequest, key_directory_client::KeyDirectoryClient},
+    card::v1 as card_pb,
+    kms::v1::{
+        RegisterCardRequest, SearchCardsRequest, SearchCardsResponse,
+        key_directory_client::KeyDirectoryClient,
+    },
+    transparency::v1::SignedCheckpoint,
 };
 use tessera_service::{
     TokenIssuer,
@@ -39,7 +63,7 @@ use tonic::{Request, service::Routes, transport::Channel};
 #[derive(Parser)]
 struct Args {
     /// Directory sizes (registered cards) to measure at.
-    #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000,1000000")]
     sizes: Vec<u64>,
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
@@ -56,21 +80,21 @@ struct Args {
         default_value = "echo,echo-large,search,register"
     )]
     calls: Vec<String>,
-}
-
-/// One row of the closing summary: search against the echoes.
-struct Ratio {
-    size: u64,
-    concurrency: usize,
-    to_echo: Option<f64>,
-    to_same_size_echo: Option<f64>,
-    p99_ms: f64,
+    /// Rounds: each measures every size in turn, so a change in the
+    /// machine's load hits every size alike; the summary takes the median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Keep the preloaded stores (and the AppKey that signed their cards)
+    /// here and reuse them on the next run (default: a temporary directory,
+    /// removed after each size).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 struct Load {
     kms: Vec<KeyDirectoryClient<Channel>>,
     echo: Vec<EchoClient<Channel>>,
-    app: SigningKey,
+    app: Arc<SigningKey>,
     service_token: String,
     user_token: String,
     /// Cards registered so far (identity `user<n / 2>`: two cards each).
@@ -85,19 +109,25 @@ fn with<T>(token: &str, message: T) -> Request<T> {
 }
 
 impl Load {
+    async fn call(
+        &self,
+        call: Call,
+        worker: usize,
+        seq: u64,
+        size: u64,
+        answer_bytes: u32,
+    ) -> bool {
+        match call {
+            Call::Echo => self.echo(worker, 0).await,
+            Call::SameSizeEcho => self.echo(worker, answer_bytes).await,
+            Call::Search => self.search(worker, seq, size).await,
+            Call::Register => self.register(worker).await,
+        }
+    }
+
     async fn register(&self, worker: usize) -> bool {
         let n = self.next_card.fetch_add(1, Ordering::Relaxed);
-        let identity = format!("user{}", n / 2);
-        let mut card = NewCard {
-            identity: &identity,
-            kind: CardKind::Client,
-            device_name: "bench device",
-            created_at: n as i64,
-            previous_card_id: None,
-        }
-        .self_signed(&DeviceKeys::generate().unwrap())
-        .unwrap();
-        app_sign(&mut card, &self.app);
+        let (_, card) = bench_card(n, &DeviceKeys::generate().unwrap(), &self.app);
         let mut client = self.kms[worker % self.kms.len()].clone();
         client
             .register_card(with(
@@ -140,8 +170,9 @@ impl Load {
             .is_ok()
     }
 
-    /// Encoded size of one search answer at this directory size.
-    async fn search_answer_bytes(&self) -> u32 {
+    /// Encoded size of one search answer at this directory size, after
+    /// checking the answer.
+    async fn search_answer_bytes(&self, kms_key: &VerifyingKey) -> u32 {
         use tessera_proto::Message as _;
         let mut client = self.kms[0].clone();
         let r = client
@@ -155,30 +186,196 @@ impl Load {
             ))
             .await
             .expect("search for user0");
+        check_answer(r.get_ref(), &self.app.verifying_key(), kms_key);
         r.get_ref().encoded_len() as u32
     }
 }
 
-async fn preload(load: &Arc<Load>, target: u64) {
+/// Checks a search answer for `user0` as a client would: both cards verify
+/// and are in the log, and the device list is a logged GENESIS that applies
+/// (so the bulk preload wrote what the directory would have).
+fn check_answer(answer: &SearchCardsResponse, app: &VerifyingKey, kms: &VerifyingKey) {
+    let checkpoint =
+        transparency::verify_checkpoint(answer.checkpoint.as_ref().unwrap(), kms).unwrap();
+    let found = &answer.results[0];
+    assert_eq!(found.cards.len(), 2, "user0 has two active cards");
+    let verifier = Verifier::new(*app, *kms);
+    let cards: Vec<_> = found
+        .cards
+        .iter()
+        .map(|record| {
+            transparency::verify_inclusion(
+                &checkpoint,
+                &record.registration_entry,
+                record.inclusion.as_ref().unwrap(),
+            )
+            .unwrap();
+            let card = transparency::registered_card(&record.registration_entry).unwrap();
+            verifier
+                .verify(&card, Some("user0"), CardKind::Client)
+                .unwrap()
+        })
+        .collect();
+    let served = ServedList::check(found.device_list.as_ref().unwrap(), "user0", &checkpoint)
+        .expect("a logged device list");
+    assert_eq!(served.statements.len(), 1);
+    let mut state = DeviceListState::empty("user0");
+    state
+        .apply(&served.statements[0].statement, &cards[0], app)
+        .expect("the GENESIS statement applies");
+    assert!(state.is_trusted(&cards[0].id()));
+}
+
+/// Cards made per batch by the preload's worker threads.
+const PRELOAD_BATCH: u64 = 8192;
+
+/// Card `n` of the bench (identity `user<n / 2>`: two cards each), with
+/// its self and app signatures.
+fn bench_card(n: u64, keys: &DeviceKeys, app: &SigningKey) -> (String, card_pb::Card) {
+    let identity = format!("user{}", n / 2);
+    let mut card = NewCard {
+        identity: &identity,
+        kind: CardKind::Client,
+        device_name: "bench device",
+        created_at: n as i64,
+        previous_card_id: None,
+    }
+    .self_signed(keys)
+    .unwrap();
+    app_sign(&mut card, app);
+    (identity, card)
+}
+
+/// One append as the directory makes it: the log entry, the card records
+/// it writes, the device list it extends.
+type Appended = (Vec<u8>, Vec<StoredCard>, Option<StoredDeviceList>);
+
+/// Card `n`'s registration as `Directory::register` makes it (the card with
+/// its self, app and kms signatures, and its log entry) and, for the first
+/// card of an identity, the GENESIS statement of its device list as
+/// `Directory::publish` logs it (signed by that card, co-signed by the
+/// AppKey): every enrolled user has one. Log indices are set when applied.
+fn registration(
+    n: u64,
+    keys: &DeviceKeys,
+    app: &SigningKey,
+    kms: &SigningKey,
+    now: i64,
+) -> Vec<Appended> {
+    let (identity, mut card) = bench_card(n, keys, app);
+    kms_sign(&mut card, kms);
+    let id = CardId::of_snapshot(&card.content_snapshot);
+    let entry = transparency::registration_entry(&card, &identity, now);
+    let stored = StoredCard {
+        registration_entry: entry.clone(),
+        card: Some(card),
+        identity: identity.clone(),
+        kind: CardKind::Client.to_proto() as i32,
+        ..StoredCard::default()
+    };
+    let mut appends = vec![(entry, vec![stored], None)];
+    if n.is_multiple_of(2) {
+        let mut genesis = NewStatement {
+            identity: &identity,
+            seqno: 0,
+            previous_hash: None,
+            action: Action::Genesis,
+            subject: id,
+            signer: id,
+            created_at: now,
+        }
+        .sign(&keys.signing);
+        app_cosign(&mut genesis, app);
+        let list = StoredDeviceList {
+            identity: identity.clone(),
+            indices: Vec::new(),
+            head: ParsedStatement::parse(genesis.clone())
+                .unwrap()
+                .hash()
+                .to_vec(),
+            trusted: vec![id.to_vec()],
+        };
+        let entry = transparency::device_statement_entry(&genesis, &identity, now);
+        appends.push((entry, Vec::new(), Some(list)));
+    }
+    appends
+}
+
+/// Writes cards `0..count` (identity `user<n / 2>`: two cards each, and a
+/// device list of one GENESIS statement) into the key service's store under
+/// `data_dir`, one append per registration and statement, like the
+/// directory's; the last append of each batch carries a freshly signed
+/// checkpoint over the tree so far (the others repeat the previous one,
+/// which the next append overwrites anyway), so the service opens the
+/// store, rebuilds the tree and checks the root as it would after real
+/// registrations. Devices share a few keys (the card ids still differ:
+/// each snapshot names its own identity and time).
+fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
     let start = Instant::now();
-    let from = load.next_card.load(Ordering::Relaxed);
-    let mut workers = Vec::new();
-    for w in 0..64 {
-        let load = load.clone();
-        workers.push(tokio::spawn(async move {
-            while load.next_card.load(Ordering::Relaxed) < target {
-                assert!(load.register(w).await, "registration failed during preload");
+    let kms = tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
+    let store = SledStore::open(&data_dir.join("db")).unwrap();
+    let keys: Vec<DeviceKeys> = (0..16).map(|_| DeviceKeys::generate().unwrap()).collect();
+    let now = tessera_service::now_secs();
+    let mut tree = Tree::new();
+    let mut checkpoint = SignedCheckpoint::default();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    for batch in (0..count).step_by(PRELOAD_BATCH as usize) {
+        let end = (batch + PRELOAD_BATCH).min(count);
+        let per_thread = (end - batch).div_ceil(threads);
+        let made: Vec<Appended> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (keys, kms) = (&keys, &kms);
+                    let from = (batch + t * per_thread).min(end);
+                    let to = (from + per_thread).min(end);
+                    scope.spawn(move || {
+                        (from..to)
+                            .flat_map(|n| {
+                                registration(n, &keys[n as usize % keys.len()], app, kms, now)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        let last = made.len() - 1;
+        for (i, (entry, mut cards, mut device_list)) in made.into_iter().enumerate() {
+            let leaf_hash = transparency::leaf_hash(&entry);
+            let index = tree.push(leaf_hash);
+            for card in &mut cards {
+                card.registration_index = index;
             }
-        }));
+            if let Some(list) = &mut device_list {
+                list.indices.push(index);
+            }
+            if i == last {
+                let root = tree.root(index + 1).unwrap();
+                checkpoint = transparency::sign_checkpoint(&kms, index + 1, &root, now);
+            }
+            store
+                .apply(Append {
+                    index,
+                    entry,
+                    leaf_hash,
+                    cards,
+                    device_list,
+                    checkpoint: checkpoint.clone(),
+                })
+                .unwrap();
+        }
     }
-    for w in workers {
-        w.await.unwrap();
-    }
-    let n = load.next_card.load(Ordering::Relaxed) - from;
+    tokio::runtime::Handle::current()
+        .block_on(store.flush())
+        .unwrap();
     eprintln!(
-        "preloaded {n} cards in {:.1} s ({:.0}/s)",
+        "preloaded {count} cards and {} device lists in bulk in {:.1} s ({:.0} cards/s)",
+        count.div_ceil(2),
         start.elapsed().as_secs_f64(),
-        n as f64 / start.elapsed().as_secs_f64()
+        count as f64 / start.elapsed().as_secs_f64()
     );
 }
 
@@ -196,14 +393,31 @@ async fn connect(url: &str, n: usize) -> Vec<Channel> {
     out
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
-    let dir = tempfile::tempdir().unwrap();
-    let app = SigningKey::generate().unwrap();
-    let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(3600));
+/// A key service preloaded with `size` cards, serving on loopback.
+async fn start_kms(
+    dir: &Path,
+    size: u64,
+    app: &Arc<SigningKey>,
+    issuer: &TokenIssuer,
+) -> (Kms, Running) {
+    let data_dir = dir.join(format!("kms-{size}"));
+    let done = data_dir.join("preloaded");
+    if done.exists() {
+        eprintln!(
+            "reusing the {size} cards preloaded in {}",
+            data_dir.display()
+        );
+    } else {
+        let app_key = app.clone();
+        let preload_dir = data_dir.clone();
+        tokio::task::spawn_blocking(move || bulk_preload(&preload_dir, &app_key, size))
+            .await
+            .unwrap();
+        std::fs::write(&done, b"").unwrap();
+    }
+    let opening = Instant::now();
     let kms = Kms::open(&Config {
-        data_dir: dir.path().join("kms"),
+        data_dir,
         key_path: None,
         app_public_key: app.verifying_key(),
         token_public_key: issuer.public_key(),
@@ -211,124 +425,212 @@ async fn main() {
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
     })
     .unwrap();
-    let kms_running = Running::spawn(
+    eprintln!(
+        "opened the key service over {size} cards in {:.1} s; this process now holds {} MiB",
+        opening.elapsed().as_secs_f64(),
+        resident_mib().map_or("?".to_owned(), |m| m.to_string())
+    );
+    let running = Running::spawn(
         kms.routes().await.unwrap(),
         bind("127.0.0.1:0".parse().unwrap()).await.unwrap(),
         ServeOptions::default(),
     )
     .unwrap();
+    (kms, running)
+}
+
+/// What was measured at one size and concurrency, one entry per round.
+#[derive(Default)]
+struct Measured {
+    /// One entry per round, for each of [`CALLS`].
+    runs: [Vec<Stats>; 4],
+}
+
+/// What is measured: the `--calls` name, the row's label.
+#[derive(Clone, Copy)]
+enum Call {
+    Echo,
+    SameSizeEcho,
+    Search,
+    Register,
+}
+
+const CALLS: [(Call, &str, &str); 4] = [
+    (Call::Echo, "echo", "echo (baseline)"),
+    (Call::SameSizeEcho, "echo-large", "same-size echo"),
+    (Call::Search, "search", "SearchCards"),
+    (Call::Register, "register", "RegisterCard"),
+];
+
+impl Measured {
+    fn of(&self, call: Call) -> &[Stats] {
+        &self.runs[call as usize]
+    }
+}
+
+/// The round with the median QPS.
+fn median(runs: &[Stats]) -> Option<&Stats> {
+    let mut sorted: Vec<&Stats> = runs.iter().collect();
+    sorted.sort_by(|a, b| a.qps().total_cmp(&b.qps()));
+    sorted.get(sorted.len() / 2).copied()
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    // The AppKey lives with the preloaded stores: a store reused from an
+    // earlier run holds cards that key signed.
+    std::fs::create_dir_all(&dir).unwrap();
+    let (app, _) =
+        tessera_crypto::keystore::load_or_generate_signing(&dir.join("bench-app.key")).unwrap();
+    let app = Arc::new(app);
+    let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(3600));
     let echo_running = Running::spawn(
         Routes::new(EchoServer::new(EchoService)),
         bind("127.0.0.1:0".parse().unwrap()).await.unwrap(),
         ServeOptions::default(),
     )
     .unwrap();
-    let load = Arc::new(Load {
-        kms: connect(&kms_running.url(), args.connections)
-            .await
-            .into_iter()
-            .map(KeyDirectoryClient::new)
-            .collect(),
-        echo: connect(&echo_running.url(), args.connections)
-            .await
-            .into_iter()
-            .map(EchoClient::new)
-            .collect(),
-        app,
-        service_token: bearer_header(
-            &issuer
-                .issue(&Grant::service("tessera-server"), Audience::Kms)
-                .unwrap()
-                .bytes,
-        ),
-        user_token: bearer_header(
-            &issuer
-                .issue(&Grant::user("bench", AuthMethod::Password), Audience::Kms)
-                .unwrap()
-                .bytes,
-        ),
-        next_card: AtomicU64::new(0),
-    });
+    let echo: Vec<EchoClient<Channel>> = connect(&echo_running.url(), args.connections)
+        .await
+        .into_iter()
+        .map(EchoClient::new)
+        .collect();
+    let service_token = bearer_header(
+        &issuer
+            .issue(&Grant::service("tessera-server"), Audience::Kms)
+            .unwrap()
+            .bytes,
+    );
+    let user_token = bearer_header(
+        &issuer
+            .issue(&Grant::user("bench", AuthMethod::Password), Audience::Kms)
+            .unwrap()
+            .bytes,
+    );
+    // Every size is preloaded and served at once, so the rounds below can
+    // take the sizes in turns.
+    let mut services = Vec::new();
+    for &size in &args.sizes {
+        let (kms, running) = start_kms(&dir, size, &app, &issuer).await;
+        let load = Arc::new(Load {
+            kms: connect(&running.url(), args.connections)
+                .await
+                .into_iter()
+                .map(KeyDirectoryClient::new)
+                .collect(),
+            echo: echo.clone(),
+            app: app.clone(),
+            service_token: service_token.clone(),
+            user_token: user_token.clone(),
+            next_card: AtomicU64::new(size),
+        });
+        let answer_bytes = load
+            .search_answer_bytes(&kms.directory().public_key())
+            .await;
+        services.push((size, kms, running, load, answer_bytes));
+    }
     let secs = Duration::from_secs(args.seconds);
     println!(
-        "kms-load on {} — {} s per measurement, {} connections",
+        "kms-load on {} — {} s per measurement, {} connections, {} rounds",
         machine(),
         args.seconds,
-        args.connections
+        args.connections,
+        args.rounds
     );
-    let mut summary: Vec<Ratio> = Vec::new();
-    for &size in &args.sizes {
-        preload(&load, size).await;
-        let answer_bytes = load.search_answer_bytes().await;
-        println!("\n### {size} registered cards (a search answer: {answer_bytes} bytes)\n");
-        println!("| call | concurrency | QPS | p50 | p99 |\n|---|---|---|---|---|");
-        let on = |name: &str| args.calls.iter().any(|c| c == name);
-        for &c in &args.concurrency {
-            let mut echo_qps = None;
-            let mut echo_large_qps = None;
-            if on("echo") {
-                let l = load.clone();
-                let echo: Stats = closed_loop(c, secs, move |w, _| {
-                    let l = l.clone();
-                    async move { l.echo(w, 0).await }
-                })
-                .await;
-                println!("{}", echo.row("echo (baseline)"));
-                echo_qps = Some(echo.qps());
+    for (size, _, _, _, answer_bytes) in &services {
+        println!("{size} cards: a search answer is {answer_bytes} bytes");
+    }
+    let on = |name: &str| args.calls.iter().any(|c| c == name);
+    let mut measured: Vec<Vec<Measured>> = services
+        .iter()
+        .map(|_| {
+            args.concurrency
+                .iter()
+                .map(|_| Measured::default())
+                .collect()
+        })
+        .collect();
+    // Sizes are measured back to back at each concurrency, so a change in
+    // the machine's load falls on every size alike.
+    for round in 1..=args.rounds {
+        println!("\n### Round {round}\n");
+        println!(
+            "| cards | call | concurrency | QPS | p50 | p99 | CPU per call |\n|---|---|---|---|---|---|---|"
+        );
+        for (ci, &c) in args.concurrency.iter().enumerate() {
+            for (s, (size, _, _, load, answer_bytes)) in services.iter().enumerate() {
+                let (size, answer_bytes) = (*size, *answer_bytes);
+                for (call, name, label) in CALLS {
+                    if !on(name) {
+                        continue;
+                    }
+                    let l = load.clone();
+                    let stats = closed_loop(c, secs, move |w, seq| {
+                        let l = l.clone();
+                        async move { l.call(call, w, seq, size, answer_bytes).await }
+                    })
+                    .await;
+                    println!("| {size} {}", stats.row(label));
+                    measured[s][ci].runs[call as usize].push(stats);
+                }
             }
-            if on("echo-large") {
-                // A small request answered with as many bytes as a search:
-                // what the answer's size alone costs.
-                let l = load.clone();
-                let echo: Stats = closed_loop(c, secs, move |w, _| {
-                    let l = l.clone();
-                    async move { l.echo(w, answer_bytes).await }
-                })
-                .await;
-                println!("{}", echo.row("echo answering a search's size"));
-                echo_large_qps = Some(echo.qps());
-            }
-            if on("search") {
-                let l = load.clone();
-                let search = closed_loop(c, secs, move |w, seq| {
-                    let l = l.clone();
-                    async move { l.search(w, seq, size).await }
-                })
-                .await;
-                println!("{}", search.row("SearchCards"));
-                summary.push(Ratio {
-                    size,
-                    concurrency: c,
-                    to_echo: echo_qps.map(|e| search.qps() / e),
-                    to_same_size_echo: echo_large_qps.map(|e| search.qps() / e),
-                    p99_ms: search.p99.as_secs_f64() * 1e3,
-                });
-            }
-            if on("register") {
-                let l = load.clone();
-                let register = closed_loop(c, secs, move |w, _| {
-                    let l = l.clone();
-                    async move { l.register(w).await }
-                })
-                .await;
-                println!("{}", register.row("RegisterCard"));
+        }
+    }
+    println!("\n### Median of {} rounds\n", args.rounds);
+    println!(
+        "| cards | call | concurrency | QPS | p50 | p99 | CPU per call |\n|---|---|---|---|---|---|---|"
+    );
+    for (s, (size, ..)) in services.iter().enumerate() {
+        for m in &measured[s] {
+            for (call, _, label) in CALLS {
+                if let Some(stats) = median(m.of(call)) {
+                    println!("| {size} {}", stats.row(label));
+                }
             }
         }
     }
     println!(
-        "\n| cards | concurrency | search / echo | search / same-size echo | search p99 |\n|---|---|---|---|---|"
+        "\n| cards | concurrency | search QPS | against the smallest size | search / echo | search / same-size echo | search p99 | search CPU per call | against the smallest size |\n|---|---|---|---|---|---|---|---|---|"
     );
     let pct = |r: Option<f64>| r.map_or("—".to_owned(), |r| format!("{:.0} %", r * 100.0));
-    for r in summary {
-        println!(
-            "| {} | {} | {} | {} | {:.2} ms |",
-            r.size,
-            r.concurrency,
-            pct(r.to_echo),
-            pct(r.to_same_size_echo),
-            r.p99_ms
-        );
+    for (s, (size, ..)) in services.iter().enumerate() {
+        for (ci, &c) in args.concurrency.iter().enumerate() {
+            let m = &measured[s][ci];
+            let Some(search) = median(m.of(Call::Search)) else {
+                continue;
+            };
+            let smallest = median(measured[0][ci].of(Call::Search));
+            let change =
+                |d: Option<f64>| d.map_or("—".to_owned(), |d| format!("{:+.0} %", d * 100.0));
+            let cpu = search.cpu_us_per_op();
+            println!(
+                "| {size} | {c} | {:.0} | {} | {} | {} | {:.2} ms | {} | {} |",
+                search.qps(),
+                change(smallest.map(|f| search.qps() / f.qps() - 1.0)),
+                pct(median(m.of(Call::Echo)).map(|e| search.qps() / e.qps())),
+                pct(median(m.of(Call::SameSizeEcho)).map(|e| search.qps() / e.qps())),
+                search.p99.as_secs_f64() * 1e3,
+                cpu.map_or("—".to_owned(), |c| format!("{c:.0} µs")),
+                change(
+                    cpu.zip(smallest.and_then(Stats::cpu_us_per_op))
+                        .map(|(c, f)| c / f - 1.0)
+                ),
+            );
+        }
     }
-    drop(kms_running);
+    for (size, kms, running, load, _) in services {
+        drop(load);
+        running.stop().await.unwrap();
+        drop(kms);
+        if args.data_dir.is_none() {
+            std::fs::remove_dir_all(dir.join(format!("kms-{size}"))).unwrap();
+        }
+    }
     drop(echo_running);
 }

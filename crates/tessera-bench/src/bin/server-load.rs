@@ -239,7 +239,9 @@ async fn main() {
         },
     )
     .await;
-    println!("\n| call | concurrency | QPS | p50 | p99 |\n|---|---|---|---|---|");
+    println!(
+        "\n| call | concurrency | QPS | p50 | p99 | CPU per call |\n|---|---|---|---|---|---|"
+    );
     println!(
         "{}",
         stats.row(&format!("SendMessage ({} live subscribers)", args.devices))

@@ -7,7 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use tessera_card::channel::{Change, ChannelError, ChannelState, Member, ParsedChannelStatement};
+use tessera_card::channel::{
+    Change, ChannelError, ChannelState, MAX_CHAIN_PAGE_BYTES, MAX_CHAIN_PAGE_ENTRIES, Member,
+    ParsedChannelStatement,
+};
 use tessera_proto::{
     channel::v1::SignedChannelStatement,
     server::v1::{ChainEntry, Channel as PbChannel, ChannelChain},
@@ -23,12 +26,6 @@ use crate::{
     signers::DeviceSigner,
     store::{ChannelRecord, MemberRecord, StatementChange},
 };
-
-/// Most statements in one `GetChannelChain` answer.
-pub(crate) const MAX_CHAIN_PAGE: usize = 1000;
-/// Most bytes of encoded entries in one answer (its first entry always
-/// comes, whatever its size).
-pub(crate) const MAX_CHAIN_PAGE_BYTES: usize = 1024 * 1024;
 
 impl Channels {
     /// Starts a channel from its signed creation (epoch 0), under the id
@@ -134,11 +131,23 @@ impl Channels {
         if channel.chain_length == 0 {
             return Err(legacy(channel_id));
         }
-        if self.is_stored(&channel, &parsed)? {
-            return self.view_for(&channel, &caller.identity);
-        }
         let records = self.store.members(channel_id)?;
-        if !records.iter().any(|m| m.identity == caller.identity) {
+        let member = records.iter().any(|m| m.identity == caller.identity);
+        if self.is_stored(&channel, &parsed)? {
+            // Sent again (a retry): OK. Someone no longer a member (who
+            // left with it, or replays an old statement of theirs) learns
+            // only the chain's length, not the channel's name or members.
+            return if member {
+                self.view_for(&channel, &caller.identity)
+            } else {
+                Ok(PbChannel {
+                    channel_id: channel_id.to_owned(),
+                    chain_length: channel.chain_length,
+                    ..PbChannel::default()
+                })
+            };
+        }
+        if !member {
             return Err(not_a_member(&caller.identity, channel_id));
         }
         let mut state = resume(&channel, &records)?;
@@ -206,7 +215,7 @@ impl Channels {
                 channel_id,
                 from_epoch,
                 channel.chain_length,
-                MAX_CHAIN_PAGE,
+                MAX_CHAIN_PAGE_ENTRIES,
                 MAX_CHAIN_PAGE_BYTES,
             )?,
         })

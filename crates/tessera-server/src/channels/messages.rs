@@ -8,7 +8,7 @@ use tessera_proto::server::v1::{
     Direction, ListMessagesRequest, ListMessagesResponse, SendMessageRequest, SendMessageResponse,
     StoredMessage,
 };
-use tessera_service::{Caller, limits};
+use tessera_service::{Caller, limits, metrics};
 
 use super::{Channels, legacy, not_a_member, visible_from};
 use crate::{error::ServerError, signers::own_active_device};
@@ -41,12 +41,15 @@ impl Channels {
         self.membership(&r.channel_id, &caller.identity)?;
         own_active_device(&*self.store, caller, sender_card, "send")?;
 
-        let _lock = self.channel_locks.of(&r.channel_id).lock().await;
+        let lock = self.channel_locks.of(&r.channel_id).lock().await;
         let mut channel = self.channel(&r.channel_id)?;
         if let Some(index) = self.store.dedupe(&r.channel_id, &r.client_message_id)? {
             let stored = self
                 .store
                 .messages(&r.channel_id, index, index + 1, 1, usize::MAX)?;
+            drop(lock);
+            // The first copy's own send may still be waiting for its flush.
+            self.store.flush().await?;
             return Ok(SendMessageResponse {
                 index,
                 server_time_ms: stored.first().map_or(0, |m| m.server_time_ms),
@@ -85,7 +88,7 @@ impl Channels {
         channel.next_index += 1;
         // The sender's quota, under its own lock (taken after the channel's,
         // as everywhere): sends to two channels at once cannot both fit.
-        let _user = self.user_locks.of(&caller.identity).lock().await;
+        let user = self.user_locks.of(&caller.identity).lock().await;
         let mut usage = self.store.usage(&caller.identity)?;
         usage.message_bytes = usage
             .message_bytes
@@ -97,7 +100,15 @@ impl Channels {
             )));
         }
         self.store.append_message(&channel, &message, &usage)?;
+        // The locks only order the indices and the quota: released before
+        // the flush, so concurrent sends share one flush (group commit, see
+        // the store). Subscribers place statements by the index stored with
+        // them and fill gaps from the store, so publishing out of order is
+        // harmless.
+        drop(user);
+        drop(lock);
         self.store.flush().await?;
+        metrics::increment(metrics::SERVER_MESSAGES_STORED);
         let (index, server_time_ms) = (message.index, message.server_time_ms);
         self.hub.publish(message);
         Ok(SendMessageResponse {

@@ -18,7 +18,7 @@ use std::{collections::VecDeque, pin::Pin, sync::Arc, time::Duration};
 
 use futures_util::{Stream, stream};
 use tessera_proto::server::v1::{ChannelEvent, StoredMessage, channel_event::Event as PbEvent};
-use tessera_service::Caller;
+use tessera_service::{Caller, metrics};
 use tokio::{
     sync::{broadcast, broadcast::error::RecvError, watch},
     time::Sleep,
@@ -64,6 +64,8 @@ struct Subscription {
     catching_up: bool,
     ended: bool,
     _slot: SubscriptionSlot,
+    /// Counts this subscription in the live-subscriptions gauge while it lasts.
+    _live: metrics::GaugeGuard,
 }
 
 fn removed() -> ServerError {
@@ -127,6 +129,7 @@ impl Channels {
             catching_up: true,
             ended: false,
             _slot: slot,
+            _live: metrics::GaugeGuard::new(metrics::SERVER_LIVE_SUBSCRIPTIONS),
         };
         Ok(stream::unfold(state, |mut s| async move {
             let item = s.next().await?;

@@ -631,6 +631,7 @@ async fn statements_extend_the_head_by_compare_and_set_and_retries_answer_ok() {
         .unwrap();
     assert_eq!(retried.chain_length, 3);
     assert!(retried.members.is_empty());
+    assert!(retried.name.is_empty(), "an ex-member learns no name");
     assert_eq!(retried.visible_from_index, 0);
 }
 
