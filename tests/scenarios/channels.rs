@@ -18,7 +18,10 @@ use tessera_crypto::{
 };
 use tessera_proto::{
     Message as _,
-    server::v1::{ChainEntry, Channel, ChannelChain, ListMessagesResponse, Member, StoredMessage},
+    server::v1::{
+        ChainEntry, Channel, ChannelChain, ListChannelsResponse, ListMessagesResponse, Member,
+        StoredMessage,
+    },
 };
 use tessera_stack::hostile::{self, Proxy, Tamper};
 use tessera_testkit::{Cluster, PASSPHRASE};
@@ -608,4 +611,166 @@ async fn membership_changes_show_in_order_and_members_choose_who_joins() {
         stdout.contains("carol: added by alice at epoch 1"),
         "{stdout}"
     );
+}
+
+#[tokio::test]
+async fn a_reset_keeps_the_chain_verifiable_and_unapproved_devices_cannot_sign() {
+    let cluster = Cluster::start().await;
+    let alice = cluster.device("alice", "alice", true).await;
+    let bob = cluster.device("bob", "bob", true).await;
+    cluster.device("carol", "carol", true).await;
+    let ch = alice
+        .create_channel("plans", Visibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    // alice loses her phone and resets onto a new one: the creation is
+    // signed by a device her list no longer has.
+    let alice2 = cluster.reset_device("alice-2", "alice").await;
+    // alice's new device, and carol, see the chain (and alice) for the
+    // first time after the reset: the creation still verifies, dated before
+    // it, and the new device may sign as the admin alice is.
+    alice2.add_member(&ch, "carol", Role::Member).await.unwrap();
+    let carol = cluster.device("carol-2", "carol", false).await;
+    tessera_testkit::approve(&cluster.reopen("carol"), &carol).await;
+    for device in [&carol, &alice2] {
+        let view = device
+            .channel(&ch)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", device.device_name()));
+        let members: Vec<&String> = view.verified.state.members().keys().collect();
+        assert_eq!(members, ["alice", "bob", "carol"]);
+    }
+    let sent = alice2.send_text(&ch, "from my new phone").await.unwrap();
+    let page = carol.history(&ch, sent.index, 1, false).await.unwrap();
+    assert_eq!(
+        text(page.messages[0].1.as_ref().unwrap()),
+        "from my new phone"
+    );
+
+    // A device bob has not approved signs nothing: every member would refuse
+    // the statement, and the chain could never grow past it.
+    let laptop = cluster.device("bob-laptop", "bob", false).await;
+    let err = laptop
+        .change_channel(&ch, Change::Rename("mine".into()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("waiting for approval"), "{err}");
+    let err = laptop
+        .remove_member(&ch, "bob")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("waiting for approval"), "{err}");
+    let view = bob.channel(&ch).await.unwrap();
+    assert_eq!(view.verified.state.length(), 2, "nothing was published");
+    assert_eq!(view.verified.state.name(), "plans");
+}
+
+#[tokio::test]
+async fn a_card_revoked_between_two_of_its_statements_is_refused_at_the_later() {
+    let cluster = Cluster::start().await;
+    let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
+    let alice = cluster.device("alice", "alice", true).await;
+    cluster.device("bob", "bob", true).await;
+    cluster.device("eve", "eve", true).await;
+    let ch = alice
+        .create_channel("plans", Visibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    // alice's phone signed the creation; her laptop then revokes the phone
+    // (stolen) and adds carol.
+    let laptop = cluster.approved_device("alice-laptop", &alice).await;
+    laptop
+        .revoke_device(&alice.card_id(), "stolen", Some("alice-testkit-password"))
+        .await
+        .unwrap();
+    let carol = behind_relay(&cluster, &relay, "carol", "carol").await;
+    laptop.add_member(&ch, "carol", Role::Member).await.unwrap();
+    // The thief signs "alice adds eve" with the phone's key; the server
+    // shows it to carol, who looks at the chain for the first time.
+    let real = real_entries(&cluster, "alice", &ch).await;
+    let by_thief = statement(
+        &ch,
+        &real[1],
+        "alice",
+        alice.card_id(),
+        &keys_of(&cluster, "alice"),
+        Change::Add {
+            identity: "eve".into(),
+            role: Role::Member,
+        },
+    );
+    // Stored (by the server's word) seconds after the revocation: log
+    // times are whole seconds, and a statement in the revocation's own
+    // second counts as before it.
+    let mut by_thief = by_thief;
+    by_thief.server_time_ms += 5_000;
+    let mut entries = real.clone();
+    entries.push(by_thief);
+    relay.control.set_tamper(serve_chain(ch.clone(), entries));
+    // The phone's card is dated at its latest statement, after the
+    // revocation, not at the creation it signed before.
+    let err = carol.channel(&ch).await.unwrap_err();
+    let reason = channel_refusal(err);
+    assert!(
+        matches!(reason, tessera_card::channel::ChannelError::NotAMember(ref m) if m.contains("alice")),
+        "{reason}"
+    );
+    relay.control.set_tamper(hostile::honest());
+    let view = carol.channel(&ch).await.unwrap();
+    assert!(view.verified.state.member("eve").is_none());
+}
+
+#[tokio::test]
+async fn chain_times_that_go_back_are_refused() {
+    let cluster = Cluster::start().await;
+    let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
+    let alice = cluster.device("alice", "alice", true).await;
+    let bob = behind_relay(&cluster, &relay, "bob", "bob").await;
+    cluster.device("carol", "carol", true).await;
+    let ch = alice
+        .create_channel("plans", Visibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    alice.add_member(&ch, "carol", Role::Member).await.unwrap();
+    // The server backdates the second statement to before the first (as it
+    // would to date a signer card before its removal).
+    let target = ch.clone();
+    relay
+        .control
+        .set_tamper(hostile::rewrite::<ChannelChain>(GET_CHAIN, move |c| {
+            if c.channel_id == target && c.entries.len() >= 2 {
+                c.entries[1].server_time_ms = c.entries[0].server_time_ms - 60_000;
+            }
+        }));
+    let reason = channel_refusal(bob.channel(&ch).await.unwrap_err());
+    assert!(reason.to_string().contains("times go back"), "{reason}");
+    relay.control.set_tamper(hostile::honest());
+    assert_eq!(bob.channel(&ch).await.unwrap().verified.state.length(), 2);
+
+    // A name is looked up in the server's list, then checked against the
+    // name the members signed: the server cannot steer "send board" into
+    // this channel by listing it under that name.
+    relay
+        .control
+        .set_tamper(hostile::rewrite::<ListChannelsResponse>(
+            "/tessera.server.v1.Channels/ListChannels",
+            |l| {
+                for c in &mut l.channels {
+                    c.name = "board".into();
+                }
+            },
+        ));
+    let out = cli(&cluster, "bob", &["send", "board", "for the board"]).await;
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("its members named it \"plans\""),
+        "{stderr}"
+    );
+    assert!(alice.stored_messages(&ch, 0, 10).await.unwrap().is_empty());
 }

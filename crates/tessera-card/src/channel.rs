@@ -34,6 +34,10 @@ pub const STATEMENT_VERSION: u32 = 1;
 pub const MAX_MEMBERS: usize = 2000;
 /// Most statements one channel's chain may hold.
 pub const MAX_STATEMENTS: u64 = 100_000;
+/// The last statements of a chain, kept for removing, leaving and demoting:
+/// a member who fills the chain with renames cannot stop others from
+/// removing them or leaving.
+pub const RESERVED_STATEMENTS: u64 = 1000;
 /// Most statements in one `GetChannelChain` answer.
 pub const MAX_CHAIN_PAGE_ENTRIES: usize = 1000;
 /// Most bytes of encoded entries in one `GetChannelChain` answer after its
@@ -154,6 +158,20 @@ pub enum Change {
 }
 
 impl Change {
+    /// Whether the change only takes members or rights away (a removal, a
+    /// departure, a demotion): what the chain's last statements are kept for.
+    pub fn takes_away(&self) -> bool {
+        matches!(
+            self,
+            Self::Remove { .. }
+                | Self::Leave
+                | Self::SetRole {
+                    role: Role::Member,
+                    ..
+                }
+        )
+    }
+
     fn to_proto(&self) -> PbChange {
         let entry = |identity: &str, role: Role| MemberEntry {
             identity: identity.to_owned(),
@@ -695,6 +713,9 @@ impl ChannelState {
         }
         let by = statement.signer_identity.clone();
         let epoch = statement.epoch;
+        if epoch >= MAX_STATEMENTS - RESERVED_STATEMENTS && !statement.change.takes_away() {
+            return Err(ChannelError::Full);
+        }
         // Every check comes before the first change to `self`.
         let (joined, gone): (Vec<String>, Option<String>) = match &statement.change {
             Change::Create {
@@ -1293,5 +1314,89 @@ mod tests {
         let mut s = base;
         s.change = Change::Leave;
         assert!(ParsedChannelStatement::parse(s.sign(&alice.keys.signing)).is_err());
+    }
+
+    #[test]
+    fn padded_non_canonical_and_oversized_statements_are_refused() {
+        let w = World::new();
+        let alice = w.device("alice");
+        let signed = NewChannelStatement {
+            channel_id: CH,
+            epoch: 0,
+            previous_hash: None,
+            signer_identity: "alice",
+            signer: alice.card.id(),
+            created_at: 0,
+            change: Change::Create {
+                name: "x".into(),
+                visibility: Visibility::Shared,
+                members: vec![("alice".into(), Role::Admin)],
+            },
+        }
+        .sign(&alice.keys.signing);
+        assert!(ParsedChannelStatement::parse(signed.clone()).is_ok());
+        // The same statement with an unknown field appended (field 99,
+        // length-delimited), signed again: one statement, two spellings.
+        let resign = |bytes: Vec<u8>| SignedChannelStatement {
+            signature: alice
+                .keys
+                .signing
+                .sign(SignatureContext::ChannelStatement, &bytes)
+                .to_vec(),
+            statement: bytes,
+        };
+        let mut padded = signed.statement.clone();
+        padded.extend_from_slice(&[0x9a, 0x06, 3, b'p', b'a', b'd']);
+        let err = ParsedChannelStatement::parse(resign(padded)).unwrap_err();
+        assert!(err.to_string().contains("canonical"), "{err}");
+        let mut huge = signed.statement.clone();
+        huge.extend(std::iter::repeat_n(0u8, MAX_STATEMENT_BYTES));
+        let err = ParsedChannelStatement::parse(resign(huge)).unwrap_err();
+        assert!(err.to_string().contains("256 KiB"), "{err}");
+    }
+
+    #[test]
+    fn the_last_statements_are_kept_for_removals_and_departures() {
+        let w = World::new();
+        let (alice, bob) = (w.device("alice"), w.device("bob"));
+        let (state, _) = create(&alice, &["bob", "carol"]);
+        // A chain just short of full, resumed where the reserve begins.
+        let at = MAX_STATEMENTS - RESERVED_STATEMENTS;
+        let mut full = ChannelState::resume(
+            CH,
+            at,
+            state.head().unwrap(),
+            "plans",
+            Visibility::Shared,
+            state.members().clone(),
+        );
+        let rename = statement(&full, &alice, Change::Rename("again".into()));
+        assert!(matches!(
+            full.apply(&rename, &alice.signer()),
+            Err(ChannelError::Full)
+        ));
+        let add = statement(
+            &full,
+            &alice,
+            Change::Add {
+                identity: "dave".into(),
+                role: Role::Member,
+            },
+        );
+        assert!(matches!(
+            full.apply(&add, &alice.signer()),
+            Err(ChannelError::Full)
+        ));
+        let remove = statement(
+            &full,
+            &alice,
+            Change::Remove {
+                identity: "carol".into(),
+            },
+        );
+        full.apply(&remove, &alice.signer()).unwrap();
+        let leave = statement(&full, &bob, Change::Leave);
+        full.apply(&leave, &bob.signer()).unwrap();
+        assert_eq!(full.length(), at + 2);
     }
 }

@@ -559,7 +559,20 @@ impl Ctx {
             .filter(|ch| ch.name == arg)
             .collect();
         match named.as_slice() {
-            [one] => Ok(one.channel_id.clone()),
+            // The name listed is the app server's word: it must be the one
+            // the channel's members signed (a legacy channel has no other).
+            [one] if one.chain_length == 0 => Ok(one.channel_id.clone()),
+            [one] => {
+                let verified = c.verified_channel(&one.channel_id).await?;
+                if verified.state.name() != arg {
+                    return Err(CliError::Security(format!(
+                        "the app server lists channel {} as {arg:?}, but its members named it {:?}: use the id if you mean that channel",
+                        one.channel_id,
+                        verified.state.name()
+                    )));
+                }
+                Ok(one.channel_id.clone())
+            }
             [] => Err(ClientError::NotFound {
                 what: "channel",
                 name: arg.to_owned(),
