@@ -174,6 +174,38 @@ fn sealed(
     .envelope
 }
 
+/// alice and bob in channel "plans" (alice's creation), bob behind a relay
+/// the test controls, and a third user with an account who is no member.
+struct Plans {
+    cluster: Cluster,
+    relay: Proxy,
+    alice: Client,
+    bob: Client,
+    third: Client,
+    ch: String,
+}
+
+async fn plans(third: &str) -> Plans {
+    let cluster = Cluster::start().await;
+    let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
+    let alice = cluster.device("alice", "alice", true).await;
+    let bob = behind_relay(&cluster, &relay, "bob", "bob").await;
+    let third = cluster.device(third, third, true).await;
+    let ch = alice
+        .create_channel("plans", Visibility::Shared, &["bob".into()])
+        .await
+        .unwrap()
+        .channel_id;
+    Plans {
+        cluster,
+        relay,
+        alice,
+        bob,
+        third,
+        ch,
+    }
+}
+
 async fn approved(c: &Client, identity: &str) -> Vec<tessera_client::VerifiedCard> {
     c.cards_of(&[identity.to_owned()]).await.unwrap().0[identity]
         .approved
@@ -249,16 +281,14 @@ async fn a_ghost_in_the_servers_member_list_is_never_encrypted_to() {
 
 #[tokio::test]
 async fn forged_and_replayed_statements_are_refused() {
-    let cluster = Cluster::start().await;
-    let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
-    let alice = cluster.device("alice", "alice", true).await;
-    let bob = behind_relay(&cluster, &relay, "bob", "bob").await;
-    let eve = cluster.device("eve", "eve", true).await;
-    let ch = alice
-        .create_channel("plans", Visibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
+    let Plans {
+        cluster,
+        relay,
+        alice,
+        bob,
+        third: eve,
+        ch,
+    } = plans("eve").await;
     let other = alice
         .create_channel("other", Visibility::Shared, &["bob".into()])
         .await
@@ -413,16 +443,14 @@ async fn a_rolled_back_or_forked_chain_is_refused() {
 
 #[tokio::test]
 async fn messages_from_non_members_and_to_ghosts_are_refused() {
-    let cluster = Cluster::start().await;
-    let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
-    let alice = cluster.device("alice", "alice", true).await;
-    let bob = behind_relay(&cluster, &relay, "bob", "bob").await;
-    let eve = cluster.device("eve", "eve", true).await;
-    let ch = alice
-        .create_channel("plans", Visibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
+    let Plans {
+        cluster,
+        relay,
+        alice,
+        bob,
+        third: eve,
+        ch,
+    } = plans("eve").await;
     let first = alice.send_text(&ch, "hi bob").await.unwrap();
     let epoch = current_epoch(&alice, &ch).await;
     let bob_cards = approved(&alice, "bob").await;
@@ -726,16 +754,14 @@ async fn a_card_revoked_between_two_of_its_statements_is_refused_at_the_later() 
 
 #[tokio::test]
 async fn chain_times_that_go_back_are_refused() {
-    let cluster = Cluster::start().await;
-    let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
-    let alice = cluster.device("alice", "alice", true).await;
-    let bob = behind_relay(&cluster, &relay, "bob", "bob").await;
-    cluster.device("carol", "carol", true).await;
-    let ch = alice
-        .create_channel("plans", Visibility::Shared, &["bob".into()])
-        .await
-        .unwrap()
-        .channel_id;
+    let Plans {
+        cluster,
+        relay,
+        alice,
+        bob,
+        ch,
+        ..
+    } = plans("carol").await;
     alice.add_member(&ch, "carol", Role::Member).await.unwrap();
     // The server backdates the second statement to before the first (as it
     // would to date a signer card before its removal).
