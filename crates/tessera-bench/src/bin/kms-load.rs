@@ -77,7 +77,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "echo,echo-large,search,register"
+        default_value = "echo,echo-large,search,search-no-lists,register"
     )]
     calls: Vec<String>,
     /// Rounds: each measures every size in turn, so a change in the
@@ -120,7 +120,8 @@ impl Load {
         match call {
             Call::Echo => self.echo(worker, 0).await,
             Call::SameSizeEcho => self.echo(worker, answer_bytes).await,
-            Call::Search => self.search(worker, seq, size).await,
+            Call::Search => self.search(worker, seq, size, true).await,
+            Call::SearchNoLists => self.search(worker, seq, size, false).await,
             Call::Register => self.register(worker).await,
         }
     }
@@ -138,20 +139,28 @@ impl Load {
             .is_ok()
     }
 
-    async fn search(&self, worker: usize, seq: u64, size: u64) -> bool {
+    /// A search for one identity; `with_lists` false asks for its device
+    /// list from past its end (no statements: what the answer costs
+    /// without device lists).
+    async fn search(&self, worker: usize, seq: u64, size: u64, with_lists: bool) -> bool {
         // A cheap spread over every registered identity.
         let pick = (seq
             .wrapping_mul(2_654_435_761)
             .wrapping_add(worker as u64 * 97))
             % (size / 2).max(1);
+        let identity = format!("user{pick}");
         let mut client = self.kms[worker % self.kms.len()].clone();
         let r = client
             .search_cards(with(
                 &self.user_token,
                 SearchCardsRequest {
-                    identities: vec![format!("user{pick}")],
+                    identities: vec![identity.clone()],
                     kind: 0,
-                    device_list_from: Default::default(),
+                    device_list_from: if with_lists {
+                        Default::default()
+                    } else {
+                        [(identity, u64::MAX)].into()
+                    },
                 },
             ))
             .await;
@@ -443,7 +452,7 @@ async fn start_kms(
 #[derive(Default)]
 struct Measured {
     /// One entry per round, for each of [`CALLS`].
-    runs: [Vec<Stats>; 4],
+    runs: [Vec<Stats>; 5],
 }
 
 /// What is measured: the `--calls` name, the row's label.
@@ -452,13 +461,19 @@ enum Call {
     Echo,
     SameSizeEcho,
     Search,
+    SearchNoLists,
     Register,
 }
 
-const CALLS: [(Call, &str, &str); 4] = [
+const CALLS: [(Call, &str, &str); 5] = [
     (Call::Echo, "echo", "echo (baseline)"),
     (Call::SameSizeEcho, "echo-large", "same-size echo"),
     (Call::Search, "search", "SearchCards"),
+    (
+        Call::SearchNoLists,
+        "search-no-lists",
+        "SearchCards, no list statements",
+    ),
     (Call::Register, "register", "RegisterCard"),
 ];
 
