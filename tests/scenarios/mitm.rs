@@ -145,6 +145,13 @@ async fn messages_of_a_revoked_card_are_refused() {
     bob1.send_text(&channel.channel_id, "from my old phone")
         .await
         .unwrap();
+    // alice reads it now: her client caches bob-1's card as active (the
+    // card-status cache), moments before the revocation.
+    let page = alice
+        .history(&channel.channel_id, 0, 10, false)
+        .await
+        .unwrap();
+    assert!(page.messages[0].1.is_ok());
     let stolen = keystore::load(
         &cluster.home.profile_dir("bob-1").join("device.key"),
         Some(PASSPHRASE),
@@ -210,6 +217,8 @@ async fn messages_of_a_revoked_card_are_refused() {
         page.messages[0].1.is_ok(),
         "sent before the revocation: still verifies"
     );
+    // Within the cache's minute: the cached "active" predates the message,
+    // so the card is looked up again and found revoked.
     let err = page.messages[1].1.as_ref().unwrap_err().to_string();
     assert!(
         err.contains("sent after the sender's card was revoked"),

@@ -854,13 +854,32 @@ impl Client {
         identity: &str,
         kind: CardKind,
     ) -> Result<CardInfo, ClientError> {
+        self.card_info_as_of(id, identity, kind, i64::MIN).await
+    }
+
+    /// [`Self::card_info`] for judging something stored at `at_ms`: a
+    /// cached status is used only if it was fetched after that time (a card
+    /// active when looked up earlier may have been revoked since, before
+    /// the message was stored).
+    pub(crate) async fn card_info_as_of(
+        &self,
+        id: &CardId,
+        identity: &str,
+        kind: CardKind,
+        at_ms: i64,
+    ) -> Result<CardInfo, ClientError> {
+        let now = crate::client::now_ms();
         let cached = self
             .card_cache
             .lock()
             .ok()
             .and_then(|c| c.get(id).cloned())
             .filter(|(r, at)| {
-                r.card.identity() == identity && r.card.kind() == kind && at.elapsed() < CACHE_FOR
+                let fetched_ms = now.saturating_sub(at.elapsed().as_millis() as i64);
+                r.card.identity() == identity
+                    && r.card.kind() == kind
+                    && at.elapsed() < CACHE_FOR
+                    && fetched_ms >= at_ms
             });
         match cached {
             Some((record, _)) => Ok(CardInfo::from_record(&record)),

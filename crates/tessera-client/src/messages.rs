@@ -413,7 +413,9 @@ impl Client {
         identity: &str,
         server_time_ms: i64,
     ) -> Result<CardInfo, ClientError> {
-        let info = self.card_info(card_id, identity, CardKind::Client).await?;
+        let info = self
+            .card_info_as_of(card_id, identity, CardKind::Client, server_time_ms)
+            .await?;
         // Revocations are dated by their log entry, in whole seconds: only a
         // message stored in a later second is known to postdate it.
         if info.status == CardStatus::Revoked
