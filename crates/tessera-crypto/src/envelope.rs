@@ -1073,6 +1073,149 @@ mod tests {
         assert!(detached.envelope.is_none());
     }
 
+    fn seal_at_epoch(sender: &Device, to: &[&Device], body: &[u8]) -> Sealed {
+        let recipients: Vec<Recipient<'_>> = to
+            .iter()
+            .map(|d| Recipient {
+                card_id: d.card_id,
+                key: &d.public,
+            })
+            .collect();
+        seal(
+            &Sender {
+                identity: sender.identity,
+                card_id: sender.card_id,
+                key: &sender.keys.signing,
+            },
+            &Draft {
+                channel_id: "general",
+                content_type: CONTENT_TYPE_TEXT,
+                body,
+                sent_at_ms: 1_700_000_000_000,
+                epoch: Some(Epoch {
+                    number: 1,
+                    hash: [7; 32],
+                }),
+            },
+            &recipients,
+        )
+        .unwrap()
+    }
+
+    /// Rewrites the header of an envelope as someone who knows the content
+    /// key can, re-encrypting the body under the new header.
+    fn rewrite_header(
+        envelope: &[u8],
+        me: &Device,
+        edit: impl FnOnce(&mut EnvelopeHeaderV2, &[u8; 32]),
+    ) -> Vec<u8> {
+        let env = Envelope::decode(envelope).unwrap();
+        let mut header = EnvelopeHeaderV2::decode(env.header.as_slice()).unwrap();
+        let stanza = header
+            .stanzas
+            .iter()
+            .find(|s| s.card_id.as_slice() == me.card_id)
+            .unwrap();
+        let key = hpke_wrap::unwrap_key(
+            &me.keys.encryption,
+            &me.card_id,
+            &stanza.encapsulated_key,
+            &stanza.wrapped_key,
+        )
+        .unwrap();
+        let body = aead::open(&key, BODY_NONCE, &env.header, &env.ciphertext).unwrap();
+        edit(&mut header, &key);
+        let new_header = header.encode_to_vec();
+        Envelope {
+            ciphertext: aead::seal(&key, BODY_NONCE, &new_header, &body),
+            header: new_header,
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn epoch_messages_commit_to_their_content_key() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let sealed = seal_at_epoch(&alice, &[&bob, &alice], b"committed");
+        let parsed = ParsedEnvelope::parse(&sealed.envelope).unwrap();
+        assert!(parsed.is_key_committing());
+        let opened = open_as(&sealed.envelope, &bob, &alice).unwrap();
+        let key = opened.envelope.unwrap().content_key;
+        assert_eq!(
+            parsed.header.key_commitment,
+            commitment::commit(&key, b"tessera/v2/envelope/key-commitment").to_vec()
+        );
+        // A version-1 payload keeps the version-1 header.
+        let old = seal_from(&alice, &[&bob], b"v1");
+        assert!(
+            !ParsedEnvelope::parse(&old.envelope)
+                .unwrap()
+                .is_key_committing()
+        );
+        assert!(open_as(&old.envelope, &bob, &alice).is_ok());
+    }
+
+    #[test]
+    fn a_key_that_the_header_does_not_commit_to_decrypts_nothing() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let sealed = seal_at_epoch(&alice, &[&bob], b"committed");
+        // The commitment of another key, with the body re-encrypted so that
+        // it authenticates: refused before decrypting.
+        let other = rewrite_header(&sealed.envelope, &bob, |h, _| {
+            h.key_commitment =
+                commitment::commit(&[9; 32], b"tessera/v2/envelope/key-commitment").to_vec();
+        });
+        assert_eq!(
+            open_as(&other, &bob, &alice),
+            Err(EnvelopeError::KeyCommitmentMismatch)
+        );
+        let key = open_as(&sealed.envelope, &bob, &alice)
+            .unwrap()
+            .envelope
+            .unwrap()
+            .content_key;
+        let sha = crate::sha256(&other);
+        let p = open_as(&sealed.envelope, &bob, &alice).unwrap();
+        assert_eq!(
+            check_binding(&other, &sha, &key[..], &p.signed_payload, &p.signature),
+            Err(EnvelopeError::OtherEnvelope(
+                "its body does not open with the key"
+            ))
+        );
+        // Dropping the commitment (a version-1 header around a version-2
+        // payload) is refused after the signature check.
+        let dropped = rewrite_header(&sealed.envelope, &bob, |h, _| {
+            h.version = VERSION;
+            h.key_commitment.clear();
+        });
+        assert_eq!(
+            open_as(&dropped, &bob, &alice),
+            Err(EnvelopeError::Uncommitted)
+        );
+        // A commitment of the wrong length, or one in a version-1 header.
+        for (version, len) in [
+            (HEADER_VERSION_COMMITTED, 0),
+            (HEADER_VERSION_COMMITTED, 31),
+            (VERSION, 32),
+        ] {
+            let bad = rewrite_header(&sealed.envelope, &bob, |h, _| {
+                h.version = version;
+                h.key_commitment = vec![1; len];
+            });
+            assert_eq!(
+                ParsedEnvelope::parse(&bad).map(|_| ()),
+                Err(EnvelopeError::KeyCommitmentShape)
+            );
+        }
+        let future = rewrite_header(&sealed.envelope, &bob, |h, _| h.version = 3);
+        assert_eq!(
+            ParsedEnvelope::parse(&future).map(|_| ()),
+            Err(EnvelopeError::UnsupportedVersion(3))
+        );
+    }
+
     #[test]
     fn garbage_is_malformed_not_a_panic() {
         for input in [
