@@ -99,7 +99,7 @@ pub enum SenderKeyError {
     WrongEpoch,
     #[error("the message names another channel, epoch, sender or chain than this chain: {0}")]
     OtherChain(&'static str),
-    #[error("generation {0} of this chain was already opened (replay)")]
+    #[error("generation {0} of this chain was already used (replay)")]
     Replay(u32),
     #[error(
         "the key of generation {0} is not held (before the chain's first generation, dropped after the skipped-key limit, or dropped for forward secrecy)"
@@ -269,7 +269,11 @@ impl SenderChain {
     }
 
     /// A chain with given id, key and first generation: restoring kept
-    /// state, and test vectors.
+    /// state, and test vectors. The chain seals `first_generation` next: a
+    /// restored chain that sent messages before must be moved on with
+    /// [`Self::skip_to`] first, since a generation sealed twice reuses an
+    /// AES-GCM key and nonce (keep the next generation durably before
+    /// sending).
     pub fn with(
         sender: &Sender<'_>,
         channel_id: &str,
@@ -298,6 +302,22 @@ impl SenderChain {
 
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// Moves the ratchet forward so that `next_generation` is sealed next
+    /// (restoring a chain that already sent). Never backwards.
+    pub fn skip_to(&mut self, next_generation: u32) -> Result<(), SenderKeyError> {
+        if next_generation < self.next_generation {
+            return Err(SenderKeyError::Replay(next_generation));
+        }
+        if next_generation > MAX_GENERATION {
+            return Err(SenderKeyError::GenerationOutOfRange(next_generation));
+        }
+        while self.next_generation < next_generation {
+            self.current = self.current.next();
+            self.next_generation += 1;
+        }
+        Ok(())
     }
 
     /// The generation the next message will use.
@@ -1284,12 +1304,16 @@ mod tests {
             let mut c = chain_at(0);
             // Jump straight to the generation, as a sender that sent that
             // many messages would be.
-            for _ in 0..generation {
-                c.current = c.current.next();
-            }
-            c.next_generation = generation;
+            c.skip_to(generation).unwrap();
             c.seal(&alice.sender(), &text(b"x")).unwrap().envelope
         };
+        let mut back = chain_at(0);
+        back.skip_to(3).unwrap();
+        assert_eq!(back.skip_to(2), Err(SenderKeyError::Replay(2)));
+        assert_eq!(
+            back.skip_to(MAX_GENERATION + 1),
+            Err(SenderKeyError::GenerationOutOfRange(MAX_GENERATION + 1))
+        );
         let mut rx = receive(&chain_at(0), &alice, &bob, Retention::ForwardSecret).unwrap();
         assert_eq!(
             open(&mut rx, &alice, &seal_at(MAX_SKIP + 1)).unwrap_err(),
