@@ -25,7 +25,7 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use tessera_crypto::{
-    DeviceKeys, EncryptionPublicKey,
+    DeviceKeys, EncryptionPublicKey, VerifyingKey,
     envelope::{
         self, CONTENT_TYPE_TEXT, Draft, Epoch, ExpectedSender, Opener, ParsedEnvelope, Recipient,
         Sender,
@@ -123,19 +123,39 @@ fn receiver(
         .unwrap()
 }
 
+/// The sending device, card id `[0xaa; 32]`.
+struct Alice {
+    keys: DeviceKeys,
+    vk: VerifyingKey,
+}
+
+impl Alice {
+    fn new() -> Self {
+        let keys = DeviceKeys::generate().unwrap();
+        let vk = keys.signing.verifying_key();
+        Self { keys, vk }
+    }
+
+    fn sender(&self) -> Sender<'_> {
+        Sender {
+            identity: "alice",
+            card_id: [0xaa; 32],
+            key: &self.keys.signing,
+        }
+    }
+
+    fn expected(&self) -> ExpectedSender<'_> {
+        ExpectedSender {
+            identity: "alice",
+            card_id: [0xaa; 32],
+            key: &self.vk,
+        }
+    }
+}
+
 fn message_1kib(c: &mut Criterion) {
-    let alice = DeviceKeys::generate().unwrap();
-    let vk = alice.signing.verifying_key();
-    let sender = Sender {
-        identity: "alice",
-        card_id: [0xaa; 32],
-        key: &alice.signing,
-    };
-    let from = ExpectedSender {
-        identity: "alice",
-        card_id: [0xaa; 32],
-        key: &vk,
-    };
+    let alice = Alice::new();
+    let (sender, from) = (alice.sender(), alice.expected());
     let body = vec![0x61u8; 1024];
     let draft = Draft {
         channel_id: CHANNEL,
@@ -195,18 +215,8 @@ fn message_1kib(c: &mut Criterion) {
 }
 
 fn epoch_change(c: &mut Criterion) {
-    let alice = DeviceKeys::generate().unwrap();
-    let vk = alice.signing.verifying_key();
-    let sender = Sender {
-        identity: "alice",
-        card_id: [0xaa; 32],
-        key: &alice.signing,
-    };
-    let from = ExpectedSender {
-        identity: "alice",
-        card_id: [0xaa; 32],
-        key: &vk,
-    };
+    let alice = Alice::new();
+    let (sender, from) = (alice.sender(), alice.expected());
     let mut g = c.benchmark_group("epoch_change");
     let all = devices(SIZES[SIZES.len() - 1]);
     for n in SIZES {

@@ -660,46 +660,25 @@ impl VerifiedPayload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::DeviceKeys;
-
-    struct Device {
-        identity: &'static str,
-        card_id: [u8; 32],
-        keys: DeviceKeys,
-        public: EncryptionPublicKey,
-    }
-
-    fn device(identity: &'static str, n: u8) -> Device {
-        let keys = DeviceKeys::generate().unwrap();
-        let public = keys.encryption.public_key();
-        Device {
-            identity,
-            card_id: [n; 32],
-            keys,
-            public,
-        }
-    }
+    use crate::{
+        DeviceKeys,
+        testing::{Device, device},
+    };
 
     fn seal_from(sender: &Device, to: &[&Device], body: &[u8]) -> Sealed {
-        let recipients: Vec<Recipient<'_>> = to
-            .iter()
-            .map(|d| Recipient {
-                card_id: d.card_id,
-                key: &d.public,
-            })
-            .collect();
+        seal_under(sender, to, body, None)
+    }
+
+    fn seal_under(sender: &Device, to: &[&Device], body: &[u8], epoch: Option<Epoch>) -> Sealed {
+        let recipients: Vec<Recipient<'_>> = to.iter().map(|d| d.recipient()).collect();
         seal(
-            &Sender {
-                identity: sender.identity,
-                card_id: sender.card_id,
-                key: &sender.keys.signing,
-            },
+            &sender.sender(),
             &Draft {
                 channel_id: "general",
                 content_type: CONTENT_TYPE_TEXT,
                 body,
                 sent_at_ms: 1_700_000_000_000,
-                epoch: None,
+                epoch,
             },
             &recipients,
         )
@@ -732,33 +711,7 @@ mod tests {
         me: &Device,
         edit: impl FnOnce(&mut Vec<Stanza>, &[u8; 32]),
     ) -> Vec<u8> {
-        let env = Envelope::decode(envelope).unwrap();
-        let mut header = EnvelopeHeaderV2::decode(env.header.as_slice()).unwrap();
-        let stanza = header
-            .stanzas
-            .iter()
-            .find(|s| s.card_id.as_slice() == me.card_id)
-            .unwrap();
-        let key = hpke_wrap::unwrap_key(
-            &me.keys.encryption,
-            &me.card_id,
-            &stanza.encapsulated_key,
-            &stanza.wrapped_key,
-        )
-        .unwrap();
-        let mut body = env.ciphertext.clone();
-        let len = aead::AeadKey::new(&key)
-            .open_in_place(BODY_NONCE, &env.header, &mut body)
-            .unwrap();
-        body.truncate(len);
-        edit(&mut header.stanzas, &key);
-        let new_header = header.encode_to_vec();
-        aead::AeadKey::new(&key).seal_in_place(BODY_NONCE, &new_header, &mut body);
-        Envelope {
-            header: new_header,
-            ciphertext: body,
-        }
-        .encode_to_vec()
+        rewrite_header(envelope, me, |header, key| edit(&mut header.stanzas, key))
     }
 
     #[test]
@@ -1074,32 +1027,11 @@ mod tests {
     }
 
     fn seal_at_epoch(sender: &Device, to: &[&Device], body: &[u8]) -> Sealed {
-        let recipients: Vec<Recipient<'_>> = to
-            .iter()
-            .map(|d| Recipient {
-                card_id: d.card_id,
-                key: &d.public,
-            })
-            .collect();
-        seal(
-            &Sender {
-                identity: sender.identity,
-                card_id: sender.card_id,
-                key: &sender.keys.signing,
-            },
-            &Draft {
-                channel_id: "general",
-                content_type: CONTENT_TYPE_TEXT,
-                body,
-                sent_at_ms: 1_700_000_000_000,
-                epoch: Some(Epoch {
-                    number: 1,
-                    hash: [7; 32],
-                }),
-            },
-            &recipients,
-        )
-        .unwrap()
+        let epoch = Epoch {
+            number: 1,
+            hash: [7; 32],
+        };
+        seal_under(sender, to, body, Some(epoch))
     }
 
     /// Rewrites the header of an envelope as someone who knows the content

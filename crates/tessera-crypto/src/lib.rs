@@ -28,6 +28,8 @@ mod parallel;
 mod random;
 pub mod sender_key;
 pub mod stream;
+#[cfg(test)]
+mod testing;
 
 pub use commitment::COMMITMENT_LEN;
 pub use error::{KeyError, SignatureError};

@@ -1044,53 +1044,16 @@ impl ParsedGroupEnvelope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DeviceKeys, EncryptionPublicKey, envelope::CONTENT_TYPE_TEXT};
+    use crate::{
+        envelope::CONTENT_TYPE_TEXT,
+        testing::{Device, device},
+    };
 
     const CHANNEL: &str = "0123456789abcdef0123456789abcdef";
     const EPOCH: Epoch = Epoch {
         number: 3,
         hash: [0x33; 32],
     };
-
-    struct Device {
-        identity: &'static str,
-        card_id: [u8; 32],
-        keys: DeviceKeys,
-        public: EncryptionPublicKey,
-    }
-
-    fn device(identity: &'static str, n: u8) -> Device {
-        let keys = DeviceKeys::generate().unwrap();
-        let public = keys.encryption.public_key();
-        Device {
-            identity,
-            card_id: [n; 32],
-            keys,
-            public,
-        }
-    }
-
-    impl Device {
-        fn sender(&self) -> Sender<'_> {
-            Sender {
-                identity: self.identity,
-                card_id: self.card_id,
-                key: &self.keys.signing,
-            }
-        }
-        fn recipient(&self) -> Recipient<'_> {
-            Recipient {
-                card_id: self.card_id,
-                key: &self.public,
-            }
-        }
-        fn opener(&self) -> Opener<'_> {
-            Opener {
-                card_id: self.card_id,
-                secret: &self.keys.encryption,
-            }
-        }
-    }
 
     fn expect(sender: &Device, check: impl FnOnce(&ExpectedSender<'_>)) {
         let vk = sender.keys.signing.verifying_key();
