@@ -5,11 +5,13 @@
 use std::{env, path::PathBuf};
 
 /// Messages whose `Debug` is written by hand in `src/redacted.rs`.
-const REDACTED: [&str; 9] = [
+const REDACTED: [&str; 11] = [
     ".tessera.envelope.v1.FileAttachment",
     ".tessera.envelope.v1.SignedPayload",
     ".tessera.envelope.v1.SealedContent",
     ".tessera.envelope.v1.HistoryItem",
+    ".tessera.envelope.v1.SenderKeyContent",
+    ".tessera.envelope.v1.SignedSenderKey",
     ".tessera.backup.v1.BackupRecord",
     ".tessera.auth.v1.AccessToken",
     ".tessera.server.v1.SignUpRequest",
@@ -25,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tessera/card/v1/device_list.proto",
         "tessera/channel/v1/channel.proto",
         "tessera/envelope/v1/envelope.proto",
+        "tessera/envelope/v1/group.proto",
         "tessera/transparency/v1/log.proto",
         "tessera/auth/v1/token.proto",
         "tessera/kms/v1/kms.proto",

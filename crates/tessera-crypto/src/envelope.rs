@@ -12,20 +12,24 @@ use std::fmt;
 
 use tessera_proto::{
     Message as _,
-    envelope::v1::{Envelope, EnvelopeHeader, SealedContent, SignedPayload, Stanza},
+    envelope::v1::{Envelope, EnvelopeHeaderV2, SealedContent, SignedPayload, Stanza},
 };
 use thiserror::Error;
 use zeroize::Zeroizing;
 
 use crate::{
     EncryptionPublicKey, EncryptionSecret, KeyError, SignatureContext, SigningKey, VerifyingKey,
-    aead,
+    aead, commitment,
     hpke_wrap::{self, ENC_LEN, HPKE_TAG_LEN, HpkeOpenError},
     random::random_array,
 };
 
 /// Protocol version of envelopes, headers and payloads.
 pub const VERSION: u32 = 1;
+/// Version of an `EnvelopeHeader` that commits to the content key
+/// (`key_commitment`, protocol v2). Sealing writes it for every version-2
+/// payload; opening requires it for one.
+pub const HEADER_VERSION_COMMITTED: u32 = 2;
 /// Version of a payload that names its channel membership epoch (protocol
 /// v2); envelopes and headers keep [`VERSION`].
 pub const PAYLOAD_VERSION_EPOCH: u32 = 2;
@@ -77,6 +81,16 @@ pub enum EnvelopeError {
     NotInSignedRecipients,
     #[error("not the envelope the record names: {0}")]
     OtherEnvelope(&'static str),
+    #[error(
+        "the header does not authenticate: a version-2 header carries a 32-byte key commitment, a version-1 header none"
+    )]
+    KeyCommitmentShape,
+    #[error(
+        "the content key does not match the header's key commitment (refused before decrypting)"
+    )]
+    KeyCommitmentMismatch,
+    #[error("a version-2 payload came in a version-1 header, which does not commit to its key")]
+    Uncommitted,
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -184,30 +198,12 @@ pub(crate) fn seal_with(
         Some(f) => f.message_id,
         None => random_array::<MESSAGE_ID_LEN>()?,
     };
-    let payload = SignedPayload {
-        version: if draft.epoch.is_some() {
-            PAYLOAD_VERSION_EPOCH
-        } else {
-            VERSION
-        },
-        epoch: draft.epoch.map_or(0, |e| e.number),
-        epoch_hash: draft.epoch.map(|e| e.hash.to_vec()).unwrap_or_default(),
-        channel_id: draft.channel_id.to_owned(),
-        message_id: message_id.to_vec(),
-        sender_identity: sender.identity.to_owned(),
-        sender_card_id: sender.card_id.to_vec(),
-        sent_at_ms: draft.sent_at_ms,
-        recipient_card_ids: sorted.iter().map(|r| r.card_id.to_vec()).collect(),
-        content_type: draft.content_type.to_owned(),
-        body: draft.body.to_vec(),
-    }
-    .encode_to_vec();
-    let signature = sender.key.sign(SignatureContext::Message, &payload);
-    let mut body = SealedContent {
-        payload,
-        signature: signature.to_vec(),
-    }
-    .encode_to_vec();
+    let mut body = signed_content(
+        sender,
+        draft,
+        &message_id,
+        sorted.iter().map(|r| r.card_id.to_vec()).collect(),
+    );
 
     let content_key = Zeroizing::new(match fixed {
         Some(f) => f.content_key,
@@ -226,10 +222,21 @@ pub(crate) fn seal_with(
         }
         None => wrap_for_all(&sorted, &content_key)?,
     };
-    let header = EnvelopeHeader {
-        version: VERSION,
+    // A version-2 payload (a channel with a membership chain, opened by
+    // every member's devices) goes in a header that commits to the key.
+    let (version, key_commitment) = if draft.epoch.is_some() {
+        (
+            HEADER_VERSION_COMMITTED,
+            commitment::commit(&content_key, commitment::ENVELOPE_COMMITMENT_LABEL).to_vec(),
+        )
+    } else {
+        (VERSION, Vec::new())
+    };
+    let header = EnvelopeHeaderV2 {
+        version,
         sender_card_id: sender.card_id.to_vec(),
         stanzas,
+        key_commitment,
     }
     .encode_to_vec();
     aead::AeadKey::new(&content_key).seal_in_place(BODY_NONCE, &header, &mut body);
@@ -244,9 +251,40 @@ pub(crate) fn seal_with(
     })
 }
 
-/// From this many recipients on, key wraps run on several threads: each is
-/// an independent X25519 agreement, the whole cost of a large fan-out.
-const PARALLEL_WRAP_FROM: usize = 16;
+/// Signs `draft`'s payload (version 2 when it names an epoch) and returns
+/// the encoded `SealedContent`: the plaintext of an envelope's body, and of
+/// a group envelope's (with no recipient card ids).
+pub(crate) fn signed_content(
+    sender: &Sender<'_>,
+    draft: &Draft<'_>,
+    message_id: &[u8; MESSAGE_ID_LEN],
+    recipient_card_ids: Vec<Vec<u8>>,
+) -> Vec<u8> {
+    let payload = SignedPayload {
+        version: if draft.epoch.is_some() {
+            PAYLOAD_VERSION_EPOCH
+        } else {
+            VERSION
+        },
+        epoch: draft.epoch.map_or(0, |e| e.number),
+        epoch_hash: draft.epoch.map(|e| e.hash.to_vec()).unwrap_or_default(),
+        channel_id: draft.channel_id.to_owned(),
+        message_id: message_id.to_vec(),
+        sender_identity: sender.identity.to_owned(),
+        sender_card_id: sender.card_id.to_vec(),
+        sent_at_ms: draft.sent_at_ms,
+        recipient_card_ids,
+        content_type: draft.content_type.to_owned(),
+        body: draft.body.to_vec(),
+    }
+    .encode_to_vec();
+    let signature = sender.key.sign(SignatureContext::Message, &payload);
+    SealedContent {
+        payload,
+        signature: signature.to_vec(),
+    }
+    .encode_to_vec()
+}
 
 fn wrap_one(
     r: &Recipient<'_>,
@@ -265,44 +303,11 @@ fn wrap_for_all(
     recipients: &[Recipient<'_>],
     content_key: &[u8; 32],
 ) -> Result<Vec<Stanza>, EnvelopeError> {
-    let threads = if recipients.len() >= PARALLEL_WRAP_FROM {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    } else {
-        1
-    };
-    if threads <= 1 {
-        return recipients
-            .iter()
-            .map(|r| wrap_one(r, content_key, None))
-            .collect();
-    }
-    let per_thread = recipients.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut parts = recipients.chunks(per_thread);
-        let first = parts.next().unwrap_or_default();
-        let handles: Vec<_> = parts
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|r| wrap_one(r, content_key, None))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-            })
-            .collect();
-        // The calling thread takes the first share itself.
-        let mut stanzas: Vec<Stanza> = first
-            .iter()
-            .map(|r| wrap_one(r, content_key, None))
-            .collect::<Result<_, _>>()?;
-        stanzas.reserve(recipients.len() - stanzas.len());
-        for handle in handles {
-            let part = handle
-                .join()
-                .map_err(|_| EnvelopeError::Malformed("key wrap thread failed"))??;
-            stanzas.extend(part);
-        }
-        Ok(stanzas)
-    })
+    crate::parallel::try_map(
+        recipients,
+        |r| wrap_one(r, content_key, None),
+        || EnvelopeError::Malformed("key wrap thread failed"),
+    )
 }
 
 /// An envelope whose header has been parsed but nothing decrypted or trusted.
@@ -310,7 +315,7 @@ pub struct ParsedEnvelope {
     /// SHA-256 of the exact envelope bytes parsed.
     sha256: [u8; 32],
     header_bytes: Vec<u8>,
-    header: EnvelopeHeader,
+    header: EnvelopeHeaderV2,
     sender_card_id: [u8; 32],
     ciphertext: Vec<u8>,
 }
@@ -325,21 +330,26 @@ impl fmt::Debug for ParsedEnvelope {
     }
 }
 
-fn card_id_of(bytes: &[u8], what: &'static str) -> Result<[u8; 32], EnvelopeError> {
+pub(crate) fn card_id_of(bytes: &[u8], what: &'static str) -> Result<[u8; 32], EnvelopeError> {
     bytes.try_into().map_err(|_| EnvelopeError::Malformed(what))
 }
 
 impl ParsedEnvelope {
-    /// Parses an encoded `Envelope` and checks the header's shape: version,
-    /// id lengths, 1 to [`MAX_RECIPIENTS`] stanzas in strictly ascending
-    /// card-id order.
+    /// Parses an encoded `Envelope` and checks the header's shape: version
+    /// (1, or 2 with a 32-byte key commitment), id lengths, 1 to
+    /// [`MAX_RECIPIENTS`] stanzas in strictly ascending card-id order.
     pub fn parse(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         let envelope =
             Envelope::decode(bytes).map_err(|_| EnvelopeError::Malformed("not an Envelope"))?;
-        let header = EnvelopeHeader::decode(envelope.header.as_slice())
+        // Version 2 adds field 4 to version 1: one message decodes both.
+        let header = EnvelopeHeaderV2::decode(envelope.header.as_slice())
             .map_err(|_| EnvelopeError::Malformed("header is not an EnvelopeHeader"))?;
-        if header.version != VERSION {
-            return Err(EnvelopeError::UnsupportedVersion(header.version));
+        match (header.version, header.key_commitment.len()) {
+            (VERSION, 0) | (HEADER_VERSION_COMMITTED, commitment::COMMITMENT_LEN) => {}
+            (VERSION | HEADER_VERSION_COMMITTED, _) => {
+                return Err(EnvelopeError::KeyCommitmentShape);
+            }
+            (other, _) => return Err(EnvelopeError::UnsupportedVersion(other)),
         }
         let sender_card_id = card_id_of(&header.sender_card_id, "sender card id is not 32 bytes")?;
         if header.stanzas.is_empty() {
@@ -385,8 +395,19 @@ impl ParsedEnvelope {
     }
 
     /// Decrypts the body with a known content key (no stanza involved), as
-    /// whoever checks an [`EnvelopeBinding`] does.
+    /// whoever checks an [`EnvelopeBinding`] does. A version-2 header's key
+    /// commitment is checked first: a key it does not commit to decrypts
+    /// nothing.
     fn open_with_key(&self, content_key: &[u8; 32]) -> Result<SealedContent, EnvelopeError> {
+        if self.header.version == HEADER_VERSION_COMMITTED
+            && !commitment::verify(
+                content_key,
+                commitment::ENVELOPE_COMMITMENT_LABEL,
+                &self.header.key_commitment,
+            )
+        {
+            return Err(EnvelopeError::KeyCommitmentMismatch);
+        }
         let mut body = Zeroizing::new(self.ciphertext.clone());
         let len = aead::AeadKey::new(content_key)
             .open_in_place(BODY_NONCE, &self.header_bytes, &mut body)
@@ -398,6 +419,11 @@ impl ParsedEnvelope {
     /// The card the header says sent this (not yet authenticated).
     pub fn sender_card_id(&self) -> &[u8; 32] {
         &self.sender_card_id
+    }
+
+    /// Whether the header commits to its content key (version 2).
+    pub fn is_key_committing(&self) -> bool {
+        self.header.version == HEADER_VERSION_COMMITTED
     }
 
     /// Number of recipient stanzas.
@@ -439,6 +465,11 @@ impl ParsedEnvelope {
             return Err(EnvelopeError::SenderMismatch);
         }
         let mut payload = VerifiedPayload::verify(sealed.payload, sealed.signature, sender)?;
+        // Without this, a sender could leave the commitment out by writing
+        // a version-1 header around a version-2 payload.
+        if payload.epoch.is_some() && !self.is_key_committing() {
+            return Err(EnvelopeError::Uncommitted);
+        }
         payload.envelope = Some(EnvelopeBinding {
             envelope_sha256: self.sha256,
             content_key,
@@ -629,46 +660,25 @@ impl VerifiedPayload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::DeviceKeys;
-
-    struct Device {
-        identity: &'static str,
-        card_id: [u8; 32],
-        keys: DeviceKeys,
-        public: EncryptionPublicKey,
-    }
-
-    fn device(identity: &'static str, n: u8) -> Device {
-        let keys = DeviceKeys::generate().unwrap();
-        let public = keys.encryption.public_key();
-        Device {
-            identity,
-            card_id: [n; 32],
-            keys,
-            public,
-        }
-    }
+    use crate::{
+        DeviceKeys,
+        testing::{Device, device},
+    };
 
     fn seal_from(sender: &Device, to: &[&Device], body: &[u8]) -> Sealed {
-        let recipients: Vec<Recipient<'_>> = to
-            .iter()
-            .map(|d| Recipient {
-                card_id: d.card_id,
-                key: &d.public,
-            })
-            .collect();
+        seal_under(sender, to, body, None)
+    }
+
+    fn seal_under(sender: &Device, to: &[&Device], body: &[u8], epoch: Option<Epoch>) -> Sealed {
+        let recipients: Vec<Recipient<'_>> = to.iter().map(|d| d.recipient()).collect();
         seal(
-            &Sender {
-                identity: sender.identity,
-                card_id: sender.card_id,
-                key: &sender.keys.signing,
-            },
+            &sender.sender(),
             &Draft {
                 channel_id: "general",
                 content_type: CONTENT_TYPE_TEXT,
                 body,
                 sent_at_ms: 1_700_000_000_000,
-                epoch: None,
+                epoch,
             },
             &recipients,
         )
@@ -701,33 +711,7 @@ mod tests {
         me: &Device,
         edit: impl FnOnce(&mut Vec<Stanza>, &[u8; 32]),
     ) -> Vec<u8> {
-        let env = Envelope::decode(envelope).unwrap();
-        let mut header = EnvelopeHeader::decode(env.header.as_slice()).unwrap();
-        let stanza = header
-            .stanzas
-            .iter()
-            .find(|s| s.card_id.as_slice() == me.card_id)
-            .unwrap();
-        let key = hpke_wrap::unwrap_key(
-            &me.keys.encryption,
-            &me.card_id,
-            &stanza.encapsulated_key,
-            &stanza.wrapped_key,
-        )
-        .unwrap();
-        let mut body = env.ciphertext.clone();
-        let len = aead::AeadKey::new(&key)
-            .open_in_place(BODY_NONCE, &env.header, &mut body)
-            .unwrap();
-        body.truncate(len);
-        edit(&mut header.stanzas, &key);
-        let new_header = header.encode_to_vec();
-        aead::AeadKey::new(&key).seal_in_place(BODY_NONCE, &new_header, &mut body);
-        Envelope {
-            header: new_header,
-            ciphertext: body,
-        }
-        .encode_to_vec()
+        rewrite_header(envelope, me, |header, key| edit(&mut header.stanzas, key))
     }
 
     #[test]
@@ -826,7 +810,7 @@ mod tests {
         let sealed = seal_from(&alice, &[&bob1, &bob2], b"to both");
         // Dropping a stanza without the content key breaks the header binding.
         let env = Envelope::decode(sealed.envelope.as_slice()).unwrap();
-        let mut header = EnvelopeHeader::decode(env.header.as_slice()).unwrap();
+        let mut header = EnvelopeHeaderV2::decode(env.header.as_slice()).unwrap();
         header
             .stanzas
             .retain(|s| s.card_id.as_slice() == bob1.card_id);
@@ -1040,6 +1024,128 @@ mod tests {
         )
         .unwrap();
         assert!(detached.envelope.is_none());
+    }
+
+    fn seal_at_epoch(sender: &Device, to: &[&Device], body: &[u8]) -> Sealed {
+        let epoch = Epoch {
+            number: 1,
+            hash: [7; 32],
+        };
+        seal_under(sender, to, body, Some(epoch))
+    }
+
+    /// Rewrites the header of an envelope as someone who knows the content
+    /// key can, re-encrypting the body under the new header.
+    fn rewrite_header(
+        envelope: &[u8],
+        me: &Device,
+        edit: impl FnOnce(&mut EnvelopeHeaderV2, &[u8; 32]),
+    ) -> Vec<u8> {
+        let env = Envelope::decode(envelope).unwrap();
+        let mut header = EnvelopeHeaderV2::decode(env.header.as_slice()).unwrap();
+        let stanza = header
+            .stanzas
+            .iter()
+            .find(|s| s.card_id.as_slice() == me.card_id)
+            .unwrap();
+        let key = hpke_wrap::unwrap_key(
+            &me.keys.encryption,
+            &me.card_id,
+            &stanza.encapsulated_key,
+            &stanza.wrapped_key,
+        )
+        .unwrap();
+        let body = aead::open(&key, BODY_NONCE, &env.header, &env.ciphertext).unwrap();
+        edit(&mut header, &key);
+        let new_header = header.encode_to_vec();
+        Envelope {
+            ciphertext: aead::seal(&key, BODY_NONCE, &new_header, &body),
+            header: new_header,
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn epoch_messages_commit_to_their_content_key() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let sealed = seal_at_epoch(&alice, &[&bob, &alice], b"committed");
+        let parsed = ParsedEnvelope::parse(&sealed.envelope).unwrap();
+        assert!(parsed.is_key_committing());
+        let opened = open_as(&sealed.envelope, &bob, &alice).unwrap();
+        let key = opened.envelope.unwrap().content_key;
+        assert_eq!(
+            parsed.header.key_commitment,
+            commitment::commit(&key, b"tessera/v2/envelope/key-commitment").to_vec()
+        );
+        // A version-1 payload keeps the version-1 header.
+        let old = seal_from(&alice, &[&bob], b"v1");
+        assert!(
+            !ParsedEnvelope::parse(&old.envelope)
+                .unwrap()
+                .is_key_committing()
+        );
+        assert!(open_as(&old.envelope, &bob, &alice).is_ok());
+    }
+
+    #[test]
+    fn a_key_that_the_header_does_not_commit_to_decrypts_nothing() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let sealed = seal_at_epoch(&alice, &[&bob], b"committed");
+        // The commitment of another key, with the body re-encrypted so that
+        // it authenticates: refused before decrypting.
+        let other = rewrite_header(&sealed.envelope, &bob, |h, _| {
+            h.key_commitment =
+                commitment::commit(&[9; 32], b"tessera/v2/envelope/key-commitment").to_vec();
+        });
+        assert_eq!(
+            open_as(&other, &bob, &alice),
+            Err(EnvelopeError::KeyCommitmentMismatch)
+        );
+        let key = open_as(&sealed.envelope, &bob, &alice)
+            .unwrap()
+            .envelope
+            .unwrap()
+            .content_key;
+        let sha = crate::sha256(&other);
+        let p = open_as(&sealed.envelope, &bob, &alice).unwrap();
+        assert_eq!(
+            check_binding(&other, &sha, &key[..], &p.signed_payload, &p.signature),
+            Err(EnvelopeError::OtherEnvelope(
+                "its body does not open with the key"
+            ))
+        );
+        // Dropping the commitment (a version-1 header around a version-2
+        // payload) is refused after the signature check.
+        let dropped = rewrite_header(&sealed.envelope, &bob, |h, _| {
+            h.version = VERSION;
+            h.key_commitment.clear();
+        });
+        assert_eq!(
+            open_as(&dropped, &bob, &alice),
+            Err(EnvelopeError::Uncommitted)
+        );
+        // A commitment of the wrong length, or one in a version-1 header.
+        for (version, len) in [
+            (HEADER_VERSION_COMMITTED, 0),
+            (HEADER_VERSION_COMMITTED, 31),
+            (VERSION, 32),
+        ] {
+            let bad = rewrite_header(&sealed.envelope, &bob, |h, _| {
+                h.version = version;
+                h.key_commitment = vec![1; len];
+            });
+            assert_eq!(
+                ParsedEnvelope::parse(&bad).map(|_| ()),
+                Err(EnvelopeError::KeyCommitmentShape)
+            );
+        }
+        let future = rewrite_header(&sealed.envelope, &bob, |h, _| h.version = 3);
+        assert_eq!(
+            ParsedEnvelope::parse(&future).map(|_| ()),
+            Err(EnvelopeError::UnsupportedVersion(3))
+        );
     }
 
     #[test]

@@ -179,3 +179,59 @@ pub fn keystore_seal_with(
 ) -> Result<Vec<u8>, crate::keystore::KeystoreError> {
     crate::keystore::seal_with(material, protection, salt, nonce)
 }
+
+/// One step of the sender-key ratchet from chain key `ck`:
+/// `(message secret, next chain key)` (`docs/protocol.md` section 15).
+pub fn sender_key_ratchet_step(ck: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
+    let (secret, next) = crate::sender_key::ratchet_step(ck);
+    (*secret, *next)
+}
+
+/// The keys of one group message from its message secret.
+pub struct GroupMessageKeys {
+    pub key: [u8; 32],
+    pub nonce: [u8; 12],
+    pub commitment_key: [u8; 32],
+    /// HMAC-SHA256(commitment_key, "tessera/v2/key-commitment").
+    pub commitment: [u8; 32],
+}
+
+/// The HKDF split of a message secret and its key commitment.
+pub fn group_message_keys(message_secret: &[u8; 32]) -> GroupMessageKeys {
+    let keys = crate::sender_key::MessageKeys::derive(message_secret);
+    GroupMessageKeys {
+        key: *keys.key,
+        nonce: keys.nonce,
+        commitment_key: *keys.commitment_key,
+        commitment: keys.commitment(),
+    }
+}
+
+/// The key commitment of an envelope content key (`EnvelopeHeader`
+/// version 2): HMAC-SHA256(key, "tessera/v2/envelope/key-commitment").
+pub fn envelope_key_commitment(content_key: &[u8; 32]) -> [u8; 32] {
+    crate::commitment::commit(content_key, crate::commitment::ENVELOPE_COMMITMENT_LABEL)
+}
+
+/// [`crate::sender_key::SenderChain::seal`] with the message id given:
+/// for test vectors only.
+pub fn group_seal_with(
+    chain: &mut crate::sender_key::SenderChain,
+    sender: &crate::envelope::Sender<'_>,
+    draft: &crate::sender_key::GroupDraft<'_>,
+    message_id: [u8; crate::envelope::MESSAGE_ID_LEN],
+) -> Result<crate::sender_key::GroupSealed, crate::sender_key::SenderKeyError> {
+    chain.seal_with(sender, draft, Some(message_id))
+}
+
+/// One distribution copy with the HPKE ephemeral secret given: for test
+/// vectors only.
+pub fn sender_key_distribution_with(
+    chain: &crate::sender_key::SenderChain,
+    sender: &crate::envelope::Sender<'_>,
+    recipient: &crate::envelope::Recipient<'_>,
+    created_at_ms: i64,
+    ephemeral: &[u8; 32],
+) -> Result<crate::sender_key::DistributionCopy, crate::sender_key::SenderKeyError> {
+    chain.distribution_for(sender, recipient, created_at_ms, Some(ephemeral))
+}

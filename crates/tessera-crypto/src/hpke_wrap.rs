@@ -53,6 +53,8 @@ pub(crate) enum HpkeInfo {
     KeyWrap,
     /// An OrgEncMsg: a backup record sealed to the OrgCard.
     OrgBackup,
+    /// A signed sender chain key sealed to one recipient card.
+    SenderKeyWrap,
 }
 
 impl HpkeInfo {
@@ -60,6 +62,7 @@ impl HpkeInfo {
         match self {
             Self::KeyWrap => b"tessera/v1/envelope/key-wrap",
             Self::OrgBackup => b"tessera/v1/org-backup",
+            Self::SenderKeyWrap => b"tessera/v2/sender-key/wrap",
         }
     }
 }

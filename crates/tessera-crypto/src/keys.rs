@@ -39,6 +39,9 @@ pub enum SignatureContext {
     DeviceStatementApp,
     /// A channel membership statement, by a member's device (protocol v2).
     ChannelStatement,
+    /// A sender's chain key for one channel epoch, for one recipient device
+    /// (`SenderKeyContent`, protocol v2 sender keys).
+    SenderKey,
 }
 
 impl SignatureContext {
@@ -56,6 +59,7 @@ impl SignatureContext {
             Self::DeviceStatement => "tessera/v2/device-list/statement",
             Self::DeviceStatementApp => "tessera/v2/device-list/app",
             Self::ChannelStatement => "tessera/v2/channel/statement",
+            Self::SenderKey => "tessera/v2/sender-key",
         }
     }
 
@@ -358,6 +362,7 @@ mod tests {
             DeviceStatement,
             DeviceStatementApp,
             ChannelStatement,
+            SenderKey,
         ];
         for a in &all {
             for b in &all {

@@ -7,6 +7,9 @@
 //! * [`envelope`]: multi-recipient sign-then-encrypt messages (EncMsg): an
 //!   AES-256-GCM body under a fresh content key wrapped for each recipient
 //!   card with HPKE (RFC 9180).
+//! * [`sender_key`]: per-epoch sender keys for large channels: a hash
+//!   ratchet per sending device, key-committing group envelopes, and the
+//!   signed chain keys sealed to each member device (protocol v2, draft).
 //! * [`stream`]: attachments as a STREAM of 64 KiB AES-256-GCM chunks.
 //! * [`keystore`]: key files sealed with Argon2id(passphrase) + AES-256-GCM.
 //!
@@ -14,15 +17,21 @@
 //! The exact byte layouts are specified in `docs/protocol.md`.
 
 mod aead;
+mod commitment;
 pub mod envelope;
 mod error;
 pub mod hazmat;
 mod hpke_wrap;
 mod keys;
 pub mod keystore;
+mod parallel;
 mod random;
+pub mod sender_key;
 pub mod stream;
+#[cfg(test)]
+mod testing;
 
+pub use commitment::COMMITMENT_LEN;
 pub use error::{KeyError, SignatureError};
 pub use hpke_wrap::{HpkeOpenError, SealedToKey, open_org_backup, seal_org_backup};
 pub use keys::{

@@ -65,6 +65,31 @@ impl fmt::Debug for envelope::v1::HistoryItem {
     }
 }
 
+impl fmt::Debug for envelope::v1::SenderKeyContent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SenderKeyContent")
+            .field("version", &self.version)
+            .field("channel_id", &self.channel_id)
+            .field("epoch", &self.epoch)
+            .field("sender_identity", &self.sender_identity)
+            .field("sender_card_id", &hex(&self.sender_card_id))
+            .field("chain_id", &hex(&self.chain_id))
+            .field("chain_key", &Len(self.chain_key.len()))
+            .field("first_generation", &self.first_generation)
+            .field("recipient_card_id", &hex(&self.recipient_card_id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for envelope::v1::SignedSenderKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignedSenderKey")
+            .field("content", &Len(self.content.len()))
+            .field("signature", &Len(self.signature.len()))
+            .finish_non_exhaustive()
+    }
+}
+
 impl fmt::Debug for backup::v1::BackupRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackupRecord")
@@ -159,6 +184,20 @@ mod tests {
                     original_payload: vec![SECRET; 8],
                     original_signature: vec![SECRET; 64],
                     ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                envelope::v1::SenderKeyContent {
+                    chain_key: vec![SECRET; 32],
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                envelope::v1::SignedSenderKey {
+                    content: vec![SECRET; 40],
+                    signature: vec![SECRET; 64],
                 }
             ),
             format!(
