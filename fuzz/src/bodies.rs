@@ -18,20 +18,30 @@
 use std::sync::OnceLock;
 
 use tessera_card::{
-    CardKind, ParsedCard, Verifier, app_sign, kms_sign, revocation::ParsedRevocation, transparency,
+    CardKind, ParsedCard, VerifiedCard, Verifier, app_sign,
+    channel::{ChannelState, ParsedChannelStatement, ServedChain, StatementSigner},
+    device_list::{DeviceListState, ParsedStatement},
+    kms_sign,
+    revocation::ParsedRevocation,
+    transparency,
 };
 use tessera_crypto::{
     DeviceKeys, EncryptionSecret, SignatureContext, SigningKey,
-    envelope::{ExpectedSender, Opener, ParsedEnvelope, VerifiedPayload},
+    envelope::{Epoch, ExpectedSender, Opener, ParsedEnvelope, Sender, VerifiedPayload},
     hazmat, keystore, open_org_backup, seal_org_backup,
+    sender_key::{
+        ChainKey, ExpectedChannel, ParsedDistribution, ParsedGroupEnvelope, Retention, SenderChain,
+    },
     stream::{self, FileKey},
 };
 use tessera_proto::{
     Message as _,
     auth::v1::AccessToken,
     backup::v1::{BackupRecord, OrgEncMsg},
-    card::v1::{Card, Revocation},
+    card::v1::{Card, Revocation, SignedDeviceStatement},
+    channel::v1::SignedChannelStatement,
     envelope::v1::{Envelope, EnvelopeHeader, HistoryItem, SealedContent, Stanza},
+    server::v1::ChannelChain,
     transparency::v1::{ConsistencyProof, InclusionProof, SignedCheckpoint},
 };
 use tessera_service::{TokenVerifier, token::bearer_header};
@@ -52,6 +62,9 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("stream_chunks", stream_chunks),
     ("backup_record", backup_record),
     ("store_records", store_records),
+    ("device_statement", device_statement),
+    ("channel_statement", channel_statement),
+    ("sender_key", sender_key),
 ];
 
 /// Fixed keys, made once: the fuzzer must see a deterministic target.
@@ -473,5 +486,190 @@ pub fn store_records(data: &[u8]) {
         _ => {
             let _ = backup::Archived::decode(input);
         }
+    }
+}
+
+/// The fixture's card ("alice"), verified.
+fn verified_sender() -> VerifiedCard {
+    let f = fixture();
+    f.verifier
+        .verify(&f.sender_card, Some("alice"), CardKind::Client)
+        .expect("the fixture's card verifies")
+}
+
+/// A device-list statement (mode 0), applied as the genesis of "alice"'s
+/// list with the fixture's card as signer; or (mode 1) the rest signed by
+/// that card, so parsing and the rules see well-signed content.
+pub fn device_statement(data: &[u8]) {
+    let f = fixture();
+    let (mode, input) = split(data);
+    let signed = if mode % 2 == 0 {
+        match SignedDeviceStatement::decode(input) {
+            Ok(s) => s,
+            Err(_) => return,
+        }
+    } else {
+        let mut s = SignedDeviceStatement {
+            statement: input.to_vec(),
+            signature: f
+                .sender
+                .signing
+                .sign(SignatureContext::DeviceStatement, input)
+                .to_vec(),
+            app_signature: Vec::new(),
+        };
+        tessera_card::device_list::app_cosign(&mut s, &f.app);
+        s
+    };
+    if let Ok(parsed) = ParsedStatement::parse(signed) {
+        let _ = (
+            parsed.hash(),
+            parsed.seqno(),
+            parsed.action(),
+            parsed.subject(),
+        );
+        let mut state = DeviceListState::empty("alice");
+        let _ = state.apply(&parsed, &verified_sender(), &f.app.verifying_key());
+    }
+}
+
+/// A channel statement (mode 0) applied to an empty chain with the
+/// fixture's card as signer, its bytes signed by that card (mode 1), or a
+/// served chain (mode 2: `ChannelChain`) parsed and extended.
+pub fn channel_statement(data: &[u8]) {
+    let f = fixture();
+    let card = verified_sender();
+    let Some(signer) = StatementSigner::of(&card) else {
+        return;
+    };
+    let (mode, input) = split(data);
+    match mode % 3 {
+        0 | 1 => {
+            let signed = if mode % 3 == 0 {
+                match SignedChannelStatement::decode(input) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                }
+            } else {
+                SignedChannelStatement {
+                    statement: input.to_vec(),
+                    signature: f
+                        .sender
+                        .signing
+                        .sign(SignatureContext::ChannelStatement, input)
+                        .to_vec(),
+                }
+            };
+            if let Ok(parsed) = ParsedChannelStatement::parse(signed) {
+                let mut state = ChannelState::empty(parsed.channel_id());
+                let _ = state.apply(&parsed, &signer);
+                let _ = (state.members_at(0), state.was_member("alice", 0));
+            }
+        }
+        _ => {
+            let Ok(chain) = ChannelChain::decode(input) else {
+                return;
+            };
+            let statements = chain
+                .entries
+                .into_iter()
+                .map(|e| e.statement.unwrap_or_default())
+                .collect();
+            if let Ok(served) = ServedChain::parse(statements, chain.length) {
+                let mut state = ChannelState::empty(&chain.channel_id);
+                let _ = served.extend(&mut state, &|identity: &str, _| {
+                    (identity == "alice").then(|| card.clone())
+                });
+            }
+        }
+    }
+}
+
+/// The fixed sender chain of the `sender_key` target: alice's, for
+/// channel [`BACKUP_CHANNEL`] at epoch 1.
+pub fn sender_chain() -> SenderChain {
+    let f = fixture();
+    SenderChain::with(
+        &Sender {
+            identity: "alice",
+            card_id: *verified_sender().id().as_bytes(),
+            key: &f.sender.signing,
+        },
+        SENDER_KEY_CHANNEL,
+        SENDER_KEY_EPOCH,
+        [4; 16],
+        ChainKey::from_bytes([3; 32]),
+        0,
+    )
+}
+
+/// The channel of the `sender_key` target (32 hex digits).
+pub const SENDER_KEY_CHANNEL: &str = "0123456789abcdef0123456789abcdef";
+pub const SENDER_KEY_EPOCH: Epoch = Epoch {
+    number: 1,
+    hash: [6; 32],
+};
+
+/// A distribution copy (mode 0) opened by the fixture's recipient and, when
+/// it opens, (mode 1 input) a group envelope opened with the chain it gave;
+/// or (mode 2) a group envelope opened with the fixed chain's key as given
+/// to the recipient.
+pub fn sender_key(data: &[u8]) {
+    let f = fixture();
+    let card = verified_sender();
+    let sender = ExpectedSender {
+        identity: "alice",
+        card_id: *card.id().as_bytes(),
+        key: card.signing_key(),
+    };
+    let opener = Opener {
+        card_id: RECIPIENT_CARD,
+        secret: &f.recipient.encryption,
+    };
+    let expected = ExpectedChannel {
+        channel_id: SENDER_KEY_CHANNEL,
+        epoch: SENDER_KEY_EPOCH,
+    };
+    let (mode, input) = split(data);
+    let (copy, envelope) = if mode % 2 == 0 {
+        two(input)
+    } else {
+        (&[][..], input)
+    };
+    let copy = if mode % 2 == 0 {
+        copy.to_vec()
+    } else {
+        // The fixed chain's own copy for the recipient.
+        match sender_chain().distribute(
+            &Sender {
+                identity: "alice",
+                card_id: *card.id().as_bytes(),
+                key: &f.sender.signing,
+            },
+            &[tessera_crypto::envelope::Recipient {
+                card_id: RECIPIENT_CARD,
+                key: &f.recipient.encryption.public_key(),
+            }],
+            1,
+        ) {
+            Ok(mut copies) => match copies.pop() {
+                Some(c) => c.distribution,
+                None => return,
+            },
+            Err(_) => return,
+        }
+    };
+    let Ok(parsed) = ParsedDistribution::parse(&copy) else {
+        return;
+    };
+    let _ = (parsed.channel_id(), parsed.epoch(), parsed.chain_id());
+    let Ok(mut chain) = parsed.open(&opener, &sender, &expected, Retention::KeepHistory) else {
+        return;
+    };
+    if let Ok(group) = ParsedGroupEnvelope::parse(envelope) {
+        let _ = (group.generation(), group.chain_id(), group.epoch());
+        let _ = chain.open_history(&group, &sender);
+        let _ = chain.open(&group, &sender);
+        let _ = chain.open(&group, &sender);
     }
 }

@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use tessera_card::{
-    ParsedCard,
+    CardKind, ParsedCard, channel, device_list,
     revocation::{RevokedBy, sign_revocation},
     transparency,
 };
@@ -22,6 +22,7 @@ use tessera_crypto::{
     envelope::{self, Draft, Recipient, Sender},
     hazmat,
     keystore::{self, KdfParams, KeyMaterial, Protection},
+    sender_key::{GroupDraft, SenderChain},
     stream::{self, FileKey},
 };
 use tessera_proto::{
@@ -29,7 +30,7 @@ use tessera_proto::{
     auth::v1::{AccessToken, TokenClaims},
     backup::v1::{BackupRecord, OrgEncMsg},
     envelope::v1::{SealedContent, SignedPayload},
-    server::v1::StoredMessage,
+    server::v1::{ChainEntry, ChannelChain, StoredMessage},
 };
 use tessera_service::token::bearer_header;
 
@@ -231,6 +232,80 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     }
     .encode_to_vec();
 
+    // Protocol v2: a device-list genesis, a channel creation and its chain,
+    // a sender key's copy and two group messages.
+    let alice_card = f
+        .verifier
+        .verify(&f.sender_card, Some("alice"), CardKind::Client)
+        .expect("fixture card");
+    let mut genesis = device_list::NewStatement {
+        identity: "alice",
+        seqno: 0,
+        previous_hash: None,
+        action: device_list::Action::Genesis,
+        subject: alice_card.id(),
+        signer: alice_card.id(),
+        created_at: 1,
+    }
+    .sign(&f.sender.signing);
+    device_list::app_cosign(&mut genesis, &f.app);
+    let creation = channel::NewChannelStatement {
+        channel_id: bodies::SENDER_KEY_CHANNEL,
+        epoch: 0,
+        previous_hash: None,
+        signer_identity: "alice",
+        signer: alice_card.id(),
+        created_at: 1,
+        change: channel::Change::Create {
+            name: "plans".into(),
+            visibility: channel::Visibility::Shared,
+            members: vec![("alice".into(), channel::Role::Admin)],
+        },
+    }
+    .sign(&f.sender.signing);
+    let chain = ChannelChain {
+        channel_id: bodies::SENDER_KEY_CHANNEL.into(),
+        length: 1,
+        entries: vec![ChainEntry {
+            statement: Some(creation.clone()),
+            server_time_ms: 5,
+            next_index: 1,
+        }],
+    };
+    let alice_sender = Sender {
+        identity: "alice",
+        card_id: *alice_card.id().as_bytes(),
+        key: &f.sender.signing,
+    };
+    let mut sender_chain = bodies::sender_chain();
+    let copy = sender_chain
+        .distribute(
+            &alice_sender,
+            &[Recipient {
+                card_id: RECIPIENT_CARD,
+                key: &f.recipient.encryption.public_key(),
+            }],
+            1,
+        )
+        .expect("distribute")
+        .pop()
+        .expect("one copy")
+        .distribution;
+    let group = |n: usize, chain: &mut SenderChain| {
+        chain
+            .seal(
+                &alice_sender,
+                &GroupDraft {
+                    content_type: envelope::CONTENT_TYPE_TEXT,
+                    body: format!("message {n}").as_bytes(),
+                    sent_at_ms: 2,
+                },
+            )
+            .expect("seal")
+            .envelope
+    };
+    let (first, second) = (group(0, &mut sender_chain), group(1, &mut sender_chain));
+
     let with_garbage = |mut v: Vec<Vec<u8>>| {
         v.extend(garbage.iter().cloned());
         v
@@ -298,6 +373,29 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         (
             "backup_record",
             with_garbage(vec![with_mode(0, &org_enc_msg), with_mode(1, &record)]),
+        ),
+        (
+            "device_statement",
+            with_garbage(vec![
+                with_mode(0, &genesis.encode_to_vec()),
+                with_mode(1, &genesis.statement),
+            ]),
+        ),
+        (
+            "channel_statement",
+            with_garbage(vec![
+                with_mode(0, &creation.encode_to_vec()),
+                with_mode(1, &creation.statement),
+                with_mode(2, &chain.encode_to_vec()),
+            ]),
+        ),
+        (
+            "sender_key",
+            with_garbage(vec![
+                with_mode(0, &two(&copy, &first)),
+                with_mode(1, &second),
+                with_mode(1, &first),
+            ]),
         ),
         (
             "store_records",
