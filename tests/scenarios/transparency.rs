@@ -238,3 +238,46 @@ async fn a_split_view_is_caught_when_users_compare_checkpoints() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_directory_that_hides_a_contacts_cards_or_the_contact_is_refused() {
+    let cluster = Cluster::start().await;
+    let directory = Proxy::directory(&cluster.kms.url()).await.unwrap();
+    let alice = behind_directory(&cluster, &directory, "alice", "alice").await;
+    let bob = cluster.device("bob", "bob", true).await;
+    let (found, _) = alice.cards_of(&["bob".into()]).await.unwrap();
+    assert_eq!(found["bob"].approved[0].id(), bob.card_id());
+
+    // Bob's approved card left out of the answer (zero active cards): not
+    // an empty contact to pin afresh, but a hidden device.
+    directory
+        .control
+        .set_tamper(hostile::rewrite::<SearchCardsResponse>(SEARCH, |r| {
+            for result in &mut r.results {
+                result.cards.clear();
+            }
+        }));
+    let err = alice.cards_of(&["bob".into()]).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Fork(m) if m.contains("left out") && m.contains("an approved active device of bob")),
+        "{err}"
+    );
+    // Bob left out of the answer altogether: not "nobody to encrypt to".
+    directory
+        .control
+        .set_tamper(hostile::rewrite::<SearchCardsResponse>(SEARCH, |r| {
+            r.results.retain(|result| result.identity != "bob");
+        }));
+    let err = alice.cards_of(&["bob".into()]).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Fork(m) if m.contains("exactly the identities asked for")),
+        "{err}"
+    );
+
+    // Honest again: the same card, and no event (the pin was never reset,
+    // so the card does not count as new).
+    directory.control.set_tamper(hostile::honest());
+    let (found, events) = alice.cards_of(&["bob".into()]).await.unwrap();
+    assert_eq!(found["bob"].approved[0].id(), bob.card_id());
+    assert!(events.is_empty(), "{events:?}");
+}
