@@ -14,6 +14,10 @@ use zeroize::Zeroizing;
 pub(crate) const ENVELOPE_COMMITMENT_LABEL: &[u8] = b"tessera/v2/envelope/key-commitment";
 /// Commitment label of a group message's commitment key.
 pub(crate) const GROUP_COMMITMENT_LABEL: &[u8] = b"tessera/v2/key-commitment";
+/// Label of a group message's id, derived from its commitment key: the
+/// signed message id then names the one generation of the one chain it was
+/// sealed at.
+pub(crate) const GROUP_MESSAGE_ID_LABEL: &[u8] = b"tessera/v2/group-message-id";
 /// Length of a key commitment.
 pub const COMMITMENT_LEN: usize = 32;
 

@@ -557,13 +557,23 @@ pub fn check_binding(
     }
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(content_key);
-    let sealed = ParsedEnvelope::parse(envelope)?
+    let parsed = ParsedEnvelope::parse(envelope)?;
+    let sealed = parsed
         .open_with_key(&key)
         .map_err(|_| EnvelopeError::OtherEnvelope("its body does not open with the key"))?;
     if sealed.payload != payload || sealed.signature != signature {
         return Err(EnvelopeError::OtherEnvelope(
             "it carries another payload or signature",
         ));
+    }
+    // As when opening: a payload that names an epoch (version 2) came in a
+    // committing header, else the archive could keep what every member
+    // refused (and what another key opens differently).
+    let names_epoch = SignedPayload::decode(payload)
+        .map(|p| p.version >= PAYLOAD_VERSION_EPOCH || !p.epoch_hash.is_empty())
+        .unwrap_or(true);
+    if names_epoch && !parsed.is_key_committing() {
+        return Err(EnvelopeError::Uncommitted);
     }
     Ok(())
 }
@@ -1124,6 +1134,19 @@ mod tests {
         });
         assert_eq!(
             open_as(&dropped, &bob, &alice),
+            Err(EnvelopeError::Uncommitted)
+        );
+        // ... and by the archive's binding check alike (the backup service
+        // and a syncing device): what every member refused is not archived.
+        let dropped_sha = crate::sha256(&dropped);
+        assert_eq!(
+            check_binding(
+                &dropped,
+                &dropped_sha,
+                &key[..],
+                &p.signed_payload,
+                &p.signature
+            ),
             Err(EnvelopeError::Uncommitted)
         );
         // A commitment of the wrong length, or one in a version-1 header.

@@ -194,6 +194,9 @@ pub struct GroupMessageKeys {
     pub commitment_key: [u8; 32],
     /// HMAC-SHA256(commitment_key, "tessera/v2/key-commitment").
     pub commitment: [u8; 32],
+    /// The first 16 bytes of HMAC-SHA256(commitment_key,
+    /// "tessera/v2/group-message-id"): the message id the payload must name.
+    pub message_id: [u8; 16],
 }
 
 /// The HKDF split of a message secret and its key commitment.
@@ -204,6 +207,7 @@ pub fn group_message_keys(message_secret: &[u8; 32]) -> GroupMessageKeys {
         nonce: keys.nonce,
         commitment_key: *keys.commitment_key,
         commitment: keys.commitment(),
+        message_id: keys.message_id(),
     }
 }
 
@@ -211,17 +215,6 @@ pub fn group_message_keys(message_secret: &[u8; 32]) -> GroupMessageKeys {
 /// version 2): HMAC-SHA256(key, "tessera/v2/envelope/key-commitment").
 pub fn envelope_key_commitment(content_key: &[u8; 32]) -> [u8; 32] {
     crate::commitment::commit(content_key, crate::commitment::ENVELOPE_COMMITMENT_LABEL)
-}
-
-/// [`crate::sender_key::SenderChain::seal`] with the message id given:
-/// for test vectors only.
-pub fn group_seal_with(
-    chain: &mut crate::sender_key::SenderChain,
-    sender: &crate::envelope::Sender<'_>,
-    draft: &crate::sender_key::GroupDraft<'_>,
-    message_id: [u8; crate::envelope::MESSAGE_ID_LEN],
-) -> Result<crate::sender_key::GroupSealed, crate::sender_key::SenderKeyError> {
-    chain.seal_with(sender, draft, Some(message_id))
 }
 
 /// One distribution copy with the HPKE ephemeral secret given: for test

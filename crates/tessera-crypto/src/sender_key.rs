@@ -194,6 +194,17 @@ impl MessageKeys {
     pub(crate) fn commitment(&self) -> [u8; commitment::COMMITMENT_LEN] {
         commitment::commit(&self.commitment_key, commitment::GROUP_COMMITMENT_LABEL)
     }
+
+    /// The message's id: the first 16 bytes of HMAC-SHA256(commitment key,
+    /// "tessera/v2/group-message-id"). The signature covers it, so whoever
+    /// holds the chain key cannot re-seal a signed payload at another
+    /// generation or in another chain (its id would not match).
+    pub(crate) fn message_id(&self) -> [u8; MESSAGE_ID_LEN] {
+        let full = commitment::commit(&self.commitment_key, commitment::GROUP_MESSAGE_ID_LABEL);
+        let mut id = [0u8; MESSAGE_ID_LEN];
+        id.copy_from_slice(&full[..MESSAGE_ID_LEN]);
+        id
+    }
 }
 
 /// One step of the ratchet from `ck`: (message secret, next chain key).
@@ -339,29 +350,20 @@ impl SenderChain {
 
     /// Seals `draft` as the next generation and moves the ratchet on (the
     /// used chain key is wiped).
+    /// The message id is derived from the generation's keys
+    /// ([`MessageKeys::message_id`]), so sealing is deterministic.
     pub fn seal(
         &mut self,
         sender: &Sender<'_>,
         draft: &GroupDraft<'_>,
-    ) -> Result<GroupSealed, SenderKeyError> {
-        self.seal_with(sender, draft, None)
-    }
-
-    pub(crate) fn seal_with(
-        &mut self,
-        sender: &Sender<'_>,
-        draft: &GroupDraft<'_>,
-        message_id: Option<[u8; MESSAGE_ID_LEN]>,
     ) -> Result<GroupSealed, SenderKeyError> {
         self.check_sender(sender)?;
         let generation = self.next_generation;
         if generation >= MAX_GENERATION {
             return Err(SenderKeyError::ChainExhausted);
         }
-        let message_id = match message_id {
-            Some(id) => id,
-            None => random_array::<MESSAGE_ID_LEN>()?,
-        };
+        let keys = MessageKeys::derive(&self.current.message_secret().0);
+        let message_id = keys.message_id();
         let mut body = envelope::signed_content(
             sender,
             &Draft {
@@ -374,7 +376,6 @@ impl SenderChain {
             &message_id,
             Vec::new(),
         );
-        let keys = MessageKeys::derive(&self.current.message_secret().0);
         let header = GroupHeader {
             version: GROUP_VERSION,
             channel_id: self.channel_id.clone(),
@@ -1037,6 +1038,11 @@ impl ParsedGroupEnvelope {
                 "a group message names no recipient cards",
             ));
         }
+        if payload.message_id != keys.message_id() {
+            return Err(SenderKeyError::PayloadMismatch(
+                "message id (signed for another generation or chain)",
+            ));
+        }
         Ok(payload)
     }
 }
@@ -1360,6 +1366,39 @@ mod tests {
         let keys = MessageKeys::derive(&ck.message_secret().0);
         let plain = aead::open(&keys.key, keys.nonce, &env.header, &env.ciphertext).unwrap();
         (header, plain)
+    }
+
+    #[test]
+    fn a_signed_message_resealed_at_another_generation_is_refused() {
+        let alice = device("alice", 1);
+        let bob = device("bob", 2);
+        let k = [0x63u8; 32];
+        let mut chain = SenderChain::with(
+            &alice.sender(),
+            CHANNEL,
+            EPOCH,
+            [3; 16],
+            ChainKey::from_bytes(k),
+            0,
+        );
+        let first = chain.seal(&alice.sender(), &text(b"pay bob")).unwrap();
+        let mut rx = receive(&chain, &alice, &bob, Retention::KeepHistory).unwrap();
+        // Whoever holds the chain key (any member, or one removed since)
+        // re-seals alice's signed generation-0 content at generation 5: the
+        // header, commitment and tag all hold, alice's signature too, but
+        // the signed message id is generation 0's.
+        let (header, content) = decrypt(&k, &first.envelope);
+        let moved = forge(&k, 5, header, &content);
+        assert_eq!(
+            open(&mut rx, &alice, &moved).unwrap_err(),
+            SenderKeyError::PayloadMismatch("message id (signed for another generation or chain)")
+        );
+        // Nothing was burnt: the genuine generation 0 still opens.
+        assert_eq!(rx.next_generation(), 0);
+        assert_eq!(
+            open(&mut rx, &alice, &first.envelope).unwrap().body,
+            b"pay bob"
+        );
     }
 
     #[test]

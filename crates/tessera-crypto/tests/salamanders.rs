@@ -365,7 +365,10 @@ fn a_group_header_commits_to_one_message_key() {
         key_commitment: kb.commitment.to_vec(),
     }
     .encode_to_vec();
-    let (pt, free) = with_free_block(signed_content(&alice, payload(&alice, Some(epoch), vec![])));
+    // The payload names the id of generation 0 under bob's key.
+    let mut signed = payload(&alice, Some(epoch), vec![]);
+    signed.message_id = kb.message_id.to_vec();
+    let (pt, free) = with_free_block(signed_content(&alice, signed));
     let ciphertext =
         two_key_ciphertext((&kb.key, kb.nonce), (&kc.key, kc.nonce), &header, &pt, free);
     // Without the commitment, carol's key would authenticate the body.
