@@ -64,7 +64,20 @@ async fn serve(
     app: &SigningKey,
     issuer: &TokenIssuer,
 ) -> (Running, KeyDirectoryClient<Channel>, VerifyingKey) {
-    let kms = Kms::open(&config(dir, app, issuer)).unwrap();
+    // After a restart, sled releases its file lock when the old service's
+    // last handle drops, which may trail its stop by a moment on a loaded
+    // machine: try again for up to 5 s.
+    let mut attempts = 0;
+    let kms = loop {
+        match Kms::open(&config(dir, app, issuer)) {
+            Ok(kms) => break kms,
+            Err(e) if attempts < 50 && format!("{e:?}").contains("acquire lock") => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("opening the key service: {e}"),
+        }
+    };
     let kms_key = kms.directory().public_key();
     let listener = tessera_service::serve::bind("127.0.0.1:0".parse().unwrap())
         .await
@@ -115,6 +128,10 @@ impl Fixture {
     }
 
     async fn restart(&mut self) {
+        // The old client's connection keeps the old service (and its sled
+        // database) alive: close it before stopping.
+        self.client =
+            KeyDirectoryClient::new(Channel::from_static("http://127.0.0.1:9").connect_lazy());
         self.running.take().unwrap().stop().await.unwrap();
         let (running, client, kms_key) = serve(self.dir.path(), &self.app, &self.issuer).await;
         assert_eq!(kms_key, self.kms_key, "the key survives a restart");
