@@ -363,6 +363,11 @@ fn claims(header: &str) -> TokenClaims {
 /// appends `entry` to the log, signs a checkpoint with the service's key,
 /// and makes `identity`'s device list have the entry as statement `seqno`.
 async fn doctor_log(dir: &Path, entry: Vec<u8>, identity: &str, seqno: usize) {
+    doctor_log_as(dir, entry, Some((identity, seqno))).await;
+}
+
+/// [`doctor_log`], touching a device list only when `list` names one.
+async fn doctor_log_as(dir: &Path, entry: Vec<u8>, list: Option<(&str, usize)>) {
     let key = keystore::load(&dir.join("kms.key"), None)
         .unwrap()
         .into_signing()
@@ -378,16 +383,19 @@ async fn doctor_log(dir: &Path, entry: Vec<u8>, identity: &str, seqno: usize) {
         &tree.root(index + 1).unwrap(),
         tessera_service::now_secs(),
     );
-    let mut list = store.device_list(identity).unwrap().unwrap();
-    list.indices.truncate(seqno);
-    list.indices.push(index);
+    let device_list = list.map(|(identity, seqno)| {
+        let mut list = store.device_list(identity).unwrap().unwrap();
+        list.indices.truncate(seqno);
+        list.indices.push(index);
+        list
+    });
     store
         .apply(Append {
             index,
             entry,
             leaf_hash: leaf,
             cards: Vec::new(),
-            device_list: Some(list),
+            device_list,
             checkpoint,
         })
         .unwrap();
@@ -658,4 +666,50 @@ async fn after_an_identity_reset_contacts_see_the_change_and_lose_their_verified
     let (found, _) = alice.cards_of(&["bob".into()]).await.unwrap();
     assert!(found["bob"].pending.is_empty());
     assert_eq!(found["bob"].approved.len(), 1);
+}
+
+#[tokio::test]
+async fn a_log_entry_labelled_with_another_identity_fails_the_audit() {
+    let mut cluster = Cluster::start().await;
+    let directory = Proxy::directory(&cluster.kms.url()).await.unwrap();
+    cluster
+        .device_with(
+            "bob",
+            "bob",
+            true,
+            Endpoints {
+                kms_url: directory.url(),
+                ..cluster.endpoints()
+            },
+        )
+        .await;
+    let out = cli(&cluster, "bob", &["audit"]).await;
+    assert!(out.status.success(), "{out:?}");
+    // The operator logs a card for bob (AppKey-signed, as a hostile app
+    // server makes one) under the label "mallory": an audit that trusted
+    // the label would never show it to bob.
+    let keys = DeviceKeys::generate().unwrap();
+    let mut card = NewCard {
+        identity: "bob",
+        kind: CardKind::Client,
+        device_name: "hidden",
+        created_at: tessera_service::now_secs(),
+        previous_card_id: None,
+    }
+    .self_signed(&keys)
+    .unwrap();
+    app_sign(&mut card, &app_key(&cluster));
+    let dir = cluster.copy_kms_data("kms-mislabelled").await;
+    doctor_log_as(
+        &dir,
+        transparency::registration_entry(&card, "mallory", tessera_service::now_secs()),
+        None,
+    )
+    .await;
+    let mislabelled = cluster.kms_on(&dir).await;
+    directory.control.set_upstream(&mislabelled.url()).unwrap();
+    refused(
+        &cli(&cluster, "bob", &["audit"]).await,
+        "is labelled with another identity than its content (bob)",
+    );
 }
