@@ -12,7 +12,7 @@ use tessera_card::{CardKind, Verifier, app_sign, kms_sign};
 use tessera_client::ClientError;
 use tessera_crypto::keystore;
 use tessera_proto::kms::v1::{
-    GetConsistencyProofResponse, RegisterCardRequest, SearchCardsResponse,
+    CardResponse, GetConsistencyProofResponse, RegisterCardRequest, SearchCardsResponse,
     key_directory_client::KeyDirectoryClient,
 };
 use tessera_stack::hostile::{self, Proxy};
@@ -280,4 +280,58 @@ async fn a_directory_that_hides_a_contacts_cards_or_the_contact_is_refused() {
     let (found, events) = alice.cards_of(&["bob".into()]).await.unwrap();
     assert_eq!(found["bob"].approved[0].id(), bob.card_id());
     assert!(events.is_empty(), "{events:?}");
+}
+
+#[tokio::test]
+async fn a_revocation_without_a_valid_proof_is_refused() {
+    let cluster = Cluster::start().await;
+    let directory = Proxy::directory(&cluster.kms.url()).await.unwrap();
+    let alice = behind_directory(&cluster, &directory, "alice", "alice").await;
+    let bob0 = cluster.device("bob-0", "bob", true).await;
+    let bob1 = cluster.approved_device("bob-1", &bob0).await;
+    bob0.revoke_device(&bob1.card_id(), "lost", Some("bob-testkit-password"))
+        .await
+        .unwrap();
+    let info = alice
+        .card_by_id(&bob1.card_id(), "bob", CardKind::Client)
+        .await
+        .unwrap();
+    assert_eq!(info.status, tessera_client::CardStatus::Revoked);
+
+    // A record claiming the revocation without proving it was logged (its
+    // inclusion proof left out, or altered): a directory could otherwise
+    // date a revocation as it pleased, or show one that never happened.
+    const GET_CARD: &str = "/tessera.kms.v1.KeyDirectory/GetCard";
+    directory
+        .control
+        .set_tamper(hostile::rewrite::<CardResponse>(GET_CARD, |r| {
+            if let Some(record) = r.record.as_mut() {
+                record.revocation_inclusion = None;
+            }
+        }));
+    let err = refused_card(
+        alice
+            .card_by_id(&bob1.card_id(), "bob", CardKind::Client)
+            .await
+            .unwrap_err(),
+    );
+    assert!(err.contains("the revocation's proof is missing"), "{err}");
+    directory
+        .control
+        .set_tamper(hostile::rewrite::<CardResponse>(GET_CARD, |r| {
+            if let Some(proof) = r
+                .record
+                .as_mut()
+                .and_then(|record| record.revocation_inclusion.as_mut())
+            {
+                proof.leaf_index ^= 1;
+            }
+        }));
+    let err = refused_card(
+        alice
+            .card_by_id(&bob1.card_id(), "bob", CardKind::Client)
+            .await
+            .unwrap_err(),
+    );
+    assert!(err.contains("inclusion proof does not verify"), "{err}");
 }
