@@ -399,6 +399,20 @@ async fn history_sync_respects_visibility_and_membership() {
         ]
     );
 
+    // A device of bob's that none of his devices approved (pending) gets
+    // no history: the organisation re-encrypts only to approved devices,
+    // and says so.
+    let laptop = w.device("bob-laptop", "bob", false).await;
+    let err = laptop
+        .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is not approved by bob's other devices yet"),
+        "{err}"
+    );
+
     // Eve is not a member of the channel: denied.
     let (mut backup, eve_token) = w.raw("eve").await;
     let err = backup
