@@ -652,6 +652,8 @@ async fn a_reset_keeps_the_chain_verifiable_and_unapproved_devices_cannot_sign()
         .await
         .unwrap()
         .channel_id;
+    // bob knows alice's phone (he verified the creation it signed).
+    bob.channel(&ch).await.unwrap();
     // alice loses her phone and resets onto a new one: the creation is
     // signed by a device her list no longer has.
     let alice2 = cluster.reset_device("alice-2", "alice").await;
@@ -669,6 +671,20 @@ async fn a_reset_keeps_the_chain_verifiable_and_unapproved_devices_cannot_sign()
         let members: Vec<&String> = view.verified.state.members().keys().collect();
         assert_eq!(members, ["alice", "bob", "carol"]);
     }
+    // bob sees alice's change among the messages, flagged: it was signed
+    // after a reset he has not checked (as her messages are).
+    let out = cli(&cluster, "bob", &["history", &ch]).await;
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("-- epoch 1: alice added carol (verified)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("alice RESET their identity and you have not verified them since"),
+        "{stderr}"
+    );
     let sent = alice2.send_text(&ch, "from my new phone").await.unwrap();
     let page = carol.history(&ch, sent.index, 1, false).await.unwrap();
     assert_eq!(

@@ -90,11 +90,20 @@ fn show(view: &ChannelView) -> (String, Value) {
 impl Ctx {
     /// Prints verified membership changes (as they would appear among the
     /// messages).
-    pub(crate) fn print_changes(&self, changes: &[MembershipChange]) {
+    /// A change signed by someone whose identity was reset since this user
+    /// last verified them is flagged, as their messages are.
+    pub(crate) fn print_changes(&self, client: &Client, changes: &[MembershipChange]) {
         for c in changes {
+            let reset = client.unacknowledged_reset(&c.by).unwrap_or(false);
+            if reset && !self.json {
+                eprintln!(
+                    "warning: {} RESET their identity and you have not verified them since: check this change before you trust it (tessera verify {})",
+                    c.by, c.by
+                );
+            }
             self.out(
                 || format!("-- epoch {}: {c} (verified)", c.epoch),
-                || json!({"membership_change": c.to_string(), "channel_id": c.channel_id, "epoch": c.epoch, "by": c.by, "by_card_id": c.by_card.to_string(), "verified": true}),
+                || json!({"membership_change": c.to_string(), "channel_id": c.channel_id, "epoch": c.epoch, "by": c.by, "by_card_id": c.by_card.to_string(), "verified": true, "signer_reset_unverified": reset}),
             );
         }
     }
@@ -213,7 +222,7 @@ impl Ctx {
             ),
         };
         let made = c.change_channel(&id, change).await?;
-        self.print_changes(std::slice::from_ref(&made));
+        self.print_changes(&c, std::slice::from_ref(&made));
         Ok(())
     }
 
@@ -233,7 +242,7 @@ impl Ctx {
             .into_iter()
             .filter(|m| (from_index..to_index).contains(&m.next_index))
             .collect();
-        self.print_changes(&changes);
+        self.print_changes(c, &changes);
         Ok(())
     }
 }

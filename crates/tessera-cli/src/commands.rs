@@ -599,7 +599,7 @@ impl Ctx {
         self.warn_events(&sent.events);
         self.warn_unsent(&sent);
         if !self.json {
-            self.print_changes(&sent.membership_changes);
+            self.print_changes(&c, &sent.membership_changes);
         }
         self.out(
             || format!("sent as message {} (epoch {}, encrypted to {} devices)", sent.index, sent.epoch, sent.recipients.len()),
@@ -875,7 +875,7 @@ impl Ctx {
                         if length > shown_through {
                             let verified = c.verified_channel(&id).await?;
                             let to = verified.state.length();
-                            self.print_changes(&c.membership_changes(&id, shown_through, to)?);
+                            self.print_changes(&c, &c.membership_changes(&id, shown_through, to)?);
                             shown_through = shown_through.max(to);
                         }
                         continue;
@@ -888,7 +888,7 @@ impl Ctx {
                     // (opening it verifies the chain that far).
                     if let Ok(verified) = c.verified_channel(&id).await {
                         let to = verified.state.length().min(stored.epoch + 1);
-                        self.print_changes(&c.membership_changes(&id, shown_through, to)?);
+                        self.print_changes(&c, &c.membership_changes(&id, shown_through, to)?);
                         shown_through = shown_through.max(to);
                     }
                 }
