@@ -119,6 +119,7 @@ fn chain(n: usize) -> Chain {
             length: n as u64,
             statements,
             truncated: false,
+            trusted_card_ids: Vec::new(),
         },
         checkpoint,
         records: BTreeMap::from([(first.id(), record)]),

@@ -889,6 +889,7 @@ mod tests {
                     length,
                     statements,
                     truncated: false,
+                    trusted_card_ids: Vec::new(),
                 },
                 cp,
             )

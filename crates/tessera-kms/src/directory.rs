@@ -737,6 +737,7 @@ impl Directory {
                 length: visible.len() as u64,
                 statements: Vec::new(),
                 truncated: true,
+                trusted_card_ids: Vec::new(),
             });
         }
         let mut statements = Vec::with_capacity(wanted.len());
@@ -750,6 +751,7 @@ impl Directory {
             length: visible.len() as u64,
             statements,
             truncated: false,
+            trusted_card_ids: Vec::new(),
         })
     }
 
@@ -765,10 +767,13 @@ impl Directory {
         let p = self.published()?;
         let tree = self.tree.read().map_err(lock_error)?;
         let index = self.index.read().map_err(lock_error)?;
-        Ok((
-            self.device_list_at(&index, identity, from, p.size, &tree, usize::MAX)?,
-            p.checkpoint.clone(),
-        ))
+        let mut list = self.device_list_at(&index, identity, from, p.size, &tree, usize::MAX)?;
+        list.trusted_card_ids = self
+            .store
+            .device_list(identity)?
+            .map(|l| l.trusted)
+            .unwrap_or_default();
+        Ok((list, p.checkpoint.clone()))
     }
 
     /// Every active card of each identity, as of the latest checkpoint.

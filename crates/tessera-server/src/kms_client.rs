@@ -7,7 +7,7 @@ use tessera_card::CardId;
 use tessera_proto::{
     card::v1::{Card, Revocation, SignedDeviceStatement},
     kms::v1::{
-        CardResponse, GetCardRequest, PublishDeviceStatementRequest,
+        CardResponse, GetCardRequest, GetDeviceListRequest, PublishDeviceStatementRequest,
         PublishDeviceStatementResponse, RegisterCardRequest, RevokeCardRequest,
         key_directory_client::KeyDirectoryClient,
     },
@@ -145,5 +145,34 @@ impl KmsClient {
             .await
             .map_err(relay)?
             .into_inner())
+    }
+
+    /// The card ids `identity`'s device list trusts, as the key service
+    /// reads it; `None` when the identity has no list (an account from
+    /// before device lists).
+    pub(crate) async fn trusted_devices(
+        &self,
+        issuer: &TokenIssuer,
+        identity: &str,
+    ) -> Result<Option<Vec<Vec<u8>>>, Status> {
+        let request = self.request(
+            issuer,
+            GetDeviceListRequest {
+                identity: identity.to_owned(),
+                // Past any list's end: the length and trusted set, no
+                // statements.
+                from_seqno: u64::MAX,
+            },
+        )?;
+        let list = self
+            .client
+            .clone()
+            .get_device_list(request)
+            .await
+            .map_err(relay)?
+            .into_inner()
+            .device_list
+            .unwrap_or_default();
+        Ok((list.length > 0).then_some(list.trusted_card_ids))
     }
 }

@@ -69,6 +69,8 @@ pub(crate) struct SignerKeys {
     kms: Arc<KmsClient>,
     issuer: Arc<TokenIssuer>,
     user_locks: Arc<Locks>,
+    /// Whether signers must be approved by their device list.
+    check_approval: bool,
 }
 
 impl SignerKeys {
@@ -83,7 +85,17 @@ impl SignerKeys {
             kms,
             issuer,
             user_locks,
+            check_approval: true,
         }
+    }
+
+    /// Without asking the key service whether a signer is approved: for the
+    /// domain layer's unit tests, which run no key service (the check runs
+    /// over gRPC in `tests/server.rs`).
+    #[cfg(test)]
+    pub(crate) fn without_approval_check(mut self) -> Self {
+        self.check_approval = false;
+        self
     }
 
     /// The device that signed a statement naming `identity` and `card`,
@@ -103,11 +115,30 @@ impl SignerKeys {
             )));
         }
         let device = own_active_device(&*self.store, caller, card, "sign")?;
+        if self.check_approval {
+            self.check_approved(identity, card).await?;
+        }
         Ok(DeviceSigner {
             identity: device.identity.clone(),
             card_id: card,
             key: self.key(device).await?,
         })
+    }
+
+    /// Refuses a device its owner's device list does not trust (pending or
+    /// removed): every member would refuse what it signs, and no statement
+    /// could follow it. An identity without a list (an account from before
+    /// device lists) is not checked here; clients refuse its signers.
+    async fn check_approved(&self, identity: &str, card: CardId) -> Result<(), ServerError> {
+        if let Some(trusted) = self.kms.trusted_devices(&self.issuer, identity).await?
+            && !trusted.iter().any(|t| t.as_slice() == card.as_bytes())
+        {
+            return Err(ServerError::PermissionDenied(format!(
+                "device {} of {identity} is not approved by {identity}'s device list (pending or removed): approve it from another device first",
+                card.short()
+            )));
+        }
+        Ok(())
     }
 
     /// The device's signing key: from its record, or (a record written

@@ -60,6 +60,9 @@ struct App {
     server: Arc<Server>,
     store: MemoryStore,
     running: Running,
+    /// The key service beside it (asked whether statement signers are
+    /// approved; these tests' devices have no device lists there).
+    _kms: Running,
 }
 
 impl App {
@@ -70,8 +73,24 @@ impl App {
             &dir.path().join("token.key"),
         )
         .unwrap();
-        // No key service: the calls under test never reach it.
-        let mut config = Config::new(dir.path(), "http://127.0.0.1:9");
+        let kms = Running::spawn(
+            tessera_kms::Kms::open(&tessera_kms::Config {
+                data_dir: dir.path().join("kms"),
+                key_path: None,
+                app_public_key: app_key.verifying_key(),
+                token_public_key: token_key.verifying_key(),
+                limits: tessera_kms::Limits::default(),
+                max_request_bytes: tessera_kms::DEFAULT_MAX_REQUEST_BYTES,
+            })
+            .unwrap()
+            .routes()
+            .await
+            .unwrap(),
+            bind("127.0.0.1:0".parse().unwrap()).await.unwrap(),
+            ServeOptions::default(),
+        )
+        .unwrap();
+        let mut config = Config::new(dir.path(), kms.url());
         config.password_params = PasswordParams::DANGER_FAST_FOR_TESTS;
         config.throttle.signups_per_peer = 1000;
         tune(&mut config);
@@ -90,6 +109,7 @@ impl App {
             server,
             store,
             running,
+            _kms: kms,
         }
     }
 

@@ -1652,3 +1652,83 @@ async fn enrollment_at_the_device_limit_from_two_clients_at_once() {
         assert_eq!(listed.len(), 2, "round {round}");
     }
 }
+
+#[tokio::test]
+async fn statements_from_a_device_its_owner_did_not_approve_are_refused() {
+    let s = Stack::start().await;
+    let mut carol = s.signup("carol").await;
+    let bob = s.signup("bob").await;
+    // carol's first device starts her device list (GENESIS).
+    let keys = DeviceKeys::generate().unwrap();
+    let card = NewCard {
+        identity: "carol",
+        kind: CardKind::Client,
+        device_name: "phone",
+        created_at: 0,
+        previous_card_id: None,
+    }
+    .self_signed(&keys)
+    .unwrap();
+    let id = CardId::of_snapshot(&card.content_snapshot);
+    let genesis = NewStatement {
+        identity: "carol",
+        seqno: 0,
+        previous_hash: None,
+        action: Action::Genesis,
+        subject: id,
+        signer: id,
+        created_at: 0,
+    }
+    .sign(&keys.signing);
+    let r = s
+        .devices()
+        .enroll_device(carol.req(EnrollDeviceRequest {
+            card: Some(card),
+            statement: Some(genesis),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.statement_logged);
+    let public = keys.encryption.public_key();
+    carol.devices.push(Device {
+        card_id: id,
+        keys,
+        public,
+    });
+    // A laptop enrolled by password: active at the app server, pending in
+    // carol's list.
+    let laptop = s.enroll(&mut carol, "laptop").await;
+    let channel_id = s
+        .create_channel(&carol, &[&bob], HistoryVisibility::Shared)
+        .await;
+    let tip = s.tips.lock().unwrap()[&channel_id];
+    let by_laptop = NewChannelStatement {
+        channel_id: &channel_id,
+        epoch: tip.0,
+        previous_hash: tip.1,
+        signer_identity: "carol",
+        signer: laptop,
+        created_at: 0,
+        change: Change::Rename("mine".into()),
+    }
+    .sign(&carol.devices[1].keys.signing);
+    let err = s
+        .channels()
+        .publish_channel_statement(carol.req(PublishChannelStatementRequest {
+            channel_id: channel_id.clone(),
+            statement: Some(by_laptop),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("is not approved by carol's device list"),
+        "{err:?}"
+    );
+    // The phone, which the list trusts, may.
+    s.publish(&carol, &channel_id, Change::Rename("ours".into()))
+        .await
+        .unwrap();
+}

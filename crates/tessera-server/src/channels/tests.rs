@@ -82,7 +82,7 @@ impl World {
         let channels = Channels::new(
             shared.clone(),
             limits,
-            SignerKeys::new(shared, kms, issuer, user_locks.clone()),
+            SignerKeys::new(shared, kms, issuer, user_locks.clone()).without_approval_check(),
             user_locks,
             dir.path().to_path_buf(),
             closing,
