@@ -1,28 +1,43 @@
-//! What the services' sled stores share: opening, durable flushes, and one
-//! error type that reaches callers as a bare `INTERNAL` (details only in logs).
+//! What the services' stores share: opening sled (the embedded backend),
+//! durable flushes, and one backend-neutral error type that reaches callers
+//! as a bare `INTERNAL` (details only in logs).
 
 use std::{future::Future, path::Path};
 
 use thiserror::Error;
 use tonic::Status;
 
-/// A storage failure.
+/// A storage failure, whatever the backend: the stores' traits name no
+/// backend's types (a backend's errors convert into `Backend`).
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum StorageError {
-    #[error("sled: {0}")]
-    Sled(#[from] sled::Error),
+    /// The backend failed (its name and its own message, for the logs).
+    #[error("{backend}: {message}")]
+    Backend {
+        backend: &'static str,
+        message: String,
+    },
     #[error("stored record is corrupt: {0}")]
     Corrupt(&'static str),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
 
+impl From<sled::Error> for StorageError {
+    fn from(e: sled::Error) -> Self {
+        Self::Backend {
+            backend: "sled",
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<sled::transaction::TransactionError<StorageError>> for StorageError {
     fn from(e: sled::transaction::TransactionError<StorageError>) -> Self {
         match e {
             sled::transaction::TransactionError::Abort(inner) => inner,
-            sled::transaction::TransactionError::Storage(s) => Self::Sled(s),
+            sled::transaction::TransactionError::Storage(s) => s.into(),
         }
     }
 }
