@@ -161,7 +161,20 @@ impl Channels {
             )?;
             self.check_room_for_channel(identity)?;
         }
-        let now = tessera_service::now_ms();
+        // Clients refuse a chain whose times go back (a backdated statement),
+        // so a clock stepped back must not date this one before the head.
+        let head_time = self
+            .store
+            .chain(
+                channel_id,
+                channel.chain_length - 1,
+                channel.chain_length,
+                1,
+                usize::MAX,
+            )?
+            .first()
+            .map_or(0, |e| e.server_time_ms);
+        let now = tessera_service::now_ms().max(head_time);
         let after = ChannelRecord {
             name: state.name().to_owned(),
             history_visibility: visibility_code(state.visibility()),
