@@ -794,6 +794,33 @@ async fn chain_times_that_go_back_are_refused() {
     relay.control.set_tamper(hostile::honest());
     assert_eq!(bob.channel(&ch).await.unwrap().verified.state.length(), 2);
 
+    // bob kept the head (epoch 1) with its time. After the next statement
+    // the server serves that head again dated at 0, so that the new one
+    // could be dated early too: refused, the head's time was known.
+    alice
+        .change_channel(&ch, Change::Rename("plans 2".into()))
+        .await
+        .unwrap();
+    let target = ch.clone();
+    relay
+        .control
+        .set_tamper(hostile::rewrite::<ChannelChain>(GET_CHAIN, move |c| {
+            if c.channel_id == target {
+                for e in &mut c.entries {
+                    e.server_time_ms = 0;
+                }
+            }
+        }));
+    let reason = channel_refusal(bob.channel(&ch).await.unwrap_err());
+    assert!(
+        reason
+            .to_string()
+            .contains("changed the time of a statement it served before"),
+        "{reason}"
+    );
+    relay.control.set_tamper(hostile::honest());
+    assert_eq!(bob.channel(&ch).await.unwrap().verified.state.length(), 3);
+
     // A name is looked up in the server's list, then checked against the
     // name the members signed: the server cannot steer "send board" into
     // this channel by listing it under that name.
@@ -811,7 +838,7 @@ async fn chain_times_that_go_back_are_refused() {
     assert_eq!(out.status.code(), Some(6), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("its members named it \"plans\""),
+        stderr.contains("its members named it \"plans 2\""),
         "{stderr}"
     );
     assert!(alice.stored_messages(&ch, 0, 10).await.unwrap().is_empty());

@@ -779,6 +779,11 @@ impl ChannelState {
                     .get(identity)
                     .ok_or_else(|| ChannelError::NotAMember(identity.clone()))?
                     .role;
+                if current == *role {
+                    // Nothing would change: refused, so the chain's last
+                    // statements (kept for demotions) cannot be spent on it.
+                    return Err(ChannelError::Malformed("the member already has that role"));
+                }
                 if current == Role::Admin && *role != Role::Admin && self.admins() == 1 {
                     return Err(ChannelError::NoAdminLeft);
                 }

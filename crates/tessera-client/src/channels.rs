@@ -95,6 +95,11 @@ impl fmt::Display for MembershipChange {
 pub(crate) struct KeptChannel {
     pub(crate) state: ChannelState,
     pub(crate) changes: Vec<MembershipChange>,
+    /// The app server's time of the head statement, as it served it (none
+    /// when this device made the head and has not fetched it since): served
+    /// again, it must not change.
+    #[serde(default)]
+    pub(crate) head_time_ms: Option<i64>,
 }
 
 /// A channel as verified now.
@@ -169,7 +174,12 @@ impl Client {
             {
                 return Err(channel_error(channel_id, ChannelError::Fork { epoch }));
             }
-            if kept.state.length() >= new.state.length() {
+            // The same chain again keeps what was kept, unless it now
+            // learns the server's time of a head this device made.
+            let learns_time = kept.head_time_ms.is_none() && new.head_time_ms.is_some();
+            if kept.state.length() > new.state.length()
+                || (kept.state.length() == new.state.length() && !learns_time)
+            {
                 return Ok(kept.clone());
             }
         }
@@ -262,9 +272,9 @@ impl Client {
     pub async fn verified_channel(&self, channel_id: &str) -> Result<VerifiedChannel, ClientError> {
         validate_channel_id(channel_id).map_err(|e| ClientError::Usage(e.to_string()))?;
         let kept = self.kept_channel(channel_id)?;
-        let (mut state, mut changes) = match kept {
-            Some(k) => (k.state, k.changes),
-            None => (ChannelState::empty(channel_id), Vec::new()),
+        let (mut state, mut changes, head_time) = match kept {
+            Some(k) => (k.state, k.changes, k.head_time_ms),
+            None => (ChannelState::empty(channel_id), Vec::new(), None),
         };
         let from = state.epoch().unwrap_or(0);
         let (length, entries) = self.fetch_chain(channel_id, from).await?;
@@ -284,6 +294,20 @@ impl Client {
         // The app server's times date the signers' cards: they must not go
         // back along the chain (from the kept head, served again first), so
         // a statement cannot be backdated to before an earlier one.
+        // (Only for the same statement: another one there is a fork, which
+        // extending reports.)
+        if let (Some(kept), Some((served_time, _))) = (head_time, times.get(&from))
+            && state.head().is_some()
+            && served.statements.first().map(|s| s.hash()) == state.head()
+            && *served_time != kept
+        {
+            return Err(channel_error(
+                channel_id,
+                ChannelError::Malformed(
+                    "the app server changed the time of a statement it served before",
+                ),
+            ));
+        }
         let mut previous = i64::MIN;
         for (time, _) in times.values() {
             if *time < previous {
@@ -332,7 +356,12 @@ impl Client {
             .map_err(|e| channel_error(channel_id, e))?;
         let new_changes = applied.len();
         changes.extend(applied.iter().map(|s| change_of(s, &times)));
-        let kept = self.keep_channel(&KeptChannel { state, changes })?;
+        let head_time_ms = times.values().last().map(|(time, _)| *time);
+        let kept = self.keep_channel(&KeptChannel {
+            state,
+            changes,
+            head_time_ms,
+        })?;
         Ok(VerifiedChannel {
             new_changes: new_changes.min(kept.changes.len()),
             state: kept.state,
@@ -450,6 +479,7 @@ impl Client {
         self.keep_channel(&KeptChannel {
             state: state.clone(),
             changes: changes.clone(),
+            head_time_ms: Some(served.created_at_ms),
         })?;
         self.channel(&channel_id).await
     }
@@ -519,7 +549,13 @@ impl Client {
                     };
                     let mut changes = verified.changes;
                     changes.push(made.clone());
-                    self.keep_channel(&KeptChannel { state, changes })?;
+                    // The server's time of this statement is learnt at the
+                    // next fetch.
+                    self.keep_channel(&KeptChannel {
+                        state,
+                        changes,
+                        head_time_ms: None,
+                    })?;
                     return Ok(made);
                 }
                 Err(s) if s.code() == tonic::Code::Aborted && attempt < PUBLISH_ATTEMPTS => {}

@@ -126,19 +126,21 @@ impl SignerKeys {
     }
 
     /// Refuses a device its owner's device list does not trust (pending or
-    /// removed): every member would refuse what it signs, and no statement
-    /// could follow it. An identity without a list (an account from before
-    /// device lists) is not checked here; clients refuse its signers.
+    /// removed), or an identity with no list at all: every member would
+    /// refuse what it signs, and no statement could follow it.
     async fn check_approved(&self, identity: &str, card: CardId) -> Result<(), ServerError> {
-        if let Some(trusted) = self.kms.trusted_devices(&self.issuer, identity).await?
-            && !trusted.iter().any(|t| t.as_slice() == card.as_bytes())
-        {
-            return Err(ServerError::PermissionDenied(format!(
-                "device {} of {identity} is not approved by {identity}'s device list (pending or removed): approve it from another device first",
-                card.short()
-            )));
+        match self.kms.trusted_devices(&self.issuer, identity).await? {
+            None => Err(ServerError::PermissionDenied(format!(
+                "{identity} has no device list: enroll a device with a current client first"
+            ))),
+            Some(trusted) if !trusted.iter().any(|t| t.as_slice() == card.as_bytes()) => {
+                Err(ServerError::PermissionDenied(format!(
+                    "device {} of {identity} is not approved by {identity}'s device list (pending or removed): approve it from another device first",
+                    card.short()
+                )))
+            }
+            Some(_) => Ok(()),
         }
-        Ok(())
     }
 
     /// The device's signing key: from its record, or (a record written

@@ -27,21 +27,23 @@ use std::{
 use futures_util::StreamExt as _;
 use futures_util::future::join_all;
 use tessera_card::{
-    CardId,
+    CardId, CardKind, NewCard,
     channel::{Change, NewChannelStatement, Role, Visibility, statement_hash},
+    device_list::{Action, NewStatement},
     transparency::Hash,
 };
-use tessera_crypto::SigningKey;
+use tessera_crypto::{DeviceKeys, EncryptionSecret, SigningKey};
 use tessera_proto::{
     Message as _,
     channel::v1::SignedChannelStatement,
     envelope::v1::{Envelope, EnvelopeHeader, Stanza},
     server::v1::{
         BeginDeviceLoginRequest, ChannelEvent, CreateChannelRequest, Direction,
-        DownloadAttachmentRequest, HistoryVisibility, ListChannelsRequest, ListMessagesRequest,
-        LoginRequest, PublishChannelStatementRequest, SendMessageRequest, SignUpRequest,
-        SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
-        channel_event, channels_client::ChannelsClient,
+        DownloadAttachmentRequest, EnrollDeviceRequest, HistoryVisibility, ListChannelsRequest,
+        ListMessagesRequest, LoginRequest, PublishChannelStatementRequest, SendMessageRequest,
+        SignUpRequest, SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest,
+        accounts_client::AccountsClient, channel_event, channels_client::ChannelsClient,
+        devices_client::DevicesClient,
     },
 };
 use tessera_server::{
@@ -503,11 +505,57 @@ impl App {
             .await
             .unwrap()
             .into_inner();
+        let token = bearer_header(&login.access_token);
+        // A real device, enrolled with the GENESIS of the user's device list
+        // (the app server refuses statements from devices no list trusts);
+        // its keys are [`device_key`]`(n)`'s.
+        let keys = DeviceKeys {
+            signing: device_key(n),
+            encryption: EncryptionSecret::from_bytes([n; 32]),
+        };
+        let card = NewCard {
+            identity,
+            kind: CardKind::Client,
+            device_name: "phone",
+            created_at: 0,
+            previous_card_id: None,
+        }
+        .self_signed(&keys)
+        .unwrap();
+        let id = CardId::of_snapshot(&card.content_snapshot);
+        let genesis = NewStatement {
+            identity,
+            seqno: 0,
+            previous_hash: None,
+            action: Action::Genesis,
+            subject: id,
+            signer: id,
+            created_at: 0,
+        }
+        .sign(&keys.signing);
+        let channel = Endpoint::from_shared(self.running.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut request = Request::new(EnrollDeviceRequest {
+            card: Some(card),
+            statement: Some(genesis),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", token.parse().unwrap());
+        let enrolled = DevicesClient::new(channel)
+            .enroll_device(request)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(enrolled.statement_logged);
         User {
             identity: identity.into(),
-            card_id: self.device(identity, n),
+            card_id: id.to_vec(),
             n,
-            token: bearer_header(&login.access_token),
+            token,
         }
     }
 

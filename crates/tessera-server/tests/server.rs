@@ -220,6 +220,8 @@ impl Stack {
         }
     }
 
+    /// Enrolls a device of `user`; the first one starts the user's device
+    /// list (GENESIS), later ones are pending in it.
     async fn enroll(&self, user: &mut User, name: &str) -> CardId {
         let keys = DeviceKeys::generate().unwrap();
         let card = NewCard {
@@ -231,11 +233,24 @@ impl Stack {
         }
         .self_signed(&keys)
         .unwrap();
+        let id = CardId::of_snapshot(&card.content_snapshot);
+        let genesis = user.devices.is_empty().then(|| {
+            NewStatement {
+                identity: &user.identity,
+                seqno: 0,
+                previous_hash: None,
+                action: Action::Genesis,
+                subject: id,
+                signer: id,
+                created_at: 0,
+            }
+            .sign(&keys.signing)
+        });
         let r = self
             .devices()
             .enroll_device(user.req(EnrollDeviceRequest {
                 card: Some(card),
-                statement: None,
+                statement: genesis,
             }))
             .await
             .unwrap()
