@@ -1404,4 +1404,24 @@ mod tests {
         full.apply(&leave, &bob.signer()).unwrap();
         assert_eq!(full.length(), at + 2);
     }
+
+    #[test]
+    fn a_role_change_that_changes_nothing_is_refused() {
+        let w = World::new();
+        let alice = w.device("alice");
+        let (mut state, _) = create(&alice, &["bob"]);
+        let same = statement(
+            &state,
+            &alice,
+            Change::SetRole {
+                identity: "bob".into(),
+                role: Role::Member,
+            },
+        );
+        assert!(matches!(
+            state.apply(&same, &alice.signer()),
+            Err(ChannelError::Malformed("the member already has that role"))
+        ));
+        assert_eq!(state.length(), 1, "nothing applied");
+    }
 }
