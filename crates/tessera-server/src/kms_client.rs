@@ -164,15 +164,19 @@ impl KmsClient {
                 from_seqno: u64::MAX,
             },
         )?;
-        let list = self
+        let answer = self
             .client
             .clone()
             .get_device_list(request)
             .await
             .map_err(relay)?
-            .into_inner()
-            .device_list
-            .unwrap_or_default();
+            .into_inner();
+        if answer.identity != identity {
+            return Err(Status::internal(
+                "the key service answered for another identity",
+            ));
+        }
+        let list = answer.device_list.unwrap_or_default();
         Ok((list.length > 0).then_some(list.trusted_card_ids))
     }
 }
