@@ -212,11 +212,22 @@ impl Store for MemoryStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// The behaviour every backend of [`Store`] must show, as one check each
+/// backend's tests run (`conformance::exercise(&store)`), so a new backend
+/// is held to what sled and the in-memory store do. Built for this crate's
+/// tests, and for other crates with the `conformance` feature.
+#[cfg(any(test, feature = "conformance"))]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "a conformance check: a failed assertion is a failed test"
+)]
+pub mod conformance {
     use super::*;
 
-    fn exercise(store: &dyn Store) {
+    pub fn exercise(store: &dyn Store) {
         let rec = |i: u64, who: &str| Archived {
             channel_id: "c".into(),
             message_index: i,
@@ -240,17 +251,22 @@ mod tests {
         assert_eq!(store.count("c", 0, 100, 2).unwrap(), 2);
         assert!(store.range("other", 0, 100, 10).unwrap().is_empty());
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn memory_store() {
-        exercise(&MemoryStore::default());
+        conformance::exercise(&MemoryStore::default());
     }
 
     #[test]
     fn sled_store() {
         let dir = std::env::temp_dir().join(format!("tessera-backup-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        exercise(&SledStore::open(&dir).unwrap());
+        conformance::exercise(&SledStore::open(&dir).unwrap());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

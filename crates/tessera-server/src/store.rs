@@ -968,12 +968,22 @@ impl Store for MemoryStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// The behaviour every backend of [`Store`] must show, as one check each
+/// backend's tests run (`conformance::exercise(&store)`), so a new backend
+/// is held to what sled and the in-memory store do. Built for this crate's
+/// tests, and for other crates with the `conformance` feature.
+#[cfg(any(test, feature = "conformance"))]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "a conformance check: a failed assertion is a failed test"
+)]
+pub mod conformance {
     use super::*;
 
-    /// The same behaviour from every store.
-    fn exercise(store: &dyn Store) {
+    pub fn exercise(store: &dyn Store) {
         let account = Account {
             identity: "alice".into(),
             password: None,
@@ -1177,10 +1187,17 @@ mod tests {
         store.set_org_member("alice", false).unwrap();
         assert!(store.org_members().unwrap().is_empty());
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same behaviour from every store.
 
     #[test]
     fn memory_store() {
-        exercise(&MemoryStore::default());
+        conformance::exercise(&MemoryStore::default());
     }
 
     #[tokio::test]
@@ -1225,7 +1242,7 @@ mod tests {
     fn sled_store() {
         let dir = std::env::temp_dir().join(format!("tessera-server-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        exercise(&SledStore::open(&dir).unwrap());
+        conformance::exercise(&SledStore::open(&dir).unwrap());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
