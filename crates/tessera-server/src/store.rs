@@ -181,6 +181,44 @@ fn take_bounded<T, E>(
     Ok(out)
 }
 
+/// The sled records of a key range, bounded as [`take_bounded`] says (from
+/// the newest on when `newest_first`), decoded: only what is kept is
+/// decoded, sizes come from the raw records.
+fn decode_bounded<M: Message + Default>(
+    range: sled::Iter,
+    limit: usize,
+    max_bytes: usize,
+    newest_first: bool,
+    what: &'static str,
+) -> Result<Vec<M>, StorageError> {
+    let sized = |item: sled::Result<(sled::IVec, sled::IVec)>| {
+        let (_, v) = item?;
+        Ok::<_, StorageError>((v.len(), v))
+    };
+    let raw: Vec<sled::IVec> = if newest_first {
+        take_bounded(range.rev().map(sized), limit, max_bytes)?
+    } else {
+        take_bounded(range.map(sized), limit, max_bytes)?
+    };
+    raw.iter().map(|v| decode(v, what)).collect()
+}
+
+/// The in-memory records of a range, bounded as [`take_bounded`] says (from
+/// the newest on when `newest_first`), cloned.
+fn clone_bounded<'a, K: 'a, M: Message + Clone + 'a>(
+    range: impl DoubleEndedIterator<Item = (&'a K, &'a M)>,
+    limit: usize,
+    max_bytes: usize,
+    newest_first: bool,
+) -> Result<Vec<M>, StorageError> {
+    let sized = |(_, v): (&K, &M)| Ok((v.encoded_len(), v.clone()));
+    if newest_first {
+        take_bounded(range.rev().map(sized), limit, max_bytes)
+    } else {
+        take_bounded(range.map(sized), limit, max_bytes)
+    }
+}
+
 /// A statement accepted into a channel's chain and what it changes,
 /// stored atomically by [`Store::append_statement`].
 pub struct StatementChange {
@@ -574,15 +612,7 @@ impl Store for SledStore {
         let range = self
             .db
             .range(key(b"cs/", &[id, &u64_key(from)])..key(b"cs/", &[id, &u64_key(to)]));
-        let raw: Vec<sled::IVec> = take_bounded(
-            range.map(|item| {
-                let (_, v) = item?;
-                Ok::<_, StorageError>((v.len(), v))
-            }),
-            limit,
-            max_bytes,
-        )?;
-        raw.iter().map(|v| decode(v, "chain entry")).collect()
+        decode_bounded(range, limit, max_bytes, false, "chain entry")
     }
 
     fn dedupe(
@@ -639,17 +669,7 @@ impl Store for SledStore {
             let range = self
                 .db
                 .range(key(b"m/", &[id, &u64_key(from)])..key(b"m/", &[id, &u64_key(to)]));
-            let sized = |item: sled::Result<(sled::IVec, sled::IVec)>| {
-                let (_, v) = item?;
-                Ok::<_, StorageError>((v.len(), v))
-            };
-            // Decode only what is kept: sizes come from the raw records.
-            let raw: Vec<sled::IVec> = if newest_first {
-                take_bounded(range.rev().map(sized), limit, max_bytes)?
-            } else {
-                take_bounded(range.map(sized), limit, max_bytes)?
-            };
-            raw.iter().map(|v| decode(v, "message")).collect()
+            decode_bounded(range, limit, max_bytes, newest_first, "message")
         })
     }
 
@@ -861,9 +881,8 @@ impl Store for MemoryStore {
         let m = self.lock()?;
         let range = m
             .chains
-            .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to))
-            .map(|(_, v)| Ok::<_, StorageError>((v.encoded_len(), v.clone())));
-        take_bounded(range, limit, max_bytes)
+            .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to));
+        clone_bounded(range, limit, max_bytes, false)
     }
 
     fn dedupe(
@@ -913,12 +932,7 @@ impl Store for MemoryStore {
         let range = m
             .messages
             .range((channel_id.to_owned(), from)..(channel_id.to_owned(), to));
-        let sized = |(_, v): (_, &StoredMessage)| Ok((v.encoded_len(), v.clone()));
-        if newest_first {
-            take_bounded(range.rev().map(sized), limit, max_bytes)
-        } else {
-            take_bounded(range.map(sized), limit, max_bytes)
-        }
+        clone_bounded(range, limit, max_bytes, newest_first)
     }
 
     fn usage(&self, identity: &str) -> Result<Usage, StorageError> {
