@@ -23,6 +23,7 @@ use tessera_kms::store::{Append, SledStore, Store};
 use tessera_proto::{
     Message as _,
     auth::v1::{AccessToken, AuthMethod, TokenClaims},
+    card::v1::Card,
     kms::v1::{
         DeviceList, GetDeviceListRequest, GetDeviceListResponse, PublishDeviceStatementRequest,
         RegisterCardRequest, SearchCardsResponse, key_directory_client::KeyDirectoryClient,
@@ -33,7 +34,7 @@ use tessera_stack::hostile::{self, Proxy, raw_call};
 use tessera_testkit::{Cluster, PASSPHRASE, approve};
 use tonic::{Code, Request};
 
-use crate::{app_key, cli, connect, service_token};
+use crate::{app_key, behind_directory, cli, connect, service_token};
 
 /// A card for `identity` signed with the AppKey and registered at the key
 /// service without any of `identity`'s devices: what a hostile app server
@@ -42,6 +43,22 @@ pub(crate) async fn card_behind_their_back(
     cluster: &Cluster,
     identity: &str,
 ) -> (DeviceKeys, CardId) {
+    let (keys, card) = server_made_card(cluster, identity);
+    let id = CardId::of_snapshot(&card.content_snapshot);
+    let mut request = Request::new(RegisterCardRequest { card: Some(card) });
+    request
+        .metadata_mut()
+        .insert("authorization", service_token(cluster).parse().unwrap());
+    KeyDirectoryClient::new(connect(&cluster.kms.url()).await)
+        .register_card(request)
+        .await
+        .unwrap();
+    (keys, id)
+}
+
+/// A card for `identity` that the app server signs with the AppKey, made
+/// without any of `identity`'s devices (not registered yet).
+fn server_made_card(cluster: &Cluster, identity: &str) -> (DeviceKeys, Card) {
     let keys = DeviceKeys::generate().unwrap();
     let mut card = NewCard {
         identity,
@@ -53,16 +70,7 @@ pub(crate) async fn card_behind_their_back(
     .self_signed(&keys)
     .unwrap();
     app_sign(&mut card, &app_key(cluster));
-    let id = CardId::of_snapshot(&card.content_snapshot);
-    let mut request = Request::new(RegisterCardRequest { card: Some(card) });
-    request
-        .metadata_mut()
-        .insert("authorization", service_token(cluster).parse().unwrap());
-    KeyDirectoryClient::new(connect(&cluster.kms.url()).await)
-        .register_card(request)
-        .await
-        .unwrap();
-    (keys, id)
+    (keys, card)
 }
 
 #[tokio::test]
@@ -672,33 +680,13 @@ async fn after_an_identity_reset_contacts_see_the_change_and_lose_their_verified
 async fn a_log_entry_labelled_with_another_identity_fails_the_audit() {
     let mut cluster = Cluster::start().await;
     let directory = Proxy::directory(&cluster.kms.url()).await.unwrap();
-    cluster
-        .device_with(
-            "bob",
-            "bob",
-            true,
-            Endpoints {
-                kms_url: directory.url(),
-                ..cluster.endpoints()
-            },
-        )
-        .await;
+    behind_directory(&cluster, &directory, "bob", "bob").await;
     let out = cli(&cluster, "bob", &["audit"]).await;
     assert!(out.status.success(), "{out:?}");
     // The operator logs a card for bob (AppKey-signed, as a hostile app
     // server makes one) under the label "mallory": an audit that trusted
     // the label would never show it to bob.
-    let keys = DeviceKeys::generate().unwrap();
-    let mut card = NewCard {
-        identity: "bob",
-        kind: CardKind::Client,
-        device_name: "hidden",
-        created_at: tessera_service::now_secs(),
-        previous_card_id: None,
-    }
-    .self_signed(&keys)
-    .unwrap();
-    app_sign(&mut card, &app_key(&cluster));
+    let (_, card) = server_made_card(&cluster, "bob");
     let dir = cluster.copy_kms_data("kms-mislabelled").await;
     doctor_log_as(
         &dir,

@@ -446,32 +446,22 @@ impl Client {
         // co-signed by a retired AppKey no longer verify: then from the
         // latest reset, as a first look always may.
         let mut whole = None;
-        if pin.is_none() && served.has_reset() {
-            let mut found = true;
-            for signer in served.all_signers() {
-                if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(signer) {
-                    match self.card_record(&signer, identity).await {
-                        Ok(record) => {
-                            slot.insert(record);
-                        }
-                        Err(_) => {
-                            found = false;
-                            break;
-                        }
-                    }
-                }
-            }
-            if found {
-                let mut from_genesis = state.clone();
-                whole = served
-                    .extend_whole(
-                        &mut from_genesis,
-                        &|id| records.get(id).cloned(),
-                        self.verifier.app_key(),
-                    )
-                    .ok()
-                    .map(|changes| (from_genesis, changes));
-            }
+        if pin.is_none()
+            && served.has_reset()
+            && self
+                .fetch_records(served.all_signers(), identity, &mut records)
+                .await
+                .is_ok()
+        {
+            let mut from_genesis = state.clone();
+            whole = served
+                .extend_whole(
+                    &mut from_genesis,
+                    &|id| records.get(id).cloned(),
+                    self.verifier.app_key(),
+                )
+                .ok()
+                .map(|changes| (from_genesis, changes));
         }
         let changes = match whole {
             Some((from_genesis, changes)) => {
@@ -479,12 +469,8 @@ impl Client {
                 changes
             }
             None => {
-                for signer in served.signers(&state) {
-                    if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(signer)
-                    {
-                        slot.insert(self.card_record(&signer, identity).await?);
-                    }
-                }
+                self.fetch_records(served.signers(&state), identity, &mut records)
+                    .await?;
                 served
                     .extend(
                         &mut state,
@@ -730,6 +716,22 @@ impl Client {
     }
 
     /// A card by id, whatever its status, checked like any other.
+    /// Fetches the checked record of each card in `ids` not in `records`
+    /// yet (statement signers no longer active).
+    async fn fetch_records(
+        &self,
+        ids: BTreeSet<CardId>,
+        identity: &str,
+        records: &mut BTreeMap<CardId, CheckedRecord>,
+    ) -> Result<(), ClientError> {
+        for id in ids {
+            if let std::collections::btree_map::Entry::Vacant(slot) = records.entry(id) {
+                slot.insert(self.card_record(&id, identity).await?);
+            }
+        }
+        Ok(())
+    }
+
     async fn card_record(&self, id: &CardId, identity: &str) -> Result<CheckedRecord, ClientError> {
         self.fetch_card(id, identity, CardKind::Client).await
     }

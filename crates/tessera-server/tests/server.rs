@@ -1674,43 +1674,7 @@ async fn statements_from_a_device_its_owner_did_not_approve_are_refused() {
     let mut carol = s.signup("carol").await;
     let bob = s.signup("bob").await;
     // carol's first device starts her device list (GENESIS).
-    let keys = DeviceKeys::generate().unwrap();
-    let card = NewCard {
-        identity: "carol",
-        kind: CardKind::Client,
-        device_name: "phone",
-        created_at: 0,
-        previous_card_id: None,
-    }
-    .self_signed(&keys)
-    .unwrap();
-    let id = CardId::of_snapshot(&card.content_snapshot);
-    let genesis = NewStatement {
-        identity: "carol",
-        seqno: 0,
-        previous_hash: None,
-        action: Action::Genesis,
-        subject: id,
-        signer: id,
-        created_at: 0,
-    }
-    .sign(&keys.signing);
-    let r = s
-        .devices()
-        .enroll_device(carol.req(EnrollDeviceRequest {
-            card: Some(card),
-            statement: Some(genesis),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.statement_logged);
-    let public = keys.encryption.public_key();
-    carol.devices.push(Device {
-        card_id: id,
-        keys,
-        public,
-    });
+    s.enroll(&mut carol, "phone").await;
     // A laptop enrolled by password: active at the app server, pending in
     // carol's list.
     let laptop = s.enroll(&mut carol, "laptop").await;
