@@ -6,9 +6,10 @@ use tessera_card::{CardId, CardKind, VerifiedCard};
 use tessera_crypto::{
     envelope::{
         CONTENT_TYPE_HISTORY, CONTENT_TYPE_HISTORY_END, EnvelopeBinding, ExpectedSender, Opener,
-        ParsedEnvelope, VerifiedPayload, check_binding,
+        ParsedEnvelope, VerifiedPayload,
     },
     seal_org_backup,
+    sender_key::{StoredFormat, check_stored_binding},
 };
 use tessera_proto::{
     Message as _,
@@ -421,7 +422,10 @@ impl Client {
         let stored = stored.ok_or_else(|| {
             bad("the app server has no message at this index to check the archive against".into())
         })?;
-        check_binding(
+        let format = StoredFormat::of_kind(stored.kind)
+            .ok_or_else(|| bad("the app server stores it in an unknown envelope format".into()))?;
+        check_stored_binding(
+            format,
             &stored.envelope,
             &item.envelope_sha256,
             &item.content_key,

@@ -86,7 +86,6 @@ fn chain(sender: &Sender<'_>) -> SenderChain {
         sender,
         CHANNEL,
         EPOCH,
-        [0x0c; 16],
         ChainKey::from_bytes([0x5c; 32]),
         0,
     )

@@ -223,8 +223,15 @@ pub fn sender_key_distribution_with(
     chain: &crate::sender_key::SenderChain,
     sender: &crate::envelope::Sender<'_>,
     recipient: &crate::envelope::Recipient<'_>,
+    recipients_sha256: &[u8; 32],
     created_at_ms: i64,
     ephemeral: &[u8; 32],
 ) -> Result<crate::sender_key::DistributionCopy, crate::sender_key::SenderKeyError> {
-    chain.distribution_for(sender, recipient, created_at_ms, Some(ephemeral))
+    chain.distribution_for(
+        sender,
+        recipient,
+        recipients_sha256,
+        created_at_ms,
+        Some(ephemeral),
+    )
 }

@@ -23,6 +23,7 @@ mod error;
 pub mod hazmat;
 mod hpke_wrap;
 mod keys;
+pub mod local_state;
 pub mod keystore;
 mod parallel;
 mod random;
