@@ -471,8 +471,12 @@ impl Client {
                 "the original message was sent to another channel".into()
             ));
         }
+        // A per-device envelope names its recipients in the signed payload;
+        // an archived group message's chain recipients are not known here.
+        let recipients = original.recipient_card_ids.clone();
         self.finish_received(
             original,
+            (format == StoredFormat::Device).then_some(recipients.as_slice()),
             index,
             item.server_time_ms,
             info.card.device_name(),

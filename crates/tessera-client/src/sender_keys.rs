@@ -1,0 +1,503 @@
+//! Sender keys (protocol section 15) as a device uses them: one sending
+//! chain per channel at a time, receiving chains for what others sent, all
+//! kept in one file per channel, sealed at rest
+//! ([`tessera_crypto::local_state`]).
+//!
+//! A sending chain is replaced by a new one (new random key, copies to
+//! every device again) when the channel's epoch changes, when the set of
+//! approved devices of the members differs from the one the chain was
+//! given to (a device added, removed, revoked; a reset), when it has sent
+//! its 10 000 messages, or when it is older than seven days. So a removed
+//! member or a revoked device never holds the key of what follows.
+//!
+//! The next generation is kept on disk *before* a message is sealed under
+//! it, so no generation is ever sealed twice, even across a crash.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+use tessera_card::{CardId, VerifiedCard};
+use tessera_crypto::{
+    envelope::{Epoch, ExpectedSender, Opener, Recipient, Sender, VerifiedPayload},
+    local_state::LocalStateKey,
+    sender_key::{
+        ExpectedChannel, GroupDraft, GroupSealed, ParsedDistribution, ParsedGroupEnvelope,
+        ReceiverChain, Retention, SenderChain, SenderKeyError, recipients_digest,
+    },
+};
+use tessera_proto::{
+    envelope::v1::{KeptReceiverChain, KeptSenderChain},
+    server::v1::{GetSenderKeyRequest, PutSenderKeysRequest},
+};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::{Client, ClientError, client::now_ms, error::rpc, state};
+
+/// A sending chain older than this is replaced.
+pub(crate) const CHAIN_MAX_AGE_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+
+/// What a device keeps of one channel's chains (sealed on disk).
+#[derive(Default, Serialize, Deserialize)]
+struct ChannelKeys {
+    /// Receiving chains keep only what forward secrecy allows.
+    #[serde(default)]
+    forward_secret: bool,
+    sending: Option<Sending>,
+    /// By "sender card hex/chain id hex".
+    #[serde(default)]
+    receiving: BTreeMap<String, Receiving>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Sending {
+    /// Hex of an encoded `KeptSenderChain`.
+    chain: String,
+    /// The devices (hex card ids) the chain was given to.
+    recipients: BTreeSet<String>,
+    started_at_ms: i64,
+    /// The app server stored the copies.
+    distributed: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Receiving {
+    /// Hex of an encoded `KeptReceiverChain`.
+    chain: String,
+    /// The chain's recipients (hex card ids), as the app server listed them
+    /// and the sender's signed digest confirmed.
+    recipients: Vec<String>,
+}
+
+impl Drop for ChannelKeys {
+    fn drop(&mut self) {
+        if let Some(s) = &mut self.sending {
+            s.chain.zeroize();
+        }
+        for r in self.receiving.values_mut() {
+            r.chain.zeroize();
+        }
+    }
+}
+
+/// A chain's key in [`ChannelKeys::receiving`].
+fn chain_key(sender: &[u8; 32], chain_id: &[u8]) -> String {
+    format!("{}/{}", hex::encode(sender), hex::encode(chain_id))
+}
+
+fn malformed(what: &str) -> ClientError {
+    ClientError::Message(format!("this device's kept sender keys are damaged: {what}"))
+}
+
+fn decode_hex<M: tessera_proto::Message + Default>(hex_str: &str) -> Result<M, ClientError> {
+    let bytes = Zeroizing::new(hex::decode(hex_str).map_err(|_| malformed("not hex"))?);
+    M::decode(bytes.as_slice()).map_err(|_| malformed("undecodable chain"))
+}
+
+fn encode_hex<M: tessera_proto::Message>(m: &M) -> String {
+    let bytes = Zeroizing::new(m.encode_to_vec());
+    hex::encode(bytes.as_slice())
+}
+
+/// Why sealing to a channel must start over.
+pub(crate) enum GroupSeal {
+    Sealed {
+        sealed: GroupSealed,
+        recipients: Vec<CardId>,
+    },
+    /// The app server moved to another epoch while the chain was being
+    /// distributed: verify the channel again.
+    EpochMoved,
+}
+
+/// A group message opened, with its chain's recipients.
+pub(crate) struct GroupOpened {
+    pub(crate) payload: VerifiedPayload,
+    pub(crate) recipients: Vec<[u8; 32]>,
+}
+
+impl Client {
+    fn keys_path(&self, channel_id: &str) -> Result<PathBuf, ClientError> {
+        // Channel ids are chosen by clients; only a plain one names a file.
+        if channel_id.is_empty()
+            || channel_id.len() > 128
+            || !channel_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ClientError::Usage(format!(
+                "channel id {channel_id:?} is not one this device keeps keys for"
+            )));
+        }
+        Ok(self
+            .dir
+            .join("sender-keys")
+            .join(format!("{channel_id}.sealed")))
+    }
+
+    fn label(channel_id: &str) -> Vec<u8> {
+        format!("tessera sender keys of channel {channel_id}").into_bytes()
+    }
+
+    fn load_keys(&self, channel_id: &str) -> Result<ChannelKeys, ClientError> {
+        let path = self.keys_path(channel_id)?;
+        let sealed = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ChannelKeys::default()),
+            Err(e) => return Err(ClientError::io(&path, e)),
+        };
+        let plain = LocalStateKey::of_device(&self.keys)
+            .open(&Self::label(channel_id), &sealed)
+            .map_err(|e| ClientError::Message(format!("{}: {e}", path.display())))?;
+        serde_json::from_slice(&plain).map_err(|_| malformed("not the expected layout"))
+    }
+
+    fn save_keys(&self, channel_id: &str, keys: &ChannelKeys) -> Result<(), ClientError> {
+        let path = self.keys_path(channel_id)?;
+        let plain = Zeroizing::new(
+            serde_json::to_vec(keys).map_err(|e| ClientError::Message(e.to_string()))?,
+        );
+        let sealed = LocalStateKey::of_device(&self.keys)
+            .seal(&Self::label(channel_id), &plain)
+            .map_err(|e| ClientError::Crypto(e.to_string()))?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| ClientError::io(parent, e))?;
+        }
+        tessera_crypto::keystore::write_private_file(&path, &sealed)
+            .map_err(|e| ClientError::Message(format!("{}: {e}", path.display())))
+    }
+
+    /// Runs `f` on the channel's kept keys under the profile's lock, and
+    /// saves them when `f` succeeds.
+    fn with_keys<T>(
+        &self,
+        channel_id: &str,
+        f: impl FnOnce(&mut ChannelKeys) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let guard = state::lock(&self.dir, "sender-keys.lock")?;
+        let mut keys = self.load_keys(channel_id)?;
+        let out = f(&mut keys)?;
+        self.save_keys(channel_id, &keys)?;
+        drop(guard);
+        Ok(out)
+    }
+
+    /// Whether this device keeps the channel's message keys forward-secret
+    /// (it cannot re-read messages from the app server then).
+    pub fn forward_secret(&self, channel_id: &str) -> Result<bool, ClientError> {
+        Ok(self.load_keys(channel_id)?.forward_secret)
+    }
+
+    /// Turns forward secrecy of received messages on or off for a channel.
+    /// On: every receiving chain drops its first key now, and message keys
+    /// are wiped once used, so messages already read cannot be opened again
+    /// (a history page shows them as unavailable). Off applies to chains
+    /// received from now on.
+    pub fn set_forward_secret(&self, channel_id: &str, on: bool) -> Result<(), ClientError> {
+        self.with_keys(channel_id, |keys| {
+            keys.forward_secret = on;
+            if on {
+                for r in keys.receiving.values_mut() {
+                    let mut chain = ReceiverChain::restore(&decode_hex::<KeptReceiverChain>(
+                        &r.chain,
+                    )?)
+                    .map_err(|e| malformed(&e.to_string()))?;
+                    chain.forget_history();
+                    r.chain.zeroize();
+                    r.chain = encode_hex(&chain.export());
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn sender(&self) -> Sender<'_> {
+        Sender {
+            identity: self.identity(),
+            card_id: *self.card_id.as_bytes(),
+            key: &self.keys.signing,
+        }
+    }
+
+    /// Seals a message of `channel_id` at `epoch` under this device's
+    /// sending chain, first replacing the chain (and giving its key to
+    /// every device in `cards`) when the rules of the module say so.
+    pub(crate) async fn seal_group(
+        &self,
+        channel_id: &str,
+        epoch: Epoch,
+        cards: &[VerifiedCard],
+        draft: &GroupDraft<'_>,
+    ) -> Result<GroupSeal, ClientError> {
+        let wanted: BTreeSet<String> = cards.iter().map(|c| c.id().to_string()).collect();
+        let now = now_ms();
+        // A chain to distribute, when the kept one will not do.
+        let pending = self.with_keys(channel_id, |keys| {
+            let reuse = keys.sending.as_ref().is_some_and(|s| {
+                decode_hex::<KeptSenderChain>(&s.chain).is_ok_and(|k| {
+                    k.epoch == epoch.number
+                        && k.epoch_hash == epoch.hash
+                        && k.next_generation < tessera_crypto::sender_key::MAX_GENERATION
+                }) && s.recipients == wanted
+                    && now.saturating_sub(s.started_at_ms) < CHAIN_MAX_AGE_MS
+            });
+            if !reuse {
+                let chain = SenderChain::new(&self.sender(), channel_id, epoch)
+                    .map_err(|e| ClientError::Crypto(e.to_string()))?;
+                keys.sending = Some(Sending {
+                    chain: encode_hex(&chain.export()),
+                    recipients: wanted.clone(),
+                    started_at_ms: now,
+                    distributed: false,
+                });
+            }
+            match &keys.sending {
+                Some(s) if !s.distributed => Ok(Some(decode_hex::<KeptSenderChain>(&s.chain)?)),
+                _ => Ok(None),
+            }
+        })?;
+        if let Some(kept) = pending {
+            let chain = SenderChain::restore(&self.sender(), &kept)
+                .map_err(|e| malformed(&e.to_string()))?;
+            if !self.distribute(channel_id, &chain, cards).await? {
+                return Ok(GroupSeal::EpochMoved);
+            }
+            self.with_keys(channel_id, |keys| {
+                if let Some(s) = &mut keys.sending
+                    && decode_hex::<KeptSenderChain>(&s.chain)?.chain_key == kept.chain_key
+                {
+                    s.distributed = true;
+                }
+                Ok(())
+            })?;
+        }
+        // Seal, keeping the next generation before the message leaves.
+        let sender = self.sender();
+        self.with_keys(channel_id, |keys| {
+            let s = keys
+                .sending
+                .as_mut()
+                .filter(|s| s.distributed)
+                .ok_or_else(|| {
+                    ClientError::Message(
+                        "another process replaced this channel's sending chain: send again".into(),
+                    )
+                })?;
+            let mut chain = SenderChain::restore(&sender, &decode_hex(&s.chain)?)
+                .map_err(|e| malformed(&e.to_string()))?;
+            let sealed = chain
+                .seal(&sender, draft)
+                .map_err(|e| ClientError::Crypto(e.to_string()))?;
+            s.chain.zeroize();
+            s.chain = encode_hex(&chain.export());
+            Ok(GroupSeal::Sealed {
+                sealed,
+                recipients: cards.iter().map(|c| c.id()).collect(),
+            })
+        })
+    }
+
+    /// Gives the chain's first key to every device in `cards` through the
+    /// app server. `Ok(false)` when the channel moved to another epoch.
+    async fn distribute(
+        &self,
+        channel_id: &str,
+        chain: &SenderChain,
+        cards: &[VerifiedCard],
+    ) -> Result<bool, ClientError> {
+        let recipients: Vec<Recipient<'_>> = cards
+            .iter()
+            .map(|c| Recipient {
+                card_id: *c.id().as_bytes(),
+                key: c.encryption_key(),
+            })
+            .collect();
+        let copies = chain
+            .distribute(&self.sender(), &recipients, now_ms())
+            .map_err(|e| ClientError::Crypto(e.to_string()))?;
+        let request = self
+            .request(PutSenderKeysRequest {
+                channel_id: channel_id.to_owned(),
+                sender_card_id: self.card_id.to_vec(),
+                epoch: chain.epoch().number,
+                chain_id: chain.chain_id().to_vec(),
+                distributions: copies.into_iter().map(|c| c.distribution).collect(),
+            })
+            .await?;
+        match self.channels_client().put_sender_keys(request).await {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::Aborted => Ok(false),
+            Err(s) => Err(rpc("app server", self.server_url(), "the sender keys")(s)),
+        }
+    }
+
+    /// Opens a group message from `sender` (a card the caller verified and
+    /// may accept at the message's epoch), fetching the chain's key from the
+    /// app server when this device does not hold it yet. `Err(Ok(reason))`
+    /// refuses the message; `Err(Err(e))` is any other failure.
+    pub(crate) async fn open_group(
+        &self,
+        channel_id: &str,
+        envelope: &[u8],
+        sender: &ExpectedSender<'_>,
+    ) -> Result<GroupOpened, Result<String, ClientError>> {
+        let parsed = ParsedGroupEnvelope::parse(envelope).map_err(|e| Ok(e.to_string()))?;
+        if parsed.channel_id() != channel_id {
+            return Err(Ok(format!(
+                "it was sealed for channel {}, not this one: moved by the relay",
+                parsed.channel_id()
+            )));
+        }
+        if parsed.sender_card_id() != &sender.card_id {
+            return Err(Ok(
+                "the relay names another sender card than the envelope".into()
+            ));
+        }
+        let key = chain_key(parsed.sender_card_id(), &parsed.chain_id());
+        let held = self
+            .load_keys(channel_id)
+            .map_err(Err)?
+            .receiving
+            .contains_key(&key);
+        if !held {
+            let (chain, recipients) = self.fetch_chain_key(&parsed, sender).await?;
+            self.with_keys(channel_id, |keys| {
+                keys.receiving.entry(key.clone()).or_insert(Receiving {
+                    chain: encode_hex(&chain.export()),
+                    recipients,
+                });
+                Ok(())
+            })
+            .map_err(Err)?;
+        }
+        let out = self.with_keys(channel_id, |keys| {
+            let r = keys
+                .receiving
+                .get_mut(&key)
+                .ok_or_else(|| malformed("a chain went missing"))?;
+            let mut chain = ReceiverChain::restore(&decode_hex(&r.chain)?)
+                .map_err(|e| malformed(&e.to_string()))?;
+            let recipients = r
+                .recipients
+                .iter()
+                .map(|h| {
+                    hex::decode(h)
+                        .ok()
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .ok_or_else(|| malformed("a recipient card id"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let opened = match chain.open(&parsed, sender) {
+                // Read before: opened again from the first key, changing
+                // nothing (whether it is a re-read of the same message or a
+                // replay elsewhere is the replay log's call).
+                Err(SenderKeyError::Replay(_)) if chain.keeps_history() => {
+                    chain.open_history(&parsed, sender)
+                }
+                Err(SenderKeyError::Replay(g)) => {
+                    return Ok(Err(format!(
+                        "generation {g} of this chain was opened before, and this channel keeps no message keys (forward secrecy): it cannot be read again"
+                    )));
+                }
+                other => other,
+            };
+            match opened {
+                Ok(payload) => {
+                    r.chain.zeroize();
+                    r.chain = encode_hex(&chain.export());
+                    Ok(Ok(GroupOpened {
+                        payload,
+                        recipients,
+                    }))
+                }
+                Err(SenderKeyError::KeyCommitmentMismatch) => Ok(Err(
+                    "the message key does not match the header's key commitment: the sender may be showing devices different messages".into(),
+                )),
+                Err(e) => Ok(Err(e.to_string())),
+            }
+        });
+        match out {
+            Ok(Ok(opened)) => Ok(opened),
+            Ok(Err(reason)) => Err(Ok(reason)),
+            Err(e) => Err(Err(e)),
+        }
+    }
+
+    /// Fetches and opens this device's copy of the chain a message names;
+    /// checks that the chain's recipients the app server lists are the ones
+    /// the sender signed.
+    async fn fetch_chain_key(
+        &self,
+        parsed: &ParsedGroupEnvelope,
+        sender: &ExpectedSender<'_>,
+    ) -> Result<(ReceiverChain, Vec<String>), Result<String, ClientError>> {
+        let channel_id = parsed.channel_id();
+        let n = parsed.epoch().number;
+        let state = self.state_at_least(channel_id, n).await.map_err(Err)?;
+        let Some(hash) = state.hash_at(n) else {
+            return Err(Ok(format!(
+                "it names membership epoch {n}, which the channel's verified chain ({} statements) does not have",
+                state.length()
+            )));
+        };
+        let request = self
+            .request(GetSenderKeyRequest {
+                channel_id: channel_id.to_owned(),
+                recipient_card_id: self.card_id.to_vec(),
+                sender_card_id: parsed.sender_card_id().to_vec(),
+                chain_id: parsed.chain_id().to_vec(),
+            })
+            .await
+            .map_err(Err)?;
+        let answer = match self.channels_client().get_sender_key(request).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Err(Ok(
+                    "not encrypted to this device: the app server holds no copy of the sender's key for it (sent before it was enrolled or approved, or after it was removed?)".into(),
+                ));
+            }
+            Err(s) => {
+                return Err(Err(rpc("app server", self.server_url(), "a sender key")(s)));
+            }
+        };
+        let copy = ParsedDistribution::parse(&answer.distribution)
+            .map_err(|e| Ok(format!("the sender's key for this device: {e}")))?;
+        let forward_secret = self
+            .load_keys(channel_id)
+            .map_err(Err)?
+            .forward_secret;
+        let chain = copy
+            .open(
+                &Opener {
+                    card_id: *self.card_id.as_bytes(),
+                    secret: &self.keys.encryption,
+                },
+                sender,
+                &ExpectedChannel {
+                    channel_id,
+                    epoch: Epoch { number: n, hash },
+                },
+                if forward_secret {
+                    Retention::ForwardSecret
+                } else {
+                    Retention::KeepHistory
+                },
+            )
+            .map_err(|e| Ok(format!("the sender's key for this device: {e}")))?;
+        let listed: Vec<[u8; 32]> = answer
+            .recipient_card_ids
+            .iter()
+            .map(|id| <[u8; 32]>::try_from(id.as_slice()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| Ok("the app server listed a malformed recipient card id".to_owned()))?;
+        if !tessera_crypto::ct_eq(&recipients_digest(&listed), chain.recipients_sha256()) {
+            return Err(Ok(
+                "the chain's recipients the app server lists are not the ones the sender signed"
+                    .into(),
+            ));
+        }
+        Ok((chain, listed.iter().map(hex::encode).collect()))
+    }
+}
