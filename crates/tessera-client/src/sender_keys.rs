@@ -435,13 +435,6 @@ impl Client {
     ) -> Result<(ReceiverChain, Vec<String>), Result<String, ClientError>> {
         let channel_id = parsed.channel_id();
         let n = parsed.epoch().number;
-        let state = self.state_at_least(channel_id, n).await.map_err(Err)?;
-        let Some(hash) = state.hash_at(n) else {
-            return Err(Ok(format!(
-                "it names membership epoch {n}, which the channel's verified chain ({} statements) does not have",
-                state.length()
-            )));
-        };
         let request = self
             .request(GetSenderKeyRequest {
                 channel_id: channel_id.to_owned(),
@@ -458,12 +451,27 @@ impl Client {
                     "not encrypted to this device: the app server holds no copy of the sender's key for it (sent before it was enrolled or approved, or after it was removed?)".into(),
                 ));
             }
+            Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                return Err(Ok(format!(
+                    "not encrypted to this device: the app server gives it no sender key ({})",
+                    s.message()
+                )));
+            }
             Err(s) => {
                 return Err(Err(rpc("app server", self.server_url(), "a sender key")(s)));
             }
         };
         let copy = ParsedDistribution::parse(&answer.distribution)
             .map_err(|e| Ok(format!("the sender's key for this device: {e}")))?;
+        // The epoch's hash from the chain this device verified: a copy for
+        // another history of the channel does not open.
+        let state = self.state_at_least(channel_id, n).await.map_err(Err)?;
+        let Some(hash) = state.hash_at(n) else {
+            return Err(Ok(format!(
+                "it names membership epoch {n}, which the channel's verified chain ({} statements) does not have",
+                state.length()
+            )));
+        };
         let forward_secret = self
             .load_keys(channel_id)
             .map_err(Err)?
