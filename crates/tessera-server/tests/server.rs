@@ -30,7 +30,7 @@ use tessera_proto::{
     kms::v1::CardStatus,
     server::v1::{
         BeginDeviceLoginRequest, ChannelEvent, CreateChannelRequest, Direction,
-        DownloadAttachmentRequest, EnrollDeviceRequest, FinishDeviceLoginRequest,
+        DownloadAttachmentRequest, EnrollDeviceRequest, EnvelopeKind, FinishDeviceLoginRequest,
         GetChannelRequest, GetReadHorizonRequest, GetServerInfoRequest, HistoryVisibility,
         IssueTokenRequest, ListChannelsRequest, ListDevicesRequest, ListMessagesRequest,
         LoginRequest, PublishChannelStatementRequest, RevokeDeviceRequest, SendMessageRequest,
@@ -361,6 +361,7 @@ impl Stack {
                 sender_card_id: from.devices[device].card_id.to_vec(),
                 envelope,
                 epoch: self.epoch(channel_id),
+                kind: EnvelopeKind::Device as i32,
             }))
             .await?
             .into_inner();
@@ -904,6 +905,7 @@ async fn authorization_denials() {
             sender_card_id: a1.to_vec(),
             envelope,
             epoch: s.epoch(&channel_id),
+            kind: EnvelopeKind::Device as i32,
         }))
         .await
         .unwrap_err();
@@ -1093,6 +1095,7 @@ async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
             sender_card_id: alice.devices[0].card_id.to_vec(),
             envelope: envelope.clone(),
             epoch: s.epoch(&channel_id),
+            kind: EnvelopeKind::Device as i32,
         })
     };
     let first = s
@@ -1375,6 +1378,7 @@ async fn joined_visibility_membership_changes_and_limits() {
             sender_card_id: alice.devices[0].card_id.to_vec(),
             envelope: vec![0xde, 0xad],
             epoch: s.epoch(&channel_id),
+            kind: EnvelopeKind::Device as i32,
         }))
         .await
         .unwrap_err();
