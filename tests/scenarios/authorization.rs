@@ -334,6 +334,7 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
                     .envelope
                     .clone(),
                 epoch: 0,
+                kind: 0,
             },
             denied,
         ),

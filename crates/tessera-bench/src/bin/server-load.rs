@@ -137,6 +137,7 @@ async fn main() {
                 envelope: envelope.clone(),
                 // The channel's chain is its creation alone.
                 epoch: 0,
+                kind: 0,
             });
             r.metadata_mut()
                 .insert("authorization", token.parse().unwrap());
