@@ -38,6 +38,10 @@ use crate::{Client, ClientError, client::now_ms, error::rpc, state};
 
 /// A sending chain older than this is replaced.
 pub(crate) const CHAIN_MAX_AGE_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+/// Receiving chains kept per sender card and epoch: a sender starts a new
+/// one on each device change, so a few; more is a sender (or a stolen key)
+/// filling this device's state.
+pub(crate) const MAX_CHAINS_PER_SENDER_EPOCH: usize = 256;
 
 /// What a device keeps of one channel's chains (sealed on disk).
 #[derive(Default, Serialize, Deserialize)]
@@ -46,7 +50,7 @@ struct ChannelKeys {
     #[serde(default)]
     forward_secret: bool,
     sending: Option<Sending>,
-    /// By "sender card hex/chain id hex".
+    /// By "sender card hex/epoch/chain id hex".
     #[serde(default)]
     receiving: BTreeMap<String, Receiving>,
 }
@@ -82,9 +86,10 @@ impl Drop for ChannelKeys {
     }
 }
 
-/// A chain's key in [`ChannelKeys::receiving`].
-fn chain_key(sender: &[u8; 32], chain_id: &[u8]) -> String {
-    format!("{}/{}", hex::encode(sender), hex::encode(chain_id))
+/// A chain's key in [`ChannelKeys::receiving`]: its sender and epoch
+/// first, so the chains of one sender in one epoch are counted by prefix.
+fn chain_key(sender: &[u8; 32], epoch: u64, chain_id: &[u8]) -> String {
+    format!("{}/{epoch}/{}", hex::encode(sender), hex::encode(chain_id))
 }
 
 fn malformed(what: &str) -> ClientError {
@@ -355,7 +360,11 @@ impl Client {
                 "the relay names another sender card than the envelope".into()
             ));
         }
-        let key = chain_key(parsed.sender_card_id(), &parsed.chain_id());
+        let key = chain_key(
+            parsed.sender_card_id(),
+            parsed.epoch().number,
+            &parsed.chain_id(),
+        );
         let held = self
             .load_keys(channel_id)
             .map_err(Err)?
@@ -363,14 +372,40 @@ impl Client {
             .contains_key(&key);
         if !held {
             let (chain, recipients) = self.fetch_chain_key(&parsed, sender).await?;
-            self.with_keys(channel_id, |keys| {
-                keys.receiving.entry(key.clone()).or_insert(Receiving {
-                    chain: encode_hex(&chain.export()),
-                    recipients,
-                });
-                Ok(())
-            })
-            .map_err(Err)?;
+            let prefix = format!(
+                "{}/{}/",
+                hex::encode(parsed.sender_card_id()),
+                parsed.epoch().number
+            );
+            let kept = self
+                .with_keys(channel_id, |keys| {
+                    if keys.receiving.contains_key(&key) {
+                        return Ok(true);
+                    }
+                    if keys
+                        .receiving
+                        .keys()
+                        .filter(|k| k.starts_with(&prefix))
+                        .count()
+                        >= MAX_CHAINS_PER_SENDER_EPOCH
+                    {
+                        return Ok(false);
+                    }
+                    keys.receiving.insert(
+                        key.clone(),
+                        Receiving {
+                            chain: encode_hex(&chain.export()),
+                            recipients,
+                        },
+                    );
+                    Ok(true)
+                })
+                .map_err(Err)?;
+            if !kept {
+                return Err(Ok(format!(
+                    "this device already keeps {MAX_CHAINS_PER_SENDER_EPOCH} chains of this sender in this epoch: refused"
+                )));
+            }
         }
         let out = self.with_keys(channel_id, |keys| {
             let r = keys
