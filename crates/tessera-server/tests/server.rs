@@ -335,6 +335,23 @@ impl Stack {
         );
     }
 
+    /// A live subscription of `user` to a channel from `from_index`.
+    async fn subscribe(
+        &self,
+        user: &User,
+        channel_id: &str,
+        from_index: u64,
+    ) -> tonic::Streaming<ChannelEvent> {
+        self.channels()
+            .subscribe(user.req(SubscribeRequest {
+                channel_id: channel_id.into(),
+                from_index,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// The current epoch of a channel whose chain this stack wrote.
     fn epoch(&self, channel_id: &str) -> u64 {
         self.tips
@@ -1007,16 +1024,7 @@ async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
     // Three live subscribers from the start.
     let mut subs = Vec::new();
     for user in [&alice, &bob, &bob] {
-        subs.push(
-            s.channels()
-                .subscribe(user.req(SubscribeRequest {
-                    channel_id: channel_id.clone(),
-                    from_index: 1,
-                }))
-                .await
-                .unwrap()
-                .into_inner(),
-        );
+        subs.push(s.subscribe(user, &channel_id, 1).await);
     }
     // Two senders at once.
     let (a, b) = tokio::join!(
@@ -1047,15 +1055,7 @@ async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
     }
 
     // A subscriber drops after 10, then resumes from 11 with no gap or duplicate.
-    let mut early = s
-        .channels()
-        .subscribe(bob.req(SubscribeRequest {
-            channel_id: channel_id.clone(),
-            from_index: 1,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut early = s.subscribe(&bob, &channel_id, 1).await;
     let first = collect(&mut early, 10).await;
     drop(early);
     for i in 0..5 {
@@ -1385,15 +1385,7 @@ async fn joined_visibility_membership_changes_and_limits() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // A removed member's live stream ends; they can no longer read.
-    let mut stream = s
-        .channels()
-        .subscribe(bob.req(SubscribeRequest {
-            channel_id: channel_id.clone(),
-            from_index: 0,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = s.subscribe(&bob, &channel_id, 0).await;
     s.publish(
         &alice,
         &channel_id,
@@ -1771,15 +1763,7 @@ async fn sender_keys_are_stored_handed_out_and_kept_across_a_restart() {
     let (mut s, alice, bob, channel_id) = Stack::alice_and_bob_in_a_channel().await;
     let carol = s.signup("carol").await;
     let (chain_id, copies, envelopes) = sender_chain(&alice, &channel_id, 0, &[&alice, &bob], 2);
-    let mut live = s
-        .channels()
-        .subscribe(bob.req(SubscribeRequest {
-            channel_id: channel_id.clone(),
-            from_index: 1,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut live = s.subscribe(&bob, &channel_id, 1).await;
     let group_send = |envelope: Vec<u8>| {
         alice.req(SendMessageRequest {
             channel_id: channel_id.clone(),
