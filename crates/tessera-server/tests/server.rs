@@ -407,15 +407,19 @@ impl User {
     }
 }
 
-fn seal(from: &User, device: usize, channel_id: &str, to: &[&User], body: &str) -> Vec<u8> {
-    let recipients: Vec<Recipient<'_>> = to
-        .iter()
+/// Every device of `to`.
+fn recipients<'a>(to: &[&'a User]) -> Vec<Recipient<'a>> {
+    to.iter()
         .flat_map(|u| u.devices.iter())
         .map(|d| Recipient {
             card_id: *d.card_id.as_bytes(),
             key: &d.public,
         })
-        .collect();
+        .collect()
+}
+
+fn seal(from: &User, device: usize, channel_id: &str, to: &[&User], body: &str) -> Vec<u8> {
+    let recipients = recipients(to);
     envelope::seal(
         &Sender {
             identity: &from.identity,
@@ -1730,14 +1734,7 @@ fn sender_chain(
         hash: [7; 32],
     };
     let mut chain = SenderChain::new(&sender, channel_id, epoch).unwrap();
-    let recipients: Vec<Recipient<'_>> = to
-        .iter()
-        .flat_map(|u| u.devices.iter())
-        .map(|d| Recipient {
-            card_id: *d.card_id.as_bytes(),
-            key: &d.public,
-        })
-        .collect();
+    let recipients = recipients(to);
     let copies = chain
         .distribute(&sender, &recipients, 1)
         .unwrap()
