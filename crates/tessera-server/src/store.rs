@@ -1369,6 +1369,11 @@ pub mod conformance {
             recipient_card_ids: vec![vec![2; 32], vec![3; 32]],
             server_time_ms: 42,
         };
+        let copy = |channel: &str, sender: u8, chain: u8, recipient: u8| {
+            store
+                .sender_key(channel, &[sender; 32], &[chain; 16], &[recipient; 32])
+                .unwrap()
+        };
         let put = SenderKeysPut {
             channel_id: "c1".into(),
             sender_card_id: vec![1; 32],
@@ -1386,12 +1391,7 @@ pub mod conformance {
                 .unwrap()
                 .is_none()
         );
-        assert!(
-            store
-                .sender_key("c1", &[1; 32], &[7; 16], &[2; 32])
-                .unwrap()
-                .is_none()
-        );
+        assert!(copy("c1", 1, 7, 2).is_none());
         let erin = Usage {
             message_bytes: 14,
             ..Usage::default()
@@ -1403,35 +1403,13 @@ pub mod conformance {
             Some(chain.clone())
         );
         assert_eq!(
-            store
-                .sender_key("c1", &[1; 32], &[7; 16], &[3; 32])
-                .unwrap(),
+            copy("c1", 1, 7, 3),
             Some((b"to three".to_vec(), chain.clone()))
         );
-        assert!(
-            store
-                .sender_key("c1", &[1; 32], &[7; 16], &[4; 32])
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            store
-                .sender_key("c2", &[1; 32], &[7; 16], &[2; 32])
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            store
-                .sender_key("c1", &[2; 32], &[7; 16], &[2; 32])
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            store
-                .sender_key("c1", &[1; 32], &[8; 16], &[2; 32])
-                .unwrap()
-                .is_none()
-        );
+        assert!(copy("c1", 1, 7, 4).is_none());
+        assert!(copy("c2", 1, 7, 2).is_none());
+        assert!(copy("c1", 2, 7, 2).is_none());
+        assert!(copy("c1", 1, 8, 2).is_none());
         // A later put replaces one copy and keeps the others.
         store
             .put_sender_keys(
@@ -1443,17 +1421,10 @@ pub mod conformance {
             )
             .unwrap();
         assert_eq!(
-            store
-                .sender_key("c1", &[1; 32], &[7; 16], &[2; 32])
-                .unwrap(),
+            copy("c1", 1, 7, 2),
             Some((b"again".to_vec(), chain.clone()))
         );
-        assert_eq!(
-            store
-                .sender_key("c1", &[1; 32], &[7; 16], &[3; 32])
-                .unwrap(),
-            Some((b"to three".to_vec(), chain))
-        );
+        assert_eq!(copy("c1", 1, 7, 3), Some((b"to three".to_vec(), chain)));
 
         store.set_read_horizon("alice", "c1", 4).unwrap();
         assert_eq!(store.read_horizon("alice", "c1").unwrap(), 4);

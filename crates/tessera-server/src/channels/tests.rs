@@ -1217,3 +1217,5 @@ async fn a_device_record_without_a_key_takes_the_key_its_card_id_commits_to() {
         Code::Internal
     );
 }
+
+mod sender_keys;
