@@ -40,8 +40,8 @@ use tessera_crypto::{
     keystore::{self, KdfParams, KeyMaterial, Protection},
     open_org_backup,
     sender_key::{
-        self, ChainKey, ExpectedChannel, GroupDraft, ParsedDistribution, ParsedGroupEnvelope, Retention,
-        SenderChain,
+        self, ChainKey, ExpectedChannel, GroupDraft, ParsedDistribution, ParsedGroupEnvelope,
+        Retention, SenderChain,
     },
     stream::{self, FileKey},
 };
@@ -1109,7 +1109,10 @@ fn every_golden_vector_reads_back_through_the_real_decoders() {
         .unwrap();
     assert_eq!(h(&rx.chain_id()), c["chain_id"].as_str().unwrap());
     assert_eq!(
-        h(&sender_key::chain_id_for(&ChainKey::from_bytes(arr32(&c["chain_key"])), 0)),
+        h(&sender_key::chain_id_for(
+            &ChainKey::from_bytes(arr32(&c["chain_key"])),
+            0
+        )),
         c["chain_id"].as_str().unwrap()
     );
     assert_eq!(rx.created_at_ms(), d["created_at_ms"].as_i64().unwrap());
@@ -1119,8 +1122,14 @@ fn every_golden_vector_reads_back_through_the_real_decoders() {
         .iter()
         .map(arr32)
         .collect();
-    assert_eq!(h(&sender_key::recipients_digest(&listed)), d["recipients_sha256"].as_str().unwrap());
-    assert_eq!(h(rx.recipients_sha256()), d["recipients_sha256"].as_str().unwrap());
+    assert_eq!(
+        h(&sender_key::recipients_digest(&listed)),
+        d["recipients_sha256"].as_str().unwrap()
+    );
+    assert_eq!(
+        h(rx.recipients_sha256()),
+        d["recipients_sha256"].as_str().unwrap()
+    );
     for m in sk["group_messages"].as_array().unwrap() {
         let parsed = ParsedGroupEnvelope::parse(&unhex(&m["envelope"])).unwrap();
         assert_eq!(

@@ -498,14 +498,14 @@ impl Client {
         source: Source,
     ) -> Result<Received, ClientError> {
         let channel_id = payload.channel_id.clone();
-        let membership =
-            self.check_membership(&payload, recipients)
-                .await?
-                .map_err(|reason| ClientError::BadMessage {
-                    channel_id: channel_id.clone(),
-                    index,
-                    reason,
-                })?;
+        let membership = self
+            .check_membership(&payload, recipients)
+            .await?
+            .map_err(|reason| ClientError::BadMessage {
+                channel_id: channel_id.clone(),
+                index,
+                reason,
+            })?;
         let sender_card = CardId::from_array(payload.sender_card_id);
         let accepted = self.replay.accept(
             &sender_card.to_string(),

@@ -93,7 +93,9 @@ fn chain_key(sender: &[u8; 32], epoch: u64, chain_id: &[u8]) -> String {
 }
 
 fn malformed(what: &str) -> ClientError {
-    ClientError::Message(format!("this device's kept sender keys are damaged: {what}"))
+    ClientError::Message(format!(
+        "this device's kept sender keys are damaged: {what}"
+    ))
 }
 
 fn decode_hex<M: tessera_proto::Message + Default>(hex_str: &str) -> Result<M, ClientError> {
@@ -205,10 +207,9 @@ impl Client {
             keys.forward_secret = on;
             if on {
                 for r in keys.receiving.values_mut() {
-                    let mut chain = ReceiverChain::restore(&decode_hex::<KeptReceiverChain>(
-                        &r.chain,
-                    )?)
-                    .map_err(|e| malformed(&e.to_string()))?;
+                    let mut chain =
+                        ReceiverChain::restore(&decode_hex::<KeptReceiverChain>(&r.chain)?)
+                            .map_err(|e| malformed(&e.to_string()))?;
                     chain.forget_history();
                     r.chain.zeroize();
                     r.chain = encode_hex(&chain.export());
@@ -360,6 +361,21 @@ impl Client {
                 "the relay names another sender card than the envelope".into()
             ));
         }
+        // The epoch the header names, against the chain this device
+        // verified (fetched again when it is behind).
+        let n = parsed.epoch().number;
+        let state = self.state_at_least(channel_id, n).await.map_err(Err)?;
+        let Some(hash) = state.hash_at(n) else {
+            return Err(Ok(format!(
+                "it names membership epoch {n}, which the channel's verified chain ({} statements) does not have",
+                state.length()
+            )));
+        };
+        if !tessera_crypto::ct_eq(&hash, &parsed.epoch().hash) {
+            return Err(Ok(format!(
+                "it was sent under another membership history at epoch {n} than this device verified: the app server may be showing members different chains"
+            )));
+        }
         let key = chain_key(
             parsed.sender_card_id(),
             parsed.epoch().number,
@@ -371,7 +387,7 @@ impl Client {
             .receiving
             .contains_key(&key);
         if !held {
-            let (chain, recipients) = self.fetch_chain_key(&parsed, sender).await?;
+            let (chain, recipients) = self.fetch_chain_key(&parsed, hash, sender).await?;
             let prefix = format!(
                 "{}/{}/",
                 hex::encode(parsed.sender_card_id()),
@@ -466,6 +482,7 @@ impl Client {
     async fn fetch_chain_key(
         &self,
         parsed: &ParsedGroupEnvelope,
+        hash: [u8; 32],
         sender: &ExpectedSender<'_>,
     ) -> Result<(ReceiverChain, Vec<String>), Result<String, ClientError>> {
         let channel_id = parsed.channel_id();
@@ -498,19 +515,9 @@ impl Client {
         };
         let copy = ParsedDistribution::parse(&answer.distribution)
             .map_err(|e| Ok(format!("the sender's key for this device: {e}")))?;
-        // The epoch's hash from the chain this device verified: a copy for
-        // another history of the channel does not open.
-        let state = self.state_at_least(channel_id, n).await.map_err(Err)?;
-        let Some(hash) = state.hash_at(n) else {
-            return Err(Ok(format!(
-                "it names membership epoch {n}, which the channel's verified chain ({} statements) does not have",
-                state.length()
-            )));
-        };
-        let forward_secret = self
-            .load_keys(channel_id)
-            .map_err(Err)?
-            .forward_secret;
+        // `hash` is the epoch's in the chain this device verified: a copy
+        // for another history of the channel does not open.
+        let forward_secret = self.load_keys(channel_id).map_err(Err)?.forward_secret;
         let chain = copy
             .open(
                 &Opener {

@@ -32,12 +32,9 @@ impl LocalStateKey {
     /// The local-state key of a device.
     pub fn of_device(keys: &DeviceKeys) -> Self {
         let mut key = Zeroizing::new([0u8; 32]);
-        if let Some(okm) = crate::stream::hkdf_sha256(
-            keys.encryption.as_bytes(),
-            &[0u8; 32],
-            LOCAL_STATE_INFO,
-            32,
-        ) {
+        if let Some(okm) =
+            crate::stream::hkdf_sha256(keys.encryption.as_bytes(), &[0u8; 32], LOCAL_STATE_INFO, 32)
+        {
             let okm = Zeroizing::new(okm);
             key.copy_from_slice(&okm);
         }
@@ -74,7 +71,10 @@ mod tests {
         let keys = DeviceKeys::generate().unwrap();
         let key = LocalStateKey::of_device(&keys);
         let sealed = key.seal(b"channel-a", b"chains").unwrap();
-        assert_eq!(key.open(b"channel-a", &sealed).unwrap().as_slice(), b"chains");
+        assert_eq!(
+            key.open(b"channel-a", &sealed).unwrap().as_slice(),
+            b"chains"
+        );
         assert_eq!(key.open(b"channel-b", &sealed), Err(LocalStateError));
         let other = LocalStateKey::of_device(&DeviceKeys::generate().unwrap());
         assert_eq!(other.open(b"channel-a", &sealed), Err(LocalStateError));

@@ -878,11 +878,8 @@ impl ReceiverChain {
 
     /// The chain as a device keeps it (to be stored encrypted).
     pub fn export(&self) -> KeptReceiverChain {
-        let (skipped_generations, skipped_secrets) = self
-            .skipped
-            .iter()
-            .map(|(g, s)| (*g, s.0.to_vec()))
-            .unzip();
+        let (skipped_generations, skipped_secrets) =
+            self.skipped.iter().map(|(g, s)| (*g, s.0.to_vec())).unzip();
         KeptReceiverChain {
             channel_id: self.info.channel_id.clone(),
             epoch: self.info.epoch.number,
@@ -934,7 +931,9 @@ impl ReceiverChain {
             || kept.skipped_generations.len() > MAX_SKIPPED_KEYS
             || kept.used.len() != (MAX_GENERATION as usize).div_ceil(64)
         {
-            return Err(SenderKeyError::Malformed("kept receiving chain is out of its limits"));
+            return Err(SenderKeyError::Malformed(
+                "kept receiving chain is out of its limits",
+            ));
         }
         let mut skipped = BTreeMap::new();
         for (g, s) in kept.skipped_generations.iter().zip(&kept.skipped_secrets) {
@@ -943,7 +942,9 @@ impl ReceiverChain {
                 .try_into()
                 .map_err(|_| SenderKeyError::Malformed("kept message secret is not 32 bytes"))?;
             if *g >= kept.next_generation {
-                return Err(SenderKeyError::Malformed("kept skipped generation is ahead"));
+                return Err(SenderKeyError::Malformed(
+                    "kept skipped generation is ahead",
+                ));
             }
             skipped.insert(*g, MessageSecret(Zeroizing::new(s)));
         }
@@ -1064,7 +1065,8 @@ impl ReceiverChain {
         envelope: &ParsedGroupEnvelope,
         sender: &ExpectedSender<'_>,
     ) -> Result<VerifiedPayload, SenderKeyError> {
-        self.open_with_secret(envelope, sender).map(|(payload, _)| payload)
+        self.open_with_secret(envelope, sender)
+            .map(|(payload, _)| payload)
     }
 
     /// [`Self::open`], also giving the generation's message secret: what an
@@ -1295,8 +1297,7 @@ impl ParsedGroupEnvelope {
                 EnvelopeError::BadSignature => SenderKeyError::BadSignature,
                 EnvelopeError::SenderMismatch => SenderKeyError::SenderMismatch,
                 other => SenderKeyError::Envelope(other),
-            },
-        )?;
+            })?;
         if payload.epoch != Some(self.epoch) {
             return Err(SenderKeyError::PayloadMismatch("epoch"));
         }
@@ -1760,13 +1761,8 @@ mod tests {
         let alice = device("alice", 1);
         let bob = device("bob", 2);
         let k = [0x63u8; 32];
-        let mut chain = SenderChain::with(
-            &alice.sender(),
-            CHANNEL,
-            EPOCH,
-            ChainKey::from_bytes(k),
-            0,
-        );
+        let mut chain =
+            SenderChain::with(&alice.sender(), CHANNEL, EPOCH, ChainKey::from_bytes(k), 0);
         let first = chain.seal(&alice.sender(), &text(b"pay bob")).unwrap();
         let mut rx = receive(&chain, &alice, &bob, Retention::KeepHistory).unwrap();
         // Whoever holds the chain key (any member, or one removed since)

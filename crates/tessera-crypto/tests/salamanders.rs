@@ -397,9 +397,14 @@ fn a_group_header_commits_to_one_message_key() {
     // And where only the key is given (an archive's binding check), the
     // commitment refuses carol's key before decrypting.
     let sealed = SealedContent::decode(
-        hazmat::aes256gcm_open(&kb.key, kb.nonce, &parsed_header(&envelope), &ciphertext_of(&envelope))
-            .unwrap()
-            .as_slice(),
+        hazmat::aes256gcm_open(
+            &kb.key,
+            kb.nonce,
+            &parsed_header(&envelope),
+            &ciphertext_of(&envelope),
+        )
+        .unwrap()
+        .as_slice(),
     )
     .unwrap();
     let secret_of = |ck: &[u8; 32]| hazmat::sender_key_ratchet_step(ck).0;
