@@ -11,7 +11,7 @@
 //! ```text
 //! message_secret(n) = HMAC-SHA256(ck_n, 0x01 || "tessera/v2/ratchet")
 //! ck_{n+1}          = HMAC-SHA256(ck_n, 0x02 || "tessera/v2/ratchet")
-//! key (32) || nonce (12) || commitment_key (32)
+//! key (32) || commitment_key (32)
 //!                   = HKDF-SHA256(salt = 32 zero bytes, ikm = message_secret(n),
 //!                                 info = "tessera/v2/group-message", L = 76)
 //! key_commitment    = HMAC-SHA256(commitment_key, "tessera/v2/key-commitment")
@@ -74,7 +74,9 @@ const RATCHET_LABEL: &[u8] = b"tessera/v2/ratchet";
 const MESSAGE_SECRET_TAG: u8 = 0x01;
 const CHAIN_KEY_TAG: u8 = 0x02;
 const MESSAGE_INFO: &[u8] = b"tessera/v2/group-message";
-const MESSAGE_KEYS_LEN: usize = 32 + 12 + 32;
+const MESSAGE_KEYS_LEN: usize = 32 + 32;
+/// Length of a group message's AES-GCM nonce (random, in its header).
+pub const NONCE_LEN: usize = 12;
 const CHAIN_ID_LABEL: &[u8] = b"tessera/v2/chain-id";
 const RECIPIENTS_LABEL: &[u8] = b"tessera/v2/sender-key/recipients";
 
@@ -194,10 +196,9 @@ impl ChainKey {
 /// The 32-byte secret of one generation, from which its keys are derived.
 struct MessageSecret(Zeroizing<[u8; 32]>);
 
-/// AES-256 key, nonce and commitment key of one message.
+/// AES-256 key and commitment key of one message.
 pub(crate) struct MessageKeys {
     pub(crate) key: Zeroizing<[u8; 32]>,
-    pub(crate) nonce: [u8; 12],
     pub(crate) commitment_key: Zeroizing<[u8; 32]>,
 }
 
@@ -205,17 +206,17 @@ impl MessageKeys {
     pub(crate) fn derive(secret: &[u8; 32]) -> Self {
         let mut out = Self {
             key: Zeroizing::new([0u8; 32]),
-            nonce: [0u8; 12],
             commitment_key: Zeroizing::new([0u8; 32]),
         };
-        // 76 bytes is far below HKDF-SHA256's limit of 255 * 32; on the
+        // 64 bytes is far below HKDF-SHA256's limit of 255 * 32; on the
         // impossible failure the keys stay zero and nothing opens.
-        if let Some(okm) = crate::stream::hkdf_sha256(secret, &[0u8; 32], MESSAGE_INFO, 76) {
+        if let Some(okm) =
+            crate::stream::hkdf_sha256(secret, &[0u8; 32], MESSAGE_INFO, MESSAGE_KEYS_LEN)
+        {
             let okm = Zeroizing::new(okm);
             if okm.len() == MESSAGE_KEYS_LEN {
                 out.key.copy_from_slice(&okm[..32]);
-                out.nonce.copy_from_slice(&okm[32..44]);
-                out.commitment_key.copy_from_slice(&okm[44..]);
+                out.commitment_key.copy_from_slice(&okm[32..]);
             }
         }
         out
@@ -426,6 +427,18 @@ impl SenderChain {
         sender: &Sender<'_>,
         draft: &GroupDraft<'_>,
     ) -> Result<GroupSealed, SenderKeyError> {
+        let nonce = random_array::<NONCE_LEN>()?;
+        self.seal_with_nonce(sender, draft, nonce)
+    }
+
+    /// [`Self::seal`] with the nonce given: test vectors only (a nonce must
+    /// never repeat under one key).
+    pub(crate) fn seal_with_nonce(
+        &mut self,
+        sender: &Sender<'_>,
+        draft: &GroupDraft<'_>,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<GroupSealed, SenderKeyError> {
         self.check_sender(sender)?;
         let generation = self.next_generation;
         if generation >= MAX_GENERATION {
@@ -454,9 +467,10 @@ impl SenderChain {
             chain_id: self.chain_id.to_vec(),
             generation,
             key_commitment: keys.commitment().to_vec(),
+            nonce: nonce.to_vec(),
         }
         .encode_to_vec();
-        aead::AeadKey::new(&keys.key).seal_in_place(keys.nonce, &header, &mut body);
+        aead::AeadKey::new(&keys.key).seal_in_place(nonce, &header, &mut body);
         let envelope = GroupEnvelope {
             header,
             ciphertext: body,
@@ -1170,7 +1184,7 @@ pub fn check_group_binding(
     }
     let mut body = Zeroizing::new(parsed.ciphertext.clone());
     let len = aead::AeadKey::new(&keys.key)
-        .open_in_place(keys.nonce, &parsed.header_bytes, &mut body)
+        .open_in_place(parsed.nonce, &parsed.header_bytes, &mut body)
         .map_err(|_| SenderKeyError::BodyDecryptFailed)?;
     let sealed = SealedContent::decode(&body[..len])
         .map_err(|_| SenderKeyError::Malformed("body is not a SealedContent"))?;
@@ -1201,6 +1215,7 @@ pub struct ParsedGroupEnvelope {
     sender_card_id: [u8; 32],
     chain_id: [u8; CHAIN_ID_LEN],
     key_commitment: [u8; commitment::COMMITMENT_LEN],
+    nonce: [u8; NONCE_LEN],
     ciphertext: Vec<u8>,
 }
 
@@ -1237,6 +1252,11 @@ impl ParsedGroupEnvelope {
         let sender_card_id = id_of(&header.sender_card_id, "sender card id is not 32 bytes")?;
         let chain_id = chain_id_of(&header.chain_id)?;
         let key_commitment = id_of(&header.key_commitment, "key commitment is not 32 bytes")?;
+        let nonce: [u8; NONCE_LEN] = header
+            .nonce
+            .as_slice()
+            .try_into()
+            .map_err(|_| SenderKeyError::Malformed("nonce is not 12 bytes"))?;
         if header.generation >= MAX_GENERATION {
             return Err(SenderKeyError::GenerationOutOfRange(header.generation));
         }
@@ -1251,6 +1271,7 @@ impl ParsedGroupEnvelope {
             sender_card_id,
             chain_id,
             key_commitment,
+            nonce,
             ciphertext: envelope.ciphertext,
         })
     }
@@ -1288,7 +1309,7 @@ impl ParsedGroupEnvelope {
         }
         let mut body = Zeroizing::new(self.ciphertext.clone());
         let len = aead::AeadKey::new(&keys.key)
-            .open_in_place(keys.nonce, &self.header_bytes, &mut body)
+            .open_in_place(self.nonce, &self.header_bytes, &mut body)
             .map_err(|_| SenderKeyError::BodyDecryptFailed)?;
         let sealed = SealedContent::decode(&body[..len])
             .map_err(|_| SenderKeyError::Malformed("body is not a SealedContent"))?;
@@ -1477,10 +1498,10 @@ mod tests {
         struct L;
         impl hkdf::KeyType for L {
             fn len(&self) -> usize {
-                76
+                64
             }
         }
-        let mut okm = [0u8; 76];
+        let mut okm = [0u8; 64];
         hkdf::Salt::new(hkdf::HKDF_SHA256, &[0u8; 32])
             .extract(&secret)
             .expand(&[b"tessera/v2/group-message"], L)
@@ -1489,11 +1510,10 @@ mod tests {
             .unwrap();
         let keys = MessageKeys::derive(&s);
         assert_eq!(&keys.key[..], &okm[..32]);
-        assert_eq!(&keys.nonce[..], &okm[32..44]);
-        assert_eq!(&keys.commitment_key[..], &okm[44..]);
+        assert_eq!(&keys.commitment_key[..], &okm[32..]);
         assert_eq!(
             keys.commitment().to_vec(),
-            mac(&okm[44..], b"tessera/v2/key-commitment")
+            mac(&okm[32..], b"tessera/v2/key-commitment")
         );
     }
 
@@ -1521,6 +1541,30 @@ mod tests {
         assert!(open(&mut back, &alice, &first.envelope).is_ok());
         assert!(open(&mut back, &alice, &fourth.envelope).is_ok());
         assert_eq!(back.recipients_sha256(), rx.recipients_sha256());
+        // Restored from an older copy of the state (a backup), the chain
+        // seals a generation again: under a fresh random nonce, so AES-GCM
+        // never sees one (key, nonce) twice; receivers refuse the second
+        // one as a replay.
+        let old_state = SenderChain::new(&alice.sender(), CHANNEL, EPOCH).unwrap();
+        let mut a = SenderChain::restore(&alice.sender(), &old_state.export()).unwrap();
+        let mut b = SenderChain::restore(&alice.sender(), &old_state.export()).unwrap();
+        let (x, y) = (
+            a.seal(&alice.sender(), &text(b"x")).unwrap(),
+            b.seal(&alice.sender(), &text(b"y")).unwrap(),
+        );
+        let nonce_of = |e: &[u8]| {
+            GroupHeader::decode(GroupEnvelope::decode(e).unwrap().header.as_slice())
+                .unwrap()
+                .nonce
+        };
+        assert_eq!((x.generation, y.generation), (0, 0));
+        assert_ne!(nonce_of(&x.envelope), nonce_of(&y.envelope));
+        let mut rx2 = receive(&old_state, &alice, &bob, Retention::ForwardSecret).unwrap();
+        assert!(open(&mut rx2, &alice, &x.envelope).is_ok());
+        assert_eq!(
+            open(&mut rx2, &alice, &y.envelope).unwrap_err(),
+            SenderKeyError::Replay(0)
+        );
         // A kept chain whose id is not its key's is refused.
         let mut kept = rx.export();
         kept.chain_id = vec![7; 16];
@@ -1739,8 +1783,9 @@ mod tests {
         let keys = MessageKeys::derive(&ck.message_secret().0);
         header.generation = generation;
         header.key_commitment = keys.commitment().to_vec();
+        let nonce: [u8; NONCE_LEN] = header.nonce.as_slice().try_into().unwrap();
         let header = header.encode_to_vec();
-        let ciphertext = aead::seal(&keys.key, keys.nonce, &header, content);
+        let ciphertext = aead::seal(&keys.key, nonce, &header, content);
         GroupEnvelope { header, ciphertext }.encode_to_vec()
     }
 
@@ -1752,7 +1797,8 @@ mod tests {
             ck = ck.next();
         }
         let keys = MessageKeys::derive(&ck.message_secret().0);
-        let plain = aead::open(&keys.key, keys.nonce, &env.header, &env.ciphertext).unwrap();
+        let nonce: [u8; NONCE_LEN] = header.nonce.as_slice().try_into().unwrap();
+        let plain = aead::open(&keys.key, nonce, &env.header, &env.ciphertext).unwrap();
         (header, plain)
     }
 
