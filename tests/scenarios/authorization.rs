@@ -368,6 +368,7 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
                 epoch: 0,
                 chain_id: group.chain_id().to_vec(),
                 distributions: vec![alice_copy],
+                recipient_card_ids: Vec::new(),
             },
             denied,
         ),

@@ -398,7 +398,7 @@ impl Client {
             card_id: *card.id().as_bytes(),
             key: card.signing_key(),
         };
-        let (payload, recipients) = match format {
+        let (payload, recipients, pending) = match format {
             StoredFormat::Device => {
                 let payload = ParsedEnvelope::parse(&m.envelope)
                     .map_err(|e| bad(e.to_string()))?
@@ -416,12 +416,13 @@ impl Client {
                         other => bad(other.to_string()),
                     })?;
                 let recipients = payload.recipient_card_ids.clone();
-                (payload, recipients)
+                (payload, recipients, None)
             }
             StoredFormat::Group => {
                 let GroupOpened {
                     payload,
                     recipients,
+                    pending,
                 } = self
                     .open_group(&m.channel_id, &m.envelope, &expected)
                     .await
@@ -429,7 +430,7 @@ impl Client {
                         Ok(reason) => bad(reason),
                         Err(other) => other,
                     })?;
-                (payload, recipients)
+                (payload, recipients, Some(pending))
             }
         };
         if payload.channel_id != m.channel_id {
@@ -438,15 +439,22 @@ impl Client {
                 payload.channel_id
             )));
         }
-        self.finish_received(
-            payload,
-            Some(&recipients),
-            m.index,
-            m.server_time_ms,
-            card.device_name(),
-            Source::Server,
-        )
-        .await
+        let received = self
+            .finish_received(
+                payload,
+                Some(&recipients),
+                m.index,
+                m.server_time_ms,
+                card.device_name(),
+                Source::Server,
+            )
+            .await?;
+        // Only an accepted message moves its chain on (with forward
+        // secrecy, a refused one must stay readable when it comes again).
+        if let Some(pending) = pending {
+            self.commit_group(&m.channel_id, &m.envelope, &expected, pending)?;
+        }
+        Ok(received)
     }
 
     /// The verified card of a message's sender, refused when it was revoked

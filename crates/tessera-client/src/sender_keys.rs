@@ -38,10 +38,16 @@ use crate::{Client, ClientError, client::now_ms, error::rpc, state};
 
 /// A sending chain older than this is replaced.
 pub(crate) const CHAIN_MAX_AGE_MS: i64 = 7 * 24 * 60 * 60 * 1000;
-/// Receiving chains kept per sender card and epoch: a sender starts a new
-/// one on each device change, so a few; more is a sender (or a stolen key)
-/// filling this device's state.
-pub(crate) const MAX_CHAINS_PER_SENDER_EPOCH: usize = 256;
+/// Receiving chains kept per sender card and epoch, and per channel: a
+/// sender starts a new chain on each device change. Past these, the
+/// oldest chain is dropped (its copy stays at the app server: fetched
+/// again if one of its messages is read again).
+pub(crate) const MAX_CHAINS_PER_SENDER_EPOCH: usize = 64;
+pub(crate) const MAX_CHAINS_PER_CHANNEL: usize = 1024;
+/// Copies per `PutSenderKeys` call (about 450 KiB).
+const PUT_BATCH: usize = 1000;
+/// Most recipients a chain's listed recipients may have.
+const MAX_CHAIN_RECIPIENTS: usize = 64_000;
 
 /// What a device keeps of one channel's chains (sealed on disk).
 #[derive(Default, Serialize, Deserialize)]
@@ -108,6 +114,134 @@ fn encode_hex<M: tessera_proto::Message>(m: &M) -> String {
     hex::encode(bytes.as_slice())
 }
 
+/// The decoded kept forms hold keys in plain `Vec`s: wiped after use.
+fn wipe_sender(k: &mut KeptSenderChain) {
+    k.chain_key.zeroize();
+}
+
+fn wipe_receiver(k: &mut KeptReceiverChain) {
+    k.initial_chain_key.zeroize();
+    k.current_chain_key.zeroize();
+    for s in &mut k.skipped_secrets {
+        s.zeroize();
+    }
+}
+
+fn sender_from_hex(sender: &Sender<'_>, h: &str) -> Result<SenderChain, ClientError> {
+    let mut kept: KeptSenderChain = decode_hex(h)?;
+    let chain = SenderChain::restore(sender, &kept).map_err(|e| malformed(&e.to_string()));
+    wipe_sender(&mut kept);
+    chain
+}
+
+fn sender_to_hex(chain: &SenderChain) -> String {
+    let mut kept = chain.export();
+    let out = encode_hex(&kept);
+    wipe_sender(&mut kept);
+    out
+}
+
+fn receiver_from_hex(h: &str) -> Result<ReceiverChain, ClientError> {
+    let mut kept: KeptReceiverChain = decode_hex(h)?;
+    let chain = ReceiverChain::restore(&kept).map_err(|e| malformed(&e.to_string()));
+    wipe_receiver(&mut kept);
+    chain
+}
+
+fn receiver_to_hex(chain: &ReceiverChain) -> String {
+    let mut kept = chain.export();
+    let out = encode_hex(&kept);
+    wipe_receiver(&mut kept);
+    out
+}
+
+/// A kept sending chain's epoch, epoch hash, next generation and first key.
+type SendingState = (u64, Vec<u8>, u32, Zeroizing<Vec<u8>>);
+
+fn sending_state(h: &str) -> Option<SendingState> {
+    let mut kept: KeptSenderChain = decode_hex(h).ok()?;
+    let out = (
+        kept.epoch,
+        std::mem::take(&mut kept.epoch_hash),
+        kept.next_generation,
+        Zeroizing::new(std::mem::take(&mut kept.chain_key)),
+    );
+    wipe_sender(&mut kept);
+    Some(out)
+}
+
+/// Opens `parsed` with `chain`: a generation opened before, skipped past
+/// the kept keys or far ahead is opened again from the chain's first key
+/// when it keeps one (changing nothing); the reasons otherwise.
+fn open_with(
+    chain: &mut ReceiverChain,
+    parsed: &ParsedGroupEnvelope,
+    sender: &ExpectedSender<'_>,
+) -> Result<VerifiedPayload, String> {
+    match chain.open(parsed, sender) {
+        Ok(payload) => Ok(payload),
+        Err(
+            SenderKeyError::Replay(_)
+            | SenderKeyError::KeyUnavailable(_)
+            | SenderKeyError::TooFarAhead { .. },
+        ) if chain.keeps_history() => chain
+            .open_history(parsed, sender)
+            .map_err(|e| describe(&e)),
+        Err(SenderKeyError::Replay(g)) => Err(format!(
+            "generation {g} of this chain was opened before, and this channel keeps no message keys (forward secrecy): it cannot be read again"
+        )),
+        Err(e) => Err(describe(&e)),
+    }
+}
+
+/// Drops the oldest kept chains so that one more fits under `key`: the
+/// oldest of the same sender and epoch past [`MAX_CHAINS_PER_SENDER_EPOCH`],
+/// the oldest of the channel past [`MAX_CHAINS_PER_CHANNEL`].
+fn make_room(keys: &mut ChannelKeys, key: &str) -> Result<(), ClientError> {
+    let group = |k: &str| k.rsplit_once('/').map(|(p, _)| p.to_owned());
+    let mine = group(key);
+    let mut ages: Vec<(i64, String)> = Vec::with_capacity(keys.receiving.len());
+    for (k, r) in &keys.receiving {
+        let mut kept: KeptReceiverChain = decode_hex(&r.chain)?;
+        ages.push((kept.created_at_ms, k.clone()));
+        wipe_receiver(&mut kept);
+    }
+    ages.sort();
+    let same: Vec<&String> = ages
+        .iter()
+        .map(|(_, k)| k)
+        .filter(|k| group(k) == mine)
+        .collect();
+    let mut drop: Vec<String> = same
+        .iter()
+        .take((same.len() + 1).saturating_sub(MAX_CHAINS_PER_SENDER_EPOCH))
+        .map(|k| (*k).clone())
+        .collect();
+    let over = (keys.receiving.len() + 1)
+        .saturating_sub(drop.len())
+        .saturating_sub(MAX_CHAINS_PER_CHANNEL);
+    let more: Vec<String> = ages
+        .iter()
+        .map(|(_, k)| k.clone())
+        .filter(|k| !drop.contains(k))
+        .take(over)
+        .collect();
+    drop.extend(more);
+    for k in drop {
+        if let Some(mut r) = keys.receiving.remove(&k) {
+            r.chain.zeroize();
+        }
+    }
+    Ok(())
+}
+
+fn describe(e: &SenderKeyError) -> String {
+    match e {
+        SenderKeyError::KeyCommitmentMismatch => "the message key does not match the header's key commitment: the sender may be showing devices different messages".into(),
+        other => other.to_string(),
+    }
+}
+
 /// Why sealing to a channel must start over.
 pub(crate) enum GroupSeal {
     Sealed {
@@ -119,10 +253,20 @@ pub(crate) enum GroupSeal {
     EpochMoved,
 }
 
-/// A group message opened, with its chain's recipients.
+/// A group message opened (nothing kept yet), with its chain's recipients.
+/// [`Client::commit_group`] keeps what opening it changed, once the
+/// message passed every other check.
 pub(crate) struct GroupOpened {
     pub(crate) payload: VerifiedPayload,
     pub(crate) recipients: Vec<[u8; 32]>,
+    pub(crate) pending: PendingChain,
+}
+
+/// Where a group message's chain is kept, and the chain itself when it was
+/// just fetched (kept only once a message of it opened and was accepted).
+pub(crate) struct PendingChain {
+    key: String,
+    fetched: Option<Receiving>,
 }
 
 impl Client {
@@ -207,12 +351,10 @@ impl Client {
             keys.forward_secret = on;
             if on {
                 for r in keys.receiving.values_mut() {
-                    let mut chain =
-                        ReceiverChain::restore(&decode_hex::<KeptReceiverChain>(&r.chain)?)
-                            .map_err(|e| malformed(&e.to_string()))?;
+                    let mut chain = receiver_from_hex(&r.chain)?;
                     chain.forget_history();
                     r.chain.zeroize();
-                    r.chain = encode_hex(&chain.export());
+                    r.chain = receiver_to_hex(&chain);
                 }
             }
             Ok(())
@@ -242,10 +384,10 @@ impl Client {
         // A chain to distribute, when the kept one will not do.
         let pending = self.with_keys(channel_id, |keys| {
             let reuse = keys.sending.as_ref().is_some_and(|s| {
-                decode_hex::<KeptSenderChain>(&s.chain).is_ok_and(|k| {
-                    k.epoch == epoch.number
-                        && k.epoch_hash == epoch.hash
-                        && k.next_generation < tessera_crypto::sender_key::MAX_GENERATION
+                sending_state(&s.chain).is_some_and(|(e, hash, next, _)| {
+                    e == epoch.number
+                        && hash == epoch.hash
+                        && next < tessera_crypto::sender_key::MAX_GENERATION
                 }) && s.recipients == wanted
                     && now.saturating_sub(s.started_at_ms) < CHAIN_MAX_AGE_MS
             });
@@ -253,26 +395,28 @@ impl Client {
                 let chain = SenderChain::new(&self.sender(), channel_id, epoch)
                     .map_err(|e| ClientError::Crypto(e.to_string()))?;
                 keys.sending = Some(Sending {
-                    chain: encode_hex(&chain.export()),
+                    chain: sender_to_hex(&chain),
                     recipients: wanted.clone(),
                     started_at_ms: now,
                     distributed: false,
                 });
             }
             match &keys.sending {
-                Some(s) if !s.distributed => Ok(Some(decode_hex::<KeptSenderChain>(&s.chain)?)),
+                Some(s) if !s.distributed => Ok(Some(sender_from_hex(&self.sender(), &s.chain)?)),
                 _ => Ok(None),
             }
         })?;
-        if let Some(kept) = pending {
-            let chain = SenderChain::restore(&self.sender(), &kept)
-                .map_err(|e| malformed(&e.to_string()))?;
+        if let Some(chain) = pending {
             if !self.distribute(channel_id, &chain, cards).await? {
                 return Ok(GroupSeal::EpochMoved);
             }
+            let chain_id = chain.chain_id();
+            let sender = self.sender();
             self.with_keys(channel_id, |keys| {
+                // Still the chain given out (another process may have
+                // replaced it meanwhile).
                 if let Some(s) = &mut keys.sending
-                    && decode_hex::<KeptSenderChain>(&s.chain)?.chain_key == kept.chain_key
+                    && sender_from_hex(&sender, &s.chain)?.chain_id() == chain_id
                 {
                     s.distributed = true;
                 }
@@ -291,13 +435,12 @@ impl Client {
                         "another process replaced this channel's sending chain: send again".into(),
                     )
                 })?;
-            let mut chain = SenderChain::restore(&sender, &decode_hex(&s.chain)?)
-                .map_err(|e| malformed(&e.to_string()))?;
+            let mut chain = sender_from_hex(&sender, &s.chain)?;
             let sealed = chain
                 .seal(&sender, draft)
                 .map_err(|e| ClientError::Crypto(e.to_string()))?;
             s.chain.zeroize();
-            s.chain = encode_hex(&chain.export());
+            s.chain = sender_to_hex(&chain);
             Ok(GroupSeal::Sealed {
                 sealed,
                 recipients: cards.iter().map(|c| c.id()).collect(),
@@ -323,20 +466,35 @@ impl Client {
         let copies = chain
             .distribute(&self.sender(), &recipients, now_ms())
             .map_err(|e| ClientError::Crypto(e.to_string()))?;
-        let request = self
-            .request(PutSenderKeysRequest {
-                channel_id: channel_id.to_owned(),
-                sender_card_id: self.card_id.to_vec(),
-                epoch: chain.epoch().number,
-                chain_id: chain.chain_id().to_vec(),
-                distributions: copies.into_iter().map(|c| c.distribution).collect(),
-            })
-            .await?;
-        match self.channels_client().put_sender_keys(request).await {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == tonic::Code::Aborted => Ok(false),
-            Err(s) => Err(rpc("app server", self.server_url(), "the sender keys")(s)),
+        // A large channel's copies go in several calls (each well under
+        // the server's message size); the first names every recipient.
+        let mut all: Vec<Vec<u8>> = cards.iter().map(|c| c.id().to_vec()).collect();
+        all.sort();
+        let mut batches = copies.chunks(PUT_BATCH).peekable();
+        let mut first = true;
+        while let Some(batch) = batches.next() {
+            let request = self
+                .request(PutSenderKeysRequest {
+                    channel_id: channel_id.to_owned(),
+                    sender_card_id: self.card_id.to_vec(),
+                    epoch: chain.epoch().number,
+                    chain_id: chain.chain_id().to_vec(),
+                    distributions: batch.iter().map(|c| c.distribution.clone()).collect(),
+                    recipient_card_ids: if first && batches.peek().is_some() {
+                        std::mem::take(&mut all)
+                    } else {
+                        Vec::new()
+                    },
+                })
+                .await?;
+            first = false;
+            match self.channels_client().put_sender_keys(request).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::Aborted => return Ok(false),
+                Err(s) => return Err(rpc("app server", self.server_url(), "the sender keys")(s)),
+            }
         }
+        Ok(true)
     }
 
     /// Opens a group message from `sender` (a card the caller verified and
@@ -381,99 +539,77 @@ impl Client {
             parsed.epoch().number,
             &parsed.chain_id(),
         );
-        let held = self
+        let kept = self
             .load_keys(channel_id)
             .map_err(Err)?
             .receiving
-            .contains_key(&key);
-        if !held {
-            let (chain, recipients) = self.fetch_chain_key(&parsed, hash, sender).await?;
-            let prefix = format!(
-                "{}/{}/",
-                hex::encode(parsed.sender_card_id()),
-                parsed.epoch().number
-            );
-            let kept = self
-                .with_keys(channel_id, |keys| {
-                    if keys.receiving.contains_key(&key) {
-                        return Ok(true);
-                    }
-                    if keys
-                        .receiving
-                        .keys()
-                        .filter(|k| k.starts_with(&prefix))
-                        .count()
-                        >= MAX_CHAINS_PER_SENDER_EPOCH
-                    {
-                        return Ok(false);
-                    }
-                    keys.receiving.insert(
-                        key.clone(),
-                        Receiving {
-                            chain: encode_hex(&chain.export()),
-                            recipients,
-                        },
-                    );
-                    Ok(true)
-                })
-                .map_err(Err)?;
-            if !kept {
-                return Err(Ok(format!(
-                    "this device already keeps {MAX_CHAINS_PER_SENDER_EPOCH} chains of this sender in this epoch: refused"
-                )));
+            .get(&key)
+            .map(|r| (Zeroizing::new(r.chain.clone()), r.recipients.clone()));
+        let (mut chain, recipients, fetched) = match kept {
+            Some((h, recipients)) => (receiver_from_hex(&h).map_err(Err)?, recipients, None),
+            None => {
+                let (chain, recipients) = self.fetch_chain_key(&parsed, hash, sender).await?;
+                let fetched = Receiving {
+                    chain: receiver_to_hex(&chain),
+                    recipients: recipients.clone(),
+                };
+                (chain, recipients, Some(fetched))
             }
-        }
-        let out = self.with_keys(channel_id, |keys| {
-            let r = keys
-                .receiving
-                .get_mut(&key)
-                .ok_or_else(|| malformed("a chain went missing"))?;
-            let mut chain = ReceiverChain::restore(&decode_hex(&r.chain)?)
-                .map_err(|e| malformed(&e.to_string()))?;
-            let recipients = r
-                .recipients
-                .iter()
-                .map(|h| {
-                    hex::decode(h)
-                        .ok()
-                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                        .ok_or_else(|| malformed("a recipient card id"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let opened = match chain.open(&parsed, sender) {
-                // Read before: opened again from the first key, changing
-                // nothing (whether it is a re-read of the same message or a
-                // replay elsewhere is the replay log's call).
-                Err(SenderKeyError::Replay(_)) if chain.keeps_history() => {
-                    chain.open_history(&parsed, sender)
-                }
-                Err(SenderKeyError::Replay(g)) => {
-                    return Ok(Err(format!(
-                        "generation {g} of this chain was opened before, and this channel keeps no message keys (forward secrecy): it cannot be read again"
-                    )));
-                }
-                other => other,
+        };
+        let recipients = recipients
+            .iter()
+            .map(|h| {
+                hex::decode(h)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| malformed("a recipient card id"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Err)?;
+        // Opened on a copy of the kept state: kept only once the message
+        // passed every other check (`commit_group`).
+        let payload = open_with(&mut chain, &parsed, sender).map_err(Ok)?;
+        Ok(GroupOpened {
+            payload,
+            recipients,
+            pending: PendingChain { key, fetched },
+        })
+    }
+
+    /// Keeps what opening a group message changed in its chain (and the
+    /// chain, when it was just fetched), after the message was accepted.
+    pub(crate) fn commit_group(
+        &self,
+        channel_id: &str,
+        envelope: &[u8],
+        sender: &ExpectedSender<'_>,
+        pending: PendingChain,
+    ) -> Result<(), ClientError> {
+        let parsed = ParsedGroupEnvelope::parse(envelope)
+            .map_err(|e| ClientError::Message(e.to_string()))?;
+        let PendingChain { key, fetched } = pending;
+        self.with_keys(channel_id, |keys| {
+            if !keys.receiving.contains_key(&key) {
+                let Some(fetched) = fetched else {
+                    // Dropped meanwhile (too many chains): fetched again
+                    // when needed.
+                    return Ok(());
+                };
+                make_room(keys, &key)?;
+                keys.receiving.insert(key.clone(), fetched);
+            }
+            let Some(r) = keys.receiving.get_mut(&key) else {
+                return Ok(());
             };
-            match opened {
-                Ok(payload) => {
-                    r.chain.zeroize();
-                    r.chain = encode_hex(&chain.export());
-                    Ok(Ok(GroupOpened {
-                        payload,
-                        recipients,
-                    }))
-                }
-                Err(SenderKeyError::KeyCommitmentMismatch) => Ok(Err(
-                    "the message key does not match the header's key commitment: the sender may be showing devices different messages".into(),
-                )),
-                Err(e) => Ok(Err(e.to_string())),
+            let mut chain = receiver_from_hex(&r.chain)?;
+            // Opened before by another process, or a history re-read: the
+            // chain stays as it is.
+            if chain.open(&parsed, sender).is_ok() {
+                r.chain.zeroize();
+                r.chain = receiver_to_hex(&chain);
             }
-        });
-        match out {
-            Ok(Ok(opened)) => Ok(opened),
-            Ok(Err(reason)) => Err(Ok(reason)),
-            Err(e) => Err(Err(e)),
-        }
+            Ok(())
+        })
     }
 
     /// Fetches and opens this device's copy of the chain a message names;
@@ -515,6 +651,18 @@ impl Client {
         };
         let copy = ParsedDistribution::parse(&answer.distribution)
             .map_err(|e| Ok(format!("the sender's key for this device: {e}")))?;
+        // The copy must be of the chain the message names (else the app
+        // server could file an old chain under a new chain's id).
+        if copy.chain_id() != parsed.chain_id()
+            || copy.sender_card_id() != parsed.sender_card_id()
+            || copy.epoch() != n
+            || copy.channel_id() != channel_id
+        {
+            return Err(Ok(
+                "the app server answered with the key of another chain than the message names"
+                    .into(),
+            ));
+        }
         // `hash` is the epoch's in the chain this device verified: a copy
         // for another history of the channel does not open.
         let forward_secret = self.load_keys(channel_id).map_err(Err)?.forward_secret;
@@ -542,6 +690,12 @@ impl Client {
             .map(|id| <[u8; 32]>::try_from(id.as_slice()))
             .collect::<Result<_, _>>()
             .map_err(|_| Ok("the app server listed a malformed recipient card id".to_owned()))?;
+        if listed.len() > MAX_CHAIN_RECIPIENTS || !listed.windows(2).all(|w| w[0] < w[1]) {
+            return Err(Ok(
+                "the app server's list of the chain's recipients is not strictly ascending or too long"
+                    .into(),
+            ));
+        }
         if !tessera_crypto::ct_eq(&recipients_digest(&listed), chain.recipients_sha256()) {
             return Err(Ok(
                 "the chain's recipients the app server lists are not the ones the sender signed"

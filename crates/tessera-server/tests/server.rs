@@ -1785,6 +1785,7 @@ async fn sender_keys_are_stored_handed_out_and_kept_across_a_restart() {
         epoch: 0,
         chain_id: chain_id.clone(),
         distributions: copies.clone(),
+        recipient_card_ids: Vec::new(),
     };
     let stored = s
         .channels()

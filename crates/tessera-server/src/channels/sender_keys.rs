@@ -78,6 +78,23 @@ impl Channels {
                 .max_members_per_channel
                 .saturating_mul(self.limits.max_devices_per_user),
         )?;
+        limits::check_count(
+            "recipient_card_ids",
+            r.recipient_card_ids.len(),
+            self.limits
+                .max_members_per_channel
+                .saturating_mul(self.limits.max_devices_per_user),
+        )?;
+        let mut listed = BTreeSet::new();
+        for id in &r.recipient_card_ids {
+            let card = limits::card_id("recipient_card_ids", id)?;
+            if !listed.insert(card) {
+                return Err(ServerError::InvalidArgument(format!(
+                    "device {} is listed twice in recipient_card_ids",
+                    card.short()
+                )));
+            }
+        }
         let mut recipients = BTreeSet::new();
         let mut copies = Vec::with_capacity(r.distributions.len());
         for (i, bytes) in r.distributions.into_iter().enumerate() {
@@ -138,11 +155,24 @@ impl Channels {
             .store
             .sender_key_chain(&r.channel_id, &sender, &chain)?
         {
-            None => SenderKeyChain {
+            None if listed.is_empty() => SenderKeyChain {
                 epoch,
                 recipient_card_ids: recipients.iter().map(CardId::to_vec).collect(),
                 server_time_ms: tessera_service::now_ms(),
             },
+            None => {
+                if let Some(other) = recipients.iter().find(|c| !listed.contains(*c)) {
+                    return Err(ServerError::InvalidArgument(format!(
+                        "device {} has a copy but is not among recipient_card_ids",
+                        other.short()
+                    )));
+                }
+                SenderKeyChain {
+                    epoch,
+                    recipient_card_ids: listed.iter().map(CardId::to_vec).collect(),
+                    server_time_ms: tessera_service::now_ms(),
+                }
+            }
             Some(stored) if stored.epoch != epoch => {
                 return Err(ServerError::FailedPrecondition(format!(
                     "chain {} was stored at epoch {}: start a new chain for epoch {epoch}",
@@ -151,10 +181,24 @@ impl Channels {
                 )));
             }
             Some(stored) => {
-                if let Some(new) = recipients
-                    .iter()
-                    .find(|c| !stored.recipient_card_ids.iter().any(|s| s == c.as_bytes()))
+                if !listed.is_empty()
+                    && !listed
+                        .iter()
+                        .map(CardId::as_bytes)
+                        .eq(stored.recipient_card_ids.iter().map(Vec::as_slice))
                 {
+                    return Err(ServerError::FailedPrecondition(format!(
+                        "chain {} was stored with other recipients",
+                        hex::encode(&chain)
+                    )));
+                }
+                // Stored sorted: a binary search per copy.
+                if let Some(new) = recipients.iter().find(|c| {
+                    stored
+                        .recipient_card_ids
+                        .binary_search_by(|s| s.as_slice().cmp(c.as_bytes().as_slice()))
+                        .is_err()
+                }) {
                     return Err(ServerError::FailedPrecondition(format!(
                         "device {} is not a recipient of chain {}: new devices need a new chain",
                         new.short(),

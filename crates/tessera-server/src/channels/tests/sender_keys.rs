@@ -82,6 +82,7 @@ fn put(from: &Dev, epoch: u64, group: &Group, copies: Vec<Vec<u8>>) -> PutSender
         epoch,
         chain_id: group.id(),
         distributions: copies,
+        recipient_card_ids: Vec::new(),
     }
 }
 
@@ -116,6 +117,61 @@ impl World {
             .await
             .map(|r| r.stored)
     }
+}
+
+#[tokio::test]
+async fn a_large_chain_comes_in_several_calls_whose_first_names_every_recipient() {
+    let w = World::new();
+    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    let tablet = w.device("alice");
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    let group = Group::new(&alice, CH, 0);
+    let copies = group.copies(&alice, &[&bob, &tablet, &alice]);
+    let mut all = vec![alice.card.to_vec(), bob.card.to_vec(), tablet.card.to_vec()];
+    all.sort();
+    // A copy for a device the list leaves out is refused.
+    let err = w
+        .channels
+        .put_sender_keys(
+            &caller(&alice),
+            PutSenderKeysRequest {
+                recipient_card_ids: vec![alice.card.to_vec(), tablet.card.to_vec()],
+                ..put(&alice, 0, &group, copies[..1].to_vec())
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    // The first call names all three and carries one copy; the second the rest.
+    let first = PutSenderKeysRequest {
+        recipient_card_ids: all.clone(),
+        ..put(&alice, 0, &group, copies[..1].to_vec())
+    };
+    assert_eq!(w.put(&alice, first).await.unwrap(), 1);
+    assert_eq!(
+        w.put(&alice, put(&alice, 0, &group, copies[1..].to_vec()))
+            .await
+            .unwrap(),
+        2
+    );
+    let got = w
+        .channels
+        .get_sender_key(&caller(&tablet), &get(&tablet, &alice, &group))
+        .unwrap();
+    assert_eq!(got.distribution, copies[1]);
+    assert_eq!(got.recipient_card_ids, all);
+    // A later call naming other recipients is refused.
+    let other = PutSenderKeysRequest {
+        recipient_card_ids: all[..2].to_vec(),
+        ..put(&alice, 0, &group, copies[..1].to_vec())
+    };
+    let err = w
+        .channels
+        .put_sender_keys(&caller(&alice), other)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
 }
 
 #[tokio::test]
