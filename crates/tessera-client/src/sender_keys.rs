@@ -184,9 +184,7 @@ fn open_with(
             SenderKeyError::Replay(_)
             | SenderKeyError::KeyUnavailable(_)
             | SenderKeyError::TooFarAhead { .. },
-        ) if chain.keeps_history() => chain
-            .open_history(parsed, sender)
-            .map_err(|e| describe(&e)),
+        ) if chain.keeps_history() => chain.open_history(parsed, sender).map_err(|e| describe(&e)),
         Err(SenderKeyError::Replay(g)) => Err(format!(
             "generation {g} of this chain was opened before, and this channel keeps no message keys (forward secrecy): it cannot be read again"
         )),

@@ -370,8 +370,7 @@ fn a_group_header_commits_to_one_message_key() {
     let mut signed = payload(&alice, Some(epoch), vec![]);
     signed.message_id = kb.message_id.to_vec();
     let (pt, free) = with_free_block(signed_content(&alice, signed));
-    let ciphertext =
-        two_key_ciphertext((&kb.key, nonce), (&kc.key, nonce), &header, &pt, free);
+    let ciphertext = two_key_ciphertext((&kb.key, nonce), (&kc.key, nonce), &header, &pt, free);
     // Without the commitment, carol's key would authenticate the body.
     assert!(hazmat::aes256gcm_open(&kc.key, nonce, &header, &ciphertext).is_some());
     let envelope = GroupEnvelope { header, ciphertext }.encode_to_vec();
