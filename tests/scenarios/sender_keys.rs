@@ -403,13 +403,22 @@ async fn a_tampered_distribution_message_is_refused() {
             "could not be unwrapped",
         ),
         (
-            "a clear field changed",
+            "a clear field changed (the copy filed under another epoch)",
             hostile::rewrite::<GetSenderKeyResponse>(GET_SENDER_KEY, |r| {
                 let mut d = SenderKeyDistribution::decode(r.distribution.as_slice()).unwrap();
                 d.epoch += 1;
                 r.distribution = d.encode_to_vec();
             }),
-            "clear fields differ",
+            "the key of another chain",
+        ),
+        (
+            "the copy's signed content says another channel than its clear fields",
+            hostile::rewrite::<GetSenderKeyResponse>(GET_SENDER_KEY, |r| {
+                let mut d = SenderKeyDistribution::decode(r.distribution.as_slice()).unwrap();
+                d.chain_id[0] ^= 1;
+                r.distribution = d.encode_to_vec();
+            }),
+            "the key of another chain",
         ),
         (
             "a recipient list without carol",
@@ -460,6 +469,7 @@ async fn a_message_replayed_across_epochs_is_refused() {
     let relay = Proxy::relay(&cluster.server.url()).await.unwrap();
     let alice = cluster.device("alice", "alice", true).await;
     let bob = behind_relay(&cluster, &relay, "bob", "bob").await;
+    let laptop = cluster.approved_device("bob-laptop", &bob).await;
     cluster.device("carol", "carol", true).await;
     let ch = alice
         .create_channel("c", Visibility::Shared, &["bob".into()])
@@ -467,6 +477,8 @@ async fn a_message_replayed_across_epochs_is_refused() {
         .unwrap()
         .channel_id;
     let pay = alice.send_text(&ch, "pay carol 10").await.unwrap();
+    // A second message in the same epoch, so index pay + 1 is taken by it.
+    alice.send_text(&ch, "and dave 5").await.unwrap();
     let m = stored_at(&alice, &ch, pay.index).await;
     assert_eq!(text(&bob.open_message(&m).await.unwrap()), "pay carol 10");
     // A new epoch, and a message in it.
@@ -490,6 +502,19 @@ async fn a_message_replayed_across_epochs_is_refused() {
     let (index, result) = page.messages.last().unwrap();
     assert_eq!(*index, replayed.index);
     let err = result.as_ref().unwrap_err().to_string();
+    assert!(err.contains("stored after epoch"), "{err}");
+    // bob's laptop never read it, holds the chain's key (it reads the
+    // genuine message), and still refuses the replay: it is stored after
+    // the statement of the next epoch.
+    let laptop = &laptop;
+    let err = laptop.open_message(&replayed).await.unwrap_err().to_string();
+    assert!(err.contains("stored after epoch"), "{err}");
+    assert_eq!(text(&laptop.open_message(&m).await.unwrap()), "pay carol 10");
+    // And where it was stored, a device that read it sees a replay if it is
+    // served again at another index of its own epoch.
+    let mut again = m.clone();
+    again.index = pay.index + 1;
+    let err = bob.open_message(&again).await.unwrap_err().to_string();
     assert!(err.contains("replay"), "{err}");
     // The genuine one, re-read where it was stored, still opens.
     assert_eq!(text(&bob.open_message(&m).await.unwrap()), "pay carol 10");
