@@ -507,9 +507,16 @@ async fn a_message_replayed_across_epochs_is_refused() {
     // genuine message), and still refuses the replay: it is stored after
     // the statement of the next epoch.
     let laptop = &laptop;
-    let err = laptop.open_message(&replayed).await.unwrap_err().to_string();
+    let err = laptop
+        .open_message(&replayed)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("stored after epoch"), "{err}");
-    assert_eq!(text(&laptop.open_message(&m).await.unwrap()), "pay carol 10");
+    assert_eq!(
+        text(&laptop.open_message(&m).await.unwrap()),
+        "pay carol 10"
+    );
     // And where it was stored, a device that read it sees a replay if it is
     // served again at another index of its own epoch.
     let mut again = m.clone();

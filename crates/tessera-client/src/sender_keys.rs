@@ -634,7 +634,7 @@ impl Client {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == tonic::Code::NotFound => {
                 return Err(Ok(
-                    "not encrypted to this device: the app server holds no copy of the sender's key for it (sent before it was enrolled or approved, or after it was removed?)".into(),
+                    "not encrypted to this device: the app server has no copy of the sender's key for it (sent before it was enrolled or approved, or after it was removed; or the app server withholds it)".into(),
                 ));
             }
             Err(s) if s.code() == tonic::Code::PermissionDenied => {
