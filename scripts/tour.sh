@@ -63,6 +63,8 @@ tessera -p bob history plans | tee history-phone.txt
 grep -q "Meet at noon?" history-phone.txt
 tessera -p bob-laptop history plans | tee history-laptop.txt
 grep -q "Meet at noon?" history-laptop.txt
+tessera -p bob-laptop channel keys plans forward-secret | tee keys.txt
+grep -q "forward secrecy" keys.txt
 
 step "live: bob listens for message 2 while alice sends it"
 # The README's commands, with bob's output kept to check it.

@@ -5,7 +5,9 @@
 use std::{env, path::PathBuf};
 
 /// Messages whose `Debug` is written by hand in `src/redacted.rs`.
-const REDACTED: [&str; 11] = [
+const REDACTED: [&str; 13] = [
+    ".tessera.envelope.v1.KeptSenderChain",
+    ".tessera.envelope.v1.KeptReceiverChain",
     ".tessera.envelope.v1.FileAttachment",
     ".tessera.envelope.v1.SignedPayload",
     ".tessera.envelope.v1.SealedContent",

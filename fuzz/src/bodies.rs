@@ -597,7 +597,6 @@ pub fn sender_chain() -> SenderChain {
         },
         SENDER_KEY_CHANNEL,
         SENDER_KEY_EPOCH,
-        [4; 16],
         ChainKey::from_bytes([3; 32]),
         0,
     )

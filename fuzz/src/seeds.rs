@@ -206,6 +206,7 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         server_time_ms: 5,
         envelope: sealed.envelope.clone(),
         epoch: 0,
+        kind: 0,
     }
     .encode_to_vec();
     let stored_card = tessera_kms::store::StoredCard {

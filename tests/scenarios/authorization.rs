@@ -19,12 +19,13 @@ use tessera_proto::{
     },
     server::v1::{
         AdminRevokeDeviceRequest, CreateChannelRequest, DownloadAttachmentRequest,
-        EnrollDeviceRequest, GetChannelChainRequest, GetChannelRequest, GetMemberViewRequest,
-        GetReadHorizonRequest, GetStoredMessageRequest, IssueTokenRequest, ListChannelsRequest,
-        ListDevicesRequest, ListMessagesRequest, ListOrgMembersRequest,
-        PublishChannelStatementRequest, RegisterOrgCardRequest, RevokeDeviceRequest,
-        SendMessageRequest, SetOrgMemberRequest, SetReadHorizonRequest, SubscribeRequest,
-        UploadAttachmentRequest, WhoAmIRequest,
+        EnrollDeviceRequest, EnvelopeKind, GetChannelChainRequest, GetChannelRequest,
+        GetMemberViewRequest, GetReadHorizonRequest, GetSenderKeyRequest, GetStoredMessageRequest,
+        IssueTokenRequest, ListChannelsRequest, ListDevicesRequest, ListMessagesRequest,
+        ListOrgMembersRequest, PublishChannelStatementRequest, PutSenderKeysRequest,
+        RegisterOrgCardRequest, RevokeDeviceRequest, SendMessageRequest, SetOrgMemberRequest,
+        SetReadHorizonRequest, SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest,
+        channels_client::ChannelsClient,
     },
 };
 use tessera_stack::hostile::raw_call;
@@ -111,6 +112,28 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
     .sign(&eve_keys.signing);
     let denied = Some(Code::PermissionDenied);
     let ch = || channel.clone();
+    // alice's own copy of her chain's key, as a well-formed distribution.
+    let stored = alice.stored_messages(&channel, 1, 1).await.unwrap()[0].clone();
+    let group = tessera_crypto::sender_key::ParsedGroupEnvelope::parse(&stored.envelope).unwrap();
+    let key_request = GetSenderKeyRequest {
+        channel_id: ch(),
+        recipient_card_id: alice_card.to_vec(),
+        sender_card_id: alice_card.to_vec(),
+        chain_id: group.chain_id().to_vec(),
+    };
+    let alice_copy = {
+        let mut request = tonic::Request::new(key_request.clone());
+        request.metadata_mut().insert(
+            "authorization",
+            user_tokens(&cluster, "alice").await.server.parse().unwrap(),
+        );
+        ChannelsClient::new(connect(&cluster.server.url()).await)
+            .get_sender_key(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .distribution
+    };
 
     let calls = vec![
         // Key service: reading the directory is open to every user; writing is not.
@@ -330,11 +353,29 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
                 channel_id: ch(),
                 client_message_id: vec![1; 16],
                 sender_card_id: alice_card.to_vec(),
-                envelope: alice.stored_messages(&channel, 1, 1).await.unwrap()[0]
-                    .envelope
-                    .clone(),
+                envelope: stored.envelope.clone(),
                 epoch: 0,
+                kind: EnvelopeKind::Group as i32,
             },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/PutSenderKeys",
+            PutSenderKeysRequest {
+                channel_id: ch(),
+                sender_card_id: alice_card.to_vec(),
+                epoch: 0,
+                chain_id: group.chain_id().to_vec(),
+                distributions: vec![alice_copy],
+                recipient_card_ids: Vec::new(),
+            },
+            denied,
+        ),
+        call(
+            "server",
+            "/tessera.server.v1.Channels/GetSenderKey",
+            key_request,
             denied,
         ),
         call(
@@ -417,7 +458,7 @@ async fn every_rpc_is_denied_to_anonymous_callers_non_members_and_other_users() 
             denied,
         ),
     ];
-    assert_eq!(calls.len(), 36, "every RPC that needs a token");
+    assert_eq!(calls.len(), 38, "every RPC that needs a token");
 
     let eve = user_tokens(&cluster, "eve").await;
     for c in calls {

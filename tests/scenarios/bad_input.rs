@@ -202,6 +202,7 @@ async fn malformed_and_oversized_input_gets_clear_statuses_on_every_rpc() {
             sender_card_id,
             envelope,
             epoch: 0,
+            kind: 0,
         }
         .encode_to_vec()
     };

@@ -465,6 +465,7 @@ async fn messages_from_non_members_and_to_ghosts_are_refused() {
         server_time_ms: tessera_service::now_ms(),
         envelope,
         epoch: epoch.number,
+        kind: 0,
     };
 
     // 1. eve, no member, names the channel's current epoch.

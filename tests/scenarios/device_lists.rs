@@ -151,6 +151,7 @@ async fn a_card_the_server_made_is_pending_refused_and_flagged() {
         .set_tamper(hostile::rewrite_messages(move |m| {
             if m.index == real.index {
                 m.envelope = forged.clone();
+                m.kind = 0; // a per-device envelope (section 4)
                 m.sender_card_id = rogue.to_vec();
             }
         }));

@@ -24,6 +24,7 @@ mod reflection;
 mod registration;
 mod relay;
 mod rotation;
+mod sender_keys;
 mod tls;
 mod transparency;
 

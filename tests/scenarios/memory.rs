@@ -82,6 +82,7 @@ async fn ten_parallel_worst_case_calls_keep_the_app_server_under_its_memory_boun
                     envelope,
                     // The chain is the creation alone.
                     epoch: 0,
+                    kind: 0,
                 },
             ))
             .await

@@ -64,6 +64,7 @@ async fn each_service_counts_its_calls_and_records() {
         sender_card_id: alice.card_id().to_vec(),
         envelope: b"not an envelope".to_vec(),
         epoch: 0,
+        kind: 0,
     });
     refused.metadata_mut().insert(
         "authorization",

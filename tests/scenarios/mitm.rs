@@ -206,6 +206,7 @@ async fn messages_of_a_revoked_card_are_refused() {
         .set_tamper(hostile::rewrite_messages(move |m| {
             if m.index == later.index {
                 m.envelope = forged.clone();
+                m.kind = 0; // a per-device envelope (section 4)
                 m.sender_card_id = stolen_card.clone();
             }
         }));

@@ -27,6 +27,17 @@ async fn org_backup_and_both_history_sync_options() {
     for line in lines {
         alice.send_text(&channel.channel_id, line).await.unwrap();
     }
+    // Each is one group envelope under alice's sender-key chain: the
+    // archive binds its records to those (protocol.md section 15).
+    let stored = alice
+        .stored_messages(&channel.channel_id, 1, 10)
+        .await
+        .unwrap();
+    assert!(
+        stored
+            .iter()
+            .all(|m| m.kind == tessera_proto::server::v1::EnvelopeKind::Group as i32)
+    );
     // Steps 3-4: bob's device decrypts, re-encrypts to the OrgCard, sends.
     let page = bob0
         .history(&channel.channel_id, 0, 10, false)

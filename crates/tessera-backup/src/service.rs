@@ -11,6 +11,7 @@ use tessera_crypto::{
         Sender, VerifiedPayload,
     },
     open_org_backup,
+    sender_key::{StoredFormat, check_stored_binding},
 };
 use tessera_proto::{
     Message as _,
@@ -254,7 +255,14 @@ impl Backup for BackupService {
         // And it must be *that* message: the envelope stored at this index
         // is the one the record names, and its body opens, with the record's
         // content key, to exactly the record's payload and signature.
-        envelope::check_binding(
+        let format = StoredFormat::of_kind(stored.kind).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "the app server stores message {} in an unknown envelope format",
+                r.message_index
+            ))
+        })?;
+        check_stored_binding(
+            format,
             &stored.envelope,
             &record.envelope_sha256,
             &record.content_key,

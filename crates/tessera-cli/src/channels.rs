@@ -7,7 +7,7 @@ use tessera_client::{
 };
 
 use crate::{
-    cli::{ChannelCommand, RoleArg, Visibility as VisibilityArg},
+    cli::{ChannelCommand, RetentionArg, RoleArg, Visibility as VisibilityArg},
     commands::Ctx,
     error::CliError,
 };
@@ -169,6 +169,22 @@ impl Ctx {
                 self.warn_served(&view);
                 let (t, v) = show(&view);
                 self.out(|| t, || v);
+                return Ok(());
+            }
+            ChannelCommand::Keys { channel, retention } => {
+                let id = self.channel_id(&c, &channel).await?;
+                let on = matches!(retention, RetentionArg::ForwardSecret);
+                c.set_forward_secret(&id, on)?;
+                self.out(
+                    || {
+                        if on {
+                            format!("{id}: message keys are wiped once used (forward secrecy); history already read cannot be opened again on this device")
+                        } else {
+                            format!("{id}: message keys are kept, history can be re-read from the app server")
+                        }
+                    },
+                    || json!({"channel_id": id, "forward_secret": on}),
+                );
                 return Ok(());
             }
             ChannelCommand::Add {

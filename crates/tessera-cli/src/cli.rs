@@ -265,6 +265,21 @@ pub(crate) enum ChannelCommand {
     List,
     /// A channel's verified membership: epoch, members, who added each.
     Show { channel: String },
+    /// Keep received message keys for re-reading history from the app
+    /// server (`keep`, the default) or wipe each once used (`forward-secret`:
+    /// a thief of this device's state cannot read what it already read, and
+    /// neither can you again). A setting of this device only.
+    Keys {
+        channel: String,
+        #[arg(value_enum)]
+        retention: RetentionArg,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum RetentionArg {
+    Keep,
+    ForwardSecret,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]

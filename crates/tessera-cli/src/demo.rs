@@ -13,7 +13,7 @@ use tessera_client::{
     Approval, Client, Content, Endpoints, Enrollment, Home, KdfParams, Source, Visibility,
     approval_code,
 };
-use tessera_crypto::{DeviceKeys, SigningKey, envelope::ParsedEnvelope};
+use tessera_crypto::{DeviceKeys, SigningKey};
 use tessera_stack::{
     Stack, StackConfig,
     hostile::{self, Proxy},
@@ -292,14 +292,16 @@ async fn play(d: &mut Demo) -> Result<(), CliError> {
         .stored_messages(&channel.channel_id, 0, 10)
         .await?;
     let m = stored.first().ok_or_else(|| fail(step, "nothing stored"))?;
-    let parsed = ParsedEnvelope::parse(&m.envelope).map_err(|e| fail(step, e.to_string()))?;
+    let parsed = tessera_crypto::sender_key::ParsedGroupEnvelope::parse(&m.envelope)
+        .map_err(|e| fail(step, e.to_string()))?;
     println!(
-        "   message {} from {} (card {}): {} bytes, {} recipient stanzas, body {}...",
+        "   message {} from {} (card {}): {} bytes, one group envelope (sender-key chain {}, generation {}; no per-device data), body {}...",
         m.index,
         m.sender_identity,
         hex::encode(&m.sender_card_id[..8]),
         m.envelope.len(),
-        parsed.recipient_count(),
+        hex::encode(&parsed.chain_id()[..4]),
+        parsed.generation(),
         hex::encode(&m.envelope[m.envelope.len() - 24..])
     );
     // Every 8-byte piece of the plaintext, wherever it sits in the message,

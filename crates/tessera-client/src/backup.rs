@@ -6,9 +6,10 @@ use tessera_card::{CardId, CardKind, VerifiedCard};
 use tessera_crypto::{
     envelope::{
         CONTENT_TYPE_HISTORY, CONTENT_TYPE_HISTORY_END, EnvelopeBinding, ExpectedSender, Opener,
-        ParsedEnvelope, VerifiedPayload, check_binding,
+        ParsedEnvelope, VerifiedPayload,
     },
     seal_org_backup,
+    sender_key::{StoredFormat, check_stored_binding},
 };
 use tessera_proto::{
     Message as _,
@@ -421,7 +422,10 @@ impl Client {
         let stored = stored.ok_or_else(|| {
             bad("the app server has no message at this index to check the archive against".into())
         })?;
-        check_binding(
+        let format = StoredFormat::of_kind(stored.kind)
+            .ok_or_else(|| bad("the app server stores it in an unknown envelope format".into()))?;
+        check_stored_binding(
+            format,
             &stored.envelope,
             &item.envelope_sha256,
             &item.content_key,
@@ -467,8 +471,12 @@ impl Client {
                 "the original message was sent to another channel".into()
             ));
         }
+        // A per-device envelope names its recipients in the signed payload;
+        // an archived group message's chain recipients are not known here.
+        let recipients = original.recipient_card_ids.clone();
         self.finish_received(
             original,
+            (format == StoredFormat::Device).then_some(recipients.as_slice()),
             index,
             item.server_time_ms,
             info.card.device_name(),

@@ -686,6 +686,7 @@ impl Client {
     pub(crate) async fn check_membership(
         &self,
         payload: &tessera_crypto::envelope::VerifiedPayload,
+        recipients: Option<&[[u8; 32]]>,
     ) -> Result<Result<MembershipCheck, String>, ClientError> {
         let channel_id = payload.channel_id.as_str();
         let Some(epoch) = payload.epoch else {
@@ -720,11 +721,19 @@ impl Client {
                 payload.sender_identity
             )));
         }
+        let Some(recipients) = recipients else {
+            // Not known (a group message from the organisation's archive):
+            // the sender and the epoch were checked; nothing to compare.
+            return Ok(Ok(MembershipCheck {
+                epoch: Some(n),
+                differences: Vec::new(),
+                events: Vec::new(),
+            }));
+        };
         let members: Vec<String> = state.members_at(n).into_iter().map(str::to_owned).collect();
         let (expected, events) = self.epoch_devices(channel_id, n, &members).await?;
         let mut differences = Vec::new();
-        let recipients: std::collections::BTreeSet<CardId> = payload
-            .recipient_card_ids
+        let recipients: std::collections::BTreeSet<CardId> = recipients
             .iter()
             .map(|id| CardId::from_array(*id))
             .collect();

@@ -24,6 +24,7 @@ mod gossip;
 mod messages;
 mod profile;
 mod recheck;
+mod sender_keys;
 mod state;
 mod trust;
 

@@ -6,16 +6,19 @@
 use std::fmt;
 
 use tessera_card::{CardId, CardKind};
-use tessera_crypto::envelope::{
-    self, CONTENT_TYPE_FILE, CONTENT_TYPE_TEXT, Draft, Epoch, ExpectedSender, Opener,
-    ParsedEnvelope, Recipient, Sender, VerifiedPayload,
+use tessera_crypto::{
+    envelope::{
+        self, CONTENT_TYPE_FILE, CONTENT_TYPE_TEXT, Epoch, ExpectedSender, Opener, ParsedEnvelope,
+        VerifiedPayload,
+    },
+    sender_key::{GroupDraft, StoredFormat},
 };
 use tessera_proto::{
     Message as _,
     envelope::v1::FileAttachment,
     kms::v1::CardStatus,
     server::v1::{
-        Channel, ChannelEvent, Direction, GetReadHorizonRequest, ListChannelsRequest,
+        Channel, ChannelEvent, Direction, EnvelopeKind, GetReadHorizonRequest, ListChannelsRequest,
         ListMessagesRequest, SendMessageRequest, SetReadHorizonRequest, StoredMessage,
         SubscribeRequest, channel_event, channels_client::ChannelsClient,
     },
@@ -23,7 +26,9 @@ use tessera_proto::{
 
 use crate::{
     CardInfo, Client, ClientError, MembershipChange, RecipientDifference, TrustEvent,
-    client::now_ms, error::rpc,
+    client::now_ms,
+    error::rpc,
+    sender_keys::{GroupOpened, GroupSeal},
 };
 
 /// How many times a message is sealed again when the membership changed
@@ -227,9 +232,19 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (sealed, mut sent, epoch) = self
+            let Some((envelope, mut sent)) = self
                 .seal_for_channel(channel_id, content_type, body)
-                .await?;
+                .await?
+            else {
+                // The epoch moved while the chain's key was being given
+                // out: verify the channel again.
+                if attempt < SEND_ATTEMPTS {
+                    continue;
+                }
+                return Err(ClientError::Message(format!(
+                    "channel {channel_id}'s membership kept changing while sending: try again"
+                )));
+            };
             let mut unavailable = 0;
             let response = loop {
                 let request = self
@@ -237,8 +252,9 @@ impl Client {
                         channel_id: channel_id.to_owned(),
                         client_message_id: client_message_id.to_vec(),
                         sender_card_id: self.card_id.to_vec(),
-                        envelope: sealed.envelope.clone(),
-                        epoch,
+                        envelope: envelope.clone(),
+                        epoch: sent.epoch,
+                        kind: EnvelopeKind::Group as i32,
                     })
                     .await?;
                 match self.channels_client().send_message(request).await {
@@ -265,14 +281,16 @@ impl Client {
         }
     }
 
-    /// Seals `body` for every approved device of every member of the
-    /// channel's current epoch, as the verified chain has them.
+    /// Seals `body` under this device's sender-key chain of the channel's
+    /// current epoch, whose key every approved device of every member (as
+    /// the verified chain has them) holds. `None` when the channel's epoch
+    /// moved meanwhile.
     async fn seal_for_channel(
         &self,
         channel_id: &str,
         content_type: &str,
         body: &[u8],
-    ) -> Result<(envelope::Sealed, Sent, u64), ClientError> {
+    ) -> Result<Option<(Vec<u8>, Sent)>, ClientError> {
         let verified = self.verified_channel(channel_id).await?;
         let (Some(epoch), Some(head)) = (verified.state.epoch(), verified.state.head()) else {
             return Err(ClientError::Usage(format!(
@@ -305,36 +323,30 @@ impl Client {
             .filter(|(_, d)| d.approved.is_empty())
             .map(|(identity, _)| identity.clone())
             .collect();
-        let recipients: Vec<Recipient<'_>> = cards
-            .iter()
-            .map(|c| Recipient {
-                card_id: *c.id().as_bytes(),
-                key: c.encryption_key(),
-            })
-            .collect();
-        let sealed = envelope::seal(
-            &Sender {
-                identity: self.identity(),
-                card_id: *self.card_id.as_bytes(),
-                key: &self.keys.signing,
-            },
-            &Draft {
+        let sealed = match self
+            .seal_group(
                 channel_id,
-                content_type,
-                body,
-                sent_at_ms: now_ms(),
-                epoch: Some(Epoch {
+                Epoch {
                     number: epoch,
                     hash: head,
-                }),
-            },
-            &recipients,
-        )
-        .map_err(|e| ClientError::Crypto(e.to_string()))?;
+                },
+                &cards,
+                &GroupDraft {
+                    content_type,
+                    body,
+                    sent_at_ms: now_ms(),
+                },
+            )
+            .await?
+        {
+            GroupSeal::Sealed { sealed, recipients } => (sealed, recipients),
+            GroupSeal::EpochMoved => return Ok(None),
+        };
+        let (sealed, recipients) = sealed;
         let sent = Sent {
             index: 0,
             message_id: sealed.message_id,
-            recipients: cards.iter().map(|c| c.id()).collect(),
+            recipients,
             duplicate: false,
             epoch,
             events,
@@ -342,7 +354,7 @@ impl Client {
             unreachable,
             membership_changes: verified.fresh_changes().to_vec(),
         };
-        Ok((sealed, sent, epoch))
+        Ok(Some((sealed.envelope, sent)))
     }
 
     /// Decrypts a message the app server delivered and verifies it: the
@@ -355,13 +367,24 @@ impl Client {
             index: m.index,
             reason,
         };
-        let parsed = ParsedEnvelope::parse(&m.envelope).map_err(|e| bad(e.to_string()))?;
-        if parsed.sender_card_id().as_slice() != m.sender_card_id.as_slice() {
+        let format = StoredFormat::of_kind(m.kind)
+            .ok_or_else(|| bad(format!("unknown envelope kind {}", m.kind)))?;
+        let claimed: [u8; 32] = match format {
+            StoredFormat::Device => *ParsedEnvelope::parse(&m.envelope)
+                .map_err(|e| bad(e.to_string()))?
+                .sender_card_id(),
+            StoredFormat::Group => {
+                *tessera_crypto::sender_key::ParsedGroupEnvelope::parse(&m.envelope)
+                    .map_err(|e| bad(e.to_string()))?
+                    .sender_card_id()
+            }
+        };
+        if claimed.as_slice() != m.sender_card_id.as_slice() {
             return Err(bad(
                 "the relay names another sender card than the envelope".into()
             ));
         }
-        let sender_card = CardId::from_array(*parsed.sender_card_id());
+        let sender_card = CardId::from_array(claimed);
         let info = self
             .sender_card(&sender_card, &m.sender_identity, m.server_time_ms)
             .await
@@ -370,38 +393,68 @@ impl Client {
                 other => bad(format!("sender: {other}")),
             })?;
         let card = &info.card;
-        let payload = parsed
-            .open(
-                &Opener {
-                    card_id: *self.card_id.as_bytes(),
-                    secret: &self.keys.encryption,
-                },
-                &ExpectedSender {
-                    identity: card.identity(),
-                    card_id: *card.id().as_bytes(),
-                    key: card.signing_key(),
-                },
-            )
-            .map_err(|e| match e {
-                envelope::EnvelopeError::NotARecipient => bad(
-                    "not encrypted to this device (sent before it was enrolled?): sync it from the organisation".into(),
-                ),
-                other => bad(other.to_string()),
-            })?;
+        let expected = ExpectedSender {
+            identity: card.identity(),
+            card_id: *card.id().as_bytes(),
+            key: card.signing_key(),
+        };
+        let (payload, recipients, pending) = match format {
+            StoredFormat::Device => {
+                let payload = ParsedEnvelope::parse(&m.envelope)
+                    .map_err(|e| bad(e.to_string()))?
+                    .open(
+                        &Opener {
+                            card_id: *self.card_id.as_bytes(),
+                            secret: &self.keys.encryption,
+                        },
+                        &expected,
+                    )
+                    .map_err(|e| match e {
+                        envelope::EnvelopeError::NotARecipient => bad(
+                            "not encrypted to this device (sent before it was enrolled?): sync it from the organisation".into(),
+                        ),
+                        other => bad(other.to_string()),
+                    })?;
+                let recipients = payload.recipient_card_ids.clone();
+                (payload, recipients, None)
+            }
+            StoredFormat::Group => {
+                let GroupOpened {
+                    payload,
+                    recipients,
+                    pending,
+                } = self
+                    .open_group(&m.channel_id, &m.envelope, &expected)
+                    .await
+                    .map_err(|e| match e {
+                        Ok(reason) => bad(reason),
+                        Err(other) => other,
+                    })?;
+                (payload, recipients, Some(pending))
+            }
+        };
         if payload.channel_id != m.channel_id {
             return Err(bad(format!(
                 "the sender sent it to channel {}, not this one: moved by the relay",
                 payload.channel_id
             )));
         }
-        self.finish_received(
-            payload,
-            m.index,
-            m.server_time_ms,
-            card.device_name(),
-            Source::Server,
-        )
-        .await
+        let received = self
+            .finish_received(
+                payload,
+                Some(&recipients),
+                m.index,
+                m.server_time_ms,
+                card.device_name(),
+                Source::Server,
+            )
+            .await?;
+        // Only an accepted message moves its chain on (with forward
+        // secrecy, a refused one must stay readable when it comes again).
+        if let Some(pending) = pending {
+            self.commit_group(&m.channel_id, &m.envelope, &expected, pending)?;
+        }
+        Ok(received)
     }
 
     /// The verified card of a message's sender, refused when it was revoked
@@ -441,23 +494,46 @@ impl Client {
     /// Common last steps of opening: the membership checks (the epoch the
     /// sender named, the sender and recipients at that epoch) and the
     /// replay check.
+    /// `recipients` are the devices the message (or its sender-key chain)
+    /// was given to, `None` when not known (an archived group message).
     pub(crate) async fn finish_received(
         &self,
         payload: VerifiedPayload,
+        recipients: Option<&[[u8; 32]]>,
         index: u64,
         server_time_ms: i64,
         device: &str,
         source: Source,
     ) -> Result<Received, ClientError> {
         let channel_id = payload.channel_id.clone();
-        let membership =
-            self.check_membership(&payload)
-                .await?
-                .map_err(|reason| ClientError::BadMessage {
-                    channel_id: channel_id.clone(),
-                    index,
-                    reason,
-                })?;
+        let membership = self
+            .check_membership(&payload, recipients)
+            .await?
+            .map_err(|reason| ClientError::BadMessage {
+                channel_id: channel_id.clone(),
+                index,
+                reason,
+            })?;
+        // The app server checks a message's epoch when it stores it, under
+        // the channel's lock: a message of epoch n never lands after the
+        // statement of epoch n + 1 (known by where the server placed it).
+        if let Some(n) = membership.epoch
+            && let Some(next) = self
+                .membership_changes(&channel_id, n + 1, n + 2)?
+                .first()
+                .map(|c| c.next_index)
+            && next > 0
+            && index >= next
+        {
+            return Err(ClientError::BadMessage {
+                channel_id,
+                index,
+                reason: format!(
+                    "it names membership epoch {n}, but it is stored after epoch {} began (at message {next}): held back or replayed by the relay",
+                    n + 1
+                ),
+            });
+        }
         let sender_card = CardId::from_array(payload.sender_card_id);
         let accepted = self.replay.accept(
             &sender_card.to_string(),

@@ -82,14 +82,7 @@ fn opener(d: &Device) -> Opener<'_> {
 }
 
 fn chain(sender: &Sender<'_>) -> SenderChain {
-    SenderChain::with(
-        sender,
-        CHANNEL,
-        EPOCH,
-        [0x0c; 16],
-        ChainKey::from_bytes([0x5c; 32]),
-        0,
-    )
+    SenderChain::with(sender, CHANNEL, EPOCH, ChainKey::from_bytes([0x5c; 32]), 0)
 }
 
 fn receiver(

@@ -1,6 +1,7 @@
 //! AES-256-GCM through ring: bulk data (bodies, file chunks, keystores) goes here.
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+pub(crate) use ring::aead::NONCE_LEN;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 pub(crate) const TAG_LEN: usize = 16;
 pub(crate) const KEY_LEN: usize = 32;

@@ -190,7 +190,6 @@ pub fn sender_key_ratchet_step(ck: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
 /// The keys of one group message from its message secret.
 pub struct GroupMessageKeys {
     pub key: [u8; 32],
-    pub nonce: [u8; 12],
     pub commitment_key: [u8; 32],
     /// HMAC-SHA256(commitment_key, "tessera/v2/key-commitment").
     pub commitment: [u8; 32],
@@ -204,7 +203,6 @@ pub fn group_message_keys(message_secret: &[u8; 32]) -> GroupMessageKeys {
     let keys = crate::sender_key::MessageKeys::derive(message_secret);
     GroupMessageKeys {
         key: *keys.key,
-        nonce: keys.nonce,
         commitment_key: *keys.commitment_key,
         commitment: keys.commitment(),
         message_id: keys.message_id(),
@@ -217,14 +215,32 @@ pub fn envelope_key_commitment(content_key: &[u8; 32]) -> [u8; 32] {
     crate::commitment::commit(content_key, crate::commitment::ENVELOPE_COMMITMENT_LABEL)
 }
 
+/// A group message sealed with its AES-GCM nonce given: for test vectors
+/// only (a nonce must never repeat under one key).
+pub fn group_seal_with_nonce(
+    chain: &mut crate::sender_key::SenderChain,
+    sender: &crate::envelope::Sender<'_>,
+    draft: &crate::sender_key::GroupDraft<'_>,
+    nonce: [u8; 12],
+) -> Result<crate::sender_key::GroupSealed, crate::sender_key::SenderKeyError> {
+    chain.seal_with_nonce(sender, draft, nonce)
+}
+
 /// One distribution copy with the HPKE ephemeral secret given: for test
 /// vectors only.
 pub fn sender_key_distribution_with(
     chain: &crate::sender_key::SenderChain,
     sender: &crate::envelope::Sender<'_>,
     recipient: &crate::envelope::Recipient<'_>,
+    recipients_sha256: &[u8; 32],
     created_at_ms: i64,
     ephemeral: &[u8; 32],
 ) -> Result<crate::sender_key::DistributionCopy, crate::sender_key::SenderKeyError> {
-    chain.distribution_for(sender, recipient, created_at_ms, Some(ephemeral))
+    chain.distribution_for(
+        sender,
+        recipient,
+        recipients_sha256,
+        created_at_ms,
+        Some(ephemeral),
+    )
 }

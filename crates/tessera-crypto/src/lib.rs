@@ -24,6 +24,7 @@ pub mod hazmat;
 mod hpke_wrap;
 mod keys;
 pub mod keystore;
+pub mod local_state;
 mod parallel;
 mod random;
 pub mod sender_key;

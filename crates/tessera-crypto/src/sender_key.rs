@@ -11,7 +11,7 @@
 //! ```text
 //! message_secret(n) = HMAC-SHA256(ck_n, 0x01 || "tessera/v2/ratchet")
 //! ck_{n+1}          = HMAC-SHA256(ck_n, 0x02 || "tessera/v2/ratchet")
-//! key (32) || nonce (12) || commitment_key (32)
+//! key (32) || commitment_key (32)
 //!                   = HKDF-SHA256(salt = 32 zero bytes, ikm = message_secret(n),
 //!                                 info = "tessera/v2/group-message", L = 76)
 //! key_commitment    = HMAC-SHA256(commitment_key, "tessera/v2/key-commitment")
@@ -35,8 +35,8 @@ use std::{collections::BTreeMap, fmt};
 use tessera_proto::{
     Message as _,
     envelope::v1::{
-        GroupEnvelope, GroupHeader, SealedContent, SenderKeyContent, SenderKeyDistribution,
-        SignedSenderKey,
+        GroupEnvelope, GroupHeader, KeptReceiverChain, KeptSenderChain, SealedContent,
+        SenderKeyContent, SenderKeyDistribution, SignedSenderKey,
     },
 };
 use thiserror::Error;
@@ -45,8 +45,8 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::{
     KeyError, SignatureContext, aead, commitment,
     envelope::{
-        self, Draft, EnvelopeError, Epoch, ExpectedSender, MESSAGE_ID_LEN, Opener, Recipient,
-        Sender, VerifiedPayload, card_id_of,
+        self, Draft, EnvelopeBinding, EnvelopeError, Epoch, ExpectedSender, MESSAGE_ID_LEN, Opener,
+        Recipient, Sender, VerifiedPayload, card_id_of,
     },
     hpke_wrap::{self, ENC_LEN, HpkeInfo},
     random::random_array,
@@ -74,7 +74,39 @@ const RATCHET_LABEL: &[u8] = b"tessera/v2/ratchet";
 const MESSAGE_SECRET_TAG: u8 = 0x01;
 const CHAIN_KEY_TAG: u8 = 0x02;
 const MESSAGE_INFO: &[u8] = b"tessera/v2/group-message";
-const MESSAGE_KEYS_LEN: usize = 32 + 12 + 32;
+const MESSAGE_KEYS_LEN: usize = 32 + 32;
+/// Length of a group message's AES-GCM nonce (random, in its header).
+pub const NONCE_LEN: usize = 12;
+const CHAIN_ID_LABEL: &[u8] = b"tessera/v2/chain-id";
+const RECIPIENTS_LABEL: &[u8] = b"tessera/v2/sender-key/recipients";
+
+/// A chain's id: HMAC-SHA256(key = the chain key of its first generation,
+/// msg = "tessera/v2/chain-id" || u32be(first_generation))[0..16]. Derived,
+/// so that one chain id means one key for every holder: a sender cannot
+/// give two devices different keys under one id.
+pub fn chain_id_for(chain_key: &ChainKey, first_generation: u32) -> [u8; CHAIN_ID_LEN] {
+    let full = commitment::hmac_sha256(
+        chain_key.expose_bytes(),
+        &[CHAIN_ID_LABEL, &first_generation.to_be_bytes()],
+    );
+    let mut id = [0u8; CHAIN_ID_LEN];
+    id.copy_from_slice(&full[..CHAIN_ID_LEN]);
+    id
+}
+
+/// The digest of a chain's recipients that each copy signs:
+/// SHA-256("tessera/v2/sender-key/recipients" || 0x00 || the card ids,
+/// sorted, concatenated). Duplicates count once.
+pub fn recipients_digest<'a>(card_ids: impl IntoIterator<Item = &'a [u8; 32]>) -> [u8; 32] {
+    let sorted: std::collections::BTreeSet<&[u8; 32]> = card_ids.into_iter().collect();
+    let mut data = Vec::with_capacity(RECIPIENTS_LABEL.len() + 1 + 32 * sorted.len());
+    data.extend_from_slice(RECIPIENTS_LABEL);
+    data.push(0);
+    for id in sorted {
+        data.extend_from_slice(id);
+    }
+    crate::sha256(&data)
+}
 
 /// Why a group message or a sender key could not be made or opened. No
 /// variant carries key material.
@@ -164,10 +196,9 @@ impl ChainKey {
 /// The 32-byte secret of one generation, from which its keys are derived.
 struct MessageSecret(Zeroizing<[u8; 32]>);
 
-/// AES-256 key, nonce and commitment key of one message.
+/// AES-256 key and commitment key of one message.
 pub(crate) struct MessageKeys {
     pub(crate) key: Zeroizing<[u8; 32]>,
-    pub(crate) nonce: [u8; 12],
     pub(crate) commitment_key: Zeroizing<[u8; 32]>,
 }
 
@@ -175,17 +206,17 @@ impl MessageKeys {
     pub(crate) fn derive(secret: &[u8; 32]) -> Self {
         let mut out = Self {
             key: Zeroizing::new([0u8; 32]),
-            nonce: [0u8; 12],
             commitment_key: Zeroizing::new([0u8; 32]),
         };
-        // 76 bytes is far below HKDF-SHA256's limit of 255 * 32; on the
+        // 64 bytes is far below HKDF-SHA256's limit of 255 * 32; on the
         // impossible failure the keys stay zero and nothing opens.
-        if let Some(okm) = crate::stream::hkdf_sha256(secret, &[0u8; 32], MESSAGE_INFO, 76) {
+        if let Some(okm) =
+            crate::stream::hkdf_sha256(secret, &[0u8; 32], MESSAGE_INFO, MESSAGE_KEYS_LEN)
+        {
             let okm = Zeroizing::new(okm);
             if okm.len() == MESSAGE_KEYS_LEN {
                 out.key.copy_from_slice(&okm[..32]);
-                out.nonce.copy_from_slice(&okm[32..44]);
-                out.commitment_key.copy_from_slice(&okm[44..]);
+                out.commitment_key.copy_from_slice(&okm[32..]);
             }
         }
         out
@@ -273,14 +304,14 @@ impl SenderChain {
             sender,
             channel_id,
             epoch,
-            random_array::<CHAIN_ID_LEN>()?,
             ChainKey::generate()?,
             0,
         ))
     }
 
-    /// A chain with given id, key and first generation: restoring kept
-    /// state, and test vectors. The chain seals `first_generation` next: a
+    /// A chain with a given key and first generation (its id derived from
+    /// them, [`chain_id_for`]): restoring kept state, and test vectors. The
+    /// chain seals `first_generation` next: a
     /// restored chain that sent messages before must be moved on with
     /// [`Self::skip_to`] first, since a generation sealed twice reuses an
     /// AES-GCM key and nonce (keep the next generation durably before
@@ -289,11 +320,11 @@ impl SenderChain {
         sender: &Sender<'_>,
         channel_id: &str,
         epoch: Epoch,
-        chain_id: [u8; CHAIN_ID_LEN],
         chain_key: ChainKey,
         first_generation: u32,
     ) -> Self {
         let current = ChainKey::from_bytes(*chain_key.expose_bytes());
+        let chain_id = chain_id_for(&chain_key, first_generation);
         Self {
             channel_id: channel_id.to_owned(),
             epoch,
@@ -336,6 +367,45 @@ impl SenderChain {
         self.next_generation
     }
 
+    /// The chain as a device keeps it (to be stored encrypted). Keep it
+    /// with the next generation *before* sealing that generation.
+    pub fn export(&self) -> KeptSenderChain {
+        KeptSenderChain {
+            channel_id: self.channel_id.clone(),
+            epoch: self.epoch.number,
+            epoch_hash: self.epoch.hash.to_vec(),
+            chain_key: self.initial.expose_bytes().to_vec(),
+            first_generation: self.first_generation,
+            next_generation: self.next_generation,
+        }
+    }
+
+    /// A chain kept by [`Self::export`], resumed at its kept next
+    /// generation (never earlier: no generation is sealed twice).
+    pub fn restore(sender: &Sender<'_>, kept: &KeptSenderChain) -> Result<Self, SenderKeyError> {
+        let key: [u8; CHAIN_KEY_LEN] = kept
+            .chain_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| SenderKeyError::Malformed("kept chain key is not 32 bytes"))?;
+        if kept.first_generation >= MAX_GENERATION {
+            return Err(SenderKeyError::GenerationOutOfRange(kept.first_generation));
+        }
+        let epoch = Epoch {
+            number: kept.epoch,
+            hash: id_of(&kept.epoch_hash, "kept epoch hash is not 32 bytes")?,
+        };
+        let mut chain = Self::with(
+            sender,
+            &kept.channel_id,
+            epoch,
+            ChainKey::from_bytes(key),
+            kept.first_generation,
+        );
+        chain.skip_to(kept.next_generation)?;
+        Ok(chain)
+    }
+
     /// Messages this chain can still send.
     pub fn remaining(&self) -> u32 {
         MAX_GENERATION.saturating_sub(self.next_generation)
@@ -356,6 +426,18 @@ impl SenderChain {
         &mut self,
         sender: &Sender<'_>,
         draft: &GroupDraft<'_>,
+    ) -> Result<GroupSealed, SenderKeyError> {
+        let nonce = random_array::<NONCE_LEN>()?;
+        self.seal_with_nonce(sender, draft, nonce)
+    }
+
+    /// [`Self::seal`] with the nonce given: test vectors only (a nonce must
+    /// never repeat under one key).
+    pub(crate) fn seal_with_nonce(
+        &mut self,
+        sender: &Sender<'_>,
+        draft: &GroupDraft<'_>,
+        nonce: [u8; NONCE_LEN],
     ) -> Result<GroupSealed, SenderKeyError> {
         self.check_sender(sender)?;
         let generation = self.next_generation;
@@ -385,9 +467,10 @@ impl SenderChain {
             chain_id: self.chain_id.to_vec(),
             generation,
             key_commitment: keys.commitment().to_vec(),
+            nonce: nonce.to_vec(),
         }
         .encode_to_vec();
-        aead::AeadKey::new(&keys.key).seal_in_place(keys.nonce, &header, &mut body);
+        aead::AeadKey::new(&keys.key).seal_in_place(nonce, &header, &mut body);
         let envelope = GroupEnvelope {
             header,
             ciphertext: body,
@@ -404,7 +487,8 @@ impl SenderChain {
 
     /// One signed, HPKE-sealed copy of the chain's first key for each
     /// recipient device (the sender's own other devices included), in the
-    /// order given. Large lists are sealed on several threads.
+    /// order given, each signing the digest of the whole list
+    /// ([`recipients_digest`]). Large lists are sealed on several threads.
     pub fn distribute(
         &self,
         sender: &Sender<'_>,
@@ -417,9 +501,10 @@ impl SenderChain {
         if seen.windows(2).any(|w| w[0] == w[1]) {
             return Err(EnvelopeError::DuplicateRecipient.into());
         }
+        let digest = recipients_digest(&seen);
         crate::parallel::try_map(
             recipients,
-            |r| self.distribution_for(sender, r, created_at_ms, None),
+            |r| self.distribution_for(sender, r, &digest, created_at_ms, None),
             || SenderKeyError::Malformed("sender-key sealing thread failed"),
         )
     }
@@ -428,6 +513,7 @@ impl SenderChain {
         &self,
         sender: &Sender<'_>,
         recipient: &Recipient<'_>,
+        recipients_sha256: &[u8; 32],
         created_at_ms: i64,
         ephemeral: Option<&[u8; 32]>,
     ) -> Result<DistributionCopy, SenderKeyError> {
@@ -444,6 +530,7 @@ impl SenderChain {
             first_generation: self.first_generation,
             recipient_card_id: recipient.card_id.to_vec(),
             created_at_ms,
+            recipients_sha256: recipients_sha256.to_vec(),
         };
         let content_bytes = Zeroizing::new(content.encode_to_vec());
         content.chain_key.zeroize();
@@ -618,6 +705,19 @@ impl ParsedDistribution {
             .try_into()
             .map_err(|_| SenderKeyError::Malformed("chain key is not 32 bytes"))?;
         let chain_id = chain_id_of(&content.chain_id)?;
+        let chain_key = ChainKey::from_bytes(chain_key);
+        if !crate::ct_eq(
+            &chain_id_for(&chain_key, content.first_generation),
+            &chain_id,
+        ) {
+            return Err(SenderKeyError::Malformed(
+                "the chain id is not derived from the chain key",
+            ));
+        }
+        let recipients_sha256 = id_of(
+            &content.recipients_sha256,
+            "recipients digest is not 32 bytes",
+        )?;
         // The clear routing fields must say what was signed.
         if content.sender_card_id != self.d.sender_card_id
             || content.channel_id != self.d.channel_id
@@ -636,8 +736,9 @@ impl ParsedDistribution {
                 card_id: sender.card_id,
                 chain_id,
                 created_at_ms: content.created_at_ms,
+                recipients_sha256,
             },
-            ChainKey::from_bytes(chain_key),
+            chain_key,
             content.first_generation,
             retention,
         ))
@@ -689,6 +790,7 @@ struct ChainInfo {
     card_id: [u8; 32],
     chain_id: [u8; CHAIN_ID_LEN],
     created_at_ms: i64,
+    recipients_sha256: [u8; 32],
 }
 
 /// A generation's message secret, found or derived, and what opening it
@@ -775,6 +877,114 @@ impl ReceiverChain {
     /// The generation expected next.
     pub fn next_generation(&self) -> u32 {
         self.next_generation
+    }
+
+    /// The digest of the chain's recipients the sender signed
+    /// ([`recipients_digest`]).
+    pub fn recipients_sha256(&self) -> &[u8; 32] {
+        &self.info.recipients_sha256
+    }
+
+    /// Whether the chain keeps its first key (history can be re-read).
+    pub fn keeps_history(&self) -> bool {
+        self.initial.is_some()
+    }
+
+    /// The chain as a device keeps it (to be stored encrypted).
+    pub fn export(&self) -> KeptReceiverChain {
+        let (skipped_generations, skipped_secrets) =
+            self.skipped.iter().map(|(g, s)| (*g, s.0.to_vec())).unzip();
+        KeptReceiverChain {
+            channel_id: self.info.channel_id.clone(),
+            epoch: self.info.epoch.number,
+            epoch_hash: self.info.epoch.hash.to_vec(),
+            sender_identity: self.info.identity.clone(),
+            sender_card_id: self.info.card_id.to_vec(),
+            chain_id: self.info.chain_id.to_vec(),
+            created_at_ms: self.info.created_at_ms,
+            first_generation: self.first_generation,
+            initial_chain_key: self
+                .initial
+                .as_ref()
+                .map(|k| k.expose_bytes().to_vec())
+                .unwrap_or_default(),
+            current_chain_key: self.current.expose_bytes().to_vec(),
+            next_generation: self.next_generation,
+            skipped_generations,
+            skipped_secrets,
+            used: self.used.clone(),
+            recipients_sha256: self.info.recipients_sha256.to_vec(),
+        }
+    }
+
+    /// A chain kept by [`Self::export`]. Checks the shapes, the limits, and
+    /// that the chain id is the first key's (when kept).
+    pub fn restore(kept: &KeptReceiverChain) -> Result<Self, SenderKeyError> {
+        let key = |bytes: &[u8]| -> Result<ChainKey, SenderKeyError> {
+            let b: [u8; CHAIN_KEY_LEN] = bytes
+                .try_into()
+                .map_err(|_| SenderKeyError::Malformed("kept chain key is not 32 bytes"))?;
+            Ok(ChainKey::from_bytes(b))
+        };
+        let chain_id = chain_id_of(&kept.chain_id)?;
+        let initial = if kept.initial_chain_key.is_empty() {
+            None
+        } else {
+            let k = key(&kept.initial_chain_key)?;
+            if !crate::ct_eq(&chain_id_for(&k, kept.first_generation), &chain_id) {
+                return Err(SenderKeyError::Malformed(
+                    "kept chain id is not derived from its key",
+                ));
+            }
+            Some(k)
+        };
+        if kept.first_generation >= MAX_GENERATION
+            || kept.next_generation > MAX_GENERATION
+            || kept.next_generation < kept.first_generation
+            || kept.skipped_generations.len() != kept.skipped_secrets.len()
+            || kept.skipped_generations.len() > MAX_SKIPPED_KEYS
+            || kept.used.len() != (MAX_GENERATION as usize).div_ceil(64)
+        {
+            return Err(SenderKeyError::Malformed(
+                "kept receiving chain is out of its limits",
+            ));
+        }
+        let mut skipped = BTreeMap::new();
+        for (g, s) in kept.skipped_generations.iter().zip(&kept.skipped_secrets) {
+            let s: [u8; 32] = s
+                .as_slice()
+                .try_into()
+                .map_err(|_| SenderKeyError::Malformed("kept message secret is not 32 bytes"))?;
+            if *g >= kept.next_generation {
+                return Err(SenderKeyError::Malformed(
+                    "kept skipped generation is ahead",
+                ));
+            }
+            skipped.insert(*g, MessageSecret(Zeroizing::new(s)));
+        }
+        Ok(Self {
+            info: ChainInfo {
+                channel_id: kept.channel_id.clone(),
+                epoch: Epoch {
+                    number: kept.epoch,
+                    hash: id_of(&kept.epoch_hash, "kept epoch hash is not 32 bytes")?,
+                },
+                identity: kept.sender_identity.clone(),
+                card_id: id_of(&kept.sender_card_id, "kept sender card id is not 32 bytes")?,
+                chain_id,
+                created_at_ms: kept.created_at_ms,
+                recipients_sha256: id_of(
+                    &kept.recipients_sha256,
+                    "kept recipients digest is not 32 bytes",
+                )?,
+            },
+            first_generation: kept.first_generation,
+            initial,
+            current: key(&kept.current_chain_key)?,
+            next_generation: kept.next_generation,
+            skipped,
+            used: kept.used.clone(),
+        })
     }
 
     /// How many skipped message keys are held.
@@ -869,6 +1079,18 @@ impl ReceiverChain {
         envelope: &ParsedGroupEnvelope,
         sender: &ExpectedSender<'_>,
     ) -> Result<VerifiedPayload, SenderKeyError> {
+        self.open_with_secret(envelope, sender)
+            .map(|(payload, _)| payload)
+    }
+
+    /// [`Self::open`], also giving the generation's message secret: what an
+    /// organisation backup record carries as its `content_key`, to bind
+    /// the record to the stored envelope ([`check_group_binding`]).
+    pub fn open_with_secret(
+        &mut self,
+        envelope: &ParsedGroupEnvelope,
+        sender: &ExpectedSender<'_>,
+    ) -> Result<(VerifiedPayload, Zeroizing<[u8; 32]>), SenderKeyError> {
         self.check_header(envelope, sender)?;
         let generation = envelope.header.generation;
         let found = self.find(generation)?;
@@ -876,6 +1098,7 @@ impl ReceiverChain {
             Found::Skipped(secret) | Found::Ahead { secret, .. } => secret,
         };
         let payload = envelope.decrypt_and_verify(secret, sender)?;
+        let kept_secret = Zeroizing::new(*secret.0);
         match found {
             Found::Skipped(_) => {
                 self.skipped.remove(&generation);
@@ -890,7 +1113,7 @@ impl ReceiverChain {
             }
         }
         self.mark_used(generation);
-        Ok(payload)
+        Ok((payload, kept_secret))
     }
 
     /// Opens a message of this chain again (a history re-read): derives
@@ -901,6 +1124,16 @@ impl ReceiverChain {
         envelope: &ParsedGroupEnvelope,
         sender: &ExpectedSender<'_>,
     ) -> Result<VerifiedPayload, SenderKeyError> {
+        self.open_history_with_secret(envelope, sender)
+            .map(|(payload, _)| payload)
+    }
+
+    /// [`Self::open_history`], also giving the generation's message secret.
+    pub fn open_history_with_secret(
+        &self,
+        envelope: &ParsedGroupEnvelope,
+        sender: &ExpectedSender<'_>,
+    ) -> Result<(VerifiedPayload, Zeroizing<[u8; 32]>), SenderKeyError> {
         self.check_header(envelope, sender)?;
         let initial = self
             .initial
@@ -914,19 +1147,75 @@ impl ReceiverChain {
         for _ in self.first_generation..generation {
             ck = ck.next();
         }
-        envelope.decrypt_and_verify(&ck.message_secret(), sender)
+        let secret = ck.message_secret();
+        let payload = envelope.decrypt_and_verify(&secret, sender)?;
+        Ok((payload, secret.0))
     }
+}
+
+/// The binding check of an organisation backup record (section 7) against
+/// a stored group envelope: `SHA-256(envelope) == envelope_sha256`; the
+/// envelope parses; the keys derived from `message_secret` (the record's
+/// `content_key`) match the header's commitment, open the body, and it is
+/// exactly `payload` and `signature`, whose message id is the one those
+/// keys derive. The signature itself is checked by the caller
+/// ([`VerifiedPayload::verify`]).
+pub fn check_group_binding(
+    envelope: &[u8],
+    envelope_sha256: &[u8],
+    message_secret: &[u8],
+    payload: &[u8],
+    signature: &[u8],
+) -> Result<(), SenderKeyError> {
+    if envelope_sha256.len() != 32 || message_secret.len() != 32 {
+        return Err(SenderKeyError::Malformed(
+            "an envelope binding needs a 32-byte digest and key",
+        ));
+    }
+    if !crate::ct_eq(&crate::sha256(envelope), envelope_sha256) {
+        return Err(SenderKeyError::Malformed("the envelope's SHA-256 differs"));
+    }
+    let parsed = ParsedGroupEnvelope::parse(envelope)?;
+    let mut secret = Zeroizing::new([0u8; 32]);
+    secret.copy_from_slice(message_secret);
+    let keys = MessageKeys::derive(&secret);
+    if !crate::ct_eq(&keys.commitment(), &parsed.key_commitment) {
+        return Err(SenderKeyError::KeyCommitmentMismatch);
+    }
+    let mut body = Zeroizing::new(parsed.ciphertext.clone());
+    let len = aead::AeadKey::new(&keys.key)
+        .open_in_place(parsed.nonce, &parsed.header_bytes, &mut body)
+        .map_err(|_| SenderKeyError::BodyDecryptFailed)?;
+    let sealed = SealedContent::decode(&body[..len])
+        .map_err(|_| SenderKeyError::Malformed("body is not a SealedContent"))?;
+    if sealed.payload != payload || sealed.signature != signature {
+        return Err(SenderKeyError::PayloadMismatch(
+            "the envelope carries another payload or signature",
+        ));
+    }
+    let id = tessera_proto::envelope::v1::SignedPayload::decode(payload)
+        .map_err(|_| SenderKeyError::Malformed("payload is not a SignedPayload"))?
+        .message_id;
+    if id != keys.message_id() {
+        return Err(SenderKeyError::PayloadMismatch(
+            "message id (signed for another generation or chain)",
+        ));
+    }
+    Ok(())
 }
 
 /// A group envelope whose header has been parsed but nothing decrypted or
 /// trusted.
 pub struct ParsedGroupEnvelope {
+    /// SHA-256 of the exact bytes parsed (for the archive's binding).
+    envelope_sha256: [u8; 32],
     header_bytes: Vec<u8>,
     header: GroupHeader,
     epoch: Epoch,
     sender_card_id: [u8; 32],
     chain_id: [u8; CHAIN_ID_LEN],
     key_commitment: [u8; commitment::COMMITMENT_LEN],
+    nonce: [u8; NONCE_LEN],
     ciphertext: Vec<u8>,
 }
 
@@ -963,6 +1252,11 @@ impl ParsedGroupEnvelope {
         let sender_card_id = id_of(&header.sender_card_id, "sender card id is not 32 bytes")?;
         let chain_id = chain_id_of(&header.chain_id)?;
         let key_commitment = id_of(&header.key_commitment, "key commitment is not 32 bytes")?;
+        let nonce: [u8; NONCE_LEN] = header
+            .nonce
+            .as_slice()
+            .try_into()
+            .map_err(|_| SenderKeyError::Malformed("nonce is not 12 bytes"))?;
         if header.generation >= MAX_GENERATION {
             return Err(SenderKeyError::GenerationOutOfRange(header.generation));
         }
@@ -970,12 +1264,14 @@ impl ParsedGroupEnvelope {
             return Err(SenderKeyError::Malformed("ciphertext shorter than its tag"));
         }
         Ok(Self {
+            envelope_sha256: crate::sha256(bytes),
             header_bytes: envelope.header,
             header,
             epoch,
             sender_card_id,
             chain_id,
             key_commitment,
+            nonce,
             ciphertext: envelope.ciphertext,
         })
     }
@@ -1013,17 +1309,16 @@ impl ParsedGroupEnvelope {
         }
         let mut body = Zeroizing::new(self.ciphertext.clone());
         let len = aead::AeadKey::new(&keys.key)
-            .open_in_place(keys.nonce, &self.header_bytes, &mut body)
+            .open_in_place(self.nonce, &self.header_bytes, &mut body)
             .map_err(|_| SenderKeyError::BodyDecryptFailed)?;
         let sealed = SealedContent::decode(&body[..len])
             .map_err(|_| SenderKeyError::Malformed("body is not a SealedContent"))?;
-        let payload = VerifiedPayload::verify(sealed.payload, sealed.signature, sender).map_err(
-            |e| match e {
+        let mut payload = VerifiedPayload::verify(sealed.payload, sealed.signature, sender)
+            .map_err(|e| match e {
                 EnvelopeError::BadSignature => SenderKeyError::BadSignature,
                 EnvelopeError::SenderMismatch => SenderKeyError::SenderMismatch,
                 other => SenderKeyError::Envelope(other),
-            },
-        )?;
+            })?;
         if payload.epoch != Some(self.epoch) {
             return Err(SenderKeyError::PayloadMismatch("epoch"));
         }
@@ -1043,7 +1338,71 @@ impl ParsedGroupEnvelope {
                 "message id (signed for another generation or chain)",
             ));
         }
+        // What an archive record names to be checked against this envelope
+        // (section 7): its digest, and the message secret as the key.
+        payload.envelope = Some(EnvelopeBinding {
+            envelope_sha256: self.envelope_sha256,
+            content_key: Zeroizing::new(*secret.0),
+        });
         Ok(payload)
+    }
+}
+
+/// The format of a stored envelope, as the app server labels it
+/// (`StoredMessage.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredFormat {
+    /// Sealed to each device (section 4).
+    Device,
+    /// A group envelope under a sender-key chain (section 15).
+    Group,
+}
+
+impl StoredFormat {
+    /// The format a `StoredMessage.kind` names; `None` for an unknown one.
+    pub fn of_kind(kind: i32) -> Option<Self> {
+        use tessera_proto::server::v1::EnvelopeKind;
+        match EnvelopeKind::try_from(kind).ok()? {
+            EnvelopeKind::Device => Some(Self::Device),
+            EnvelopeKind::Group => Some(Self::Group),
+        }
+    }
+}
+
+/// Why an archive record is not bound to a stored envelope.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BindingError {
+    #[error(transparent)]
+    Device(#[from] EnvelopeError),
+    #[error(transparent)]
+    Group(#[from] SenderKeyError),
+}
+
+/// The binding check of section 7 for a stored envelope of either format:
+/// [`envelope::check_binding`] or [`check_group_binding`].
+pub fn check_stored_binding(
+    format: StoredFormat,
+    envelope: &[u8],
+    envelope_sha256: &[u8],
+    content_key: &[u8],
+    payload: &[u8],
+    signature: &[u8],
+) -> Result<(), BindingError> {
+    match format {
+        StoredFormat::Device => Ok(envelope::check_binding(
+            envelope,
+            envelope_sha256,
+            content_key,
+            payload,
+            signature,
+        )?),
+        StoredFormat::Group => Ok(check_group_binding(
+            envelope,
+            envelope_sha256,
+            content_key,
+            payload,
+            signature,
+        )?),
     }
 }
 
@@ -1139,10 +1498,10 @@ mod tests {
         struct L;
         impl hkdf::KeyType for L {
             fn len(&self) -> usize {
-                76
+                64
             }
         }
-        let mut okm = [0u8; 76];
+        let mut okm = [0u8; 64];
         hkdf::Salt::new(hkdf::HKDF_SHA256, &[0u8; 32])
             .extract(&secret)
             .expand(&[b"tessera/v2/group-message"], L)
@@ -1151,11 +1510,78 @@ mod tests {
             .unwrap();
         let keys = MessageKeys::derive(&s);
         assert_eq!(&keys.key[..], &okm[..32]);
-        assert_eq!(&keys.nonce[..], &okm[32..44]);
-        assert_eq!(&keys.commitment_key[..], &okm[44..]);
+        assert_eq!(&keys.commitment_key[..], &okm[32..]);
         assert_eq!(
             keys.commitment().to_vec(),
-            mac(&okm[44..], b"tessera/v2/key-commitment")
+            mac(&okm[32..], b"tessera/v2/key-commitment")
+        );
+    }
+
+    #[test]
+    fn kept_chains_resume_where_they_stopped() {
+        let (alice, bob) = (device("alice", 1), device("bob", 2));
+        let mut chain = SenderChain::new(&alice.sender(), CHANNEL, EPOCH).unwrap();
+        let mut rx = receive(&chain, &alice, &bob, Retention::KeepHistory).unwrap();
+        let first = chain.seal(&alice.sender(), &text(b"one")).unwrap();
+        let _skipped = chain.seal(&alice.sender(), &text(b"two")).unwrap();
+        let third = chain.seal(&alice.sender(), &text(b"three")).unwrap();
+        assert!(open(&mut rx, &alice, &third.envelope).is_ok());
+        // The sender resumes at the generation after the last sealed one.
+        let mut resumed = SenderChain::restore(&alice.sender(), &chain.export()).unwrap();
+        assert_eq!(resumed.chain_id(), chain.chain_id());
+        let fourth = resumed.seal(&alice.sender(), &text(b"four")).unwrap();
+        assert_eq!(fourth.generation, 3);
+        // The receiver keeps its replay record and its skipped key.
+        let mut back = ReceiverChain::restore(&rx.export()).unwrap();
+        assert_eq!(back.skipped_keys(), 2);
+        assert_eq!(
+            open(&mut back, &alice, &third.envelope).unwrap_err(),
+            SenderKeyError::Replay(2)
+        );
+        assert!(open(&mut back, &alice, &first.envelope).is_ok());
+        assert!(open(&mut back, &alice, &fourth.envelope).is_ok());
+        assert_eq!(back.recipients_sha256(), rx.recipients_sha256());
+        // Restored from an older copy of the state (a backup), the chain
+        // seals a generation again: under a fresh random nonce, so AES-GCM
+        // never sees one (key, nonce) twice; receivers refuse the second
+        // one as a replay.
+        let old_state = SenderChain::new(&alice.sender(), CHANNEL, EPOCH).unwrap();
+        let mut a = SenderChain::restore(&alice.sender(), &old_state.export()).unwrap();
+        let mut b = SenderChain::restore(&alice.sender(), &old_state.export()).unwrap();
+        let (x, y) = (
+            a.seal(&alice.sender(), &text(b"x")).unwrap(),
+            b.seal(&alice.sender(), &text(b"y")).unwrap(),
+        );
+        let nonce_of = |e: &[u8]| {
+            GroupHeader::decode(GroupEnvelope::decode(e).unwrap().header.as_slice())
+                .unwrap()
+                .nonce
+        };
+        assert_eq!((x.generation, y.generation), (0, 0));
+        assert_ne!(nonce_of(&x.envelope), nonce_of(&y.envelope));
+        let mut rx2 = receive(&old_state, &alice, &bob, Retention::ForwardSecret).unwrap();
+        assert!(open(&mut rx2, &alice, &x.envelope).is_ok());
+        assert_eq!(
+            open(&mut rx2, &alice, &y.envelope).unwrap_err(),
+            SenderKeyError::Replay(0)
+        );
+        // A kept chain whose id is not its key's is refused.
+        let mut kept = rx.export();
+        kept.chain_id = vec![7; 16];
+        assert!(ReceiverChain::restore(&kept).is_err());
+    }
+
+    #[test]
+    fn a_copy_whose_chain_id_is_not_its_keys_is_refused() {
+        let (alice, bob) = (device("alice", 1), device("bob", 2));
+        let chain = SenderChain::new(&alice.sender(), CHANNEL, EPOCH).unwrap();
+        let mut forged = SenderChain::new(&alice.sender(), CHANNEL, EPOCH).unwrap();
+        // The same key under another id, as a sender giving two devices two
+        // keys under one id would need.
+        forged.chain_id = chain.chain_id();
+        assert_eq!(
+            receive(&forged, &alice, &bob, Retention::KeepHistory).unwrap_err(),
+            SenderKeyError::Malformed("the chain id is not derived from the chain key")
         );
     }
 
@@ -1264,7 +1690,6 @@ mod tests {
                 &alice.sender(),
                 CHANNEL,
                 EPOCH,
-                [7; 16],
                 ChainKey::from_bytes(key),
                 first,
             )
@@ -1327,13 +1752,20 @@ mod tests {
         for _ in 0..9 {
             ck9 = ck9.next();
         }
-        let late_chain = SenderChain::with(&alice.sender(), CHANNEL, EPOCH, [7; 16], ck9, 9);
+        // (Its id is derived from its first key: another chain's id.)
+        let mut late_chain = SenderChain::with(&alice.sender(), CHANNEL, EPOCH, ck9, 9);
         let mut late = receive(&late_chain, &alice, &bob, Retention::KeepHistory).unwrap();
+        let mut env = GroupEnvelope::decode(seal_at(8).as_slice()).unwrap();
+        let mut header = GroupHeader::decode(env.header.as_slice()).unwrap();
+        header.chain_id = late_chain.chain_id().to_vec();
+        env.header = header.encode_to_vec();
         assert_eq!(
-            open(&mut late, &alice, &seal_at(8)).unwrap_err(),
+            open(&mut late, &alice, &env.encode_to_vec()).unwrap_err(),
             SenderKeyError::KeyUnavailable(8)
         );
-        assert!(open(&mut late, &alice, &seal_at(9)).is_ok());
+        let nine = late_chain.seal(&alice.sender(), &text(b"nine")).unwrap();
+        assert_eq!(nine.generation, 9);
+        assert!(open(&mut late, &alice, &nine.envelope).is_ok());
     }
 
     /// Re-encrypts `content` (a SealedContent) under `header`, as someone
@@ -1351,8 +1783,9 @@ mod tests {
         let keys = MessageKeys::derive(&ck.message_secret().0);
         header.generation = generation;
         header.key_commitment = keys.commitment().to_vec();
+        let nonce: [u8; NONCE_LEN] = header.nonce.as_slice().try_into().unwrap();
         let header = header.encode_to_vec();
-        let ciphertext = aead::seal(&keys.key, keys.nonce, &header, content);
+        let ciphertext = aead::seal(&keys.key, nonce, &header, content);
         GroupEnvelope { header, ciphertext }.encode_to_vec()
     }
 
@@ -1364,7 +1797,8 @@ mod tests {
             ck = ck.next();
         }
         let keys = MessageKeys::derive(&ck.message_secret().0);
-        let plain = aead::open(&keys.key, keys.nonce, &env.header, &env.ciphertext).unwrap();
+        let nonce: [u8; NONCE_LEN] = header.nonce.as_slice().try_into().unwrap();
+        let plain = aead::open(&keys.key, nonce, &env.header, &env.ciphertext).unwrap();
         (header, plain)
     }
 
@@ -1373,14 +1807,8 @@ mod tests {
         let alice = device("alice", 1);
         let bob = device("bob", 2);
         let k = [0x63u8; 32];
-        let mut chain = SenderChain::with(
-            &alice.sender(),
-            CHANNEL,
-            EPOCH,
-            [3; 16],
-            ChainKey::from_bytes(k),
-            0,
-        );
+        let mut chain =
+            SenderChain::with(&alice.sender(), CHANNEL, EPOCH, ChainKey::from_bytes(k), 0);
         let first = chain.seal(&alice.sender(), &text(b"pay bob")).unwrap();
         let mut rx = receive(&chain, &alice, &bob, Retention::KeepHistory).unwrap();
         // Whoever holds the chain key (any member, or one removed since)
@@ -1414,7 +1842,6 @@ mod tests {
             &alice.sender(),
             CHANNEL,
             old_epoch,
-            [1; 16],
             ChainKey::from_bytes(k_old),
             0,
         );
@@ -1422,7 +1849,6 @@ mod tests {
             &alice.sender(),
             CHANNEL,
             EPOCH,
-            [2; 16],
             ChainKey::from_bytes(k_new),
             0,
         );
@@ -1441,7 +1867,7 @@ mod tests {
         let (mut header, content) = decrypt(&k_old, &old_msg.envelope);
         header.epoch = EPOCH.number;
         header.epoch_hash = EPOCH.hash.to_vec();
-        header.chain_id = vec![2; 16];
+        header.chain_id = new.chain_id().to_vec();
         let moved = forge(&k_new, 0, header.clone(), &content);
         assert_eq!(
             open(&mut rx, &alice, &moved).unwrap_err(),
@@ -1492,7 +1918,6 @@ mod tests {
             &alice.sender(),
             CHANNEL,
             EPOCH,
-            [2; 16],
             ChainKey::from_bytes(key),
             0,
         )
@@ -1644,6 +2069,7 @@ mod tests {
             first_generation: 0,
             recipient_card_id: bob.card_id.to_vec(),
             created_at_ms: 0,
+            recipients_sha256: vec![3; 32],
         }
         .encode_to_vec();
         let signed = SignedSenderKey {

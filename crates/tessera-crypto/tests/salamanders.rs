@@ -301,23 +301,22 @@ fn a_group_header_commits_to_one_message_key() {
         number: 4,
         hash: [0x44; 32],
     };
-    let chain_id = [0x0c; 16];
     let (ck_bob, ck_carol) = ([0x61u8; 32], [0x62u8; 32]);
+    // A chain id is derived from its key, so the sender cannot even name
+    // one chain with two keys: bob and carol hold two chains.
+    let chain_id = tessera_crypto::sender_key::chain_id_for(&ChainKey::from_bytes(ck_bob), 0);
+    assert_ne!(
+        chain_id,
+        tessera_crypto::sender_key::chain_id_for(&ChainKey::from_bytes(ck_carol), 0)
+    );
     let sender = tessera_crypto::envelope::Sender {
         identity: alice.identity,
         card_id: alice.card_id,
         key: &alice.keys.signing,
     };
-    // One chain id, two chain keys: bob's copy and carol's copy disagree.
+    // Two chain keys: bob's copy and carol's copy disagree.
     let receive = |me: &Device, ck: [u8; 32]| {
-        let chain = SenderChain::with(
-            &sender,
-            channel,
-            epoch,
-            chain_id,
-            ChainKey::from_bytes(ck),
-            0,
-        );
+        let chain = SenderChain::with(&sender, channel, epoch, ChainKey::from_bytes(ck), 0);
         let public = me.keys.encryption.public_key();
         let copy = chain
             .distribute(
@@ -354,6 +353,7 @@ fn a_group_header_commits_to_one_message_key() {
     let (mut bob_rx, mut carol_rx) = (receive(&bob, ck_bob), receive(&carol, ck_carol));
     let keys = |ck: &[u8; 32]| hazmat::group_message_keys(&hazmat::sender_key_ratchet_step(ck).0);
     let (kb, kc) = (keys(&ck_bob), keys(&ck_carol));
+    let nonce = [0x4e; 12];
     let header = GroupHeader {
         version: 1,
         channel_id: channel.into(),
@@ -363,16 +363,16 @@ fn a_group_header_commits_to_one_message_key() {
         chain_id: chain_id.to_vec(),
         generation: 0,
         key_commitment: kb.commitment.to_vec(),
+        nonce: nonce.to_vec(),
     }
     .encode_to_vec();
     // The payload names the id of generation 0 under bob's key.
     let mut signed = payload(&alice, Some(epoch), vec![]);
     signed.message_id = kb.message_id.to_vec();
     let (pt, free) = with_free_block(signed_content(&alice, signed));
-    let ciphertext =
-        two_key_ciphertext((&kb.key, kb.nonce), (&kc.key, kc.nonce), &header, &pt, free);
+    let ciphertext = two_key_ciphertext((&kb.key, nonce), (&kc.key, nonce), &header, &pt, free);
     // Without the commitment, carol's key would authenticate the body.
-    assert!(hazmat::aes256gcm_open(&kc.key, kc.nonce, &header, &ciphertext).is_some());
+    assert!(hazmat::aes256gcm_open(&kc.key, nonce, &header, &ciphertext).is_some());
     let envelope = GroupEnvelope { header, ciphertext }.encode_to_vec();
     let parsed = ParsedGroupEnvelope::parse(&envelope).unwrap();
     let vk = alice.keys.signing.verifying_key();
@@ -385,13 +385,58 @@ fn a_group_header_commits_to_one_message_key() {
         bob_rx.open(&parsed, &from).unwrap().body,
         b"wire 10 000 to account A"
     );
+    // Carol's chain is another chain: the header does not name it.
     assert_eq!(
         carol_rx.open(&parsed, &from).unwrap_err(),
-        SenderKeyError::KeyCommitmentMismatch
+        SenderKeyError::OtherChain("chain id")
     );
     assert_eq!(
         carol_rx.next_generation(),
         0,
         "a refused message moves nothing"
     );
+    // And where only the key is given (an archive's binding check), the
+    // commitment refuses carol's key before decrypting.
+    let sealed = SealedContent::decode(
+        hazmat::aes256gcm_open(
+            &kb.key,
+            nonce,
+            &parsed_header(&envelope),
+            &ciphertext_of(&envelope),
+        )
+        .unwrap()
+        .as_slice(),
+    )
+    .unwrap();
+    let secret_of = |ck: &[u8; 32]| hazmat::sender_key_ratchet_step(ck).0;
+    let digest = tessera_crypto::sha256(&envelope);
+    assert_eq!(
+        tessera_crypto::sender_key::check_group_binding(
+            &envelope,
+            &digest,
+            &secret_of(&ck_carol),
+            &sealed.payload,
+            &sealed.signature
+        )
+        .unwrap_err(),
+        SenderKeyError::KeyCommitmentMismatch
+    );
+    assert!(
+        tessera_crypto::sender_key::check_group_binding(
+            &envelope,
+            &digest,
+            &secret_of(&ck_bob),
+            &sealed.payload,
+            &sealed.signature
+        )
+        .is_ok()
+    );
+}
+
+fn parsed_header(envelope: &[u8]) -> Vec<u8> {
+    GroupEnvelope::decode(envelope).unwrap().header
+}
+
+fn ciphertext_of(envelope: &[u8]) -> Vec<u8> {
+    GroupEnvelope::decode(envelope).unwrap().ciphertext
 }

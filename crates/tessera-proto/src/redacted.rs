@@ -81,6 +81,32 @@ impl fmt::Debug for envelope::v1::SenderKeyContent {
     }
 }
 
+impl fmt::Debug for envelope::v1::KeptSenderChain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeptSenderChain")
+            .field("channel_id", &self.channel_id)
+            .field("epoch", &self.epoch)
+            .field("chain_key", &Len(self.chain_key.len()))
+            .field("first_generation", &self.first_generation)
+            .field("next_generation", &self.next_generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for envelope::v1::KeptReceiverChain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeptReceiverChain")
+            .field("channel_id", &self.channel_id)
+            .field("epoch", &self.epoch)
+            .field("sender_identity", &self.sender_identity)
+            .field("sender_card_id", &hex(&self.sender_card_id))
+            .field("chain_id", &hex(&self.chain_id))
+            .field("next_generation", &self.next_generation)
+            .field("skipped", &self.skipped_generations.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl fmt::Debug for envelope::v1::SignedSenderKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SignedSenderKey")
@@ -198,6 +224,22 @@ mod tests {
                 envelope::v1::SignedSenderKey {
                     content: vec![SECRET; 40],
                     signature: vec![SECRET; 64],
+                }
+            ),
+            format!(
+                "{:?}",
+                envelope::v1::KeptSenderChain {
+                    chain_key: vec![SECRET; 32],
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                envelope::v1::KeptReceiverChain {
+                    initial_chain_key: vec![SECRET; 32],
+                    current_chain_key: vec![SECRET; 32],
+                    skipped_secrets: vec![vec![SECRET; 32]],
+                    ..Default::default()
                 }
             ),
             format!(

@@ -149,6 +149,40 @@ pub struct AttachmentRecord {
     pub uploaded_at_index: u64,
 }
 
+/// One sender-key chain of a channel (docs/protocol.md section 15), kept
+/// per (channel, sender card, chain id): fixed by the first put of its
+/// copies.
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct SenderKeyChain {
+    /// The membership epoch the chain was stored at.
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    /// Every recipient device (32 bytes each), sorted ascending.
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub recipient_card_ids: Vec<Vec<u8>>,
+    /// When the chain's first copies were stored.
+    #[prost(int64, tag = "3")]
+    pub server_time_ms: i64,
+}
+
+/// Copies of one sender-key chain, stored atomically by
+/// [`Store::put_sender_keys`].
+pub struct SenderKeysPut {
+    pub channel_id: String,
+    /// The sending device (32 bytes).
+    pub sender_card_id: Vec<u8>,
+    /// 16 bytes.
+    pub chain_id: Vec<u8>,
+    /// The chain's record: new on the first put, the stored one again on a
+    /// later put.
+    pub chain: SenderKeyChain,
+    /// `(recipient card id, encoded SenderKeyDistribution)`; a copy already
+    /// stored for that recipient is replaced.
+    pub copies: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Whose usage `usage` is (the sender's owner).
+    pub sender_identity: String,
+}
+
 /// What one user stores, counted against the per-user quotas.
 #[derive(Clone, Copy, PartialEq, Eq, Message)]
 pub struct Usage {
@@ -366,6 +400,27 @@ pub trait Store: Send + Sync + 'static {
     /// Stores the record and the uploader's new `usage` atomically.
     fn put_attachment(&self, record: &AttachmentRecord, usage: &Usage) -> Result<(), StorageError>;
 
+    /// The record of a sender-key chain.
+    fn sender_key_chain(
+        &self,
+        channel_id: &str,
+        sender_card_id: &[u8],
+        chain_id: &[u8],
+    ) -> Result<Option<SenderKeyChain>, StorageError>;
+    /// The copy of a chain stored for `recipient_card_id`, with the chain's
+    /// record.
+    fn sender_key(
+        &self,
+        channel_id: &str,
+        sender_card_id: &[u8],
+        chain_id: &[u8],
+        recipient_card_id: &[u8],
+    ) -> Result<Option<(Vec<u8>, SenderKeyChain)>, StorageError>;
+    /// Stores the chain's record, its copies and the sender's new `usage`
+    /// atomically. The caller decides, under the channel's lock, what the
+    /// record is (the stored one again for a later put of the same chain).
+    fn put_sender_keys(&self, put: &SenderKeysPut, usage: &Usage) -> Result<(), StorageError>;
+
     /// Resolves when every write so far is durable.
     fn flush(&self) -> FlushFuture<'_>;
 }
@@ -391,7 +446,10 @@ fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, S
 /// members, `cs/<channel>\0<epoch>` the membership chain's statements
 /// (`ChainEntry`), `uc/<identity>\0<channel>` a user's channels,
 /// `m/<channel>\0<index>` messages, `md/<channel>\0<client id>` dedupe,
-/// `rh/<identity>\0<channel>` read horizons, `at/` attachments, `uq/` usage.
+/// `rh/<identity>\0<channel>` read horizons, `at/` attachments, `uq/` usage,
+/// `sk/<channel>\0<sender card>\0<chain id>` sender-key chains
+/// (`SenderKeyChain`), `skc/<channel>\0<sender card>\0<chain id>\0<recipient
+/// card>` their copies (the encoded `SenderKeyDistribution`).
 ///
 /// Flushes are group commits: one fsync makes durable every write made
 /// before it started, so callers that ask while a flush runs share the next
@@ -715,6 +773,59 @@ impl Store for SledStore {
         Ok(self.db.apply_batch(batch)?)
     }
 
+    fn sender_key_chain(
+        &self,
+        channel_id: &str,
+        sender_card_id: &[u8],
+        chain_id: &[u8],
+    ) -> Result<Option<SenderKeyChain>, StorageError> {
+        self.get(
+            key(b"sk/", &[channel_id.as_bytes(), sender_card_id, chain_id]),
+            "sender-key chain",
+        )
+    }
+
+    fn sender_key(
+        &self,
+        channel_id: &str,
+        sender_card_id: &[u8],
+        chain_id: &[u8],
+        recipient_card_id: &[u8],
+    ) -> Result<Option<(Vec<u8>, SenderKeyChain)>, StorageError> {
+        let id = channel_id.as_bytes();
+        let Some(copy) = self.db.get(key(
+            b"skc/",
+            &[id, sender_card_id, chain_id, recipient_card_id],
+        ))?
+        else {
+            return Ok(None);
+        };
+        let chain = self
+            .sender_key_chain(channel_id, sender_card_id, chain_id)?
+            .ok_or(StorageError::Corrupt("sender-key copy without its chain"))?;
+        Ok(Some((copy.to_vec(), chain)))
+    }
+
+    fn put_sender_keys(&self, put: &SenderKeysPut, usage: &Usage) -> Result<(), StorageError> {
+        let id = put.channel_id.as_bytes();
+        let (sender, chain) = (put.sender_card_id.as_slice(), put.chain_id.as_slice());
+        let mut batch = sled::Batch::default();
+        batch.insert(key(b"sk/", &[id, sender, chain]), put.chain.encode_to_vec());
+        for (recipient, copy) in &put.copies {
+            batch.insert(
+                key(b"skc/", &[id, sender, chain, recipient]),
+                copy.as_slice(),
+            );
+        }
+        batch.insert(
+            key(b"uq/", &[put.sender_identity.as_bytes()]),
+            usage.encode_to_vec(),
+        );
+        Ok(time_store("put_sender_keys", || {
+            self.db.apply_batch(batch)
+        })?)
+    }
+
     fn flush(&self) -> FlushFuture<'_> {
         Box::pin(self.group_flush())
     }
@@ -739,6 +850,20 @@ struct Memory {
     horizons: BTreeMap<(String, String), u64>,
     attachments: BTreeMap<String, AttachmentRecord>,
     usage: BTreeMap<String, Usage>,
+    sender_chains: BTreeMap<ChainAt, SenderKeyChain>,
+    /// By (chain, recipient card).
+    sender_keys: BTreeMap<(ChainAt, Vec<u8>), Vec<u8>>,
+}
+
+/// Where a sender-key chain is: (channel, sender card, chain id).
+type ChainAt = (String, Vec<u8>, Vec<u8>);
+
+fn chain_at(channel_id: &str, sender_card_id: &[u8], chain_id: &[u8]) -> ChainAt {
+    (
+        channel_id.to_owned(),
+        sender_card_id.to_vec(),
+        chain_id.to_vec(),
+    )
 }
 
 impl MemoryStore {
@@ -977,6 +1102,50 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn sender_key_chain(
+        &self,
+        channel_id: &str,
+        sender_card_id: &[u8],
+        chain_id: &[u8],
+    ) -> Result<Option<SenderKeyChain>, StorageError> {
+        Ok(self
+            .lock()?
+            .sender_chains
+            .get(&chain_at(channel_id, sender_card_id, chain_id))
+            .cloned())
+    }
+
+    fn sender_key(
+        &self,
+        channel_id: &str,
+        sender_card_id: &[u8],
+        chain_id: &[u8],
+        recipient_card_id: &[u8],
+    ) -> Result<Option<(Vec<u8>, SenderKeyChain)>, StorageError> {
+        let m = self.lock()?;
+        let chain = chain_at(channel_id, sender_card_id, chain_id);
+        let copy = m
+            .sender_keys
+            .get(&(chain.clone(), recipient_card_id.to_vec()));
+        match (copy, m.sender_chains.get(&chain)) {
+            (None, _) => Ok(None),
+            (Some(copy), Some(chain)) => Ok(Some((copy.clone(), chain.clone()))),
+            (Some(_), None) => Err(StorageError::Corrupt("sender-key copy without its chain")),
+        }
+    }
+
+    fn put_sender_keys(&self, put: &SenderKeysPut, usage: &Usage) -> Result<(), StorageError> {
+        let mut m = self.lock()?;
+        let chain = chain_at(&put.channel_id, &put.sender_card_id, &put.chain_id);
+        for (recipient, copy) in &put.copies {
+            m.sender_keys
+                .insert((chain.clone(), recipient.clone()), copy.clone());
+        }
+        m.sender_chains.insert(chain, put.chain.clone());
+        m.usage.insert(put.sender_identity.clone(), *usage);
+        Ok(())
+    }
+
     fn flush(&self) -> FlushFuture<'_> {
         Box::pin(async { Ok(()) })
     }
@@ -1192,6 +1361,70 @@ pub mod conformance {
         assert_eq!(store.usage("dave").unwrap(), usage);
         assert_eq!(store.dedupe("c1", &[3; 16]).unwrap(), Some(3));
         assert_eq!(store.dedupe("c1", &[9; 16]).unwrap(), None);
+
+        // Sender-key chains: a record per (channel, sender, chain), a copy
+        // per recipient; channels, senders and chains do not mix.
+        let chain = SenderKeyChain {
+            epoch: 1,
+            recipient_card_ids: vec![vec![2; 32], vec![3; 32]],
+            server_time_ms: 42,
+        };
+        let copy = |channel: &str, sender: u8, chain: u8, recipient: u8| {
+            store
+                .sender_key(channel, &[sender; 32], &[chain; 16], &[recipient; 32])
+                .unwrap()
+        };
+        let put = SenderKeysPut {
+            channel_id: "c1".into(),
+            sender_card_id: vec![1; 32],
+            chain_id: vec![7; 16],
+            chain: chain.clone(),
+            copies: vec![
+                (vec![2; 32], b"to two".to_vec()),
+                (vec![3; 32], b"to three".to_vec()),
+            ],
+            sender_identity: "erin".into(),
+        };
+        assert!(
+            store
+                .sender_key_chain("c1", &[1; 32], &[7; 16])
+                .unwrap()
+                .is_none()
+        );
+        assert!(copy("c1", 1, 7, 2).is_none());
+        let erin = Usage {
+            message_bytes: 14,
+            ..Usage::default()
+        };
+        store.put_sender_keys(&put, &erin).unwrap();
+        assert_eq!(store.usage("erin").unwrap(), erin, "stored with the copies");
+        assert_eq!(
+            store.sender_key_chain("c1", &[1; 32], &[7; 16]).unwrap(),
+            Some(chain.clone())
+        );
+        assert_eq!(
+            copy("c1", 1, 7, 3),
+            Some((b"to three".to_vec(), chain.clone()))
+        );
+        assert!(copy("c1", 1, 7, 4).is_none());
+        assert!(copy("c2", 1, 7, 2).is_none());
+        assert!(copy("c1", 2, 7, 2).is_none());
+        assert!(copy("c1", 1, 8, 2).is_none());
+        // A later put replaces one copy and keeps the others.
+        store
+            .put_sender_keys(
+                &SenderKeysPut {
+                    copies: vec![(vec![2; 32], b"again".to_vec())],
+                    ..put
+                },
+                &erin,
+            )
+            .unwrap();
+        assert_eq!(
+            copy("c1", 1, 7, 2),
+            Some((b"again".to_vec(), chain.clone()))
+        );
+        assert_eq!(copy("c1", 1, 7, 3), Some((b"to three".to_vec(), chain)));
 
         store.set_read_horizon("alice", "c1", 4).unwrap();
         assert_eq!(store.read_horizon("alice", "c1").unwrap(), 4);

@@ -39,11 +39,11 @@ use tessera_proto::{
     envelope::v1::{Envelope, EnvelopeHeader, Stanza},
     server::v1::{
         BeginDeviceLoginRequest, ChannelEvent, CreateChannelRequest, Direction,
-        DownloadAttachmentRequest, EnrollDeviceRequest, HistoryVisibility, ListChannelsRequest,
-        ListMessagesRequest, LoginRequest, PublishChannelStatementRequest, SendMessageRequest,
-        SignUpRequest, SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest,
-        accounts_client::AccountsClient, channel_event, channels_client::ChannelsClient,
-        devices_client::DevicesClient,
+        DownloadAttachmentRequest, EnrollDeviceRequest, EnvelopeKind, HistoryVisibility,
+        ListChannelsRequest, ListMessagesRequest, LoginRequest, PublishChannelStatementRequest,
+        SendMessageRequest, SignUpRequest, SubscribeRequest, UploadAttachmentRequest,
+        WhoAmIRequest, accounts_client::AccountsClient, channel_event,
+        channels_client::ChannelsClient, devices_client::DevicesClient,
     },
 };
 use tessera_server::{
@@ -605,6 +605,7 @@ async fn send(
             sender_card_id: from.card_id.clone(),
             envelope: envelope(&from.card_id, size, n as u8),
             epoch: epoch(channel_id),
+            kind: EnvelopeKind::Device as i32,
         }))
         .await
         .unwrap()
@@ -801,6 +802,7 @@ async fn send_message_requires_the_header_sender_card_and_list_channels_has_no_m
             sender_card_id: alice.card_id.clone(),
             envelope: envelope(&bob.card_id, 100, 1),
             epoch: epoch(&channel_id),
+            kind: EnvelopeKind::Device as i32,
         }))
         .await
         .unwrap_err();
@@ -869,6 +871,7 @@ async fn per_user_quotas_for_messages_and_attachments() {
             sender_card_id: from.card_id.clone(),
             envelope: envelope(&from.card_id, 3000, n),
             epoch: epoch(&channel_id),
+            kind: EnvelopeKind::Device as i32,
         })
     };
     // Three ~3.1 kB records fit in 10 000 bytes; the fourth does not.

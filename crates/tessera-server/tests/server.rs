@@ -30,14 +30,14 @@ use tessera_proto::{
     kms::v1::CardStatus,
     server::v1::{
         BeginDeviceLoginRequest, ChannelEvent, CreateChannelRequest, Direction,
-        DownloadAttachmentRequest, EnrollDeviceRequest, FinishDeviceLoginRequest,
-        GetChannelRequest, GetReadHorizonRequest, GetServerInfoRequest, HistoryVisibility,
-        IssueTokenRequest, ListChannelsRequest, ListDevicesRequest, ListMessagesRequest,
-        LoginRequest, PublishChannelStatementRequest, RevokeDeviceRequest, SendMessageRequest,
-        SetOrgMemberRequest, SetReadHorizonRequest, SignUpRequest, StoredMessage, SubscribeRequest,
-        UploadAttachmentRequest, WhoAmIRequest, accounts_client::AccountsClient,
-        admin_client::AdminClient, channel_event, channels_client::ChannelsClient,
-        devices_client::DevicesClient,
+        DownloadAttachmentRequest, EnrollDeviceRequest, EnvelopeKind, FinishDeviceLoginRequest,
+        GetChannelRequest, GetReadHorizonRequest, GetSenderKeyRequest, GetServerInfoRequest,
+        HistoryVisibility, IssueTokenRequest, ListChannelsRequest, ListDevicesRequest,
+        ListMessagesRequest, LoginRequest, PublishChannelStatementRequest, PutSenderKeysRequest,
+        RevokeDeviceRequest, SendMessageRequest, SetOrgMemberRequest, SetReadHorizonRequest,
+        SignUpRequest, StoredMessage, SubscribeRequest, UploadAttachmentRequest, WhoAmIRequest,
+        accounts_client::AccountsClient, admin_client::AdminClient, channel_event,
+        channels_client::ChannelsClient, devices_client::DevicesClient,
     },
 };
 use tessera_server::{Config, Limits, PasswordParams, Server, ThrottleLimits, store::SledStore};
@@ -335,6 +335,23 @@ impl Stack {
         );
     }
 
+    /// A live subscription of `user` to a channel from `from_index`.
+    async fn subscribe(
+        &self,
+        user: &User,
+        channel_id: &str,
+        from_index: u64,
+    ) -> tonic::Streaming<ChannelEvent> {
+        self.channels()
+            .subscribe(user.req(SubscribeRequest {
+                channel_id: channel_id.into(),
+                from_index,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// The current epoch of a channel whose chain this stack wrote.
     fn epoch(&self, channel_id: &str) -> u64 {
         self.tips
@@ -361,6 +378,7 @@ impl Stack {
                 sender_card_id: from.devices[device].card_id.to_vec(),
                 envelope,
                 epoch: self.epoch(channel_id),
+                kind: EnvelopeKind::Device as i32,
             }))
             .await?
             .into_inner();
@@ -389,15 +407,19 @@ impl User {
     }
 }
 
-fn seal(from: &User, device: usize, channel_id: &str, to: &[&User], body: &str) -> Vec<u8> {
-    let recipients: Vec<Recipient<'_>> = to
-        .iter()
+/// Every device of `to`.
+fn recipients<'a>(to: &[&'a User]) -> Vec<Recipient<'a>> {
+    to.iter()
         .flat_map(|u| u.devices.iter())
         .map(|d| Recipient {
             card_id: *d.card_id.as_bytes(),
             key: &d.public,
         })
-        .collect();
+        .collect()
+}
+
+fn seal(from: &User, device: usize, channel_id: &str, to: &[&User], body: &str) -> Vec<u8> {
+    let recipients = recipients(to);
     envelope::seal(
         &Sender {
             identity: &from.identity,
@@ -904,6 +926,7 @@ async fn authorization_denials() {
             sender_card_id: a1.to_vec(),
             envelope,
             epoch: s.epoch(&channel_id),
+            kind: EnvelopeKind::Device as i32,
         }))
         .await
         .unwrap_err();
@@ -1005,16 +1028,7 @@ async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
     // Three live subscribers from the start.
     let mut subs = Vec::new();
     for user in [&alice, &bob, &bob] {
-        subs.push(
-            s.channels()
-                .subscribe(user.req(SubscribeRequest {
-                    channel_id: channel_id.clone(),
-                    from_index: 1,
-                }))
-                .await
-                .unwrap()
-                .into_inner(),
-        );
+        subs.push(s.subscribe(user, &channel_id, 1).await);
     }
     // Two senders at once.
     let (a, b) = tokio::join!(
@@ -1045,15 +1059,7 @@ async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
     }
 
     // A subscriber drops after 10, then resumes from 11 with no gap or duplicate.
-    let mut early = s
-        .channels()
-        .subscribe(bob.req(SubscribeRequest {
-            channel_id: channel_id.clone(),
-            from_index: 1,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut early = s.subscribe(&bob, &channel_id, 1).await;
     let first = collect(&mut early, 10).await;
     drop(early);
     for i in 0..5 {
@@ -1093,6 +1099,7 @@ async fn ordered_delivery_to_concurrent_subscribers_resume_and_dedupe() {
             sender_card_id: alice.devices[0].card_id.to_vec(),
             envelope: envelope.clone(),
             epoch: s.epoch(&channel_id),
+            kind: EnvelopeKind::Device as i32,
         })
     };
     let first = s
@@ -1375,21 +1382,14 @@ async fn joined_visibility_membership_changes_and_limits() {
             sender_card_id: alice.devices[0].card_id.to_vec(),
             envelope: vec![0xde, 0xad],
             epoch: s.epoch(&channel_id),
+            kind: EnvelopeKind::Device as i32,
         }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // A removed member's live stream ends; they can no longer read.
-    let mut stream = s
-        .channels()
-        .subscribe(bob.req(SubscribeRequest {
-            channel_id: channel_id.clone(),
-            from_index: 0,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = s.subscribe(&bob, &channel_id, 0).await;
     s.publish(
         &alice,
         &channel_id,
@@ -1708,6 +1708,140 @@ async fn statements_from_a_device_its_owner_did_not_approve_are_refused() {
     );
     // The phone, which the list trusts, may.
     s.publish(&carol, &channel_id, Change::Rename("ours".into()))
+        .await
+        .unwrap();
+}
+
+/// A chain of `from`'s first device at the channel's epoch `epoch`, its
+/// copies for every device of `to`, and `n` group envelopes: the one place
+/// these tests use tessera-crypto's sender-key API.
+fn sender_chain(
+    from: &User,
+    channel_id: &str,
+    epoch: u64,
+    to: &[&User],
+    n: usize,
+) -> (Vec<u8>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    use tessera_crypto::sender_key::{GroupDraft, SenderChain};
+    let device = &from.devices[0];
+    let sender = Sender {
+        identity: &from.identity,
+        card_id: *device.card_id.as_bytes(),
+        key: &device.keys.signing,
+    };
+    let epoch = envelope::Epoch {
+        number: epoch,
+        hash: [7; 32],
+    };
+    let mut chain = SenderChain::new(&sender, channel_id, epoch).unwrap();
+    let recipients = recipients(to);
+    let copies = chain
+        .distribute(&sender, &recipients, 1)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.distribution)
+        .collect();
+    let envelopes = (0..n)
+        .map(|i| {
+            let body = format!("group {i}");
+            let draft = GroupDraft {
+                content_type: envelope::CONTENT_TYPE_TEXT,
+                body: body.as_bytes(),
+                sent_at_ms: 1,
+            };
+            chain.seal(&sender, &draft).unwrap().envelope
+        })
+        .collect();
+    (chain.chain_id().to_vec(), copies, envelopes)
+}
+
+#[tokio::test]
+async fn sender_keys_are_stored_handed_out_and_kept_across_a_restart() {
+    let (mut s, alice, bob, channel_id) = Stack::alice_and_bob_in_a_channel().await;
+    let carol = s.signup("carol").await;
+    let (chain_id, copies, envelopes) = sender_chain(&alice, &channel_id, 0, &[&alice, &bob], 2);
+    let mut live = s.subscribe(&bob, &channel_id, 1).await;
+    let group_send = |envelope: Vec<u8>| {
+        alice.req(SendMessageRequest {
+            channel_id: channel_id.clone(),
+            client_message_id: tessera_crypto::random_array::<16>().unwrap().to_vec(),
+            sender_card_id: alice.devices[0].card_id.to_vec(),
+            envelope,
+            epoch: 0,
+            kind: EnvelopeKind::Group as i32,
+        })
+    };
+    // Before its copies are stored, a chain's messages are refused.
+    let err = s
+        .channels()
+        .send_message(group_send(envelopes[0].clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let put = PutSenderKeysRequest {
+        channel_id: channel_id.clone(),
+        sender_card_id: alice.devices[0].card_id.to_vec(),
+        epoch: 0,
+        chain_id: chain_id.clone(),
+        distributions: copies.clone(),
+        recipient_card_ids: Vec::new(),
+    };
+    let stored = s
+        .channels()
+        .put_sender_keys(alice.req(put))
+        .await
+        .unwrap()
+        .into_inner()
+        .stored;
+    assert_eq!(stored, 2);
+    s.channels()
+        .send_message(group_send(envelopes[0].clone()))
+        .await
+        .unwrap();
+    let delivered = collect(&mut live, 1).await;
+    assert_eq!(delivered[0].kind, EnvelopeKind::Group as i32);
+    assert_eq!(delivered[0].envelope, envelopes[0]);
+
+    let get = |me: &User| {
+        me.req(GetSenderKeyRequest {
+            channel_id: channel_id.clone(),
+            recipient_card_id: me
+                .devices
+                .first()
+                .map_or(vec![0; 32], |d| d.card_id.to_vec()),
+            sender_card_id: alice.devices[0].card_id.to_vec(),
+            chain_id: chain_id.clone(),
+        })
+    };
+    let before = s
+        .channels()
+        .get_sender_key(get(&bob))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before.distribution, copies[1]);
+    let mut recipients = vec![
+        alice.devices[0].card_id.to_vec(),
+        bob.devices[0].card_id.to_vec(),
+    ];
+    recipients.sort();
+    assert_eq!(before.recipient_card_ids, recipients);
+    let err = s.channels().get_sender_key(get(&carol)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // Acknowledged copies and chains survive a restart.
+    drop(live);
+    s.restart_server().await;
+    let after = s
+        .channels()
+        .get_sender_key(get(&bob))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after, before);
+    s.channels()
+        .send_message(group_send(envelopes[1].clone()))
         .await
         .unwrap();
 }

@@ -43,6 +43,10 @@ pub const SERVER_LIVE_SUBSCRIPTIONS: &str = "tessera_server_live_subscriptions";
 /// Counter (app server): messages stored (acknowledged new sends, not
 /// duplicates) since the process started.
 pub const SERVER_MESSAGES_STORED: &str = "tessera_server_messages_stored_total";
+/// Counter (app server): sender-key copies stored (`PutSenderKeys`, one
+/// per recipient device; a replaced copy counts again) since the process
+/// started.
+pub const SERVER_SENDER_KEYS_STORED: &str = "tessera_server_sender_keys_stored_total";
 /// Counter (app server): flushes of the store to disk.
 pub const SERVER_STORE_FLUSHES: &str = "tessera_server_store_flushes_total";
 /// Histogram (app server): acknowledged writes made durable by one flush
@@ -68,6 +72,7 @@ pub const ALL: &[&str] = &[
     KMS_CARDS_REVOKED,
     SERVER_LIVE_SUBSCRIPTIONS,
     SERVER_MESSAGES_STORED,
+    SERVER_SENDER_KEYS_STORED,
     SERVER_STORE_FLUSHES,
     SERVER_FLUSH_BATCH,
     BACKUP_SUBMISSIONS,
@@ -143,6 +148,10 @@ fn describe() {
     describe_counter!(KMS_CARDS_REVOKED, "Cards revoked since start");
     describe_gauge!(SERVER_LIVE_SUBSCRIPTIONS, "Live Subscribe streams");
     describe_counter!(SERVER_MESSAGES_STORED, "Messages stored since start");
+    describe_counter!(
+        SERVER_SENDER_KEYS_STORED,
+        "Sender-key copies stored since start"
+    );
     describe_counter!(SERVER_STORE_FLUSHES, "Flushes of the store to disk");
     describe_histogram!(
         SERVER_FLUSH_BATCH,
@@ -157,6 +166,13 @@ fn describe() {
 pub fn increment(name: &'static str) {
     if enabled() {
         metrics::counter!(name).increment(1);
+    }
+}
+
+/// Adds `n` to the counter `name`.
+pub fn increment_by(name: &'static str, n: u64) {
+    if enabled() {
+        metrics::counter!(name).increment(n);
     }
 }
 

@@ -1,10 +1,20 @@
 //! `cargo run --release -p tessera-bench --bin server-load`: message send
 //! throughput, and end-to-end delivery latency from send to receipt by 100
 //! live subscribed devices on one channel, at a fixed send rate. The stack
-//! runs on loopback in this process; the envelope is a real one sealed to
-//! the 100 devices (sealed once, sent with fresh client message ids: this
-//! measures the transport, not the sender's crypto, which
-//! `cargo bench -p tessera-crypto` measures).
+//! runs on loopback in this process. One envelope with a 1 KiB body is
+//! sealed once and sent with fresh client message ids: this measures the
+//! transport, not the sender's crypto, which `cargo bench -p
+//! tessera-crypto` measures. The envelope is, by `--envelope`:
+//!
+//! * `group` (default): the sender's client sends one message, which makes
+//!   its sender-key chain for the channel's epoch and stores a copy for
+//!   every device with `PutSenderKeys` (once, before the runs); the runs
+//!   send that group envelope (`ENVELOPE_KIND_GROUP`, docs/protocol.md
+//!   section 15).
+//! * `device`: a per-device envelope (section 4) with a real HPKE stanza
+//!   for each device's card id, of the real size, sealed by this tool with
+//!   throwaway keys (the client seals only group messages now, and the
+//!   subscribers here measure receipt without opening).
 
 #![allow(
     clippy::unwrap_used,
@@ -20,12 +30,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
 use tessera_bench::{closed_loop, machine, percentile};
 use tessera_client::{Client, Enrollment, Home, KdfParams, Visibility};
+use tessera_crypto::{
+    EncryptionSecret, SigningKey,
+    envelope::{self, Draft, Epoch, Recipient, Sender},
+};
 use tessera_proto::server::v1::{
-    LoginRequest, SendMessageRequest, accounts_client::AccountsClient,
+    EnvelopeKind, LoginRequest, SendMessageRequest, accounts_client::AccountsClient,
     channels_client::ChannelsClient,
 };
 use tessera_stack::{Stack, StackConfig};
@@ -44,6 +58,56 @@ struct Args {
     /// Concurrent senders for the throughput run.
     #[arg(long, default_value_t = 16)]
     send_concurrency: usize,
+    /// What the messages are: group envelopes under a sender-key chain, or
+    /// envelopes sealed to each device.
+    #[arg(long, value_enum, default_value_t = Mode::Group)]
+    envelope: Mode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Group,
+    Device,
+}
+
+/// A per-device envelope with a 1 KiB body for every card of `cards`, from
+/// `sender_card` of `user0`: real HPKE stanzas of the real size, to
+/// throwaway X25519 keys and signed with a throwaway key (nobody opens it).
+fn device_envelope(channel_id: &str, sender_card: [u8; 32], cards: &[[u8; 32]]) -> Vec<u8> {
+    let signing = SigningKey::generate().unwrap();
+    let keys: Vec<_> = cards
+        .iter()
+        .map(|_| EncryptionSecret::generate().unwrap().public_key())
+        .collect();
+    let recipients: Vec<Recipient<'_>> = cards
+        .iter()
+        .zip(&keys)
+        .map(|(card_id, key)| Recipient {
+            card_id: *card_id,
+            key,
+        })
+        .collect();
+    let body = "x".repeat(1024);
+    envelope::seal(
+        &Sender {
+            identity: "user0",
+            card_id: sender_card,
+            key: &signing,
+        },
+        &Draft {
+            channel_id,
+            content_type: envelope::CONTENT_TYPE_TEXT,
+            body: body.as_bytes(),
+            sent_at_ms: 0,
+            epoch: Some(Epoch {
+                number: 0,
+                hash: [0; 32],
+            }),
+        },
+        &recipients,
+    )
+    .unwrap()
+    .envelope
 }
 
 fn seq_id(seq: u64) -> Vec<u8> {
@@ -96,18 +160,32 @@ async fn main() {
         .await
         .unwrap()
         .channel_id;
-    // One real envelope, sealed to all 100 devices.
-    clients[0]
-        .send_text(&channel_id, &"x".repeat(1024))
-        .await
-        .unwrap();
-    let envelope = clients[0]
-        .stored_messages(&channel_id, 1, 1)
-        .await
-        .unwrap()
-        .remove(0)
-        .envelope;
     let sender_card = clients[0].card_id().to_vec();
+    let (envelope, kind) = match args.envelope {
+        Mode::Group => {
+            // The client's first message makes its chain and stores the
+            // copies for every device (PutSenderKeys) before sending.
+            clients[0]
+                .send_text(&channel_id, &"x".repeat(1024))
+                .await
+                .unwrap();
+            let stored = clients[0]
+                .stored_messages(&channel_id, 1, 1)
+                .await
+                .unwrap()
+                .remove(0);
+            assert_eq!(stored.kind, EnvelopeKind::Group as i32);
+            (stored.envelope, EnvelopeKind::Group)
+        }
+        Mode::Device => {
+            let cards: Vec<[u8; 32]> = clients.iter().map(|c| *c.card_id().as_bytes()).collect();
+            let sender = *clients[0].card_id().as_bytes();
+            (
+                device_envelope(&channel_id, sender, &cards),
+                EnvelopeKind::Device,
+            )
+        }
+    };
     let channel = Channel::from_shared(info.server_url.clone())
         .unwrap()
         .connect()
@@ -137,6 +215,7 @@ async fn main() {
                 envelope: envelope.clone(),
                 // The channel's chain is its creation alone.
                 epoch: 0,
+                kind: kind as i32,
             });
             r.metadata_mut()
                 .insert("authorization", token.parse().unwrap());
@@ -167,9 +246,13 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     println!(
-        "server-load on {} — {} live devices on one channel, envelope {} bytes",
+        "server-load on {} — {} live devices on one channel, {} envelope {} bytes",
         machine(),
         args.devices,
+        match args.envelope {
+            Mode::Group => "group (sender keys)",
+            Mode::Device => "per-device",
+        },
         envelope.len()
     );
     // Latency at a fixed rate (open loop).

@@ -3,14 +3,14 @@
 //! under), pages of history as each member may see it, read horizons.
 
 use prost::Message as _;
-use tessera_crypto::envelope::ParsedEnvelope;
+use tessera_crypto::{envelope::ParsedEnvelope, sender_key::ParsedGroupEnvelope};
 use tessera_proto::server::v1::{
-    Direction, ListMessagesRequest, ListMessagesResponse, SendMessageRequest, SendMessageResponse,
-    StoredMessage,
+    Direction, EnvelopeKind, ListMessagesRequest, ListMessagesResponse, SendMessageRequest,
+    SendMessageResponse, StoredMessage,
 };
 use tessera_service::{Caller, limits, metrics};
 
-use super::{Channels, legacy, not_a_member, visible_from};
+use super::{Channels, legacy, not_a_member, sender_keys::check_current_epoch, visible_from};
 use crate::{error::ServerError, signers::own_active_device};
 
 const CLIENT_MESSAGE_ID_LEN: usize = 16;
@@ -31,12 +31,40 @@ impl Channels {
         }
         let sender_card = limits::card_id("sender_card_id", &r.sender_card_id)?;
         limits::check_len("envelope", r.envelope.len(), self.limits.max_envelope_bytes)?;
-        let envelope = ParsedEnvelope::parse(&r.envelope)
-            .map_err(|e| ServerError::InvalidArgument(format!("envelope: {e}")))?;
-        if envelope.sender_card_id() != sender_card.as_bytes() {
-            return Err(ServerError::InvalidArgument(
-                "the envelope names another sender card".into(),
-            ));
+        let kind = EnvelopeKind::try_from(r.kind).map_err(|_| {
+            ServerError::InvalidArgument(format!("unknown envelope kind {}", r.kind))
+        })?;
+        // A group message's chain, checked under the lock below.
+        let mut group_chain = None;
+        match kind {
+            EnvelopeKind::Device => {
+                let envelope = ParsedEnvelope::parse(&r.envelope)
+                    .map_err(|e| ServerError::InvalidArgument(format!("envelope: {e}")))?;
+                if envelope.sender_card_id() != sender_card.as_bytes() {
+                    return Err(ServerError::InvalidArgument(
+                        "the envelope names another sender card".into(),
+                    ));
+                }
+            }
+            EnvelopeKind::Group => {
+                let envelope = ParsedGroupEnvelope::parse(&r.envelope)
+                    .map_err(|e| ServerError::InvalidArgument(format!("group envelope: {e}")))?;
+                let mismatch = if envelope.sender_card_id() != sender_card.as_bytes() {
+                    Some("sender card")
+                } else if envelope.channel_id() != r.channel_id {
+                    Some("channel")
+                } else if envelope.epoch().number != r.epoch {
+                    Some("epoch")
+                } else {
+                    None
+                };
+                if let Some(field) = mismatch {
+                    return Err(ServerError::InvalidArgument(format!(
+                        "the group envelope's header names another {field} than the request"
+                    )));
+                }
+                group_chain = Some(envelope.chain_id());
+            }
         }
         self.membership(&r.channel_id, &caller.identity)?;
         own_active_device(&*self.store, caller, sender_card, "send")?;
@@ -68,12 +96,17 @@ impl Channels {
         {
             return Err(not_a_member(&caller.identity, &r.channel_id));
         }
-        let epoch = channel.chain_length - 1;
-        if r.epoch != epoch {
-            return Err(ServerError::Aborted(format!(
-                "channel {} is at epoch {epoch}, the message was sealed at epoch {}: refetch the chain and seal again",
-                r.channel_id, r.epoch
-            )));
+        let epoch = check_current_epoch(&channel, r.epoch, "the message was")?;
+        if let Some(chain) = group_chain {
+            let stored =
+                self.store
+                    .sender_key_chain(&r.channel_id, sender_card.as_bytes(), &chain)?;
+            if stored.is_none_or(|c| c.epoch != epoch) {
+                return Err(ServerError::FailedPrecondition(format!(
+                    "no sender key stored for this chain ({}) at epoch {epoch}: put the chain's copies with PutSenderKeys first",
+                    hex::encode(chain)
+                )));
+            }
         }
         let message = StoredMessage {
             channel_id: r.channel_id.clone(),
@@ -84,6 +117,7 @@ impl Channels {
             server_time_ms: tessera_service::now_ms(),
             envelope: r.envelope,
             epoch,
+            kind: kind as i32,
         };
         channel.next_index += 1;
         // The sender's quota, under its own lock (taken after the channel's,

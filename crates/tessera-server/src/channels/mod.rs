@@ -1,6 +1,6 @@
 //! Channels, the app server's domain layer for them: membership chains
 //! (`membership`), the ordered message index and read horizons
-//! (`messages`), live subscriptions (`subscription`, over the `hub`'s
+//! (`messages`), sender-key copies (`sender_keys`), live subscriptions (`subscription`, over the `hub`'s
 //! broadcast), encrypted attachments (`attachments`); and the gRPC edge
 //! (`service`), which only authenticates, calls [`Channels`] and turns a
 //! [`ServerError`] into a status. Everything here is ciphertext and
@@ -11,6 +11,7 @@ mod attachments;
 mod hub;
 mod membership;
 mod messages;
+mod sender_keys;
 mod service;
 mod subscription;
 #[cfg(test)]

@@ -8,10 +8,11 @@ use futures_util::{Stream, StreamExt as _};
 use tessera_proto::server::v1::{
     AttachmentChunk, Channel as PbChannel, ChannelChain, ChannelEvent, CreateChannelRequest,
     DownloadAttachmentRequest, GetChannelChainRequest, GetChannelRequest, GetReadHorizonRequest,
-    ListChannelsRequest, ListChannelsResponse, ListMessagesRequest, ListMessagesResponse,
-    PublishChannelStatementRequest, ReadHorizon, SendMessageRequest, SendMessageResponse,
-    SetReadHorizonRequest, SubscribeRequest, UploadAttachmentRequest, UploadAttachmentResponse,
-    channels_server::Channels,
+    GetSenderKeyRequest, GetSenderKeyResponse, ListChannelsRequest, ListChannelsResponse,
+    ListMessagesRequest, ListMessagesResponse, PublishChannelStatementRequest,
+    PutSenderKeysRequest, PutSenderKeysResponse, ReadHorizon, SendMessageRequest,
+    SendMessageResponse, SetReadHorizonRequest, SubscribeRequest, UploadAttachmentRequest,
+    UploadAttachmentResponse, channels_server::Channels,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -178,5 +179,28 @@ impl Channels for ChannelsService {
         Ok(Response::new(Box::pin(
             chunks.map(|item| item.map_err(Status::from)),
         )))
+    }
+
+    async fn put_sender_keys(
+        &self,
+        request: Request<PutSenderKeysRequest>,
+    ) -> Result<Response<PutSenderKeysResponse>, Status> {
+        let caller = self.0.authenticate(&request)?;
+        Ok(Response::new(
+            self.0
+                .channels
+                .put_sender_keys(&caller, request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn get_sender_key(
+        &self,
+        request: Request<GetSenderKeyRequest>,
+    ) -> Result<Response<GetSenderKeyResponse>, Status> {
+        let caller = self.0.authenticate(&request)?;
+        Ok(Response::new(
+            self.0.channels.get_sender_key(&caller, request.get_ref())?,
+        ))
     }
 }

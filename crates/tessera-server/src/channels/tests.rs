@@ -20,7 +20,7 @@ use tessera_proto::{
     channel::v1::SignedChannelStatement,
     envelope::v1::{Envelope, EnvelopeHeader, Stanza},
     server::v1::{
-        ChannelEvent, Direction, ListMessagesRequest, SendMessageRequest,
+        ChannelEvent, Direction, EnvelopeKind, ListMessagesRequest, SendMessageRequest,
         channel_event::Event as PbEvent,
     },
 };
@@ -225,6 +225,7 @@ fn send_request(from: &Dev, epoch: u64, n: u8) -> SendMessageRequest {
         }
         .encode_to_vec(),
         epoch,
+        kind: EnvelopeKind::Device as i32,
     }
 }
 
@@ -1216,3 +1217,5 @@ async fn a_device_record_without_a_key_takes_the_key_its_card_id_commits_to() {
         Code::Internal
     );
 }
+
+mod sender_keys;
