@@ -6,6 +6,7 @@
 //! routing fields against the request and the recipients against its own
 //! records of members and devices.
 
+use prost::Message as _;
 use std::collections::BTreeSet;
 
 use tessera_card::CardId;
@@ -151,10 +152,11 @@ impl Channels {
         // not have reached these records yet. A copy only ever reaches a
         // current member's own active device (GetSenderKey).
         let (sender, chain) = (sender_card.to_vec(), chain.to_vec());
-        let record = match self
+        let stored_before = self
             .store
-            .sender_key_chain(&r.channel_id, &sender, &chain)?
-        {
+            .sender_key_chain(&r.channel_id, &sender, &chain)?;
+        let new_chain = stored_before.is_none();
+        let record = match stored_before {
             None if listed.is_empty() => SenderKeyChain {
                 epoch,
                 recipient_card_ids: recipients.iter().map(CardId::to_vec).collect(),
@@ -213,6 +215,12 @@ impl Channels {
         // after the channel's, as for a send.
         let user = self.user_locks.of(&caller.identity).lock().await;
         let mut usage = self.store.usage(&caller.identity)?;
+        // A new chain's record (its recipient list) is stored too: it counts.
+        if new_chain {
+            usage.message_bytes = usage
+                .message_bytes
+                .saturating_add(record.encoded_len() as u64);
+        }
         for (recipient, copy) in &copies {
             let replaced = self
                 .store

@@ -190,10 +190,16 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
             .unwrap(),
         3
     );
+    let record = w
+        .store
+        .sender_key_chain(CH, alice.card.as_bytes(), &group.id())
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.recipient_card_ids.len(), 3);
     assert_eq!(
         w.store.usage("alice").unwrap().message_bytes,
-        bytes,
-        "copies count against the sender's stored bytes"
+        bytes + prost::Message::encoded_len(&record) as u64,
+        "copies and the chain's recipient list count against the sender's stored bytes"
     );
 
     let got = w
