@@ -433,6 +433,7 @@ async fn start_kms(
         limits: Limits::default(),
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
     })
+    .await
     .unwrap();
     eprintln!(
         "opened the key service over {size} cards in {:.1} s; this process now holds {} MiB",
