@@ -183,6 +183,12 @@ impl Service {
     /// Starts the process and waits until its health check says SERVING.
     pub async fn start(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
+        self.child = Some(self.spawn());
+        self.wait_healthy().await;
+    }
+
+    /// The process, its output appended to its log.
+    fn spawn(&self) -> Child {
         let log = File::options()
             .create(true)
             .append(true)
@@ -203,11 +209,8 @@ impl Service {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         die_with_parent(&mut cmd);
-        self.child = Some(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name)),
-        );
-        self.wait_healthy().await;
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name))
     }
 
     fn env_prefix(&self) -> &'static str {
@@ -311,25 +314,7 @@ impl Service {
     /// healthy or still runs after a minute.
     pub async fn start_refused(&mut self) -> (Option<i32>, String) {
         let deadline = Instant::now() + HEALTH_TIMEOUT;
-        let mut cmd = Command::new(bin_dir().join(self.name));
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        cmd.args(&self.args)
-            .envs(&self.env)
-            .env(
-                format!("{}_LISTEN", self.env_prefix()),
-                self.addr.to_string(),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
+        let mut child = self.spawn();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return (status.code(), std::fs::read_to_string(&self.log).unwrap());
