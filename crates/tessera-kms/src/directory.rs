@@ -35,7 +35,7 @@ use thiserror::Error;
 use tonic::Status;
 
 use crate::{
-    index::CardIndex,
+    index::{self, CardIndex, Fetched},
     store::{Append, Store, StoredCard, StoredDeviceList},
 };
 
@@ -180,14 +180,14 @@ fn inclusion_proof(tree: &Tree, index: u64, size: u64) -> Result<InclusionProof,
 impl Directory {
     /// Rebuilds the tree from the stored leaf hashes and checks it against
     /// the stored checkpoint.
-    pub fn open(
+    pub async fn open(
         store: Arc<dyn Store>,
         key: SigningKey,
         app_key: VerifyingKey,
         limits: Limits,
     ) -> Result<Self, OpenError> {
-        let tree = Tree::from_leaves(store.leaf_hashes()?);
-        let published = match store.checkpoint()? {
+        let tree = Tree::from_leaves(store.leaf_hashes().await?);
+        let published = match store.checkpoint().await? {
             Some(signed) => {
                 let cp = transparency::verify_checkpoint(&signed, &key.verifying_key())
                     .map_err(|_| OpenError::ForeignCheckpoint)?;
@@ -231,7 +231,7 @@ impl Directory {
             }
         };
         tracing::info!(entries = tree.len(), log_id = %transparency::log_id(&key.verifying_key()), "log rebuilt from disk");
-        let index = CardIndex::build(store.as_ref())?;
+        let index = CardIndex::build(store.as_ref()).await?;
         metrics::set_gauge(KMS_LOG_ENTRIES, published.size as f64);
         Ok(Self {
             store,
@@ -270,11 +270,10 @@ impl Directory {
 
     /// A card record as the directory stood at `size` entries, or `None`
     /// when the card was not registered yet.
-    fn record_at(
+    async fn record_at(
         &self,
         stored: &StoredCard,
         size: u64,
-        tree: &Tree,
     ) -> Result<Option<CardRecord>, KmsError> {
         if stored.registration_index >= size {
             return Ok(None);
@@ -290,22 +289,26 @@ impl Directory {
         };
         let entry = if stored.registration_entry.is_empty() {
             self.store
-                .entry(stored.registration_index)?
+                .entry(stored.registration_index)
+                .await?
                 .ok_or(KmsError::Internal("registration entry missing"))?
         } else {
             stored.registration_entry.clone()
         };
-        let (revocation_entry, revocation_inclusion) = if revoked {
-            let entry = self
-                .store
-                .entry(stored.revocation_index)?
-                .ok_or(KmsError::Internal("revocation entry missing"))?;
-            (
-                entry,
-                Some(inclusion_proof(tree, stored.revocation_index, size)?),
-            )
+        let revocation_entry = if revoked {
+            self.store
+                .entry(stored.revocation_index)
+                .await?
+                .ok_or(KmsError::Internal("revocation entry missing"))?
         } else {
-            (Vec::new(), None)
+            Vec::new()
+        };
+        // The entries are read first: no lock is held across a read.
+        let tree = self.tree.read().map_err(lock_error)?;
+        let revocation_inclusion = if revoked {
+            Some(inclusion_proof(&tree, stored.revocation_index, size)?)
+        } else {
+            None
         };
         Ok(Some(CardRecord {
             status: status as i32,
@@ -317,7 +320,7 @@ impl Directory {
             revocation_entry,
             revocation_inclusion,
             registration_entry: entry,
-            inclusion: Some(inclusion_proof(tree, stored.registration_index, size)?),
+            inclusion: Some(inclusion_proof(&tree, stored.registration_index, size)?),
             superseded_by: if superseded {
                 stored.superseded_by.clone()
             } else {
@@ -326,14 +329,14 @@ impl Directory {
         }))
     }
 
-    fn single_record(
+    async fn single_record(
         &self,
         stored: &StoredCard,
     ) -> Result<(CardRecord, SignedCheckpoint), KmsError> {
         let p = self.published()?;
-        let tree = self.tree.read().map_err(lock_error)?;
         let record = self
-            .record_at(stored, p.size, &tree)?
+            .record_at(stored, p.size)
+            .await?
             .ok_or(KmsError::Internal("record not visible after append"))?;
         Ok((record, p.checkpoint.clone()))
     }
@@ -362,25 +365,43 @@ impl Directory {
         let checkpoint =
             transparency::sign_checkpoint(&self.key, index + 1, &root, tessera_service::now_secs());
         let indexed = (cards.clone(), device_list.clone());
-        let applied = self.store.apply(Append {
-            index,
-            entry,
-            leaf_hash,
-            cards,
-            device_list,
-            checkpoint: checkpoint.clone(),
-        });
+        let mut fetched = Fetched::from([(index, entry.clone())]);
+        let applied = self
+            .store
+            .apply(Append {
+                index,
+                entry,
+                leaf_hash,
+                cards,
+                device_list,
+                checkpoint: checkpoint.clone(),
+            })
+            .await;
         if let Err(e) = applied {
             // Nothing was written: undo the in-memory append.
             self.tree.write().map_err(lock_error)?.truncate(index);
             return Err(e.into());
         }
         // Readers see the indexed change only once it is published.
-        let reindexed = self.index.write().map_err(lock_error)?.update(
-            &indexed.0,
-            indexed.1.as_ref(),
-            self.store.as_ref(),
-        );
+        let missing: Vec<u64> = self
+            .index
+            .read()
+            .map_err(lock_error)?
+            .missing(&indexed.0, indexed.1.as_ref())
+            .into_iter()
+            .filter(|i| !fetched.contains_key(i))
+            .collect();
+        let reindexed = match index::fetch(self.store.as_ref(), missing).await {
+            Ok(more) => {
+                fetched.extend(more);
+                self.index.write().map_err(lock_error)?.update(
+                    &indexed.0,
+                    indexed.1.as_ref(),
+                    &fetched,
+                )
+            }
+            Err(e) => Err(e),
+        };
         let flushed = match reindexed {
             Ok(()) => self.store.flush().await,
             Err(e) => Err(e),
@@ -433,12 +454,12 @@ impl Directory {
         let _write = self.write.lock().await;
         self.check_writable()?;
         let id = parsed.id();
-        if let Some(existing) = self.store.card(&id)? {
+        if let Some(existing) = self.store.card(&id).await? {
             // Same snapshot, same id: registering again is a no-op.
-            return self.single_record(&existing);
+            return self.single_record(&existing).await;
         }
         let mut changed = Vec::new();
-        let others = self.store.cards_of(parsed.identity())?;
+        let others = self.store.cards_of(parsed.identity()).await?;
         let active = others
             .iter()
             .filter(|c| c.revocation.is_none() && c.superseded_by.is_empty())
@@ -451,7 +472,7 @@ impl Directory {
             )));
         }
         if let Some(previous) = parsed.previous_card_id() {
-            let mut prev = self.store.card(&previous)?.ok_or_else(|| {
+            let mut prev = self.store.card(&previous).await?.ok_or_else(|| {
                 KmsError::FailedPrecondition(format!(
                     "previous card {previous} is not in the directory"
                 ))
@@ -496,9 +517,10 @@ impl Directory {
         .await?;
         let stored = self
             .store
-            .card(&id)?
+            .card(&id)
+            .await?
             .ok_or(KmsError::Internal("card missing after append"))?;
-        let (record, checkpoint) = self.single_record(&stored)?;
+        let (record, checkpoint) = self.single_record(&stored).await?;
         tracing::info!(card_id = %id, identity = %stored.identity, "card registered");
         metrics::increment(KMS_CARDS_REGISTERED);
         Ok((record, checkpoint))
@@ -517,7 +539,8 @@ impl Directory {
         let id = parsed.card_id();
         let mut stored = self
             .store
-            .card(&id)?
+            .card(&id)
+            .await?
             .ok_or_else(|| KmsError::NotFound(format!("no card {id}")))?;
         let card = ParsedCard::parse(stored.card.clone().unwrap_or_default())
             .map_err(|_| KmsError::Internal("stored card does not parse"))?;
@@ -528,7 +551,7 @@ impl Directory {
             ))
         })?;
         if stored.revocation.is_some() {
-            return self.single_record(&stored);
+            return self.single_record(&stored).await;
         }
         // The signer chooses `revoked_at`; clients date a revocation by its
         // log entry, but a date before the card existed is refused outright.
@@ -536,7 +559,8 @@ impl Directory {
             false => stored.registration_entry.clone(),
             true => self
                 .store
-                .entry(stored.registration_index)?
+                .entry(stored.registration_index)
+                .await?
                 .ok_or(KmsError::Internal("registration entry missing"))?,
         };
         if let Ok(transparency::LogEvent::Registered { appended_at, .. }) =
@@ -560,17 +584,18 @@ impl Directory {
         .await?;
         let stored = self
             .store
-            .card(&id)?
+            .card(&id)
+            .await?
             .ok_or(KmsError::Internal("card missing after revocation"))?;
         tracing::info!(card_id = %id, by = %parsed.revoked_by(), "card revoked");
         metrics::increment(KMS_CARDS_REVOKED);
-        self.single_record(&stored)
+        self.single_record(&stored).await
     }
 
     /// A stored card as a verified card (the directory checked its
     /// signatures when it registered it) and whether it is active now.
-    fn verified_card(&self, id: &CardId) -> Result<Option<(VerifiedCard, bool)>, KmsError> {
-        let Some(stored) = self.store.card(id)? else {
+    async fn verified_card(&self, id: &CardId) -> Result<Option<(VerifiedCard, bool)>, KmsError> {
+        let Some(stored) = self.store.card(id).await? else {
             return Ok(None);
         };
         if stored.kind != CardKind::Client.to_proto() as i32 {
@@ -618,7 +643,7 @@ impl Directory {
         }
         let _write = self.write.lock().await;
         self.check_writable()?;
-        let stored = self.store.device_list(&identity)?;
+        let stored = self.store.device_list(&identity).await?;
         let mut state = match &stored {
             None => DeviceListState::empty(&identity),
             Some(list) => stored_state(list)?,
@@ -628,7 +653,8 @@ impl Directory {
         {
             let entry = self
                 .store
-                .entry(index)?
+                .entry(index)
+                .await?
                 .ok_or(KmsError::Internal("statement entry missing"))?;
             let same = matches!(
                 transparency::parse_entry(&entry),
@@ -639,9 +665,11 @@ impl Directory {
             }
         }
         let (signer, signer_active) =
-            self.verified_card(&statement.signer())?.ok_or_else(|| {
-                KmsError::FailedPrecondition(format!("no card {}", statement.signer()))
-            })?;
+            self.verified_card(&statement.signer())
+                .await?
+                .ok_or_else(|| {
+                    KmsError::FailedPrecondition(format!("no card {}", statement.signer()))
+                })?;
         if !signer_active {
             return Err(KmsError::PermissionDenied(format!(
                 "the signer {} is revoked or replaced",
@@ -649,7 +677,7 @@ impl Directory {
             )));
         }
         if statement.action() != device_list::Action::Remove {
-            match self.verified_card(&statement.subject())? {
+            match self.verified_card(&statement.subject()).await? {
                 Some((card, true)) if card.identity() == identity => {}
                 Some(_) => {
                     return Err(KmsError::FailedPrecondition(format!(
@@ -757,7 +785,7 @@ impl Directory {
 
     /// `identity`'s device list from sequence number `from` on, as of the
     /// latest checkpoint.
-    pub fn device_list(
+    pub async fn device_list(
         &self,
         identity: &str,
         from: u64,
@@ -765,14 +793,16 @@ impl Directory {
         tessera_service::limits::identity("identity", identity)
             .map_err(|s| KmsError::InvalidArgument(s.message().to_owned()))?;
         let p = self.published()?;
+        let trusted = self
+            .store
+            .device_list(identity)
+            .await?
+            .map(|l| l.trusted)
+            .unwrap_or_default();
         let tree = self.tree.read().map_err(lock_error)?;
         let index = self.index.read().map_err(lock_error)?;
         let mut list = self.device_list_at(&index, identity, from, p.size, &tree, usize::MAX)?;
-        list.trusted_card_ids = self
-            .store
-            .device_list(identity)?
-            .map(|l| l.trusted)
-            .unwrap_or_default();
+        list.trusted_card_ids = trusted;
         Ok((list, p.checkpoint.clone()))
     }
 
@@ -837,15 +867,16 @@ impl Directory {
     }
 
     /// One card by id, whatever its status.
-    pub fn get(&self, id: &CardId) -> Result<(CardRecord, SignedCheckpoint), KmsError> {
+    pub async fn get(&self, id: &CardId) -> Result<(CardRecord, SignedCheckpoint), KmsError> {
         let p = self.published()?;
-        let tree = self.tree.read().map_err(lock_error)?;
         let stored = self
             .store
-            .card(id)?
+            .card(id)
+            .await?
             .ok_or_else(|| KmsError::NotFound(format!("no card {id}")))?;
         let record = self
-            .record_at(&stored, p.size, &tree)?
+            .record_at(&stored, p.size)
+            .await?
             .ok_or_else(|| KmsError::NotFound(format!("no card {id}")))?;
         Ok((record, p.checkpoint.clone()))
     }
@@ -884,7 +915,7 @@ impl Directory {
         ))
     }
 
-    pub fn inclusion(
+    pub async fn inclusion(
         &self,
         index: u64,
         size: u64,
@@ -904,7 +935,8 @@ impl Directory {
             .ok_or(KmsError::Internal("inclusion proof out of range"))?;
         let entry = self
             .store
-            .entry(index)?
+            .entry(index)
+            .await?
             .ok_or(KmsError::Internal("log entry missing"))?;
         Ok((
             transparency::inclusion_proof_message(index, size, hashes),
@@ -913,7 +945,7 @@ impl Directory {
         ))
     }
 
-    pub fn entries(
+    pub async fn entries(
         &self,
         from: u64,
         limit: u32,
@@ -928,7 +960,10 @@ impl Directory {
             )));
         }
         let available = (p.size - from).min(limit as u64) as usize;
-        Ok((self.store.entries(from, available)?, p.checkpoint.clone()))
+        Ok((
+            self.store.entries(from, available).await?,
+            p.checkpoint.clone(),
+        ))
     }
 
     /// The checkpoint's verified form (for tests and logs).
@@ -953,8 +988,10 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
-    fn directory(store: MemoryStore, key: SigningKey, app: &SigningKey) -> Directory {
-        Directory::open(Arc::new(store), key, app.verifying_key(), Limits::default()).unwrap()
+    async fn directory(store: MemoryStore, key: SigningKey, app: &SigningKey) -> Directory {
+        Directory::open(Arc::new(store), key, app.verifying_key(), Limits::default())
+            .await
+            .unwrap()
     }
 
     fn card(app: &SigningKey, identity: &str) -> card_pb::Card {
@@ -980,7 +1017,8 @@ mod tests {
             store.clone(),
             SigningKey::from_seed(&key_seed).unwrap(),
             &app,
-        );
+        )
+        .await;
         let (record, _) = dir.register(card(&app, "alice")).await.unwrap();
         dir.register(card(&app, "alice")).await.unwrap();
         let (found, cp) = dir
@@ -1021,7 +1059,7 @@ mod tests {
         );
 
         // Reopening over the same store rebuilds the same log and index.
-        let reopened = directory(store, SigningKey::from_seed(&key_seed).unwrap(), &app);
+        let reopened = directory(store, SigningKey::from_seed(&key_seed).unwrap(), &app).await;
         assert_eq!(reopened.verified_checkpoint().unwrap().tree_size, 3);
         assert_eq!(
             reopened
@@ -1043,14 +1081,15 @@ mod tests {
     async fn a_store_signed_by_another_key_is_refused() {
         let app = SigningKey::generate().unwrap();
         let store = MemoryStore::default();
-        let dir = directory(store.clone(), SigningKey::generate().unwrap(), &app);
+        let dir = directory(store.clone(), SigningKey::generate().unwrap(), &app).await;
         dir.register(card(&app, "bob")).await.unwrap();
         let other = Directory::open(
             Arc::new(store),
             SigningKey::generate().unwrap(),
             app.verifying_key(),
             Limits::default(),
-        );
+        )
+        .await;
         assert!(matches!(other, Err(OpenError::ForeignCheckpoint)));
     }
 
@@ -1061,7 +1100,8 @@ mod tests {
             MemoryStore::default(),
             SigningKey::generate().unwrap(),
             &app,
-        );
+        )
+        .await;
         let (record, _) = dir.register(card(&app, "carol")).await.unwrap();
         let stored = dir
             .store
@@ -1070,13 +1110,13 @@ mod tests {
                     .unwrap()
                     .content_snapshot,
             ))
+            .await
             .unwrap()
             .unwrap();
-        let tree = dir.tree.read().unwrap();
         // At size 0 the card did not exist yet; at size 1 it is active.
-        assert!(dir.record_at(&stored, 0, &tree).unwrap().is_none());
+        assert!(dir.record_at(&stored, 0).await.unwrap().is_none());
         assert_eq!(
-            dir.record_at(&stored, 1, &tree).unwrap().unwrap().status,
+            dir.record_at(&stored, 1).await.unwrap().unwrap().status,
             CardStatus::Active as i32
         );
     }

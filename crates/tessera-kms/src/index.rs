@@ -18,10 +18,24 @@ use std::collections::HashMap;
 use tessera_card::CardId;
 use tessera_service::storage::StorageError;
 
-use crate::store::{Store, StoredCard, StoredDeviceList};
+use crate::store::{Store, StoredCard, StoredDeviceList, record_id};
 
 /// Marks a status change that has not happened.
 const NEVER: u64 = u64::MAX;
+
+/// Records read per page while the index is built.
+const BUILD_PAGE: usize = 1000;
+
+/// Log entries read from the store, by index.
+pub(crate) type Fetched = HashMap<u64, Vec<u8>>;
+
+/// The entries at `indices`, in one read.
+pub(crate) async fn fetch(store: &dyn Store, indices: Vec<u64>) -> Result<Fetched, StorageError> {
+    if indices.is_empty() {
+        return Ok(Fetched::new());
+    }
+    Ok(store.entries_at(&indices).await?.into_iter().collect())
+}
 
 struct Slot {
     id: CardId,
@@ -71,34 +85,92 @@ pub(crate) struct CardIndex {
 }
 
 impl CardIndex {
-    /// Indexes every card record and device list in `store`.
-    pub(crate) fn build(store: &dyn Store) -> Result<Self, StorageError> {
+    /// Indexes every card record and device list in `store`, reading
+    /// them page by page.
+    pub(crate) async fn build(store: &dyn Store) -> Result<Self, StorageError> {
         let mut index = Self::default();
-        store.for_each_card(&mut |card| index.update(std::slice::from_ref(&card), None, store))?;
-        store.for_each_device_list(&mut |list| index.update(&[], Some(&list), store))?;
+        let mut after: Option<CardId> = None;
+        loop {
+            let page = store.cards_after(after.as_ref(), BUILD_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(record_id(last)?);
+            let fetched = fetch(store, index.missing(&page, None)).await?;
+            index.update(&page, None, &fetched)?;
+            if page.len() < BUILD_PAGE {
+                break;
+            }
+        }
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .device_lists_after(after.as_deref(), BUILD_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.identity.clone());
+            let needed = page
+                .iter()
+                .flat_map(|list| index.missing(&[], Some(list)))
+                .collect();
+            let fetched = fetch(store, needed).await?;
+            for list in &page {
+                index.update(&[], Some(list), &fetched)?;
+            }
+            if page.len() < BUILD_PAGE {
+                break;
+            }
+        }
         for slots in index.by_identity.values_mut() {
             slots.sort_by_key(|s| s.registration_index);
         }
         Ok(index)
     }
 
+    /// The log indices whose entries [`CardIndex::update`] needs for these
+    /// records and does not hold yet.
+    pub(crate) fn missing(
+        &self,
+        cards: &[StoredCard],
+        list: Option<&StoredDeviceList>,
+    ) -> Vec<u64> {
+        let mut out: Vec<u64> = cards
+            .iter()
+            .filter(|stored| stored.registration_entry.is_empty())
+            .filter(|stored| {
+                let known = record_id(stored).ok().and_then(|id| {
+                    self.by_identity
+                        .get(&stored.identity)?
+                        .iter()
+                        .find(|s| s.id == id)
+                });
+                known.is_none()
+            })
+            .map(|stored| stored.registration_index)
+            .collect();
+        if let Some(list) = list {
+            let known = self.statements(&list.identity);
+            out.extend(
+                list.indices
+                    .iter()
+                    .filter(|i| !known.iter().any(|(k, _)| k == *i)),
+            );
+        }
+        out
+    }
+
     /// Takes in card records (new cards, or new statuses) and a device list
     /// just written.
+    /// `fetched` holds the entries [`CardIndex::missing`] named.
     pub(crate) fn update(
         &mut self,
         cards: &[StoredCard],
         list: Option<&StoredDeviceList>,
-        store: &dyn Store,
+        fetched: &Fetched,
     ) -> Result<(), StorageError> {
         if let Some(list) = list {
-            self.update_list(list, store)?;
+            self.update_list(list, fetched)?;
         }
         for stored in cards {
-            let id = stored
-                .card
-                .as_ref()
-                .map(|c| CardId::of_snapshot(&c.content_snapshot))
-                .ok_or(StorageError::Corrupt("card record without card"))?;
+            let id = record_id(stored)?;
             let slots = self.by_identity.entry(stored.identity.clone()).or_default();
             if let Some(slot) = slots.iter_mut().find(|s| s.id == id) {
                 slot.set_status(stored);
@@ -106,8 +178,9 @@ impl CardIndex {
             }
             let entry = if stored.registration_entry.is_empty() {
                 // Records written before cards carried their entry.
-                store
-                    .entry(stored.registration_index)?
+                fetched
+                    .get(&stored.registration_index)
+                    .cloned()
                     .ok_or(StorageError::Corrupt("registration entry missing"))?
             } else {
                 stored.registration_entry.clone()
@@ -130,7 +203,7 @@ impl CardIndex {
     fn update_list(
         &mut self,
         list: &StoredDeviceList,
-        store: &dyn Store,
+        fetched: &Fetched,
     ) -> Result<(), StorageError> {
         let mut known: HashMap<u64, Box<[u8]>> = self
             .lists
@@ -144,9 +217,10 @@ impl CardIndex {
             .map(|&index| {
                 let entry = match known.remove(&index) {
                     Some(entry) => entry,
-                    None => store
-                        .entry(index)?
+                    None => fetched
+                        .get(&index)
                         .ok_or(StorageError::Corrupt("statement entry missing"))?
+                        .clone()
                         .into_boxed_slice(),
                 };
                 Ok((index, entry))
@@ -189,6 +263,16 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
+    /// What `update` needs for these records, read from `store`.
+    async fn fetched(
+        index: &CardIndex,
+        store: &MemoryStore,
+        cards: &[StoredCard],
+        list: Option<&StoredDeviceList>,
+    ) -> Fetched {
+        fetch(store, index.missing(cards, list)).await.unwrap()
+    }
+
     fn stored(identity: &str, snapshot: &[u8], kind: i32, registered: u64) -> StoredCard {
         StoredCard {
             card: Some(card_pb::Card {
@@ -215,23 +299,24 @@ mod tests {
 
     #[test]
     fn statuses_follow_the_log_index_of_each_change() {
-        let store = MemoryStore::default();
+        // Every record carries its entry: nothing to read.
+        let none = Fetched::new();
         let mut index = CardIndex::default();
         let mut a = stored("alice", b"a", 1, 0);
         let mut b = stored("alice", b"b", 1, 1);
         let c = stored("alice", b"c", 1, 2);
         index
-            .update(&[a.clone(), b.clone(), c.clone()], None, &store)
+            .update(&[a.clone(), b.clone(), c.clone()], None, &none)
             .unwrap();
         index
-            .update(&[stored("org", b"o", 2, 3)], None, &store)
+            .update(&[stored("org", b"o", 2, 3)], None, &none)
             .unwrap();
         // c replaces b at 2; a is revoked at 4.
         b.superseded_by = vec![9; 32];
         b.superseded_at_index = 2;
         a.revocation = Some(card_pb::Revocation::default());
         a.revocation_index = 4;
-        index.update(&[b, a], None, &store).unwrap();
+        index.update(&[b, a], None, &none).unwrap();
 
         assert_eq!(active(&index, "alice", None, 0), Vec::<u64>::new());
         assert_eq!(active(&index, "alice", None, 1), vec![0]);
@@ -243,8 +328,8 @@ mod tests {
         assert_eq!(active(&index, "nobody", None, 5), Vec::<u64>::new());
     }
 
-    #[test]
-    fn device_lists_keep_their_statements_in_order() {
+    #[tokio::test]
+    async fn device_lists_keep_their_statements_in_order() {
         use tessera_proto::transparency::v1::SignedCheckpoint;
 
         use crate::store::Append;
@@ -259,6 +344,7 @@ mod tests {
                     device_list: None,
                     checkpoint: SignedCheckpoint::default(),
                 })
+                .await
                 .unwrap();
         }
         let list = |indices: &[u64]| StoredDeviceList {
@@ -267,8 +353,16 @@ mod tests {
             ..Default::default()
         };
         let mut index = CardIndex::default();
-        index.update(&[], Some(&list(&[0, 2])), &store).unwrap();
-        index.update(&[], Some(&list(&[0, 2, 3])), &store).unwrap();
+        for indices in [&[0, 2][..], &[0, 2, 3]] {
+            let list = list(indices);
+            let fetched = fetched(&index, &store, &[], Some(&list)).await;
+            index.update(&[], Some(&list), &fetched).unwrap();
+        }
+        assert_eq!(
+            index.missing(&[], Some(&list(&[0, 2, 3, 1]))),
+            vec![1],
+            "only entries not held yet are read"
+        );
         let got: Vec<(u64, &[u8])> = index
             .statements("alice")
             .iter()
@@ -284,8 +378,10 @@ mod tests {
         );
         assert!(index.statements("bob").is_empty());
         // A statement the log does not hold is corruption.
+        let missing = list(&[0, 9]);
+        let fetched = fetched(&index, &store, &[], Some(&missing)).await;
         assert!(matches!(
-            index.update(&[], Some(&list(&[0, 9])), &store),
+            index.update(&[], Some(&missing), &fetched),
             Err(StorageError::Corrupt(_))
         ));
     }
@@ -295,7 +391,7 @@ mod tests {
         let mut card = stored("alice", b"a", 1, 0);
         card.card = None;
         assert!(matches!(
-            CardIndex::default().update(&[card], None, &MemoryStore::default()),
+            CardIndex::default().update(&[card], None, &Fetched::new()),
             Err(StorageError::Corrupt(_))
         ));
     }

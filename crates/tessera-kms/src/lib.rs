@@ -31,7 +31,8 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Everything the key service needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Directory of the sled database (`<data_dir>/db`) and, by default, the key.
+    /// Directory of the sled database (`<data_dir>/db`; unused on
+    /// PostgreSQL) and, by default, the key.
     pub data_dir: PathBuf,
     /// The service's signing key; `<data_dir>/kms.key` when `None`.
     pub key_path: Option<PathBuf>,
@@ -63,6 +64,8 @@ pub enum StartError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Open(#[from] OpenError),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] store::PgOpenError),
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
@@ -84,20 +87,34 @@ pub struct Kms {
 }
 
 impl Kms {
-    /// Opens the sled store under `config.data_dir` and the key.
-    pub fn open(config: &Config) -> Result<Self, StartError> {
+    /// Opens the sled store under `config.data_dir` (the embedded
+    /// default) and the key.
+    pub async fn open(config: &Config) -> Result<Self, StartError> {
         let key = load_or_create_key(&config.key_path())?;
         let store = store::SledStore::open(&config.data_dir.join("db"))?;
-        Self::with_store(Arc::new(store), key, config)
+        Self::with_store(Arc::new(store), key, config).await
+    }
+
+    /// Opens the key and the PostgreSQL store `database` names, as its only
+    /// writer (refused while another key service holds the writer lock).
+    /// `config.data_dir` then holds only the key.
+    pub async fn open_postgres(
+        config: &Config,
+        database: &store::PgOptions,
+    ) -> Result<Self, StartError> {
+        let key = load_or_create_key(&config.key_path())?;
+        let store = store::PgStore::open(database).await?;
+        Self::with_store(Arc::new(store), key, config).await
     }
 
     /// Runs over any store (the in-memory one in unit tests).
-    pub fn with_store(
+    pub async fn with_store(
         store: Arc<dyn store::Store>,
         key: SigningKey,
         config: &Config,
     ) -> Result<Self, StartError> {
-        let directory = Directory::open(store, key, config.app_public_key, config.limits.clone())?;
+        let directory =
+            Directory::open(store, key, config.app_public_key, config.limits.clone()).await?;
         Ok(Self {
             directory: Arc::new(directory),
             tokens: TokenVerifier::new(config.token_public_key, Audience::Kms),

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits};
+use tessera_kms::{Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits, store::PgOptions};
 use tessera_service::{config::init_tracing, serve, service_args};
 
 service_args!(
@@ -41,6 +41,23 @@ struct Cli {
     /// Largest request, in bytes.
     #[arg(long, global = true, env = "TESSERA_KMS_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
+    /// Keep the directory in this PostgreSQL database (`postgresql://user:password@host:port/db`
+    /// or `host=/run/postgresql dbname=tessera`) instead of sled in <data-dir>/db.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_KMS_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+    /// Pooled PostgreSQL connections for reads (the writer has one more).
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_KMS_DATABASE_POOL_SIZE",
+        default_value_t = 16
+    )]
+    database_pool_size: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -88,13 +105,28 @@ async fn run(cli: Cli) -> Result<(), String> {
         max_request_bytes: cli.max_request_bytes,
     };
     common.start_metrics().map_err(|e| e.to_string())?;
-    let kms = Kms::open(&config).map_err(|e| e.to_string())?;
+    let storage = if cli.database_url.is_some() {
+        "postgres"
+    } else {
+        "sled"
+    };
+    let kms = match cli.database_url {
+        Some(url) => {
+            let database = PgOptions {
+                url,
+                pool_size: cli.database_pool_size,
+            };
+            Kms::open_postgres(&config, &database).await
+        }
+        None => Kms::open(&config).await,
+    }
+    .map_err(|e| e.to_string())?;
     let routes = kms.routes().await.map_err(|e| e.to_string())?;
     let listener = serve::bind(common.listen)
         .await
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, data_dir = %common.data_dir.display(), "tessera-kms listening");
+    tracing::info!(%addr, data_dir = %common.data_dir.display(), storage, "tessera-kms listening");
     serve::serve(
         routes,
         listener,

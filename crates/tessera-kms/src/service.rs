@@ -98,7 +98,7 @@ impl KeyDirectory for KmsService {
     ) -> Result<Response<CardResponse>, Status> {
         self.tokens.authenticate(&request)?;
         let id = limits::card_id("card_id", &request.get_ref().card_id)?;
-        Ok(card_response(self.directory.get(&id)?))
+        Ok(card_response(self.directory.get(&id).await?))
     }
 
     async fn revoke_card(
@@ -145,7 +145,8 @@ impl KeyDirectory for KmsService {
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
         self.tokens.authenticate(&request)?;
         let r = request.get_ref();
-        let (proof, entry, checkpoint) = self.directory.inclusion(r.leaf_index, r.tree_size)?;
+        let (proof, entry, checkpoint) =
+            self.directory.inclusion(r.leaf_index, r.tree_size).await?;
         Ok(Response::new(GetInclusionProofResponse {
             proof: Some(proof),
             entry,
@@ -159,7 +160,7 @@ impl KeyDirectory for KmsService {
     ) -> Result<Response<ListLogEntriesResponse>, Status> {
         self.tokens.authenticate(&request)?;
         let r = request.get_ref();
-        let (entries, checkpoint) = self.directory.entries(r.from_index, r.limit)?;
+        let (entries, checkpoint) = self.directory.entries(r.from_index, r.limit).await?;
         Ok(Response::new(ListLogEntriesResponse {
             entries,
             from_index: r.from_index,
@@ -189,7 +190,10 @@ impl KeyDirectory for KmsService {
     ) -> Result<Response<GetDeviceListResponse>, Status> {
         self.tokens.authenticate(&request)?;
         let r = request.into_inner();
-        let (device_list, checkpoint) = self.directory.device_list(&r.identity, r.from_seqno)?;
+        let (device_list, checkpoint) = self
+            .directory
+            .device_list(&r.identity, r.from_seqno)
+            .await?;
         Ok(Response::new(GetDeviceListResponse {
             identity: r.identity,
             device_list: Some(device_list),

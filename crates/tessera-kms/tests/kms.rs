@@ -1,5 +1,6 @@
 //! The key service over real gRPC on 127.0.0.1:0 with a temporary sled
-//! directory, as it runs in production.
+//! directory, as it runs in production; the tests in `on_postgres` (at the
+//! end) run some of them again over a throwaway PostgreSQL server.
 
 #![allow(
     clippy::unwrap_used,
@@ -39,6 +40,8 @@ use tonic::{Code, Request, transport::Channel};
 
 struct Fixture {
     dir: tempfile::TempDir,
+    /// The database, when the test runs over PostgreSQL.
+    pg: Option<tessera_testkit::Postgres>,
     app: SigningKey,
     issuer: TokenIssuer,
     kms_key: VerifyingKey,
@@ -59,19 +62,42 @@ fn config(dir: &std::path::Path, app: &SigningKey, issuer: &TokenIssuer) -> Conf
     }
 }
 
+std::thread_local! {
+    /// Set by the tests in `on_postgres`: `Fixture::start` then keeps the
+    /// directory in a throwaway PostgreSQL server.
+    static ON_POSTGRES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 async fn serve(
     dir: &std::path::Path,
     app: &SigningKey,
     issuer: &TokenIssuer,
+    pg: Option<&tessera_testkit::Postgres>,
 ) -> (Running, KeyDirectoryClient<Channel>, VerifyingKey) {
-    // After a restart, sled releases its file lock when the old service's
-    // last handle drops, which may trail its stop by a moment on a loaded
-    // machine: try again for up to 5 s.
+    // After a restart, sled releases its file lock (PostgreSQL the writer
+    // lock) when the old service's last handle drops, which may trail its
+    // stop by a moment on a loaded machine: try again for up to 5 s.
     let mut attempts = 0;
     let kms = loop {
-        match Kms::open(&config(dir, app, issuer)) {
+        let config = config(dir, app, issuer);
+        let opened = match pg {
+            None => Kms::open(&config).await,
+            Some(pg) => {
+                let database = tessera_kms::store::PgOptions {
+                    url: pg.url("postgres"),
+                    pool_size: 4,
+                };
+                Kms::open_postgres(&config, &database).await
+            }
+        };
+        match opened {
             Ok(kms) => break kms,
-            Err(e) if attempts < 50 && format!("{e:?}").contains("acquire lock") => {
+            Err(e)
+                if attempts < 50
+                    && ["acquire lock", "single-writer lock"]
+                        .iter()
+                        .any(|lock| e.to_string().contains(lock)) =>
+            {
                 attempts += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -102,7 +128,13 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let app = SigningKey::generate().unwrap();
         let issuer = TokenIssuer::new(SigningKey::generate().unwrap(), Duration::from_secs(600));
-        let (running, client, kms_key) = serve(dir.path(), &app, &issuer).await;
+        let pg = ON_POSTGRES.get().then(tessera_testkit::Postgres::start);
+        let (running, client, kms_key) = serve(dir.path(), &app, &issuer, pg.as_ref()).await;
+        assert_eq!(
+            dir.path().join("db").exists(),
+            pg.is_none(),
+            "sled only when not on PostgreSQL"
+        );
         let service_token = bearer_header(
             &issuer
                 .issue(&Grant::service("tessera-server"), Audience::Kms)
@@ -117,6 +149,7 @@ impl Fixture {
         );
         Self {
             dir,
+            pg,
             app,
             issuer,
             kms_key,
@@ -133,7 +166,8 @@ impl Fixture {
         self.client =
             KeyDirectoryClient::new(Channel::from_static("http://127.0.0.1:9").connect_lazy());
         self.running.take().unwrap().stop().await.unwrap();
-        let (running, client, kms_key) = serve(self.dir.path(), &self.app, &self.issuer).await;
+        let (running, client, kms_key) =
+            serve(self.dir.path(), &self.app, &self.issuer, self.pg.as_ref()).await;
         assert_eq!(kms_key, self.kms_key, "the key survives a restart");
         self.running = Some(running);
         self.client = client;
@@ -1089,4 +1123,28 @@ async fn device_lists_are_checked_logged_served_and_survive_restart() {
     );
     let found = f.client.search_cards(request).await.unwrap().into_inner();
     assert!(found.results[0].device_list.is_none());
+}
+
+/// The tests above whose state outlives a call (registrations, revocations,
+/// rotations, device lists, restarts, concurrent appends), again with the
+/// directory in PostgreSQL.
+mod on_postgres {
+    macro_rules! again {
+        ($($test:ident),* $(,)?) => {$(
+            #[test]
+            fn $test() {
+                super::ON_POSTGRES.set(true);
+                super::$test();
+            }
+        )*};
+    }
+
+    again!(
+        register_search_get_revoke_with_several_devices,
+        proofs_verify_for_every_size_and_history_survives_restart,
+        rotation_supersedes_the_previous_card,
+        limits_and_bad_input_get_clear_statuses,
+        concurrent_registrations_are_each_logged_once,
+        device_lists_are_checked_logged_served_and_survive_restart,
+    );
 }

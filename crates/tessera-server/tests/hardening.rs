@@ -84,6 +84,7 @@ impl App {
                 limits: tessera_kms::Limits::default(),
                 max_request_bytes: tessera_kms::DEFAULT_MAX_REQUEST_BYTES,
             })
+            .await
             .unwrap()
             .routes()
             .await

@@ -118,6 +118,7 @@ impl Stack {
             limits: tessera_kms::Limits::default(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         })
+        .await
         .unwrap();
         let kms_key = kms.directory().public_key();
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

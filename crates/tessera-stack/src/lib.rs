@@ -163,7 +163,8 @@ impl Stack {
             token_public_key: token_key.verifying_key(),
             limits: tessera_kms::Limits::default(),
             max_request_bytes: tessera_kms::DEFAULT_MAX_REQUEST_BYTES,
-        })?;
+        })
+        .await?;
         let kms_public_key = kms.directory().public_key();
         let kms_running = Running::spawn(
             kms.routes().await?,

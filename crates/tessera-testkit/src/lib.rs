@@ -183,6 +183,12 @@ impl Service {
     /// Starts the process and waits until its health check says SERVING.
     pub async fn start(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
+        self.child = Some(self.spawn());
+        self.wait_healthy().await;
+    }
+
+    /// The process, its output appended to its log.
+    fn spawn(&self) -> Child {
         let log = File::options()
             .create(true)
             .append(true)
@@ -203,11 +209,8 @@ impl Service {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         die_with_parent(&mut cmd);
-        self.child = Some(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name)),
-        );
-        self.wait_healthy().await;
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name))
     }
 
     fn env_prefix(&self) -> &'static str {
@@ -278,6 +281,62 @@ impl Service {
             self.name
         );
         Metrics(body.to_owned())
+    }
+
+    /// A key service of its own (outside any [`Cluster`]), not started:
+    /// its key in `dir` (made at first start), trusting the AppKey `app`
+    /// and the token key `token`, keeping its directory in the PostgreSQL
+    /// database `database_url` (`tessera-kms --database-url`).
+    pub fn kms_on_database(
+        dir: &Path,
+        app: &VerifyingKey,
+        token: &VerifyingKey,
+        database_url: &str,
+    ) -> Self {
+        let env = [
+            ("TESSERA_KMS_DATA_DIR", path_string(dir)),
+            ("TESSERA_KMS_APP_PUBLIC_KEY", hex::encode(app.as_bytes())),
+            (
+                "TESSERA_KMS_TOKEN_PUBLIC_KEY",
+                hex::encode(token.as_bytes()),
+            ),
+            ("TESSERA_KMS_DATABASE_URL", database_url.to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        std::fs::create_dir_all(dir).unwrap();
+        Self::new("tessera-kms", dir, vec![], env, None)
+    }
+
+    /// Starts the process expecting it to refuse to start: waits until it
+    /// exits and returns its exit code and log. Panics if it becomes
+    /// healthy or still runs after a minute.
+    pub async fn start_refused(&mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + HEALTH_TIMEOUT;
+        let mut child = self.spawn();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status.code(), std::fs::read_to_string(&self.log).unwrap());
+            }
+            let healthy = match self.channel().await {
+                Ok(channel) => tonic_health::pb::health_client::HealthClient::new(channel)
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            if healthy || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} started when it should have refused:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The last lines of the service's log.

@@ -3,14 +3,16 @@
 //! directory sizes (1 k, 100 k and 1 M cards by default), beside a bare
 //! tonic echo service measured by the same tool in the same run. Everything
 //! runs on loopback in this process, the key service over sled in a
-//! temporary directory.
+//! temporary directory, or over PostgreSQL (`--backends sled,postgres`
+//! measures both in one run).
 //!
 //! Each size gets a fresh key service whose store is preloaded in bulk
 //! ([`bulk_preload`]): the very records `Directory::register` and
 //! `Directory::publish` write (card records with their log entries,
 //! identity index, each identity's device list with its GENESIS statement,
 //! log entries, leaf hashes, signed checkpoint), written straight into the
-//! sled store before the service opens it, since a million registrations
+//! store before the service opens it (on PostgreSQL a few thousand appends
+//! per transaction), since a million registrations
 //! through the RPC (each flushed alone) would take the best part of an
 //! hour.
 
@@ -42,7 +44,7 @@ use tessera_card::{
 use tessera_crypto::{DeviceKeys, SigningKey, VerifyingKey};
 use tessera_kms::{
     Config, DEFAULT_MAX_REQUEST_BYTES, Kms, Limits,
-    store::{Append, SledStore, Store, StoredCard, StoredDeviceList},
+    store::{Append, PgOptions, PgStore, SledStore, Store, StoredCard, StoredDeviceList},
 };
 use tessera_proto::{
     bench::v1::{EchoMessage, echo_client::EchoClient, echo_server::EchoServer},
@@ -89,6 +91,30 @@ struct Args {
     /// removed after each size).
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
+    /// Stores to measure, each at every size: `sled`, `postgres`.
+    #[arg(long, value_delimiter = ',', default_value = "sled")]
+    backends: Vec<Backend>,
+    /// For `postgres`: a server URL without a database
+    /// (`postgresql://user@host:port`) where the tool may create and drop
+    /// the databases `kms_load_<size>`; without it, a throwaway server
+    /// (the testkit's: the distribution's binaries, fsync off) is started.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Sled,
+    Postgres,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sled => "sled",
+            Self::Postgres => "postgres",
+        }
+    }
 }
 
 struct Load {
@@ -319,10 +345,13 @@ fn registration(
 /// store, rebuilds the tree and checks the root as it would after real
 /// registrations. Devices share a few keys (the card ids still differ:
 /// each snapshot names its own identity and time).
-fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
+fn bulk_preload(
+    kms: &SigningKey,
+    app: &SigningKey,
+    count: u64,
+    mut write: impl FnMut(Vec<Append>),
+) {
     let start = Instant::now();
-    let kms = tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
-    let store = SledStore::open(&data_dir.join("db")).unwrap();
     let keys: Vec<DeviceKeys> = (0..16).map(|_| DeviceKeys::generate().unwrap()).collect();
     let now = tessera_service::now_secs();
     let mut tree = Tree::new();
@@ -334,7 +363,7 @@ fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
         let made: Vec<Appended> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
                 .map(|t| {
-                    let (keys, kms) = (&keys, &kms);
+                    let keys = &keys;
                     let from = (batch + t * per_thread).min(end);
                     let to = (from + per_thread).min(end);
                     scope.spawn(move || {
@@ -352,6 +381,7 @@ fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
                 .collect()
         });
         let last = made.len() - 1;
+        let mut appends = Vec::with_capacity(made.len());
         for (i, (entry, mut cards, mut device_list)) in made.into_iter().enumerate() {
             let leaf_hash = transparency::leaf_hash(&entry);
             let index = tree.push(leaf_hash);
@@ -363,23 +393,19 @@ fn bulk_preload(data_dir: &Path, app: &SigningKey, count: u64) {
             }
             if i == last {
                 let root = tree.root(index + 1).unwrap();
-                checkpoint = transparency::sign_checkpoint(&kms, index + 1, &root, now);
+                checkpoint = transparency::sign_checkpoint(kms, index + 1, &root, now);
             }
-            store
-                .apply(Append {
-                    index,
-                    entry,
-                    leaf_hash,
-                    cards,
-                    device_list,
-                    checkpoint: checkpoint.clone(),
-                })
-                .unwrap();
+            appends.push(Append {
+                index,
+                entry,
+                leaf_hash,
+                cards,
+                device_list,
+                checkpoint: checkpoint.clone(),
+            });
         }
+        write(appends);
     }
-    tokio::runtime::Handle::current()
-        .block_on(store.flush())
-        .unwrap();
     eprintln!(
         "preloaded {count} cards and {} device lists in bulk in {:.1} s ({:.0} cards/s)",
         count.div_ceil(2),
@@ -405,38 +431,105 @@ async fn connect(url: &str, n: usize) -> Vec<Channel> {
 /// A key service preloaded with `size` cards, serving on loopback.
 async fn start_kms(
     dir: &Path,
+    backend: Backend,
+    database: Option<&str>,
     size: u64,
     app: &Arc<SigningKey>,
     issuer: &TokenIssuer,
 ) -> (Kms, Running) {
-    let data_dir = dir.join(format!("kms-{size}"));
-    let done = data_dir.join("preloaded");
-    if done.exists() {
-        eprintln!(
-            "reusing the {size} cards preloaded in {}",
-            data_dir.display()
-        );
-    } else {
-        let app_key = app.clone();
-        let preload_dir = data_dir.clone();
-        tokio::task::spawn_blocking(move || bulk_preload(&preload_dir, &app_key, size))
-            .await
-            .unwrap();
-        std::fs::write(&done, b"").unwrap();
-    }
-    let opening = Instant::now();
-    let kms = Kms::open(&Config {
-        data_dir,
+    let data_dir = match backend {
+        Backend::Sled => dir.join(format!("kms-{size}")),
+        Backend::Postgres => dir.join(format!("kms-pg-{size}")),
+    };
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let key = tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
+    let config = Config {
+        data_dir: data_dir.clone(),
         key_path: None,
         app_public_key: app.verifying_key(),
         token_public_key: issuer.public_key(),
         limits: Limits::default(),
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-    })
-    .unwrap();
+    };
+    let kms = match backend {
+        Backend::Sled => {
+            let done = data_dir.join("preloaded");
+            if done.exists() {
+                eprintln!(
+                    "reusing the {size} cards preloaded in {}",
+                    data_dir.display()
+                );
+            } else {
+                let app_key = app.clone();
+                let db = data_dir.join("db");
+                tokio::task::spawn_blocking(move || {
+                    let store = SledStore::open(&db).unwrap();
+                    bulk_preload(&key, &app_key, size, |appends| {
+                        for append in appends {
+                            store.apply(append).unwrap();
+                        }
+                    });
+                    tokio::runtime::Handle::current()
+                        .block_on(store.flush())
+                        .unwrap();
+                })
+                .await
+                .unwrap();
+                std::fs::write(&done, b"").unwrap();
+            }
+            let opening = Instant::now();
+            let kms = Kms::open(&config).await.unwrap();
+            eprintln!(
+                "opened the key service over {size} cards on sled in {:.1} s",
+                opening.elapsed().as_secs_f64()
+            );
+            kms
+        }
+        Backend::Postgres => {
+            // A database of its own per size, preloaded afresh each run.
+            let server = database.expect("a PostgreSQL server");
+            let name = format!("kms_load_{size}");
+            let (admin, connection) =
+                tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {name}"),
+                format!("CREATE DATABASE {name}"),
+            ] {
+                admin.batch_execute(&sql).await.unwrap();
+            }
+            let store = Arc::new(
+                PgStore::open(&PgOptions {
+                    url: format!("{server}/{name}"),
+                    pool_size: 16,
+                })
+                .await
+                .unwrap(),
+            );
+            let (writer, app_key) = (store.clone(), app.clone());
+            let preload_key = tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
+            tokio::task::spawn_blocking(move || {
+                bulk_preload(&preload_key, &app_key, size, |appends| {
+                    tokio::runtime::Handle::current()
+                        .block_on(writer.apply_all(appends))
+                        .unwrap();
+                });
+            })
+            .await
+            .unwrap();
+            let opening = Instant::now();
+            let kms = Kms::with_store(store, key, &config).await.unwrap();
+            eprintln!(
+                "opened the key service over {size} cards on PostgreSQL in {:.1} s",
+                opening.elapsed().as_secs_f64()
+            );
+            kms
+        }
+    };
     eprintln!(
-        "opened the key service over {size} cards in {:.1} s; this process now holds {} MiB",
-        opening.elapsed().as_secs_f64(),
+        "this process now holds {} MiB",
         resident_mib().map_or("?".to_owned(), |m| m.to_string())
     );
     let running = Running::spawn(
@@ -528,27 +621,43 @@ async fn main() {
             .unwrap()
             .bytes,
     );
-    // Every size is preloaded and served at once, so the rounds below can
-    // take the sizes in turns.
+    // A throwaway PostgreSQL server unless one is given.
+    let throwaway = (args.backends.contains(&Backend::Postgres) && args.database_url.is_none())
+        .then(tessera_testkit::Postgres::start);
+    let database = args.database_url.clone().or_else(|| {
+        throwaway
+            .as_ref()
+            .map(|pg| pg.url("").trim_end_matches('/').to_owned())
+    });
+    // Every size on every backend is preloaded and served at once, so the
+    // rounds below can take them in turns.
     let mut services = Vec::new();
-    for &size in &args.sizes {
-        let (kms, running) = start_kms(&dir, size, &app, &issuer).await;
-        let load = Arc::new(Load {
-            kms: connect(&running.url(), args.connections)
-                .await
-                .into_iter()
-                .map(KeyDirectoryClient::new)
-                .collect(),
-            echo: echo.clone(),
-            app: app.clone(),
-            service_token: service_token.clone(),
-            user_token: user_token.clone(),
-            next_card: AtomicU64::new(size),
-        });
-        let answer_bytes = load
-            .search_answer_bytes(&kms.directory().public_key())
-            .await;
-        services.push((size, kms, running, load, answer_bytes));
+    for &backend in &args.backends {
+        let base = services.len();
+        for &size in &args.sizes {
+            let (kms, running) =
+                start_kms(&dir, backend, database.as_deref(), size, &app, &issuer).await;
+            let name = match args.backends.len() {
+                1 => size.to_string(),
+                _ => format!("{size} {}", backend.name()),
+            };
+            let load = Arc::new(Load {
+                kms: connect(&running.url(), args.connections)
+                    .await
+                    .into_iter()
+                    .map(KeyDirectoryClient::new)
+                    .collect(),
+                echo: echo.clone(),
+                app: app.clone(),
+                service_token: service_token.clone(),
+                user_token: user_token.clone(),
+                next_card: AtomicU64::new(size),
+            });
+            let answer_bytes = load
+                .search_answer_bytes(&kms.directory().public_key())
+                .await;
+            services.push((size, name, base, backend, kms, running, load, answer_bytes));
+        }
     }
     let secs = Duration::from_secs(args.seconds);
     println!(
@@ -558,8 +667,8 @@ async fn main() {
         args.connections,
         args.rounds
     );
-    for (size, _, _, _, answer_bytes) in &services {
-        println!("{size} cards: a search answer is {answer_bytes} bytes");
+    for (_, name, _, _, _, _, _, answer_bytes) in &services {
+        println!("{name} cards: a search answer is {answer_bytes} bytes");
     }
     let on = |name: &str| args.calls.iter().any(|c| c == name);
     let mut measured: Vec<Vec<Measured>> = services
@@ -579,10 +688,10 @@ async fn main() {
             "| cards | call | concurrency | QPS | p50 | p99 | CPU per call |\n|---|---|---|---|---|---|---|"
         );
         for (ci, &c) in args.concurrency.iter().enumerate() {
-            for (s, (size, _, _, load, answer_bytes)) in services.iter().enumerate() {
+            for (s, (size, name, _, _, _, _, load, answer_bytes)) in services.iter().enumerate() {
                 let (size, answer_bytes) = (*size, *answer_bytes);
-                for (call, name, label) in CALLS {
-                    if !on(name) {
+                for (call, flag, label) in CALLS {
+                    if !on(flag) {
                         continue;
                     }
                     let l = load.clone();
@@ -591,7 +700,7 @@ async fn main() {
                         async move { l.call(call, w, seq, size, answer_bytes).await }
                     })
                     .await;
-                    println!("| {size} {}", stats.row(label));
+                    println!("| {name} {}", stats.row(label));
                     measured[s][ci].runs[call as usize].push(stats);
                 }
             }
@@ -601,11 +710,11 @@ async fn main() {
     println!(
         "| cards | call | concurrency | QPS | p50 | p99 | CPU per call |\n|---|---|---|---|---|---|---|"
     );
-    for (s, (size, ..)) in services.iter().enumerate() {
+    for (s, (_, name, ..)) in services.iter().enumerate() {
         for m in &measured[s] {
             for (call, _, label) in CALLS {
                 if let Some(stats) = median(m.of(call)) {
-                    println!("| {size} {}", stats.row(label));
+                    println!("| {name} {}", stats.row(label));
                 }
             }
         }
@@ -614,18 +723,18 @@ async fn main() {
         "\n| cards | concurrency | search QPS | against the smallest size | search / echo | search / same-size echo | search p99 | search CPU per call | against the smallest size |\n|---|---|---|---|---|---|---|---|---|"
     );
     let pct = |r: Option<f64>| r.map_or("—".to_owned(), |r| format!("{:.0} %", r * 100.0));
-    for (s, (size, ..)) in services.iter().enumerate() {
+    for (s, (_, name, base, ..)) in services.iter().enumerate() {
         for (ci, &c) in args.concurrency.iter().enumerate() {
             let m = &measured[s][ci];
             let Some(search) = median(m.of(Call::Search)) else {
                 continue;
             };
-            let smallest = median(measured[0][ci].of(Call::Search));
+            let smallest = median(measured[*base][ci].of(Call::Search));
             let change =
                 |d: Option<f64>| d.map_or("—".to_owned(), |d| format!("{:+.0} %", d * 100.0));
             let cpu = search.cpu_us_per_op();
             println!(
-                "| {size} | {c} | {:.0} | {} | {} | {} | {:.2} ms | {} | {} |",
+                "| {name} | {c} | {:.0} | {} | {} | {} | {:.2} ms | {} | {} |",
                 search.qps(),
                 change(smallest.map(|f| search.qps() / f.qps() - 1.0)),
                 pct(median(m.of(Call::Echo)).map(|e| search.qps() / e.qps())),
@@ -639,13 +748,11 @@ async fn main() {
             );
         }
     }
-    for (size, kms, running, load, _) in services {
+    for (_, _, _, _, kms, running, load, _) in services {
         drop(load);
         running.stop().await.unwrap();
         drop(kms);
-        if args.data_dir.is_none() {
-            std::fs::remove_dir_all(dir.join(format!("kms-{size}"))).unwrap();
-        }
     }
     drop(echo_running);
+    drop(throwaway);
 }

@@ -1,0 +1,717 @@
+//! The PostgreSQL store: several machines can reach the key service's data,
+//! and the database makes each append atomic (one transaction).
+//!
+//! The key service keeps its Merkle tree in memory, so it must be the only
+//! writer of its database. At start the store opens a connection of its own
+//! and takes a session advisory lock on it ([`WRITER_LOCK_KEY`]); a second
+//! key service on the same database finds the lock taken and refuses to
+//! start. Every append runs on that connection, so no write can happen
+//! without the lock: if the connection ends (the database restarted, the
+//! network failed), the lock is gone too and every later write is refused
+//! until a restart rebuilds the tree from the database. Reads go through a
+//! pool of other connections.
+//!
+//! The schema comes from the SQL files in `migrations/`, compiled in and
+//! applied at start in one transaction; `schema_migrations` records which
+//! ones a database has.
+//!
+//! Durability: a transaction is durable when its COMMIT returns (PostgreSQL's
+//! default `synchronous_commit = on`), so `flush` has nothing left to do.
+//! The key service appends one entry at a time (its write lock covers the
+//! flush), so there is no batch for a group commit to gather: one
+//! transaction per append, as sled has one flush per append.
+
+use std::{collections::BTreeSet, str::FromStr, time::Duration};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::TryStreamExt;
+use prost::Message;
+use tessera_card::{CardId, transparency::Hash};
+use tessera_proto::transparency::v1::SignedCheckpoint;
+use tessera_service::{
+    metrics::record_store,
+    storage::{FlushFuture, StorageError},
+};
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls, Row, Statement, types::ToSql};
+
+use super::{
+    Append, Store, StoreFuture, StoredCard, StoredDeviceList, decode_card, decode_checkpoint,
+    decode_device_list, leaf_hash, record_id,
+};
+
+/// The session advisory lock the writing key service holds
+/// (`pg_try_advisory_lock`): the bytes of "tesskms1".
+pub const WRITER_LOCK_KEY: i64 = 0x7465_7373_6b6d_7331;
+/// Held (per transaction) while migrations run, so two processes starting
+/// at once do not both apply them: the bytes of "tessmig1".
+const MIGRATION_LOCK_KEY: i64 = 0x7465_7373_6d69_6731;
+/// This service's name in `schema_migrations`.
+const SERVICE: &str = "kms";
+
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, in order; a database has a prefix of them applied.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial schema",
+    sql: include_str!("migrations/0001_initial.sql"),
+}];
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// A libpq-style URL or key/value string
+    /// (`postgresql://user:password@host:port/database`, `host=/run/postgresql
+    /// dbname=tessera`). It may hold a password: it is never logged.
+    pub url: String,
+    /// Connections for reads (the writer has one more of its own).
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the PostgreSQL store could not open.
+#[derive(Debug, Error)]
+pub enum PgOpenError {
+    #[error("database URL: {0}")]
+    Url(String),
+    #[error(
+        "another tessera-kms is already the writer of this database: it holds the single-writer lock \
+         (PostgreSQL advisory lock {WRITER_LOCK_KEY}{holder}); stop it first"
+    )]
+    Locked { holder: String },
+    #[error(
+        "the database schema is at version {found}, newer than this tessera-kms knows ({known}): upgrade tessera-kms"
+    )]
+    NewerSchema { found: i32, known: i32 },
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+}
+
+fn pg_error(e: tokio_postgres::Error) -> StorageError {
+    let message = match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    };
+    StorageError::Backend {
+        backend: "postgres",
+        message,
+    }
+}
+
+fn pool_error(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Backend {
+        backend: "postgres",
+        message: e.to_string(),
+    }
+}
+
+fn to_i64(n: u64) -> Result<i64, StorageError> {
+    i64::try_from(n).map_err(|_| StorageError::Corrupt("number beyond PostgreSQL's BIGINT"))
+}
+
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    index: usize,
+) -> Result<T, StorageError> {
+    row.try_get(index).map_err(pg_error)
+}
+
+/// The writer's connection and its statements, prepared once.
+struct Writer {
+    client: Client,
+    size: Statement,
+    log: Statement,
+    card: Statement,
+    list: Statement,
+    checkpoint: Statement,
+}
+
+pub struct PgStore {
+    pool: Pool,
+    /// Holds the single-writer lock for the life of the process.
+    writer: tokio::sync::Mutex<Writer>,
+}
+
+/// Opens a connection whose driver runs on its own task.
+async fn connect(config: &tokio_postgres::Config) -> Result<Client, StorageError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::error!(error = %e, "the key service's writer connection to PostgreSQL ended: it no longer holds the single-writer lock, and refuses writes until restarted");
+        }
+    });
+    Ok(client)
+}
+
+/// Takes the single-writer lock on `client`'s session, or says who has it.
+async fn lock_writer(client: &Client) -> Result<(), PgOpenError> {
+    let locked: bool = column(
+        &client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK_KEY])
+            .await
+            .map_err(pg_error)?,
+        0,
+    )?;
+    if locked {
+        return Ok(());
+    }
+    // A bigint key shows in pg_locks as classid (high half) and objid (low half).
+    let holder = client
+        .query_opt(
+            "SELECT a.pid, COALESCE(host(a.client_addr), 'a local socket'), a.application_name \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+             AND l.classid = $1 AND l.objid = $2",
+            &[
+                &((WRITER_LOCK_KEY >> 32) as u32),
+                &((WRITER_LOCK_KEY & 0xffff_ffff) as u32),
+            ],
+        )
+        .await
+        .ok()
+        .flatten()
+        .and_then(|row| {
+            let pid: i32 = row.try_get(0).ok()?;
+            let from: String = row.try_get(1).ok()?;
+            let name: String = row.try_get(2).ok()?;
+            Some(format!(
+                ", held by server process {pid} for {name:?} connected from {from}"
+            ))
+        })
+        .unwrap_or_default();
+    Err(PgOpenError::Locked { holder })
+}
+
+/// Applies the migrations `client`'s database lacks, in one transaction.
+async fn migrate(client: &mut Client) -> Result<(), PgOpenError> {
+    let tx = client.transaction().await.map_err(pg_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(pg_error)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             service TEXT NOT NULL,
+             version INTEGER NOT NULL,
+             name TEXT NOT NULL,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             PRIMARY KEY (service, version)
+         )",
+    )
+    .await
+    .map_err(pg_error)?;
+    let applied = tx
+        .query(
+            "SELECT version FROM schema_migrations WHERE service = $1",
+            &[&SERVICE],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| column::<i32>(row, 0))
+        .collect::<Result<BTreeSet<i32>, _>>()?;
+    let known = MIGRATIONS.last().map_or(0, |m| m.version);
+    if let Some(&found) = applied.last()
+        && found > known
+    {
+        return Err(PgOpenError::NewerSchema { found, known });
+    }
+    for migration in MIGRATIONS {
+        if applied.contains(&migration.version) {
+            continue;
+        }
+        tx.batch_execute(migration.sql).await.map_err(pg_error)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (service, version, name) VALUES ($1, $2, $3)",
+            &[&SERVICE, &migration.version, &migration.name],
+        )
+        .await
+        .map_err(pg_error)?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "applied a database migration"
+        );
+    }
+    tx.commit().await.map_err(pg_error)?;
+    Ok(())
+}
+
+impl PgStore {
+    /// Connects, takes the single-writer lock, applies the migrations and
+    /// opens the read pool.
+    pub async fn open(options: &PgOptions) -> Result<Self, PgOpenError> {
+        let mut config = tokio_postgres::Config::from_str(&options.url)
+            .map_err(|e| PgOpenError::Url(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("tessera-kms");
+        }
+        let mut client = connect(&config).await?;
+        lock_writer(&client).await?;
+        migrate(&mut client).await?;
+        let prepare = async |sql: &str| client.prepare(sql).await.map_err(pg_error);
+        let writer = Writer {
+            size: prepare("SELECT COALESCE(MAX(idx) + 1, 0) FROM kms_log").await?,
+            log: prepare("INSERT INTO kms_log (idx, entry, leaf_hash) VALUES ($1, $2, $3)").await?,
+            card: prepare(
+                "INSERT INTO kms_cards (card_id, identity, registration_index, record) \
+                 VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (card_id) DO UPDATE SET record = EXCLUDED.record",
+            )
+            .await?,
+            list: prepare(
+                "INSERT INTO kms_device_lists (identity, record) VALUES ($1, $2) \
+                 ON CONFLICT (identity) DO UPDATE SET record = EXCLUDED.record",
+            )
+            .await?,
+            checkpoint: prepare(
+                "INSERT INTO kms_checkpoint (one, checkpoint) VALUES (TRUE, $1) \
+                 ON CONFLICT (one) DO UPDATE SET checkpoint = EXCLUDED.checkpoint",
+            )
+            .await?,
+            client,
+        };
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(10)))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .build()
+            .map_err(pool_error)?;
+        Ok(Self {
+            pool,
+            writer: tokio::sync::Mutex::new(writer),
+        })
+    }
+
+    /// Rows of one read, on a pooled connection.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StorageError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
+        client.query(&statement, params).await.map_err(pg_error)
+    }
+
+    /// The first column of each row, as bytes, decoded.
+    async fn records<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        decode: fn(&[u8]) -> Result<T, StorageError>,
+    ) -> Result<Vec<T>, StorageError> {
+        self.query(sql, params)
+            .await?
+            .iter()
+            .map(|row| decode(column(row, 0)?))
+            .collect()
+    }
+
+    /// The one record a query finds, if any.
+    async fn record<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        decode: fn(&[u8]) -> Result<T, StorageError>,
+    ) -> Result<Option<T>, StorageError> {
+        Ok(self.records(sql, params, decode).await?.into_iter().next())
+    }
+
+    /// Applies `appends` in order, in one transaction: all or nothing.
+    /// The service applies one at a time; a bulk load (the benchmark's
+    /// preload) many.
+    pub async fn apply_all(&self, appends: Vec<Append>) -> Result<(), StorageError> {
+        let mut writer = self.writer.lock().await;
+        if writer.client.is_closed() {
+            return Err(StorageError::Backend {
+                backend: "postgres",
+                message: "the connection holding the single-writer lock has ended (the database \
+                          restarted or was unreachable); restart tessera-kms"
+                    .into(),
+            });
+        }
+        let Writer {
+            client,
+            size,
+            log,
+            card,
+            list,
+            checkpoint,
+        } = &mut *writer;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let mut next: i64 = column(&tx.query_one(&*size, &[]).await.map_err(pg_error)?, 0)?;
+        for append in appends {
+            let ids = append
+                .cards
+                .iter()
+                .map(record_id)
+                .collect::<Result<Vec<_>, _>>()?;
+            let index = to_i64(append.index)?;
+            if next != index {
+                return Err(StorageError::Corrupt("append out of order"));
+            }
+            next += 1;
+            tx.execute(
+                &*log,
+                &[&index, &append.entry, &append.leaf_hash.as_slice()],
+            )
+            .await
+            .map_err(pg_error)?;
+            for (id, stored) in ids.iter().zip(&append.cards) {
+                tx.execute(
+                    &*card,
+                    &[
+                        &id.as_bytes().as_slice(),
+                        &stored.identity,
+                        &to_i64(stored.registration_index)?,
+                        &stored.encode_to_vec(),
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            if let Some(device_list) = &append.device_list {
+                tx.execute(
+                    &*list,
+                    &[&device_list.identity, &device_list.encode_to_vec()],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            tx.execute(&*checkpoint, &[&append.checkpoint.encode_to_vec()])
+                .await
+                .map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)
+    }
+}
+
+impl Store for PgStore {
+    fn card<'a>(&'a self, id: &'a CardId) -> StoreFuture<'a, Option<StoredCard>> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let card = self
+                .record(
+                    "SELECT record FROM kms_cards WHERE card_id = $1",
+                    &[&id.as_bytes().as_slice()],
+                    decode_card,
+                )
+                .await;
+            record_store("card", started);
+            card
+        })
+    }
+
+    fn cards_of<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Vec<StoredCard>> {
+        Box::pin(async move {
+            self.records(
+                "SELECT record FROM kms_cards WHERE identity = $1 \
+                 ORDER BY registration_index, card_id",
+                &[&identity],
+                decode_card,
+            )
+            .await
+        })
+    }
+
+    fn cards_after<'a>(
+        &'a self,
+        after: Option<&'a CardId>,
+        limit: usize,
+    ) -> StoreFuture<'a, Vec<StoredCard>> {
+        Box::pin(async move {
+            let after: &[u8] = after.map_or(&[], |id| id.as_bytes().as_slice());
+            self.records(
+                "SELECT record FROM kms_cards WHERE card_id > $1 ORDER BY card_id LIMIT $2",
+                &[&after, &to_i64(limit as u64)?],
+                decode_card,
+            )
+            .await
+        })
+    }
+
+    fn device_list<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Option<StoredDeviceList>> {
+        Box::pin(async move {
+            self.record(
+                "SELECT record FROM kms_device_lists WHERE identity = $1",
+                &[&identity],
+                decode_device_list,
+            )
+            .await
+        })
+    }
+
+    fn device_lists_after<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> StoreFuture<'a, Vec<StoredDeviceList>> {
+        Box::pin(async move {
+            self.records(
+                "SELECT record FROM kms_device_lists WHERE identity > $1 \
+                 ORDER BY identity LIMIT $2",
+                &[&after.unwrap_or(""), &to_i64(limit as u64)?],
+                decode_device_list,
+            )
+            .await
+        })
+    }
+
+    fn entry(&self, index: u64) -> StoreFuture<'_, Option<Vec<u8>>> {
+        Box::pin(async move {
+            self.record(
+                "SELECT entry FROM kms_log WHERE idx = $1",
+                &[&to_i64(index)?],
+                |b| Ok(b.to_vec()),
+            )
+            .await
+        })
+    }
+
+    fn entries(&self, from: u64, limit: usize) -> StoreFuture<'_, Vec<Vec<u8>>> {
+        Box::pin(async move {
+            self.records(
+                "SELECT entry FROM kms_log WHERE idx >= $1 ORDER BY idx LIMIT $2",
+                &[&to_i64(from)?, &to_i64(limit as u64)?],
+                |b| Ok(b.to_vec()),
+            )
+            .await
+        })
+    }
+
+    fn entries_at<'a>(&'a self, indices: &'a [u64]) -> StoreFuture<'a, Vec<(u64, Vec<u8>)>> {
+        Box::pin(async move {
+            let indices = indices
+                .iter()
+                .map(|&i| to_i64(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.query(
+                "SELECT idx, entry FROM kms_log WHERE idx = ANY($1) ORDER BY idx",
+                &[&indices],
+            )
+            .await?
+            .iter()
+            .map(|row| Ok((column::<i64>(row, 0)? as u64, column(row, 1)?)))
+            .collect()
+        })
+    }
+
+    fn leaf_hashes(&self) -> StoreFuture<'_, Vec<Hash>> {
+        Box::pin(async move {
+            // Streamed: a million rows need not be held twice.
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let statement = client
+                .prepare_cached("SELECT idx, leaf_hash FROM kms_log ORDER BY idx")
+                .await
+                .map_err(pg_error)?;
+            let rows = client
+                .query_raw(&statement, std::iter::empty::<i64>())
+                .await
+                .map_err(pg_error)?;
+            let mut rows = std::pin::pin!(rows);
+            let mut out = Vec::new();
+            while let Some(row) = rows.try_next().await.map_err(pg_error)? {
+                if column::<i64>(&row, 0)? != out.len() as i64 {
+                    return Err(StorageError::Corrupt("gap in the log"));
+                }
+                out.push(leaf_hash(column(&row, 1)?)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn checkpoint(&self) -> StoreFuture<'_, Option<SignedCheckpoint>> {
+        Box::pin(async move {
+            self.record(
+                "SELECT checkpoint FROM kms_checkpoint",
+                &[],
+                decode_checkpoint,
+            )
+            .await
+        })
+    }
+
+    fn apply(&self, append: Append) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            self.apply_all(vec![append]).await?;
+            record_store("apply", started);
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> FlushFuture<'_> {
+        // Every append committed before `apply` returned.
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_testkit::Postgres;
+
+    use super::*;
+    use crate::store::conformance;
+
+    fn options(pg: &Postgres) -> PgOptions {
+        PgOptions {
+            url: pg.url("postgres"),
+            pool_size: 4,
+        }
+    }
+
+    #[tokio::test]
+    async fn postgres_store() {
+        let pg = Postgres::start();
+        conformance::exercise(&PgStore::open(&options(&pg)).await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn migrations_are_applied_once_and_a_newer_schema_is_refused() {
+        let pg = Postgres::start();
+        let store = PgStore::open(&options(&pg)).await.unwrap();
+        let client = store.pool.get().await.unwrap();
+        let versions = |rows: Vec<Row>| -> Vec<i32> { rows.iter().map(|r| r.get(0)).collect() };
+        let applied =
+            "SELECT version FROM schema_migrations WHERE service = 'kms' ORDER BY version";
+        assert_eq!(versions(client.query(applied, &[]).await.unwrap()), vec![1]);
+        drop(client);
+        drop(store);
+        // Opening again applies nothing twice (the lock is released once
+        // the old writer's connection has closed).
+        let store = reopen(&pg).await;
+        let client = store.pool.get().await.unwrap();
+        assert_eq!(versions(client.query(applied, &[]).await.unwrap()), vec![1]);
+        client
+            .execute(
+                "INSERT INTO schema_migrations (service, version, name) VALUES ('kms', 99, 'future')",
+                &[],
+            )
+            .await
+            .unwrap();
+        drop(client);
+        drop(store);
+        let mut newer = None;
+        for _ in 0..100 {
+            match PgStore::open(&options(&pg)).await {
+                Err(PgOpenError::Locked { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => {
+                    newer = Some(other);
+                    break;
+                }
+            }
+        }
+        let Some(Err(e)) = newer else {
+            panic!("a schema newer than the binary was accepted")
+        };
+        assert!(
+            matches!(
+                e,
+                PgOpenError::NewerSchema {
+                    found: 99,
+                    known: 1
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    /// Opens the store again once the previous writer's lock is released.
+    async fn reopen(pg: &Postgres) -> PgStore {
+        for _ in 0..100 {
+            match PgStore::open(&options(pg)).await {
+                Ok(store) => return store,
+                Err(PgOpenError::Locked { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("the single-writer lock was never released");
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_is_refused_naming_the_lock() {
+        let pg = Postgres::start();
+        let first = PgStore::open(&options(&pg)).await.unwrap();
+        let Err(e) = PgStore::open(&options(&pg)).await else {
+            panic!("a second writer opened the database");
+        };
+        let message = e.to_string();
+        assert!(matches!(e, PgOpenError::Locked { .. }), "{message}");
+        assert!(
+            message.contains(&WRITER_LOCK_KEY.to_string()) && message.contains("tessera-kms"),
+            "{message}"
+        );
+        // The first writer still writes; once it is gone, another may.
+        first
+            .apply(Append {
+                index: 0,
+                entry: b"e".to_vec(),
+                leaf_hash: [1; 32],
+                cards: vec![],
+                device_list: None,
+                checkpoint: SignedCheckpoint::default(),
+            })
+            .await
+            .unwrap();
+        drop(first);
+        let second = reopen(&pg).await;
+        assert_eq!(second.leaf_hashes().await.unwrap(), vec![[1; 32]]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_lock_connection_ended_refuses_to_write() {
+        let mut pg = Postgres::start();
+        let store = PgStore::open(&options(&pg)).await.unwrap();
+        pg.restart();
+        // The restart ended the writer's session, and its lock with it.
+        for _ in 0..100 {
+            if store.writer.lock().await.client.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let refused = store
+            .apply(Append {
+                index: 0,
+                entry: b"e".to_vec(),
+                leaf_hash: [1; 32],
+                cards: vec![],
+                device_list: None,
+                checkpoint: SignedCheckpoint::default(),
+            })
+            .await;
+        let Err(e) = refused else {
+            panic!("wrote without the single-writer lock")
+        };
+        assert!(e.to_string().contains("single-writer lock"), "{e}");
+        // Reads go on through the pool, on new connections.
+        assert!(store.leaf_hashes().await.unwrap().is_empty());
+    }
+}
