@@ -517,6 +517,11 @@ async fn a_message_replayed_across_epochs_is_refused() {
         text(&laptop.open_message(&m).await.unwrap()),
         "pay carol 10"
     );
+    // A message of epoch 2 placed before epoch 2 began: refused too.
+    let mut early = stored_at(&alice, &ch, later.index).await;
+    early.index = pay.index;
+    let err = laptop.open_message(&early).await.unwrap_err().to_string();
+    assert!(err.contains("stored before that epoch began"), "{err}");
     // And where it was stored, a device that read it sees a replay if it is
     // served again at another index of its own epoch.
     let mut again = m.clone();

@@ -318,6 +318,39 @@ impl Client {
             }
             previous = *time;
         }
+        // Where the app server placed each statement among the messages
+        // (the message rules of protocol section 13 use it): never back
+        // along the chain, and the kept head's place served unchanged.
+        let kept_place = changes
+            .iter()
+            .find(|c| c.epoch == from)
+            .map(|c| c.next_index)
+            .filter(|n| *n > 0);
+        if let (Some(kept), Some((_, served_place))) = (kept_place, times.get(&from))
+            && state.head().is_some()
+            && served.statements.first().map(|s| s.hash()) == state.head()
+            && *served_place > 0
+            && *served_place != kept
+        {
+            return Err(channel_error(
+                channel_id,
+                ChannelError::Malformed(
+                    "the app server moved a statement it served before to another place among the messages",
+                ),
+            ));
+        }
+        let mut previous_place = 0;
+        for (_, place) in times.values().filter(|(_, n)| *n > 0) {
+            if *place < previous_place {
+                return Err(channel_error(
+                    channel_id,
+                    ChannelError::Malformed(
+                        "the app server's places of statements go back along the chain",
+                    ),
+                ));
+            }
+            previous_place = *place;
+        }
         // Every signer's card, checked first (the check is async), once, at
         // the latest of its statements: a card removed or revoked before any
         // of them is refused.

@@ -517,22 +517,39 @@ impl Client {
         // The app server checks a message's epoch when it stores it, under
         // the channel's lock: a message of epoch n never lands after the
         // statement of epoch n + 1 (known by where the server placed it).
-        if let Some(n) = membership.epoch
-            && let Some(next) = self
-                .membership_changes(&channel_id, n + 1, n + 2)?
-                .first()
-                .map(|c| c.next_index)
-            && next > 0
-            && index >= next
-        {
-            return Err(ClientError::BadMessage {
-                channel_id,
-                index,
-                reason: format!(
-                    "it names membership epoch {n}, but it is stored after epoch {} began (at message {next}): held back or replayed by the relay",
-                    n + 1
-                ),
-            });
+        if let Some(n) = membership.epoch {
+            let places = self.membership_changes(&channel_id, n, n + 2)?;
+            let place = |epoch: u64| {
+                places
+                    .iter()
+                    .find(|c| c.epoch == epoch)
+                    .map(|c| c.next_index)
+                    .filter(|p| *p > 0)
+            };
+            if let Some(next) = place(n + 1)
+                && index >= next
+            {
+                return Err(ClientError::BadMessage {
+                    channel_id,
+                    index,
+                    reason: format!(
+                        "it names membership epoch {n}, but it is stored after epoch {} began (at message {next}): held back or replayed by the relay",
+                        n + 1
+                    ),
+                });
+            }
+            // Nor before its own epoch began.
+            if let Some(start) = place(n)
+                && index < start
+            {
+                return Err(ClientError::BadMessage {
+                    channel_id,
+                    index,
+                    reason: format!(
+                        "it names membership epoch {n}, but it is stored before that epoch began (at message {start}): placed there by the relay"
+                    ),
+                });
+            }
         }
         let sender_card = CardId::from_array(payload.sender_card_id);
         let accepted = self.replay.accept(

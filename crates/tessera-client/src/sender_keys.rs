@@ -59,6 +59,10 @@ struct ChannelKeys {
     /// By "sender card hex/epoch/chain id hex".
     #[serde(default)]
     receiving: BTreeMap<String, Receiving>,
+    /// Chains' recipient lists (hex card ids), by the hex of their digest:
+    /// a sender's chains of one epoch mostly share one, kept once.
+    #[serde(default)]
+    recipient_lists: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -76,9 +80,13 @@ struct Sending {
 struct Receiving {
     /// Hex of an encoded `KeptReceiverChain`.
     chain: String,
-    /// The chain's recipients (hex card ids), as the app server listed them
-    /// and the sender's signed digest confirmed.
-    recipients: Vec<String>,
+    /// The hex digest of the chain's recipients (signed by the sender,
+    /// matched by the list the app server gave): a key of `recipient_lists`.
+    recipients: String,
+    /// When this device last opened one of the chain's messages (its own
+    /// clock): the least recently used chain is dropped first.
+    #[serde(default)]
+    last_used_ms: i64,
 }
 
 impl Drop for ChannelKeys {
@@ -192,18 +200,19 @@ fn open_with(
     }
 }
 
-/// Drops the oldest kept chains so that one more fits under `key`: the
-/// oldest of the same sender and epoch past [`MAX_CHAINS_PER_SENDER_EPOCH`],
-/// the oldest of the channel past [`MAX_CHAINS_PER_CHANNEL`].
-fn make_room(keys: &mut ChannelKeys, key: &str) -> Result<(), ClientError> {
+/// Drops the least recently used kept chains so that one more fits under
+/// `key`: of the same sender and epoch past [`MAX_CHAINS_PER_SENDER_EPOCH`],
+/// of the channel past [`MAX_CHAINS_PER_CHANNEL`]; then the recipient lists
+/// no chain names. (By this device's own clock, not by a time the sender
+/// signed: a sender cannot make its chains outlive everyone else's.)
+fn make_room(keys: &mut ChannelKeys, key: &str) {
     let group = |k: &str| k.rsplit_once('/').map(|(p, _)| p.to_owned());
     let mine = group(key);
-    let mut ages: Vec<(i64, String)> = Vec::with_capacity(keys.receiving.len());
-    for (k, r) in &keys.receiving {
-        let mut kept: KeptReceiverChain = decode_hex(&r.chain)?;
-        ages.push((kept.created_at_ms, k.clone()));
-        wipe_receiver(&mut kept);
-    }
+    let mut ages: Vec<(i64, String)> = keys
+        .receiving
+        .iter()
+        .map(|(k, r)| (r.last_used_ms, k.clone()))
+        .collect();
     ages.sort();
     let same: Vec<&String> = ages
         .iter()
@@ -230,7 +239,13 @@ fn make_room(keys: &mut ChannelKeys, key: &str) -> Result<(), ClientError> {
             r.chain.zeroize();
         }
     }
-    Ok(())
+    let named: BTreeSet<String> = keys
+        .receiving
+        .values()
+        .map(|r| r.recipients.clone())
+        .collect();
+    keys.recipient_lists
+        .retain(|digest, _| named.contains(digest));
 }
 
 fn describe(e: &SenderKeyError) -> String {
@@ -264,7 +279,7 @@ pub(crate) struct GroupOpened {
 /// just fetched (kept only once a message of it opened and was accepted).
 pub(crate) struct PendingChain {
     key: String,
-    fetched: Option<Receiving>,
+    fetched: Option<(Receiving, Vec<String>)>,
 }
 
 impl Client {
@@ -327,8 +342,17 @@ impl Client {
     ) -> Result<T, ClientError> {
         let guard = state::lock(&self.dir, "sender-keys.lock")?;
         let mut keys = self.load_keys(channel_id)?;
+        let encode = |k: &ChannelKeys| {
+            serde_json::to_vec(k)
+                .map(Zeroizing::new)
+                .map_err(|e| ClientError::Message(e.to_string()))
+        };
+        let before = encode(&keys)?;
         let out = f(&mut keys)?;
-        self.save_keys(channel_id, &keys)?;
+        // Sealed and written only when something changed.
+        if encode(&keys)? != before {
+            self.save_keys(channel_id, &keys)?;
+        }
         drop(guard);
         Ok(out)
     }
@@ -544,14 +568,24 @@ impl Client {
             .get(&key)
             .map(|r| (Zeroizing::new(r.chain.clone()), r.recipients.clone()));
         let (mut chain, recipients, fetched) = match kept {
-            Some((h, recipients)) => (receiver_from_hex(&h).map_err(Err)?, recipients, None),
+            Some((h, digest)) => {
+                let recipients = self
+                    .load_keys(channel_id)
+                    .map_err(Err)?
+                    .recipient_lists
+                    .get(&digest)
+                    .cloned()
+                    .ok_or_else(|| Err(malformed("a chain's recipient list is missing")))?;
+                (receiver_from_hex(&h).map_err(Err)?, recipients, None)
+            }
             None => {
                 let (chain, recipients) = self.fetch_chain_key(&parsed, hash, sender).await?;
                 let fetched = Receiving {
                     chain: receiver_to_hex(&chain),
-                    recipients: recipients.clone(),
+                    recipients: hex::encode(chain.recipients_sha256()),
+                    last_used_ms: 0,
                 };
-                (chain, recipients, Some(fetched))
+                (chain, recipients.clone(), Some((fetched, recipients)))
             }
         };
         let recipients = recipients
@@ -586,14 +620,18 @@ impl Client {
         let parsed = ParsedGroupEnvelope::parse(envelope)
             .map_err(|e| ClientError::Message(e.to_string()))?;
         let PendingChain { key, fetched } = pending;
+        let now = now_ms();
         self.with_keys(channel_id, |keys| {
             if !keys.receiving.contains_key(&key) {
-                let Some(fetched) = fetched else {
+                let Some((fetched, list)) = fetched else {
                     // Dropped meanwhile (too many chains): fetched again
                     // when needed.
                     return Ok(());
                 };
-                make_room(keys, &key)?;
+                make_room(keys, &key);
+                keys.recipient_lists
+                    .entry(fetched.recipients.clone())
+                    .or_insert(list);
                 keys.receiving.insert(key.clone(), fetched);
             }
             let Some(r) = keys.receiving.get_mut(&key) else {
@@ -605,6 +643,9 @@ impl Client {
             if chain.open(&parsed, sender).is_ok() {
                 r.chain.zeroize();
                 r.chain = receiver_to_hex(&chain);
+                r.last_used_ms = now;
+            } else if r.last_used_ms == 0 {
+                r.last_used_ms = now;
             }
             Ok(())
         })

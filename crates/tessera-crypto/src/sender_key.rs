@@ -1044,9 +1044,18 @@ impl ReceiverChain {
             return Err(SenderKeyError::Replay(generation));
         }
         if generation < self.next_generation {
-            return match self.skipped.get(&generation) {
-                Some(secret) => Ok(Found::Skipped(MessageSecret(secret.0.clone()))),
-                None => Err(SenderKeyError::KeyUnavailable(generation)),
+            return match (self.skipped.get(&generation), &self.initial) {
+                (Some(secret), _) => Ok(Found::Skipped(MessageSecret(secret.0.clone()))),
+                // A chain that keeps its first key keeps no skipped keys:
+                // it derives them again.
+                (None, Some(initial)) if generation >= self.first_generation => {
+                    let mut ck = ChainKey::from_bytes(*initial.expose_bytes());
+                    for _ in self.first_generation..generation {
+                        ck = ck.next();
+                    }
+                    Ok(Found::Skipped(ck.message_secret()))
+                }
+                (None, _) => Err(SenderKeyError::KeyUnavailable(generation)),
             };
         }
         if generation - self.next_generation > MAX_SKIP {
@@ -1104,7 +1113,10 @@ impl ReceiverChain {
                 self.skipped.remove(&generation);
             }
             Found::Ahead { skipped, next, .. } => {
-                self.skipped.extend(skipped);
+                // Kept only where they cannot be derived again.
+                if self.initial.is_none() {
+                    self.skipped.extend(skipped);
+                }
                 self.current = next;
                 self.next_generation = generation + 1;
                 while self.skipped.len() > MAX_SKIPPED_KEYS {
@@ -1531,9 +1543,16 @@ mod tests {
         assert_eq!(resumed.chain_id(), chain.chain_id());
         let fourth = resumed.seal(&alice.sender(), &text(b"four")).unwrap();
         assert_eq!(fourth.generation, 3);
-        // The receiver keeps its replay record and its skipped key.
+        // The receiver keeps its replay record; a forward-secret one keeps
+        // its skipped keys, one that keeps history derives them again.
+        let mut fs = receive(&chain, &alice, &bob, Retention::ForwardSecret).unwrap();
+        assert!(open(&mut fs, &alice, &third.envelope).is_ok());
+        assert_eq!(
+            ReceiverChain::restore(&fs.export()).unwrap().skipped_keys(),
+            2
+        );
         let mut back = ReceiverChain::restore(&rx.export()).unwrap();
-        assert_eq!(back.skipped_keys(), 2);
+        assert_eq!(back.skipped_keys(), 0);
         assert_eq!(
             open(&mut back, &alice, &third.envelope).unwrap_err(),
             SenderKeyError::Replay(2)
@@ -1636,7 +1655,9 @@ mod tests {
             bad[i] ^= 0x01;
             assert!(open(&mut rx, &alice, &bad).is_err(), "flip in byte {i}");
         }
-        assert_eq!(rx.skipped_keys(), 1);
+        // (A chain that keeps history derives skipped keys again: it keeps
+        // none.)
+        assert_eq!(rx.skipped_keys(), 0);
         assert_eq!(rx.next_generation(), 2);
         assert!(open(&mut rx, &alice, &first.envelope).is_ok());
         assert_eq!(
