@@ -392,32 +392,28 @@ async fn a_tampered_distribution_message_is_refused() {
     let sent = alice.send_text(&ch, "hello").await.unwrap();
     let m = stored_at(&alice, &ch, sent.index).await;
 
+    // The relay edits the copy it hands bob.
+    let edit_copy = |edit: fn(&mut SenderKeyDistribution)| {
+        hostile::rewrite::<GetSenderKeyResponse>(GET_SENDER_KEY, move |r| {
+            let mut d = SenderKeyDistribution::decode(r.distribution.as_slice()).unwrap();
+            edit(&mut d);
+            r.distribution = d.encode_to_vec();
+        })
+    };
     let cases: Vec<(&str, hostile::Tamper, &str)> = vec![
         (
             "a flipped bit in the sealed key",
-            hostile::rewrite::<GetSenderKeyResponse>(GET_SENDER_KEY, |r| {
-                let mut d = SenderKeyDistribution::decode(r.distribution.as_slice()).unwrap();
-                d.ciphertext[10] ^= 0x01;
-                r.distribution = d.encode_to_vec();
-            }),
+            edit_copy(|d| d.ciphertext[10] ^= 0x01),
             "could not be unwrapped",
         ),
         (
             "a clear field changed (the copy filed under another epoch)",
-            hostile::rewrite::<GetSenderKeyResponse>(GET_SENDER_KEY, |r| {
-                let mut d = SenderKeyDistribution::decode(r.distribution.as_slice()).unwrap();
-                d.epoch += 1;
-                r.distribution = d.encode_to_vec();
-            }),
+            edit_copy(|d| d.epoch += 1),
             "the key of another chain",
         ),
         (
-            "the copy's signed content says another channel than its clear fields",
-            hostile::rewrite::<GetSenderKeyResponse>(GET_SENDER_KEY, |r| {
-                let mut d = SenderKeyDistribution::decode(r.distribution.as_slice()).unwrap();
-                d.chain_id[0] ^= 1;
-                r.distribution = d.encode_to_vec();
-            }),
+            "the copy filed under another chain id",
+            edit_copy(|d| d.chain_id[0] ^= 1),
             "the key of another chain",
         ),
         (

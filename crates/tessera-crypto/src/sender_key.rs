@@ -1191,15 +1191,7 @@ pub fn check_group_binding(
     let mut secret = Zeroizing::new([0u8; 32]);
     secret.copy_from_slice(message_secret);
     let keys = MessageKeys::derive(&secret);
-    if !crate::ct_eq(&keys.commitment(), &parsed.key_commitment) {
-        return Err(SenderKeyError::KeyCommitmentMismatch);
-    }
-    let mut body = Zeroizing::new(parsed.ciphertext.clone());
-    let len = aead::AeadKey::new(&keys.key)
-        .open_in_place(parsed.nonce, &parsed.header_bytes, &mut body)
-        .map_err(|_| SenderKeyError::BodyDecryptFailed)?;
-    let sealed = SealedContent::decode(&body[..len])
-        .map_err(|_| SenderKeyError::Malformed("body is not a SealedContent"))?;
+    let sealed = parsed.decrypt(&keys)?;
     if sealed.payload != payload || sealed.signature != signature {
         return Err(SenderKeyError::PayloadMismatch(
             "the envelope carries another payload or signature",
@@ -1309,13 +1301,9 @@ impl ParsedGroupEnvelope {
         self.header.generation
     }
 
-    /// Commitment, decryption, signature, and the payload against the header.
-    fn decrypt_and_verify(
-        &self,
-        secret: &MessageSecret,
-        sender: &ExpectedSender<'_>,
-    ) -> Result<VerifiedPayload, SenderKeyError> {
-        let keys = MessageKeys::derive(&secret.0);
+    /// The key commitment (constant time, before decrypting), then the
+    /// body under `keys`, the header's nonce and the header as aad.
+    fn decrypt(&self, keys: &MessageKeys) -> Result<SealedContent, SenderKeyError> {
         if !crate::ct_eq(&keys.commitment(), &self.key_commitment) {
             return Err(SenderKeyError::KeyCommitmentMismatch);
         }
@@ -1323,8 +1311,18 @@ impl ParsedGroupEnvelope {
         let len = aead::AeadKey::new(&keys.key)
             .open_in_place(self.nonce, &self.header_bytes, &mut body)
             .map_err(|_| SenderKeyError::BodyDecryptFailed)?;
-        let sealed = SealedContent::decode(&body[..len])
-            .map_err(|_| SenderKeyError::Malformed("body is not a SealedContent"))?;
+        SealedContent::decode(&body[..len])
+            .map_err(|_| SenderKeyError::Malformed("body is not a SealedContent"))
+    }
+
+    /// Commitment, decryption, signature, and the payload against the header.
+    fn decrypt_and_verify(
+        &self,
+        secret: &MessageSecret,
+        sender: &ExpectedSender<'_>,
+    ) -> Result<VerifiedPayload, SenderKeyError> {
+        let keys = MessageKeys::derive(&secret.0);
+        let sealed = self.decrypt(&keys)?;
         let mut payload = VerifiedPayload::verify(sealed.payload, sealed.signature, sender)
             .map_err(|e| match e {
                 EnvelopeError::BadSignature => SenderKeyError::BadSignature,
