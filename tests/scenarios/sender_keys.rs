@@ -40,6 +40,13 @@ async fn stored_at(reader: &Client, channel_id: &str, index: u64) -> StoredMessa
         .unwrap()
 }
 
+/// The text of message `index`, as `reader` opens it from what `via`
+/// lists (the app server handing it over).
+async fn read_at(reader: &Client, via: &Client, channel_id: &str, index: u64) -> String {
+    let m = stored_at(via, channel_id, index).await;
+    text(&reader.open_message(&m).await.unwrap()).to_owned()
+}
+
 /// `identity`'s copy of the chain `message` was sealed under, for its card
 /// `card`, straight from the app server (a password log-in).
 async fn copy_for(
@@ -170,12 +177,7 @@ async fn a_removed_member_cannot_open_the_next_epochs_messages_even_with_the_ser
         .channel_id;
     let before = alice.send_text(&ch, "all three").await.unwrap();
     assert_eq!(
-        text(
-            &carol
-                .open_message(&stored_at(&alice, &ch, before.index).await)
-                .await
-                .unwrap()
-        ),
+        read_at(&carol, &alice, &ch, before.index).await,
         "all three"
     );
     alice.remove_member(&ch, "carol").await.unwrap();
@@ -322,12 +324,7 @@ async fn a_late_joiner_of_a_joined_channel_cannot_open_earlier_epochs() {
     // What follows his joining he reads.
     let late = alice.send_text(&ch, "welcome dave").await.unwrap();
     assert_eq!(
-        text(
-            &dave
-                .open_message(&stored_at(&alice, &ch, late.index).await)
-                .await
-                .unwrap()
-        ),
+        read_at(&dave, &alice, &ch, late.index).await,
         "welcome dave"
     );
 }
