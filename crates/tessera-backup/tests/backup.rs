@@ -10,6 +10,11 @@
     reason = "test code"
 )]
 
+mod common;
+
+use std::sync::Arc;
+
+use common::{archived_rows, back_up_at_once, received, texts};
 use futures_util::StreamExt;
 use tessera_backup::{Backup, store::PgOptions};
 use tessera_client::{
@@ -98,16 +103,7 @@ impl World {
     /// How many messages the PostgreSQL archive holds.
     async fn archived_on_postgres(&self) -> i64 {
         let (_, pg) = self.on_postgres.as_ref().unwrap();
-        let (client, connection) =
-            tokio_postgres::connect(&pg.url("postgres"), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        client
-            .query_one("SELECT count(*) FROM backup_archive", &[])
-            .await
-            .unwrap()
-            .get(0)
+        archived_rows(&pg.url("postgres")).await
     }
 
     fn backup_url(&self) -> String {
@@ -263,17 +259,6 @@ fn org_enc_msg(
             ciphertext: sealed.ciphertext,
         }),
     }
-}
-
-async fn received(client: &Client, channel_id: &str) -> Vec<Received> {
-    client
-        .history(channel_id, 0, 100, false)
-        .await
-        .unwrap()
-        .messages
-        .into_iter()
-        .map(|(_, r)| r.unwrap())
-        .collect()
 }
 
 #[tokio::test]
@@ -624,10 +609,7 @@ async fn racing_backups(w: &World) {
     let bob1 = w.device("bob-1", "bob", false).await;
     bob0.approve_device(&bob1.card_id()).await.unwrap();
     admin.set_org_member("bob", true).await.unwrap();
-    let bobs: Vec<std::sync::Arc<Client>> = ["bob-0", "bob-1"]
-        .iter()
-        .map(|p| std::sync::Arc::new(Client::open(&w.home, p, b"pp").unwrap()))
-        .collect();
+    let bobs = ["bob-0", "bob-1"].map(|p| Arc::new(Client::open(&w.home, p, b"pp").unwrap()));
     let channel = alice
         .create_channel("race", Visibility::Shared, &["bob".into()])
         .await
@@ -641,44 +623,20 @@ async fn racing_backups(w: &World) {
     }
     // Each device reads the messages itself, then both back up every
     // message at the same moment (twice each).
-    let mut copies = Vec::new();
-    for bob in &bobs {
-        copies.push(received(bob, &channel).await);
-    }
-    for (index, (first, second)) in copies[0].iter().zip(&copies[1]).enumerate() {
-        let calls: Vec<_> = (0..4)
-            .map(|n| {
-                let bob = bobs[n % 2].clone();
-                let m = if n % 2 == 0 { first } else { second }.clone();
-                tokio::spawn(async move { bob.back_up(&m).await })
-            })
-            .collect();
-        let mut stored = 0;
-        for call in calls {
-            match call.await.unwrap() {
-                Ok(true) => stored += 1,
-                Ok(false) => {}
-                Err(e) => panic!("message {}: a backup failed: {e}", index + 1),
-            }
-        }
-        assert_eq!(stored, 1, "message {} stored exactly once", index + 1);
+    let copies = [
+        received(&bobs[0], &channel).await,
+        received(&bobs[1], &channel).await,
+    ];
+    for (first, second) in copies[0].iter().zip(&copies[1]) {
+        let stored = back_up_at_once(&bobs, [first, second]).await;
+        assert_eq!(stored, 1, "message {} stored exactly once", first.index);
     }
     let synced = bobs[0]
         .sync_from_org(&channel, 0, 0, |_, _| {})
         .await
         .unwrap();
-    let texts: Vec<String> = synced
-        .iter()
-        .map(|e| match &e.result {
-            Ok(r) => match &r.content {
-                Content::Text(t) => t.clone(),
-                other => panic!("{other:?}"),
-            },
-            Err(err) => panic!("message {} refused: {err}", e.index),
-        })
-        .collect();
     assert_eq!(
-        texts,
+        texts(&synced),
         (0..6).map(|i| format!("raced {i}")).collect::<Vec<_>>()
     );
 }

@@ -10,50 +10,13 @@
     reason = "test code"
 )]
 
+mod common;
+
 use std::sync::Arc;
 
-use tessera_client::{Client, Content, HistoryEntry, Received, Source, Visibility};
+use common::{archived_rows, back_up_at_once, received, texts};
+use tessera_client::{Source, Visibility};
 use tessera_testkit::{Cluster, Postgres, Service, approve};
-
-fn texts(entries: &[HistoryEntry]) -> Vec<String> {
-    entries
-        .iter()
-        .map(|e| match &e.result {
-            Ok(r) => {
-                assert_eq!(r.source, Source::Organisation);
-                match &r.content {
-                    Content::Text(t) => t.clone(),
-                    other => panic!("message {}: {other:?}", e.index),
-                }
-            }
-            Err(err) => panic!("message {} refused: {err}", e.index),
-        })
-        .collect()
-}
-
-async fn received(client: &Client, channel_id: &str) -> Vec<Received> {
-    client
-        .history(channel_id, 0, 100, false)
-        .await
-        .unwrap()
-        .messages
-        .into_iter()
-        .map(|(_, r)| r.unwrap())
-        .collect()
-}
-
-/// Rows in the PostgreSQL archive.
-async fn archived_rows(url: &str) -> i64 {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .query_one("SELECT count(*) FROM backup_archive", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
 
 /// A cluster whose backup service keeps its archive in `url`.
 async fn cluster_on(url: &str) -> Cluster {
@@ -108,6 +71,7 @@ async fn org_backup_and_history_sync_with_the_backup_service_on_postgres() {
         .unwrap();
     assert_eq!(texts(&synced), lines);
     for entry in &synced {
+        assert_eq!(entry.result.as_ref().unwrap().source, Source::Organisation);
         assert_eq!(
             entry.result.as_ref().unwrap().sender_card_id,
             alice.card_id(),
@@ -195,23 +159,8 @@ async fn two_backup_replicas_on_one_database() {
         received(&bobs[1], &channel).await,
     ];
     for (first, second) in copies[0].iter().zip(&copies[1]).skip(3) {
-        let index = first.index;
-        let calls: Vec<_> = (0..4)
-            .map(|n| {
-                let bob = bobs[n % 2].clone();
-                let m = if n % 2 == 0 { first } else { second }.clone();
-                tokio::spawn(async move { bob.back_up(&m).await })
-            })
-            .collect();
-        let mut stored = 0;
-        for call in calls {
-            match call.await.unwrap() {
-                Ok(true) => stored += 1,
-                Ok(false) => {}
-                Err(e) => panic!("message {index}: a backup failed: {e}"),
-            }
-        }
-        assert_eq!(stored, 1, "message {index} archived exactly once");
+        let stored = back_up_at_once(&bobs, [first, second]).await;
+        assert_eq!(stored, 1, "message {} archived exactly once", first.index);
     }
     assert_eq!(archived_rows(&url).await, 9);
     // Both replicas took part, and between them counted each message
