@@ -461,18 +461,8 @@ async fn history_sync(w: &World) {
         .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
         .await
         .unwrap();
-    let texts: Vec<String> = all
-        .iter()
-        .map(|e| match &e.result {
-            Ok(r) => match &r.content {
-                Content::Text(t) => t.clone(),
-                other => panic!("message {}: {other:?}", e.index),
-            },
-            Err(err) => panic!("message {} refused: {err}", e.index),
-        })
-        .collect();
     assert_eq!(
-        texts,
+        texts(&all),
         [
             "before carol 0",
             "before carol 1",
