@@ -396,30 +396,43 @@ impl Backup for BackupService {
                         return;
                     }
                 };
-                for archived in batch {
-                    next = archived.message_index + 1;
-                    sent += 1;
-                    let remaining = total - sent;
-                    // Opening and sealing is the CPU work: off the runtime's
-                    // threads, one message at a time.
-                    let (org, recipients) = (org.clone(), recipients.clone());
-                    let item = tokio::task::spawn_blocking(move || {
-                        let (record, _) = org.open(&archived)?;
-                        let index = record.message_index;
-                        org.history_envelope(record, &recipients)
-                            .map(|envelope| SyncHistoryItem {
-                                message_index: index,
-                                envelope,
-                                remaining,
+                // Opening and sealing is the CPU work: off the runtime's
+                // threads, one batch at a time (as many messages as one
+                // store read brings).
+                let worker = (org.clone(), recipients.clone(), tx.clone());
+                let sealed = tokio::task::spawn_blocking(move || {
+                    let (org, recipients, tx) = worker;
+                    for archived in batch {
+                        next = archived.message_index + 1;
+                        sent += 1;
+                        let item = org.open(&archived).and_then(|(record, _)| {
+                            let index = record.message_index;
+                            org.history_envelope(record, &recipients).map(|envelope| {
+                                SyncHistoryItem {
+                                    message_index: index,
+                                    envelope,
+                                    remaining: total - sent,
+                                }
                             })
-                    })
-                    .await
-                    .unwrap_or_else(|_| Err(Status::internal("re-encrypting history failed")));
-                    let failed = item.is_err();
-                    if tx.send(item).await.is_err() || failed {
-                        return; // the caller went away, or the answer ends with an error
+                        });
+                        let failed = item.is_err();
+                        if tx.blocking_send(item).is_err() || failed {
+                            return None; // the caller went away, or the answer ends with an error
+                        }
+                        metrics::increment(BACKUP_SYNCED_MESSAGES);
                     }
-                    metrics::increment(BACKUP_SYNCED_MESSAGES);
+                    Some((next, sent))
+                })
+                .await;
+                match sealed {
+                    Ok(Some(progress)) => (next, sent) = progress,
+                    Ok(None) => return,
+                    Err(_) => {
+                        let _ = tx
+                            .send(Err(Status::internal("re-encrypting history failed")))
+                            .await;
+                        return;
+                    }
                 }
             }
             let end = HistoryEnd {
