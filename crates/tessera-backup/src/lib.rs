@@ -63,7 +63,8 @@ impl Default for Limits {
 /// Everything the backup service needs to run.
 #[derive(Clone)]
 pub struct Config {
-    /// Database (`<data_dir>/db`) and, by default, the OrgKey and OrgCard.
+    /// The sled database (`<data_dir>/db`; unused on PostgreSQL) and, by
+    /// default, the OrgKey and OrgCard.
     pub data_dir: PathBuf,
     /// `<data_dir>/org.key` when `None`.
     pub org_key_path: Option<PathBuf>,
@@ -97,6 +98,8 @@ pub enum StartError {
     Key(#[from] keystore::KeystoreError),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] store::PgSetupError),
     #[error("OrgCard file {path}: {reason}")]
     Card { path: PathBuf, reason: String },
     #[error("no OrgKey at {0}: run `tessera-backup init-org` first")]
@@ -174,6 +177,18 @@ impl Backup {
     /// Loads the OrgKey and OrgCard and opens the sled store.
     pub fn open(config: Config) -> Result<Self, StartError> {
         let store = store::SledStore::open(&config.data_dir.join("db"))?;
+        Self::with_store(Arc::new(store), config)
+    }
+
+    /// Loads the OrgKey and OrgCard and opens the PostgreSQL store
+    /// `database` names (applying its migrations). Any number of backup
+    /// services may share one database; `config.data_dir` then holds only
+    /// the OrgKey and OrgCard.
+    pub async fn open_postgres(
+        config: Config,
+        database: &store::PgOptions,
+    ) -> Result<Self, StartError> {
+        let store = store::PgStore::open(database).await?;
         Self::with_store(Arc::new(store), config)
     }
 

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use tessera_backup::{Backup, Config, Limits, OrgSetup};
+use tessera_backup::{Backup, Config, Limits, OrgSetup, store::PgOptions};
 use tessera_crypto::keystore::KdfParams;
 use tessera_service::{config::init_tracing, serve, service_args};
 use zeroize::Zeroizing;
@@ -62,6 +62,24 @@ struct Cli {
     /// Most messages in one history sync.
     #[arg(long, global = true, env = "TESSERA_BACKUP_MAX_SYNC_LIMIT", default_value_t = Limits::default().max_sync_limit)]
     max_sync_limit: u32,
+    /// Keep the archive in this PostgreSQL database (`postgresql://user:password@host:port/db`
+    /// or `host=/run/postgresql dbname=tessera`) instead of sled in <data-dir>/db; several
+    /// backup services may share one.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_BACKUP_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+    /// Pooled PostgreSQL connections.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_BACKUP_DATABASE_POOL_SIZE",
+        default_value_t = 16
+    )]
+    database_pool_size: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -152,13 +170,28 @@ async fn run(cli: Cli) -> Result<(), String> {
         },
     };
     common.start_metrics().map_err(|e| e.to_string())?;
-    let backup = Backup::open(config).map_err(|e| e.to_string())?;
+    let storage = if cli.database_url.is_some() {
+        "postgres"
+    } else {
+        "sled"
+    };
+    let backup = match cli.database_url {
+        Some(url) => {
+            let database = PgOptions {
+                url,
+                pool_size: cli.database_pool_size,
+            };
+            Backup::open_postgres(config, &database).await
+        }
+        None => Backup::open(config),
+    }
+    .map_err(|e| e.to_string())?;
     let routes = backup.routes().await.map_err(|e| e.to_string())?;
     let listener = serve::bind(common.listen)
         .await
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, org = backup.org_identity(), "tessera-backup listening");
+    tracing::info!(%addr, org = backup.org_identity(), storage, "tessera-backup listening");
     serve::serve(
         routes,
         listener,

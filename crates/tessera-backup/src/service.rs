@@ -300,7 +300,7 @@ impl Backup for BackupService {
             ));
         }
 
-        let stored = if self.store.insert(&archived)? {
+        let stored = if self.store.insert(&archived).await? {
             self.store.flush().await?;
             tracing::info!(channel_id = %r.channel_id, index = r.message_index, by = %caller.identity, "message archived");
             metrics::increment_labelled(BACKUP_SUBMISSIONS, "result", "archived");
@@ -308,7 +308,8 @@ impl Backup for BackupService {
         } else {
             let existing = self
                 .store
-                .get(&r.channel_id, r.message_index)?
+                .get(&r.channel_id, r.message_index)
+                .await?
                 .ok_or_else(|| Status::internal("archived message vanished"))?;
             let (_, existing_plain) = self.org.open(&existing)?;
             if !tessera_crypto::ct_eq(&existing_plain, &plain) {
@@ -372,7 +373,8 @@ impl Backup for BackupService {
         // One more than the limit tells whether the archive goes on.
         let found = self
             .store
-            .count(&r.channel_id, start, end, limit.saturating_add(1))?;
+            .count(&r.channel_id, start, end, limit.saturating_add(1))
+            .await?;
         let more = found > limit;
         let total = found.min(limit) as u64;
         let (tx, rx) = mpsc::channel(64);
@@ -380,36 +382,57 @@ impl Backup for BackupService {
         let nonce = r.nonce;
         tracing::info!(%channel_id, identity = %caller.identity, from = start, total, "history sync");
         metrics::increment(BACKUP_SYNCS);
-        tokio::task::spawn_blocking(move || {
+        let recipients = Arc::new(recipients);
+        tokio::spawn(async move {
             let mut next = start;
             let mut sent = 0u64;
             while sent < total {
                 let want = ((total - sent) as usize).min(SYNC_BATCH);
-                let batch = match store.range(&channel_id, next, end, want) {
+                let batch = match store.range(&channel_id, next, end, want).await {
                     Ok(b) if !b.is_empty() => b,
                     Ok(_) => break,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(e.into()));
+                        let _ = tx.send(Err(e.into())).await;
                         return;
                     }
                 };
-                for archived in batch {
-                    next = archived.message_index + 1;
-                    sent += 1;
-                    let item = org.open(&archived).and_then(|(record, _)| {
-                        let index = record.message_index;
-                        org.history_envelope(record, &recipients)
-                            .map(|envelope| SyncHistoryItem {
-                                message_index: index,
-                                envelope,
-                                remaining: total - sent,
+                // Opening and sealing is the CPU work: off the runtime's
+                // threads, one batch at a time (as many messages as one
+                // store read brings).
+                let worker = (org.clone(), recipients.clone(), tx.clone());
+                let sealed = tokio::task::spawn_blocking(move || {
+                    let (org, recipients, tx) = worker;
+                    for archived in batch {
+                        next = archived.message_index + 1;
+                        sent += 1;
+                        let item = org.open(&archived).and_then(|(record, _)| {
+                            let index = record.message_index;
+                            org.history_envelope(record, &recipients).map(|envelope| {
+                                SyncHistoryItem {
+                                    message_index: index,
+                                    envelope,
+                                    remaining: total - sent,
+                                }
                             })
-                    });
-                    let failed = item.is_err();
-                    if tx.blocking_send(item).is_err() || failed {
-                        return; // the caller went away, or the answer ends with an error
+                        });
+                        let failed = item.is_err();
+                        if tx.blocking_send(item).is_err() || failed {
+                            return None; // the caller went away, or the answer ends with an error
+                        }
+                        metrics::increment(BACKUP_SYNCED_MESSAGES);
                     }
-                    metrics::increment(BACKUP_SYNCED_MESSAGES);
+                    Some((next, sent))
+                })
+                .await;
+                match sealed {
+                    Ok(Some(progress)) => (next, sent) = progress,
+                    Ok(None) => return,
+                    Err(_) => {
+                        let _ = tx
+                            .send(Err(Status::internal("re-encrypting history failed")))
+                            .await;
+                        return;
+                    }
                 }
             }
             let end = HistoryEnd {
@@ -425,7 +448,7 @@ impl Backup for BackupService {
                         envelope,
                         remaining: 0,
                     });
-            let _ = tx.blocking_send(last);
+            let _ = tx.send(last).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -1,5 +1,7 @@
 //! The backup service over real gRPC with a real key service and app server
-//! on loopback (the whole stack, each service on its own sled directory).
+//! on loopback (the whole stack, each service on its own sled directory);
+//! the tests named `…_on_postgres` run the same checks against a backup
+//! service keeping its archive in a throwaway PostgreSQL server.
 
 #![allow(
     clippy::unwrap_used,
@@ -8,8 +10,16 @@
     reason = "test code"
 )]
 
+mod common;
+
+use std::sync::Arc;
+
+use common::{archived_rows, back_up_at_once, received, texts};
 use futures_util::StreamExt;
-use tessera_client::{Client, Content, Enrollment, Home, KdfParams, Received, Role, Visibility};
+use tessera_backup::{Backup, store::PgOptions};
+use tessera_client::{
+    Client, Content, Endpoints, Enrollment, Home, KdfParams, Received, Role, Visibility,
+};
 use tessera_crypto::{
     envelope::{CONTENT_TYPE_HISTORY_END, ExpectedSender, Opener, ParsedEnvelope},
     seal_org_backup,
@@ -23,13 +33,18 @@ use tessera_proto::{
     envelope::v1::HistoryEnd,
     server::v1::{IssueTokenRequest, LoginRequest, accounts_client::AccountsClient},
 };
+use tessera_service::serve::{Running, ServeOptions, bind};
 use tessera_stack::{Stack, StackConfig};
+use tessera_testkit::Postgres;
 use tonic::{Code, Request, transport::Channel};
 
 struct World {
     _dir: tempfile::TempDir,
     stack: Stack,
     home: Home,
+    /// A backup service of its own on PostgreSQL that clients use instead
+    /// of the stack's (on sled), and its database.
+    on_postgres: Option<(Running, Postgres)>,
 }
 
 impl World {
@@ -43,6 +58,65 @@ impl World {
             _dir: dir,
             stack,
             home,
+            on_postgres: None,
+        }
+    }
+
+    /// The stack, with the backup service clients use keeping its archive
+    /// in a throwaway PostgreSQL database (the OrgKey and OrgCard are the
+    /// stack's).
+    async fn start_on_postgres() -> Self {
+        let mut w = Self::start().await;
+        let pg = Postgres::start();
+        let info = w.stack.info();
+        let backup = Backup::open_postgres(
+            tessera_backup::Config {
+                data_dir: info.data_dir.join("backup"),
+                org_key_path: None,
+                org_card_path: None,
+                org_key_passphrase: None,
+                server_url: info.server_url.clone(),
+                kms_url: info.kms_url.clone(),
+                upstream_ca: None,
+                app_public_key: info.app_public_key,
+                kms_public_key: info.kms_public_key,
+                token_public_key: info.token_public_key,
+                limits: tessera_backup::Limits::default(),
+            },
+            &PgOptions {
+                url: pg.url("postgres"),
+                pool_size: 4,
+            },
+        )
+        .await
+        .unwrap();
+        let running = Running::spawn(
+            backup.routes().await.unwrap(),
+            bind("127.0.0.1:0".parse().unwrap()).await.unwrap(),
+            ServeOptions::default(),
+        )
+        .unwrap();
+        w.on_postgres = Some((running, pg));
+        w
+    }
+
+    /// How many messages the PostgreSQL archive holds.
+    async fn archived_on_postgres(&self) -> i64 {
+        let (_, pg) = self.on_postgres.as_ref().unwrap();
+        archived_rows(&pg.url("postgres")).await
+    }
+
+    fn backup_url(&self) -> String {
+        match &self.on_postgres {
+            Some((running, _)) => running.url(),
+            None => self.stack.info().backup_url.clone().unwrap(),
+        }
+    }
+
+    fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            backup_url: Some(self.backup_url()),
+            ..self.stack.info().endpoints()
         }
     }
 
@@ -58,7 +132,7 @@ impl World {
             &self.home,
             profile,
             Enrollment {
-                endpoints: info.endpoints(),
+                endpoints: self.endpoints(),
                 identity,
                 password: &password,
                 sign_up: first && !admin,
@@ -92,7 +166,7 @@ impl World {
             .unwrap()
             .into_inner();
         let server_token = format!("Bearer {}", hex::encode(login.access_token));
-        let backup = Channel::from_shared(info.backup_url.clone().unwrap())
+        let backup = Channel::from_shared(self.backup_url())
             .unwrap()
             .connect()
             .await
@@ -187,20 +261,19 @@ fn org_enc_msg(
     }
 }
 
-async fn received(client: &Client, channel_id: &str) -> Vec<Received> {
-    client
-        .history(channel_id, 0, 100, false)
-        .await
-        .unwrap()
-        .messages
-        .into_iter()
-        .map(|(_, r)| r.unwrap())
-        .collect()
+#[tokio::test]
+async fn ingestion_checks_membership_signatures_duplicates_and_conflicts() {
+    ingestion(&World::start().await).await;
 }
 
 #[tokio::test]
-async fn ingestion_checks_membership_signatures_duplicates_and_conflicts() {
-    let w = World::start().await;
+async fn ingestion_checks_membership_signatures_duplicates_and_conflicts_on_postgres() {
+    let w = World::start_on_postgres().await;
+    ingestion(&w).await;
+    assert_eq!(w.archived_on_postgres().await, 2, "archived on PostgreSQL");
+}
+
+async fn ingestion(w: &World) {
     let admin = w.device("admin", "admin", true).await;
     let alice = w.device("alice", "alice", true).await;
     let bob = w.device("bob", "bob", true).await;
@@ -326,7 +399,17 @@ async fn ingestion_checks_membership_signatures_duplicates_and_conflicts() {
 
 #[tokio::test]
 async fn history_sync_respects_visibility_and_membership() {
-    let w = World::start().await;
+    history_sync(&World::start().await).await;
+}
+
+#[tokio::test]
+async fn history_sync_respects_visibility_and_membership_on_postgres() {
+    let w = World::start_on_postgres().await;
+    history_sync(&w).await;
+    assert_eq!(w.archived_on_postgres().await, 5, "archived on PostgreSQL");
+}
+
+async fn history_sync(w: &World) {
     let admin = w.device("admin", "admin", true).await;
     let alice = w.device("alice", "alice", true).await;
     let bob = w.device("bob", "bob", true).await;
@@ -378,18 +461,8 @@ async fn history_sync_respects_visibility_and_membership() {
         .sync_from_org(&channel.channel_id, 0, 0, |_, _| {})
         .await
         .unwrap();
-    let texts: Vec<String> = all
-        .iter()
-        .map(|e| match &e.result {
-            Ok(r) => match &r.content {
-                Content::Text(t) => t.clone(),
-                other => panic!("message {}: {other:?}", e.index),
-            },
-            Err(err) => panic!("message {} refused: {err}", e.index),
-        })
-        .collect();
     assert_eq!(
-        texts,
+        texts(&all),
         [
             "before carol 0",
             "before carol 1",
@@ -509,17 +582,24 @@ async fn history_sync_respects_visibility_and_membership() {
 /// say it was there already, and the archive syncs every message once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_devices_backing_up_the_same_message_at_once() {
-    let w = World::start().await;
+    racing_backups(&World::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_backing_up_the_same_message_at_once_on_postgres() {
+    let w = World::start_on_postgres().await;
+    racing_backups(&w).await;
+    assert_eq!(w.archived_on_postgres().await, 6, "archived on PostgreSQL");
+}
+
+async fn racing_backups(w: &World) {
     let admin = w.device("admin", "admin", true).await;
     let alice = w.device("alice", "alice", true).await;
     let bob0 = w.device("bob-0", "bob", true).await;
     let bob1 = w.device("bob-1", "bob", false).await;
     bob0.approve_device(&bob1.card_id()).await.unwrap();
     admin.set_org_member("bob", true).await.unwrap();
-    let bobs: Vec<std::sync::Arc<Client>> = ["bob-0", "bob-1"]
-        .iter()
-        .map(|p| std::sync::Arc::new(Client::open(&w.home, p, b"pp").unwrap()))
-        .collect();
+    let bobs = ["bob-0", "bob-1"].map(|p| Arc::new(Client::open(&w.home, p, b"pp").unwrap()));
     let channel = alice
         .create_channel("race", Visibility::Shared, &["bob".into()])
         .await
@@ -533,44 +613,20 @@ async fn two_devices_backing_up_the_same_message_at_once() {
     }
     // Each device reads the messages itself, then both back up every
     // message at the same moment (twice each).
-    let mut copies = Vec::new();
-    for bob in &bobs {
-        copies.push(received(bob, &channel).await);
-    }
-    for (index, (first, second)) in copies[0].iter().zip(&copies[1]).enumerate() {
-        let calls: Vec<_> = (0..4)
-            .map(|n| {
-                let bob = bobs[n % 2].clone();
-                let m = if n % 2 == 0 { first } else { second }.clone();
-                tokio::spawn(async move { bob.back_up(&m).await })
-            })
-            .collect();
-        let mut stored = 0;
-        for call in calls {
-            match call.await.unwrap() {
-                Ok(true) => stored += 1,
-                Ok(false) => {}
-                Err(e) => panic!("message {}: a backup failed: {e}", index + 1),
-            }
-        }
-        assert_eq!(stored, 1, "message {} stored exactly once", index + 1);
+    let copies = [
+        received(&bobs[0], &channel).await,
+        received(&bobs[1], &channel).await,
+    ];
+    for (first, second) in copies[0].iter().zip(&copies[1]) {
+        let stored = back_up_at_once(&bobs, [first, second]).await;
+        assert_eq!(stored, 1, "message {} stored exactly once", first.index);
     }
     let synced = bobs[0]
         .sync_from_org(&channel, 0, 0, |_, _| {})
         .await
         .unwrap();
-    let texts: Vec<String> = synced
-        .iter()
-        .map(|e| match &e.result {
-            Ok(r) => match &r.content {
-                Content::Text(t) => t.clone(),
-                other => panic!("{other:?}"),
-            },
-            Err(err) => panic!("message {} refused: {err}", e.index),
-        })
-        .collect();
     assert_eq!(
-        texts,
+        texts(&synced),
         (0..6).map(|i| format!("raced {i}")).collect::<Vec<_>>()
     );
 }
@@ -618,6 +674,7 @@ async fn a_device_refuses_history_whose_archived_message_is_not_the_one_stored_a
         _dir: tempfile::tempdir().unwrap(),
         stack,
         home: Home::new(dir.path().join("home")),
+        on_postgres: None,
     };
     let (bob, channel_id, messages) = w.bob_receives_two_payments().await;
     assert!(bob.back_up(&messages[0]).await.unwrap());
@@ -664,6 +721,7 @@ async fn a_device_refuses_history_whose_archived_message_is_not_the_one_stored_a
         _dir: tempfile::tempdir().unwrap(),
         stack,
         home: Home::new(dir.path().join("home")),
+        on_postgres: None,
     };
     let tablet = w.device("bob-tablet", "bob", false).await;
     // Bob's phone approves it, at the restarted stack's addresses.

@@ -2,14 +2,16 @@
 //! so none of them repeats it: access tokens ([`token`]), the caller behind a
 //! request ([`Caller`]), request limits ([`limits`]), serving with health,
 //! reflection, TLS and graceful shutdown ([`serve`]), Prometheus metrics
-//! ([`metrics`]), tracing set-up and the common command-line options
-//! ([`config`]), and small time helpers.
+//! ([`metrics`]), what the PostgreSQL stores share ([`postgres`]), tracing
+//! set-up and the common command-line options ([`config`]), and small time
+//! helpers.
 //!
 //! The services never link each other: this crate knows none of them.
 
 pub mod config;
 pub mod limits;
 pub mod metrics;
+pub mod postgres;
 mod rpc_metrics;
 pub mod serve;
 mod status_rewrite;

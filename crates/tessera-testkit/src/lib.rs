@@ -1038,6 +1038,34 @@ impl Cluster {
         kms
     }
 
+    /// Another backup service of this cluster, not started: the same
+    /// upstreams, keys and environment as [`Cluster::backup`], a copy of its
+    /// OrgKey and OrgCard (and retired OrgKeys) in a data directory `name`
+    /// of its own, and its archive in the PostgreSQL database
+    /// `database_url` (`tessera-backup --database-url`). Give
+    /// [`Cluster::backup`] the same database (`start_with_env`) and the two
+    /// are replicas of one backup service.
+    pub fn backup_on_database(&self, name: &str, database_url: &str) -> Service {
+        let from = self.data_dir("backup");
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["org.key", "org.card"] {
+            std::fs::copy(from.join(file), dir.join(file)).unwrap();
+        }
+        let retired = from.join("retired-org-keys");
+        if retired.is_dir() {
+            copy_dir(&retired, &dir.join("retired-org-keys"));
+        }
+        let mut env = self.backup.env.clone();
+        env.insert("TESSERA_BACKUP_DATA_DIR".into(), path_string(&dir));
+        env.insert(
+            "TESSERA_BACKUP_DATABASE_URL".into(),
+            database_url.to_owned(),
+        );
+        env.retain(|k, _| !k.ends_with("_TLS_CERT") && !k.ends_with("_TLS_KEY"));
+        Service::new("tessera-backup", &dir, vec![], env, self.tls.as_ref())
+    }
+
     /// A second key service holding this cluster's KMS key but its own,
     /// empty log: a directory that can sign checkpoints of another history.
     pub async fn forked_kms(&self) -> Service {

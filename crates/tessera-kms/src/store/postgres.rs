@@ -21,19 +21,22 @@
 //! flush), so there is no batch for a group commit to gather: one
 //! transaction per append, as sled has one flush per append.
 
-use std::{collections::BTreeSet, str::FromStr, time::Duration};
-
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use futures_util::TryStreamExt;
 use prost::Message;
 use tessera_card::{CardId, transparency::Hash};
 use tessera_proto::transparency::v1::SignedCheckpoint;
+pub use tessera_service::postgres::PgOptions;
 use tessera_service::{
     metrics::record_store,
+    postgres::{
+        Migration, PgSetupError, column, config, connect, migrate, pg_error, pool_error, read_pool,
+        to_i64,
+    },
     storage::{FlushFuture, StorageError},
 };
 use thiserror::Error;
-use tokio_postgres::{Client, NoTls, Row, Statement, types::ToSql};
+use tokio_postgres::{Client, Row, Statement, types::ToSql};
 
 use super::{
     Append, Store, StoreFuture, StoredCard, StoredDeviceList, decode_card, decode_checkpoint,
@@ -43,17 +46,8 @@ use super::{
 /// The session advisory lock the writing key service holds
 /// (`pg_try_advisory_lock`): the bytes of "tesskms1".
 pub const WRITER_LOCK_KEY: i64 = 0x7465_7373_6b6d_7331;
-/// Held (per transaction) while migrations run, so two processes starting
-/// at once do not both apply them: the bytes of "tessmig1".
-const MIGRATION_LOCK_KEY: i64 = 0x7465_7373_6d69_6731;
 /// This service's name in `schema_migrations`.
 const SERVICE: &str = "kms";
-
-struct Migration {
-    version: i32,
-    name: &'static str,
-    sql: &'static str,
-}
 
 /// Every migration, in order; a database has a prefix of them applied.
 const MIGRATIONS: &[Migration] = &[Migration {
@@ -62,70 +56,23 @@ const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("migrations/0001_initial.sql"),
 }];
 
-/// How to reach the database.
-#[derive(Clone)]
-pub struct PgOptions {
-    /// A libpq-style URL or key/value string
-    /// (`postgresql://user:password@host:port/database`, `host=/run/postgresql
-    /// dbname=tessera`). It may hold a password: it is never logged.
-    pub url: String,
-    /// Connections for reads (the writer has one more of its own).
-    pub pool_size: usize,
-}
-
-impl std::fmt::Debug for PgOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgOptions")
-            .field("pool_size", &self.pool_size)
-            .finish_non_exhaustive()
-    }
-}
-
 /// Why the PostgreSQL store could not open.
 #[derive(Debug, Error)]
 pub enum PgOpenError {
-    #[error("database URL: {0}")]
-    Url(String),
     #[error(
         "another tessera-kms is already the writer of this database: it holds the single-writer lock \
          (PostgreSQL advisory lock {WRITER_LOCK_KEY}{holder}); stop it first"
     )]
     Locked { holder: String },
-    #[error(
-        "the database schema is at version {found}, newer than this tessera-kms knows ({known}): upgrade tessera-kms"
-    )]
-    NewerSchema { found: i32, known: i32 },
+    /// The URL, the schema's version, or the database itself.
     #[error("{0}")]
-    Storage(#[from] StorageError),
+    Setup(#[from] PgSetupError),
 }
 
-fn pg_error(e: tokio_postgres::Error) -> StorageError {
-    let message = match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    };
-    StorageError::Backend {
-        backend: "postgres",
-        message,
+impl From<StorageError> for PgOpenError {
+    fn from(e: StorageError) -> Self {
+        Self::Setup(e.into())
     }
-}
-
-fn pool_error(e: impl std::fmt::Display) -> StorageError {
-    StorageError::Backend {
-        backend: "postgres",
-        message: e.to_string(),
-    }
-}
-
-fn to_i64(n: u64) -> Result<i64, StorageError> {
-    i64::try_from(n).map_err(|_| StorageError::Corrupt("number beyond PostgreSQL's BIGINT"))
-}
-
-fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
-    row: &'a Row,
-    index: usize,
-) -> Result<T, StorageError> {
-    row.try_get(index).map_err(pg_error)
 }
 
 /// The writer's connection and its statements, prepared once.
@@ -142,17 +89,6 @@ pub struct PgStore {
     pool: Pool,
     /// Holds the single-writer lock for the life of the process.
     writer: tokio::sync::Mutex<Writer>,
-}
-
-/// Opens a connection whose driver runs on its own task.
-async fn connect(config: &tokio_postgres::Config) -> Result<Client, StorageError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::error!(error = %e, "the key service's writer connection to PostgreSQL ended: it no longer holds the single-writer lock, and refuses writes until restarted");
-        }
-    });
-    Ok(client)
 }
 
 /// Takes the single-writer lock on `client`'s session, or says who has it.
@@ -194,75 +130,19 @@ async fn lock_writer(client: &Client) -> Result<(), PgOpenError> {
     Err(PgOpenError::Locked { holder })
 }
 
-/// Applies the migrations `client`'s database lacks, in one transaction.
-async fn migrate(client: &mut Client) -> Result<(), PgOpenError> {
-    let tx = client.transaction().await.map_err(pg_error)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await
-        .map_err(pg_error)?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-             service TEXT NOT NULL,
-             version INTEGER NOT NULL,
-             name TEXT NOT NULL,
-             applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-             PRIMARY KEY (service, version)
-         )",
-    )
-    .await
-    .map_err(pg_error)?;
-    let applied = tx
-        .query(
-            "SELECT version FROM schema_migrations WHERE service = $1",
-            &[&SERVICE],
-        )
-        .await
-        .map_err(pg_error)?
-        .iter()
-        .map(|row| column::<i32>(row, 0))
-        .collect::<Result<BTreeSet<i32>, _>>()?;
-    let known = MIGRATIONS.last().map_or(0, |m| m.version);
-    if let Some(&found) = applied.last()
-        && found > known
-    {
-        return Err(PgOpenError::NewerSchema { found, known });
-    }
-    for migration in MIGRATIONS {
-        if applied.contains(&migration.version) {
-            continue;
-        }
-        tx.batch_execute(migration.sql).await.map_err(pg_error)?;
-        tx.execute(
-            "INSERT INTO schema_migrations (service, version, name) VALUES ($1, $2, $3)",
-            &[&SERVICE, &migration.version, &migration.name],
-        )
-        .await
-        .map_err(pg_error)?;
-        tracing::info!(
-            version = migration.version,
-            name = migration.name,
-            "applied a database migration"
-        );
-    }
-    tx.commit().await.map_err(pg_error)?;
-    Ok(())
-}
-
 impl PgStore {
     /// Connects, takes the single-writer lock, applies the migrations and
     /// opens the read pool.
     pub async fn open(options: &PgOptions) -> Result<Self, PgOpenError> {
-        let mut config = tokio_postgres::Config::from_str(&options.url)
-            .map_err(|e| PgOpenError::Url(e.to_string()))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("tessera-kms");
-        }
-        let mut client = connect(&config).await?;
+        let config = config(options, "tessera-kms")?;
+        let mut client = connect(
+            &config,
+            "the key service's writer connection to PostgreSQL ended: it no longer holds the \
+             single-writer lock, and refuses writes until restarted",
+        )
+        .await?;
         lock_writer(&client).await?;
-        migrate(&mut client).await?;
+        migrate(&mut client, SERVICE, MIGRATIONS).await?;
         let prepare = async |sql: &str| client.prepare(sql).await.map_err(pg_error);
         let writer = Writer {
             size: prepare("SELECT COALESCE(MAX(idx) + 1, 0) FROM kms_log").await?,
@@ -285,20 +165,7 @@ impl PgStore {
             .await?,
             client,
         };
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(Duration::from_secs(10)))
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .build()
-            .map_err(pool_error)?;
+        let pool = read_pool(config, options.pool_size)?;
         Ok(Self {
             pool,
             writer: tokio::sync::Mutex::new(writer),
@@ -571,6 +438,8 @@ impl Store for PgStore {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tessera_testkit::Postgres;
 
     use super::*;
@@ -632,10 +501,11 @@ mod tests {
         assert!(
             matches!(
                 e,
-                PgOpenError::NewerSchema {
+                PgOpenError::Setup(PgSetupError::NewerSchema {
                     found: 99,
-                    known: 1
-                }
+                    known: 1,
+                    ..
+                })
             ),
             "{e}"
         );

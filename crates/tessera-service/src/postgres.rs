@@ -1,0 +1,216 @@
+//! What the services' PostgreSQL stores share: how to reach the database
+//! ([`PgOptions`], [`config`], [`connect`], [`read_pool`]), the migration
+//! runner ([`migrate`]) and the conversions of the driver's errors and
+//! numbers into [`StorageError`].
+//!
+//! Each service keeps its own schema (SQL files compiled into its binary)
+//! and names itself in the shared `schema_migrations (service, version)`
+//! table, so the three services may share one database or use one each.
+
+use std::{collections::BTreeSet, str::FromStr, time::Duration};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls, Row};
+
+use crate::storage::StorageError;
+
+/// Held (per transaction) while migrations run, so two processes starting
+/// at once do not both apply them: the bytes of "tessmig1".
+const MIGRATION_LOCK_KEY: i64 = 0x7465_7373_6d69_6731;
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// A libpq-style URL or key/value string
+    /// (`postgresql://user:password@host:port/database`, `host=/run/postgresql
+    /// dbname=tessera`). It may hold a password: it is never logged.
+    pub url: String,
+    /// Connections in the pool (a service may open a few more of its own).
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One schema change, applied once per database.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Why a service could not set its database up. Each service wraps it in
+/// its own open error.
+#[derive(Debug, Error)]
+pub enum PgSetupError {
+    /// The URL does not parse (the message names no part of it).
+    #[error("database URL: {0}")]
+    Url(String),
+    #[error(
+        "the database schema of tessera-{service} is at version {found}, newer than this \
+         tessera-{service} knows ({known}): upgrade tessera-{service}"
+    )]
+    NewerSchema {
+        service: String,
+        found: i32,
+        known: i32,
+    },
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+}
+
+/// The driver's configuration from `options.url`, with a connect timeout
+/// (10 s) and `application_name` (shown in `pg_stat_activity`) unless the
+/// URL sets them.
+pub fn config(
+    options: &PgOptions,
+    application_name: &str,
+) -> Result<tokio_postgres::Config, PgSetupError> {
+    let mut config = tokio_postgres::Config::from_str(&options.url)
+        .map_err(|e| PgSetupError::Url(e.to_string()))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name(application_name);
+    }
+    Ok(config)
+}
+
+/// Opens a connection whose driver runs on its own task; `on_end` is logged
+/// as an error if the connection ends with one.
+pub async fn connect(
+    config: &tokio_postgres::Config,
+    on_end: &'static str,
+) -> Result<Client, StorageError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::error!(error = %e, "{on_end}");
+        }
+    });
+    Ok(client)
+}
+
+/// A pool of `size` (at least one) connections made from `config`.
+pub fn read_pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, StorageError> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(Duration::from_secs(10)))
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .build()
+        .map_err(pool_error)
+}
+
+/// Applies the `migrations` of `service` that `client`'s database lacks, in
+/// one transaction under an advisory lock; refuses a database whose schema
+/// is newer than the last of them.
+pub async fn migrate(
+    client: &mut Client,
+    service: &str,
+    migrations: &[Migration],
+) -> Result<(), PgSetupError> {
+    let tx = client.transaction().await.map_err(pg_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(pg_error)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             service TEXT NOT NULL,
+             version INTEGER NOT NULL,
+             name TEXT NOT NULL,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             PRIMARY KEY (service, version)
+         )",
+    )
+    .await
+    .map_err(pg_error)?;
+    let applied = tx
+        .query(
+            "SELECT version FROM schema_migrations WHERE service = $1",
+            &[&service],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| column::<i32>(row, 0))
+        .collect::<Result<BTreeSet<i32>, _>>()?;
+    let known = migrations.last().map_or(0, |m| m.version);
+    if let Some(&found) = applied.last()
+        && found > known
+    {
+        return Err(PgSetupError::NewerSchema {
+            service: service.to_owned(),
+            found,
+            known,
+        });
+    }
+    for migration in migrations {
+        if applied.contains(&migration.version) {
+            continue;
+        }
+        tx.batch_execute(migration.sql).await.map_err(pg_error)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (service, version, name) VALUES ($1, $2, $3)",
+            &[&service, &migration.version, &migration.name],
+        )
+        .await
+        .map_err(pg_error)?;
+        tracing::info!(
+            service,
+            version = migration.version,
+            name = migration.name,
+            "applied a database migration"
+        );
+    }
+    tx.commit().await.map_err(pg_error)?;
+    Ok(())
+}
+
+/// The driver's error as a storage error: the server's message and SQLSTATE
+/// when the database answered, else the driver's own message.
+pub fn pg_error(e: tokio_postgres::Error) -> StorageError {
+    let message = match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    };
+    StorageError::Backend {
+        backend: "postgres",
+        message,
+    }
+}
+
+/// A pool's error (no connection could be had) as a storage error.
+pub fn pool_error(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Backend {
+        backend: "postgres",
+        message: e.to_string(),
+    }
+}
+
+/// A count or index as PostgreSQL's BIGINT.
+pub fn to_i64(n: u64) -> Result<i64, StorageError> {
+    i64::try_from(n).map_err(|_| StorageError::Corrupt("number beyond PostgreSQL's BIGINT"))
+}
+
+/// Column `index` of `row`, or a storage error if its type is not `T`.
+pub fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    index: usize,
+) -> Result<T, StorageError> {
+    row.try_get(index).map_err(pg_error)
+}
