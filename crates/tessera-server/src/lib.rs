@@ -164,6 +164,8 @@ pub enum StartError {
     Key(#[from] keystore::KeystoreError),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    #[error("database: {0}")]
+    Postgres(#[from] store::PgOpenError),
     #[error("key service address {url:?}: {reason}")]
     KmsAddress { url: String, reason: String },
     #[error("{0}")]
@@ -279,6 +281,23 @@ impl Server {
         );
         let (app_key, token_key) = load_or_create_keys(&app_path, &token_path)?;
         let store = store::SledStore::open(&config.data_dir.join("db"))?;
+        Self::with_store(Arc::new(store), app_key, token_key, config)
+    }
+
+    /// Opens the keys under `config.data_dir` and the PostgreSQL store
+    /// `database` names (applying its migrations). Attachments stay files
+    /// under `<data_dir>/attachments`.
+    pub async fn open_postgres(
+        config: Config,
+        database: &store::PgOptions,
+    ) -> Result<Self, StartError> {
+        let (app_path, token_path) = key_paths(
+            &config.data_dir,
+            config.app_key_path.as_deref(),
+            config.token_key_path.as_deref(),
+        );
+        let (app_key, token_key) = load_or_create_keys(&app_path, &token_path)?;
+        let store = store::PgStore::open(database).await?;
         Self::with_store(Arc::new(store), app_key, token_key, config)
     }
 

@@ -7,7 +7,7 @@
 //! backend must show is [`conformance::exercise`].
 
 mod memory;
-// mod postgres;
+mod postgres;
 mod sled;
 
 use std::{future::Future, pin::Pin};
@@ -16,7 +16,11 @@ use prost::Message;
 use tessera_proto::server::v1::{ChainEntry, StoredMessage};
 use tessera_service::storage::{FlushFuture, StorageError};
 
-pub use self::{memory::MemoryStore, sled::SledStore};
+pub use self::{
+    memory::MemoryStore,
+    postgres::{PgOpenError, PgOptions, PgStore},
+    sled::SledStore,
+};
 
 /// What a store's methods return: boxed, so `Arc<dyn Store>` works.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StorageError>> + Send + 'a>>;
