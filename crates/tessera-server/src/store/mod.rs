@@ -640,6 +640,14 @@ pub mod conformance {
                 .unwrap()
                 .is_empty()
         );
+        assert_eq!(
+            store
+                .chain("c1", 1, u64::MAX, usize::MAX, usize::MAX)
+                .await
+                .unwrap(),
+            vec![entry(1)],
+            "open-ended"
+        );
 
         for i in 1..=5u64 {
             let m = StoredMessage {
@@ -690,6 +698,15 @@ pub mod conformance {
             .map(|m| m.index)
             .collect();
         assert_eq!(range, vec![2, 3, 4]);
+        assert_eq!(
+            store
+                .messages("c1", 5, u64::MAX, usize::MAX, usize::MAX)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "open-ended"
+        );
         assert_eq!(
             store
                 .messages("c1", 1, 100, 2, usize::MAX)

@@ -147,6 +147,12 @@ impl PgStore {
     }
 }
 
+/// A range bound or a limit as a BIGINT: beyond its range means "all"
+/// (callers ask up to `u64::MAX`), which `i64::MAX` also means here.
+fn bound(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// Writes `change.after` as `identity`'s usage if the stored usage is
 /// still `change.before` (none stored counts as zero): `false` otherwise.
 async fn cas_usage(
@@ -417,12 +423,7 @@ impl Store for PgStore {
             self.bounded(
                 "SELECT entry FROM server_chain WHERE channel_id = $1 AND epoch >= $2 \
                  AND epoch < $3 ORDER BY epoch LIMIT $4",
-                &[
-                    &channel_id,
-                    &to_i64(from)?,
-                    &to_i64(to)?,
-                    &to_i64(limit as u64)?,
-                ],
+                &[&channel_id, &bound(from), &bound(to), &bound(limit as u64)],
                 limit,
                 max_bytes,
                 "chain entry",
@@ -528,12 +529,7 @@ impl Store for PgStore {
             let messages = self
                 .bounded(
                     sql,
-                    &[
-                        &channel_id,
-                        &to_i64(from)?,
-                        &to_i64(to)?,
-                        &to_i64(limit as u64)?,
-                    ],
+                    &[&channel_id, &bound(from), &bound(to), &bound(limit as u64)],
                     limit,
                     max_bytes,
                     "message",
