@@ -20,6 +20,7 @@ mod metrics;
 mod mitm;
 mod org;
 mod outages;
+mod postgres;
 mod reflection;
 mod registration;
 mod relay;

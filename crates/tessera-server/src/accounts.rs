@@ -34,17 +34,17 @@ const MIN_PASSWORD_BYTES: usize = 8;
 
 impl App {
     /// A log-in answer with a fresh app-server token for a user.
-    pub(crate) fn login_response(
+    pub(crate) async fn login_response(
         &self,
         identity: &str,
         device: Option<tessera_card::CardId>,
     ) -> Result<LoginResponse, Status> {
-        let admin = self.store.account(identity)?.is_some_and(|a| a.admin);
+        let admin = self.store.account(identity).await?.is_some_and(|a| a.admin);
         let grant = Grant {
             subject: identity.to_owned(),
             role: if admin { Role::Admin } else { Role::User },
             device_card_id: device,
-            org_member: self.is_org_member(identity)?,
+            org_member: self.is_org_member(identity).await?,
             auth: if device.is_some() {
                 AuthMethod::Device
             } else {
@@ -85,7 +85,7 @@ impl App {
         limits::identity("identity", identity)?;
         self.check_password_shape(password)?;
         self.check_not_reserved(identity)?;
-        if let Some(existing) = self.store.account(identity)? {
+        if let Some(existing) = self.store.account(identity).await? {
             if existing.admin {
                 return Ok(false);
             }
@@ -107,7 +107,7 @@ impl App {
                 admin: true,
                 ..existing.clone()
             };
-            if !self.store.replace_account(&existing, &promoted)? {
+            if !self.store.replace_account(&existing, &promoted).await? {
                 return Err(Status::aborted("the account changed meanwhile; try again"));
             }
             self.store.flush().await?;
@@ -139,7 +139,7 @@ impl App {
             admin,
             device_list_started: false,
         };
-        if !self.store.create_account(&account)? {
+        if !self.store.create_account(&account).await? {
             return Err(Status::already_exists(format!(
                 "identity {identity:?} is taken"
             )));
@@ -232,7 +232,7 @@ impl Accounts for AccountsService {
             .map_err(|wait| throttled("too many sign-ups from your address", wait))?;
         app.create_account(&identity, &password, false).await?;
         tracing::info!(%identity, "account created");
-        Ok(Response::new(app.login_response(&identity, None)?))
+        Ok(Response::new(app.login_response(&identity, None).await?))
     }
 
     async fn login(
@@ -253,7 +253,7 @@ impl Accounts for AccountsService {
             .throttle
             .reserve(&identity, peer)
             .map_err(|wait| throttled("too many failed log-ins", wait))?;
-        let stored = app.store.account(&identity)?.and_then(|a| a.password);
+        let stored = app.store.account(&identity).await?.and_then(|a| a.password);
         let params = app.config.password_params;
         let ok = hash_limited(&app, move || match stored {
             Some(hash) => passwords::verify(&password, &hash),
@@ -268,7 +268,7 @@ impl Accounts for AccountsService {
             return Err(Status::unauthenticated("wrong identity or password"));
         }
         app.throttle.succeeded(&identity, reservation);
-        Ok(Response::new(app.login_response(&identity, None)?))
+        Ok(Response::new(app.login_response(&identity, None).await?))
     }
 
     async fn begin_device_login(
@@ -280,7 +280,7 @@ impl Accounts for AccountsService {
         let r = request.into_inner();
         limits::identity("identity", &r.identity)?;
         let card_id = limits::card_id("card_id", &r.card_id)?;
-        match app.store.device(card_id.as_bytes())? {
+        match app.store.device(card_id.as_bytes()).await? {
             // A user's device, or the organisation's card (the backup
             // service logging in with the OrgKey).
             Some(d) if d.identity == r.identity && d.status == DeviceStatus::Active as i32 => {}
@@ -354,7 +354,8 @@ impl Accounts for AccountsService {
         }
         let still_active = app
             .store
-            .device(card_id.as_bytes())?
+            .device(card_id.as_bytes())
+            .await?
             .is_some_and(|d| d.status == DeviceStatus::Active as i32);
         if !still_active {
             return Err(Status::permission_denied(format!(
@@ -385,7 +386,7 @@ impl Accounts for AccountsService {
             )?));
         }
         Ok(Response::new(
-            app.login_response(&r.identity, Some(card_id))?,
+            app.login_response(&r.identity, Some(card_id)).await?,
         ))
     }
 
@@ -394,7 +395,7 @@ impl Accounts for AccountsService {
         request: Request<IssueTokenRequest>,
     ) -> Result<Response<LoginResponse>, Status> {
         let app = &self.0;
-        let caller = app.authenticate(&request)?;
+        let caller = app.authenticate(&request).await?;
         let audience = match Audience::parse(&request.get_ref().audience) {
             Some(a @ (Audience::Kms | Audience::Backup)) => a,
             Some(Audience::Server) => {
@@ -411,7 +412,7 @@ impl Accounts for AccountsService {
         // Membership may have changed since the log-in: ask again.
         let mut grant = caller.grant();
         if caller.role == Role::User || caller.role == Role::Admin {
-            grant.org_member = app.is_org_member(&caller.identity)?;
+            grant.org_member = app.is_org_member(&caller.identity).await?;
         }
         Ok(Response::new(app.token_response(
             &grant,
@@ -424,9 +425,9 @@ impl Accounts for AccountsService {
         &self,
         request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         Ok(Response::new(WhoAmIResponse {
-            org_member: self.0.is_org_member(&caller.identity)?,
+            org_member: self.0.is_org_member(&caller.identity).await?,
             org_identity: self.0.config.org_identity.clone().unwrap_or_default(),
             device_card_id: caller
                 .device_card_id

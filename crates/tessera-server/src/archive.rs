@@ -39,11 +39,11 @@ impl Archive for ArchiveService {
         request: Request<GetMemberViewRequest>,
     ) -> Result<Response<PbChannel>, Status> {
         let app = &self.0;
-        let caller = app.authenticate(&request)?;
+        let caller = app.authenticate(&request).await?;
         app.require_backup_service(&caller)?;
         let r = request.into_inner();
         Ok(Response::new(
-            app.channels.member_view(&r.channel_id, &r.identity)?,
+            app.channels.member_view(&r.channel_id, &r.identity).await?,
         ))
     }
 
@@ -52,11 +52,11 @@ impl Archive for ArchiveService {
         request: Request<GetStoredMessageRequest>,
     ) -> Result<Response<StoredMessage>, Status> {
         let app = &self.0;
-        let caller = app.authenticate(&request)?;
+        let caller = app.authenticate(&request).await?;
         app.require_backup_service(&caller)?;
         let r = request.into_inner();
         Ok(Response::new(
-            app.channels.stored_message(&r.channel_id, r.index)?,
+            app.channels.stored_message(&r.channel_id, r.index).await?,
         ))
     }
 }

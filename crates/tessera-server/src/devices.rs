@@ -131,7 +131,7 @@ impl App {
             prev.status = DeviceStatus::Superseded as i32;
             changed.push(prev);
         }
-        self.store.put_devices(&changed)?;
+        self.store.put_devices(&changed).await?;
         self.store.flush().await?;
         Ok(response)
     }
@@ -167,7 +167,7 @@ impl App {
         };
         let response = self.kms.revoke(&self.issuer, revocation).await?;
         device.status = DeviceStatus::Revoked as i32;
-        self.store.put_devices(&[device])?;
+        self.store.put_devices(&[device]).await?;
         self.store.flush().await?;
         tracing::info!(%card_id, "device revoked");
         Ok(response)
@@ -196,7 +196,7 @@ impl Devices for DevicesService {
         request: Request<EnrollDeviceRequest>,
     ) -> Result<Response<EnrollDeviceResponse>, Status> {
         let app = &self.0;
-        let caller = app.authenticate(&request)?;
+        let caller = app.authenticate(&request).await?;
         // A device-login token, or a token another service could have
         // captured, never enrolls a device: only the password, just given.
         if !caller.password_login_within(FRESH_PASSWORD_SECS) {
@@ -225,7 +225,8 @@ impl Devices for DevicesService {
             // reset (reported to contacts as one) replaces the list.
             let account = app
                 .store
-                .account(&caller.identity)?
+                .account(&caller.identity)
+                .await?
                 .ok_or_else(|| Status::not_found("no such account"))?;
             if account.device_list_started {
                 return Err(Status::failed_precondition(
@@ -234,7 +235,7 @@ impl Devices for DevicesService {
             }
             genesis_of = Some(account);
         }
-        let devices = app.store.devices(&caller.identity)?;
+        let devices = app.store.devices(&caller.identity).await?;
         let id = parsed.id();
         let mut response = if let Some(existing) = devices.iter().find(|d| d.card_id == id.to_vec())
         {
@@ -283,7 +284,7 @@ impl Devices for DevicesService {
                     device_list_started: true,
                     ..account.clone()
                 };
-                if !app.store.replace_account(&account, &started)? {
+                if !app.store.replace_account(&account, &started).await? {
                     return Err(Status::aborted("the account changed meanwhile; try again"));
                 }
                 app.store.flush().await?;
@@ -291,7 +292,7 @@ impl Devices for DevicesService {
             if action == Action::Reset {
                 // Every earlier device was lost: none of them may log in,
                 // send or back up any more (a stolen one least of all).
-                for other in app.store.devices(&caller.identity)? {
+                for other in app.store.devices(&caller.identity).await? {
                     if other.status == DeviceStatus::Active as i32
                         && other.card_id != id.to_vec()
                         && !other.org_card
@@ -317,11 +318,12 @@ impl Devices for DevicesService {
         &self,
         request: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         let devices = self
             .0
             .store
-            .devices(&caller.identity)?
+            .devices(&caller.identity)
+            .await?
             .into_iter()
             .filter(|d| !d.org_card)
             .map(|d| PbDevice {
@@ -339,7 +341,7 @@ impl Devices for DevicesService {
         request: Request<RevokeDeviceRequest>,
     ) -> Result<Response<CardResponse>, Status> {
         let app = &self.0;
-        let caller = app.authenticate(&request)?;
+        let caller = app.authenticate(&request).await?;
         let r = request.into_inner();
         let card_id: CardId = limits::card_id("card_id", &r.card_id)?;
         limits::check_len(
@@ -359,7 +361,8 @@ impl Devices for DevicesService {
         let _user = app.user_lock(&caller.identity).lock().await;
         let device = app
             .store
-            .device(card_id.as_bytes())?
+            .device(card_id.as_bytes())
+            .await?
             .filter(|d| d.identity == caller.identity && !d.org_card)
             .ok_or_else(|| {
                 Status::permission_denied(format!("{card_id} is not one of your devices"))
@@ -377,7 +380,7 @@ impl Admin for AdminService {
         request: Request<RegisterOrgCardRequest>,
     ) -> Result<Response<CardResponse>, Status> {
         let app = &self.0;
-        let caller = app.authenticate(&request)?;
+        let caller = app.authenticate(&request).await?;
         app.require_admin(&caller)?;
         let org = app.org_identity()?.to_owned();
         let parsed = parse_self_signed(request.into_inner().card, CardKind::Org)?;
@@ -390,7 +393,11 @@ impl Admin for AdminService {
         let _org = app.user_lock(&org).lock().await;
         let superseded = match parsed.previous_card_id() {
             None => None,
-            Some(prev) => app.store.device(prev.as_bytes())?.filter(|d| d.org_card),
+            Some(prev) => app
+                .store
+                .device(prev.as_bytes())
+                .await?
+                .filter(|d| d.org_card),
         };
         let id = parsed.id();
         let response = app.vouch_and_register(parsed, superseded, true).await?;
@@ -403,19 +410,19 @@ impl Admin for AdminService {
         request: Request<SetOrgMemberRequest>,
     ) -> Result<Response<SetOrgMemberResponse>, Status> {
         let app = &self.0;
-        let caller = app.authenticate(&request)?;
+        let caller = app.authenticate(&request).await?;
         app.require_admin(&caller)?;
         app.org_identity()?;
         let r = request.into_inner();
         limits::identity("identity", &r.identity)?;
-        if app.store.account(&r.identity)?.is_none() {
+        if app.store.account(&r.identity).await?.is_none() {
             return Err(Status::not_found(format!("no user {:?}", r.identity)));
         }
-        app.store.set_org_member(&r.identity, r.member)?;
+        app.store.set_org_member(&r.identity, r.member).await?;
         app.store.flush().await?;
         tracing::info!(identity = %r.identity, member = r.member, by = %caller.identity, "org membership changed");
         Ok(Response::new(SetOrgMemberResponse {
-            members: app.store.org_members()?,
+            members: app.store.org_members().await?,
         }))
     }
 
@@ -424,11 +431,11 @@ impl Admin for AdminService {
         request: Request<ListOrgMembersRequest>,
     ) -> Result<Response<ListOrgMembersResponse>, Status> {
         let app = &self.0;
-        let caller = app.authenticate(&request)?;
+        let caller = app.authenticate(&request).await?;
         app.require_admin(&caller)?;
         Ok(Response::new(ListOrgMembersResponse {
             org_identity: app.org_identity()?.to_owned(),
-            members: app.store.org_members()?,
+            members: app.store.org_members().await?,
         }))
     }
 
@@ -437,7 +444,7 @@ impl Admin for AdminService {
         request: Request<AdminRevokeDeviceRequest>,
     ) -> Result<Response<CardResponse>, Status> {
         let app = &self.0;
-        let caller = app.authenticate(&request)?;
+        let caller = app.authenticate(&request).await?;
         app.require_admin(&caller)?;
         let r = request.into_inner();
         let card_id = limits::card_id("card_id", &r.card_id)?;
@@ -448,7 +455,8 @@ impl Admin for AdminService {
         )?;
         let device = app
             .store
-            .device(card_id.as_bytes())?
+            .device(card_id.as_bytes())
+            .await?
             .ok_or_else(|| Status::not_found(format!("no device {card_id}")))?;
         let _user = app.user_lock(&device.identity).lock().await;
         Ok(Response::new(

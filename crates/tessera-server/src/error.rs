@@ -43,7 +43,7 @@ pub(crate) enum ServerError {
     #[error("{0}")]
     Unavailable(String),
     /// A membership statement broke a rule of the chain (the variant
-    /// decides the status, see [`statement_code`]).
+    /// decides the status, see [`statement_code`].
     #[error(transparent)]
     Statement(#[from] ChannelError),
     /// A status from elsewhere (the key service) with no better mapping,

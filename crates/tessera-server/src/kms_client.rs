@@ -149,7 +149,7 @@ impl KmsClient {
 
     /// The card ids `identity`'s device list trusts, as the key service
     /// reads it; `None` when the identity has no list (an account from
-    /// before device lists).
+    /// before device lists.
     pub(crate) async fn trusted_devices(
         &self,
         issuer: &TokenIssuer,

@@ -72,7 +72,7 @@ pub struct Limits {
     pub max_subscriptions_per_user: usize,
     pub max_subscriptions: usize,
     /// Per-user quotas: bytes of stored messages (envelopes and their
-    /// metadata), bytes and number of attachments, uploads at once.
+    /// metadata, bytes and number of attachments, uploads at once.
     pub max_message_bytes_per_user: u64,
     pub max_attachment_bytes_per_user: u64,
     pub max_attachments_per_user: usize,
@@ -164,6 +164,8 @@ pub enum StartError {
     Key(#[from] keystore::KeystoreError),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    #[error("database: {0}")]
+    Postgres(#[from] store::PgOpenError),
     #[error("key service address {url:?}: {reason}")]
     KmsAddress { url: String, reason: String },
     #[error("{0}")]
@@ -234,13 +236,13 @@ impl App {
 
     /// The caller of `request`. A token issued to a device (passwordless
     /// log-in) stops working as soon as that device is revoked.
-    pub(crate) fn authenticate<T>(
+    pub(crate) async fn authenticate<T>(
         &self,
         request: &tonic::Request<T>,
     ) -> Result<tessera_service::Caller, tonic::Status> {
         let caller = self.verifier.authenticate(request)?;
         if let Some(card) = caller.device_card_id {
-            let active = self.store.device(card.as_bytes())?.is_some_and(|d| {
+            let active = self.store.device(card.as_bytes()).await?.is_some_and(|d| {
                 d.identity == caller.identity && d.status == store::DeviceStatus::Active as i32
             });
             if !active {
@@ -252,9 +254,14 @@ impl App {
         Ok(caller)
     }
 
-    pub(crate) fn is_org_member(&self, identity: &str) -> Result<bool, StorageError> {
+    pub(crate) async fn is_org_member(&self, identity: &str) -> Result<bool, StorageError> {
         Ok(self.config.org_identity.is_some()
-            && self.store.org_members()?.iter().any(|m| m == identity))
+            && self
+                .store
+                .org_members()
+                .await?
+                .iter()
+                .any(|m| m == identity))
     }
 }
 
@@ -274,6 +281,23 @@ impl Server {
         );
         let (app_key, token_key) = load_or_create_keys(&app_path, &token_path)?;
         let store = store::SledStore::open(&config.data_dir.join("db"))?;
+        Self::with_store(Arc::new(store), app_key, token_key, config)
+    }
+
+    /// Opens the keys under `config.data_dir` and the PostgreSQL store
+    /// `database` names (applying its migrations). Attachments stay files
+    /// under `<data_dir>/attachments`.
+    pub async fn open_postgres(
+        config: Config,
+        database: &store::PgOptions,
+    ) -> Result<Self, StartError> {
+        let (app_path, token_path) = key_paths(
+            &config.data_dir,
+            config.app_key_path.as_deref(),
+            config.token_key_path.as_deref(),
+        );
+        let (app_key, token_key) = load_or_create_keys(&app_path, &token_path)?;
+        let store = store::PgStore::open(database).await?;
         Self::with_store(Arc::new(store), app_key, token_key, config)
     }
 

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use tessera_server::{Config, Limits, Server};
+use tessera_server::{Config, Limits, Server, store::PgOptions};
 use tessera_service::{config::init_tracing, serve, service_args};
 
 service_args!(
@@ -15,7 +15,7 @@ service_args!(
 );
 
 /// Tessera's app server: accounts, AppKey enrollment, channels and the encrypted transport.
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(name = "tessera-server", version)]
 struct Cli {
     #[command(flatten)]
@@ -94,6 +94,24 @@ struct Cli {
     /// Largest attachment, in bytes.
     #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ATTACHMENT_BYTES", default_value_t = Limits::default().max_attachment_bytes)]
     max_attachment_bytes: u64,
+    /// Keep the app server's data in PostgreSQL instead of sled (a libpq
+    /// URL or key/value string; it may hold a password and is never
+    /// logged). Attachments stay files under `<data-dir>/attachments`.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_SERVER_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+    /// Pooled PostgreSQL connections.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_SERVER_DATABASE_POOL_SIZE",
+        default_value_t = 16
+    )]
+    database_pool_size: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -179,7 +197,22 @@ async fn run(cli: Cli) -> Result<(), String> {
         };
     }
     common.start_metrics().map_err(|e| e.to_string())?;
-    let server = Server::open(config).map_err(|e| e.to_string())?;
+    let storage = if cli.database_url.is_some() {
+        "postgres"
+    } else {
+        "sled"
+    };
+    let server = match cli.database_url {
+        Some(url) => {
+            let database = PgOptions {
+                url,
+                pool_size: cli.database_pool_size,
+            };
+            Server::open_postgres(config, &database).await
+        }
+        None => Server::open(config),
+    }
+    .map_err(|e| e.to_string())?;
     if let Some(Command::CreateAdmin { identity }) = &cli.command {
         let password = admin_password()?;
         let created = server
@@ -196,7 +229,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, data_dir = %common.data_dir.display(), "tessera-server listening");
+    tracing::info!(%addr, data_dir = %common.data_dir.display(), storage, "tessera-server listening");
     let server = std::sync::Arc::new(server);
     let stopper = server.clone();
     serve::serve(routes, listener, &common.serve_options(), async move {

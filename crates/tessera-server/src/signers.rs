@@ -20,7 +20,7 @@ use crate::{
 /// The caller's active client device `card`, the one its token names when
 /// it names one; `PERMISSION_DENIED` otherwise. `what` says what the device
 /// does ("send", "sign").
-pub(crate) fn own_active_device(
+pub(crate) async fn own_active_device(
     store: &dyn Store,
     caller: &Caller,
     card: CardId,
@@ -32,7 +32,8 @@ pub(crate) fn own_active_device(
         )));
     }
     store
-        .device(card.as_bytes())?
+        .device(card.as_bytes())
+        .await?
         .filter(|d| {
             d.identity == caller.identity && d.status == DeviceStatus::Active as i32 && !d.org_card
         })
@@ -114,7 +115,7 @@ impl SignerKeys {
                 caller.identity
             )));
         }
-        let device = own_active_device(&*self.store, caller, card, "sign")?;
+        let device = own_active_device(&*self.store, caller, card, "sign").await?;
         if self.check_approval {
             self.check_approved(identity, card).await?;
         }
@@ -135,7 +136,7 @@ impl SignerKeys {
             ))),
             Some(trusted) if !trusted.iter().any(|t| t.as_slice() == card.as_bytes()) => {
                 Err(ServerError::PermissionDenied(format!(
-                    "device {} of {identity} is not approved by {identity}'s device list (pending or removed): approve it from another device first",
+                    "device {} of {identity} is not approved by {identity}'s device list (pending or removed).await: approve it from another device first",
                     card.short()
                 )))
             }
@@ -163,11 +164,11 @@ impl SignerKeys {
         // Kept under the user's lock, on the record as it is now (a
         // revocation meanwhile stays).
         let _user = self.user_locks.of(&device.identity).lock().await;
-        if let Some(mut now) = self.store.device(&device.card_id)?
+        if let Some(mut now) = self.store.device(&device.card_id).await?
             && now.signing_public_key.is_empty()
         {
             now.signing_public_key = key.as_bytes().to_vec();
-            self.store.put_devices(&[now])?;
+            self.store.put_devices(&[now]).await?;
         }
         tracing::info!(card_id = %id, "device signing key taken from the key service");
         Ok(key)

@@ -130,7 +130,7 @@ impl App {
 
     /// An active device of `identity`, straight into the store; its
     /// signing key is [`device_key`]`(n)`.
-    fn device(&self, identity: &str, n: u8) -> Vec<u8> {
+    async fn device(&self, identity: &str, n: u8) -> Vec<u8> {
         let card_id = [n; 32].to_vec();
         let signing_public_key = device_key(n).verifying_key().as_bytes().to_vec();
         self.store
@@ -143,6 +143,7 @@ impl App {
                 org_card: false,
                 signing_public_key,
             }])
+            .await
             .unwrap();
         card_id
     }
@@ -305,7 +306,7 @@ async fn sign_ups_are_throttled_per_peer() {
 #[tokio::test]
 async fn device_log_in_challenges_are_capped_per_identity_and_per_peer() {
     let app = App::start(|_| {}).await;
-    let alice_card = app.device("alice", 1);
+    let alice_card = app.device("alice", 1).await;
     let begin = |identity: &str, card_id: &[u8]| BeginDeviceLoginRequest {
         identity: identity.to_owned(),
         card_id: card_id.to_vec(),
@@ -333,7 +334,7 @@ async fn device_log_in_challenges_are_capped_per_identity_and_per_peer() {
     let mut more = 0;
     for n in 10..100u8 {
         let identity = format!("user{n}");
-        let card = app.device(&identity, n);
+        let card = app.device(&identity, n).await;
         match peer1.begin_device_login(begin(&identity, &card)).await {
             Ok(_) => more += 1,
             Err(s) => assert!(exhausted_with_retry(&s), "{s:?}"),
@@ -341,7 +342,7 @@ async fn device_log_in_challenges_are_capped_per_identity_and_per_peer() {
     }
     assert_eq!(ok + more, 64, "per peer");
     // Everyone else still logs in: the shared table is far from full.
-    let bob_card = app.device("bob", 200);
+    let bob_card = app.device("bob", 200).await;
     peer2
         .begin_device_login(begin("bob", &bob_card))
         .await

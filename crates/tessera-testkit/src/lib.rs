@@ -599,6 +599,21 @@ impl Cluster {
         Self::start_with(true, &[]).await
     }
 
+    /// [`Cluster::start`] with the app server keeping its data in the
+    /// PostgreSQL database at `database_url` (e.g. a testkit
+    /// [`Postgres`]'s `url("postgres")`).
+    pub async fn start_server_on_database(database_url: &str) -> Self {
+        Self::start_with(
+            false,
+            &[(
+                "tessera-server",
+                "TESSERA_SERVER_DATABASE_URL",
+                database_url,
+            )],
+        )
+        .await
+    }
+
     /// [`Cluster::start`] with more environment variables for some services:
     /// (`binary`, variable, value), e.g. `("tessera-server",
     /// "TESSERA_SERVER_TOKEN_LIFETIME_SECS", "3")`.
@@ -670,10 +685,18 @@ impl Cluster {
         ));
         // The operator makes the admin account, before the server runs.
         let admin_password = hex::encode(tessera_crypto::random_array::<12>().unwrap());
+        // With the server's own extra variables (its database, if any).
+        let mut admin_env = vec![("TESSERA_SERVER_ADMIN_PASSWORD", admin_password.as_str())];
+        admin_env.extend(
+            extra
+                .iter()
+                .filter(|(binary, _, _)| *binary == "tessera-server")
+                .map(|(_, name, value)| (*name, *value)),
+        );
         let created = run_json(
             "tessera-server",
             &["create-admin", "--data-dir", &d("server"), ADMIN],
-            &[("TESSERA_SERVER_ADMIN_PASSWORD", &admin_password)],
+            &admin_env,
         );
         assert_eq!(created["created"], true);
         server.start().await;

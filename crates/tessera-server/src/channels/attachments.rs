@@ -20,7 +20,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{Channels, check_id, visible_from};
-use crate::{error::ServerError, quota::UploadSlot, store::AttachmentRecord};
+use crate::{
+    error::ServerError,
+    quota::UploadSlot,
+    store::{AttachmentRecord, UsageChange},
+};
 
 const ATTACHMENT_CHUNK: usize = 64 * 1024;
 
@@ -48,7 +52,7 @@ impl Channels {
         let first = stream.next().await.transpose()?.ok_or_else(|| {
             ServerError::InvalidArgument("empty upload: the first message names the channel".into())
         })?;
-        self.membership(&first.channel_id, &caller.identity)?;
+        self.membership(&first.channel_id, &caller.identity).await?;
         let limits = &self.limits;
         let mut slot = self
             .uploads
@@ -60,7 +64,7 @@ impl Channels {
                 ),
                 retry_after: Duration::from_secs(5),
             })?;
-        let stored = self.store.usage(&caller.identity)?;
+        let stored = self.store.usage(&caller.identity).await?;
         if stored.attachments >= limits.max_attachments_per_user as u64 {
             return Err(ServerError::ResourceExhausted(format!(
                 "{} has used up its quota of {} attachments",
@@ -109,10 +113,11 @@ impl Channels {
         attachment_id: &str,
     ) -> Result<ReceiverStream<Result<AttachmentChunk, ServerError>>, ServerError> {
         check_id("attachment_id", attachment_id)?;
-        let (channel, me) = self.membership(channel_id, &caller.identity)?;
+        let (channel, me) = self.membership(channel_id, &caller.identity).await?;
         let record = self
             .store
-            .attachment(attachment_id)?
+            .attachment(attachment_id)
+            .await?
             .filter(|a| a.channel_id == channel_id)
             .ok_or_else(|| {
                 ServerError::NotFound(format!("no attachment {attachment_id} in this channel"))
@@ -167,7 +172,8 @@ impl Channels {
         sha256: Vec<u8>,
     ) -> Result<Vec<u8>, ServerError> {
         let _user = self.user_locks.of(&caller.identity).lock().await;
-        let mut usage = self.store.usage(&caller.identity)?;
+        let before = self.store.usage(&caller.identity).await?;
+        let mut usage = before;
         usage.attachment_bytes = usage.attachment_bytes.saturating_add(size);
         usage.attachments += 1;
         let limits = &self.limits;
@@ -181,22 +187,32 @@ impl Channels {
         }
         // The message that will carry it can only come after this index:
         // who may not see a message stored now may not fetch the file.
-        let (channel, _) = self.membership(channel_id, &caller.identity)?;
+        let (channel, _) = self.membership(channel_id, &caller.identity).await?;
         tokio::fs::rename(tmp, self.attachments_dir.join(id))
             .await
             .map_err(io)?;
-        self.store.put_attachment(
-            &AttachmentRecord {
-                attachment_id: id.to_owned(),
-                channel_id: channel_id.to_owned(),
-                size,
-                sha256: sha256.clone(),
-                uploader: caller.identity.clone(),
-                created_at_ms: tessera_service::now_ms(),
-                uploaded_at_index: channel.next_index,
-            },
-            &usage,
-        )?;
+        let put = self
+            .store
+            .put_attachment(
+                &AttachmentRecord {
+                    attachment_id: id.to_owned(),
+                    channel_id: channel_id.to_owned(),
+                    size,
+                    sha256: sha256.clone(),
+                    uploader: caller.identity.clone(),
+                    created_at_ms: tessera_service::now_ms(),
+                    uploaded_at_index: channel.next_index,
+                },
+                &UsageChange {
+                    before,
+                    after: usage,
+                },
+            )
+            .await?;
+        if !put {
+            // The file stays unreferenced; a retried upload stores another.
+            return Err(super::moved(&caller.identity));
+        }
         self.store.flush().await?;
         Ok(sha256)
     }

@@ -47,7 +47,7 @@ impl Live {
     }
 
     /// The message itself (from the store when it was not carried whole).
-    pub(crate) fn message(
+    pub(crate) async fn message(
         &self,
         store: &Arc<dyn Store>,
         channel_id: &str,
@@ -55,7 +55,8 @@ impl Live {
         match self {
             Self::Inline(m) => Ok((**m).clone()),
             Self::Stored(index) => store
-                .messages(channel_id, *index, index + 1, 1, usize::MAX)?
+                .messages(channel_id, *index, index + 1, 1, usize::MAX)
+                .await?
                 .pop()
                 .ok_or(ServerError::Internal(
                     "a published message is not in the store",

@@ -48,9 +48,9 @@ impl Channels {
         let signer = self.statement_signer(caller, &parsed).await?;
         let channel_id = parsed.channel_id();
         let _lock = self.channel_locks.of(channel_id).lock().await;
-        if let Some(existing) = self.store.channel(channel_id)? {
-            if self.is_stored(&existing, &parsed)? {
-                return self.view_for(&existing, &caller.identity);
+        if let Some(existing) = self.store.channel(channel_id).await? {
+            if self.is_stored(&existing, &parsed).await? {
+                return self.view_for(&existing, &caller.identity).await;
             }
             return Err(ServerError::AlreadyExists(format!(
                 "channel {channel_id} exists: choose another id"
@@ -67,8 +67,8 @@ impl Channels {
             )));
         }
         for identity in members.keys() {
-            self.check_account(identity)?;
-            self.check_room_for_channel(identity)?;
+            self.check_account(identity).await?;
+            self.check_room_for_channel(identity).await?;
         }
         let now = tessera_service::now_ms();
         let channel = ChannelRecord {
@@ -90,14 +90,18 @@ impl Channels {
             entry: entry(&parsed, now, 1),
             channel,
         };
-        if !self.store.append_statement(channel_id, 0, &[], &change)? {
+        if !self
+            .store
+            .append_statement(channel_id, 0, &[], &change)
+            .await?
+        {
             return Err(ServerError::AlreadyExists(format!(
                 "channel {channel_id} exists: choose another id"
             )));
         }
         self.store.flush().await?;
         tracing::info!(%channel_id, creator = %caller.identity, members = members.len(), "channel created");
-        self.view_for(&change.channel, &caller.identity)
+        self.view_for(&change.channel, &caller.identity).await
     }
 
     /// Appends a signed statement to a channel's chain. The same statement
@@ -127,18 +131,18 @@ impl Channels {
         // Held until the statement is stored (and announced): a message is
         // sent either before it or after it, at a known index.
         let _lock = self.channel_locks.of(channel_id).lock().await;
-        let channel = self.channel(channel_id)?;
+        let channel = self.channel(channel_id).await?;
         if channel.chain_length == 0 {
             return Err(legacy(channel_id));
         }
-        let records = self.store.members(channel_id)?;
+        let records = self.store.members(channel_id).await?;
         let member = records.iter().any(|m| m.identity == caller.identity);
-        if self.is_stored(&channel, &parsed)? {
+        if self.is_stored(&channel, &parsed).await? {
             // Sent again (a retry): OK. Someone no longer a member (who
             // left with it, or replays an old statement of theirs) learns
             // only the chain's length, not the channel's name or members.
             return if member {
-                self.view_for(&channel, &caller.identity)
+                self.view_for(&channel, &caller.identity).await
             } else {
                 Ok(PbChannel {
                     channel_id: channel_id.to_owned(),
@@ -153,13 +157,13 @@ impl Channels {
         let mut state = resume(&channel, &records)?;
         let change = apply(&mut state, &parsed, &signer)?;
         if let Change::Add { identity, .. } = &change {
-            self.check_account(identity)?;
+            self.check_account(identity).await?;
             limits::check_quota(
                 "members per channel",
                 records.len(),
                 self.limits.max_members_per_channel,
             )?;
-            self.check_room_for_channel(identity)?;
+            self.check_room_for_channel(identity).await?;
         }
         // Clients refuse a chain whose times go back (a backdated statement),
         // so a clock stepped back must not date this one before the head.
@@ -171,7 +175,8 @@ impl Channels {
                 channel.chain_length,
                 1,
                 usize::MAX,
-            )?
+            )
+            .await?
             .first()
             .map_or(0, |e| e.server_time_ms);
         let now = tessera_service::now_ms().max(head_time);
@@ -190,12 +195,16 @@ impl Channels {
             put_members,
             remove_members,
         };
-        if !self.store.append_statement(
-            channel_id,
-            channel.chain_length,
-            &channel.chain_head,
-            &stored,
-        )? {
+        if !self
+            .store
+            .append_statement(
+                channel_id,
+                channel.chain_length,
+                &channel.chain_head,
+                &stored,
+            )
+            .await?
+        {
             return Err(ServerError::Aborted(
                 "the channel's chain changed meanwhile: refetch it and sign again".into(),
             ));
@@ -204,17 +213,17 @@ impl Channels {
         self.hub
             .publish_chain(channel_id, stored.channel.chain_length);
         tracing::info!(%channel_id, epoch = parsed.epoch(), by = %caller.identity, change = change_name(&change), "membership statement accepted");
-        self.view_for(&stored.channel, &caller.identity)
+        self.view_for(&stored.channel, &caller.identity).await
     }
 
     /// The chain's statements from `from_epoch` on, for a current member.
-    pub(crate) fn chain(
+    pub(crate) async fn chain(
         &self,
         caller: &Caller,
         channel_id: &str,
         from_epoch: u64,
     ) -> Result<ChannelChain, ServerError> {
-        let (channel, _) = self.membership(channel_id, &caller.identity)?;
+        let (channel, _) = self.membership(channel_id, &caller.identity).await?;
         if from_epoch > channel.chain_length {
             return Err(ServerError::InvalidArgument(format!(
                 "from_epoch {from_epoch} is beyond the chain's {} statements",
@@ -224,43 +233,50 @@ impl Channels {
         Ok(ChannelChain {
             channel_id: channel_id.to_owned(),
             length: channel.chain_length,
-            entries: self.store.chain(
-                channel_id,
-                from_epoch,
-                channel.chain_length,
-                MAX_CHAIN_PAGE_ENTRIES,
-                MAX_CHAIN_PAGE_BYTES,
-            )?,
+            entries: self
+                .store
+                .chain(
+                    channel_id,
+                    from_epoch,
+                    channel.chain_length,
+                    MAX_CHAIN_PAGE_ENTRIES,
+                    MAX_CHAIN_PAGE_BYTES,
+                )
+                .await?,
         })
     }
 
     /// The channel as the caller, a member, sees it.
-    pub(crate) fn get(&self, caller: &Caller, channel_id: &str) -> Result<PbChannel, ServerError> {
-        let (channel, me) = self.membership(channel_id, &caller.identity)?;
-        self.view(&channel, Some(&me), true)
+    pub(crate) async fn get(
+        &self,
+        caller: &Caller,
+        channel_id: &str,
+    ) -> Result<PbChannel, ServerError> {
+        let (channel, me) = self.membership(channel_id, &caller.identity).await?;
+        self.view(&channel, Some(&me), true).await
     }
 
     /// The channel as `identity` sees it (for the organisation's backup
     /// service), or `PERMISSION_DENIED` when `identity` is not a member.
-    pub(crate) fn member_view(
+    pub(crate) async fn member_view(
         &self,
         channel_id: &str,
         identity: &str,
     ) -> Result<PbChannel, ServerError> {
         limits::identity("identity", identity)?;
-        let (channel, member) = self.membership(channel_id, identity)?;
-        self.view(&channel, Some(&member), true)
+        let (channel, member) = self.membership(channel_id, identity).await?;
+        self.view(&channel, Some(&member), true).await
     }
 
     /// The caller's channels, without their members.
-    pub(crate) fn list(&self, caller: &Caller) -> Result<Vec<PbChannel>, ServerError> {
+    pub(crate) async fn list(&self, caller: &Caller) -> Result<Vec<PbChannel>, ServerError> {
         let mut channels = Vec::new();
-        for id in self.store.channels_of(&caller.identity)? {
+        for id in self.store.channels_of(&caller.identity).await? {
             if let (Some(channel), Some(me)) = (
-                self.store.channel(&id)?,
-                self.store.member(&id, &caller.identity)?,
+                self.store.channel(&id).await?,
+                self.store.member(&id, &caller.identity).await?,
             ) {
-                channels.push(self.view(&channel, Some(&me), false)?);
+                channels.push(self.view(&channel, Some(&me), false).await?);
             }
         }
         Ok(channels)
@@ -279,7 +295,7 @@ impl Channels {
 
     /// Whether this exact statement (bytes and signature) is stored at its
     /// epoch already: it was accepted before and is sent again.
-    fn is_stored(
+    async fn is_stored(
         &self,
         channel: &ChannelRecord,
         statement: &ParsedChannelStatement,
@@ -290,7 +306,8 @@ impl Channels {
         }
         let stored = self
             .store
-            .chain(&channel.channel_id, epoch, epoch + 1, 1, usize::MAX)?;
+            .chain(&channel.channel_id, epoch, epoch + 1, 1, usize::MAX)
+            .await?;
         Ok(stored
             .first()
             .and_then(|e| e.statement.as_ref())
@@ -298,8 +315,8 @@ impl Channels {
     }
 
     /// `NOT_FOUND` unless `identity` has an account.
-    fn check_account(&self, identity: &str) -> Result<(), ServerError> {
-        if self.store.account(identity)?.is_none() {
+    async fn check_account(&self, identity: &str) -> Result<(), ServerError> {
+        if self.store.account(identity).await?.is_none() {
             return Err(ServerError::NotFound(format!("no user {identity:?}")));
         }
         Ok(())

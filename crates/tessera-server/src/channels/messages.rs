@@ -1,6 +1,6 @@
 //! Messages: the ordered index of each channel (one index per message,
 //! under the channel's lock, each naming the membership epoch it was sealed
-//! under), pages of history as each member may see it, read horizons.
+//! under, pages of history as each member may see it, read horizons.
 
 use prost::Message as _;
 use tessera_crypto::{envelope::ParsedEnvelope, sender_key::ParsedGroupEnvelope};
@@ -11,10 +11,16 @@ use tessera_proto::server::v1::{
 use tessera_service::{Caller, limits, metrics};
 
 use super::{Channels, legacy, not_a_member, sender_keys::check_current_epoch, visible_from};
-use crate::{error::ServerError, signers::own_active_device};
+use crate::{
+    error::ServerError,
+    signers::own_active_device,
+    store::{Appended, UsageChange},
+};
 
 const CLIENT_MESSAGE_ID_LEN: usize = 16;
 const DEFAULT_PAGE: u32 = 50;
+/// Tries of a send whose channel or quota another replica moved meanwhile.
+const SEND_ATTEMPTS: usize = 16;
 
 impl Channels {
     /// Stores a message at the channel's next index, if it was sealed at
@@ -66,23 +72,46 @@ impl Channels {
                 group_chain = Some(envelope.chain_id());
             }
         }
-        self.membership(&r.channel_id, &caller.identity)?;
-        own_active_device(&*self.store, caller, sender_card, "send")?;
+        self.membership(&r.channel_id, &caller.identity).await?;
+        own_active_device(&*self.store, caller, sender_card, "send").await?;
 
+        // On sled the locks make each attempt succeed; on PostgreSQL a
+        // replica sharing the database may move the channel or the
+        // sender's usage in between: the store refuses (nothing written)
+        // and the send is tried again from a fresh read.
+        for _ in 0..SEND_ATTEMPTS {
+            if let Some(sent) = self
+                .try_send(caller, &r, sender_card.as_bytes(), kind, group_chain)
+                .await?
+            {
+                return Ok(sent);
+            }
+        }
+        Err(ServerError::Aborted(format!(
+            "channel {} changed under {SEND_ATTEMPTS} attempts to store the message; send it again",
+            r.channel_id
+        )))
+    }
+
+    /// One attempt of [`Self::send`]: `None` when the store found the
+    /// channel or the sender's usage moved since they were read.
+    async fn try_send(
+        &self,
+        caller: &Caller,
+        r: &SendMessageRequest,
+        sender_card: &[u8],
+        kind: EnvelopeKind,
+        group_chain: Option<[u8; 16]>,
+    ) -> Result<Option<SendMessageResponse>, ServerError> {
         let lock = self.channel_locks.of(&r.channel_id).lock().await;
-        let mut channel = self.channel(&r.channel_id)?;
-        if let Some(index) = self.store.dedupe(&r.channel_id, &r.client_message_id)? {
-            let stored = self
-                .store
-                .messages(&r.channel_id, index, index + 1, 1, usize::MAX)?;
+        let mut channel = self.channel(&r.channel_id).await?;
+        if let Some(index) = self
+            .store
+            .dedupe(&r.channel_id, &r.client_message_id)
+            .await?
+        {
             drop(lock);
-            // The first copy's own send may still be waiting for its flush.
-            self.store.flush().await?;
-            return Ok(SendMessageResponse {
-                index,
-                server_time_ms: stored.first().map_or(0, |m| m.server_time_ms),
-                duplicate: true,
-            });
+            return self.duplicate(&r.channel_id, index).await.map(Some);
         }
         if channel.chain_length == 0 {
             return Err(legacy(&r.channel_id));
@@ -91,16 +120,18 @@ impl Channels {
         // removed the sender.
         if self
             .store
-            .member(&r.channel_id, &caller.identity)?
+            .member(&r.channel_id, &caller.identity)
+            .await?
             .is_none()
         {
             return Err(not_a_member(&caller.identity, &r.channel_id));
         }
         let epoch = check_current_epoch(&channel, r.epoch, "the message was")?;
         if let Some(chain) = group_chain {
-            let stored =
-                self.store
-                    .sender_key_chain(&r.channel_id, sender_card.as_bytes(), &chain)?;
+            let stored = self
+                .store
+                .sender_key_chain(&r.channel_id, sender_card, &chain)
+                .await?;
             if stored.is_none_or(|c| c.epoch != epoch) {
                 return Err(ServerError::FailedPrecondition(format!(
                     "no sender key stored for this chain ({}) at epoch {epoch}: put the chain's copies with PutSenderKeys first",
@@ -113,9 +144,9 @@ impl Channels {
             index: channel.next_index,
             sender_identity: caller.identity.clone(),
             sender_card_id: sender_card.to_vec(),
-            client_message_id: r.client_message_id,
+            client_message_id: r.client_message_id.clone(),
             server_time_ms: tessera_service::now_ms(),
-            envelope: r.envelope,
+            envelope: r.envelope.clone(),
             epoch,
             kind: kind as i32,
         };
@@ -123,17 +154,21 @@ impl Channels {
         // The sender's quota, under its own lock (taken after the channel's,
         // as everywhere): sends to two channels at once cannot both fit.
         let user = self.user_locks.of(&caller.identity).lock().await;
-        let mut usage = self.store.usage(&caller.identity)?;
-        usage.message_bytes = usage
+        let before = self.store.usage(&caller.identity).await?;
+        let mut after = before;
+        after.message_bytes = after
             .message_bytes
             .saturating_add(message.encoded_len() as u64);
-        if usage.message_bytes > self.limits.max_message_bytes_per_user {
+        if after.message_bytes > self.limits.max_message_bytes_per_user {
             return Err(ServerError::ResourceExhausted(format!(
                 "{} has used up its quota of {} bytes of stored messages",
                 caller.identity, self.limits.max_message_bytes_per_user
             )));
         }
-        self.store.append_message(&channel, &message, &usage)?;
+        let appended = self
+            .store
+            .append_message(&channel, &message, &UsageChange { before, after })
+            .await?;
         // The locks only order the indices and the quota: released before
         // the flush, so concurrent sends share one flush (group commit, see
         // the store). Subscribers place statements by the index stored with
@@ -141,27 +176,54 @@ impl Channels {
         // harmless.
         drop(user);
         drop(lock);
+        match appended {
+            Appended::Stored => {}
+            Appended::Duplicate(index) => {
+                return self.duplicate(&r.channel_id, index).await.map(Some);
+            }
+            Appended::Moved => return Ok(None),
+        }
         self.store.flush().await?;
         metrics::increment(metrics::SERVER_MESSAGES_STORED);
         let (index, server_time_ms) = (message.index, message.server_time_ms);
         self.hub.publish(message);
-        Ok(SendMessageResponse {
+        Ok(Some(SendMessageResponse {
             index,
             server_time_ms,
             duplicate: false,
+        }))
+    }
+
+    /// The answer to a send whose client message id is stored already, at
+    /// `index`.
+    async fn duplicate(
+        &self,
+        channel_id: &str,
+        index: u64,
+    ) -> Result<SendMessageResponse, ServerError> {
+        let stored = self
+            .store
+            .messages(channel_id, index, index + 1, 1, usize::MAX)
+            .await?;
+        // The first copy's own send may still be waiting for its flush.
+        self.store.flush().await?;
+        Ok(SendMessageResponse {
+            index,
+            server_time_ms: stored.first().map_or(0, |m| m.server_time_ms),
+            duplicate: true,
         })
     }
 
     /// A page of the messages the caller may see.
-    pub(crate) fn messages(
+    pub(crate) async fn messages(
         &self,
         caller: &Caller,
         r: &ListMessagesRequest,
     ) -> Result<ListMessagesResponse, ServerError> {
-        let (channel, me) = self.membership(&r.channel_id, &caller.identity)?;
+        let (channel, me) = self.membership(&r.channel_id, &caller.identity).await?;
         let page = limits::page_size(r.page_size, DEFAULT_PAGE, self.limits.max_page_size)?;
         // A page holds at most `max_page_bytes` of stored messages (one
-        // message alone may be larger): it is cut short rather than loaded.
+        // message alone may be larger: it is cut short rather than loaded.
         let max_bytes = self.limits.max_page_bytes;
         let first = visible_from(&channel, &me);
         let end = channel.next_index; // exclusive
@@ -170,7 +232,8 @@ impl Channels {
                 let start = r.anchor.max(first);
                 let messages = self
                     .store
-                    .messages(&r.channel_id, start, end, page, max_bytes)?;
+                    .messages(&r.channel_id, start, end, page, max_bytes)
+                    .await?;
                 let next = match messages.last() {
                     Some(last) if last.index + 1 < end => last.index + 1,
                     _ => 0,
@@ -186,13 +249,10 @@ impl Channels {
                 if last < first {
                     (Vec::new(), 0)
                 } else {
-                    let messages = self.store.messages_before(
-                        &r.channel_id,
-                        first,
-                        last + 1,
-                        page,
-                        max_bytes,
-                    )?;
+                    let messages = self
+                        .store
+                        .messages_before(&r.channel_id, first, last + 1, page, max_bytes)
+                        .await?;
                     let next = match messages.first() {
                         Some(oldest) if oldest.index > first => oldest.index - 1,
                         _ => 0,
@@ -210,15 +270,16 @@ impl Channels {
 
     /// The message stored at `index` (for the organisation's backup
     /// service), or `NOT_FOUND`.
-    pub(crate) fn stored_message(
+    pub(crate) async fn stored_message(
         &self,
         channel_id: &str,
         index: u64,
     ) -> Result<StoredMessage, ServerError> {
-        self.channel(channel_id)?;
+        self.channel(channel_id).await?;
         self.store
             // One message, however large (a page always carries its first).
-            .messages(channel_id, index, index.saturating_add(1), 1, 0)?
+            .messages(channel_id, index, index.saturating_add(1), 1, 0)
+            .await?
             .into_iter()
             .find(|m| m.index == index)
             .ok_or_else(|| {
@@ -233,30 +294,35 @@ impl Channels {
         channel_id: &str,
         index: u64,
     ) -> Result<u64, ServerError> {
-        let (channel, _) = self.membership(channel_id, &caller.identity)?;
+        let (channel, _) = self.membership(channel_id, &caller.identity).await?;
         if index >= channel.next_index {
             return Err(ServerError::OutOfRange(format!(
-                "index {index} is beyond the last message ({})",
+                "index {index} is beyond the last message ({}).await",
                 channel.next_index - 1
             )));
         }
         let _lock = self.user_locks.of(&caller.identity).lock().await;
         let index = self
             .store
-            .read_horizon(&caller.identity, channel_id)?
+            .read_horizon(&caller.identity, channel_id)
+            .await?
             .max(index);
         self.store
-            .set_read_horizon(&caller.identity, channel_id, index)?;
+            .set_read_horizon(&caller.identity, channel_id, index)
+            .await?;
         self.store.flush().await?;
         Ok(index)
     }
 
-    pub(crate) fn read_horizon(
+    pub(crate) async fn read_horizon(
         &self,
         caller: &Caller,
         channel_id: &str,
     ) -> Result<u64, ServerError> {
-        self.membership(channel_id, &caller.identity)?;
-        Ok(self.store.read_horizon(&caller.identity, channel_id)?)
+        self.membership(channel_id, &caller.identity).await?;
+        Ok(self
+            .store
+            .read_horizon(&caller.identity, channel_id)
+            .await?)
     }
 }

@@ -82,31 +82,33 @@ impl Channels {
     }
 
     /// The channel, or `NOT_FOUND`.
-    pub(crate) fn channel(&self, channel_id: &str) -> Result<ChannelRecord, ServerError> {
+    pub(crate) async fn channel(&self, channel_id: &str) -> Result<ChannelRecord, ServerError> {
         check_id("channel_id", channel_id)?;
         self.store
-            .channel(channel_id)?
+            .channel(channel_id)
+            .await?
             .ok_or_else(|| ServerError::NotFound(format!("no channel {channel_id}")))
     }
 
     /// The channel and `identity`'s membership: `NOT_FOUND` for no channel,
     /// `PERMISSION_DENIED` for a non-member.
-    pub(crate) fn membership(
+    pub(crate) async fn membership(
         &self,
         channel_id: &str,
         identity: &str,
     ) -> Result<(ChannelRecord, MemberRecord), ServerError> {
-        let channel = self.channel(channel_id)?;
+        let channel = self.channel(channel_id).await?;
         let member = self
             .store
-            .member(channel_id, identity)?
+            .member(channel_id, identity)
+            .await?
             .ok_or_else(|| not_a_member(identity, channel_id))?;
         Ok((channel, member))
     }
 
     /// The channel as `me` sees it (members only `with_members`; none and
     /// nothing visible for someone who is not a member any more).
-    fn view(
+    async fn view(
         &self,
         channel: &ChannelRecord,
         me: Option<&MemberRecord>,
@@ -114,7 +116,8 @@ impl Channels {
     ) -> Result<PbChannel, ServerError> {
         let members = if with_members && me.is_some() {
             self.store
-                .members(&channel.channel_id)?
+                .members(&channel.channel_id)
+                .await?
                 .into_iter()
                 .map(|m| Member {
                     identity: m.identity,
@@ -143,15 +146,19 @@ impl Channels {
     }
 
     /// The channel as `identity` sees it now, members included.
-    fn view_for(&self, channel: &ChannelRecord, identity: &str) -> Result<PbChannel, ServerError> {
-        let me = self.store.member(&channel.channel_id, identity)?;
-        self.view(channel, me.as_ref(), true)
+    async fn view_for(
+        &self,
+        channel: &ChannelRecord,
+        identity: &str,
+    ) -> Result<PbChannel, ServerError> {
+        let me = self.store.member(&channel.channel_id, identity).await?;
+        self.view(channel, me.as_ref(), true).await
     }
 
     /// `RESOURCE_EXHAUSTED` when `identity` is in as many channels as a
     /// user may be.
-    fn check_room_for_channel(&self, identity: &str) -> Result<(), ServerError> {
-        let count = self.store.channels_of(identity)?.len();
+    async fn check_room_for_channel(&self, identity: &str) -> Result<(), ServerError> {
+        let count = self.store.channels_of(identity).await?.len();
         Ok(limits::check_quota(
             &format!("channels for {identity}"),
             count,
@@ -235,4 +242,12 @@ fn head_of(channel: &ChannelRecord) -> Result<Hash, ServerError> {
         .as_slice()
         .try_into()
         .map_err(|_| ServerError::Internal("a stored chain head is not 32 bytes"))
+}
+
+/// What a write answers when another replica changed the caller's usage
+/// between its read and the write (nothing was written).
+pub(super) fn moved(identity: &str) -> ServerError {
+    ServerError::Aborted(format!(
+        "the usage of {identity} changed meanwhile (another app server wrote); try again"
+    ))
 }

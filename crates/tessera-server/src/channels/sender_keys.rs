@@ -16,11 +16,11 @@ use tessera_proto::server::v1::{
 };
 use tessera_service::{Caller, limits, metrics};
 
-use super::{Channels, legacy, not_a_member};
+use super::{Channels, legacy, moved, not_a_member};
 use crate::{
     error::ServerError,
     signers::own_active_device,
-    store::{ChannelRecord, SenderKeyChain, SenderKeysPut},
+    store::{ChannelRecord, SenderKeyChain, SenderKeysPut, UsageChange},
 };
 
 /// The most bytes of one encoded `SenderKeyDistribution` (one is about 440).
@@ -131,16 +131,17 @@ impl Channels {
             }
             copies.push((recipient.to_vec(), bytes));
         }
-        self.membership(&r.channel_id, &caller.identity)?;
-        own_active_device(&*self.store, caller, sender_card, "distribute keys")?;
+        self.membership(&r.channel_id, &caller.identity).await?;
+        own_active_device(&*self.store, caller, sender_card, "distribute keys").await?;
 
         let lock = self.channel_locks.of(&r.channel_id).lock().await;
-        let channel = self.channel(&r.channel_id)?;
+        let channel = self.channel(&r.channel_id).await?;
         // Again under the lock: a statement accepted since may have
         // removed the sender.
         if self
             .store
-            .member(&r.channel_id, &caller.identity)?
+            .member(&r.channel_id, &caller.identity)
+            .await?
             .is_none()
         {
             return Err(not_a_member(&caller.identity, &r.channel_id));
@@ -154,7 +155,8 @@ impl Channels {
         let (sender, chain) = (sender_card.to_vec(), chain.to_vec());
         let stored_before = self
             .store
-            .sender_key_chain(&r.channel_id, &sender, &chain)?;
+            .sender_key_chain(&r.channel_id, &sender, &chain)
+            .await?;
         let new_chain = stored_before.is_none();
         let record = match stored_before {
             None if listed.is_empty() => SenderKeyChain {
@@ -214,7 +216,8 @@ impl Channels {
         // replaced copy gives its bytes back), under the user's lock taken
         // after the channel's, as for a send.
         let user = self.user_locks.of(&caller.identity).lock().await;
-        let mut usage = self.store.usage(&caller.identity)?;
+        let before = self.store.usage(&caller.identity).await?;
+        let mut usage = before;
         // A new chain's record (its recipient list) is stored too: it counts.
         if new_chain {
             usage.message_bytes = usage
@@ -224,7 +227,8 @@ impl Channels {
         for (recipient, copy) in &copies {
             let replaced = self
                 .store
-                .sender_key(&r.channel_id, &sender, &chain, recipient)?
+                .sender_key(&r.channel_id, &sender, &chain, recipient)
+                .await?
                 .map_or(0, |(old, _)| old.len() as u64);
             usage.message_bytes = usage
                 .message_bytes
@@ -238,19 +242,28 @@ impl Channels {
             )));
         }
         let stored = copies.len();
-        self.store.put_sender_keys(
-            &SenderKeysPut {
-                channel_id: r.channel_id,
-                sender_card_id: sender,
-                chain_id: chain,
-                chain: record,
-                copies,
-                sender_identity: caller.identity.clone(),
-            },
-            &usage,
-        )?;
+        let put = self
+            .store
+            .put_sender_keys(
+                &SenderKeysPut {
+                    channel_id: r.channel_id,
+                    sender_card_id: sender,
+                    chain_id: chain,
+                    chain: record,
+                    copies,
+                    sender_identity: caller.identity.clone(),
+                },
+                &UsageChange {
+                    before,
+                    after: usage,
+                },
+            )
+            .await?;
         drop(user);
         drop(lock);
+        if !put {
+            return Err(moved(&caller.identity));
+        }
         self.store.flush().await?;
         metrics::increment_by(metrics::SERVER_SENDER_KEYS_STORED, stored as u64);
         Ok(PutSenderKeysResponse {
@@ -259,7 +272,7 @@ impl Channels {
     }
 
     /// The copy of a chain addressed to one of the caller's devices.
-    pub(crate) fn get_sender_key(
+    pub(crate) async fn get_sender_key(
         &self,
         caller: &Caller,
         r: &GetSenderKeyRequest,
@@ -267,8 +280,8 @@ impl Channels {
         let recipient = limits::card_id("recipient_card_id", &r.recipient_card_id)?;
         let sender = limits::card_id("sender_card_id", &r.sender_card_id)?;
         let chain = chain_id(&r.chain_id)?;
-        self.membership(&r.channel_id, &caller.identity)?;
-        own_active_device(&*self.store, caller, recipient, "fetch keys as")?;
+        self.membership(&r.channel_id, &caller.identity).await?;
+        own_active_device(&*self.store, caller, recipient, "fetch keys as").await?;
         let (distribution, record) = self
             .store
             .sender_key(
@@ -276,7 +289,8 @@ impl Channels {
                 sender.as_bytes(),
                 &chain,
                 recipient.as_bytes(),
-            )?
+            )
+            .await?
             .ok_or_else(|| {
                 ServerError::NotFound(format!(
                     "no copy of chain {} of device {} for device {}",

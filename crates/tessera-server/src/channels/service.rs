@@ -28,7 +28,7 @@ impl Channels for ChannelsService {
         &self,
         request: Request<CreateChannelRequest>,
     ) -> Result<Response<PbChannel>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         let creation = request.into_inner().creation;
         Ok(Response::new(
             self.0.channels.create(&caller, creation).await?,
@@ -39,7 +39,7 @@ impl Channels for ChannelsService {
         &self,
         request: Request<PublishChannelStatementRequest>,
     ) -> Result<Response<PbChannel>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         let r = request.into_inner();
         Ok(Response::new(
             self.0
@@ -53,22 +53,23 @@ impl Channels for ChannelsService {
         &self,
         request: Request<GetChannelChainRequest>,
     ) -> Result<Response<ChannelChain>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         let r = request.get_ref();
-        Ok(Response::new(self.0.channels.chain(
-            &caller,
-            &r.channel_id,
-            r.from_epoch,
-        )?))
+        Ok(Response::new(
+            self.0
+                .channels
+                .chain(&caller, &r.channel_id, r.from_epoch)
+                .await?,
+        ))
     }
 
     async fn list_channels(
         &self,
         request: Request<ListChannelsRequest>,
     ) -> Result<Response<ListChannelsResponse>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         Ok(Response::new(ListChannelsResponse {
-            channels: self.0.channels.list(&caller)?,
+            channels: self.0.channels.list(&caller).await?,
         }))
     }
 
@@ -76,11 +77,12 @@ impl Channels for ChannelsService {
         &self,
         request: Request<GetChannelRequest>,
     ) -> Result<Response<PbChannel>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         Ok(Response::new(
             self.0
                 .channels
-                .get(&caller, &request.get_ref().channel_id)?,
+                .get(&caller, &request.get_ref().channel_id)
+                .await?,
         ))
     }
 
@@ -88,7 +90,7 @@ impl Channels for ChannelsService {
         &self,
         request: Request<SendMessageRequest>,
     ) -> Result<Response<SendMessageResponse>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         Ok(Response::new(
             self.0.channels.send(&caller, request.into_inner()).await?,
         ))
@@ -98,9 +100,9 @@ impl Channels for ChannelsService {
         &self,
         request: Request<ListMessagesRequest>,
     ) -> Result<Response<ListMessagesResponse>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         Ok(Response::new(
-            self.0.channels.messages(&caller, request.get_ref())?,
+            self.0.channels.messages(&caller, request.get_ref()).await?,
         ))
     }
 
@@ -110,12 +112,13 @@ impl Channels for ChannelsService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         let r = request.into_inner();
         let stream = self
             .0
             .channels
-            .subscribe(caller, r.channel_id, r.from_index)?;
+            .subscribe(caller, r.channel_id, r.from_index)
+            .await?;
         Ok(Response::new(Box::pin(
             stream.map(|item| item.map_err(Status::from)),
         )))
@@ -125,7 +128,7 @@ impl Channels for ChannelsService {
         &self,
         request: Request<SetReadHorizonRequest>,
     ) -> Result<Response<ReadHorizon>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         let r = request.into_inner();
         let index = self
             .0
@@ -142,10 +145,10 @@ impl Channels for ChannelsService {
         &self,
         request: Request<GetReadHorizonRequest>,
     ) -> Result<Response<ReadHorizon>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         let r = request.into_inner();
         Ok(Response::new(ReadHorizon {
-            index: self.0.channels.read_horizon(&caller, &r.channel_id)?,
+            index: self.0.channels.read_horizon(&caller, &r.channel_id).await?,
             channel_id: r.channel_id,
         }))
     }
@@ -154,7 +157,7 @@ impl Channels for ChannelsService {
         &self,
         request: Request<Streaming<UploadAttachmentRequest>>,
     ) -> Result<Response<UploadAttachmentResponse>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         Ok(Response::new(
             self.0
                 .channels
@@ -169,7 +172,7 @@ impl Channels for ChannelsService {
         &self,
         request: Request<DownloadAttachmentRequest>,
     ) -> Result<Response<Self::DownloadAttachmentStream>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         let r = request.into_inner();
         let chunks = self
             .0
@@ -185,7 +188,7 @@ impl Channels for ChannelsService {
         &self,
         request: Request<PutSenderKeysRequest>,
     ) -> Result<Response<PutSenderKeysResponse>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         Ok(Response::new(
             self.0
                 .channels
@@ -198,9 +201,12 @@ impl Channels for ChannelsService {
         &self,
         request: Request<GetSenderKeyRequest>,
     ) -> Result<Response<GetSenderKeyResponse>, Status> {
-        let caller = self.0.authenticate(&request)?;
+        let caller = self.0.authenticate(&request).await?;
         Ok(Response::new(
-            self.0.channels.get_sender_key(&caller, request.get_ref())?,
+            self.0
+                .channels
+                .get_sender_key(&caller, request.get_ref())
+                .await?,
         ))
     }
 }

@@ -27,7 +27,7 @@ use tokio::{
 use super::{Channels, hub::Live, visible_from};
 use crate::{error::ServerError, quota::Full, quota::SubscriptionSlot};
 
-/// Bytes of stored messages (or statements) read at a time while catching
+/// Bytes of stored messages (or statements read at a time while catching
 /// up (at least one, however large).
 const CATCH_UP_BYTES: usize = 1024 * 1024;
 /// Messages (or statements) read at a time while catching up.
@@ -75,14 +75,14 @@ fn removed() -> ServerError {
 impl Channels {
     /// The caller's subscription to a channel from `from_index` (0: from
     /// the next message on).
-    pub(crate) fn subscribe(
+    pub(crate) async fn subscribe(
         self: &Arc<Self>,
         caller: Caller,
         channel_id: String,
         from_index: u64,
     ) -> Result<impl Stream<Item = Result<ChannelEvent, ServerError>> + Send + 'static, ServerError>
     {
-        let (channel, me) = self.membership(&channel_id, &caller.identity)?;
+        let (channel, me) = self.membership(&channel_id, &caller.identity).await?;
         let first_visible = visible_from(&channel, &me);
         let start = match from_index {
             0 => channel.next_index,
@@ -107,8 +107,10 @@ impl Channels {
             .ok_or(ServerError::Internal("subscription hub unavailable"))?;
         // Read after subscribing to the broadcast: a statement accepted
         // since is in it.
-        let chain_length = self.channel(&channel_id)?.chain_length;
-        let announced = self.first_statement_from(&channel_id, chain_length, start)?;
+        let chain_length = self.channel(&channel_id).await?.chain_length;
+        let announced = self
+            .first_statement_from(&channel_id, chain_length, start)
+            .await?;
         let expires_in =
             Duration::from_secs((caller.expires_at - tessera_service::now_secs()).max(0) as u64);
         let state = Subscription {
@@ -140,7 +142,7 @@ impl Channels {
     /// The first epoch of a chain of `length` statements accepted when the
     /// channel's next message index was `start` or later (`length` if
     /// none). Such indices never decrease along the chain.
-    fn first_statement_from(
+    async fn first_statement_from(
         &self,
         channel_id: &str,
         length: u64,
@@ -151,7 +153,8 @@ impl Channels {
             let mid = low + (high - low) / 2;
             let entry = self
                 .store
-                .chain(channel_id, mid, mid + 1, 1, usize::MAX)?
+                .chain(channel_id, mid, mid + 1, 1, usize::MAX)
+                .await?
                 .pop()
                 .ok_or(ServerError::Internal("a chain entry is missing"))?;
             if entry.next_index >= start {
@@ -177,12 +180,12 @@ impl Subscription {
                 return None;
             }
             // Statements accepted before the next message (with none
-            // waiting, before the next one to come) go first.
+            // waiting, before the next one to come go first.
             let before = self.pending.front().map_or(self.next, |m| m.index);
-            match self.due_statements(before) {
+            match self.due_statements(before).await {
                 Ok(None) => {}
                 Ok(Some(length)) => {
-                    if let Err(e) = self.look_at_membership() {
+                    if let Err(e) = self.look_at_membership().await {
                         return self.end(e);
                     }
                     return Some(Ok(ChannelEvent {
@@ -200,7 +203,7 @@ impl Subscription {
                 continue;
             }
             if self.catching_up {
-                if let Err(e) = self.read_batch() {
+                if let Err(e) = self.read_batch().await {
                     return self.end(e);
                 }
                 continue;
@@ -217,7 +220,7 @@ impl Subscription {
                 Event::Live(Ok(item)) => match item.index() {
                     Some(index) if index < self.next => {} // delivered from the store
                     Some(index) if index == self.next => {
-                        match item.message(&self.channels.store, &self.channel_id) {
+                        match item.message(&self.channels.store, &self.channel_id).await {
                             Ok(message) => {
                                 self.next += 1;
                                 self.pending.push_back(message);
@@ -247,17 +250,21 @@ impl Subscription {
     /// last statement accepted when the next index was `before` or lower,
     /// if any is not announced yet. Reads statements from the store as
     /// needed.
-    fn due_statements(&mut self, before: u64) -> Result<Option<u64>, ServerError> {
+    async fn due_statements(&mut self, before: u64) -> Result<Option<u64>, ServerError> {
         let mut due = None;
         loop {
             if self.statements.is_empty() && self.announced < self.chain_length {
-                let entries = self.channels.store.chain(
-                    &self.channel_id,
-                    self.announced,
-                    self.chain_length,
-                    CATCH_UP_MESSAGES,
-                    CATCH_UP_BYTES,
-                )?;
+                let entries = self
+                    .channels
+                    .store
+                    .chain(
+                        &self.channel_id,
+                        self.announced,
+                        self.chain_length,
+                        CATCH_UP_MESSAGES,
+                        CATCH_UP_BYTES,
+                    )
+                    .await?;
                 if entries.is_empty() {
                     return Err(ServerError::Internal("a chain entry is missing"));
                 }
@@ -281,10 +288,11 @@ impl Subscription {
     /// Reads the caller's membership again (a statement may have changed
     /// it, or the channel's visibility): ends the subscription of someone
     /// who is no longer a member.
-    fn look_at_membership(&mut self) -> Result<(), ServerError> {
+    async fn look_at_membership(&mut self) -> Result<(), ServerError> {
         let (channel, member) = self
             .channels
             .membership(&self.channel_id, &self.caller.identity)
+            .await
             .map_err(|e| match e {
                 ServerError::PermissionDenied(_) => removed(),
                 other => other,
@@ -299,15 +307,19 @@ impl Subscription {
     /// message in it was stored after the statements then in the chain, so
     /// each statement is known before the first message sent after it (and
     /// a member a statement removed gets nothing sent after it).
-    fn read_batch(&mut self) -> Result<(), ServerError> {
-        let batch = self.channels.store.messages(
-            &self.channel_id,
-            self.next,
-            u64::MAX,
-            CATCH_UP_MESSAGES,
-            CATCH_UP_BYTES,
-        )?;
-        let channel = self.channels.channel(&self.channel_id)?;
+    async fn read_batch(&mut self) -> Result<(), ServerError> {
+        let batch = self
+            .channels
+            .store
+            .messages(
+                &self.channel_id,
+                self.next,
+                u64::MAX,
+                CATCH_UP_MESSAGES,
+                CATCH_UP_BYTES,
+            )
+            .await?;
+        let channel = self.channels.channel(&self.channel_id).await?;
         self.chain_length = self.chain_length.max(channel.chain_length);
         if batch.is_empty() {
             self.catching_up = false;

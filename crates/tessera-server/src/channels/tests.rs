@@ -96,18 +96,19 @@ impl World {
     }
 
     /// An account with one enrolled device.
-    fn user(&self, identity: &str) -> Dev {
+    async fn user(&self, identity: &str) -> Dev {
         self.store
             .create_account(&Account {
                 identity: identity.into(),
                 ..Default::default()
             })
+            .await
             .unwrap();
-        self.device(identity)
+        self.device(identity).await
     }
 
     /// Another enrolled device of `identity`.
-    fn device(&self, identity: &str) -> Dev {
+    async fn device(&self, identity: &str) -> Dev {
         let keys = DeviceKeys::generate().unwrap();
         let card = NewCard {
             identity,
@@ -129,6 +130,7 @@ impl World {
                 org_card: false,
                 signing_public_key: keys.signing.verifying_key().as_bytes().to_vec(),
             }])
+            .await
             .unwrap();
         Dev {
             identity: identity.into(),
@@ -137,18 +139,23 @@ impl World {
         }
     }
 
-    fn revoke(&self, dev: &Dev) {
-        let mut d = self.store.device(dev.card.as_bytes()).unwrap().unwrap();
+    async fn revoke(&self, dev: &Dev) {
+        let mut d = self
+            .store
+            .device(dev.card.as_bytes())
+            .await
+            .unwrap()
+            .unwrap();
         d.status = DeviceStatus::Revoked as i32;
-        self.store.put_devices(&[d]).unwrap();
+        self.store.put_devices(&[d]).await.unwrap();
     }
 
-    fn record(&self) -> ChannelRecord {
-        self.store.channel(CH).unwrap().unwrap()
+    async fn record(&self) -> ChannelRecord {
+        self.store.channel(CH).await.unwrap().unwrap()
     }
 
-    fn member(&self, identity: &str) -> Option<MemberRecord> {
-        self.store.member(CH, identity).unwrap()
+    async fn member(&self, identity: &str) -> Option<MemberRecord> {
+        self.store.member(CH, identity).await.unwrap()
     }
 
     /// Creates channel `CH` by `creator` (admin) with `members`.
@@ -331,7 +338,7 @@ fn code<T: std::fmt::Debug>(result: Result<T, ServerError>) -> Code {
 #[tokio::test]
 async fn a_creation_stores_the_channel_its_members_and_its_first_statement() {
     let w = World::new();
-    let (alice, _bob) = (w.user("alice"), w.user("bob"));
+    let (alice, _bob) = (w.user("alice").await, w.user("bob").await);
     let mut chain = Chain::new();
     let creation = chain.creation(&alice, Visibility::Joined, &["bob"]);
     let view = w
@@ -354,15 +361,15 @@ async fn a_creation_stores_the_channel_its_members_and_its_first_statement() {
         assert_eq!((m.added_at_epoch, m.added_by.as_str()), (0, "alice"));
         assert_eq!(m.joined_at_index, 1);
     }
-    let record = w.record();
+    let record = w.record().await;
     assert_eq!(record.chain_length, 1);
     assert_eq!(record.next_index, 1);
-    let entries = w.store.chain(CH, 0, 10, 10, usize::MAX).unwrap();
+    let entries = w.store.chain(CH, 0, 10, 10, usize::MAX).await.unwrap();
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].statement.as_ref(), Some(&creation));
     assert_eq!(entries[0].next_index, 1);
-    assert_eq!(w.store.channels_of("bob").unwrap(), [CH]);
-    let chain = w.channels.chain(&caller(&alice), CH, 0).unwrap();
+    assert_eq!(w.store.channels_of("bob").await.unwrap(), [CH]);
+    let chain = w.channels.chain(&caller(&alice), CH, 0).await.unwrap();
     assert_eq!((chain.length, chain.entries.len()), (1, 1));
 
     // Sent again (a retry): the same channel. Another creation under the
@@ -380,7 +387,14 @@ async fn a_creation_stores_the_channel_its_members_and_its_first_statement() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err}");
-    assert_eq!(w.store.chain(CH, 0, 10, 10, usize::MAX).unwrap().len(), 1);
+    assert_eq!(
+        w.store
+            .chain(CH, 0, 10, 10, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -391,10 +405,10 @@ async fn creations_that_break_a_rule_or_a_limit_are_refused() {
         ..Limits::default()
     });
     let (alice, bob, carol, dave) = (
-        w.user("alice"),
-        w.user("bob"),
-        w.user("carol"),
-        w.user("dave"),
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+        w.user("dave").await,
     );
     let create = |by: &Dev, s: Option<SignedChannelStatement>| {
         let c = caller(by);
@@ -452,15 +466,15 @@ async fn creations_that_break_a_rule_or_a_limit_are_refused() {
     let err = create(&carol, Some(with_bob)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.to_string().contains("channels for bob"), "{err}");
-    assert!(w.store.channels_of("carol").unwrap().is_empty());
+    assert!(w.store.channels_of("carol").await.unwrap().is_empty());
     drop(dave);
 }
 
 #[tokio::test]
 async fn only_an_active_device_of_the_caller_signs() {
     let w = World::new();
-    let (alice, bob) = (w.user("alice"), w.user("bob"));
-    let alice_laptop = w.device("alice");
+    let (alice, bob) = (w.user("alice").await, w.user("bob").await);
+    let alice_laptop = w.device("alice").await;
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     let publish = |who: Caller, s: SignedChannelStatement| {
@@ -511,7 +525,7 @@ async fn only_an_active_device_of_the_caller_signs() {
     );
     assert_eq!(err.code(), Code::PermissionDenied);
     // A revoked device.
-    w.revoke(&alice_laptop);
+    w.revoke(&alice_laptop).await;
     let revoked = chain.sign(&alice_laptop, Change::Rename("e".into()));
     assert_eq!(
         code(publish(password_caller(&alice), revoked).await),
@@ -529,23 +543,32 @@ async fn only_an_active_device_of_the_caller_signs() {
         Code::PermissionDenied
     );
     // The organisation's card is no member's device.
-    let mut org = w.store.device(alice.card.as_bytes()).unwrap().unwrap();
+    let mut org = w
+        .store
+        .device(alice.card.as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
     org.org_card = true;
-    w.store.put_devices(&[org]).unwrap();
+    w.store.put_devices(&[org]).await.unwrap();
     let by_org = chain.sign(&alice, Change::Rename("g".into()));
     assert_eq!(
         code(publish(caller(&alice), by_org).await),
         Code::PermissionDenied
     );
     // Nothing but the laptop's rename was stored.
-    assert_eq!(w.record().chain_length, 2);
-    assert_eq!(w.record().name, "b");
+    assert_eq!(w.record().await.chain_length, 2);
+    assert_eq!(w.record().await.name, "b");
 }
 
 #[tokio::test]
 async fn statements_extend_the_head_by_compare_and_set_and_retries_answer_ok() {
     let w = World::new();
-    let (alice, bob, _carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let (alice, bob, _carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
@@ -589,7 +612,7 @@ async fn statements_extend_the_head_by_compare_and_set_and_retries_answer_ok() {
         code(w.channels.publish(&caller(&alice), CH, Some(future)).await),
         Code::Aborted
     );
-    let record = w.record();
+    let record = w.record().await;
     assert_eq!((record.chain_length, record.name.as_str()), (2, "plans"));
 
     // The accepted one sent again: answered as stored, nothing appended.
@@ -599,9 +622,16 @@ async fn statements_extend_the_head_by_compare_and_set_and_retries_answer_ok() {
         .await
         .unwrap();
     assert_eq!(again.chain_length, 2);
-    assert_eq!(w.store.chain(CH, 0, 10, 10, usize::MAX).unwrap().len(), 2);
+    assert_eq!(
+        w.store
+            .chain(CH, 0, 10, 10, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     // Carol was added when the next message index was 2: she joined there.
-    let carol = w.member("carol").unwrap();
+    let carol = w.member("carol").await.unwrap();
     assert_eq!(
         (
             carol.joined_at_index,
@@ -611,7 +641,7 @@ async fn statements_extend_the_head_by_compare_and_set_and_retries_answer_ok() {
         (2, 1, "alice")
     );
     assert_eq!(
-        w.store.chain(CH, 1, 2, 1, usize::MAX).unwrap()[0].next_index,
+        w.store.chain(CH, 1, 2, 1, usize::MAX).await.unwrap()[0].next_index,
         2
     );
 
@@ -623,8 +653,8 @@ async fn statements_extend_the_head_by_compare_and_set_and_retries_answer_ok() {
         .await
         .unwrap();
     chain.accepted(&leave);
-    assert!(w.member("bob").is_none());
-    assert!(w.store.channels_of("bob").unwrap().is_empty());
+    assert!(w.member("bob").await.is_none());
+    assert!(w.store.channels_of("bob").await.unwrap().is_empty());
     let retried = w
         .channels
         .publish(&caller(&bob), CH, Some(leave))
@@ -643,12 +673,12 @@ async fn only_admins_change_members_and_the_rules_answer_their_statuses() {
         ..Limits::default()
     });
     let (alice, bob, carol, eve) = (
-        w.user("alice"),
-        w.user("bob"),
-        w.user("carol"),
-        w.user("eve"),
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+        w.user("eve").await,
     );
-    let dave = w.user("dave");
+    let dave = w.user("dave").await;
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     // A ghost added by a member who is no admin; a non-member adding
@@ -662,7 +692,7 @@ async fn only_admins_change_members_and_the_rules_answer_their_statuses() {
     let err = w.publish(&mut chain, &eve, add("eve")).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.to_string().contains("eve is not a member"), "{err}");
-    assert!(w.member("eve").is_none());
+    assert!(w.member("eve").await.is_none());
     // An identity without an account.
     let err = w
         .publish(&mut chain, &alice, add("nobody"))
@@ -698,7 +728,7 @@ async fn only_admins_change_members_and_the_rules_answer_their_statuses() {
         let err = w.publish(&mut chain, by, change.clone()).await.unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{change:?}: {err}");
     }
-    assert_eq!(w.record().chain_length, 1, "nothing was stored");
+    assert_eq!(w.record().await.chain_length, 1, "nothing was stored");
     // The server's member limit (4), then the channel's chain limit.
     w.publish(&mut chain, &alice, add("carol")).await.unwrap();
     w.publish(&mut chain, &alice, add("dave")).await.unwrap();
@@ -726,8 +756,11 @@ async fn only_admins_change_members_and_the_rules_answer_their_statuses() {
     )
     .await
     .unwrap();
-    assert_eq!(w.member("bob").unwrap().role, super::role_code(Role::Admin));
-    assert_eq!(w.member("bob").unwrap().added_at_epoch, 0, "kept");
+    assert_eq!(
+        w.member("bob").await.unwrap().role,
+        super::role_code(Role::Admin)
+    );
+    assert_eq!(w.member("bob").await.unwrap().added_at_epoch, 0, "kept");
     w.publish(&mut chain, &bob, Change::Rename("ours".into()))
         .await
         .unwrap();
@@ -744,7 +777,7 @@ async fn only_admins_change_members_and_the_rules_answer_their_statuses() {
     )
     .await
     .unwrap();
-    let record = w.record();
+    let record = w.record().await;
     assert_eq!(record.name, "ours");
     assert_eq!(
         record.history_visibility,
@@ -755,12 +788,13 @@ async fn only_admins_change_members_and_the_rules_answer_their_statuses() {
     let members: Vec<String> = w
         .store
         .members(CH)
+        .await
         .unwrap()
         .into_iter()
         .map(|m| m.identity)
         .collect();
     assert_eq!(members, ["alice", "bob"]);
-    assert!(w.store.channels_of("dave").unwrap().is_empty());
+    assert!(w.store.channels_of("dave").await.unwrap().is_empty());
     // The removed member may not publish any more.
     let err = w
         .publish(&mut chain, &dave, Change::Leave)
@@ -772,7 +806,7 @@ async fn only_admins_change_members_and_the_rules_answer_their_statuses() {
 #[tokio::test]
 async fn malformed_and_misaddressed_statements_are_invalid_arguments() {
     let w = World::new();
-    let alice = w.user("alice");
+    let alice = w.user("alice").await;
     let mut chain = Chain::new();
     let publish = |channel_id: &'static str, s: Option<SignedChannelStatement>| {
         let c = caller(&alice);
@@ -803,13 +837,17 @@ async fn malformed_and_misaddressed_statements_are_invalid_arguments() {
         code(publish(CH, Some(creation)).await),
         Code::InvalidArgument
     );
-    assert_eq!(w.record().chain_length, 1);
+    assert_eq!(w.record().await.chain_length, 1);
 }
 
 #[tokio::test]
 async fn the_chain_is_served_to_current_members_only_from_an_epoch_in_pages() {
     let w = World::new();
-    let (alice, bob, eve) = (w.user("alice"), w.user("bob"), w.user("eve"));
+    let (alice, bob, eve) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("eve").await,
+    );
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     for i in 0..1004 {
@@ -817,38 +855,40 @@ async fn the_chain_is_served_to_current_members_only_from_an_epoch_in_pages() {
             .await
             .unwrap();
     }
-    let all = w.channels.chain(&caller(&bob), CH, 0).unwrap();
+    let all = w.channels.chain(&caller(&bob), CH, 0).await.unwrap();
     assert_eq!(all.length, 1005);
     assert_eq!(all.entries.len(), 1000, "at most 1000 in one answer");
-    let rest = w.channels.chain(&caller(&bob), CH, 1000).unwrap();
+    let rest = w.channels.chain(&caller(&bob), CH, 1000).await.unwrap();
     assert_eq!(rest.entries.len(), 5);
     let last = rest.entries.last().unwrap().statement.as_ref().unwrap();
     assert_eq!(statement_hash(&last.statement), chain.head.unwrap());
     assert!(
         w.channels
             .chain(&caller(&bob), CH, 1005)
+            .await
             .unwrap()
             .entries
             .is_empty()
     );
     assert_eq!(
-        code(w.channels.chain(&caller(&bob), CH, 1006)),
+        code(w.channels.chain(&caller(&bob), CH, 1006).await),
         Code::InvalidArgument
     );
-    // Not a member (any more): no chain.
+    // Not a member (any more: no chain.
     assert_eq!(
-        code(w.channels.chain(&caller(&eve), CH, 0)),
+        code(w.channels.chain(&caller(&eve), CH, 0).await),
         Code::PermissionDenied
     );
     w.publish(&mut chain, &bob, Change::Leave).await.unwrap();
     assert_eq!(
-        code(w.channels.chain(&caller(&bob), CH, 0)),
+        code(w.channels.chain(&caller(&bob), CH, 0).await),
         Code::PermissionDenied
     );
     assert_eq!(
         code(
             w.channels
                 .chain(&caller(&bob), "ffeeddccbbaa99887766554433221100", 0)
+                .await
         ),
         Code::NotFound
     );
@@ -857,7 +897,11 @@ async fn the_chain_is_served_to_current_members_only_from_an_epoch_in_pages() {
 #[tokio::test]
 async fn messages_name_the_current_epoch() {
     let w = World::new();
-    let (alice, bob, _carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let (alice, bob, _carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
@@ -887,6 +931,7 @@ async fn messages_name_the_current_epoch() {
                 ..Default::default()
             },
         )
+        .await
         .unwrap()
         .messages;
     let epochs: Vec<(u64, u64)> = stored.iter().map(|m| (m.index, m.epoch)).collect();
@@ -902,8 +947,8 @@ async fn messages_name_the_current_epoch() {
     .await
     .unwrap();
     assert_eq!(code(w.send(&bob, 2, 3).await), Code::PermissionDenied);
-    let laptop = w.device("alice");
-    w.revoke(&laptop);
+    let laptop = w.device("alice").await;
+    w.revoke(&laptop).await;
     assert_eq!(code(w.send(&laptop, 2, 4).await), Code::PermissionDenied);
     assert_eq!(w.send(&alice, 2, 5).await.unwrap(), 3);
 }
@@ -911,7 +956,7 @@ async fn messages_name_the_current_epoch() {
 #[tokio::test]
 async fn a_channel_made_before_protocol_v2_stays_readable_and_takes_nothing_new() {
     let w = World::new();
-    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    let (alice, bob) = (w.user("alice").await, w.user("bob").await);
     // As a protocol v1 server left it: no chain, members joined at 1.
     let channel = ChannelRecord {
         channel_id: CH.into(),
@@ -944,6 +989,7 @@ async fn a_channel_made_before_protocol_v2_stays_readable_and_takes_nothing_new(
                     remove_members: Vec::new(),
                 },
             )
+            .await
             .unwrap()
     );
     let old = tessera_proto::server::v1::StoredMessage {
@@ -953,7 +999,8 @@ async fn a_channel_made_before_protocol_v2_stays_readable_and_takes_nothing_new(
         client_message_id: vec![1; 16],
         ..Default::default()
     };
-    w.store
+    let appended = w
+        .store
         .append_message(
             &ChannelRecord {
                 next_index: 2,
@@ -962,13 +1009,15 @@ async fn a_channel_made_before_protocol_v2_stays_readable_and_takes_nothing_new(
             &old,
             &Default::default(),
         )
+        .await
         .unwrap();
-    let view = w.channels.get(&caller(&bob), CH).unwrap();
+    assert_eq!(appended, crate::store::Appended::Stored);
+    let view = w.channels.get(&caller(&bob), CH).await.unwrap();
     assert_eq!((view.chain_length, view.chain_head.len()), (0, 0));
-    let chain = w.channels.chain(&caller(&bob), CH, 0).unwrap();
+    let chain = w.channels.chain(&caller(&bob), CH, 0).await.unwrap();
     assert_eq!((chain.length, chain.entries.len()), (0, 0));
     assert_eq!(
-        code(w.channels.chain(&caller(&bob), CH, 1)),
+        code(w.channels.chain(&caller(&bob), CH, 1).await),
         Code::InvalidArgument
     );
     let history = w
@@ -980,6 +1029,7 @@ async fn a_channel_made_before_protocol_v2_stays_readable_and_takes_nothing_new(
                 ..Default::default()
             },
         )
+        .await
         .unwrap();
     assert_eq!(history.messages, [old]);
     let err = w.send(&alice, 0, 2).await.unwrap_err();
@@ -1000,7 +1050,11 @@ async fn a_channel_made_before_protocol_v2_stays_readable_and_takes_nothing_new(
 #[tokio::test]
 async fn joined_history_starts_where_the_last_addition_was_accepted() {
     let w = World::new();
-    let (alice, _bob, carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let (alice, _bob, carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
     let mut chain = Chain::new();
     let creation = chain.creation(&alice, Visibility::Joined, &["bob"]);
     w.channels
@@ -1014,6 +1068,7 @@ async fn joined_history_starts_where_the_last_addition_was_accepted() {
     assert_eq!(
         w.channels
             .get(&caller(&carol), CH)
+            .await
             .unwrap()
             .visible_from_index,
         4
@@ -1023,7 +1078,7 @@ async fn joined_history_starts_where_the_last_addition_was_accepted() {
     w.send(&alice, chain.epoch(), 5).await.unwrap();
     w.publish(&mut chain, &alice, add("carol")).await.unwrap();
     w.send(&alice, chain.epoch(), 6).await.unwrap();
-    let view = w.channels.get(&caller(&carol), CH).unwrap();
+    let view = w.channels.get(&caller(&carol), CH).await.unwrap();
     assert_eq!(view.visible_from_index, 6);
     let carol_member = view.members.iter().find(|m| m.identity == "carol").unwrap();
     assert_eq!(
@@ -1040,6 +1095,7 @@ async fn joined_history_starts_where_the_last_addition_was_accepted() {
                 ..Default::default()
             },
         )
+        .await
         .unwrap()
         .messages
         .iter()
@@ -1047,11 +1103,11 @@ async fn joined_history_starts_where_the_last_addition_was_accepted() {
         .collect();
     assert_eq!(seen, [6]);
     // The organisation's backup service sees the same view of her.
-    let archived = w.channels.member_view(CH, "carol").unwrap();
+    let archived = w.channels.member_view(CH, "carol").await.unwrap();
     assert_eq!(archived.visible_from_index, 6);
     assert_eq!(archived.chain_length, chain.length);
     assert_eq!(
-        code(w.channels.member_view(CH, "dave")),
+        code(w.channels.member_view(CH, "dave").await),
         Code::PermissionDenied
     );
 }
@@ -1080,10 +1136,10 @@ fn label(event: ChannelEvent) -> String {
 async fn subscriptions_announce_statements_in_order_among_the_messages() {
     let w = World::new();
     let (alice, bob, _carol, _dave) = (
-        w.user("alice"),
-        w.user("bob"),
-        w.user("carol"),
-        w.user("dave"),
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+        w.user("dave").await,
     );
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
@@ -1104,7 +1160,12 @@ async fn subscriptions_announce_statements_in_order_among_the_messages() {
         .unwrap();
 
     // From the start: the creation comes before message 1.
-    let mut from_start = Box::pin(w.channels.subscribe(caller(&bob), CH.into(), 1).unwrap());
+    let mut from_start = Box::pin(
+        w.channels
+            .subscribe(caller(&bob), CH.into(), 1)
+            .await
+            .unwrap(),
+    );
     let mut got = Vec::new();
     for _ in 0..8 {
         got.push(label(next_event(&mut from_start).await.unwrap()));
@@ -1117,7 +1178,12 @@ async fn subscriptions_announce_statements_in_order_among_the_messages() {
     );
     // From message 3: the statements accepted when the next index was 3
     // or later (the addition came right before message 3).
-    let mut from_three = Box::pin(w.channels.subscribe(caller(&bob), CH.into(), 3).unwrap());
+    let mut from_three = Box::pin(
+        w.channels
+            .subscribe(caller(&bob), CH.into(), 3)
+            .await
+            .unwrap(),
+    );
     let mut got = Vec::new();
     for _ in 0..5 {
         got.push(label(next_event(&mut from_three).await.unwrap()));
@@ -1139,10 +1205,15 @@ async fn subscriptions_announce_statements_in_order_among_the_messages() {
 #[tokio::test]
 async fn a_removed_member_gets_nothing_sent_after_the_removal() {
     let w = World::new();
-    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    let (alice, bob) = (w.user("alice").await, w.user("bob").await);
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
-    let mut live = Box::pin(w.channels.subscribe(caller(&bob), CH.into(), 0).unwrap());
+    let mut live = Box::pin(
+        w.channels
+            .subscribe(caller(&bob), CH.into(), 0)
+            .await
+            .unwrap(),
+    );
     // From the next message on: the statements since the last message
     // (here the creation) come first.
     assert_eq!(label(next_event(&mut live).await.unwrap()), "chain1");
@@ -1173,6 +1244,7 @@ async fn a_removed_member_gets_nothing_sent_after_the_removal() {
     assert_eq!(
         w.channels
             .subscribe(caller(&bob), CH.into(), 1)
+            .await
             .err()
             .map(|e| e.code()),
         Some(Code::PermissionDenied)
@@ -1182,8 +1254,8 @@ async fn a_removed_member_gets_nothing_sent_after_the_removal() {
 #[tokio::test]
 async fn a_device_record_without_a_key_takes_the_key_its_card_id_commits_to() {
     let w = World::new();
-    let alice = w.user("alice");
-    let bob = w.user("bob");
+    let alice = w.user("alice").await;
+    let bob = w.user("bob").await;
     let card_of = |dev: &Dev| {
         let mut card = NewCard {
             identity: &dev.identity,
@@ -1198,7 +1270,12 @@ async fn a_device_record_without_a_key_takes_the_key_its_card_id_commits_to() {
         card.kms_signature = vec![2; 64];
         card
     };
-    let record = w.store.device(alice.card.as_bytes()).unwrap().unwrap();
+    let record = w
+        .store
+        .device(alice.card.as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
     let entry = transparency::registration_entry(&card_of(&alice), "alice", 0);
     assert_eq!(
         key_from_registration(&record, &entry).unwrap(),

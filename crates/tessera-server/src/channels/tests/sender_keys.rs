@@ -122,8 +122,8 @@ impl World {
 #[tokio::test]
 async fn a_large_chain_comes_in_several_calls_whose_first_names_every_recipient() {
     let w = World::new();
-    let (alice, bob) = (w.user("alice"), w.user("bob"));
-    let tablet = w.device("alice");
+    let (alice, bob) = (w.user("alice").await, w.user("bob").await);
+    let tablet = w.device("alice").await;
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     let group = Group::new(&alice, CH, 0);
@@ -158,6 +158,7 @@ async fn a_large_chain_comes_in_several_calls_whose_first_names_every_recipient(
     let got = w
         .channels
         .get_sender_key(&caller(&tablet), &get(&tablet, &alice, &group))
+        .await
         .unwrap();
     assert_eq!(got.distribution, copies[1]);
     assert_eq!(got.recipient_card_ids, all);
@@ -177,8 +178,12 @@ async fn a_large_chain_comes_in_several_calls_whose_first_names_every_recipient(
 #[tokio::test]
 async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
     let w = World::new();
-    let (alice, bob, carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
-    let tablet = w.device("alice");
+    let (alice, bob, carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
+    let tablet = w.device("alice").await;
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     let group = Group::new(&alice, CH, 0);
@@ -193,11 +198,12 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
     let record = w
         .store
         .sender_key_chain(CH, alice.card.as_bytes(), &group.id())
+        .await
         .unwrap()
         .unwrap();
     assert_eq!(record.recipient_card_ids.len(), 3);
     assert_eq!(
-        w.store.usage("alice").unwrap().message_bytes,
+        w.store.usage("alice").await.unwrap().message_bytes,
         bytes + prost::Message::encoded_len(&record) as u64,
         "copies and the chain's recipient list count against the sender's stored bytes"
     );
@@ -205,6 +211,7 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
     let got = w
         .channels
         .get_sender_key(&caller(&bob), &get(&bob, &alice, &group))
+        .await
         .unwrap();
     assert_eq!(got.distribution, copies[0]);
     assert_eq!(got.epoch, 0);
@@ -215,6 +222,7 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
     let own = w
         .channels
         .get_sender_key(&caller(&tablet), &get(&tablet, &alice, &group))
+        .await
         .unwrap();
     assert_eq!(own.distribution, copies[1]);
     assert_eq!(own.server_time_ms, got.server_time_ms);
@@ -222,13 +230,18 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
     // Another device's copy, a non-member, a chain or recipient with no copy.
     let bobs_as_tablet = get(&bob, &alice, &group);
     assert_eq!(
-        code(w.channels.get_sender_key(&caller(&tablet), &bobs_as_tablet)),
+        code(
+            w.channels
+                .get_sender_key(&caller(&tablet), &bobs_as_tablet)
+                .await
+        ),
         Code::PermissionDenied
     );
     assert_eq!(
         code(
             w.channels
                 .get_sender_key(&caller(&carol), &get(&carol, &alice, &group))
+                .await
         ),
         Code::PermissionDenied
     );
@@ -237,14 +250,16 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
         code(
             w.channels
                 .get_sender_key(&caller(&bob), &get(&bob, &alice, &other))
+                .await
         ),
         Code::NotFound
     );
-    let phone = w.device("bob");
+    let phone = w.device("bob").await;
     assert_eq!(
         code(
             w.channels
                 .get_sender_key(&caller(&phone), &get(&phone, &alice, &group))
+                .await
         ),
         Code::NotFound
     );
@@ -253,7 +268,7 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
         ..get(&bob, &alice, &group)
     };
     assert_eq!(
-        code(w.channels.get_sender_key(&caller(&bob), &short)),
+        code(w.channels.get_sender_key(&caller(&bob), &short).await),
         Code::InvalidArgument
     );
 
@@ -269,6 +284,7 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
     let got = w
         .channels
         .get_sender_key(&caller(&bob), &get(&bob, &alice, &group))
+        .await
         .unwrap();
     assert_eq!(got.distribution, again[0]);
     assert_eq!(
@@ -293,7 +309,11 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
 #[tokio::test]
 async fn puts_that_break_a_rule_are_refused_with_their_status() {
     let w = World::new();
-    let (alice, bob, carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let (alice, bob, carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     let group = Group::new(&alice, CH, 0);
@@ -395,6 +415,7 @@ async fn puts_that_break_a_rule_are_refused_with_their_status() {
     assert!(
         w.store
             .sender_key_chain(CH, alice.card.as_bytes(), &group.id())
+            .await
             .unwrap()
             .is_none(),
         "nothing stored"
@@ -426,7 +447,11 @@ fn group_copies_at(from: &Dev, to: &Dev, epoch: u64) -> Vec<Vec<u8>> {
 #[tokio::test]
 async fn group_messages_need_their_chain_stored_at_that_epoch() {
     let w = World::new();
-    let (alice, bob, _carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let (alice, bob, _carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     let mut group = Group::new(&alice, CH, 0);
@@ -454,13 +479,13 @@ async fn group_messages_need_their_chain_stored_at_that_epoch() {
         .send(&caller(&alice), group_send(&alice, 0, 1, first.clone()))
         .await
         .unwrap();
-    let stored = w.channels.stored_message(CH, sent.index).unwrap();
+    let stored = w.channels.stored_message(CH, sent.index).await.unwrap();
     assert_eq!(stored.kind, EnvelopeKind::Group as i32);
     assert_eq!(stored.envelope, first);
     assert_eq!(stored.epoch, 0);
     let device = w.send(&alice, 0, 2).await.unwrap();
     assert_eq!(
-        w.channels.stored_message(CH, device).unwrap().kind,
+        w.channels.stored_message(CH, device).await.unwrap().kind,
         EnvelopeKind::Device as i32
     );
 

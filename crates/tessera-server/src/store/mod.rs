@@ -1,0 +1,937 @@
+//! The app server's storage: an async trait naming no backend's types, and
+//! three backends, one file each: `sled` (the embedded default), `postgres`
+//! (several machines; the database makes each change atomic) and `memory`
+//! (unit tests). Every acknowledged write is flushed by the caller
+//! (`Store::flush`) before it answers; on sled concurrent callers share
+//! flushes (group commit, see [`SledStore`]). The shared behaviour every
+//! backend must show is [`conformance::exercise`].
+
+mod memory;
+mod postgres;
+mod sled;
+
+use std::{future::Future, pin::Pin};
+
+use prost::Message;
+use tessera_proto::server::v1::{ChainEntry, StoredMessage};
+use tessera_service::storage::{FlushFuture, StorageError};
+
+pub use self::{
+    memory::MemoryStore,
+    postgres::{PgOpenError, PgOptions, PgStore},
+    sled::SledStore,
+};
+
+/// What a store's methods return: boxed, so `Arc<dyn Store>` works.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StorageError>> + Send + 'a>>;
+
+/// Argon2id password hash with its parameters.
+#[derive(Clone, PartialEq, Message)]
+pub struct PasswordHash {
+    #[prost(uint32, tag = "1")]
+    pub m_cost_kib: u32,
+    #[prost(uint32, tag = "2")]
+    pub t_cost: u32,
+    #[prost(uint32, tag = "3")]
+    pub p_cost: u32,
+    #[prost(bytes = "vec", tag = "4")]
+    pub salt: Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub hash: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Account {
+    #[prost(string, tag = "1")]
+    pub identity: String,
+    #[prost(message, optional, tag = "2")]
+    pub password: Option<PasswordHash>,
+    #[prost(int64, tag = "3")]
+    pub created_at: i64,
+    /// Made by the operator (`tessera-server create-admin`), never by a
+    /// sign-up: the account's tokens carry the ADMIN role.
+    #[prost(bool, tag = "4")]
+    pub admin: bool,
+    /// The app server co-signed this account's device list GENESIS: a
+    /// second one is never co-signed (only a RESET replaces the list).
+    #[prost(bool, tag = "5")]
+    pub device_list_started: bool,
+}
+
+/// Device status as the server knows it (the key service is the authority
+/// for clients; this is what the server checks senders against).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum DeviceStatus {
+    Unspecified = 0,
+    Active = 1,
+    Revoked = 2,
+    Superseded = 3,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Device {
+    #[prost(bytes = "vec", tag = "1")]
+    pub card_id: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub identity: String,
+    #[prost(string, tag = "3")]
+    pub device_name: String,
+    #[prost(int64, tag = "4")]
+    pub created_at: i64,
+    #[prost(enumeration = "DeviceStatus", tag = "5")]
+    pub status: i32,
+    /// The kind of card: client devices, or the organisation's card.
+    #[prost(bool, tag = "6")]
+    pub org_card: bool,
+    /// The card's Ed25519 signing key (32 bytes), which channel statements
+    /// are checked against. Empty in records written before it was kept:
+    /// then taken once from the card at the key service.
+    #[prost(bytes = "vec", tag = "7")]
+    pub signing_public_key: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ChannelRecord {
+    #[prost(string, tag = "1")]
+    pub channel_id: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(string, tag = "3")]
+    pub creator: String,
+    #[prost(int32, tag = "4")]
+    pub history_visibility: i32,
+    #[prost(int64, tag = "5")]
+    pub created_at_ms: i64,
+    /// Index the next message gets (messages are numbered from 1).
+    #[prost(uint64, tag = "6")]
+    pub next_index: u64,
+    /// Statements in the membership chain; 0 for a channel made before
+    /// protocol v2 (readable, but it takes no statement and no message).
+    #[prost(uint64, tag = "7")]
+    pub chain_length: u64,
+    /// Statement hash of the chain's last statement (32 bytes; empty when
+    /// `chain_length` is 0).
+    #[prost(bytes = "vec", tag = "8")]
+    pub chain_head: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct MemberRecord {
+    #[prost(string, tag = "1")]
+    pub identity: String,
+    #[prost(int32, tag = "2")]
+    pub role: i32,
+    #[prost(uint64, tag = "3")]
+    pub joined_at_index: u64,
+    #[prost(int64, tag = "4")]
+    pub joined_at_ms: i64,
+    /// The epoch whose statement added the member (last time), and its
+    /// signer.
+    #[prost(uint64, tag = "5")]
+    pub added_at_epoch: u64,
+    #[prost(string, tag = "6")]
+    pub added_by: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct AttachmentRecord {
+    #[prost(string, tag = "1")]
+    pub attachment_id: String,
+    #[prost(string, tag = "2")]
+    pub channel_id: String,
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub sha256: Vec<u8>,
+    #[prost(string, tag = "5")]
+    pub uploader: String,
+    #[prost(int64, tag = "6")]
+    pub created_at_ms: i64,
+    /// The channel's next index when the upload finished: members who
+    /// cannot see a message stored then cannot download it (0 in records
+    /// written before this field: treated as 1).
+    #[prost(uint64, tag = "7")]
+    pub uploaded_at_index: u64,
+}
+
+/// One sender-key chain of a channel (docs/protocol.md section 15), kept
+/// per (channel, sender card, chain id): fixed by the first put of its
+/// copies.
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct SenderKeyChain {
+    /// The membership epoch the chain was stored at.
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    /// Every recipient device (32 bytes each), sorted ascending.
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub recipient_card_ids: Vec<Vec<u8>>,
+    /// When the chain's first copies were stored.
+    #[prost(int64, tag = "3")]
+    pub server_time_ms: i64,
+}
+
+/// Copies of one sender-key chain, stored atomically by
+/// [`Store::put_sender_keys`].
+pub struct SenderKeysPut {
+    pub channel_id: String,
+    /// The sending device (32 bytes).
+    pub sender_card_id: Vec<u8>,
+    /// 16 bytes.
+    pub chain_id: Vec<u8>,
+    /// The chain's record: new on the first put, the stored one again on a
+    /// later put.
+    pub chain: SenderKeyChain,
+    /// `(recipient card id, encoded SenderKeyDistribution)`; a copy already
+    /// stored for that recipient is replaced.
+    pub copies: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Whose usage `usage` is (the sender's owner).
+    pub sender_identity: String,
+}
+
+/// What one user stores, counted against the per-user quotas.
+#[derive(Clone, Copy, PartialEq, Eq, Message)]
+pub struct Usage {
+    /// Stored message records (envelopes and their metadata), in bytes.
+    #[prost(uint64, tag = "1")]
+    pub message_bytes: u64,
+    #[prost(uint64, tag = "2")]
+    pub attachment_bytes: u64,
+    #[prost(uint64, tag = "3")]
+    pub attachments: u64,
+}
+
+/// A user's usage as the caller read it, and what a write makes it: the
+/// write happens only if the stored usage is still `before` (a
+/// compare-and-set, so replicas sharing a database cannot both spend the
+/// same quota).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageChange {
+    pub before: Usage,
+    pub after: Usage,
+}
+
+/// What [`Store::append_message`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored at the message's index.
+    Stored,
+    /// A message with this client message id is stored already, at this
+    /// index: nothing was written.
+    Duplicate(u64),
+    /// The channel or the sender's usage changed since the caller read them
+    /// (another replica wrote): nothing was written; read again and retry.
+    Moved,
+}
+
+/// Whether a message may be appended to `stored` as `channel` says.
+pub(crate) fn at_index(
+    stored: Option<&ChannelRecord>,
+    channel: &ChannelRecord,
+    index: u64,
+) -> bool {
+    stored.is_some_and(|s| s.next_index == index && s.chain_length == channel.chain_length)
+}
+
+/// Takes records from `items` (each with its encoded size) while they fit
+/// in `limit` records and `max_bytes`, the first always.
+pub(crate) fn take_bounded<T, E>(
+    items: impl Iterator<Item = Result<(usize, T), E>>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<T>, E> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for item in items.take(limit) {
+        let (size, message) = item?;
+        if !out.is_empty() && bytes.saturating_add(size) > max_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        out.push(message);
+    }
+    Ok(out)
+}
+
+/// A statement accepted into a channel's chain and what it changes,
+/// stored atomically by [`Store::append_statement`].
+pub struct StatementChange {
+    /// The channel afterwards (its `chain_length` and `chain_head` name
+    /// the new statement).
+    pub channel: ChannelRecord,
+    /// The statement, stored at epoch = the expected chain length.
+    pub entry: ChainEntry,
+    /// Members added or whose role changed (new members also enter the
+    /// user's channel index).
+    pub put_members: Vec<MemberRecord>,
+    /// Members removed (and their channel index entries).
+    pub remove_members: Vec<String>,
+}
+
+/// Whether a stored channel is the one a statement expects to extend:
+/// none for a creation (`expected_length` 0), else a channel whose chain
+/// has `expected_length` statements ending at `expected_head`.
+pub(crate) fn extends(
+    current: Option<&ChannelRecord>,
+    expected_length: u64,
+    expected_head: &[u8],
+) -> bool {
+    match current {
+        None => expected_length == 0,
+        Some(c) => {
+            expected_length > 0
+                && c.chain_length == expected_length
+                && c.chain_head == expected_head
+        }
+    }
+}
+
+/// Storage of the app server.
+pub trait Store: Send + Sync + 'static {
+    fn account<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Option<Account>>;
+    /// Creates the account; `false` if the identity is taken.
+    fn create_account<'a>(&'a self, account: &'a Account) -> StoreFuture<'a, bool>;
+    /// Replaces `old` with `new` (same identity) if `old` is still what is
+    /// stored; `false` otherwise.
+    fn replace_account<'a>(&'a self, old: &'a Account, new: &'a Account) -> StoreFuture<'a, bool>;
+
+    fn devices<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Vec<Device>>;
+    fn device<'a>(&'a self, card_id: &'a [u8]) -> StoreFuture<'a, Option<Device>>;
+    fn put_devices<'a>(&'a self, devices: &'a [Device]) -> StoreFuture<'a, ()>;
+
+    fn org_members(&self) -> StoreFuture<'_, Vec<String>>;
+    fn set_org_member<'a>(&'a self, identity: &'a str, member: bool) -> StoreFuture<'a, ()>;
+
+    fn channel<'a>(&'a self, channel_id: &'a str) -> StoreFuture<'a, Option<ChannelRecord>>;
+    fn member<'a>(
+        &'a self,
+        channel_id: &'a str,
+        identity: &'a str,
+    ) -> StoreFuture<'a, Option<MemberRecord>>;
+    fn members<'a>(&'a self, channel_id: &'a str) -> StoreFuture<'a, Vec<MemberRecord>>;
+    fn channels_of<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Vec<String>>;
+    /// Appends a statement to a channel's chain by compare-and-set: stores
+    /// `change` atomically if the channel's chain still has
+    /// `expected_length` statements ending at `expected_head` (for a
+    /// creation, `expected_length` 0: if no channel has this id); `false`,
+    /// changing nothing, otherwise.
+    fn append_statement<'a>(
+        &'a self,
+        channel_id: &'a str,
+        expected_length: u64,
+        expected_head: &'a [u8],
+        change: &'a StatementChange,
+    ) -> StoreFuture<'a, bool>;
+    /// Statements of the chain with `from <= epoch < to`, ascending, at most
+    /// `limit` and, but for the first, at most `max_bytes` of stored
+    /// entries.
+    fn chain<'a>(
+        &'a self,
+        channel_id: &'a str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> StoreFuture<'a, Vec<ChainEntry>>;
+
+    /// Index of a message already stored under this client message id.
+    fn dedupe<'a>(
+        &'a self,
+        channel_id: &'a str,
+        client_message_id: &'a [u8],
+    ) -> StoreFuture<'a, Option<u64>>;
+    /// Stores `message` at its index, the channel's new `next_index` and
+    /// the sender's new usage atomically, if no message has its client id
+    /// yet (else [`Appended::Duplicate`]), the stored channel is still at
+    /// `message.index` with `channel.chain_length` statements, and the
+    /// sender's usage is still `usage.before` (else [`Appended::Moved`]).
+    /// Nothing is written unless it answers [`Appended::Stored`].
+    fn append_message<'a>(
+        &'a self,
+        channel: &'a ChannelRecord,
+        message: &'a StoredMessage,
+        usage: &'a UsageChange,
+    ) -> StoreFuture<'a, Appended>;
+    /// Messages with `from <= index < to`, at most `limit` and, but for the
+    /// first, at most `max_bytes` of stored records (a page never holds more
+    /// than that in memory, whatever the envelopes' sizes), taken from the
+    /// oldest on, or from the newest on when `newest_first`; in the order
+    /// taken. Records past the bounds are not decoded.
+    fn message_range<'a>(
+        &'a self,
+        channel_id: &'a str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+        newest_first: bool,
+    ) -> StoreFuture<'a, Vec<StoredMessage>>;
+
+    /// The oldest messages of `from..to` that fit the bounds, ascending.
+    fn messages<'a>(
+        &'a self,
+        channel_id: &'a str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> StoreFuture<'a, Vec<StoredMessage>> {
+        self.message_range(channel_id, from, to, limit, max_bytes, false)
+    }
+
+    /// The newest messages of `from..to` that fit the bounds, ascending.
+    fn messages_before<'a>(
+        &'a self,
+        channel_id: &'a str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> StoreFuture<'a, Vec<StoredMessage>> {
+        Box::pin(async move {
+            let mut out = self
+                .message_range(channel_id, from, to, limit, max_bytes, true)
+                .await?;
+            out.reverse();
+            Ok(out)
+        })
+    }
+
+    /// What `identity` stores: message and attachment bytes, attachments.
+    fn usage<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Usage>;
+
+    fn read_horizon<'a>(&'a self, identity: &'a str, channel_id: &'a str) -> StoreFuture<'a, u64>;
+    fn set_read_horizon<'a>(
+        &'a self,
+        identity: &'a str,
+        channel_id: &'a str,
+        index: u64,
+    ) -> StoreFuture<'a, ()>;
+
+    fn attachment<'a>(
+        &'a self,
+        attachment_id: &'a str,
+    ) -> StoreFuture<'a, Option<AttachmentRecord>>;
+    /// Stores the record and the uploader's new usage atomically if its
+    /// usage is still `usage.before`; `false`, writing nothing, otherwise.
+    fn put_attachment<'a>(
+        &'a self,
+        record: &'a AttachmentRecord,
+        usage: &'a UsageChange,
+    ) -> StoreFuture<'a, bool>;
+
+    /// The record of a sender-key chain.
+    fn sender_key_chain<'a>(
+        &'a self,
+        channel_id: &'a str,
+        sender_card_id: &'a [u8],
+        chain_id: &'a [u8],
+    ) -> StoreFuture<'a, Option<SenderKeyChain>>;
+    /// The copy of a chain stored for `recipient_card_id`, with the chain's
+    /// record.
+    fn sender_key<'a>(
+        &'a self,
+        channel_id: &'a str,
+        sender_card_id: &'a [u8],
+        chain_id: &'a [u8],
+        recipient_card_id: &'a [u8],
+    ) -> StoreFuture<'a, Option<(Vec<u8>, SenderKeyChain)>>;
+    /// Stores the chain's record, its copies and the sender's new usage
+    /// atomically if its usage is still `usage.before`; `false`, writing
+    /// nothing, otherwise. The caller decides, under the channel's lock,
+    /// what the record is (the stored one again for a later put of the
+    /// same chain).
+    fn put_sender_keys<'a>(
+        &'a self,
+        put: &'a SenderKeysPut,
+        usage: &'a UsageChange,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Resolves when every write so far is durable.
+    fn flush(&self) -> FlushFuture<'_>;
+}
+
+pub(crate) fn decode<M: Message + Default>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<M, StorageError> {
+    M::decode(bytes).map_err(|_| StorageError::Corrupt(what))
+}
+
+/// The behaviour every backend of [`Store`] must show, as one check each
+/// backend's tests run (`conformance::exercise(&store)`), so a new backend
+/// is held to what sled and the in-memory store do. Built for this crate's
+/// tests, and for other crates with the `conformance` feature.
+#[cfg(any(test, feature = "conformance"))]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "a conformance check: a failed assertion is a failed test"
+)]
+pub mod conformance {
+    use super::*;
+
+    pub async fn exercise(store: &dyn Store) {
+        let account = Account {
+            identity: "alice".into(),
+            password: None,
+            created_at: 1,
+            admin: false,
+            device_list_started: false,
+        };
+        assert!(store.create_account(&account).await.unwrap());
+        assert!(
+            !store.create_account(&account).await.unwrap(),
+            "identities are unique"
+        );
+        assert_eq!(store.account("alice").await.unwrap(), Some(account.clone()));
+        let admin = Account {
+            admin: true,
+            ..account.clone()
+        };
+        assert!(store.replace_account(&account, &admin).await.unwrap());
+        assert!(
+            !store.replace_account(&account, &admin).await.unwrap(),
+            "only over what is stored"
+        );
+        assert_eq!(store.account("alice").await.unwrap(), Some(admin));
+
+        let device = |id: u8, identity: &str| Device {
+            card_id: vec![id; 32],
+            identity: identity.into(),
+            device_name: "d".into(),
+            created_at: 0,
+            status: DeviceStatus::Active as i32,
+            org_card: false,
+            signing_public_key: vec![id; 32],
+        };
+        store
+            .put_devices(&[device(1, "alice"), device(2, "alice"), device(3, "bob")])
+            .await
+            .unwrap();
+        assert_eq!(store.devices("alice").await.unwrap().len(), 2);
+        assert_eq!(
+            store.device(&[3; 32]).await.unwrap().unwrap().identity,
+            "bob"
+        );
+
+        // The membership chain: appended by compare-and-set on its length
+        // and head.
+        let member = |identity: &str| MemberRecord {
+            identity: identity.into(),
+            role: 1,
+            joined_at_index: 1,
+            joined_at_ms: 0,
+            added_at_epoch: 0,
+            added_by: "alice".into(),
+        };
+        let entry = |n: u8| ChainEntry {
+            statement: Some(tessera_proto::channel::v1::SignedChannelStatement {
+                statement: vec![n; 10],
+                signature: vec![n; 64],
+            }),
+            server_time_ms: i64::from(n),
+            next_index: 1,
+        };
+        let mut channel = ChannelRecord {
+            channel_id: "c1".into(),
+            next_index: 1,
+            chain_length: 1,
+            chain_head: vec![1; 32],
+            ..Default::default()
+        };
+        let creation = StatementChange {
+            channel: channel.clone(),
+            entry: entry(0),
+            put_members: vec![member("alice"), member("bob")],
+            remove_members: vec![],
+        };
+        assert!(
+            store
+                .append_statement("c1", 0, &[], &creation)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .append_statement("c1", 0, &[], &creation)
+                .await
+                .unwrap(),
+            "a channel id is created once"
+        );
+        assert_eq!(store.members("c1").await.unwrap().len(), 2);
+        assert_eq!(
+            store.channels_of("bob").await.unwrap(),
+            vec!["c1".to_string()]
+        );
+        channel.chain_length = 2;
+        channel.chain_head = vec![2; 32];
+        let removal = StatementChange {
+            channel: channel.clone(),
+            entry: entry(1),
+            put_members: vec![],
+            remove_members: vec!["bob".into()],
+        };
+        // Not at the head: nothing changes.
+        assert!(
+            !store
+                .append_statement("c1", 2, &[1; 32], &removal)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .append_statement("c1", 1, &[9; 32], &removal)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .append_statement("c2", 1, &[1; 32], &removal)
+                .await
+                .unwrap()
+        );
+        assert!(store.member("c1", "bob").await.unwrap().is_some());
+        assert_eq!(
+            store
+                .chain("c1", 0, 10, 10, usize::MAX)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            store
+                .append_statement("c1", 1, &[1; 32], &removal)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .append_statement("c1", 1, &[1; 32], &removal)
+                .await
+                .unwrap(),
+            "the same position twice"
+        );
+        assert!(store.member("c1", "bob").await.unwrap().is_none());
+        assert!(store.channels_of("bob").await.unwrap().is_empty());
+        assert_eq!(store.channel("c1").await.unwrap().unwrap().chain_length, 2);
+        let chain = store.chain("c1", 0, 2, 10, usize::MAX).await.unwrap();
+        assert_eq!(chain, vec![entry(0), entry(1)]);
+        assert_eq!(
+            store.chain("c1", 1, 2, 10, usize::MAX).await.unwrap(),
+            vec![entry(1)]
+        );
+        assert_eq!(
+            store.chain("c1", 0, 1, 10, usize::MAX).await.unwrap(),
+            vec![entry(0)]
+        );
+        assert_eq!(
+            store.chain("c1", 0, 2, 10, 0).await.unwrap(),
+            vec![entry(0)],
+            "the first always"
+        );
+        assert!(
+            store
+                .chain("c2", 0, 2, 10, usize::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .chain("c1", 1, u64::MAX, usize::MAX, usize::MAX)
+                .await
+                .unwrap(),
+            vec![entry(1)],
+            "open-ended"
+        );
+
+        for i in 1..=5u64 {
+            let m = StoredMessage {
+                channel_id: "c1".into(),
+                index: i,
+                client_message_id: vec![i as u8; 16],
+                ..Default::default()
+            };
+            let same = UsageChange {
+                before: Usage::default(),
+                after: Usage::default(),
+            };
+            let mut moved = channel.clone();
+            moved.next_index = i + 2;
+            // A message is stored only at the channel's next index.
+            let ahead = StoredMessage {
+                index: i + 1,
+                ..m.clone()
+            };
+            assert_eq!(
+                store.append_message(&moved, &ahead, &same).await.unwrap(),
+                Appended::Moved,
+                "not at the channel's next index"
+            );
+            channel.next_index = i + 1;
+            assert_eq!(
+                store.append_message(&channel, &m, &same).await.unwrap(),
+                Appended::Stored
+            );
+            // The same client message id again: the first index, nothing written.
+            let again = StoredMessage {
+                index: i + 1,
+                ..m.clone()
+            };
+            let mut next = channel.clone();
+            next.next_index = i + 2;
+            assert_eq!(
+                store.append_message(&next, &again, &same).await.unwrap(),
+                Appended::Duplicate(i)
+            );
+        }
+        assert_eq!(store.channel("c1").await.unwrap().unwrap().next_index, 6);
+        let range: Vec<u64> = store
+            .messages("c1", 2, 5, 10, usize::MAX)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.index)
+            .collect();
+        assert_eq!(range, vec![2, 3, 4]);
+        assert_eq!(
+            store
+                .messages("c1", 5, u64::MAX, usize::MAX, usize::MAX)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "open-ended"
+        );
+        assert_eq!(
+            store
+                .messages("c1", 1, 100, 2, usize::MAX)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(
+            store
+                .messages("c2", 1, 100, 10, usize::MAX)
+                .await
+                .unwrap()
+                .is_empty(),
+            "channels do not mix"
+        );
+        // Bounded by bytes: the first always, then only what fits.
+        let one = StoredMessage {
+            channel_id: "c1".into(),
+            index: 1,
+            client_message_id: vec![1; 16],
+            ..Default::default()
+        }
+        .encoded_len();
+        let by_bytes = async |from, to, max| -> Vec<u64> {
+            store
+                .messages("c1", from, to, 10, max)
+                .await
+                .unwrap()
+                .iter()
+                .map(|m| m.index)
+                .collect()
+        };
+        assert_eq!(by_bytes(1, 6, 0).await, vec![1]);
+        assert_eq!(by_bytes(1, 6, 2 * one + 1).await, vec![1, 2]);
+        let newest: Vec<u64> = store
+            .messages_before("c1", 1, 6, 10, 2 * one)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.index)
+            .collect();
+        assert_eq!(newest, vec![4, 5]);
+        let usage = Usage {
+            message_bytes: 7,
+            attachment_bytes: 8,
+            attachments: 1,
+        };
+        assert_eq!(store.usage("dave").await.unwrap(), Usage::default());
+        let sixth = StoredMessage {
+            channel_id: "c1".into(),
+            index: 6,
+            sender_identity: "dave".into(),
+            client_message_id: vec![6; 16],
+            ..Default::default()
+        };
+        channel.next_index = 7;
+        let stale = UsageChange {
+            before: usage,
+            after: usage,
+        };
+        assert_eq!(
+            store
+                .append_message(&channel, &sixth, &stale)
+                .await
+                .unwrap(),
+            Appended::Moved,
+            "the sender's usage is not what the caller read"
+        );
+        let change = UsageChange {
+            before: Usage::default(),
+            after: usage,
+        };
+        assert_eq!(
+            store
+                .append_message(&channel, &sixth, &change)
+                .await
+                .unwrap(),
+            Appended::Stored
+        );
+        assert_eq!(store.usage("dave").await.unwrap(), usage);
+        assert_eq!(store.dedupe("c1", &[3; 16]).await.unwrap(), Some(3));
+        assert_eq!(store.dedupe("c1", &[9; 16]).await.unwrap(), None);
+
+        // Sender-key chains: a record per (channel, sender, chain), a copy
+        // per recipient; channels, senders and chains do not mix.
+        let chain = SenderKeyChain {
+            epoch: 1,
+            recipient_card_ids: vec![vec![2; 32], vec![3; 32]],
+            server_time_ms: 42,
+        };
+        let copy = async |channel: &str, sender: u8, chain: u8, recipient: u8| {
+            store
+                .sender_key(channel, &[sender; 32], &[chain; 16], &[recipient; 32])
+                .await
+                .unwrap()
+        };
+        let put = SenderKeysPut {
+            channel_id: "c1".into(),
+            sender_card_id: vec![1; 32],
+            chain_id: vec![7; 16],
+            chain: chain.clone(),
+            copies: vec![
+                (vec![2; 32], b"to two".to_vec()),
+                (vec![3; 32], b"to three".to_vec()),
+            ],
+            sender_identity: "erin".into(),
+        };
+        assert!(
+            store
+                .sender_key_chain("c1", &[1; 32], &[7; 16])
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(copy("c1", 1, 7, 2).await.is_none());
+        let erin = Usage {
+            message_bytes: 14,
+            ..Usage::default()
+        };
+        let erin_change = UsageChange {
+            before: Usage::default(),
+            after: erin,
+        };
+        assert!(
+            !store
+                .put_sender_keys(
+                    &put,
+                    &UsageChange {
+                        before: erin,
+                        after: erin
+                    }
+                )
+                .await
+                .unwrap(),
+            "the sender's usage is not what the caller read"
+        );
+        assert!(copy("c1", 1, 7, 2).await.is_none(), "nothing written");
+        assert!(store.put_sender_keys(&put, &erin_change).await.unwrap());
+        assert_eq!(
+            store.usage("erin").await.unwrap(),
+            erin,
+            "stored with the copies"
+        );
+        assert_eq!(
+            store
+                .sender_key_chain("c1", &[1; 32], &[7; 16])
+                .await
+                .unwrap(),
+            Some(chain.clone())
+        );
+        assert_eq!(
+            copy("c1", 1, 7, 3).await,
+            Some((b"to three".to_vec(), chain.clone()))
+        );
+        assert!(copy("c1", 1, 7, 4).await.is_none());
+        assert!(copy("c2", 1, 7, 2).await.is_none());
+        assert!(copy("c1", 2, 7, 2).await.is_none());
+        assert!(copy("c1", 1, 8, 2).await.is_none());
+        // A later put replaces one copy and keeps the others.
+        store
+            .put_sender_keys(
+                &SenderKeysPut {
+                    copies: vec![(vec![2; 32], b"again".to_vec())],
+                    ..put
+                },
+                &UsageChange {
+                    before: erin,
+                    after: erin,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            copy("c1", 1, 7, 2).await,
+            Some((b"again".to_vec(), chain.clone()))
+        );
+        assert_eq!(
+            copy("c1", 1, 7, 3).await,
+            Some((b"to three".to_vec(), chain))
+        );
+
+        // Attachments: the record with the uploader's usage.
+        let attachment = AttachmentRecord {
+            attachment_id: "a1".into(),
+            channel_id: "c1".into(),
+            size: 8,
+            uploader: "frank".into(),
+            ..Default::default()
+        };
+        let frank = Usage {
+            attachment_bytes: 8,
+            attachments: 1,
+            ..Usage::default()
+        };
+        assert!(
+            !store
+                .put_attachment(
+                    &attachment,
+                    &UsageChange {
+                        before: frank,
+                        after: frank
+                    }
+                )
+                .await
+                .unwrap()
+        );
+        assert!(store.attachment("a1").await.unwrap().is_none());
+        let upload = UsageChange {
+            before: Usage::default(),
+            after: frank,
+        };
+        assert!(store.put_attachment(&attachment, &upload).await.unwrap());
+        assert_eq!(store.attachment("a1").await.unwrap(), Some(attachment));
+        assert_eq!(store.usage("frank").await.unwrap(), frank);
+
+        store.set_read_horizon("alice", "c1", 4).await.unwrap();
+        assert_eq!(store.read_horizon("alice", "c1").await.unwrap(), 4);
+        assert_eq!(store.read_horizon("bob", "c1").await.unwrap(), 0);
+        store.set_org_member("alice", true).await.unwrap();
+        assert_eq!(
+            store.org_members().await.unwrap(),
+            vec!["alice".to_string()]
+        );
+        store.set_org_member("alice", false).await.unwrap();
+        assert!(store.org_members().await.unwrap().is_empty());
+    }
+}

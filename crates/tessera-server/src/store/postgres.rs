@@ -1,0 +1,852 @@
+//! The PostgreSQL store: several app-server replicas may share one
+//! database, which makes each change atomic.
+//!
+//! Where the embedded stores rely on the caller's in-process locks (one
+//! process owns a sled database), this store decides in one transaction:
+//!
+//! * a message is stored at the channel's next index, with its client id
+//!   for deduplication, under the channel row's lock (`SELECT … FOR
+//!   UPDATE`): two replicas cannot give one index twice, nor store one
+//!   client message id twice;
+//! * a statement extends the membership chain only if the channel row,
+//!   locked, still has the expected length and head (compare-and-set);
+//! * a write that charges a user's usage (messages, sender keys,
+//!   attachments) writes only over the usage the caller read
+//!   (compare-and-set on the row), so two replicas cannot both spend the
+//!   same quota.
+//!
+//! The schema comes from the SQL files in `migrations/`, compiled in and
+//! applied at start (`tessera_service::postgres::migrate`, service
+//! `server`). A transaction is durable when its COMMIT returns, so `flush`
+//! has nothing left to do: one transaction per send (no group commit on
+//! this backend; PostgreSQL's own `commit_delay` can batch WAL flushes).
+
+use deadpool_postgres::{GenericClient, Pool};
+use prost::Message;
+use tessera_proto::server::v1::{ChainEntry, StoredMessage};
+pub use tessera_service::postgres::PgOptions;
+use tessera_service::{
+    metrics::record_store,
+    postgres::{
+        Migration, PgSetupError, column, config, migrate, pg_error, pool_error, read_pool, to_i64,
+    },
+    storage::{FlushFuture, StorageError},
+};
+use thiserror::Error;
+use tokio_postgres::{Row, types::ToSql};
+
+use super::{
+    Account, Appended, AttachmentRecord, ChannelRecord, Device, MemberRecord, SenderKeyChain,
+    SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange, at_index, decode,
+    extends, take_bounded,
+};
+
+/// This service's name in `schema_migrations`.
+const SERVICE: &str = "server";
+
+/// Every migration, in order; a database has a prefix of them applied.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial schema",
+    sql: include_str!("migrations/0001_initial.sql"),
+}];
+
+/// Why the PostgreSQL store could not open.
+#[derive(Debug, Error)]
+pub enum PgOpenError {
+    /// The URL, the schema's version, or the database itself.
+    #[error("{0}")]
+    Setup(#[from] PgSetupError),
+}
+
+impl From<StorageError> for PgOpenError {
+    fn from(e: StorageError) -> Self {
+        Self::Setup(e.into())
+    }
+}
+
+pub struct PgStore {
+    pool: Pool,
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl PgStore {
+    /// Connects, applies the migrations and opens the pool.
+    pub async fn open(options: &PgOptions) -> Result<Self, PgOpenError> {
+        let config = config(options, "tessera-server")?;
+        let pool = read_pool(config, options.pool_size)?;
+        let mut client = pool.get().await.map_err(pool_error)?;
+        migrate(&mut client, SERVICE, MIGRATIONS).await?;
+        Ok(Self { pool })
+    }
+
+    async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StorageError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
+        client.query(&statement, params).await.map_err(pg_error)
+    }
+
+    async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, StorageError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
+        client.execute(&statement, params).await.map_err(pg_error)
+    }
+
+    /// The first column of each row, decoded as a `what` record.
+    async fn records<M: Message + Default>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        what: &'static str,
+    ) -> Result<Vec<M>, StorageError> {
+        self.query(sql, params)
+            .await?
+            .iter()
+            .map(|row| decode(column(row, 0)?, what))
+            .collect()
+    }
+
+    async fn record<M: Message + Default>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        what: &'static str,
+    ) -> Result<Option<M>, StorageError> {
+        Ok(self.records(sql, params, what).await?.into_iter().next())
+    }
+
+    /// Rows of records (first column), bounded as `take_bounded` says.
+    async fn bounded<M: Message + Default>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        limit: usize,
+        max_bytes: usize,
+        what: &'static str,
+    ) -> Result<Vec<M>, StorageError> {
+        let rows = self.query(sql, params).await?;
+        let raw = take_bounded(
+            rows.iter().map(|row| {
+                let bytes: &[u8] = column(row, 0)?;
+                Ok::<_, StorageError>((bytes.len(), bytes))
+            }),
+            limit,
+            max_bytes,
+        )?;
+        raw.into_iter().map(|b| decode(b, what)).collect()
+    }
+
+    /// Rows of strings (first column).
+    async fn strings(&self, sql: &str, params: Params<'_>) -> Result<Vec<String>, StorageError> {
+        self.query(sql, params)
+            .await?
+            .iter()
+            .map(|row| column(row, 0))
+            .collect()
+    }
+}
+
+/// A range bound or a limit as a BIGINT: beyond its range means "all"
+/// (callers ask up to `u64::MAX`), which `i64::MAX` also means here.
+fn bound(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Writes `change.after` as `identity`'s usage if the stored usage is
+/// still `change.before` (none stored counts as zero): `false` otherwise.
+async fn cas_usage(
+    tx: &impl GenericClient,
+    identity: &str,
+    change: &UsageChange,
+) -> Result<bool, StorageError> {
+    let (before, after) = (change.before.encode_to_vec(), change.after.encode_to_vec());
+    let rows = if change.before == Usage::default() {
+        // No row, or a row of zeros (encoded as no bytes): an insert that
+        // waits for a concurrent one and then checks what it wrote.
+        tx.execute(
+            "INSERT INTO server_usage (identity, record) VALUES ($1, $2) \
+             ON CONFLICT (identity) DO UPDATE SET record = EXCLUDED.record \
+             WHERE server_usage.record = $3",
+            &[&identity, &after, &before],
+        )
+        .await
+    } else {
+        tx.execute(
+            "UPDATE server_usage SET record = $2 WHERE identity = $1 AND record = $3",
+            &[&identity, &after, &before],
+        )
+        .await
+    }
+    .map_err(pg_error)?;
+    Ok(rows == 1)
+}
+
+/// The channel's row, locked until the transaction ends.
+async fn lock_channel(
+    tx: &impl GenericClient,
+    channel_id: &str,
+) -> Result<Option<ChannelRecord>, StorageError> {
+    tx.query_opt(
+        "SELECT record FROM server_channels WHERE channel_id = $1 FOR UPDATE",
+        &[&channel_id],
+    )
+    .await
+    .map_err(pg_error)?
+    .map(|row| decode(column(&row, 0)?, "channel"))
+    .transpose()
+}
+
+impl Store for PgStore {
+    fn account<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Option<Account>> {
+        Box::pin(async move {
+            self.record(
+                "SELECT record FROM server_accounts WHERE identity = $1",
+                &[&identity],
+                "account",
+            )
+            .await
+        })
+    }
+
+    fn create_account<'a>(&'a self, account: &'a Account) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let rows = self
+                .execute(
+                    "INSERT INTO server_accounts (identity, record) VALUES ($1, $2) \
+                     ON CONFLICT (identity) DO NOTHING",
+                    &[&account.identity, &account.encode_to_vec()],
+                )
+                .await?;
+            Ok(rows == 1)
+        })
+    }
+
+    fn replace_account<'a>(&'a self, old: &'a Account, new: &'a Account) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let rows = self
+                .execute(
+                    "UPDATE server_accounts SET record = $3 WHERE identity = $1 AND record = $2",
+                    &[&old.identity, &old.encode_to_vec(), &new.encode_to_vec()],
+                )
+                .await?;
+            Ok(rows == 1)
+        })
+    }
+
+    fn devices<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Vec<Device>> {
+        Box::pin(async move {
+            self.records(
+                "SELECT record FROM server_devices WHERE identity = $1 ORDER BY card_id",
+                &[&identity],
+                "device",
+            )
+            .await
+        })
+    }
+
+    fn device<'a>(&'a self, card_id: &'a [u8]) -> StoreFuture<'a, Option<Device>> {
+        Box::pin(async move {
+            self.record(
+                "SELECT record FROM server_devices WHERE card_id = $1",
+                &[&card_id],
+                "device",
+            )
+            .await
+        })
+    }
+
+    fn put_devices<'a>(&'a self, devices: &'a [Device]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            for d in devices {
+                tx.execute(
+                    "INSERT INTO server_devices (card_id, identity, record) VALUES ($1, $2, $3) \
+                     ON CONFLICT (card_id) DO UPDATE SET identity = EXCLUDED.identity, \
+                     record = EXCLUDED.record",
+                    &[&d.card_id, &d.identity, &d.encode_to_vec()],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            tx.commit().await.map_err(pg_error)
+        })
+    }
+
+    fn org_members(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            self.strings(
+                "SELECT identity FROM server_org_members ORDER BY identity",
+                &[],
+            )
+            .await
+        })
+    }
+
+    fn set_org_member<'a>(&'a self, identity: &'a str, member: bool) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let sql = if member {
+                "INSERT INTO server_org_members (identity) VALUES ($1) ON CONFLICT DO NOTHING"
+            } else {
+                "DELETE FROM server_org_members WHERE identity = $1"
+            };
+            self.execute(sql, &[&identity]).await.map(|_| ())
+        })
+    }
+
+    fn channel<'a>(&'a self, channel_id: &'a str) -> StoreFuture<'a, Option<ChannelRecord>> {
+        Box::pin(async move {
+            self.record(
+                "SELECT record FROM server_channels WHERE channel_id = $1",
+                &[&channel_id],
+                "channel",
+            )
+            .await
+        })
+    }
+
+    fn member<'a>(
+        &'a self,
+        channel_id: &'a str,
+        identity: &'a str,
+    ) -> StoreFuture<'a, Option<MemberRecord>> {
+        Box::pin(async move {
+            self.record(
+                "SELECT record FROM server_members WHERE channel_id = $1 AND identity = $2",
+                &[&channel_id, &identity],
+                "member",
+            )
+            .await
+        })
+    }
+
+    fn members<'a>(&'a self, channel_id: &'a str) -> StoreFuture<'a, Vec<MemberRecord>> {
+        Box::pin(async move {
+            self.records(
+                "SELECT record FROM server_members WHERE channel_id = $1 ORDER BY identity",
+                &[&channel_id],
+                "member",
+            )
+            .await
+        })
+    }
+
+    fn channels_of<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            self.strings(
+                "SELECT channel_id FROM server_members WHERE identity = $1 ORDER BY channel_id",
+                &[&identity],
+            )
+            .await
+        })
+    }
+
+    fn append_statement<'a>(
+        &'a self,
+        channel_id: &'a str,
+        expected_length: u64,
+        expected_head: &'a [u8],
+        change: &'a StatementChange,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            let current = lock_channel(&tx, channel_id).await?;
+            if !extends(current.as_ref(), expected_length, expected_head) {
+                return Ok(false); // the transaction rolls back when dropped
+            }
+            let record = change.channel.encode_to_vec();
+            let written = if current.is_none() {
+                // A creation: another replica may create the same id at once.
+                tx.execute(
+                    "INSERT INTO server_channels (channel_id, record) VALUES ($1, $2) \
+                     ON CONFLICT (channel_id) DO NOTHING",
+                    &[&channel_id, &record],
+                )
+                .await
+            } else {
+                tx.execute(
+                    "UPDATE server_channels SET record = $2 WHERE channel_id = $1",
+                    &[&channel_id, &record],
+                )
+                .await
+            }
+            .map_err(pg_error)?;
+            if written != 1 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO server_chain (channel_id, epoch, entry) VALUES ($1, $2, $3)",
+                &[
+                    &channel_id,
+                    &to_i64(expected_length)?,
+                    &change.entry.encode_to_vec(),
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+            for m in &change.put_members {
+                tx.execute(
+                    "INSERT INTO server_members (channel_id, identity, record) VALUES ($1, $2, $3) \
+                     ON CONFLICT (channel_id, identity) DO UPDATE SET record = EXCLUDED.record",
+                    &[&channel_id, &m.identity, &m.encode_to_vec()],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            for identity in &change.remove_members {
+                tx.execute(
+                    "DELETE FROM server_members WHERE channel_id = $1 AND identity = $2",
+                    &[&channel_id, identity],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            tx.commit().await.map_err(pg_error)?;
+            Ok(true)
+        })
+    }
+
+    fn chain<'a>(
+        &'a self,
+        channel_id: &'a str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> StoreFuture<'a, Vec<ChainEntry>> {
+        Box::pin(async move {
+            if from >= to {
+                return Ok(Vec::new());
+            }
+            self.bounded(
+                "SELECT entry FROM server_chain WHERE channel_id = $1 AND epoch >= $2 \
+                 AND epoch < $3 ORDER BY epoch LIMIT $4",
+                &[&channel_id, &bound(from), &bound(to), &bound(limit as u64)],
+                limit,
+                max_bytes,
+                "chain entry",
+            )
+            .await
+        })
+    }
+
+    fn dedupe<'a>(
+        &'a self,
+        channel_id: &'a str,
+        client_message_id: &'a [u8],
+    ) -> StoreFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let rows = self
+                .query(
+                    "SELECT idx FROM server_dedupe WHERE channel_id = $1 AND client_message_id = $2",
+                    &[&channel_id, &client_message_id],
+                )
+                .await?;
+            record_store("dedupe", started);
+            rows.first()
+                .map(|row| Ok(column::<i64>(row, 0)? as u64))
+                .transpose()
+        })
+    }
+
+    fn append_message<'a>(
+        &'a self,
+        channel: &'a ChannelRecord,
+        message: &'a StoredMessage,
+        usage: &'a UsageChange,
+    ) -> StoreFuture<'a, Appended> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let id = channel.channel_id.as_str();
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            // Under the channel row's lock: the index and the dedupe.
+            let stored = lock_channel(&tx, id).await?;
+            let duplicate = tx
+                .query_opt(
+                    "SELECT idx FROM server_dedupe WHERE channel_id = $1 AND client_message_id = $2",
+                    &[&id, &message.client_message_id],
+                )
+                .await
+                .map_err(pg_error)?;
+            if let Some(row) = duplicate {
+                return Ok(Appended::Duplicate(column::<i64>(&row, 0)? as u64));
+            }
+            if !at_index(stored.as_ref(), channel, message.index)
+                || !cas_usage(&tx, &message.sender_identity, usage).await?
+            {
+                return Ok(Appended::Moved);
+            }
+            let index = to_i64(message.index)?;
+            tx.execute(
+                "INSERT INTO server_messages (channel_id, idx, record) VALUES ($1, $2, $3)",
+                &[&id, &index, &message.encode_to_vec()],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.execute(
+                "INSERT INTO server_dedupe (channel_id, client_message_id, idx) VALUES ($1, $2, $3)",
+                &[&id, &message.client_message_id, &index],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.execute(
+                "UPDATE server_channels SET record = $2 WHERE channel_id = $1",
+                &[&id, &channel.encode_to_vec()],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.commit().await.map_err(pg_error)?;
+            record_store("append_message", started);
+            Ok(Appended::Stored)
+        })
+    }
+
+    fn message_range<'a>(
+        &'a self,
+        channel_id: &'a str,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+        newest_first: bool,
+    ) -> StoreFuture<'a, Vec<StoredMessage>> {
+        Box::pin(async move {
+            if from >= to {
+                return Ok(Vec::new());
+            }
+            let started = std::time::Instant::now();
+            let sql = if newest_first {
+                "SELECT record FROM server_messages WHERE channel_id = $1 AND idx >= $2 \
+                 AND idx < $3 ORDER BY idx DESC LIMIT $4"
+            } else {
+                "SELECT record FROM server_messages WHERE channel_id = $1 AND idx >= $2 \
+                 AND idx < $3 ORDER BY idx LIMIT $4"
+            };
+            let messages = self
+                .bounded(
+                    sql,
+                    &[&channel_id, &bound(from), &bound(to), &bound(limit as u64)],
+                    limit,
+                    max_bytes,
+                    "message",
+                )
+                .await;
+            record_store("messages", started);
+            messages
+        })
+    }
+
+    fn usage<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Usage> {
+        Box::pin(async move {
+            Ok(self
+                .record(
+                    "SELECT record FROM server_usage WHERE identity = $1",
+                    &[&identity],
+                    "usage",
+                )
+                .await?
+                .unwrap_or_default())
+        })
+    }
+
+    fn read_horizon<'a>(&'a self, identity: &'a str, channel_id: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let rows = self
+                .query(
+                    "SELECT idx FROM server_read_horizons WHERE identity = $1 AND channel_id = $2",
+                    &[&identity, &channel_id],
+                )
+                .await?;
+            rows.first()
+                .map_or(Ok(0), |row| Ok(column::<i64>(row, 0)? as u64))
+        })
+    }
+
+    fn set_read_horizon<'a>(
+        &'a self,
+        identity: &'a str,
+        channel_id: &'a str,
+        index: u64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.execute(
+                "INSERT INTO server_read_horizons (identity, channel_id, idx) VALUES ($1, $2, $3) \
+                 ON CONFLICT (identity, channel_id) DO UPDATE SET idx = EXCLUDED.idx",
+                &[&identity, &channel_id, &to_i64(index)?],
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn attachment<'a>(
+        &'a self,
+        attachment_id: &'a str,
+    ) -> StoreFuture<'a, Option<AttachmentRecord>> {
+        Box::pin(async move {
+            self.record(
+                "SELECT record FROM server_attachments WHERE attachment_id = $1",
+                &[&attachment_id],
+                "attachment",
+            )
+            .await
+        })
+    }
+
+    fn put_attachment<'a>(
+        &'a self,
+        record: &'a AttachmentRecord,
+        usage: &'a UsageChange,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            if !cas_usage(&tx, &record.uploader, usage).await? {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO server_attachments (attachment_id, record) VALUES ($1, $2) \
+                 ON CONFLICT (attachment_id) DO UPDATE SET record = EXCLUDED.record",
+                &[&record.attachment_id, &record.encode_to_vec()],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.commit().await.map_err(pg_error)?;
+            Ok(true)
+        })
+    }
+
+    fn sender_key_chain<'a>(
+        &'a self,
+        channel_id: &'a str,
+        sender_card_id: &'a [u8],
+        chain_id: &'a [u8],
+    ) -> StoreFuture<'a, Option<SenderKeyChain>> {
+        Box::pin(async move {
+            self.record(
+                "SELECT record FROM server_sender_key_chains \
+             WHERE channel_id = $1 AND sender_card_id = $2 AND chain_id = $3",
+                &[&channel_id, &sender_card_id, &chain_id],
+                "sender-key chain",
+            )
+            .await
+        })
+    }
+
+    fn sender_key<'a>(
+        &'a self,
+        channel_id: &'a str,
+        sender_card_id: &'a [u8],
+        chain_id: &'a [u8],
+        recipient_card_id: &'a [u8],
+    ) -> StoreFuture<'a, Option<(Vec<u8>, SenderKeyChain)>> {
+        Box::pin(async move {
+            let rows = self
+                .query(
+                    "SELECT k.copy, c.record FROM server_sender_keys k \
+                     LEFT JOIN server_sender_key_chains c USING (channel_id, sender_card_id, chain_id) \
+                     WHERE k.channel_id = $1 AND k.sender_card_id = $2 AND k.chain_id = $3 \
+                     AND k.recipient_card_id = $4",
+                    &[&channel_id, &sender_card_id, &chain_id, &recipient_card_id],
+                )
+                .await?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let chain: Option<&[u8]> = column(row, 1)?;
+            let chain = chain.ok_or(StorageError::Corrupt("sender-key copy without its chain"))?;
+            Ok(Some((column(row, 0)?, decode(chain, "sender-key chain")?)))
+        })
+    }
+
+    fn put_sender_keys<'a>(
+        &'a self,
+        put: &'a SenderKeysPut,
+        usage: &'a UsageChange,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            if !cas_usage(&tx, &put.sender_identity, usage).await? {
+                return Ok(false);
+            }
+            let (id, sender, chain) = (&put.channel_id, &put.sender_card_id, &put.chain_id);
+            tx.execute(
+                "INSERT INTO server_sender_key_chains (channel_id, sender_card_id, chain_id, record) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (channel_id, sender_card_id, chain_id) \
+                 DO UPDATE SET record = EXCLUDED.record",
+                &[id, sender, chain, &put.chain.encode_to_vec()],
+            )
+            .await
+            .map_err(pg_error)?;
+            let statement = tx
+                .prepare(
+                    "INSERT INTO server_sender_keys \
+                     (channel_id, sender_card_id, chain_id, recipient_card_id, copy) \
+                     VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (channel_id, sender_card_id, chain_id, recipient_card_id) \
+                     DO UPDATE SET copy = EXCLUDED.copy",
+                )
+                .await
+                .map_err(pg_error)?;
+            for (recipient, copy) in &put.copies {
+                tx.execute(&statement, &[id, sender, chain, recipient, copy])
+                    .await
+                    .map_err(pg_error)?;
+            }
+            tx.commit().await.map_err(pg_error)?;
+            record_store("put_sender_keys", started);
+            Ok(true)
+        })
+    }
+
+    fn flush(&self) -> FlushFuture<'_> {
+        // Every write committed before its method returned.
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_testkit::Postgres;
+
+    use super::*;
+    use crate::store::conformance;
+
+    fn options(pg: &Postgres) -> PgOptions {
+        PgOptions {
+            url: pg.url("postgres"),
+            pool_size: 4,
+        }
+    }
+
+    #[tokio::test]
+    async fn postgres_store() {
+        let pg = Postgres::start();
+        conformance::exercise(&PgStore::open(&options(&pg)).await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn migrations_are_applied_once_and_a_newer_schema_is_refused() {
+        let pg = Postgres::start();
+        let store = PgStore::open(&options(&pg)).await.unwrap();
+        drop(store);
+        // Again: nothing is applied twice (the tables exist).
+        let store = PgStore::open(&options(&pg)).await.unwrap();
+        let client = store.pool.get().await.unwrap();
+        let applied: Vec<i32> = client
+            .query(
+                "SELECT version FROM schema_migrations WHERE service = 'server' ORDER BY version",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(applied, vec![1]);
+        client
+            .execute(
+                "INSERT INTO schema_migrations (service, version, name) VALUES ('server', 99, 'future')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let Err(e) = PgStore::open(&options(&pg)).await else {
+            panic!("a schema newer than the binary was accepted")
+        };
+        assert!(
+            matches!(
+                e,
+                PgOpenError::Setup(PgSetupError::NewerSchema {
+                    found: 99,
+                    known: 1,
+                    ..
+                })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("upgrade tessera-server"), "{e}");
+    }
+
+    /// Two stores on one database (two replicas): concurrent sends to one
+    /// channel each read the channel and try to store at its next index;
+    /// the database lets exactly one store each index, and the others see
+    /// the channel moved.
+    #[tokio::test]
+    async fn replicas_never_store_one_index_twice() {
+        let pg = Postgres::start();
+        let a = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
+        let b = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
+        let channel = ChannelRecord {
+            channel_id: "c".into(),
+            next_index: 1,
+            chain_length: 1,
+            chain_head: vec![1; 32],
+            ..Default::default()
+        };
+        let creation = StatementChange {
+            channel: channel.clone(),
+            entry: ChainEntry::default(),
+            put_members: vec![],
+            remove_members: vec![],
+        };
+        assert!(a.append_statement("c", 0, &[], &creation).await.unwrap());
+        assert!(
+            !b.append_statement("c", 0, &[], &creation).await.unwrap(),
+            "created once, whichever replica asks"
+        );
+        let mut tasks = Vec::new();
+        for n in 0..32u8 {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                // Retry until stored, as a send does.
+                loop {
+                    let mut channel = store.channel("c").await.unwrap().unwrap();
+                    let message = StoredMessage {
+                        channel_id: "c".into(),
+                        index: channel.next_index,
+                        sender_identity: format!("u{}", n % 4),
+                        client_message_id: vec![n; 16],
+                        ..Default::default()
+                    };
+                    channel.next_index += 1;
+                    let before = store.usage(&message.sender_identity).await.unwrap();
+                    let after = Usage {
+                        message_bytes: before.message_bytes + 1,
+                        ..before
+                    };
+                    match store
+                        .append_message(&channel, &message, &UsageChange { before, after })
+                        .await
+                        .unwrap()
+                    {
+                        Appended::Stored => return message.index,
+                        Appended::Duplicate(i) => panic!("not sent twice, yet duplicate at {i}"),
+                        Appended::Moved => tokio::task::yield_now().await,
+                    }
+                }
+            }));
+        }
+        let mut indices = Vec::new();
+        for t in tasks {
+            indices.push(t.await.unwrap());
+        }
+        indices.sort_unstable();
+        assert_eq!(indices, (1..=32).collect::<Vec<u64>>(), "each index once");
+        let stored = a.messages("c", 1, 100, 100, usize::MAX).await.unwrap();
+        assert_eq!(stored.len(), 32);
+        for u in 0..4 {
+            assert_eq!(
+                b.usage(&format!("u{u}")).await.unwrap().message_bytes,
+                8,
+                "every charge counted once"
+            );
+        }
+    }
+}
