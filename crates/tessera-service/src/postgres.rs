@@ -186,7 +186,18 @@ pub async fn migrate(
 pub fn pg_error(e: tokio_postgres::Error) -> StorageError {
     let message = match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
+        // tokio-postgres leaves the cause (e.g. "Connection refused") to
+        // `source()`: name it, or the operator learns only that it failed.
+        None => {
+            let mut message = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                message.push_str(": ");
+                message.push_str(&c.to_string());
+                cause = c.source();
+            }
+            message
+        }
     };
     StorageError::Backend {
         backend: "postgres",
@@ -213,4 +224,22 @@ pub fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
     index: usize,
 ) -> Result<T, StorageError> {
     row.try_get(index).map_err(pg_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_connection_names_its_cause() {
+        // Port 1 on loopback: nothing listens there.
+        let options = PgOptions {
+            url: "postgresql://nobody@127.0.0.1:1/none".into(),
+            pool_size: 1,
+        };
+        let config = config(&options, "tessera-test").unwrap();
+        let err = connect(&config, "test connection ended").await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
 }
