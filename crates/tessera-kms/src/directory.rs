@@ -123,6 +123,10 @@ pub enum OpenError {
         "the stored log does not match its checkpoint (size {size}, {detail}): the data is corrupt"
     )]
     Inconsistent { size: u64, detail: &'static str },
+    #[error(
+        "the database holds no checkpoint yet: a read-only replica starts once the writer has published one"
+    )]
+    NothingPublished,
 }
 
 /// Clock difference tolerated between a revocation's signer and the key
@@ -154,7 +158,11 @@ struct Published {
 
 pub struct Directory {
     store: Arc<dyn Store>,
-    key: SigningKey,
+    /// The log's key; `None` on a read-only replica, which serves what the
+    /// writer published and signs nothing.
+    key: Option<SigningKey>,
+    /// The log's public key.
+    public: VerifyingKey,
     app_key: VerifyingKey,
     limits: Limits,
     write: tokio::sync::Mutex<()>,
@@ -163,6 +171,13 @@ pub struct Directory {
     index: RwLock<CardIndex>,
     published: RwLock<Arc<Published>>,
     failed: AtomicBool,
+}
+
+fn read_only() -> KmsError {
+    KmsError::FailedPrecondition(
+        "this key service is a read-only replica: register, revoke and publish through the writer"
+            .into(),
+    )
 }
 
 fn lock_error<T>(_: T) -> KmsError {
@@ -186,11 +201,40 @@ impl Directory {
         app_key: VerifyingKey,
         limits: Limits,
     ) -> Result<Self, OpenError> {
-        let tree = Tree::from_leaves(store.leaf_hashes().await?);
+        let public = key.verifying_key();
+        Self::open_with(store, Some(key), public, app_key, limits).await
+    }
+
+    /// A read-only replica of the log `public` signs, over a store its
+    /// writer keeps: it serves search, cards, proofs and entries as of the
+    /// checkpoint the writer published last ([`Self::reload`] catches up),
+    /// and refuses writes (FAILED_PRECONDITION). It holds no private key.
+    pub async fn open_read_only(
+        store: Arc<dyn Store>,
+        public: VerifyingKey,
+        app_key: VerifyingKey,
+        limits: Limits,
+    ) -> Result<Self, OpenError> {
+        Self::open_with(store, None, public, app_key, limits).await
+    }
+
+    async fn open_with(
+        store: Arc<dyn Store>,
+        key: Option<SigningKey>,
+        public: VerifyingKey,
+        app_key: VerifyingKey,
+        limits: Limits,
+    ) -> Result<Self, OpenError> {
+        let mut tree = Tree::from_leaves(store.leaf_hashes().await?);
         let published = match store.checkpoint().await? {
             Some(signed) => {
-                let cp = transparency::verify_checkpoint(&signed, &key.verifying_key())
+                let cp = transparency::verify_checkpoint(&signed, &public)
                     .map_err(|_| OpenError::ForeignCheckpoint)?;
+                // A replica may see entries the writer stored after its
+                // last checkpoint (not yet published): it leaves them out.
+                if key.is_none() && cp.tree_size < tree.len() {
+                    tree.truncate(cp.tree_size);
+                }
                 if cp.tree_size != tree.len() {
                     return Err(OpenError::Inconsistent {
                         size: cp.tree_size,
@@ -209,6 +253,9 @@ impl Directory {
                 }
             }
             None if tree.is_empty() => {
+                let Some(key) = &key else {
+                    return Err(OpenError::NothingPublished);
+                };
                 let root = tree.root(0).ok_or(OpenError::Inconsistent {
                     size: 0,
                     detail: "empty root",
@@ -216,7 +263,7 @@ impl Directory {
                 Published {
                     size: 0,
                     checkpoint: transparency::sign_checkpoint(
-                        &key,
+                        key,
                         0,
                         &root,
                         tessera_service::now_secs(),
@@ -230,12 +277,13 @@ impl Directory {
                 });
             }
         };
-        tracing::info!(entries = tree.len(), log_id = %transparency::log_id(&key.verifying_key()), "log rebuilt from disk");
+        tracing::info!(entries = tree.len(), log_id = %transparency::log_id(&public), read_only = key.is_none(), "log rebuilt from disk");
         let index = CardIndex::build(store.as_ref()).await?;
         metrics::set_gauge(KMS_LOG_ENTRIES, published.size as f64);
         Ok(Self {
             store,
             key,
+            public,
             app_key,
             limits,
             write: tokio::sync::Mutex::new(()),
@@ -247,7 +295,72 @@ impl Directory {
     }
 
     pub fn public_key(&self) -> VerifyingKey {
-        self.key.verifying_key()
+        self.public
+    }
+
+    /// Whether this is a read-only replica.
+    pub fn is_read_only(&self) -> bool {
+        self.key.is_none()
+    }
+
+    /// The log's private key, for writes (never on a replica).
+    fn signer(&self) -> Result<&SigningKey, KmsError> {
+        self.key.as_ref().ok_or_else(read_only)
+    }
+
+    /// A read-only replica catches up with the checkpoint its writer
+    /// published last: the log must extend the one served so far (same
+    /// root at the old size), and the new checkpoint must be the log's
+    /// key's over the new root. The search index is rebuilt from the store
+    /// (it answers as of any log size, so newer records do no harm) and
+    /// swapped in before the new checkpoint is. `Ok(true)` when it moved.
+    pub async fn reload(&self) -> Result<bool, KmsError> {
+        let Some(signed) = self.store.checkpoint().await? else {
+            return Ok(false);
+        };
+        let cp = transparency::verify_checkpoint(&signed, &self.public)
+            .map_err(|_| KmsError::Internal("the stored checkpoint is not this log's"))?;
+        let old = self.published()?;
+        if cp.tree_size <= old.size {
+            return Ok(false);
+        }
+        let mut leaves = self.store.leaf_hashes().await?;
+        let Ok(size) = usize::try_from(cp.tree_size) else {
+            return Err(KmsError::Internal("log size beyond this machine"));
+        };
+        if leaves.len() < size {
+            // Read between the writer's entries and its checkpoint: later.
+            return Ok(false);
+        }
+        leaves.truncate(size);
+        let tree = Tree::from_leaves(leaves);
+        if tree.root(cp.tree_size) != Some(cp.root_hash) {
+            return Err(KmsError::Internal(
+                "the stored log does not match the stored checkpoint",
+            ));
+        }
+        let old_root = transparency::verify_checkpoint(&old.checkpoint, &self.public)
+            .map_err(|_| KmsError::Internal("the served checkpoint is not this log's"))?
+            .root_hash;
+        if tree.root(old.size) != Some(old_root) {
+            tracing::error!(
+                old_size = old.size,
+                new_size = cp.tree_size,
+                "the stored log does not extend the one this replica served"
+            );
+            return Err(KmsError::Internal(
+                "the stored log does not extend the one served so far",
+            ));
+        }
+        let index = CardIndex::build(self.store.as_ref()).await?;
+        *self.tree.write().map_err(lock_error)? = tree;
+        *self.index.write().map_err(lock_error)? = index;
+        *self.published.write().map_err(lock_error)? = Arc::new(Published {
+            size: cp.tree_size,
+            checkpoint: signed,
+        });
+        metrics::set_gauge(KMS_LOG_ENTRIES, cp.tree_size as f64);
+        Ok(true)
     }
 
     pub fn app_key(&self) -> &VerifyingKey {
@@ -362,8 +475,12 @@ impl Directory {
             tree.root(index + 1)
                 .ok_or(KmsError::Internal("root of new size"))?
         };
-        let checkpoint =
-            transparency::sign_checkpoint(&self.key, index + 1, &root, tessera_service::now_secs());
+        let checkpoint = transparency::sign_checkpoint(
+            self.signer()?,
+            index + 1,
+            &root,
+            tessera_service::now_secs(),
+        );
         let indexed = (cards.clone(), device_list.clone());
         let mut fetched = Fetched::from([(index, entry.clone())]);
         let applied = self
@@ -423,6 +540,9 @@ impl Directory {
     }
 
     fn check_writable(&self) -> Result<(), KmsError> {
+        if self.key.is_none() {
+            return Err(read_only());
+        }
         if self.failed.load(Ordering::SeqCst) {
             return Err(KmsError::Unavailable);
         }
@@ -494,7 +614,7 @@ impl Directory {
         let identity = parsed.identity().to_owned();
         let kind = parsed.kind();
         let mut card = parsed.into_card();
-        tessera_card::kms_sign(&mut card, &self.key);
+        tessera_card::kms_sign(&mut card, self.signer()?);
         let entry = transparency::registration_entry(&card, &identity, tessera_service::now_secs());
         let new_record = StoredCard {
             registration_entry: entry.clone(),
@@ -603,7 +723,7 @@ impl Directory {
                 "{id} is not a client card"
             )));
         }
-        let verified = Verifier::new(self.app_key, self.key.verifying_key())
+        let verified = Verifier::new(self.app_key, self.public)
             .verify(
                 &stored.card.clone().unwrap_or_default(),
                 None,
@@ -969,7 +1089,7 @@ impl Directory {
     /// The checkpoint's verified form (for tests and logs).
     pub fn verified_checkpoint(&self) -> Result<VerifiedCheckpoint, KmsError> {
         let p = self.published()?;
-        transparency::verify_checkpoint(&p.checkpoint, &self.key.verifying_key())
+        transparency::verify_checkpoint(&p.checkpoint, &self.public)
             .map_err(|_| KmsError::Internal("own checkpoint does not verify"))
     }
 }

@@ -107,6 +107,47 @@ impl Kms {
         Self::with_store(Arc::new(store), key, config).await
     }
 
+    /// A read-only replica over the PostgreSQL database its writer keeps:
+    /// it needs the log's public key only (no private key), serves what
+    /// the writer published, and catches up every `refresh`.
+    pub async fn open_read_only(
+        config: &Config,
+        database: &store::PgOptions,
+        public: VerifyingKey,
+        refresh: std::time::Duration,
+    ) -> Result<Self, StartError> {
+        let store = store::PgStore::open_read_only(database).await?;
+        let directory = Directory::open_read_only(
+            Arc::new(store),
+            public,
+            config.app_public_key,
+            config.limits.clone(),
+        )
+        .await?;
+        let directory = Arc::new(directory);
+        let weak = Arc::downgrade(&directory);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refresh);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(directory) = weak.upgrade() else {
+                    return;
+                };
+                match directory.reload().await {
+                    Ok(true) => tracing::debug!("caught up with the writer's checkpoint"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not catch up with the writer"),
+                }
+            }
+        });
+        Ok(Self {
+            directory,
+            tokens: TokenVerifier::new(config.token_public_key, Audience::Kms),
+            max_request_bytes: config.max_request_bytes,
+        })
+    }
+
     /// Runs over any store (the in-memory one in unit tests).
     pub async fn with_store(
         store: Arc<dyn store::Store>,

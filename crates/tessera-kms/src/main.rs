@@ -58,6 +58,27 @@ struct Cli {
         default_value_t = 16
     )]
     database_pool_size: usize,
+    /// Run as a read-only replica of the writer that keeps --database-url:
+    /// serve search, cards, proofs and entries as of its last checkpoint,
+    /// refuse writes. Needs only the log's public key (--kms-public-key).
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_KMS_READ_ONLY",
+        requires = "database_url"
+    )]
+    read_only: bool,
+    /// The log's public key (64 hex digits), for --read-only.
+    #[arg(long, global = true, env = "TESSERA_KMS_PUBLIC_KEY")]
+    kms_public_key: Option<String>,
+    /// How often a read-only replica catches up with the writer, in milliseconds.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_KMS_REFRESH_MS",
+        default_value_t = 1000
+    )]
+    refresh_ms: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -105,12 +126,29 @@ async fn run(cli: Cli) -> Result<(), String> {
         max_request_bytes: cli.max_request_bytes,
     };
     common.start_metrics().map_err(|e| e.to_string())?;
-    let storage = if cli.database_url.is_some() {
-        "postgres"
-    } else {
-        "sled"
+    let storage = match (&cli.database_url, cli.read_only) {
+        (Some(_), true) => "postgres (read-only replica)",
+        (Some(_), false) => "postgres",
+        (None, _) => "sled",
     };
     let kms = match cli.database_url {
+        Some(url) if cli.read_only => {
+            let public = tessera_service::config::public_key_flag(
+                "kms-public-key",
+                cli.kms_public_key.as_deref(),
+            )?;
+            let database = PgOptions {
+                url,
+                pool_size: cli.database_pool_size,
+            };
+            Kms::open_read_only(
+                &config,
+                &database,
+                public,
+                std::time::Duration::from_millis(cli.refresh_ms.max(50)),
+            )
+            .await
+        }
         Some(url) => {
             let database = PgOptions {
                 url,

@@ -1148,3 +1148,89 @@ mod on_postgres {
         device_lists_are_checked_logged_served_and_survive_restart,
     );
 }
+
+/// A read-only replica on the writer's PostgreSQL database: it serves what
+/// the writer published (with proofs under the writer's checkpoint), holds
+/// no private key, refuses writes, and catches up with later appends.
+#[tokio::test]
+async fn a_read_only_replica_serves_what_the_writer_published_and_refuses_writes() {
+    ON_POSTGRES.set(true);
+    let mut f = Fixture::start().await;
+    let (_, alice) = f.card("alice", "laptop");
+    let (record, _) = f.register(alice).await.unwrap();
+
+    let replica_dir = tempfile::tempdir().unwrap();
+    let database = tessera_kms::store::PgOptions {
+        url: f.pg.as_ref().unwrap().url("postgres"),
+        pool_size: 2,
+    };
+    let replica = Kms::open_read_only(
+        &config(replica_dir.path(), &f.app, &f.issuer),
+        &database,
+        f.kms_key,
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap();
+    assert!(replica.directory().is_read_only());
+    assert!(
+        !replica_dir.path().join("kms.key").exists(),
+        "a replica neither needs nor makes a private key"
+    );
+    let listener = tessera_service::serve::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let running = Running::spawn(
+        replica.routes().await.unwrap(),
+        listener,
+        ServeOptions::default(),
+    )
+    .unwrap();
+    let mut replica_client = KeyDirectoryClient::new(
+        Channel::from_shared(running.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+
+    // Through the replica: alice's card, proven under the writer's checkpoint.
+    std::mem::swap(&mut f.client, &mut replica_client);
+    let found = f.search(&["alice"]).await.unwrap();
+    let cp = found.checkpoint.unwrap();
+    assert_eq!(
+        f.check_record(&found.results[0].cards[0], &cp, "alice"),
+        f.check_record(&record, &cp, "alice")
+    );
+    let (_, bob) = f.card("bob", "phone");
+    let refused = f.register(bob.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("read-only replica"),
+        "{refused:?}"
+    );
+
+    // The writer appends; the replica catches up.
+    std::mem::swap(&mut f.client, &mut replica_client);
+    f.register(bob).await.unwrap();
+    std::mem::swap(&mut f.client, &mut replica_client);
+    let mut seen = None;
+    for _ in 0..100 {
+        let found = f.search(&["bob"]).await.unwrap();
+        if !found.results[0].cards.is_empty() {
+            seen = Some(found);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let found = seen.expect("the replica never caught up with the writer");
+    let cp = found.checkpoint.unwrap();
+    assert_eq!(
+        transparency::verify_checkpoint(&cp, &f.kms_key)
+            .unwrap()
+            .tree_size,
+        2
+    );
+    f.check_record(&found.results[0].cards[0], &cp, "bob");
+    running.stop().await.unwrap();
+}

@@ -87,8 +87,9 @@ struct Writer {
 
 pub struct PgStore {
     pool: Pool,
-    /// Holds the single-writer lock for the life of the process.
-    writer: tokio::sync::Mutex<Writer>,
+    /// Holds the single-writer lock for the life of the process; `None`
+    /// for a read-only replica.
+    writer: Option<tokio::sync::Mutex<Writer>>,
 }
 
 /// Takes the single-writer lock on `client`'s session, or says who has it.
@@ -168,8 +169,22 @@ impl PgStore {
         let pool = read_pool(config, options.pool_size)?;
         Ok(Self {
             pool,
-            writer: tokio::sync::Mutex::new(writer),
+            writer: Some(tokio::sync::Mutex::new(writer)),
         })
+    }
+
+    /// A read-only replica's store: a read pool only, no writer lock, no
+    /// migrations (the writer applies them; until it has, reads fail and
+    /// the replica does not start).
+    pub async fn open_read_only(options: &PgOptions) -> Result<Self, PgOpenError> {
+        let config = config(options, "tessera-kms-replica")?;
+        let pool = read_pool(config, options.pool_size)?;
+        let store = Self { pool, writer: None };
+        // The schema must be there (made by the writer).
+        store
+            .query("SELECT COUNT(*) FROM kms_checkpoint", &[])
+            .await?;
+        Ok(store)
     }
 
     /// Rows of one read, on a pooled connection.
@@ -211,7 +226,13 @@ impl PgStore {
     /// The service applies one at a time; a bulk load (the benchmark's
     /// preload) many.
     pub async fn apply_all(&self, appends: Vec<Append>) -> Result<(), StorageError> {
-        let mut writer = self.writer.lock().await;
+        let Some(writer) = &self.writer else {
+            return Err(StorageError::Backend {
+                backend: "postgres",
+                message: "this key service is a read-only replica".into(),
+            });
+        };
+        let mut writer = writer.lock().await;
         if writer.client.is_closed() {
             return Err(StorageError::Backend {
                 backend: "postgres",
