@@ -5,12 +5,11 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use tessera_client::{Client, ClientError};
-use tessera_crypto::envelope::CONTENT_TYPE_TEXT;
+use tessera_client::Client;
 use tessera_stack::hostile::Proxy;
 use tessera_testkit::{CliProcess, Cluster, Postgres, Service, Writes, approve};
 
-use crate::{behind_relay, channel, text};
+use crate::{behind_relay, channel, durability::send_through_crashes, text};
 
 const WAIT: Duration = Duration::from_secs(30);
 const SUBSCRIBE: &str = "/tessera.server.v1.Channels/Subscribe";
@@ -106,18 +105,13 @@ async fn a_subscriber_on_each_replica_gets_what_both_store_once_in_order() {
     assert_eq!(printed(on_b, 2 * EACH).await, sent, "listening on b");
 }
 
-/// The replica was not there (refused, reset, closed): worth retrying.
-fn unreachable(e: &ClientError) -> bool {
-    matches!(e, ClientError::Unreachable { .. })
-}
-
 #[tokio::test]
 async fn a_replica_killed_mid_send_loses_nothing_and_its_subscriber_resumes_on_the_other() {
     // Through the replica that is killed, by two writers; through the
     // other, by one.
     const THROUGH_A: u64 = 30;
     const THROUGH_B: usize = 10;
-    const WRITERS: u64 = 2;
+    const WRITERS: usize = 2;
     let pg = Postgres::start();
     let (mut cluster, b) = two_replicas(&pg).await;
     // Bob's device reaches the app servers through a relay that stands for
@@ -133,26 +127,13 @@ async fn a_replica_killed_mid_send_loses_nothing_and_its_subscriber_resumes_on_t
     let on_bob = listen(&cluster, "bob", &channel, total).await;
 
     let writes = Arc::new(Writes::pausing_at([THROUGH_A / 2]));
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let (alice, channel, writes) = (alice.clone(), channel.clone(), writes.clone());
-        writers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            for i in 0..THROUGH_A / WRITERS {
-                let body = format!("alice {w} {i}");
-                // Retried with the same client message id: stored once.
-                let id = tessera_crypto::random_array::<16>().unwrap();
-                let sent = writes
-                    .retry(
-                        || alice.send_with_id(&channel, CONTENT_TYPE_TEXT, body.as_bytes(), id),
-                        unreachable,
-                    )
-                    .await;
-                acked.push((sent.index, body));
-            }
-            acked
-        }));
-    }
+    let writers = send_through_crashes(
+        &alice,
+        &channel,
+        &writes,
+        WRITERS,
+        THROUGH_A as usize / WRITERS,
+    );
     let through_b = {
         let channel = channel.clone();
         async move { send_all(&carol, &channel, "carol", THROUGH_B).await }
