@@ -55,6 +55,40 @@ async fn crash_three_times(service: &mut tessera_testkit::Service, writes: &Writ
     );
 }
 
+/// `writers` tasks sending `each` texts (`writer <w> message <i>`) one
+/// after the other through `from`, every attempt recorded in `writes`:
+/// only transport failures are retried, with the same client message id
+/// (so a message is stored once). Each task returns its acknowledged
+/// (index, text).
+pub(crate) fn send_through_crashes(
+    from: &Arc<Client>,
+    channel: &str,
+    writes: &Arc<Writes>,
+    writers: usize,
+    each: usize,
+) -> Vec<tokio::task::JoinHandle<Vec<(u64, String)>>> {
+    (0..writers)
+        .map(|w| {
+            let (from, channel, writes) = (from.clone(), channel.to_owned(), writes.clone());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..each {
+                    let body = format!("writer {w} message {i}");
+                    let id = tessera_crypto::random_array::<16>().unwrap();
+                    let sent = writes
+                        .retry(
+                            || from.send_with_id(&channel, CONTENT_TYPE_TEXT, body.as_bytes(), id),
+                            unreachable,
+                        )
+                        .await;
+                    acked.push((sent.index, body));
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
 fn with<T>(token: &str, m: T) -> Request<T> {
     let mut r = Request::new(m);
     r.metadata_mut()
@@ -74,26 +108,7 @@ async fn acknowledged_messages_survive_app_server_crashes() {
         .unwrap()
         .channel_id;
     let writes = Arc::new(Writes::pausing_at(kill_points(N as u64)));
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let (alice, channel, writes) = (alice.clone(), channel.clone(), writes.clone());
-        writers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            for i in 0..N / WRITERS {
-                let body = format!("writer {w} message {i}");
-                // Retried with the same client message id: stored once.
-                let id = tessera_crypto::random_array::<16>().unwrap();
-                let sent = writes
-                    .retry(
-                        || alice.send_with_id(&channel, CONTENT_TYPE_TEXT, body.as_bytes(), id),
-                        unreachable,
-                    )
-                    .await;
-                acked.push((body, sent.index));
-            }
-            acked
-        }));
-    }
+    let writers = send_through_crashes(&alice, &channel, &writes, WRITERS, N / WRITERS);
     crash_three_times(&mut cluster.server, &writes, N as u64).await;
     let mut acked = Vec::new();
     for w in writers {
@@ -108,7 +123,7 @@ async fn acknowledged_messages_survive_app_server_crashes() {
         (1..=N as u64).collect::<Vec<_>>(),
         "in order, no gaps, nothing duplicated"
     );
-    for (body, index) in &acked {
+    for (index, body) in &acked {
         let (_, r) = &page.messages[(*index - 1) as usize];
         assert_eq!(text(r.as_ref().unwrap()), body, "message at {index}");
     }

@@ -24,6 +24,7 @@ mod postgres;
 mod reflection;
 mod registration;
 mod relay;
+mod replicas;
 mod rotation;
 mod sender_keys;
 mod tls;

@@ -269,6 +269,9 @@ impl App {
 pub struct Server {
     app: Arc<App>,
     closing: watch::Sender<bool>,
+    /// On PostgreSQL: hears what the other replicas store (stopped when
+    /// the server is dropped).
+    _listening: Option<store::Listening>,
 }
 
 impl Server {
@@ -285,8 +288,9 @@ impl Server {
     }
 
     /// Opens the keys under `config.data_dir` and the PostgreSQL store
-    /// `database` names (applying its migrations). Attachments stay files
-    /// under `<data_dir>/attachments`.
+    /// `database` names (applying its migrations), and listens there for
+    /// what other replicas store. Attachments stay files under
+    /// `<data_dir>/attachments`.
     pub async fn open_postgres(
         config: Config,
         database: &store::PgOptions,
@@ -298,7 +302,18 @@ impl Server {
         );
         let (app_key, token_key) = load_or_create_keys(&app_path, &token_path)?;
         let store = store::PgStore::open(database).await?;
-        Self::with_store(Arc::new(store), app_key, token_key, config)
+        let mut server = Self::with_store(Arc::new(store), app_key, token_key, config)?;
+        let channels = Arc::downgrade(&server.app.channels);
+        let listening = store::listen(database, move |announced| {
+            channels
+                .upgrade()
+                .map(|channels| channels.announced(announced))
+                .is_some()
+        })
+        .await
+        .map_err(store::PgOpenError::from)?;
+        server._listening = Some(listening);
+        Ok(server)
     }
 
     /// Runs over any store (the in-memory one in unit tests).
@@ -357,6 +372,7 @@ impl Server {
         Ok(Self {
             app: Arc::new(app),
             closing: closing_tx,
+            _listening: None,
         })
     }
 

@@ -52,6 +52,9 @@ pub const SERVER_STORE_FLUSHES: &str = "tessera_server_store_flushes_total";
 /// Histogram (app server): acknowledged writes made durable by one flush
 /// (group commit: concurrent sends share a flush).
 pub const SERVER_FLUSH_BATCH: &str = "tessera_server_store_flush_batch_size";
+/// Counter (app server on PostgreSQL): reconnections of the connection
+/// that listens for the other replicas' messages.
+pub const SERVER_LISTEN_RECONNECTS: &str = "tessera_server_listen_reconnects_total";
 
 /// Counter (backup service): backups submitted, by `result`: `archived`
 /// (new), `duplicate` (the same record again), `conflict` (refused: another
@@ -75,6 +78,7 @@ pub const ALL: &[&str] = &[
     SERVER_SENDER_KEYS_STORED,
     SERVER_STORE_FLUSHES,
     SERVER_FLUSH_BATCH,
+    SERVER_LISTEN_RECONNECTS,
     BACKUP_SUBMISSIONS,
     BACKUP_SYNCS,
     BACKUP_SYNCED_MESSAGES,

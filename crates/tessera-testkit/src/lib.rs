@@ -1089,6 +1089,37 @@ impl Cluster {
         Service::new("tessera-backup", &dir, vec![], env, self.tls.as_ref())
     }
 
+    /// Another replica of the app server, not started: the same
+    /// environment as [`Cluster::server`] (its database, its data
+    /// directory, so the same AppKey, token key and attachments directory,
+    /// the same key service), its own address, metrics address and log
+    /// (`<name>.log`). Only for an app server on PostgreSQL
+    /// ([`Cluster::start_server_on_database`]): on sled the replica would
+    /// find the database locked.
+    pub fn server_replica(&self, name: &str) -> Service {
+        assert!(
+            self.server.env.contains_key("TESSERA_SERVER_DATABASE_URL"),
+            "app-server replicas share a PostgreSQL database: start the cluster with start_server_on_database"
+        );
+        let mut replica = Service::new(
+            "tessera-server",
+            self.dir.path(),
+            vec![],
+            self.server.env.clone(),
+            self.tls.as_ref(),
+        );
+        replica.log = self.dir.path().join(format!("{name}.log"));
+        replica
+    }
+
+    /// This cluster's endpoints with the app server at `server` (a replica).
+    pub fn endpoints_via(&self, server: &Service) -> Endpoints {
+        Endpoints {
+            server_url: server.url(),
+            ..self.endpoints()
+        }
+    }
+
     /// A second key service holding this cluster's KMS key but its own,
     /// empty log: a directory that can sign checkpoints of another history.
     pub async fn forked_kms(&self) -> Service {

@@ -3,6 +3,12 @@
 //! subscriber that falls behind reloads from the store, so the broadcast is
 //! only a fast path, never the source of truth.
 //!
+//! What this process stores is published here at once. On PostgreSQL,
+//! what any replica stores (this one included) is announced again by the
+//! database ([`crate::store::listen`]) as an index or a chain length only,
+//! and after a lost announcement every channel is woken: a subscriber
+//! reads the store by index, so an item heard twice is delivered once.
+//!
 //! The broadcast keeps its last `capacity` items for slow subscribers, so
 //! only small messages travel in it whole; for a larger one it carries the
 //! index and each subscriber reads the message from the store when it is
@@ -34,6 +40,8 @@ pub(crate) enum Live {
     Chain {
         length: u64,
     },
+    /// Something may have been stored unannounced: read the store again.
+    Wake,
 }
 
 impl Live {
@@ -42,7 +50,7 @@ impl Live {
         match self {
             Self::Inline(m) => Some(m.index),
             Self::Stored(index) => Some(*index),
-            Self::Chain { .. } => None,
+            Self::Chain { .. } | Self::Wake => None,
         }
     }
 
@@ -61,7 +69,9 @@ impl Live {
                 .ok_or(ServerError::Internal(
                     "a published message is not in the store",
                 )),
-            Self::Chain { .. } => Err(ServerError::Internal("a statement is not a message")),
+            Self::Chain { .. } | Self::Wake => {
+                Err(ServerError::Internal("an announcement is not a message"))
+            }
         }
     }
 }
@@ -103,6 +113,20 @@ impl Hub {
     /// Announces that `channel_id`'s chain grew to `length` statements.
     pub(crate) fn publish_chain(&self, channel_id: &str, length: u64) {
         self.send(channel_id, Live::Chain { length });
+    }
+
+    /// Announces that `channel_id` has a message at `index`, to be read
+    /// from the store.
+    pub(crate) fn publish_index(&self, channel_id: &str, index: u64) {
+        self.send(channel_id, Live::Stored(index));
+    }
+
+    /// Wakes every channel's subscribers to read the store again.
+    pub(crate) fn wake_all(&self) {
+        let Ok(mut channels) = self.channels.lock() else {
+            return;
+        };
+        channels.retain(|_, sender| sender.send(Live::Wake).is_ok());
     }
 
     fn send(&self, channel_id: &str, item: Live) {

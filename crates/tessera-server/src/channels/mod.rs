@@ -34,7 +34,7 @@ use crate::{
     error::ServerError,
     quota,
     signers::SignerKeys,
-    store::{ChannelRecord, MemberRecord, Store},
+    store::{Announced, ChannelRecord, MemberRecord, Store},
 };
 
 /// The channels of one app server.
@@ -78,6 +78,16 @@ impl Channels {
             user_locks,
             attachments_dir,
             closing,
+        }
+    }
+
+    /// Hands what the database announced (a replica stored it, this one
+    /// included) to this process's subscribers.
+    pub(crate) fn announced(&self, announced: Announced) {
+        match announced {
+            Announced::Message { channel_id, index } => self.hub.publish_index(&channel_id, index),
+            Announced::Chain { channel_id, length } => self.hub.publish_chain(&channel_id, length),
+            Announced::Missed => self.hub.wake_all(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Live subscriptions: catch up from the store, then forward live messages;
-//! a gap (lagging behind the broadcast) is filled from the store, so a
-//! subscriber sees every index once, in order. Statements accepted into the
+//! a gap (lagging behind the broadcast, an index announced by another
+//! replica, a wake-up after lost announcements) is filled from the store,
+//! so a subscriber sees every index once, in order. Statements accepted into the
 //! membership chain come in order among the messages: one accepted when
 //! the channel's next index was `n` is announced (`chain_length`) after
 //! message `n - 1` and before message `n`. A subscription from index `i`
@@ -221,6 +222,15 @@ impl Subscription {
                     Some(index) if index < self.next => {} // delivered from the store
                     Some(index) if index == self.next => {
                         match item.message(&self.channels.store, &self.channel_id).await {
+                            // Sealed at an epoch whose statement this
+                            // subscription has not heard of (another
+                            // replica accepted it, and its announcement is
+                            // still on the way): read the message and the
+                            // chain from the store, so the statement comes
+                            // first.
+                            Ok(message) if message.epoch >= self.chain_length => {
+                                self.catching_up = true;
+                            }
                             Ok(message) => {
                                 self.next += 1;
                                 self.pending.push_back(message);
@@ -228,6 +238,7 @@ impl Subscription {
                             Err(e) => return self.end(e),
                         }
                     }
+                    // A gap, or a wake-up: read the store.
                     _ => self.catching_up = true,
                 },
                 Event::Live(Err(RecvError::Lagged(_))) => self.catching_up = true,

@@ -39,7 +39,6 @@ use crate::{
     signers::{SignerKeys, key_from_registration},
     store::{
         Account, ChannelRecord, Device, DeviceStatus, MemberRecord, MemoryStore, StatementChange,
-        Store as _,
     },
 };
 
@@ -47,7 +46,7 @@ const CH: &str = "00112233445566778899aabbccddeeff";
 
 struct World {
     _dir: tempfile::TempDir,
-    store: MemoryStore,
+    store: Arc<dyn crate::store::Store>,
     channels: Arc<Channels>,
     _closing: watch::Sender<bool>,
 }
@@ -65,9 +64,14 @@ impl World {
     }
 
     fn with(limits: Limits) -> Self {
+        Self::on(Arc::new(MemoryStore::default()), limits)
+    }
+
+    /// Channels over `store` (a replica of its own when the store is a
+    /// database that others share).
+    fn on(store: Arc<dyn crate::store::Store>, limits: Limits) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store = MemoryStore::default();
-        let shared: Arc<dyn crate::store::Store> = Arc::new(store.clone());
+        let shared = store.clone();
         // The key service is never reached: every device record here holds
         // its key (the fetch for older records is tested over gRPC).
         let kms = Arc::new(KmsClient::new(
@@ -1295,4 +1299,5 @@ async fn a_device_record_without_a_key_takes_the_key_its_card_id_commits_to() {
     );
 }
 
+mod replicas;
 mod sender_keys;

@@ -1,11 +1,12 @@
 //! The app server's storage: an async trait naming no backend's types, and
 //! three backends, one file each: `sled` (the embedded default), `postgres`
-//! (several machines; the database makes each change atomic) and `memory`
-//! (unit tests). Every acknowledged write is flushed by the caller
+//! (several machines; the database makes each change atomic, and `listen`
+//! carries its announcements between replicas) and `memory` (unit tests). Every acknowledged write is flushed by the caller
 //! (`Store::flush`) before it answers; on sled concurrent callers share
 //! flushes (group commit, see [`SledStore`]). The shared behaviour every
 //! backend must show is [`conformance::exercise`].
 
+mod listen;
 mod memory;
 mod postgres;
 mod sled;
@@ -17,6 +18,7 @@ use tessera_proto::server::v1::{ChainEntry, StoredMessage};
 use tessera_service::storage::{FlushFuture, StorageError};
 
 pub use self::{
+    listen::{Announced, Listening, listen},
     memory::MemoryStore,
     postgres::{PgOpenError, PgOptions, PgStore},
     sled::SledStore,

@@ -17,9 +17,11 @@
 //!
 //! The schema comes from the SQL files in `migrations/`, compiled in and
 //! applied at start (`tessera_service::postgres::migrate`, service
-//! `server`). A transaction is durable when its COMMIT returns, so `flush`
-//! has nothing left to do: one transaction per send (no group commit on
-//! this backend; PostgreSQL's own `commit_delay` can batch WAL flushes).
+//! `server`). A stored message or statement is announced to every replica
+//! by `NOTIFY` in the same transaction (`listen`). A transaction is
+//! durable when its COMMIT returns, so `flush` has nothing left to do:
+//! one transaction per send (no group commit on this backend;
+//! PostgreSQL's own `commit_delay` can batch WAL flushes).
 
 use deadpool_postgres::{GenericClient, Pool};
 use prost::Message;
@@ -36,9 +38,9 @@ use thiserror::Error;
 use tokio_postgres::{Row, types::ToSql};
 
 use super::{
-    Account, Appended, AttachmentRecord, ChannelRecord, Device, MemberRecord, SenderKeyChain,
-    SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange, at_index, decode,
-    extends, take_bounded,
+    Account, Announced, Appended, AttachmentRecord, ChannelRecord, Device, MemberRecord,
+    SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange,
+    at_index, decode, extends, listen::notify, take_bounded,
 };
 
 /// This service's name in `schema_migrations`.
@@ -403,6 +405,11 @@ impl Store for PgStore {
                 .await
                 .map_err(pg_error)?;
             }
+            let chain = Announced::Chain {
+                channel_id: channel_id.to_owned(),
+                length: change.channel.chain_length,
+            };
+            notify(&tx, &chain).await?;
             tx.commit().await.map_err(pg_error)?;
             Ok(true)
         })
@@ -499,6 +506,11 @@ impl Store for PgStore {
             )
             .await
             .map_err(pg_error)?;
+            let stored = Announced::Message {
+                channel_id: id.to_owned(),
+                index: message.index,
+            };
+            notify(&tx, &stored).await?;
             tx.commit().await.map_err(pg_error)?;
             record_store("append_message", started);
             Ok(Appended::Stored)
