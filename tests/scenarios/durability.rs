@@ -4,7 +4,8 @@
 //! flight at every kill failed and was retried (`tessera_testkit::Writes`).
 //! Only transport failures are retried; a refusal fails the test at once.
 //! Every acknowledged write is there afterwards, in order, nothing
-//! duplicated; the transparency log stays consistent.
+//! duplicated; the transparency log stays consistent. The app server is
+//! crashed on sled and on PostgreSQL.
 
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use tessera_proto::kms::v1::{
     GetCardRequest, GetConsistencyProofRequest, RegisterCardRequest,
     key_directory_client::KeyDirectoryClient,
 };
-use tessera_testkit::{Cluster, Writes, is_transport};
+use tessera_testkit::{Cluster, Postgres, Writes, is_transport};
 use tokio::sync::Mutex;
 use tonic::Request;
 
@@ -98,8 +99,22 @@ fn with<T>(token: &str, m: T) -> Request<T> {
 
 #[tokio::test]
 async fn acknowledged_messages_survive_app_server_crashes() {
+    messages_survive_app_server_crashes(Cluster::start().await).await;
+}
+
+/// The app server on PostgreSQL: a kill mid-send leaves each transaction
+/// committed or not at all; every acknowledged message is there, once.
+#[tokio::test]
+async fn acknowledged_messages_survive_app_server_crashes_on_postgres() {
+    let pg = Postgres::start();
+    messages_survive_app_server_crashes(
+        Cluster::start_server_on_database(&pg.url("postgres")).await,
+    )
+    .await;
+}
+
+async fn messages_survive_app_server_crashes(mut cluster: Cluster) {
     const N: usize = 60;
-    let mut cluster = Cluster::start().await;
     let alice = Arc::new(cluster.device("alice", "alice", true).await);
     let bob = cluster.device("bob", "bob", true).await;
     let channel = alice

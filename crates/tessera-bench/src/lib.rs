@@ -166,6 +166,56 @@ impl Echo for EchoService {
     }
 }
 
+/// Where a load tool's service keeps its data (`--backends sled,postgres`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Sled,
+    Postgres,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sled => "sled",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// The PostgreSQL server the `postgres` backend uses: `given` (a URL
+/// without a database, `postgresql://user@host:port`), else a throwaway
+/// one (the testkit's: the distribution's binaries, fsync off), kept
+/// running as long as the returned handle lives. `None` without the
+/// `postgres` backend.
+pub fn database_server(
+    backends: &[Backend],
+    given: Option<&str>,
+) -> (Option<String>, Option<tessera_testkit::Postgres>) {
+    if !backends.contains(&Backend::Postgres) {
+        return (None, None);
+    }
+    if let Some(url) = given {
+        return (Some(url.trim_end_matches('/').to_owned()), None);
+    }
+    let pg = tessera_testkit::Postgres::start();
+    (Some(pg.url("").trim_end_matches('/').to_owned()), Some(pg))
+}
+
+/// Drops and creates database `name` on `server` (a URL without a
+/// database); returns the new database's URL.
+pub async fn fresh_database(server: &str, name: &str) -> Result<String, tokio_postgres::Error> {
+    let (admin, connection) =
+        tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    Ok(format!("{server}/{name}"))
+}
+
 /// One line describing the machine, for the reports.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -26,7 +26,7 @@ pub enum ClientError {
         url: String,
         detail: String,
     },
-    #[error("{service} refused {what}: {message} ({code:?})")]
+    #[error("{}: {message} ({code:?})", refusal(.service, .what, *.code))]
     Rejected {
         service: &'static str,
         what: &'static str,
@@ -77,6 +77,16 @@ pub enum ClientError {
     Crypto(String),
     #[error("no such {what}: {name}")]
     NotFound { what: &'static str, name: String },
+}
+
+/// How a rejection starts: a service that answered UNAVAILABLE (e.g. its
+/// database is down) refused nothing; it cannot serve for now.
+fn refusal(service: &str, what: &str, code: tonic::Code) -> String {
+    if code == tonic::Code::Unavailable {
+        format!("the {service} is unavailable for {what}")
+    } else {
+        format!("{service} refused {what}")
+    }
 }
 
 impl ClientError {

@@ -106,7 +106,12 @@ fn device_status(status: i32) -> CardStatus {
 
 impl App {
     /// Signs `parsed` with the AppKey, registers it at the key service and
-    /// records it; `superseded` is the device it replaces, if any.
+    /// records it; `superseded` is the device it replaces, if any. A
+    /// client device is recorded only while its owner has fewer active
+    /// devices than the limit, which the store decides (on PostgreSQL in
+    /// one transaction, so replicas cannot both enroll the last one): if it
+    /// refuses, the card just registered is revoked again and the call
+    /// answers RESOURCE_EXHAUSTED.
     async fn vouch_and_register(
         &self,
         parsed: ParsedCard,
@@ -126,12 +131,31 @@ impl App {
         card.kms_signature.clear();
         app_sign(&mut card, &self.app_key);
         let response = self.kms.register(&self.issuer, card).await?;
-        let mut changed = vec![device];
-        if let Some(mut prev) = superseded {
+        let superseded = superseded.map(|mut prev| {
             prev.status = DeviceStatus::Superseded as i32;
-            changed.push(prev);
+            prev
+        });
+        if org_card {
+            let mut changed = vec![device];
+            changed.extend(superseded);
+            self.store.put_devices(&changed).await?;
+        } else {
+            let max = self.config.limits.max_devices_per_user;
+            if !self
+                .store
+                .add_device(&device, superseded.as_ref(), max)
+                .await?
+            {
+                // Another app server on the database enrolled one since
+                // the caller's check: the key service must not keep a card
+                // this server never recorded as a device.
+                let card_id = hex::encode(&device.card_id);
+                self.revoke_device(device, None, "over the device limit")
+                    .await?;
+                tracing::info!(%card_id, "device revoked again: over the device limit");
+                return Err(limits::quota_reached("devices per user", max));
+            }
         }
-        self.store.put_devices(&changed).await?;
         self.store.flush().await?;
         Ok(response)
     }

@@ -139,6 +139,7 @@ impl ServerError {
             Self::Unavailable(_) => Code::Unavailable,
             Self::Statement(e) => statement_code(e),
             Self::Relayed(s) => s.code(),
+            Self::Storage(StorageError::Unavailable { .. }) => Code::Unavailable,
             Self::Storage(_) | Self::Internal(_) => Code::Internal,
         }
     }
@@ -216,13 +217,28 @@ mod tests {
             ),
             (ServerError::Relayed(Status::data_loss("x")), Code::DataLoss),
             (ServerError::Internal("x"), Code::Internal),
+            (
+                ServerError::Storage(StorageError::Corrupt("x")),
+                Code::Internal,
+            ),
+            (
+                ServerError::Storage(StorageError::Unavailable {
+                    backend: "postgres",
+                    message: "connection refused by db.internal".into(),
+                }),
+                Code::Unavailable,
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(error.code(), code, "{error:?}");
+            let storage = matches!(error, ServerError::Storage(_));
             let message = error.to_string();
             let status = Status::from(error);
             assert_eq!(status.code(), code);
-            if code != Code::Internal {
+            if storage {
+                // The details (hosts, SQL) go to the log only.
+                assert!(!status.message().contains("db.internal"), "{status:?}");
+            } else if code != Code::Internal {
                 assert_eq!(status.message(), message);
             }
         }

@@ -33,11 +33,14 @@ pub fn check_count(field: &str, count: usize, max: usize) -> Result<(), Status> 
 /// `RESOURCE_EXHAUSTED` unless `used` < `max` (room for one more).
 pub fn check_quota(what: &str, used: usize, max: usize) -> Result<(), Status> {
     if used >= max {
-        return Err(Status::resource_exhausted(format!(
-            "limit of {max} {what} reached"
-        )));
+        return Err(quota_reached(what, max));
     }
     Ok(())
+}
+
+/// `RESOURCE_EXHAUSTED`: the limit of `max` `what` is reached.
+pub fn quota_reached(what: &str, max: usize) -> Status {
+    Status::resource_exhausted(format!("limit of {max} {what} reached"))
 }
 
 /// `RESOURCE_EXHAUSTED` for a quota that frees up with time, carrying a

@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeSet, str::FromStr, time::Duration};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use thiserror::Error;
 use tokio_postgres::{Client, NoTls, Row};
 
@@ -99,6 +99,14 @@ pub async fn connect(
 }
 
 /// A pool of `size` (at least one) connections made from `config`.
+///
+/// A connection is taken back out only if it is still open
+/// ([`RecyclingMethod::Fast`]): after the database restarted, the pool drops
+/// the connections the restart ended and makes fresh ones, so queries work
+/// again without restarting the service. (A connection whose peer vanished
+/// without closing it fails its next query once, as UNAVAILABLE; the
+/// `Verified` method would catch that at the cost of a round trip on every
+/// checkout.)
 pub fn read_pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, StorageError> {
     let manager = Manager::from_config(
         config,
@@ -113,7 +121,10 @@ pub fn read_pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, St
         .create_timeout(Some(Duration::from_secs(10)))
         .wait_timeout(Some(Duration::from_secs(30)))
         .build()
-        .map_err(pool_error)
+        .map_err(|e| StorageError::Backend {
+            backend: "postgres",
+            message: e.to_string(),
+        })
 }
 
 /// Applies the `migrations` of `service` that `client`'s database lacks, in
@@ -181,35 +192,67 @@ pub async fn migrate(
     Ok(())
 }
 
+/// SQLSTATEs that mean "not now" rather than "no": the connection failed
+/// (class 08), the server is shutting down or starting
+/// (`admin_shutdown`, `crash_shutdown`, `cannot_connect_now`), or it has
+/// no connection slot left (`too_many_connections`).
+fn unavailable_state(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+}
+
 /// The driver's error as a storage error: the server's message and SQLSTATE
-/// when the database answered, else the driver's own message.
+/// when the database answered, else the driver's own message. Connection
+/// failures (refused, reset, closed, timed out, the server shutting down or
+/// starting) are [`StorageError::Unavailable`]: the call may succeed on a
+/// fresh connection once the database is back.
 pub fn pg_error(e: tokio_postgres::Error) -> StorageError {
-    let message = match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+    let (message, unavailable) = match e.as_db_error() {
+        Some(db) => (
+            format!("{} ({})", db.message(), db.code().code()),
+            unavailable_state(db.code().code()),
+        ),
         // tokio-postgres leaves the cause (e.g. "Connection refused") to
         // `source()`: name it, or the operator learns only that it failed.
         None => {
             let mut message = e.to_string();
+            let mut io = false;
             let mut cause = std::error::Error::source(&e);
             while let Some(c) = cause {
                 message.push_str(": ");
                 message.push_str(&c.to_string());
+                io |= c.is::<std::io::Error>();
                 cause = c.source();
             }
-            message
+            (message, io || e.is_closed())
         }
     };
-    StorageError::Backend {
-        backend: "postgres",
-        message,
+    if unavailable {
+        StorageError::Unavailable {
+            backend: "postgres",
+            message,
+        }
+    } else {
+        StorageError::Backend {
+            backend: "postgres",
+            message,
+        }
     }
 }
 
-/// A pool's error (no connection could be had) as a storage error.
-pub fn pool_error(e: impl std::fmt::Display) -> StorageError {
-    StorageError::Backend {
-        backend: "postgres",
-        message: e.to_string(),
+/// A pool's error as a storage error: no connection could be had in time
+/// (or made: the database refused or is down) is
+/// [`StorageError::Unavailable`].
+pub fn pool_error(e: PoolError) -> StorageError {
+    match e {
+        PoolError::Backend(e) => pg_error(e),
+        PoolError::Timeout(_) => StorageError::Unavailable {
+            backend: "postgres",
+            message: format!("no pooled connection: {e}"),
+        },
+        e => StorageError::Backend {
+            backend: "postgres",
+            message: e.to_string(),
+        },
     }
 }
 
@@ -241,5 +284,12 @@ mod tests {
         let err = connect(&config, "test connection ended").await.unwrap_err();
         let text = err.to_string();
         assert!(text.to_lowercase().contains("refused"), "{text}");
+        assert!(
+            matches!(err, StorageError::Unavailable { .. }),
+            "a refused connection is worth retrying: {err:?}"
+        );
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(!status.message().contains("127.0.0.1"), "{status}");
     }
 }

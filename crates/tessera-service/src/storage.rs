@@ -1,6 +1,8 @@
 //! What the services' stores share: opening sled (the embedded backend),
 //! durable flushes, and one backend-neutral error type that reaches callers
-//! as a bare `INTERNAL` (details only in logs).
+//! as a bare `INTERNAL` (details only in logs), or as `UNAVAILABLE` when
+//! the backend cannot be reached for now (a database server down or
+//! restarting).
 
 use std::{future::Future, path::Path};
 
@@ -15,6 +17,14 @@ pub enum StorageError {
     /// The backend failed (its name and its own message, for the logs).
     #[error("{backend}: {message}")]
     Backend {
+        backend: &'static str,
+        message: String,
+    },
+    /// The backend cannot be reached for now (no connection could be had,
+    /// the connection was lost, the database is shutting down or starting):
+    /// nothing was decided, and the same call may succeed later.
+    #[error("{backend} unavailable: {message}")]
+    Unavailable {
         backend: &'static str,
         message: String,
     },
@@ -42,8 +52,16 @@ impl From<sled::transaction::TransactionError<StorageError>> for StorageError {
     }
 }
 
+/// What a caller is told while the database cannot be reached (the
+/// details, which may name hosts, go to the log only).
+pub const UNAVAILABLE_MESSAGE: &str = "its database cannot be reached; try again shortly";
+
 impl From<StorageError> for Status {
     fn from(e: StorageError) -> Self {
+        if let StorageError::Unavailable { .. } = e {
+            tracing::warn!(error = %e, "storage unavailable");
+            return Status::unavailable(UNAVAILABLE_MESSAGE);
+        }
         tracing::error!(error = %e, "storage failure");
         Status::internal("storage failure; see the service log")
     }

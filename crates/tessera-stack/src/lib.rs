@@ -38,6 +38,9 @@ pub struct StackConfig {
     /// the app server's default. Tests and benchmarks sign every user up
     /// from loopback.
     pub signups_per_peer: Option<usize>,
+    /// Keep the app server's data in this PostgreSQL database instead of
+    /// sled (the load tools compare the two; `tessera stack` never sets it).
+    pub server_database: Option<tessera_server::store::PgOptions>,
 }
 
 impl StackConfig {
@@ -53,6 +56,7 @@ impl StackConfig {
             org_identity: Some("org:example".into()),
             danger_fast_kdf: false,
             signups_per_peer: None,
+            server_database: None,
         }
     }
 
@@ -173,7 +177,10 @@ impl Stack {
         )?;
 
         let server_config = Config::server(&server_dir, kms_running.url(), &config);
-        let server = Arc::new(Server::open(server_config)?);
+        let server = Arc::new(match &config.server_database {
+            None => Server::open(server_config)?,
+            Some(database) => Server::open_postgres(server_config, database).await?,
+        });
         let (admin_password, _) = admin_password(&data.join("admin-password"))?;
         if server
             .create_admin(&config.admin_identity, &admin_password)

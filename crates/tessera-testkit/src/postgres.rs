@@ -199,6 +199,14 @@ impl Postgres {
         self.spawn();
     }
 
+    /// Starts the stopped server again on the same data and port; returns
+    /// once it accepts connections. Does nothing if it is running.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
     /// A server program of the cluster, run as the cluster's user.
     fn command(&self, program: &str) -> Command {
         let path = self.bindir.join(program);
@@ -268,8 +276,10 @@ impl Postgres {
         }
     }
 
-    /// Fast shutdown; SIGKILL if that takes too long.
-    fn stop(&mut self) {
+    /// Stops the server (fast shutdown: sessions are ended; SIGKILL if that
+    /// takes too long) and returns once it has exited. Nothing listens on
+    /// its port until [`Postgres::start_again`].
+    pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };

@@ -34,7 +34,10 @@ use std::{
 };
 
 use clap::Parser;
-use tessera_bench::{EchoService, Stats, closed_loop, machine, resident_mib};
+use tessera_bench::{
+    Backend, EchoService, Stats, closed_loop, database_server, fresh_database, machine,
+    resident_mib,
+};
 use tessera_card::{
     CardId, CardKind, NewCard, Verifier, app_sign,
     device_list::{Action, DeviceListState, NewStatement, ParsedStatement, ServedList, app_cosign},
@@ -100,21 +103,6 @@ struct Args {
     /// (the testkit's: the distribution's binaries, fsync off) is started.
     #[arg(long)]
     database_url: Option<String>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Backend {
-    Sled,
-    Postgres,
-}
-
-impl Backend {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Sled => "sled",
-            Self::Postgres => "postgres",
-        }
-    }
 }
 
 struct Load {
@@ -488,25 +476,13 @@ async fn start_kms(
         Backend::Postgres => {
             // A database of its own per size, preloaded afresh each run.
             let server = database.expect("a PostgreSQL server");
-            let name = format!("kms_load_{size}");
-            let (admin, connection) =
-                tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-            tokio::spawn(connection);
-            for sql in [
-                format!("DROP DATABASE IF EXISTS {name}"),
-                format!("CREATE DATABASE {name}"),
-            ] {
-                admin.batch_execute(&sql).await.unwrap();
-            }
-            let store = Arc::new(
-                PgStore::open(&PgOptions {
-                    url: format!("{server}/{name}"),
-                    pool_size: 16,
-                })
+            let url = fresh_database(server, &format!("kms_load_{size}"))
                 .await
-                .unwrap(),
+                .unwrap();
+            let store = Arc::new(
+                PgStore::open(&PgOptions { url, pool_size: 16 })
+                    .await
+                    .unwrap(),
             );
             let (writer, app_key) = (store.clone(), app.clone());
             let preload_key = tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
@@ -622,13 +598,7 @@ async fn main() {
             .bytes,
     );
     // A throwaway PostgreSQL server unless one is given.
-    let throwaway = (args.backends.contains(&Backend::Postgres) && args.database_url.is_none())
-        .then(tessera_testkit::Postgres::start);
-    let database = args.database_url.clone().or_else(|| {
-        throwaway
-            .as_ref()
-            .map(|pg| pg.url("").trim_end_matches('/').to_owned())
-    });
+    let (database, throwaway) = database_server(&args.backends, args.database_url.as_deref());
     // Every size on every backend is preloaded and served at once, so the
     // rounds below can take them in turns.
     let mut services = Vec::new();

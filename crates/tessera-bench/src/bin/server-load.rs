@@ -15,6 +15,10 @@
 //!   for each device's card id, of the real size, sealed by this tool with
 //!   throwaway keys (the client seals only group messages now, and the
 //!   subscribers here measure receipt without opening).
+//!
+//! The app server keeps its data in sled in a temporary directory, or in
+//! PostgreSQL (`--backends sled,postgres` measures both in one run, each on
+//! a stack of its own, one after the other).
 
 #![allow(
     clippy::unwrap_used,
@@ -32,7 +36,7 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
-use tessera_bench::{closed_loop, machine, percentile};
+use tessera_bench::{Backend, closed_loop, database_server, fresh_database, machine, percentile};
 use tessera_client::{Client, Enrollment, Home, KdfParams, Visibility};
 use tessera_crypto::{
     EncryptionSecret, SigningKey,
@@ -42,6 +46,7 @@ use tessera_proto::server::v1::{
     EnvelopeKind, LoginRequest, SendMessageRequest, accounts_client::AccountsClient,
     channels_client::ChannelsClient,
 };
+use tessera_server::store::PgOptions;
 use tessera_stack::{Stack, StackConfig};
 use tonic::{Request, transport::Channel};
 
@@ -62,6 +67,16 @@ struct Args {
     /// envelopes sealed to each device.
     #[arg(long, value_enum, default_value_t = Mode::Group)]
     envelope: Mode,
+    /// Where the app server keeps its data, each measured in turn:
+    /// `sled`, `postgres`.
+    #[arg(long, value_delimiter = ',', default_value = "sled")]
+    backends: Vec<Backend>,
+    /// For `postgres`: a server URL without a database
+    /// (`postgresql://user@host:port`) where the tool may create and drop
+    /// the database `server_load`; without it, a throwaway server (the
+    /// testkit's: the distribution's binaries, fsync off) is started.
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -120,9 +135,24 @@ fn seq_id(seq: u64) -> Vec<u8> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    let (database, _throwaway) = database_server(&args.backends, args.database_url.as_deref());
+    for &backend in &args.backends {
+        run(&args, backend, database.as_deref()).await;
+    }
+}
+
+/// Enrolls the devices on a fresh stack over `backend`, then measures.
+async fn run(args: &Args, backend: Backend, database: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = StackConfig::for_tests(dir.path().join("stack"));
     config.org_identity = None;
+    if backend == Backend::Postgres {
+        let server = database.expect("a PostgreSQL server");
+        config.server_database = Some(PgOptions {
+            url: fresh_database(server, "server_load").await.unwrap(),
+            pool_size: 16,
+        });
+    }
     let stack = Stack::start(config).await.unwrap();
     let info = stack.info().clone();
     let home = Home::new(dir.path().join("home"));
@@ -246,8 +276,9 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     println!(
-        "server-load on {} — {} live devices on one channel, {} envelope {} bytes",
+        "\nserver-load on {} — app server on {}, {} live devices on one channel, {} envelope {} bytes",
         machine(),
+        backend.name(),
         args.devices,
         match args.envelope {
             Mode::Group => "group (sender keys)",
@@ -327,7 +358,11 @@ async fn main() {
     );
     println!(
         "{}",
-        stats.row(&format!("SendMessage ({} live subscribers)", args.devices))
+        stats.row(&format!(
+            "SendMessage {} ({} live subscribers)",
+            backend.name(),
+            args.devices
+        ))
     );
     stack.stop().await;
 }

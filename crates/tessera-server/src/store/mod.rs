@@ -226,6 +226,15 @@ pub enum Appended {
     Moved,
 }
 
+/// How many of `stored` are active, `device` itself not counted (enrolling
+/// a card again does not count it twice).
+pub(crate) fn active_besides(stored: &[Device], device: &Device) -> usize {
+    stored
+        .iter()
+        .filter(|d| d.status == DeviceStatus::Active as i32 && d.card_id != device.card_id)
+        .count()
+}
+
 /// Whether a message may be appended to `stored` as `channel` says.
 pub(crate) fn at_index(
     stored: Option<&ChannelRecord>,
@@ -300,6 +309,31 @@ pub trait Store: Send + Sync + 'static {
     fn devices<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Vec<Device>>;
     fn device<'a>(&'a self, card_id: &'a [u8]) -> StoreFuture<'a, Option<Device>>;
     fn put_devices<'a>(&'a self, devices: &'a [Device]) -> StoreFuture<'a, ()>;
+    /// Stores `device`, a new active device of `device.identity`, with
+    /// `superseded` (the device it replaces, already marked) if that
+    /// identity has fewer than `max_active` active devices besides
+    /// `device`; `false`, writing nothing, otherwise.
+    ///
+    /// This default counts and writes in two steps: right for the embedded
+    /// stores, one process each, whose caller holds the user's lock. A
+    /// store that several processes share decides in one transaction.
+    fn add_device<'a>(
+        &'a self,
+        device: &'a Device,
+        superseded: Option<&'a Device>,
+        max_active: usize,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let stored = self.devices(&device.identity).await?;
+            if active_besides(&stored, device) >= max_active {
+                return Ok(false);
+            }
+            let mut changed = vec![device.clone()];
+            changed.extend(superseded.cloned());
+            self.put_devices(&changed).await?;
+            Ok(true)
+        })
+    }
 
     fn org_members(&self) -> StoreFuture<'_, Vec<String>>;
     fn set_org_member<'a>(&'a self, identity: &'a str, member: bool) -> StoreFuture<'a, ()>;
@@ -518,6 +552,54 @@ pub mod conformance {
             store.device(&[3; 32]).await.unwrap().unwrap().identity,
             "bob"
         );
+        // The device limit: a new device only below it; one that replaces
+        // another still needs room (the old one counts until replaced).
+        assert!(
+            !store
+                .add_device(&device(4, "alice"), None, 2)
+                .await
+                .unwrap(),
+            "alice has 2 active devices: the limit"
+        );
+        assert!(store.device(&[4; 32]).await.unwrap().is_none());
+        let mut replaced = device(2, "alice");
+        replaced.status = DeviceStatus::Superseded as i32;
+        assert!(
+            !store
+                .add_device(&device(4, "alice"), Some(&replaced), 2)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .add_device(&device(4, "alice"), Some(&replaced), 3)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.device(&[2; 32]).await.unwrap().unwrap().status,
+            DeviceStatus::Superseded as i32,
+            "stored with the new device"
+        );
+        // alice: 1 and 4 active, 2 superseded.
+        assert!(
+            store
+                .add_device(&device(4, "alice"), None, 2)
+                .await
+                .unwrap(),
+            "the same card again does not count itself"
+        );
+        assert!(
+            !store
+                .add_device(&device(5, "alice"), None, 2)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store.add_device(&device(5, "bob"), None, 2).await.unwrap(),
+            "per user"
+        );
+        assert_eq!(store.devices("alice").await.unwrap().len(), 3);
 
         // The membership chain: appended by compare-and-set on its length
         // and head.

@@ -13,7 +13,11 @@
 //! * a write that charges a user's usage (messages, sender keys,
 //!   attachments) writes only over the usage the caller read
 //!   (compare-and-set on the row), so two replicas cannot both spend the
-//!   same quota.
+//!   same quota;
+//! * a new device is stored only if its owner has fewer active devices
+//!   than the limit, counted under a transaction lock on the owner
+//!   ([`DEVICE_LOCK_CLASS`]), so two replicas cannot both enroll the last
+//!   one.
 //!
 //! The schema comes from the SQL files in `migrations/`, compiled in and
 //! applied at start (`tessera_service::postgres::migrate`, service
@@ -40,7 +44,7 @@ use tokio_postgres::{Row, types::ToSql};
 use super::{
     Account, Announced, Appended, AttachmentRecord, ChannelRecord, Device, MemberRecord,
     SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange,
-    at_index, decode, extends, listen::notify, take_bounded,
+    active_besides, at_index, decode, extends, listen::notify, take_bounded,
 };
 
 /// This service's name in `schema_migrations`.
@@ -66,6 +70,15 @@ impl From<StorageError> for PgOpenError {
         Self::Setup(e.into())
     }
 }
+
+/// The first key of the transaction advisory lock
+/// `pg_advisory_xact_lock(DEVICE_LOCK_CLASS, hashtext(identity))` that
+/// [`Store::add_device`] holds while it counts an identity's devices and
+/// adds one (the bytes of "tdev"). An advisory lock rather than the
+/// account's row: it needs no row (the organisation's identity has none)
+/// and leaves the account's reads and updates alone. Two identities whose
+/// hashes collide only wait for each other.
+pub(super) const DEVICE_LOCK_CLASS: i32 = 0x7464_6576;
 
 pub struct PgStore {
     pool: Pool,
@@ -184,6 +197,19 @@ async fn cas_usage(
     Ok(rows == 1)
 }
 
+/// Stores a device record (replacing the one with its card id).
+async fn put_device(tx: &impl GenericClient, d: &Device) -> Result<(), StorageError> {
+    tx.execute(
+        "INSERT INTO server_devices (card_id, identity, record) VALUES ($1, $2, $3) \
+         ON CONFLICT (card_id) DO UPDATE SET identity = EXCLUDED.identity, \
+         record = EXCLUDED.record",
+        &[&d.card_id, &d.identity, &d.encode_to_vec()],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
 /// The channel's row, locked until the transaction ends.
 async fn lock_channel(
     tx: &impl GenericClient,
@@ -263,16 +289,45 @@ impl Store for PgStore {
             let mut client = self.pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(pg_error)?;
             for d in devices {
-                tx.execute(
-                    "INSERT INTO server_devices (card_id, identity, record) VALUES ($1, $2, $3) \
-                     ON CONFLICT (card_id) DO UPDATE SET identity = EXCLUDED.identity, \
-                     record = EXCLUDED.record",
-                    &[&d.card_id, &d.identity, &d.encode_to_vec()],
-                )
-                .await
-                .map_err(pg_error)?;
+                put_device(&tx, d).await?;
             }
             tx.commit().await.map_err(pg_error)
+        })
+    }
+
+    fn add_device<'a>(
+        &'a self,
+        device: &'a Device,
+        superseded: Option<&'a Device>,
+        max_active: usize,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&DEVICE_LOCK_CLASS, &device.identity],
+            )
+            .await
+            .map_err(pg_error)?;
+            let stored = tx
+                .query(
+                    "SELECT record FROM server_devices WHERE identity = $1",
+                    &[&device.identity],
+                )
+                .await
+                .map_err(pg_error)?
+                .iter()
+                .map(|row| decode(column(row, 0)?, "device"))
+                .collect::<Result<Vec<Device>, _>>()?;
+            if active_besides(&stored, device) >= max_active {
+                return Ok(false); // the transaction rolls back when dropped
+            }
+            for d in std::iter::once(device).chain(superseded) {
+                put_device(&tx, d).await?;
+            }
+            tx.commit().await.map_err(pg_error)?;
+            Ok(true)
         })
     }
 
@@ -728,6 +783,7 @@ mod tests {
     use tessera_testkit::Postgres;
 
     use super::*;
+    use crate::store::DeviceStatus;
     use crate::store::conformance;
 
     fn options(pg: &Postgres) -> PgOptions {
@@ -784,6 +840,88 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("upgrade tessera-server"), "{e}");
+    }
+
+    /// Two stores on one database (two replicas) enroll devices of one
+    /// user at once, each seeing room under the limit before it writes: the
+    /// database lets exactly the limit in.
+    #[tokio::test]
+    async fn replicas_never_enroll_past_the_device_limit() {
+        const LIMIT: usize = 3;
+        let pg = Postgres::start();
+        let a = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
+        let b = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
+        // Every pooled connection made beforehand, so the enrollments below
+        // reach the database together rather than one per new connection.
+        let warm: Vec<_> = (0..8)
+            .map(|n| if n % 2 == 0 { &a } else { &b }.devices("alice"))
+            .collect();
+        futures_util::future::try_join_all(warm).await.unwrap();
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(16));
+        let mut tasks = Vec::new();
+        for n in 0..16u8 {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                let device = Device {
+                    card_id: vec![n; 32],
+                    identity: "alice".into(),
+                    status: DeviceStatus::Active as i32,
+                    ..Default::default()
+                };
+                barrier.wait().await;
+                store.add_device(&device, None, LIMIT).await.unwrap()
+            }));
+        }
+        let mut added = 0;
+        for t in tasks {
+            added += usize::from(t.await.unwrap());
+        }
+        assert_eq!(added, LIMIT, "as many enrollments accepted as the limit");
+        assert_eq!(a.devices("alice").await.unwrap().len(), LIMIT, "and stored");
+    }
+
+    /// The database stopped: calls fail as UNAVAILABLE (not INTERNAL);
+    /// started again: the pool drops the connections the restart ended and
+    /// the same store works on fresh ones.
+    #[tokio::test]
+    async fn calls_are_unavailable_while_the_database_is_down_then_work_again() {
+        let mut pg = Postgres::start();
+        let store = PgStore::open(&options(&pg)).await.unwrap();
+        let account = Account {
+            identity: "alice".into(),
+            ..Default::default()
+        };
+        assert!(store.create_account(&account).await.unwrap());
+        // Every pooled connection in use once, so the pool holds several.
+        let reads: Vec<_> = (0..4).map(|_| store.account("alice")).collect();
+        for read in futures_util::future::join_all(reads).await {
+            assert!(read.unwrap().is_some());
+        }
+        pg.stop();
+        let down = store.account("alice").await.unwrap_err();
+        assert!(
+            matches!(down, StorageError::Unavailable { .. }),
+            "while the database is down: {down:?}"
+        );
+        assert_eq!(tonic::Status::from(down).code(), tonic::Code::Unavailable);
+        pg.start_again();
+        for _ in 0..8 {
+            assert_eq!(
+                store.account("alice").await.unwrap(),
+                Some(account.clone()),
+                "answered on a fresh connection"
+            );
+        }
+        assert!(
+            store
+                .create_account(&Account {
+                    identity: "bob".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        );
     }
 
     /// Two stores on one database (two replicas): concurrent sends to one
