@@ -583,7 +583,15 @@ mod tests {
         pg.restart();
         // The restart ended the writer's session, and its lock with it.
         for _ in 0..100 {
-            if store.writer.as_ref().unwrap().lock().await.client.is_closed() {
+            if store
+                .writer
+                .as_ref()
+                .unwrap()
+                .lock()
+                .await
+                .client
+                .is_closed()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
