@@ -149,7 +149,8 @@ impl Writes {
     /// Kills through `kill` once `at_least` writes are acknowledged, the
     /// moment the next attempt starts (so its request cannot have been
     /// answered yet), then waits until every attempt that was in flight has
-    /// ended; panics unless at least one of them failed.
+    /// ended, and records how many were in flight and how many failed
+    /// ([`Writes::kills`]).
     pub(crate) async fn kill_in_flight(&self, at_least: u64, kill: impl FnOnce()) {
         self.wait_until("acknowledged writes", |s| s.acked >= at_least)
             .await;
@@ -182,10 +183,8 @@ impl Writes {
             refused, 0,
             "{refused} write(s) in flight at the kill were refused rather than failing in transport"
         );
-        assert!(
-            failed > 0,
-            "the kill landed while {} write(s) were in flight, yet none failed: it hit no write",
-            hit.len()
-        );
+        // A write in flight at the signal may still have been answered
+        // just before it (its answer already on the wire): a kill can miss.
+        // Callers check that their kills, together, hit writes.
     }
 }
