@@ -1035,6 +1035,20 @@ impl ReceiverChain {
         Ok(())
     }
 
+    /// The secret of `generation`, derived from the chain's first key (none
+    /// when the chain keeps no first key, or before its first generation).
+    fn secret_from_initial(&self, generation: u32) -> Option<MessageSecret> {
+        let initial = self.initial.as_ref()?;
+        if generation < self.first_generation {
+            return None;
+        }
+        let mut ck = ChainKey::from_bytes(*initial.expose_bytes());
+        for _ in self.first_generation..generation {
+            ck = ck.next();
+        }
+        Some(ck.message_secret())
+    }
+
     /// Finds the secret of `generation` without changing any state.
     fn find(&self, generation: u32) -> Result<Found, SenderKeyError> {
         if generation >= MAX_GENERATION {
@@ -1048,14 +1062,11 @@ impl ReceiverChain {
                 (Some(secret), _) => Ok(Found::Skipped(MessageSecret(secret.0.clone()))),
                 // A chain that keeps its first key keeps no skipped keys:
                 // it derives them again.
-                (None, Some(initial)) if generation >= self.first_generation => {
-                    let mut ck = ChainKey::from_bytes(*initial.expose_bytes());
-                    for _ in self.first_generation..generation {
-                        ck = ck.next();
-                    }
-                    Ok(Found::Skipped(ck.message_secret()))
-                }
-                (None, _) => Err(SenderKeyError::KeyUnavailable(generation)),
+                (None, Some(_)) => self
+                    .secret_from_initial(generation)
+                    .map(Found::Skipped)
+                    .ok_or(SenderKeyError::KeyUnavailable(generation)),
+                (None, None) => Err(SenderKeyError::KeyUnavailable(generation)),
             };
         }
         if generation - self.next_generation > MAX_SKIP {
@@ -1147,19 +1158,13 @@ impl ReceiverChain {
         sender: &ExpectedSender<'_>,
     ) -> Result<(VerifiedPayload, Zeroizing<[u8; 32]>), SenderKeyError> {
         self.check_header(envelope, sender)?;
-        let initial = self
-            .initial
-            .as_ref()
-            .ok_or(SenderKeyError::HistoryUnavailable)?;
+        if self.initial.is_none() {
+            return Err(SenderKeyError::HistoryUnavailable);
+        }
         let generation = envelope.header.generation;
-        if generation < self.first_generation {
-            return Err(SenderKeyError::KeyUnavailable(generation));
-        }
-        let mut ck = ChainKey::from_bytes(*initial.expose_bytes());
-        for _ in self.first_generation..generation {
-            ck = ck.next();
-        }
-        let secret = ck.message_secret();
+        let secret = self
+            .secret_from_initial(generation)
+            .ok_or(SenderKeyError::KeyUnavailable(generation))?;
         let payload = envelope.decrypt_and_verify(&secret, sender)?;
         Ok((payload, secret.0))
     }

@@ -10,7 +10,7 @@ use tessera_proto::server::v1::{
 };
 use tessera_service::{Caller, limits, metrics};
 
-use super::{Channels, legacy, not_a_member, sender_keys::check_current_epoch, visible_from};
+use super::{Channels, legacy, sender_keys::check_current_epoch, visible_from};
 use crate::{
     error::ServerError,
     signers::own_active_device,
@@ -116,16 +116,7 @@ impl Channels {
         if channel.chain_length == 0 {
             return Err(legacy(&r.channel_id));
         }
-        // Again under the lock: a statement accepted since may have
-        // removed the sender.
-        if self
-            .store
-            .member(&r.channel_id, &caller.identity)
-            .await?
-            .is_none()
-        {
-            return Err(not_a_member(&caller.identity, &r.channel_id));
-        }
+        self.still_a_member(&r.channel_id, &caller.identity).await?;
         let epoch = check_current_epoch(&channel, r.epoch, "the message was")?;
         if let Some(chain) = group_chain {
             let stored = self

@@ -102,6 +102,20 @@ impl Channels {
 
     /// The channel and `identity`'s membership: `NOT_FOUND` for no channel,
     /// `PERMISSION_DENIED` for a non-member.
+    /// `PERMISSION_DENIED` unless `identity` is a member now: checked again
+    /// under the channel's lock, where a statement accepted since may have
+    /// removed it.
+    pub(crate) async fn still_a_member(
+        &self,
+        channel_id: &str,
+        identity: &str,
+    ) -> Result<(), ServerError> {
+        if self.store.member(channel_id, identity).await?.is_none() {
+            return Err(not_a_member(identity, channel_id));
+        }
+        Ok(())
+    }
+
     pub(crate) async fn membership(
         &self,
         channel_id: &str,

@@ -16,7 +16,7 @@ use tessera_proto::server::v1::{
 };
 use tessera_service::{Caller, limits, metrics};
 
-use super::{Channels, legacy, moved, not_a_member};
+use super::{Channels, legacy, moved};
 use crate::{
     error::ServerError,
     signers::own_active_device,
@@ -136,16 +136,7 @@ impl Channels {
 
         let lock = self.channel_locks.of(&r.channel_id).lock().await;
         let channel = self.channel(&r.channel_id).await?;
-        // Again under the lock: a statement accepted since may have
-        // removed the sender.
-        if self
-            .store
-            .member(&r.channel_id, &caller.identity)
-            .await?
-            .is_none()
-        {
-            return Err(not_a_member(&caller.identity, &r.channel_id));
-        }
+        self.still_a_member(&r.channel_id, &caller.identity).await?;
         let epoch = check_current_epoch(&channel, r.epoch, "the sender keys were")?;
         // The recipients are not checked against the server's device
         // records: the members' device lists (at the key service) decide
