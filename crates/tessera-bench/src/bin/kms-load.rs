@@ -193,35 +193,54 @@ impl Load {
             .is_ok()
     }
 
-    /// Encoded size of one search answer at this directory size, after
-    /// checking the answer.
-    async fn search_answer_bytes(&self, kms_key: &VerifyingKey) -> u32 {
+    /// Encoded size of one search answer at this directory size (`size`
+    /// cards), after checking the answers for [`CHECKED`] identities spread
+    /// over the whole directory, the first and the last among them.
+    async fn search_answer_bytes(&self, kms_key: &VerifyingKey, size: u64) -> u32 {
         use tessera_proto::Message as _;
-        let mut client = self.kms[0].clone();
-        let r = client
-            .search_cards(with(
-                &self.user_token,
-                SearchCardsRequest {
-                    identities: vec!["user0".into()],
-                    kind: 0,
-                    device_list_from: Default::default(),
-                },
-            ))
-            .await
-            .expect("search for user0");
-        check_answer(r.get_ref(), &self.app.verifying_key(), kms_key);
-        r.get_ref().encoded_len() as u32
+        let identities = (size / 2).max(1);
+        let mut bytes = 0;
+        for i in 0..CHECKED {
+            let identity = format!("user{}", i * (identities - 1) / (CHECKED - 1));
+            let mut client = self.kms[0].clone();
+            let r = client
+                .search_cards(with(
+                    &self.user_token,
+                    SearchCardsRequest {
+                        identities: vec![identity.clone()],
+                        kind: 0,
+                        device_list_from: Default::default(),
+                    },
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("search for {identity}: {e}"));
+            check_answer(r.get_ref(), &identity, &self.app.verifying_key(), kms_key);
+            if i == 0 {
+                bytes = r.get_ref().encoded_len() as u32;
+            }
+        }
+        eprintln!("checked the search answers for {CHECKED} identities of {identities}");
+        bytes
     }
 }
 
-/// Checks a search answer for `user0` as a client would: both cards verify
-/// and are in the log, and the device list is a logged GENESIS that applies
-/// (so the bulk preload wrote what the directory would have).
-fn check_answer(answer: &SearchCardsResponse, app: &VerifyingKey, kms: &VerifyingKey) {
+/// Identities whose search answers are checked at each size.
+const CHECKED: u64 = 16;
+
+/// Checks a search answer for `identity` as a client would: both cards
+/// verify and are in the log, and the device list is a logged GENESIS that
+/// applies (so the bulk preload wrote what the directory would have).
+fn check_answer(
+    answer: &SearchCardsResponse,
+    identity: &str,
+    app: &VerifyingKey,
+    kms: &VerifyingKey,
+) {
     let checkpoint =
         transparency::verify_checkpoint(answer.checkpoint.as_ref().unwrap(), kms).unwrap();
     let found = &answer.results[0];
-    assert_eq!(found.cards.len(), 2, "user0 has two active cards");
+    assert_eq!(found.identity, identity);
+    assert_eq!(found.cards.len(), 2, "{identity} has two active cards");
     let verifier = Verifier::new(*app, *kms);
     let cards: Vec<_> = found
         .cards
@@ -235,14 +254,14 @@ fn check_answer(answer: &SearchCardsResponse, app: &VerifyingKey, kms: &Verifyin
             .unwrap();
             let card = transparency::registered_card(&record.registration_entry).unwrap();
             verifier
-                .verify(&card, Some("user0"), CardKind::Client)
+                .verify(&card, Some(identity), CardKind::Client)
                 .unwrap()
         })
         .collect();
-    let served = ServedList::check(found.device_list.as_ref().unwrap(), "user0", &checkpoint)
+    let served = ServedList::check(found.device_list.as_ref().unwrap(), identity, &checkpoint)
         .expect("a logged device list");
     assert_eq!(served.statements.len(), 1);
-    let mut state = DeviceListState::empty("user0");
+    let mut state = DeviceListState::empty(identity);
     state
         .apply(&served.statements[0].statement, &cards[0], app)
         .expect("the GENESIS statement applies");
@@ -474,27 +493,40 @@ async fn start_kms(
             kms
         }
         Backend::Postgres => {
-            // A database of its own per size, preloaded afresh each run.
+            // A database of its own per size. It is reused when the marker
+            // names this server (a server given with `--database-url`; a
+            // throwaway one is new each run), else preloaded afresh.
             let server = database.expect("a PostgreSQL server");
-            let url = fresh_database(server, &format!("kms_load_{size}"))
-                .await
-                .unwrap();
+            let name = format!("kms_load_{size}");
+            let done = data_dir.join("preloaded");
+            let reuse = std::fs::read_to_string(&done).is_ok_and(|s| s == server);
+            let url = if reuse {
+                eprintln!("reusing the {size} cards preloaded in {server}/{name}");
+                format!("{server}/{name}")
+            } else {
+                let _ = std::fs::remove_file(&done);
+                fresh_database(server, &name).await.unwrap()
+            };
             let store = Arc::new(
                 PgStore::open(&PgOptions { url, pool_size: 16 })
                     .await
                     .unwrap(),
             );
-            let (writer, app_key) = (store.clone(), app.clone());
-            let preload_key = tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
-            tokio::task::spawn_blocking(move || {
-                bulk_preload(&preload_key, &app_key, size, |appends| {
-                    tokio::runtime::Handle::current()
-                        .block_on(writer.apply_all(appends))
-                        .unwrap();
-                });
-            })
-            .await
-            .unwrap();
+            if !reuse {
+                let (writer, app_key) = (store.clone(), app.clone());
+                let preload_key =
+                    tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
+                tokio::task::spawn_blocking(move || {
+                    bulk_preload(&preload_key, &app_key, size, |appends| {
+                        tokio::runtime::Handle::current()
+                            .block_on(writer.copy_all(appends))
+                            .unwrap();
+                    });
+                })
+                .await
+                .unwrap();
+                std::fs::write(&done, server).unwrap();
+            }
             let opening = Instant::now();
             let kms = Kms::with_store(store, key, &config).await.unwrap();
             eprintln!(
@@ -624,7 +656,7 @@ async fn main() {
                 next_card: AtomicU64::new(size),
             });
             let answer_bytes = load
-                .search_answer_bytes(&kms.directory().public_key())
+                .search_answer_bytes(&kms.directory().public_key(), size)
                 .await;
             services.push((size, name, base, backend, kms, running, load, answer_bytes));
         }
