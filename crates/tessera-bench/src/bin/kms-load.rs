@@ -163,23 +163,33 @@ impl Load {
             .wrapping_mul(2_654_435_761)
             .wrapping_add(worker as u64 * 97))
             % (size / 2).max(1);
-        let identity = format!("user{pick}");
-        let mut client = self.kms[worker % self.kms.len()].clone();
-        let r = client
-            .search_cards(with(
-                &self.user_token,
-                SearchCardsRequest {
-                    identities: vec![identity.clone()],
-                    kind: 0,
-                    device_list_from: if with_lists {
-                        Default::default()
-                    } else {
-                        [(identity, u64::MAX)].into()
-                    },
-                },
-            ))
+        let r = self
+            .search_for(worker, format!("user{pick}"), with_lists)
             .await;
-        matches!(r, Ok(r) if r.get_ref().results.first().is_some_and(|x| !x.cards.is_empty()))
+        matches!(r, Ok(r) if r.results.first().is_some_and(|x| !x.cards.is_empty()))
+    }
+
+    /// Searches for `identity` on connection `worker`.
+    async fn search_for(
+        &self,
+        worker: usize,
+        identity: String,
+        with_lists: bool,
+    ) -> Result<SearchCardsResponse, tonic::Status> {
+        let mut client = self.kms[worker % self.kms.len()].clone();
+        let request = SearchCardsRequest {
+            identities: vec![identity.clone()],
+            kind: 0,
+            device_list_from: if with_lists {
+                Default::default()
+            } else {
+                [(identity, u64::MAX)].into()
+            },
+        };
+        Ok(client
+            .search_cards(with(&self.user_token, request))
+            .await?
+            .into_inner())
     }
 
     /// A 32-byte echo; with `answer_bytes`, answered with that many bytes.
@@ -203,21 +213,13 @@ impl Load {
         let mut bytes = 0;
         for i in 0..CHECKED {
             let identity = format!("user{}", i * (identities - 1) / (CHECKED - 1));
-            let mut client = self.kms[0].clone();
-            let r = client
-                .search_cards(with(
-                    &self.user_token,
-                    SearchCardsRequest {
-                        identities: vec![identity.clone()],
-                        kind: 0,
-                        device_list_from: Default::default(),
-                    },
-                ))
+            let r = self
+                .search_for(0, identity.clone(), true)
                 .await
                 .expect("a search of a preloaded identity");
-            check_answer(r.get_ref(), &identity, &self.app.verifying_key(), kms_key);
+            check_answer(&r, &identity, &self.app.verifying_key(), kms_key);
             if i == 0 {
-                bytes = r.get_ref().encoded_len() as u32;
+                bytes = r.encoded_len() as u32;
             }
         }
         eprintln!("checked the search answers for {CHECKED} identities of {identities}");

@@ -266,11 +266,7 @@ impl PgStore {
                 .iter()
                 .map(record_id)
                 .collect::<Result<Vec<_>, _>>()?;
-            let index = to_i64(append.index)?;
-            if next != index {
-                return Err(StorageError::Corrupt("append out of order"));
-            }
-            next += 1;
+            let index = in_order(&mut next, &append)?;
             tx.execute(
                 &*log,
                 &[&index, &append.entry, &append.leaf_hash.as_slice()],
@@ -327,11 +323,7 @@ impl PgStore {
         let mut cards = Vec::new();
         let mut lists = Vec::new();
         for append in &appends {
-            let index = to_i64(append.index)?;
-            if next != index {
-                return Err(StorageError::Corrupt("append out of order"));
-            }
-            next += 1;
+            let index = in_order(&mut next, append)?;
             log.push((index, &append.entry, append.leaf_hash.as_slice()));
             for stored in &append.cards {
                 cards.push((
@@ -379,6 +371,17 @@ impl PgStore {
         }
         tx.commit().await.map_err(pg_error)
     }
+}
+
+/// `append`'s log index, which must be `next` (the log's size so far);
+/// `next` moves past it.
+fn in_order(next: &mut i64, append: &Append) -> Result<i64, StorageError> {
+    let index = to_i64(append.index)?;
+    if *next != index {
+        return Err(StorageError::Corrupt("append out of order"));
+    }
+    *next += 1;
+    Ok(index)
 }
 
 /// Streams `rows` (of `types`) into a binary `COPY ... FROM STDIN`.
