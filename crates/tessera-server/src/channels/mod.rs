@@ -11,6 +11,7 @@ mod attachments;
 mod hub;
 mod membership;
 mod messages;
+mod send_batch;
 mod sender_keys;
 mod service;
 mod subscription;
@@ -42,7 +43,9 @@ pub(crate) struct Channels {
     store: Arc<dyn Store>,
     limits: Limits,
     signers: SignerKeys,
-    hub: hub::Hub,
+    hub: Arc<hub::Hub>,
+    /// The sends waiting for their channel's next batch (group commit).
+    send_batches: Arc<send_batch::SendBatches>,
     /// Orders what happens in one channel: statements and sends (each
     /// message's index, each statement's place among the messages).
     channel_locks: Locks,
@@ -64,8 +67,16 @@ impl Channels {
         attachments_dir: PathBuf,
         closing: watch::Receiver<bool>,
     ) -> Self {
+        let hub = Arc::new(hub::Hub::new(limits.live_buffer_messages));
+        let send_batches = Arc::new(send_batch::SendBatches::new(
+            store.clone(),
+            hub.clone(),
+            user_locks.clone(),
+            limits.max_send_batch,
+        ));
         Self {
-            hub: hub::Hub::new(limits.live_buffer_messages),
+            hub,
+            send_batches,
             subscriptions: quota::Subscriptions::new(
                 limits.max_subscriptions_per_user,
                 limits.max_subscriptions,

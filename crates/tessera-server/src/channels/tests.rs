@@ -1301,3 +1301,81 @@ async fn a_device_record_without_a_key_takes_the_key_its_card_id_commits_to() {
 
 mod replicas;
 mod sender_keys;
+
+/// `N` sends to one channel at once while a batch is in flight: they wait
+/// and are stored together as the next batch, each at its own index, the
+/// indices consecutive, published to a subscriber in order. With
+/// `max_send_batch` 1 the same sends are stored one per batch.
+async fn concurrent_sends(max_send_batch: usize) -> (u64, usize) {
+    const N: u8 = 24;
+    let w = World::with(Limits {
+        max_send_batch,
+        ..Limits::default()
+    });
+    let (alice, bob) = (w.user("alice").await, w.user("bob").await);
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    let mut live = Box::pin(
+        w.channels
+            .subscribe(caller(&bob), CH.into(), 1)
+            .await
+            .unwrap(),
+    );
+    // The first batch's committer takes its senders' locks: holding
+    // alice's stalls it, and the other sends queue behind it.
+    let held = w.channels.user_locks.of("alice").lock().await;
+    let spawn = |n: u8| {
+        let (channels, who, r) = (
+            w.channels.clone(),
+            caller(&alice),
+            send_request(&alice, 0, n),
+        );
+        tokio::spawn(async move { channels.send(&who, r).await.unwrap().index })
+    };
+    let queued_reaches = async |n: usize| {
+        for _ in 0..1000 {
+            if w.channels.send_batches.queued(CH) == Some(n) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} sends never waited for the next batch");
+    };
+    let mut sends = vec![spawn(1)];
+    queued_reaches(0).await; // the first batch is in flight
+    sends.extend((2..=N).map(spawn));
+    queued_reaches(usize::from(N) - 1).await;
+    drop(held);
+    let mut indices = Vec::new();
+    for s in sends {
+        indices.push(s.await.unwrap());
+    }
+    indices.sort_unstable();
+    assert_eq!(
+        indices,
+        (1..=u64::from(N)).collect::<Vec<_>>(),
+        "distinct, consecutive"
+    );
+    let mut heard = Vec::new();
+    while heard.len() < usize::from(N) {
+        let event = label(next_event(&mut live).await.unwrap());
+        if event.starts_with('m') {
+            heard.push(event);
+        }
+    }
+    let expected: Vec<String> = (1..=N).map(|i| format!("m{i}")).collect();
+    assert_eq!(heard, expected, "published in order");
+    w.channels.send_batches.stats()
+}
+
+#[tokio::test]
+async fn concurrent_sends_to_one_channel_are_stored_in_one_batch() {
+    let (batches, largest) = concurrent_sends(256).await;
+    assert_eq!(
+        (batches, largest),
+        (2, 23),
+        "the first alone, then the rest"
+    );
+    let (batches, largest) = concurrent_sends(1).await;
+    assert_eq!((batches, largest), (24, 1), "batching off: one by one");
+}

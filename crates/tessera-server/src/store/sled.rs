@@ -1,6 +1,7 @@
 //! The sled store, the embedded default.
 
 use std::{
+    collections::BTreeMap,
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -13,9 +14,9 @@ use tessera_service::{
 };
 
 use super::{
-    Account, Appended, AttachmentRecord, ChannelRecord, Device, MemberRecord, SenderKeyChain,
-    SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange, at_index, decode,
-    extends, take_bounded,
+    Account, Appended, AttachmentRecord, BatchOutcome, ChannelRecord, Device, MemberRecord,
+    PendingMessage, SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage,
+    UsageChange, at_index, batch_keys, decode, extends, plan_batch, take_bounded,
 };
 
 /// The sled records of a key range, bounded as [`take_bounded`] says (from
@@ -361,6 +362,63 @@ impl Store for SledStore {
             batch.insert(key(b"c/", &[id]), channel.encode_to_vec());
             time_store("append_message", || self.db.apply_batch(batch))?;
             Ok(Appended::Stored)
+        })
+    }
+
+    fn append_messages<'a>(
+        &'a self,
+        batch: &'a [PendingMessage],
+    ) -> StoreFuture<'a, Vec<BatchOutcome>> {
+        Box::pin(async move {
+            use sled::transaction::ConflictableTransactionError as Conflict;
+            let (channel_ids, senders) = batch_keys(batch);
+            // One sled transaction: a statement appended meanwhile (also a
+            // transaction) conflicts with it, so the chain length it checks
+            // is the one it writes next to. Usage is written elsewhere only
+            // under the user's lock, which the caller holds for every
+            // sender of the batch. Durable at the caller's one flush.
+            time_store("append_messages", || {
+                self.db.transaction(|tx| {
+                    let corrupt = Conflict::Abort;
+                    let mut channels = BTreeMap::new();
+                    for id in &channel_ids {
+                        if let Some(v) = tx.get(key(b"c/", &[id.as_bytes()]))? {
+                            channels.insert(id.clone(), decode(&v, "channel").map_err(corrupt)?);
+                        }
+                    }
+                    let mut stored_ids = BTreeMap::new();
+                    for p in batch {
+                        let (id, client_id) = (&p.message.channel_id, &p.message.client_message_id);
+                        if let Some(v) = tx.get(key(b"md/", &[id.as_bytes(), client_id]))? {
+                            let index = read_u64(&v).map_err(corrupt)?;
+                            stored_ids.insert((id.clone(), client_id.clone()), index);
+                        }
+                    }
+                    let mut usage = BTreeMap::new();
+                    for identity in &senders {
+                        if let Some(v) = tx.get(key(b"uq/", &[identity.as_bytes()]))? {
+                            usage.insert(identity.clone(), decode(&v, "usage").map_err(corrupt)?);
+                        }
+                    }
+                    let plan = plan_batch(batch, channels, stored_ids, usage);
+                    for m in &plan.messages {
+                        let id = m.channel_id.as_bytes();
+                        tx.insert(key(b"m/", &[id, &u64_key(m.index)]), m.encode_to_vec())?;
+                        tx.insert(
+                            key(b"md/", &[id, &m.client_message_id]),
+                            u64_key(m.index).to_vec(),
+                        )?;
+                    }
+                    for (id, channel) in &plan.channels {
+                        tx.insert(key(b"c/", &[id.as_bytes()]), channel.encode_to_vec())?;
+                    }
+                    for (identity, u) in &plan.usage {
+                        tx.insert(key(b"uq/", &[identity.as_bytes()]), u.encode_to_vec())?;
+                    }
+                    Ok(plan.outcomes)
+                })
+            })
+            .map_err(StorageError::from)
         })
     }
 
