@@ -62,6 +62,8 @@ pub(crate) struct SendBatches {
     /// operators read `tessera_server_send_batch_size`).
     batches: AtomicU64,
     largest: AtomicUsize,
+    /// Woken whenever a channel's committer ends.
+    drained: tokio::sync::Notify,
 }
 
 impl SendBatches {
@@ -79,6 +81,7 @@ impl SendBatches {
             queues: Mutex::default(),
             batches: AtomicU64::new(0),
             largest: AtomicUsize::new(0),
+            drained: tokio::sync::Notify::new(),
         }
     }
 
@@ -115,6 +118,21 @@ impl SendBatches {
             .map_err(|_| ServerError::Internal("the send's batch ended without an answer"))?
     }
 
+    /// Resolves once `channel_id` has no batch in flight or waiting. A
+    /// caller holding the channel's lock (a membership statement) then
+    /// reads the channel's `next_index` as no send will move it: sends
+    /// join a batch only after their checks under that lock.
+    pub(crate) async fn idle(&self, channel_id: &str) {
+        loop {
+            let mut drained = std::pin::pin!(self.drained.notified());
+            drained.as_mut().enable();
+            if !self.queues().contains_key(channel_id) {
+                return;
+            }
+            drained.await;
+        }
+    }
+
     /// The committer of `channel_id`: batch after batch until its queue is
     /// empty.
     async fn commit_queue(self: Arc<Self>, channel_id: String) {
@@ -126,6 +144,7 @@ impl SendBatches {
                 };
                 if queue.is_empty() {
                     queues.remove(&channel_id);
+                    self.drained.notify_waiters();
                     return;
                 }
                 let mut bytes = 0usize;

@@ -1005,17 +1005,14 @@ async fn a_channel_made_before_protocol_v2_stays_readable_and_takes_nothing_new(
     };
     let appended = w
         .store
-        .append_message(
-            &ChannelRecord {
-                next_index: 2,
-                ..channel
-            },
-            &old,
-            &Default::default(),
-        )
+        .append_messages(&[crate::store::PendingMessage {
+            chain_length: 0,
+            message: old.clone(),
+            max_message_bytes: u64::MAX,
+        }])
         .await
         .unwrap();
-    assert_eq!(appended, crate::store::Appended::Stored);
+    assert_eq!(appended, vec![crate::store::BatchOutcome::Stored(1)]);
     let view = w.channels.get(&caller(&bob), CH).await.unwrap();
     assert_eq!((view.chain_length, view.chain_head.len()), (0, 0));
     let chain = w.channels.chain(&caller(&bob), CH, 0).await.unwrap();

@@ -10,9 +10,9 @@ use tessera_proto::server::v1::{ChainEntry, StoredMessage};
 use tessera_service::storage::{self, FlushFuture, StorageError};
 
 use super::{
-    Account, Appended, AttachmentRecord, BatchOutcome, ChannelRecord, Device, MemberRecord,
-    PendingMessage, SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage,
-    UsageChange, at_index, batch_keys, extends, plan_batch, take_bounded,
+    Account, AttachmentRecord, BatchOutcome, ChannelRecord, Device, MemberRecord, PendingMessage,
+    SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange,
+    batch_keys, extends, plan_batch, take_bounded,
 };
 
 /// The in-memory records of a range, bounded as [`take_bounded`] says (from
@@ -192,7 +192,12 @@ impl Store for MemoryStore {
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let mut m = self.lock()?;
-            if !extends(m.channels.get(channel_id), expected_length, expected_head) {
+            if !extends(
+                m.channels.get(channel_id),
+                expected_length,
+                expected_head,
+                &change.channel,
+            ) {
                 return Ok(false);
             }
             let id = channel_id.to_owned();
@@ -241,36 +246,6 @@ impl Store for MemoryStore {
                 .dedupe
                 .get(&(channel_id.to_owned(), client_message_id.to_vec()))
                 .copied())
-        })
-    }
-
-    fn append_message<'a>(
-        &'a self,
-        channel: &'a ChannelRecord,
-        message: &'a StoredMessage,
-        usage: &'a UsageChange,
-    ) -> StoreFuture<'a, Appended> {
-        Box::pin(async move {
-            let mut m = self.lock()?;
-            let id = channel.channel_id.clone();
-            let dedupe = (id.clone(), message.client_message_id.clone());
-            if let Some(&index) = m.dedupe.get(&dedupe) {
-                return Ok(Appended::Duplicate(index));
-            }
-            let used = m
-                .usage
-                .get(&message.sender_identity)
-                .copied()
-                .unwrap_or_default();
-            if !at_index(m.channels.get(&id), channel, message.index) || used != usage.before {
-                return Ok(Appended::Moved);
-            }
-            m.usage.insert(message.sender_identity.clone(), usage.after);
-            m.messages
-                .insert((id.clone(), message.index), message.clone());
-            m.dedupe.insert(dedupe, message.index);
-            m.channels.insert(id, channel.clone());
-            Ok(Appended::Stored)
         })
     }
 

@@ -3,7 +3,9 @@
 //! (several machines; the database makes each change atomic, and `listen`
 //! carries its announcements between replicas) and `memory` (unit tests). Every acknowledged write is flushed by the caller
 //! (`Store::flush`) before it answers; on sled concurrent callers share
-//! flushes (group commit, see [`SledStore`]). The shared behaviour every
+//! flushes (group commit, see [`SledStore`]), and concurrent sends to one
+//! channel are stored as one batch ([`Store::append_messages`]) on every
+//! backend. The shared behaviour every
 //! backend must show is [`conformance::exercise`].
 
 mod listen;
@@ -217,19 +219,6 @@ pub struct UsageChange {
     pub after: Usage,
 }
 
-/// What [`Store::append_message`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Appended {
-    /// Stored at the message's index.
-    Stored,
-    /// A message with this client message id is stored already, at this
-    /// index: nothing was written.
-    Duplicate(u64),
-    /// The channel or the sender's usage changed since the caller read them
-    /// (another replica wrote): nothing was written; read again and retry.
-    Moved,
-}
-
 /// A send waiting in a batch for [`Store::append_messages`]: its sender's
 /// checks (membership, epoch, sender key) were made with the channel's
 /// chain at `chain_length` statements; the store gives it its index.
@@ -301,7 +290,7 @@ pub(crate) fn plan_batch(
         }
         let Some(channel) = channels
             .get_mut(id)
-            .filter(|c| c.chain_length > 0 && c.chain_length == p.chain_length)
+            .filter(|c| c.chain_length == p.chain_length)
         else {
             plan.outcomes.push(BatchOutcome::Moved);
             continue;
@@ -357,15 +346,6 @@ pub(crate) fn active_besides(stored: &[Device], device: &Device) -> usize {
         .count()
 }
 
-/// Whether a message may be appended to `stored` as `channel` says.
-pub(crate) fn at_index(
-    stored: Option<&ChannelRecord>,
-    channel: &ChannelRecord,
-    index: u64,
-) -> bool {
-    stored.is_some_and(|s| s.next_index == index && s.chain_length == channel.chain_length)
-}
-
 /// Takes records from `items` (each with its encoded size) while they fit
 /// in `limit` records and `max_bytes`, the first always.
 pub(crate) fn take_bounded<T, E>(
@@ -403,11 +383,14 @@ pub struct StatementChange {
 
 /// Whether a stored channel is the one a statement expects to extend:
 /// none for a creation (`expected_length` 0), else a channel whose chain
-/// has `expected_length` statements ending at `expected_head`.
+/// has `expected_length` statements ending at `expected_head`, with no
+/// message stored since the statement's place (`after.next_index`) was
+/// read (a replica sharing the database may have stored some).
 pub(crate) fn extends(
     current: Option<&ChannelRecord>,
     expected_length: u64,
     expected_head: &[u8],
+    after: &ChannelRecord,
 ) -> bool {
     match current {
         None => expected_length == 0,
@@ -415,6 +398,7 @@ pub(crate) fn extends(
             expected_length > 0
                 && c.chain_length == expected_length
                 && c.chain_head == expected_head
+                && c.next_index == after.next_index
         }
     }
 }
@@ -498,18 +482,6 @@ pub trait Store: Send + Sync + 'static {
         channel_id: &'a str,
         client_message_id: &'a [u8],
     ) -> StoreFuture<'a, Option<u64>>;
-    /// Stores `message` at its index, the channel's new `next_index` and
-    /// the sender's new usage atomically, if no message has its client id
-    /// yet (else [`Appended::Duplicate`]), the stored channel is still at
-    /// `message.index` with `channel.chain_length` statements, and the
-    /// sender's usage is still `usage.before` (else [`Appended::Moved`]).
-    /// Nothing is written unless it answers [`Appended::Stored`].
-    fn append_message<'a>(
-        &'a self,
-        channel: &'a ChannelRecord,
-        message: &'a StoredMessage,
-        usage: &'a UsageChange,
-    ) -> StoreFuture<'a, Appended>;
     /// Stores a batch of sends atomically, in one transaction (PostgreSQL)
     /// or under one lock (the embedded stores), deciding for each message
     /// in order as [`plan_batch`] says: the channels' rows are locked (or
@@ -870,44 +842,26 @@ pub mod conformance {
             "open-ended"
         );
 
-        for i in 1..=5u64 {
-            let m = StoredMessage {
+        // Messages: each at the channel's next index (more in `batches`).
+        let pending = |n: u8, sender: &str| PendingMessage {
+            chain_length: 2,
+            message: StoredMessage {
                 channel_id: "c1".into(),
-                index: i,
-                client_message_id: vec![i as u8; 16],
+                sender_identity: sender.into(),
+                client_message_id: vec![n; 16],
                 ..Default::default()
-            };
-            let same = UsageChange {
-                before: Usage::default(),
-                after: Usage::default(),
-            };
-            let mut moved = channel.clone();
-            moved.next_index = i + 2;
-            // A message is stored only at the channel's next index.
-            let ahead = StoredMessage {
-                index: i + 1,
-                ..m.clone()
-            };
+            },
+            max_message_bytes: u64::MAX,
+        };
+        for i in 1..=5u8 {
             assert_eq!(
-                store.append_message(&moved, &ahead, &same).await.unwrap(),
-                Appended::Moved,
-                "not at the channel's next index"
-            );
-            channel.next_index = i + 1;
-            assert_eq!(
-                store.append_message(&channel, &m, &same).await.unwrap(),
-                Appended::Stored
+                store.append_messages(&[pending(i, "")]).await.unwrap(),
+                vec![BatchOutcome::Stored(u64::from(i))]
             );
             // The same client message id again: the first index, nothing written.
-            let again = StoredMessage {
-                index: i + 1,
-                ..m.clone()
-            };
-            let mut next = channel.clone();
-            next.next_index = i + 2;
             assert_eq!(
-                store.append_message(&next, &again, &same).await.unwrap(),
-                Appended::Duplicate(i)
+                store.append_messages(&[pending(i, "")]).await.unwrap(),
+                vec![BatchOutcome::Duplicate(u64::from(i))]
             );
         }
         assert_eq!(store.channel("c1").await.unwrap().unwrap().next_index, 6);
@@ -971,44 +925,42 @@ pub mod conformance {
             .map(|m| m.index)
             .collect();
         assert_eq!(newest, vec![4, 5]);
-        let usage = Usage {
-            message_bytes: 7,
-            attachment_bytes: 8,
-            attachments: 1,
-        };
         assert_eq!(store.usage("dave").await.unwrap(), Usage::default());
+        assert_eq!(
+            store.append_messages(&[pending(6, "dave")]).await.unwrap(),
+            vec![BatchOutcome::Stored(6)]
+        );
         let sixth = StoredMessage {
-            channel_id: "c1".into(),
             index: 6,
-            sender_identity: "dave".into(),
-            client_message_id: vec![6; 16],
-            ..Default::default()
+            ..pending(6, "dave").message
         };
+        assert_eq!(
+            store.usage("dave").await.unwrap().message_bytes,
+            sixth.encoded_len() as u64,
+            "charged with the message"
+        );
         channel.next_index = 7;
-        let stale = UsageChange {
-            before: usage,
-            after: usage,
+        // A statement whose place was read before messages were stored
+        // (by another replica) extends nothing.
+        let stale = StatementChange {
+            channel: ChannelRecord {
+                chain_length: 3,
+                chain_head: vec![3; 32],
+                next_index: 6,
+                ..channel.clone()
+            },
+            entry: entry(2),
+            put_members: vec![],
+            remove_members: vec![],
         };
-        assert_eq!(
-            store
-                .append_message(&channel, &sixth, &stale)
+        assert!(
+            !store
+                .append_statement("c1", 2, &[2; 32], &stale)
                 .await
                 .unwrap(),
-            Appended::Moved,
-            "the sender's usage is not what the caller read"
+            "messages were stored since its place was read"
         );
-        let change = UsageChange {
-            before: Usage::default(),
-            after: usage,
-        };
-        assert_eq!(
-            store
-                .append_message(&channel, &sixth, &change)
-                .await
-                .unwrap(),
-            Appended::Stored
-        );
-        assert_eq!(store.usage("dave").await.unwrap(), usage);
+        assert_eq!(store.channel("c1").await.unwrap().unwrap().next_index, 7);
         assert_eq!(store.dedupe("c1", &[3; 16]).await.unwrap(), Some(3));
         assert_eq!(store.dedupe("c1", &[9; 16]).await.unwrap(), None);
 

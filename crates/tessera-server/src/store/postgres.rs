@@ -4,10 +4,11 @@
 //! Where the embedded stores rely on the caller's in-process locks (one
 //! process owns a sled database), this store decides in one transaction:
 //!
-//! * a message is stored at the channel's next index, with its client id
-//!   for deduplication, under the channel row's lock (`SELECT … FOR
-//!   UPDATE`): two replicas cannot give one index twice, nor store one
-//!   client message id twice;
+//! * a batch of messages is stored at the channels' next indices, with
+//!   their client ids for deduplication and their senders' usage, under
+//!   the channel rows' locks (`SELECT … FOR UPDATE`, by id) and then the
+//!   usage rows' (by identity): two replicas cannot give one index twice,
+//!   nor store one client message id twice, nor both spend one quota;
 //! * a statement extends the membership chain only if the channel row,
 //!   locked, still has the expected length and head (compare-and-set);
 //! * a write that charges a user's usage (messages, sender keys,
@@ -23,9 +24,11 @@
 //! applied at start (`tessera_service::postgres::migrate`, service
 //! `server`). A stored message or statement is announced to every replica
 //! by `NOTIFY` in the same transaction (`listen`). A transaction is
-//! durable when its COMMIT returns, so `flush` has nothing left to do:
-//! one transaction per send (no group commit on this backend;
-//! PostgreSQL's own `commit_delay` can batch WAL flushes).
+//! durable when its COMMIT returns, so `flush` has nothing left to do.
+//! Concurrent sends to one channel share one transaction (group commit:
+//! the server's per-channel committer calls [`Store::append_messages`]
+//! with every send that waited for it), so a channel's sends pay one
+//! commit, and about four round trips, per batch rather than per message.
 
 use std::collections::BTreeMap;
 
@@ -44,9 +47,9 @@ use thiserror::Error;
 use tokio_postgres::{Row, types::ToSql};
 
 use super::{
-    Account, Announced, Appended, AttachmentRecord, BatchOutcome, ChannelRecord, Device,
-    MemberRecord, PendingMessage, SenderKeyChain, SenderKeysPut, StatementChange, Store,
-    StoreFuture, Usage, UsageChange, active_besides, at_index, batch_keys, decode, extends,
+    Account, Announced, AttachmentRecord, BatchOutcome, ChannelRecord, Device, MemberRecord,
+    PendingMessage, SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage,
+    UsageChange, active_besides, batch_keys, decode, extends,
     listen::{CHANNEL, notify},
     plan_batch, take_bounded,
 };
@@ -270,7 +273,7 @@ impl PgStore {
     /// client ids, usage, channels, and one NOTIFY per channel with its
     /// last index: a replica's subscribers read what they lack from the
     /// store by index, so the last one is enough); COMMIT. Locking
-    /// channels before usage, as `append_message` does, and usage alone
+    /// channels before usage, and usage alone
     /// elsewhere (sender keys, attachments), two batches or a batch and
     /// another write never wait for each other in a cycle.
     async fn append_batch(
@@ -590,7 +593,12 @@ impl Store for PgStore {
             let mut client = self.pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(pg_error)?;
             let current = lock_channel(&tx, channel_id).await?;
-            if !extends(current.as_ref(), expected_length, expected_head) {
+            if !extends(
+                current.as_ref(),
+                expected_length,
+                expected_head,
+                &change.channel,
+            ) {
                 return Ok(false); // the transaction rolls back when dropped
             }
             let record = change.channel.encode_to_vec();
@@ -691,64 +699,6 @@ impl Store for PgStore {
             rows.first()
                 .map(|row| Ok(column::<i64>(row, 0)? as u64))
                 .transpose()
-        })
-    }
-
-    fn append_message<'a>(
-        &'a self,
-        channel: &'a ChannelRecord,
-        message: &'a StoredMessage,
-        usage: &'a UsageChange,
-    ) -> StoreFuture<'a, Appended> {
-        Box::pin(async move {
-            let started = std::time::Instant::now();
-            let id = channel.channel_id.as_str();
-            let mut client = self.pool.get().await.map_err(pool_error)?;
-            let tx = client.transaction().await.map_err(pg_error)?;
-            // Under the channel row's lock: the index and the dedupe.
-            let stored = lock_channel(&tx, id).await?;
-            let duplicate = tx
-                .query_opt(
-                    "SELECT idx FROM server_dedupe WHERE channel_id = $1 AND client_message_id = $2",
-                    &[&id, &message.client_message_id],
-                )
-                .await
-                .map_err(pg_error)?;
-            if let Some(row) = duplicate {
-                return Ok(Appended::Duplicate(column::<i64>(&row, 0)? as u64));
-            }
-            if !at_index(stored.as_ref(), channel, message.index)
-                || !cas_usage(&tx, &message.sender_identity, usage).await?
-            {
-                return Ok(Appended::Moved);
-            }
-            let index = to_i64(message.index)?;
-            tx.execute(
-                "INSERT INTO server_messages (channel_id, idx, record) VALUES ($1, $2, $3)",
-                &[&id, &index, &message.encode_to_vec()],
-            )
-            .await
-            .map_err(pg_error)?;
-            tx.execute(
-                "INSERT INTO server_dedupe (channel_id, client_message_id, idx) VALUES ($1, $2, $3)",
-                &[&id, &message.client_message_id, &index],
-            )
-            .await
-            .map_err(pg_error)?;
-            tx.execute(
-                "UPDATE server_channels SET record = $2 WHERE channel_id = $1",
-                &[&id, &channel.encode_to_vec()],
-            )
-            .await
-            .map_err(pg_error)?;
-            let stored = Announced::Message {
-                channel_id: id.to_owned(),
-                index: message.index,
-            };
-            notify(&tx, &stored).await?;
-            tx.commit().await.map_err(pg_error)?;
-            record_store("append_message", started);
-            Ok(Appended::Stored)
         })
     }
 
@@ -1130,87 +1080,12 @@ mod tests {
         );
     }
 
-    /// Two stores on one database (two replicas): concurrent sends to one
-    /// channel each read the channel and try to store at its next index;
-    /// the database lets exactly one store each index, and the others see
-    /// the channel moved.
-    #[tokio::test]
-    async fn replicas_never_store_one_index_twice() {
-        let pg = Postgres::start();
-        let a = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
-        let b = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
-        let channel = ChannelRecord {
-            channel_id: "c".into(),
-            next_index: 1,
-            chain_length: 1,
-            chain_head: vec![1; 32],
-            ..Default::default()
-        };
-        let creation = StatementChange {
-            channel: channel.clone(),
-            entry: ChainEntry::default(),
-            put_members: vec![],
-            remove_members: vec![],
-        };
-        assert!(a.append_statement("c", 0, &[], &creation).await.unwrap());
-        assert!(
-            !b.append_statement("c", 0, &[], &creation).await.unwrap(),
-            "created once, whichever replica asks"
-        );
-        let mut tasks = Vec::new();
-        for n in 0..32u8 {
-            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
-            tasks.push(tokio::spawn(async move {
-                // Retry until stored, as a send does.
-                loop {
-                    let mut channel = store.channel("c").await.unwrap().unwrap();
-                    let message = StoredMessage {
-                        channel_id: "c".into(),
-                        index: channel.next_index,
-                        sender_identity: format!("u{}", n % 4),
-                        client_message_id: vec![n; 16],
-                        ..Default::default()
-                    };
-                    channel.next_index += 1;
-                    let before = store.usage(&message.sender_identity).await.unwrap();
-                    let after = Usage {
-                        message_bytes: before.message_bytes + 1,
-                        ..before
-                    };
-                    match store
-                        .append_message(&channel, &message, &UsageChange { before, after })
-                        .await
-                        .unwrap()
-                    {
-                        Appended::Stored => return message.index,
-                        Appended::Duplicate(i) => panic!("not sent twice, yet duplicate at {i}"),
-                        Appended::Moved => tokio::task::yield_now().await,
-                    }
-                }
-            }));
-        }
-        let mut indices = Vec::new();
-        for t in tasks {
-            indices.push(t.await.unwrap());
-        }
-        indices.sort_unstable();
-        assert_eq!(indices, (1..=32).collect::<Vec<u64>>(), "each index once");
-        let stored = a.messages("c", 1, 100, 100, usize::MAX).await.unwrap();
-        assert_eq!(stored.len(), 32);
-        for u in 0..4 {
-            assert_eq!(
-                b.usage(&format!("u{u}")).await.unwrap().message_bytes,
-                8,
-                "every charge counted once"
-            );
-        }
-    }
-
     /// Two stores on one database (two replicas) store batches at once,
     /// each spanning two channels (named in either order) and four
-    /// senders, some repeating another batch's client ids: no index is
-    /// stored twice or skipped, each id once, each charge once, and no
-    /// batch fails (rows are locked in one order: no deadlock).
+    /// senders, some repeating another batch's client ids: the database
+    /// lets no index be stored twice or skipped, each id once, each charge
+    /// once, and no batch fails (rows are locked in one order: no
+    /// deadlock).
     #[tokio::test]
     async fn replicas_store_concurrent_batches_without_gaps_or_deadlocks() {
         const TASKS: u8 = 8;

@@ -14,9 +14,9 @@ use tessera_service::{
 };
 
 use super::{
-    Account, Appended, AttachmentRecord, BatchOutcome, ChannelRecord, Device, MemberRecord,
-    PendingMessage, SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage,
-    UsageChange, at_index, batch_keys, decode, extends, plan_batch, take_bounded,
+    Account, AttachmentRecord, BatchOutcome, ChannelRecord, Device, MemberRecord, PendingMessage,
+    SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange,
+    batch_keys, decode, extends, plan_batch, take_bounded,
 };
 
 /// The sled records of a key range, bounded as [`take_bounded`] says (from
@@ -266,7 +266,12 @@ impl Store for SledStore {
                     .map(|v| decode::<ChannelRecord>(&v, "channel"))
                     .transpose()
                     .map_err(Conflict::Abort)?;
-                if !extends(current.as_ref(), expected_length, expected_head) {
+                if !extends(
+                    current.as_ref(),
+                    expected_length,
+                    expected_head,
+                    &change.channel,
+                ) {
                     return Ok(false);
                 }
                 tx.insert(channel_key.as_slice(), channel.as_slice())?;
@@ -320,48 +325,6 @@ impl Store for SledStore {
                     .map(|v| read_u64(&v))
                     .transpose()
             })
-        })
-    }
-
-    fn append_message<'a>(
-        &'a self,
-        channel: &'a ChannelRecord,
-        message: &'a StoredMessage,
-        usage: &'a UsageChange,
-    ) -> StoreFuture<'a, Appended> {
-        Box::pin(async move {
-            // The checks and the batch are not one sled transaction: the
-            // caller holds the channel's and the sender's locks (one process
-            // owns a sled database), so nothing changes in between.
-            let id = channel.channel_id.as_bytes();
-            if let Some(index) = self
-                .dedupe(&channel.channel_id, &message.client_message_id)
-                .await?
-            {
-                return Ok(Appended::Duplicate(index));
-            }
-            let stored = self.channel(&channel.channel_id).await?;
-            if !at_index(stored.as_ref(), channel, message.index)
-                || self.usage(&message.sender_identity).await? != usage.before
-            {
-                return Ok(Appended::Moved);
-            }
-            let mut batch = sled::Batch::default();
-            batch.insert(
-                key(b"uq/", &[message.sender_identity.as_bytes()]),
-                usage.after.encode_to_vec(),
-            );
-            batch.insert(
-                key(b"m/", &[id, &u64_key(message.index)]),
-                message.encode_to_vec(),
-            );
-            batch.insert(
-                key(b"md/", &[id, &message.client_message_id]),
-                u64_key(message.index).to_vec(),
-            );
-            batch.insert(key(b"c/", &[id]), channel.encode_to_vec());
-            time_store("append_message", || self.db.apply_batch(batch))?;
-            Ok(Appended::Stored)
         })
     }
 
@@ -489,7 +452,7 @@ impl Store for SledStore {
         usage: &'a UsageChange,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            // Under the uploader's lock (see `append_message`).
+            // Under the uploader's lock (the caller holds it; see `append_messages`).
             if self.usage(&record.uploader).await? != usage.before {
                 return Ok(false);
             }
@@ -551,7 +514,7 @@ impl Store for SledStore {
         usage: &'a UsageChange,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            // Under the sender's lock (see `append_message`).
+            // Under the sender's lock (the caller holds it; see `append_messages`).
             if self.usage(&put.sender_identity).await? != usage.before {
                 return Ok(false);
             }
