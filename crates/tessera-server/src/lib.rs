@@ -225,7 +225,7 @@ impl Locks {
         &self.0[Self::shard(key)]
     }
 
-    fn shard(key: &str) -> usize {
+    pub(crate) fn shard(key: &str) -> usize {
         // FNV-1a: cheap and stable; only spreads contention.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in key.bytes() {
@@ -247,6 +247,23 @@ impl Locks {
             guards.push(self.0[shard].lock().await);
         }
         guards
+    }
+}
+
+/// Read-write locks sharded by key, as [`Locks`].
+pub(crate) struct Gates(Vec<tokio::sync::RwLock<()>>);
+
+impl Gates {
+    pub(crate) fn new() -> Self {
+        Self(
+            (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::RwLock::new(()))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn of(&self, key: &str) -> &tokio::sync::RwLock<()> {
+        &self.0[Locks::shard(key)]
     }
 }
 

@@ -158,9 +158,11 @@ impl Channels {
         // Held until the statement is stored (and announced): a message is
         // sent either before it or after it, at a known index.
         let _lock = self.channel_locks.of(channel_id).lock().await;
-        // Sends checked before the lock was taken may still be waiting for
-        // their batch (`send_batch`): stored first, at the old epoch, so
-        // the statement's place (`next_index`) is read after them.
+        // No send checks while the statement is stored; those checked
+        // before may still wait for their batch (`send_batch`): stored
+        // first, at the old epoch, so the statement's place (`next_index`)
+        // is read after them.
+        let _sends = self.send_gates.of(channel_id).write().await;
         self.send_batches.idle(channel_id).await;
         let channel = self.channel(channel_id).await?;
         if channel.chain_length == 0 {

@@ -1,6 +1,7 @@
 //! Messages: the ordered index of each channel (one index per message,
-//! under the channel's lock, each naming the membership epoch it was sealed
-//! under, pages of history as each member may see it, read horizons.
+//! given by the channel's batches, `send_batch`), each naming the
+//! membership epoch it was sealed under, pages of history as each member
+//! may see it, read horizons.
 
 use tessera_crypto::{envelope::ParsedEnvelope, sender_key::ParsedGroupEnvelope};
 use tessera_proto::server::v1::{
@@ -39,7 +40,7 @@ impl Channels {
         let kind = EnvelopeKind::try_from(r.kind).map_err(|_| {
             ServerError::InvalidArgument(format!("unknown envelope kind {}", r.kind))
         })?;
-        // A group message's chain, checked under the lock below.
+        // A group message's chain, checked below.
         let mut group_chain = None;
         match kind {
             EnvelopeKind::Device => {
@@ -94,7 +95,7 @@ impl Channels {
 
     /// One attempt of [`Self::send`]: `None` when the store found the
     /// channel's chain moved since the checks. The checks run under the
-    /// channel's lock; the message then joins the channel's next batch
+    /// channel's send gate, shared; the message then joins the channel's next batch
     /// (`send_batch`: group commit), which gives it its index.
     async fn try_send(
         &self,
@@ -104,14 +105,19 @@ impl Channels {
         kind: EnvelopeKind,
         group_chain: Option<[u8; 16]>,
     ) -> Result<Option<SendMessageResponse>, ServerError> {
-        let lock = self.channel_locks.of(&r.channel_id).lock().await;
+        // Shared: sends to one channel check in parallel (a statement
+        // takes the gate exclusive). Each check reads the channel first;
+        // the store stores the message only if the chain is still as read
+        // then, so a statement accepted in between (by another replica)
+        // makes the send check again.
+        let gate = self.send_gates.of(&r.channel_id).read().await;
         let channel = self.channel(&r.channel_id).await?;
         if let Some(index) = self
             .store
             .dedupe(&r.channel_id, &r.client_message_id)
             .await?
         {
-            drop(lock);
+            drop(gate);
             return self.duplicate(&r.channel_id, index).await.map(Some);
         }
         if channel.chain_length == 0 {
@@ -142,11 +148,11 @@ impl Channels {
             epoch,
             kind: kind as i32,
         };
-        // The checks hold for this chain length; the channel's lock is not
-        // held while the batch commits (other sends check meanwhile and join
-        // the next batch). A statement accepted since moves the chain: the
-        // store answers `Moved` and the send is checked again.
-        drop(lock);
+        // The checks hold for this chain length; the gate is not held while
+        // the batch commits (other sends check meanwhile and join the next
+        // batch). A statement accepted since moves the chain: the store
+        // answers `Moved` and the send is checked again.
+        drop(gate);
         let pending = PendingMessage {
             chain_length: channel.chain_length,
             message,

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 pub(crate) use service::ChannelsService;
 
 use crate::{
-    Limits, Locks,
+    Gates, Limits, Locks,
     error::ServerError,
     quota,
     signers::SignerKeys,
@@ -49,6 +49,11 @@ pub(crate) struct Channels {
     /// Orders what happens in one channel: statements and sends (each
     /// message's index, each statement's place among the messages).
     channel_locks: Locks,
+    /// Sends check a channel under its gate shared, so they check in
+    /// parallel; a statement takes it exclusive (after the channel's lock)
+    /// and waits for the batches in flight, so the statement's place is
+    /// read after every send checked at the old epoch.
+    send_gates: Gates,
     /// Per user, shared with the rest of the server: quotas and read
     /// horizons are updated under it (taken after a channel's lock).
     user_locks: Arc<Locks>,
@@ -83,6 +88,7 @@ impl Channels {
             ),
             uploads: quota::Uploads::new(limits.max_uploads_per_user),
             channel_locks: Locks::new(),
+            send_gates: Gates::new(),
             store,
             limits,
             signers,

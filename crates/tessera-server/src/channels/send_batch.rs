@@ -16,9 +16,11 @@
 //! The task holds the user locks of the batch's senders (shared with the
 //! rest of the server, taken in one fixed order) while the store decides:
 //! the embedded stores check a user's usage and write it under that lock
-//! elsewhere (sender keys, attachments). It never holds a channel's lock:
-//! a statement accepted meanwhile moves the chain, the store answers
-//! `Moved` and that sender checks again.
+//! elsewhere (sender keys, attachments). It never holds a channel's lock
+//! or gate: a statement accepted meanwhile (by another replica) moves the
+//! chain, the store answers `Moved` and that sender checks again. A
+//! statement on this replica takes the channel's send gate exclusive and
+//! waits for the channel's batches to drain ([`SendBatches::idle`]).
 //!
 //! [`Limits::max_send_batch`]: crate::Limits::max_send_batch
 
