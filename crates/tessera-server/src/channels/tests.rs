@@ -1376,3 +1376,55 @@ async fn concurrent_sends_to_one_channel_are_stored_in_one_batch() {
     let (batches, largest) = concurrent_sends(1).await;
     assert_eq!((batches, largest), (24, 1), "batching off: one by one");
 }
+
+/// A statement published while a send checked at the old epoch waits for
+/// its batch: the statement waits for that batch, so the message is
+/// stored at the epoch it was checked at and the statement's place comes
+/// after it (without the wait, the statement would take index 1 and the
+/// send, checked again, would be refused for its stale epoch).
+#[tokio::test]
+async fn a_statement_waits_for_the_sends_already_checked() {
+    let w = World::new();
+    let (alice, bob, _carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    // Bob's batch stalls on his lock (its committer takes it).
+    let held = w.channels.user_locks.of("bob").lock().await;
+    let send = {
+        let (channels, who, r) = (w.channels.clone(), caller(&bob), send_request(&bob, 0, 1));
+        tokio::spawn(async move { channels.send(&who, r).await.map(|r| r.index) })
+    };
+    for _ in 0..1000 {
+        if w.channels.send_batches.queued(CH) == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w.channels.send_batches.queued(CH), Some(0), "in flight");
+    let statement = chain.sign(&alice, add("carol"));
+    let publish = {
+        let (channels, who, s) = (w.channels.clone(), caller(&alice), statement.clone());
+        tokio::spawn(async move { channels.publish(&who, CH, Some(s)).await })
+    };
+    // Every task runs as far as it can (one thread: the statement is
+    // stored by now unless it waits for the batch).
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    drop(held);
+    assert_eq!(send.await.unwrap().unwrap(), 1, "stored at its epoch");
+    publish.await.unwrap().unwrap();
+    chain.accepted(&statement);
+    let entries = w
+        .channels
+        .chain(&caller(&alice), CH, 1)
+        .await
+        .unwrap()
+        .entries;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].next_index, 2, "the statement comes after it");
+}
