@@ -186,6 +186,18 @@ impl World {
         Ok(())
     }
 
+    /// Waits until `n` sends wait for `CH`'s next batch while one is in
+    /// flight (up to 10 s).
+    async fn queued_reaches(&self, n: usize) {
+        for _ in 0..1000 {
+            if self.channels.send_batches.queued(CH) == Some(n) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} sends never waited for the next batch");
+    }
+
     async fn send(&self, from: &Dev, epoch: u64, n: u8) -> Result<u64, ServerError> {
         self.channels
             .send(&caller(from), send_request(from, epoch, n))
@@ -1329,19 +1341,10 @@ async fn concurrent_sends(max_send_batch: usize) -> (u64, usize) {
         );
         tokio::spawn(async move { channels.send(&who, r).await.unwrap().index })
     };
-    let queued_reaches = async |n: usize| {
-        for _ in 0..1000 {
-            if w.channels.send_batches.queued(CH) == Some(n) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("{n} sends never waited for the next batch");
-    };
     let mut sends = vec![spawn(1)];
-    queued_reaches(0).await; // the first batch is in flight
+    w.queued_reaches(0).await; // the first batch is in flight
     sends.extend((2..=N).map(spawn));
-    queued_reaches(usize::from(N) - 1).await;
+    w.queued_reaches(usize::from(N) - 1).await;
     drop(held);
     let mut indices = Vec::new();
     for s in sends {
@@ -1398,13 +1401,7 @@ async fn a_statement_waits_for_the_sends_already_checked() {
         let (channels, who, r) = (w.channels.clone(), caller(&bob), send_request(&bob, 0, 1));
         tokio::spawn(async move { channels.send(&who, r).await.map(|r| r.index) })
     };
-    for _ in 0..1000 {
-        if w.channels.send_batches.queued(CH) == Some(0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(w.channels.send_batches.queued(CH), Some(0), "in flight");
+    w.queued_reaches(0).await; // in flight
     let statement = chain.sign(&alice, add("carol"));
     let publish = {
         let (channels, who, s) = (w.channels.clone(), caller(&alice), statement.clone());
