@@ -77,6 +77,11 @@ struct Args {
     /// testkit's: the distribution's binaries, fsync off) is started.
     #[arg(long)]
     database_url: Option<String>,
+    /// Most sends to one channel the app server stores together (group
+    /// commit), each measured in turn: `--max-send-batch 256,1` compares
+    /// batching with each send stored alone.
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    max_send_batch: Vec<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -137,15 +142,18 @@ async fn main() {
     let args = Args::parse();
     let (database, _throwaway) = database_server(&args.backends, args.database_url.as_deref());
     for &backend in &args.backends {
-        run(&args, backend, database.as_deref()).await;
+        for &batch in &args.max_send_batch {
+            run(&args, backend, batch, database.as_deref()).await;
+        }
     }
 }
 
 /// Enrolls the devices on a fresh stack over `backend`, then measures.
-async fn run(args: &Args, backend: Backend, database: Option<&str>) {
+async fn run(args: &Args, backend: Backend, max_send_batch: usize, database: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = StackConfig::for_tests(dir.path().join("stack"));
     config.org_identity = None;
+    config.server_max_send_batch = Some(max_send_batch);
     if backend == Backend::Postgres {
         let server = database.expect("a PostgreSQL server");
         config.server_database = Some(PgOptions {
@@ -276,9 +284,10 @@ async fn run(args: &Args, backend: Backend, database: Option<&str>) {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     println!(
-        "\nserver-load on {} — app server on {}, {} live devices on one channel, {} envelope {} bytes",
+        "\nserver-load on {} — app server on {} (sends stored in batches of at most {}), {} live devices on one channel, {} envelope {} bytes",
         machine(),
         backend.name(),
+        max_send_batch,
         args.devices,
         match args.envelope {
             Mode::Group => "group (sender keys)",
@@ -359,8 +368,9 @@ async fn run(args: &Args, backend: Backend, database: Option<&str>) {
     println!(
         "{}",
         stats.row(&format!(
-            "SendMessage {} ({} live subscribers)",
+            "SendMessage {} batch ≤ {} ({} live subscribers)",
             backend.name(),
+            max_send_batch,
             args.devices
         ))
     );
