@@ -122,8 +122,13 @@ async fn each_service_counts_its_calls_and_records() {
     assert!(
         server.value(
             "tessera_store_operation_seconds_count",
-            &[("op", "append_message")]
-        ) >= sent
+            &[("op", "append_messages")]
+        ) >= 1.0
+    );
+    // Every stored send went through one batch (group commit).
+    assert_eq!(
+        server.value("tessera_server_send_batch_size_sum", &[]),
+        sent
     );
 
     // The key service: its log size is the checkpoint's, every registration

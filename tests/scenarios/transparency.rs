@@ -92,7 +92,9 @@ async fn the_client_refuses_what_the_log_does_not_prove() {
             for record in r.results.iter_mut().flat_map(|r| r.cards.iter_mut()) {
                 let proof = record.inclusion.as_mut().unwrap();
                 assert!(!proof.hashes.is_empty());
-                proof.hashes[0][0] ^= 1;
+                let mut first = proof.hashes[0].to_vec();
+                first[0] ^= 1;
+                proof.hashes[0] = first.into();
             }
         }));
     let err = refused_card(alice.cards_of(&["bob".into()]).await.unwrap_err());

@@ -10,7 +10,7 @@ use ct_merkle::{ConsistencyProof as CtConsistency, InclusionProof as CtInclusion
 use sha2::Sha256;
 use tessera_crypto::{SignatureContext, SigningKey, VerifyingKey};
 use tessera_proto::{
-    Message as _,
+    Bytes, Message as _,
     card::v1 as card_pb,
     transparency::v1::{
         CheckpointContent, ConsistencyProof, InclusionProof, LogEntry, SignedCheckpoint,
@@ -177,28 +177,40 @@ impl Tree {
     }
 
     /// RFC 9162 inclusion proof of leaf `index` in the tree of `size` leaves.
+    ///
+    /// Walked bottom-up, level by level: the node covering the leaf at
+    /// level `l` is `index >> l`, and its sibling (when the tree of `size`
+    /// has one) is the hash the RFC's PATH recursion emits at that depth. A
+    /// sibling to the left is always a complete subtree, one to the right
+    /// is complete unless it is the tree's right edge, and a node alone at
+    /// the right edge is its only child's hash moved up (no hash emitted).
+    /// Every stored hash the walk reads is known from `index` and `size`
+    /// alone, so the reads (cache misses in the large bottom levels of a
+    /// big tree) overlap instead of waiting on each other.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Option<Vec<Hash>> {
         if index >= size || size > self.len() {
             return None;
         }
-        let mut out = Vec::new();
-        self.path(index, 0, size, &mut out);
+        let mut out = Vec::with_capacity(64 - (size - 1).leading_zeros() as usize);
+        let (mut node, mut last) = (index, size - 1);
+        let mut level = 0;
+        while last > 0 {
+            if node % 2 == 1 {
+                out.push(self.levels[level][(node - 1) as usize]);
+            } else if node < last {
+                let start = (node + 1) << level;
+                let end = ((node + 2) << level).min(size);
+                out.push(if end - start == 1 << level {
+                    self.levels[level][(node + 1) as usize]
+                } else {
+                    self.subtree(start, end)
+                });
+            }
+            node >>= 1;
+            last >>= 1;
+            level += 1;
+        }
         Some(out)
-    }
-
-    fn path(&self, m: u64, start: u64, end: u64, out: &mut Vec<Hash>) {
-        let n = end - start;
-        if n <= 1 {
-            return;
-        }
-        let k = split_point(n);
-        if m < k {
-            self.path(m, start, start + k, out);
-            out.push(self.subtree(start + k, end));
-        } else {
-            self.path(m - k, start + k, end, out);
-            out.push(self.subtree(start, start + k));
-        }
     }
 
     /// RFC 9162 consistency proof from the tree of `old` leaves to the tree
@@ -313,7 +325,7 @@ pub fn verify_checkpoint(
 }
 
 fn concat_hashes(
-    hashes: &[Vec<u8>],
+    hashes: &[impl AsRef<[u8]>],
     err: fn(&'static str) -> CardError,
 ) -> Result<Vec<u8>, CardError> {
     if hashes.len() > MAX_PROOF_HASHES {
@@ -321,6 +333,7 @@ fn concat_hashes(
     }
     let mut out = Vec::with_capacity(hashes.len() * 32);
     for h in hashes {
+        let h = h.as_ref();
         if h.len() != 32 {
             return Err(err("a hash is not 32 bytes"));
         }
@@ -493,12 +506,15 @@ pub fn registered_card(entry: &[u8]) -> Result<card_pb::Card, CardError> {
     }
 }
 
-/// Encodes proof hashes for the wire.
+/// Encodes proof hashes for the wire: one buffer, each hash a slice of it.
 pub fn inclusion_proof_message(index: u64, size: u64, hashes: Vec<Hash>) -> InclusionProof {
+    let all = Bytes::from(hashes.concat());
     InclusionProof {
         leaf_index: index,
         tree_size: size,
-        hashes: hashes.into_iter().map(|h| h.to_vec()).collect(),
+        hashes: (0..hashes.len())
+            .map(|i| all.slice(i * 32..(i + 1) * 32))
+            .collect(),
     }
 }
 
@@ -616,6 +632,48 @@ mod tests {
         }
         assert!(tree.inclusion_proof(5, 5).is_none());
         assert!(tree.inclusion_proof(0, 41).is_none());
+    }
+
+    /// RFC 9162's PATH(m, D[start..end]), as the RFC writes it (recursive,
+    /// top-down), over the hashes of `leaves`.
+    fn rfc_path(leaves: &[Hash], m: usize) -> Vec<Hash> {
+        fn mth(d: &[Hash]) -> Hash {
+            match d.len() {
+                1 => d[0],
+                n => {
+                    let k = split_point(n as u64) as usize;
+                    node_hash(&mth(&d[..k]), &mth(&d[k..]))
+                }
+            }
+        }
+        let n = leaves.len();
+        if n <= 1 {
+            return Vec::new();
+        }
+        let k = split_point(n as u64) as usize;
+        let (mut out, sibling) = if m < k {
+            (rfc_path(&leaves[..k], m), mth(&leaves[k..]))
+        } else {
+            (rfc_path(&leaves[k..], m - k), mth(&leaves[..k]))
+        };
+        out.push(sibling);
+        out
+    }
+
+    #[test]
+    fn inclusion_proofs_are_the_rfc_paths_in_larger_trees() {
+        let leaves: Vec<Hash> = (0..1100u64).map(|i| leaf_hash(&entry(i))).collect();
+        let tree = Tree::from_leaves(leaves.iter().copied());
+        for size in [511u64, 512, 513, 767, 768, 1000, 1023, 1024, 1025, 1100] {
+            let prefix = &leaves[..size as usize];
+            for index in (0..size).step_by(7).chain([size - 2, size - 1]) {
+                assert_eq!(
+                    tree.inclusion_proof(index, size).unwrap(),
+                    rfc_path(prefix, index as usize),
+                    "leaf {index} of {size}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tessera_descriptor.bin"));
 
-pub use prost::Message;
+pub use prost::{Message, bytes::Bytes};
 
 /// Cards: the public identity of a device or an organisation.
 pub mod card {

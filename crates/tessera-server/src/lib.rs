@@ -77,6 +77,9 @@ pub struct Limits {
     pub max_attachment_bytes_per_user: u64,
     pub max_attachments_per_user: usize,
     pub max_uploads_per_user: usize,
+    /// Most sends to one channel stored together (one transaction on
+    /// PostgreSQL, one flush on sled: group commit); 1 stores each alone.
+    pub max_send_batch: usize,
 }
 
 impl Default for Limits {
@@ -97,6 +100,7 @@ impl Default for Limits {
             max_attachment_bytes_per_user: 10 * 1024 * 1024 * 1024,
             max_attachments_per_user: 10_000,
             max_uploads_per_user: 4,
+            max_send_batch: 256,
         }
     }
 }
@@ -218,12 +222,48 @@ impl Locks {
     }
 
     pub(crate) fn of(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        &self.0[Self::shard(key)]
+    }
+
+    pub(crate) fn shard(key: &str) -> usize {
         // FNV-1a: cheap and stable; only spreads contention.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in key.bytes() {
             h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
-        &self.0[(h % LOCK_SHARDS as u64) as usize]
+        (h % LOCK_SHARDS as u64) as usize
+    }
+
+    /// The locks of all `keys`, each shard once, taken in shard order (two
+    /// callers locking overlapping sets cannot wait for each other in a
+    /// cycle; keys sharing a shard do not lock it twice).
+    pub(crate) async fn lock_all<'a>(
+        &'a self,
+        keys: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<tokio::sync::MutexGuard<'a, ()>> {
+        let shards: std::collections::BTreeSet<usize> = keys.into_iter().map(Self::shard).collect();
+        let mut guards = Vec::with_capacity(shards.len());
+        for shard in shards {
+            guards.push(self.0[shard].lock().await);
+        }
+        guards
+    }
+}
+
+/// Read-write locks sharded by key, as [`Locks`].
+pub(crate) struct Gates(Vec<tokio::sync::RwLock<()>>);
+
+impl Gates {
+    pub(crate) fn new() -> Self {
+        Self(
+            (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::RwLock::new(()))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn of(&self, key: &str) -> &tokio::sync::RwLock<()> {
+        &self.0[Locks::shard(key)]
     }
 }
 

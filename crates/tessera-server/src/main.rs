@@ -84,6 +84,10 @@ struct Cli {
     /// Quota of attachments per user.
     #[arg(long, global = true, env = "TESSERA_SERVER_MAX_ATTACHMENTS_PER_USER", default_value_t = Limits::default().max_attachments_per_user)]
     max_attachments_per_user: usize,
+    /// Most sends to one channel stored together (one transaction on
+    /// PostgreSQL, one flush on sled); 1 stores each send alone.
+    #[arg(long, global = true, env = "TESSERA_SERVER_MAX_SEND_BATCH", default_value_t = Limits::default().max_send_batch)]
+    max_send_batch: usize,
     /// Sign-ups allowed per peer address (IPv6: per /64) and throttle window.
     #[arg(long, global = true, env = "TESSERA_SERVER_SIGNUPS_PER_PEER", default_value_t = tessera_server::ThrottleLimits::default().signups_per_peer)]
     signups_per_peer: usize,
@@ -187,6 +191,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         max_message_bytes_per_user: cli.max_message_bytes_per_user,
         max_attachment_bytes_per_user: cli.max_attachment_bytes_per_user,
         max_attachments_per_user: cli.max_attachments_per_user,
+        max_send_batch: cli.max_send_batch.max(1),
         ..Limits::default()
     };
     config.throttle.signups_per_peer = cli.signups_per_peer;

@@ -52,6 +52,10 @@ pub const SERVER_STORE_FLUSHES: &str = "tessera_server_store_flushes_total";
 /// Histogram (app server): acknowledged writes made durable by one flush
 /// (group commit: concurrent sends share a flush).
 pub const SERVER_FLUSH_BATCH: &str = "tessera_server_store_flush_batch_size";
+/// Histogram (app server): sends to one channel stored together by one
+/// store call (one transaction on PostgreSQL, one flush on sled: group
+/// commit; at most `--max-send-batch`).
+pub const SERVER_SEND_BATCH: &str = "tessera_server_send_batch_size";
 /// Counter (app server on PostgreSQL): reconnections of the connection
 /// that listens for the other replicas' messages.
 pub const SERVER_LISTEN_RECONNECTS: &str = "tessera_server_listen_reconnects_total";
@@ -78,6 +82,7 @@ pub const ALL: &[&str] = &[
     SERVER_SENDER_KEYS_STORED,
     SERVER_STORE_FLUSHES,
     SERVER_FLUSH_BATCH,
+    SERVER_SEND_BATCH,
     SERVER_LISTEN_RECONNECTS,
     BACKUP_SUBMISSIONS,
     BACKUP_SYNCS,
@@ -122,6 +127,9 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(SERVER_FLUSH_BATCH.into()), BATCH_BUCKETS)
         })
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(SERVER_SEND_BATCH.into()), BATCH_BUCKETS)
+        })
         .map_err(error)?
         .install()
         .map_err(error)?;
@@ -160,6 +168,10 @@ fn describe() {
     describe_histogram!(
         SERVER_FLUSH_BATCH,
         "Acknowledged writes made durable by one flush"
+    );
+    describe_histogram!(
+        SERVER_SEND_BATCH,
+        "Sends to one channel stored together by one store call"
     );
     describe_counter!(BACKUP_SUBMISSIONS, "Backups submitted by result");
     describe_counter!(BACKUP_SYNCS, "History syncs started");

@@ -41,6 +41,9 @@ pub struct StackConfig {
     /// Keep the app server's data in this PostgreSQL database instead of
     /// sled (the load tools compare the two; `tessera stack` never sets it).
     pub server_database: Option<tessera_server::store::PgOptions>,
+    /// Most sends to one channel the app server stores together; `None`
+    /// keeps its default (server-load compares batching on and off).
+    pub server_max_send_batch: Option<usize>,
 }
 
 impl StackConfig {
@@ -57,6 +60,7 @@ impl StackConfig {
             danger_fast_kdf: false,
             signups_per_peer: None,
             server_database: None,
+            server_max_send_batch: None,
         }
     }
 
@@ -312,6 +316,9 @@ impl Config {
         }
         if let Some(n) = stack.signups_per_peer {
             c.throttle.signups_per_peer = n;
+        }
+        if let Some(n) = stack.server_max_send_batch {
+            c.limits.max_send_batch = n.max(1);
         }
         c
     }

@@ -11,8 +11,8 @@
 //! `Directory::publish` write (card records with their log entries,
 //! identity index, each identity's device list with its GENESIS statement,
 //! log entries, leaf hashes, signed checkpoint), written straight into the
-//! store before the service opens it (on PostgreSQL a few thousand appends
-//! per transaction), since a million registrations
+//! store before the service opens it (on PostgreSQL one binary `COPY` per
+//! table for 8 192 cards, `PgStore::copy_all`), since a million registrations
 //! through the RPC (each flushed alone) would take the best part of an
 //! hour.
 
@@ -91,7 +91,8 @@ struct Args {
     rounds: usize,
     /// Keep the preloaded stores (and the AppKey that signed their cards)
     /// here and reuse them on the next run (default: a temporary directory,
-    /// removed after each size).
+    /// removed after each size). PostgreSQL databases are reused only on a
+    /// server given with `--database-url` (a throwaway one is new each run).
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
     /// Stores to measure, each at every size: `sled`, `postgres`.
@@ -166,23 +167,33 @@ impl Load {
             .wrapping_mul(2_654_435_761)
             .wrapping_add(worker as u64 * 97))
             % (size / 2).max(1);
-        let identity = format!("user{pick}");
-        let mut client = self.kms[worker % self.kms.len()].clone();
-        let r = client
-            .search_cards(with(
-                &self.user_token,
-                SearchCardsRequest {
-                    identities: vec![identity.clone()],
-                    kind: 0,
-                    device_list_from: if with_lists {
-                        Default::default()
-                    } else {
-                        [(identity, u64::MAX)].into()
-                    },
-                },
-            ))
+        let r = self
+            .search_for(worker, format!("user{pick}"), with_lists)
             .await;
-        matches!(r, Ok(r) if r.get_ref().results.first().is_some_and(|x| !x.cards.is_empty()))
+        matches!(r, Ok(r) if r.results.first().is_some_and(|x| !x.cards.is_empty()))
+    }
+
+    /// Searches for `identity` on connection `worker`.
+    async fn search_for(
+        &self,
+        worker: usize,
+        identity: String,
+        with_lists: bool,
+    ) -> Result<SearchCardsResponse, tonic::Status> {
+        let mut client = self.kms[worker % self.kms.len()].clone();
+        let request = SearchCardsRequest {
+            identities: vec![identity.clone()],
+            kind: 0,
+            device_list_from: if with_lists {
+                Default::default()
+            } else {
+                [(identity, u64::MAX)].into()
+            },
+        };
+        Ok(client
+            .search_cards(with(&self.user_token, request))
+            .await?
+            .into_inner())
     }
 
     /// A 32-byte echo; with `answer_bytes`, answered with that many bytes.
@@ -197,35 +208,46 @@ impl Load {
             .is_ok()
     }
 
-    /// Encoded size of one search answer at this directory size, after
-    /// checking the answer.
-    async fn search_answer_bytes(&self, kms_key: &VerifyingKey) -> u32 {
+    /// Encoded size of one search answer at this directory size (`size`
+    /// cards), after checking the answers for [`CHECKED`] identities spread
+    /// over the whole directory, the first and the last among them.
+    async fn search_answer_bytes(&self, kms_key: &VerifyingKey, size: u64) -> u32 {
         use tessera_proto::Message as _;
-        let mut client = self.kms[0].clone();
-        let r = client
-            .search_cards(with(
-                &self.user_token,
-                SearchCardsRequest {
-                    identities: vec!["user0".into()],
-                    kind: 0,
-                    device_list_from: Default::default(),
-                },
-            ))
-            .await
-            .expect("search for user0");
-        check_answer(r.get_ref(), &self.app.verifying_key(), kms_key);
-        r.get_ref().encoded_len() as u32
+        let identities = (size / 2).max(1);
+        let mut bytes = 0;
+        for i in 0..CHECKED {
+            let identity = format!("user{}", i * (identities - 1) / (CHECKED - 1));
+            let r = self
+                .search_for(0, identity.clone(), true)
+                .await
+                .expect("a search of a preloaded identity");
+            check_answer(&r, &identity, &self.app.verifying_key(), kms_key);
+            if i == 0 {
+                bytes = r.encoded_len() as u32;
+            }
+        }
+        eprintln!("checked the search answers for {CHECKED} identities of {identities}");
+        bytes
     }
 }
 
-/// Checks a search answer for `user0` as a client would: both cards verify
-/// and are in the log, and the device list is a logged GENESIS that applies
-/// (so the bulk preload wrote what the directory would have).
-fn check_answer(answer: &SearchCardsResponse, app: &VerifyingKey, kms: &VerifyingKey) {
+/// Identities whose search answers are checked at each size.
+const CHECKED: u64 = 16;
+
+/// Checks a search answer for `identity` as a client would: both cards
+/// verify and are in the log, and the device list is a logged GENESIS that
+/// applies (so the bulk preload wrote what the directory would have).
+fn check_answer(
+    answer: &SearchCardsResponse,
+    identity: &str,
+    app: &VerifyingKey,
+    kms: &VerifyingKey,
+) {
     let checkpoint =
         transparency::verify_checkpoint(answer.checkpoint.as_ref().unwrap(), kms).unwrap();
     let found = &answer.results[0];
-    assert_eq!(found.cards.len(), 2, "user0 has two active cards");
+    assert_eq!(found.identity, identity);
+    assert_eq!(found.cards.len(), 2, "{identity} has two active cards");
     let verifier = Verifier::new(*app, *kms);
     let cards: Vec<_> = found
         .cards
@@ -239,14 +261,14 @@ fn check_answer(answer: &SearchCardsResponse, app: &VerifyingKey, kms: &Verifyin
             .unwrap();
             let card = transparency::registered_card(&record.registration_entry).unwrap();
             verifier
-                .verify(&card, Some("user0"), CardKind::Client)
+                .verify(&card, Some(identity), CardKind::Client)
                 .unwrap()
         })
         .collect();
-    let served = ServedList::check(found.device_list.as_ref().unwrap(), "user0", &checkpoint)
+    let served = ServedList::check(found.device_list.as_ref().unwrap(), identity, &checkpoint)
         .expect("a logged device list");
     assert_eq!(served.statements.len(), 1);
-    let mut state = DeviceListState::empty("user0");
+    let mut state = DeviceListState::empty(identity);
     state
         .apply(&served.statements[0].statement, &cards[0], app)
         .expect("the GENESIS statement applies");
@@ -349,60 +371,83 @@ fn bulk_preload(
     let mut tree = Tree::new();
     let mut checkpoint = SignedCheckpoint::default();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    for batch in (0..count).step_by(PRELOAD_BATCH as usize) {
-        let end = (batch + PRELOAD_BATCH).min(count);
-        let per_thread = (end - batch).div_ceil(threads);
-        let made: Vec<Appended> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|t| {
-                    let keys = &keys;
-                    let from = (batch + t * per_thread).min(end);
-                    let to = (from + per_thread).min(end);
-                    scope.spawn(move || {
-                        (from..to)
-                            .flat_map(|n| {
-                                registration(n, &keys[n as usize % keys.len()], app, kms, now)
+    let mut writing = Duration::ZERO;
+    // The next batch is made (signed) while this one is written: the store
+    // (PostgreSQL's server, or sled's flushes) works beside the signing.
+    let (made_tx, made_rx) = std::sync::mpsc::sync_channel::<Vec<Appended>>(1);
+    std::thread::scope(|scope| {
+        let keys = &keys;
+        scope.spawn(move || {
+            for batch in (0..count).step_by(PRELOAD_BATCH as usize) {
+                let end = (batch + PRELOAD_BATCH).min(count);
+                let per_thread = (end - batch).div_ceil(threads);
+                let made: Vec<Appended> = std::thread::scope(|inner| {
+                    let workers: Vec<_> = (0..threads)
+                        .map(|t| {
+                            let from = (batch + t * per_thread).min(end);
+                            let to = (from + per_thread).min(end);
+                            inner.spawn(move || {
+                                (from..to)
+                                    .flat_map(|n| {
+                                        registration(
+                                            n,
+                                            &keys[n as usize % keys.len()],
+                                            app,
+                                            kms,
+                                            now,
+                                        )
+                                    })
+                                    .collect::<Vec<_>>()
                             })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().unwrap())
-                .collect()
+                        })
+                        .collect();
+                    workers
+                        .into_iter()
+                        .flat_map(|w| w.join().unwrap())
+                        .collect()
+                });
+                if made_tx.send(made).is_err() {
+                    return;
+                }
+            }
         });
-        let last = made.len() - 1;
-        let mut appends = Vec::with_capacity(made.len());
-        for (i, (entry, mut cards, mut device_list)) in made.into_iter().enumerate() {
-            let leaf_hash = transparency::leaf_hash(&entry);
-            let index = tree.push(leaf_hash);
-            for card in &mut cards {
-                card.registration_index = index;
+        for made in made_rx {
+            let last = made.len() - 1;
+            let mut appends = Vec::with_capacity(made.len());
+            for (i, (entry, mut cards, mut device_list)) in made.into_iter().enumerate() {
+                let leaf_hash = transparency::leaf_hash(&entry);
+                let index = tree.push(leaf_hash);
+                for card in &mut cards {
+                    card.registration_index = index;
+                }
+                if let Some(list) = &mut device_list {
+                    list.indices.push(index);
+                }
+                if i == last {
+                    let root = tree.root(index + 1).unwrap();
+                    checkpoint = transparency::sign_checkpoint(kms, index + 1, &root, now);
+                }
+                appends.push(Append {
+                    index,
+                    entry,
+                    leaf_hash,
+                    cards,
+                    device_list,
+                    checkpoint: checkpoint.clone(),
+                });
             }
-            if let Some(list) = &mut device_list {
-                list.indices.push(index);
-            }
-            if i == last {
-                let root = tree.root(index + 1).unwrap();
-                checkpoint = transparency::sign_checkpoint(kms, index + 1, &root, now);
-            }
-            appends.push(Append {
-                index,
-                entry,
-                leaf_hash,
-                cards,
-                device_list,
-                checkpoint: checkpoint.clone(),
-            });
+            let writing_from = Instant::now();
+            write(appends);
+            writing += writing_from.elapsed();
         }
-        write(appends);
-    }
+    });
+    let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "preloaded {count} cards and {} device lists in bulk in {:.1} s ({:.0} cards/s)",
+        "preloaded {count} cards and {} device lists in bulk in {secs:.1} s ({:.0} cards/s; \
+         {:.1} s of it waiting on the store's writes)",
         count.div_ceil(2),
-        start.elapsed().as_secs_f64(),
-        count as f64 / start.elapsed().as_secs_f64()
+        count as f64 / secs,
+        writing.as_secs_f64(),
     );
 }
 
@@ -478,27 +523,40 @@ async fn start_kms(
             kms
         }
         Backend::Postgres => {
-            // A database of its own per size, preloaded afresh each run.
+            // A database of its own per size. It is reused when the marker
+            // names this server (a server given with `--database-url`; a
+            // throwaway one is new each run), else preloaded afresh.
             let server = database.expect("a PostgreSQL server");
-            let url = fresh_database(server, &format!("kms_load_{size}"))
-                .await
-                .unwrap();
+            let name = format!("kms_load_{size}");
+            let done = data_dir.join("preloaded");
+            let reuse = std::fs::read_to_string(&done).is_ok_and(|s| s == server);
+            let url = if reuse {
+                eprintln!("reusing the {size} cards preloaded in {server}/{name}");
+                format!("{server}/{name}")
+            } else {
+                let _ = std::fs::remove_file(&done);
+                fresh_database(server, &name).await.unwrap()
+            };
             let store = Arc::new(
                 PgStore::open(&PgOptions { url, pool_size: 16 })
                     .await
                     .unwrap(),
             );
-            let (writer, app_key) = (store.clone(), app.clone());
-            let preload_key = tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
-            tokio::task::spawn_blocking(move || {
-                bulk_preload(&preload_key, &app_key, size, |appends| {
-                    tokio::runtime::Handle::current()
-                        .block_on(writer.apply_all(appends))
-                        .unwrap();
-                });
-            })
-            .await
-            .unwrap();
+            if !reuse {
+                let (writer, app_key) = (store.clone(), app.clone());
+                let preload_key =
+                    tessera_kms::load_or_create_key(&data_dir.join("kms.key")).unwrap();
+                tokio::task::spawn_blocking(move || {
+                    bulk_preload(&preload_key, &app_key, size, |appends| {
+                        tokio::runtime::Handle::current()
+                            .block_on(writer.copy_all(appends))
+                            .unwrap();
+                    });
+                })
+                .await
+                .unwrap();
+                std::fs::write(&done, server).unwrap();
+            }
             let opening = Instant::now();
             let kms = Kms::with_store(store, key, &config).await.unwrap();
             eprintln!(
@@ -633,7 +691,7 @@ async fn main() {
                 next_card: AtomicU64::new(size),
             });
             let answer_bytes = load
-                .search_answer_bytes(&kms.directory().public_key())
+                .search_answer_bytes(&kms.directory().public_key(), size)
                 .await;
             services.push((size, name, base, backend, kms, running, load, answer_bytes));
         }

@@ -101,6 +101,11 @@ struct Args {
     /// turn on a fresh database (more than 1: `postgres` only).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     replicas: Vec<usize>,
+    /// Most sends to one channel the app server stores together (group
+    /// commit), each measured in turn: `--max-send-batch 256,1` compares
+    /// batching with each send stored alone.
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    max_send_batch: Vec<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -255,18 +260,28 @@ async fn main() {
         database_server(&args.backends, args.database_url.as_deref(), args.pg_fsync)
             .unwrap_or_else(|e| exit_with(&e));
     for &backend in &args.backends {
-        for &replicas in &args.replicas {
-            run(&args, backend, replicas, database.as_deref()).await;
+        for &batch in &args.max_send_batch {
+            for &replicas in &args.replicas {
+                run(&args, backend, batch, replicas, database.as_deref()).await;
+            }
         }
     }
 }
 
 /// Enrolls the devices on a fresh stack over `backend` with `replicas`
-/// app servers, then measures.
-async fn run(args: &Args, backend: Backend, replicas: usize, database: Option<&str>) {
+/// app servers, each storing sends in batches of at most `max_send_batch`,
+/// then measures.
+async fn run(
+    args: &Args,
+    backend: Backend,
+    max_send_batch: usize,
+    replicas: usize,
+    database: Option<&str>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = StackConfig::for_tests(dir.path().join("stack"));
     config.org_identity = None;
+    config.server_max_send_batch = Some(max_send_batch);
     let mut store = backend.name().to_owned();
     if backend == Backend::Postgres {
         let server = database.expect("a PostgreSQL server");
@@ -417,7 +432,7 @@ async fn run(args: &Args, backend: Backend, replicas: usize, database: Option<&s
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     println!(
-        "\nserver-load on {} — app server on {store}, {replicas} replica(s), {} live devices on one channel, {} envelope {} bytes",
+        "\nserver-load on {} — app server on {store} (sends stored in batches of at most {max_send_batch}), {replicas} replica(s), {} live devices on one channel, {} envelope {} bytes",
         machine(),
         args.devices,
         match args.envelope {
@@ -547,7 +562,7 @@ async fn run(args: &Args, backend: Backend, replicas: usize, database: Option<&s
     println!(
         "{}",
         stats.row(&format!(
-            "SendMessage {}, {replicas} replica(s) ({} live subscribers)",
+            "SendMessage {} batch ≤ {max_send_batch}, {replicas} replica(s) ({} live subscribers)",
             backend.name(),
             args.devices
         ))

@@ -27,6 +27,10 @@ use crate::{
     store::{ChannelRecord, MemberRecord, StatementChange},
 };
 
+/// Tries of a statement while messages keep being stored under it (by
+/// another replica sharing the database).
+const STATEMENT_ATTEMPTS: usize = 16;
+
 impl Channels {
     /// Starts a channel from its signed creation (epoch 0), under the id
     /// the creation names. The same creation sent again (a retry) answers
@@ -128,34 +132,63 @@ impl Channels {
             ));
         }
         let signer = self.statement_signer(caller, &parsed).await?;
+        for _ in 0..STATEMENT_ATTEMPTS {
+            if let Some(channel) = self
+                .try_publish(caller, channel_id, &parsed, &signer)
+                .await?
+            {
+                return Ok(channel);
+            }
+        }
+        Err(ServerError::Aborted(format!(
+            "channel {channel_id} took messages under {STATEMENT_ATTEMPTS} attempts to store the statement; send it again"
+        )))
+    }
+
+    /// One attempt of [`Self::publish`], under the channel's lock: `None`
+    /// when messages were stored (by another replica) between reading the
+    /// statement's place and storing it.
+    async fn try_publish(
+        &self,
+        caller: &Caller,
+        channel_id: &str,
+        parsed: &ParsedChannelStatement,
+        signer: &DeviceSigner,
+    ) -> Result<Option<PbChannel>, ServerError> {
         // Held until the statement is stored (and announced): a message is
         // sent either before it or after it, at a known index.
         let _lock = self.channel_locks.of(channel_id).lock().await;
+        // No send checks while the statement is stored; those checked
+        // before may still wait for their batch (`send_batch`): stored
+        // first, at the old epoch, so the statement's place (`next_index`)
+        // is read after them.
+        let _sends = self.send_gates.of(channel_id).write().await;
+        self.send_batches.idle(channel_id).await;
         let channel = self.channel(channel_id).await?;
         if channel.chain_length == 0 {
             return Err(legacy(channel_id));
         }
         let records = self.store.members(channel_id).await?;
         let member = records.iter().any(|m| m.identity == caller.identity);
-        if self.is_stored(&channel, &parsed).await? {
+        if self.is_stored(&channel, parsed).await? {
             // Sent again (a retry): OK. Someone no longer a member (who
             // left with it, or replays an old statement of theirs) learns
             // only the chain's length, not the channel's name or members.
             return if member {
-                self.view_for(&channel, &caller.identity).await
+                self.view_for(&channel, &caller.identity).await.map(Some)
             } else {
-                Ok(PbChannel {
+                Ok(Some(PbChannel {
                     channel_id: channel_id.to_owned(),
                     chain_length: channel.chain_length,
                     ..PbChannel::default()
-                })
+                }))
             };
         }
         if !member {
             return Err(not_a_member(&caller.identity, channel_id));
         }
         let mut state = resume(&channel, &records)?;
-        let change = apply(&mut state, &parsed, &signer)?;
+        let change = apply(&mut state, parsed, signer)?;
         if let Change::Add { identity, .. } = &change {
             self.check_account(identity).await?;
             limits::check_quota(
@@ -191,7 +224,7 @@ impl Channels {
             member_changes(&records, &state, channel.next_index, now);
         let stored = StatementChange {
             channel: after,
-            entry: entry(&parsed, now, channel.next_index),
+            entry: entry(parsed, now, channel.next_index),
             put_members,
             remove_members,
         };
@@ -205,6 +238,13 @@ impl Channels {
             )
             .await?
         {
+            // Only messages stored meanwhile (by a replica sharing the
+            // database): the statement goes after them, tried again.
+            let moved = self.channel(channel_id).await?;
+            if moved.chain_length == channel.chain_length && moved.chain_head == channel.chain_head
+            {
+                return Ok(None);
+            }
             return Err(ServerError::Aborted(
                 "the channel's chain changed meanwhile: refetch it and sign again".into(),
             ));
@@ -213,7 +253,9 @@ impl Channels {
         self.hub
             .publish_chain(channel_id, stored.channel.chain_length);
         tracing::info!(%channel_id, epoch = parsed.epoch(), by = %caller.identity, change = change_name(&change), "membership statement accepted");
-        self.view_for(&stored.channel, &caller.identity).await
+        self.view_for(&stored.channel, &caller.identity)
+            .await
+            .map(Some)
     }
 
     /// The chain's statements from `from_epoch` on, for a current member.

@@ -1,20 +1,20 @@
 //! Messages: the ordered index of each channel (one index per message,
-//! under the channel's lock, each naming the membership epoch it was sealed
-//! under, pages of history as each member may see it, read horizons.
+//! given by the channel's batches, `send_batch`), each naming the
+//! membership epoch it was sealed under, pages of history as each member
+//! may see it, read horizons.
 
-use prost::Message as _;
 use tessera_crypto::{envelope::ParsedEnvelope, sender_key::ParsedGroupEnvelope};
 use tessera_proto::server::v1::{
     Direction, EnvelopeKind, ListMessagesRequest, ListMessagesResponse, SendMessageRequest,
     SendMessageResponse, StoredMessage,
 };
-use tessera_service::{Caller, limits, metrics};
+use tessera_service::{Caller, limits};
 
 use super::{Channels, legacy, sender_keys::check_current_epoch, visible_from};
 use crate::{
     error::ServerError,
     signers::own_active_device,
-    store::{Appended, UsageChange},
+    store::{BatchOutcome, PendingMessage},
 };
 
 const CLIENT_MESSAGE_ID_LEN: usize = 16;
@@ -40,7 +40,7 @@ impl Channels {
         let kind = EnvelopeKind::try_from(r.kind).map_err(|_| {
             ServerError::InvalidArgument(format!("unknown envelope kind {}", r.kind))
         })?;
-        // A group message's chain, checked under the lock below.
+        // A group message's chain, checked below.
         let mut group_chain = None;
         match kind {
             EnvelopeKind::Device => {
@@ -75,10 +75,10 @@ impl Channels {
         self.membership(&r.channel_id, &caller.identity).await?;
         own_active_device(&*self.store, caller, sender_card, "send").await?;
 
-        // On sled the locks make each attempt succeed; on PostgreSQL a
-        // replica sharing the database may move the channel or the
-        // sender's usage in between: the store refuses (nothing written)
-        // and the send is tried again from a fresh read.
+        // A statement accepted between the checks and the batch's commit
+        // (on this replica or another sharing the database) moves the
+        // chain: the store refuses (nothing written) and the send is
+        // checked again from a fresh read.
         for _ in 0..SEND_ATTEMPTS {
             if let Some(sent) = self
                 .try_send(caller, &r, sender_card.as_bytes(), kind, group_chain)
@@ -94,7 +94,9 @@ impl Channels {
     }
 
     /// One attempt of [`Self::send`]: `None` when the store found the
-    /// channel or the sender's usage moved since they were read.
+    /// channel's chain moved since the checks. The checks run under the
+    /// channel's send gate, shared; the message then joins the channel's next batch
+    /// (`send_batch`: group commit), which gives it its index.
     async fn try_send(
         &self,
         caller: &Caller,
@@ -103,14 +105,19 @@ impl Channels {
         kind: EnvelopeKind,
         group_chain: Option<[u8; 16]>,
     ) -> Result<Option<SendMessageResponse>, ServerError> {
-        let lock = self.channel_locks.of(&r.channel_id).lock().await;
-        let mut channel = self.channel(&r.channel_id).await?;
+        // Shared: sends to one channel check in parallel (a statement
+        // takes the gate exclusive). Each check reads the channel first;
+        // the store stores the message only if the chain is still as read
+        // then, so a statement accepted in between (by another replica)
+        // makes the send check again.
+        let gate = self.send_gates.of(&r.channel_id).read().await;
+        let channel = self.channel(&r.channel_id).await?;
         if let Some(index) = self
             .store
             .dedupe(&r.channel_id, &r.client_message_id)
             .await?
         {
-            drop(lock);
+            drop(gate);
             return self.duplicate(&r.channel_id, index).await.map(Some);
         }
         if channel.chain_length == 0 {
@@ -132,7 +139,7 @@ impl Channels {
         }
         let message = StoredMessage {
             channel_id: r.channel_id.clone(),
-            index: channel.next_index,
+            index: 0, // the store gives the channel's next index
             sender_identity: caller.identity.clone(),
             sender_card_id: sender_card.to_vec(),
             client_message_id: r.client_message_id.clone(),
@@ -141,48 +148,31 @@ impl Channels {
             epoch,
             kind: kind as i32,
         };
-        channel.next_index += 1;
-        // The sender's quota, under its own lock (taken after the channel's,
-        // as everywhere): sends to two channels at once cannot both fit.
-        let user = self.user_locks.of(&caller.identity).lock().await;
-        let before = self.store.usage(&caller.identity).await?;
-        let mut after = before;
-        after.message_bytes = after
-            .message_bytes
-            .saturating_add(message.encoded_len() as u64);
-        if after.message_bytes > self.limits.max_message_bytes_per_user {
-            return Err(ServerError::ResourceExhausted(format!(
+        // The checks hold for this chain length; the gate is not held while
+        // the batch commits (other sends check meanwhile and join the next
+        // batch). A statement accepted since moves the chain: the store
+        // answers `Moved` and the send is checked again.
+        drop(gate);
+        let pending = PendingMessage {
+            chain_length: channel.chain_length,
+            message,
+            max_message_bytes: self.limits.max_message_bytes_per_user,
+        };
+        let server_time_ms = pending.message.server_time_ms;
+        // Stored, flushed and published (in index order) by the batch.
+        match self.send_batches.submit(pending).await? {
+            BatchOutcome::Stored(index) => Ok(Some(SendMessageResponse {
+                index,
+                server_time_ms,
+                duplicate: false,
+            })),
+            BatchOutcome::Duplicate(index) => self.duplicate(&r.channel_id, index).await.map(Some),
+            BatchOutcome::Moved => Ok(None),
+            BatchOutcome::OverQuota => Err(ServerError::ResourceExhausted(format!(
                 "{} has used up its quota of {} bytes of stored messages",
                 caller.identity, self.limits.max_message_bytes_per_user
-            )));
+            ))),
         }
-        let appended = self
-            .store
-            .append_message(&channel, &message, &UsageChange { before, after })
-            .await?;
-        // The locks only order the indices and the quota: released before
-        // the flush, so concurrent sends share one flush (group commit, see
-        // the store). Subscribers place statements by the index stored with
-        // them and fill gaps from the store, so publishing out of order is
-        // harmless.
-        drop(user);
-        drop(lock);
-        match appended {
-            Appended::Stored => {}
-            Appended::Duplicate(index) => {
-                return self.duplicate(&r.channel_id, index).await.map(Some);
-            }
-            Appended::Moved => return Ok(None),
-        }
-        self.store.flush().await?;
-        metrics::increment(metrics::SERVER_MESSAGES_STORED);
-        let (index, server_time_ms) = (message.index, message.server_time_ms);
-        self.hub.publish(message);
-        Ok(Some(SendMessageResponse {
-            index,
-            server_time_ms,
-            duplicate: false,
-        }))
     }
 
     /// The answer to a send whose client message id is stored already, at

@@ -11,6 +11,7 @@ mod attachments;
 mod hub;
 mod membership;
 mod messages;
+mod send_batch;
 mod sender_keys;
 mod service;
 mod subscription;
@@ -30,7 +31,7 @@ use tokio::sync::watch;
 pub(crate) use service::ChannelsService;
 
 use crate::{
-    Limits, Locks,
+    Gates, Limits, Locks,
     error::ServerError,
     quota,
     signers::SignerKeys,
@@ -42,10 +43,17 @@ pub(crate) struct Channels {
     store: Arc<dyn Store>,
     limits: Limits,
     signers: SignerKeys,
-    hub: hub::Hub,
+    hub: Arc<hub::Hub>,
+    /// The sends waiting for their channel's next batch (group commit).
+    send_batches: Arc<send_batch::SendBatches>,
     /// Orders what happens in one channel: statements and sends (each
     /// message's index, each statement's place among the messages).
     channel_locks: Locks,
+    /// Sends check a channel under its gate shared, so they check in
+    /// parallel; a statement takes it exclusive (after the channel's lock)
+    /// and waits for the batches in flight, so the statement's place is
+    /// read after every send checked at the old epoch.
+    send_gates: Gates,
     /// Per user, shared with the rest of the server: quotas and read
     /// horizons are updated under it (taken after a channel's lock).
     user_locks: Arc<Locks>,
@@ -64,14 +72,23 @@ impl Channels {
         attachments_dir: PathBuf,
         closing: watch::Receiver<bool>,
     ) -> Self {
+        let hub = Arc::new(hub::Hub::new(limits.live_buffer_messages));
+        let send_batches = Arc::new(send_batch::SendBatches::new(
+            store.clone(),
+            hub.clone(),
+            user_locks.clone(),
+            limits.max_send_batch,
+        ));
         Self {
-            hub: hub::Hub::new(limits.live_buffer_messages),
+            hub,
+            send_batches,
             subscriptions: quota::Subscriptions::new(
                 limits.max_subscriptions_per_user,
                 limits.max_subscriptions,
             ),
             uploads: quota::Uploads::new(limits.max_uploads_per_user),
             channel_locks: Locks::new(),
+            send_gates: Gates::new(),
             store,
             limits,
             signers,

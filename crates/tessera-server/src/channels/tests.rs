@@ -186,6 +186,18 @@ impl World {
         Ok(())
     }
 
+    /// Waits until `n` sends wait for `CH`'s next batch while one is in
+    /// flight (up to 10 s).
+    async fn queued_reaches(&self, n: usize) {
+        for _ in 0..1000 {
+            if self.channels.send_batches.queued(CH) == Some(n) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} sends never waited for the next batch");
+    }
+
     async fn send(&self, from: &Dev, epoch: u64, n: u8) -> Result<u64, ServerError> {
         self.channels
             .send(&caller(from), send_request(from, epoch, n))
@@ -1005,17 +1017,14 @@ async fn a_channel_made_before_protocol_v2_stays_readable_and_takes_nothing_new(
     };
     let appended = w
         .store
-        .append_message(
-            &ChannelRecord {
-                next_index: 2,
-                ..channel
-            },
-            &old,
-            &Default::default(),
-        )
+        .append_messages(&[crate::store::PendingMessage {
+            chain_length: 0,
+            message: old.clone(),
+            max_message_bytes: u64::MAX,
+        }])
         .await
         .unwrap();
-    assert_eq!(appended, crate::store::Appended::Stored);
+    assert_eq!(appended, vec![crate::store::BatchOutcome::Stored(1)]);
     let view = w.channels.get(&caller(&bob), CH).await.unwrap();
     assert_eq!((view.chain_length, view.chain_head.len()), (0, 0));
     let chain = w.channels.chain(&caller(&bob), CH, 0).await.unwrap();
@@ -1301,3 +1310,118 @@ async fn a_device_record_without_a_key_takes_the_key_its_card_id_commits_to() {
 
 mod replicas;
 mod sender_keys;
+
+/// `N` sends to one channel at once while a batch is in flight: they wait
+/// and are stored together as the next batch, each at its own index, the
+/// indices consecutive, published to a subscriber in order. With
+/// `max_send_batch` 1 the same sends are stored one per batch.
+async fn concurrent_sends(max_send_batch: usize) -> (u64, usize) {
+    const N: u8 = 24;
+    let w = World::with(Limits {
+        max_send_batch,
+        ..Limits::default()
+    });
+    let (alice, bob) = (w.user("alice").await, w.user("bob").await);
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    let mut live = Box::pin(
+        w.channels
+            .subscribe(caller(&bob), CH.into(), 1)
+            .await
+            .unwrap(),
+    );
+    // The first batch's committer takes its senders' locks: holding
+    // alice's stalls it, and the other sends queue behind it.
+    let held = w.channels.user_locks.of("alice").lock().await;
+    let spawn = |n: u8| {
+        let (channels, who, r) = (
+            w.channels.clone(),
+            caller(&alice),
+            send_request(&alice, 0, n),
+        );
+        tokio::spawn(async move { channels.send(&who, r).await.unwrap().index })
+    };
+    let mut sends = vec![spawn(1)];
+    w.queued_reaches(0).await; // the first batch is in flight
+    sends.extend((2..=N).map(spawn));
+    w.queued_reaches(usize::from(N) - 1).await;
+    drop(held);
+    let mut indices = Vec::new();
+    for s in sends {
+        indices.push(s.await.unwrap());
+    }
+    indices.sort_unstable();
+    assert_eq!(
+        indices,
+        (1..=u64::from(N)).collect::<Vec<_>>(),
+        "distinct, consecutive"
+    );
+    let mut heard = Vec::new();
+    while heard.len() < usize::from(N) {
+        let event = label(next_event(&mut live).await.unwrap());
+        if event.starts_with('m') {
+            heard.push(event);
+        }
+    }
+    let expected: Vec<String> = (1..=N).map(|i| format!("m{i}")).collect();
+    assert_eq!(heard, expected, "published in order");
+    w.channels.send_batches.stats()
+}
+
+#[tokio::test]
+async fn concurrent_sends_to_one_channel_are_stored_in_one_batch() {
+    let (batches, largest) = concurrent_sends(256).await;
+    assert_eq!(
+        (batches, largest),
+        (2, 23),
+        "the first alone, then the rest"
+    );
+    let (batches, largest) = concurrent_sends(1).await;
+    assert_eq!((batches, largest), (24, 1), "batching off: one by one");
+}
+
+/// A statement published while a send checked at the old epoch waits for
+/// its batch: the statement waits for that batch, so the message is
+/// stored at the epoch it was checked at and the statement's place comes
+/// after it (without the wait, the statement would take index 1 and the
+/// send, checked again, would be refused for its stale epoch).
+#[tokio::test]
+async fn a_statement_waits_for_the_sends_already_checked() {
+    let w = World::new();
+    let (alice, bob, _carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    // Bob's batch stalls on his lock (its committer takes it).
+    let held = w.channels.user_locks.of("bob").lock().await;
+    let send = {
+        let (channels, who, r) = (w.channels.clone(), caller(&bob), send_request(&bob, 0, 1));
+        tokio::spawn(async move { channels.send(&who, r).await.map(|r| r.index) })
+    };
+    w.queued_reaches(0).await; // in flight
+    let statement = chain.sign(&alice, add("carol"));
+    let publish = {
+        let (channels, who, s) = (w.channels.clone(), caller(&alice), statement.clone());
+        tokio::spawn(async move { channels.publish(&who, CH, Some(s)).await })
+    };
+    // Every task runs as far as it can (one thread: the statement is
+    // stored by now unless it waits for the batch).
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    drop(held);
+    assert_eq!(send.await.unwrap().unwrap(), 1, "stored at its epoch");
+    publish.await.unwrap().unwrap();
+    chain.accepted(&statement);
+    let entries = w
+        .channels
+        .chain(&caller(&alice), CH, 1)
+        .await
+        .unwrap()
+        .entries;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].next_index, 2, "the statement comes after it");
+}

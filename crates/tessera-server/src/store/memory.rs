@@ -10,9 +10,9 @@ use tessera_proto::server::v1::{ChainEntry, StoredMessage};
 use tessera_service::storage::{self, FlushFuture, StorageError};
 
 use super::{
-    Account, Appended, AttachmentRecord, ChannelRecord, Device, MemberRecord, SenderKeyChain,
-    SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange, at_index, extends,
-    take_bounded,
+    Account, AttachmentRecord, BatchOutcome, ChannelRecord, Device, MemberRecord, PendingMessage,
+    SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange,
+    batch_keys, extends, plan_batch, take_bounded,
 };
 
 /// The in-memory records of a range, bounded as [`take_bounded`] says (from
@@ -192,7 +192,12 @@ impl Store for MemoryStore {
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let mut m = self.lock()?;
-            if !extends(m.channels.get(channel_id), expected_length, expected_head) {
+            if !extends(
+                m.channels.get(channel_id),
+                expected_length,
+                expected_head,
+                &change.channel,
+            ) {
                 return Ok(false);
             }
             let id = channel_id.to_owned();
@@ -244,33 +249,43 @@ impl Store for MemoryStore {
         })
     }
 
-    fn append_message<'a>(
+    fn append_messages<'a>(
         &'a self,
-        channel: &'a ChannelRecord,
-        message: &'a StoredMessage,
-        usage: &'a UsageChange,
-    ) -> StoreFuture<'a, Appended> {
+        batch: &'a [PendingMessage],
+    ) -> StoreFuture<'a, Vec<BatchOutcome>> {
         Box::pin(async move {
             let mut m = self.lock()?;
-            let id = channel.channel_id.clone();
-            let dedupe = (id.clone(), message.client_message_id.clone());
-            if let Some(&index) = m.dedupe.get(&dedupe) {
-                return Ok(Appended::Duplicate(index));
+            let (channel_ids, senders) = batch_keys(batch);
+            let channels = channel_ids
+                .into_iter()
+                .filter_map(|id| m.channels.get(&id).cloned().map(|c| (id, c)))
+                .collect();
+            let stored_ids = batch
+                .iter()
+                .filter_map(|p| {
+                    let k = (
+                        p.message.channel_id.clone(),
+                        p.message.client_message_id.clone(),
+                    );
+                    m.dedupe.get(&k).map(|&index| (k, index))
+                })
+                .collect();
+            let usage = senders
+                .into_iter()
+                .filter_map(|s| m.usage.get(&s).copied().map(|u| (s, u)))
+                .collect();
+            let plan = plan_batch(batch, channels, stored_ids, usage);
+            for message in plan.messages {
+                let id = message.channel_id.clone();
+                m.dedupe.insert(
+                    (id.clone(), message.client_message_id.clone()),
+                    message.index,
+                );
+                m.messages.insert((id, message.index), message);
             }
-            let used = m
-                .usage
-                .get(&message.sender_identity)
-                .copied()
-                .unwrap_or_default();
-            if !at_index(m.channels.get(&id), channel, message.index) || used != usage.before {
-                return Ok(Appended::Moved);
-            }
-            m.usage.insert(message.sender_identity.clone(), usage.after);
-            m.messages
-                .insert((id.clone(), message.index), message.clone());
-            m.dedupe.insert(dedupe, message.index);
-            m.channels.insert(id, channel.clone());
-            Ok(Appended::Stored)
+            m.channels.extend(plan.channels);
+            m.usage.extend(plan.usage);
+            Ok(plan.outcomes)
         })
     }
 

@@ -3,7 +3,9 @@
 //! (several machines; the database makes each change atomic, and `listen`
 //! carries its announcements between replicas) and `memory` (unit tests). Every acknowledged write is flushed by the caller
 //! (`Store::flush`) before it answers; on sled concurrent callers share
-//! flushes (group commit, see [`SledStore`]). The shared behaviour every
+//! flushes (group commit, see [`SledStore`]), and concurrent sends to one
+//! channel are stored as one batch ([`Store::append_messages`]) on every
+//! backend. The shared behaviour every
 //! backend must show is [`conformance::exercise`].
 
 mod listen;
@@ -11,7 +13,11 @@ mod memory;
 mod postgres;
 mod sled;
 
-use std::{future::Future, pin::Pin};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    pin::Pin,
+};
 
 use prost::Message;
 use tessera_proto::server::v1::{ChainEntry, StoredMessage};
@@ -213,17 +219,122 @@ pub struct UsageChange {
     pub after: Usage,
 }
 
-/// What [`Store::append_message`] did.
+/// A send waiting in a batch for [`Store::append_messages`]: its sender's
+/// checks (membership, epoch, sender key) were made with the channel's
+/// chain at `chain_length` statements; the store gives it its index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingMessage {
+    /// Statements in the channel's chain when the sender's checks were
+    /// made: a statement accepted since moves it, and the checks are void.
+    pub chain_length: u64,
+    /// The message (its channel, sender and client message id); `index` is
+    /// ignored: the store assigns the channel's next one.
+    pub message: StoredMessage,
+    /// The sender's quota of stored message bytes ([`Usage::message_bytes`]
+    /// after the message may not exceed it).
+    pub max_message_bytes: u64,
+}
+
+/// What [`Store::append_messages`] did with one message of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Appended {
-    /// Stored at the message's index.
-    Stored,
-    /// A message with this client message id is stored already, at this
-    /// index: nothing was written.
+pub enum BatchOutcome {
+    /// Stored at this index.
+    Stored(u64),
+    /// A message with this client message id is stored already (or earlier
+    /// in the same batch), at this index: nothing written for this one.
     Duplicate(u64),
-    /// The channel or the sender's usage changed since the caller read them
-    /// (another replica wrote): nothing was written; read again and retry.
+    /// The channel's chain moved since the sender's checks (or the channel
+    /// is gone): nothing written; check again and retry.
     Moved,
+    /// The message would take its sender past `max_message_bytes`:
+    /// nothing written for this one.
+    OverQuota,
+}
+
+/// What a batch writes, as [`plan_batch`] decides it.
+#[derive(Debug, Default)]
+pub(crate) struct BatchPlan {
+    /// One per message of the batch, in its order.
+    pub outcomes: Vec<BatchOutcome>,
+    /// The messages to store, their indices set, in the batch's order.
+    pub messages: Vec<StoredMessage>,
+    /// The new records of the channels a message was stored in.
+    pub channels: BTreeMap<String, ChannelRecord>,
+    /// The new usage of the senders of the stored messages.
+    pub usage: BTreeMap<String, Usage>,
+}
+
+/// The decision every backend makes for a batch, from what it read under
+/// its locks (or in its transaction): `channels` as stored (absent: no such
+/// channel), `stored_ids` the client message ids already stored (channel,
+/// id) with their indices, `usage` each sender's stored usage (absent:
+/// none). Each message in order: a duplicate id (stored, or earlier in the
+/// batch) answers its index; a moved chain answers `Moved`; a message past
+/// its sender's quota is refused alone; else it gets its channel's next
+/// index and is charged. One message's refusal never changes another's
+/// outcome but for what a stored message takes (its index, its bytes).
+pub(crate) fn plan_batch(
+    batch: &[PendingMessage],
+    mut channels: BTreeMap<String, ChannelRecord>,
+    mut stored_ids: BTreeMap<(String, Vec<u8>), u64>,
+    mut usage: BTreeMap<String, Usage>,
+) -> BatchPlan {
+    let mut plan = BatchPlan::default();
+    let mut changed_usage = BTreeSet::new();
+    for p in batch {
+        let id = &p.message.channel_id;
+        let dedupe = (id.clone(), p.message.client_message_id.clone());
+        if let Some(&index) = stored_ids.get(&dedupe) {
+            plan.outcomes.push(BatchOutcome::Duplicate(index));
+            continue;
+        }
+        let Some(channel) = channels
+            .get_mut(id)
+            .filter(|c| c.chain_length == p.chain_length)
+        else {
+            plan.outcomes.push(BatchOutcome::Moved);
+            continue;
+        };
+        let mut message = p.message.clone();
+        message.index = channel.next_index;
+        let used = usage.entry(message.sender_identity.clone()).or_default();
+        let after = used
+            .message_bytes
+            .saturating_add(message.encoded_len() as u64);
+        if after > p.max_message_bytes {
+            plan.outcomes.push(BatchOutcome::OverQuota);
+            continue;
+        }
+        used.message_bytes = after;
+        channel.next_index += 1;
+        plan.channels.insert(id.clone(), channel.clone());
+        changed_usage.insert(message.sender_identity.clone());
+        stored_ids.insert(dedupe, message.index);
+        plan.outcomes.push(BatchOutcome::Stored(message.index));
+        plan.messages.push(message);
+    }
+    plan.usage = usage
+        .into_iter()
+        .filter(|(identity, _)| changed_usage.contains(identity))
+        .collect();
+    plan
+}
+
+/// The distinct channels and senders of a batch, each sorted: the order in
+/// which stores that lock rows lock them.
+pub(crate) fn batch_keys(batch: &[PendingMessage]) -> (Vec<String>, Vec<String>) {
+    let channels: BTreeSet<&str> = batch
+        .iter()
+        .map(|p| p.message.channel_id.as_str())
+        .collect();
+    let senders: BTreeSet<&str> = batch
+        .iter()
+        .map(|p| p.message.sender_identity.as_str())
+        .collect();
+    (
+        channels.into_iter().map(str::to_owned).collect(),
+        senders.into_iter().map(str::to_owned).collect(),
+    )
 }
 
 /// How many of `stored` are active, `device` itself not counted (enrolling
@@ -233,15 +344,6 @@ pub(crate) fn active_besides(stored: &[Device], device: &Device) -> usize {
         .iter()
         .filter(|d| d.status == DeviceStatus::Active as i32 && d.card_id != device.card_id)
         .count()
-}
-
-/// Whether a message may be appended to `stored` as `channel` says.
-pub(crate) fn at_index(
-    stored: Option<&ChannelRecord>,
-    channel: &ChannelRecord,
-    index: u64,
-) -> bool {
-    stored.is_some_and(|s| s.next_index == index && s.chain_length == channel.chain_length)
 }
 
 /// Takes records from `items` (each with its encoded size) while they fit
@@ -281,11 +383,14 @@ pub struct StatementChange {
 
 /// Whether a stored channel is the one a statement expects to extend:
 /// none for a creation (`expected_length` 0), else a channel whose chain
-/// has `expected_length` statements ending at `expected_head`.
+/// has `expected_length` statements ending at `expected_head`, with no
+/// message stored since the statement's place (`after.next_index`) was
+/// read (a replica sharing the database may have stored some).
 pub(crate) fn extends(
     current: Option<&ChannelRecord>,
     expected_length: u64,
     expected_head: &[u8],
+    after: &ChannelRecord,
 ) -> bool {
     match current {
         None => expected_length == 0,
@@ -293,6 +398,7 @@ pub(crate) fn extends(
             expected_length > 0
                 && c.chain_length == expected_length
                 && c.chain_head == expected_head
+                && c.next_index == after.next_index
         }
     }
 }
@@ -376,18 +482,21 @@ pub trait Store: Send + Sync + 'static {
         channel_id: &'a str,
         client_message_id: &'a [u8],
     ) -> StoreFuture<'a, Option<u64>>;
-    /// Stores `message` at its index, the channel's new `next_index` and
-    /// the sender's new usage atomically, if no message has its client id
-    /// yet (else [`Appended::Duplicate`]), the stored channel is still at
-    /// `message.index` with `channel.chain_length` statements, and the
-    /// sender's usage is still `usage.before` (else [`Appended::Moved`]).
-    /// Nothing is written unless it answers [`Appended::Stored`].
-    fn append_message<'a>(
+    /// Stores a batch of sends atomically, in one transaction (PostgreSQL)
+    /// or under one lock (the embedded stores), deciding for each message
+    /// in order as [`plan_batch`] says: the channels' rows are locked (or
+    /// read) first, sorted by id, then the senders' usage, sorted by
+    /// identity; each stored message takes its channel's next index, its
+    /// client id for deduplication and its bytes of its sender's usage,
+    /// and the channels' new records are written once. One outcome per
+    /// message, in the batch's order; a refused message writes nothing and
+    /// never fails the others. The caller flushes afterwards (one flush
+    /// for the whole batch). On PostgreSQL the channels' last indices are
+    /// announced to the other replicas (`listen`) when the batch commits.
+    fn append_messages<'a>(
         &'a self,
-        channel: &'a ChannelRecord,
-        message: &'a StoredMessage,
-        usage: &'a UsageChange,
-    ) -> StoreFuture<'a, Appended>;
+        batch: &'a [PendingMessage],
+    ) -> StoreFuture<'a, Vec<BatchOutcome>>;
     /// Messages with `from <= index < to`, at most `limit` and, but for the
     /// first, at most `max_bytes` of stored records (a page never holds more
     /// than that in memory, whatever the envelopes' sizes), taken from the
@@ -733,44 +842,26 @@ pub mod conformance {
             "open-ended"
         );
 
-        for i in 1..=5u64 {
-            let m = StoredMessage {
+        // Messages: each at the channel's next index (more in `batches`).
+        let pending = |n: u8, sender: &str| PendingMessage {
+            chain_length: 2,
+            message: StoredMessage {
                 channel_id: "c1".into(),
-                index: i,
-                client_message_id: vec![i as u8; 16],
+                sender_identity: sender.into(),
+                client_message_id: vec![n; 16],
                 ..Default::default()
-            };
-            let same = UsageChange {
-                before: Usage::default(),
-                after: Usage::default(),
-            };
-            let mut moved = channel.clone();
-            moved.next_index = i + 2;
-            // A message is stored only at the channel's next index.
-            let ahead = StoredMessage {
-                index: i + 1,
-                ..m.clone()
-            };
+            },
+            max_message_bytes: u64::MAX,
+        };
+        for i in 1..=5u8 {
             assert_eq!(
-                store.append_message(&moved, &ahead, &same).await.unwrap(),
-                Appended::Moved,
-                "not at the channel's next index"
-            );
-            channel.next_index = i + 1;
-            assert_eq!(
-                store.append_message(&channel, &m, &same).await.unwrap(),
-                Appended::Stored
+                store.append_messages(&[pending(i, "")]).await.unwrap(),
+                vec![BatchOutcome::Stored(u64::from(i))]
             );
             // The same client message id again: the first index, nothing written.
-            let again = StoredMessage {
-                index: i + 1,
-                ..m.clone()
-            };
-            let mut next = channel.clone();
-            next.next_index = i + 2;
             assert_eq!(
-                store.append_message(&next, &again, &same).await.unwrap(),
-                Appended::Duplicate(i)
+                store.append_messages(&[pending(i, "")]).await.unwrap(),
+                vec![BatchOutcome::Duplicate(u64::from(i))]
             );
         }
         assert_eq!(store.channel("c1").await.unwrap().unwrap().next_index, 6);
@@ -834,44 +925,42 @@ pub mod conformance {
             .map(|m| m.index)
             .collect();
         assert_eq!(newest, vec![4, 5]);
-        let usage = Usage {
-            message_bytes: 7,
-            attachment_bytes: 8,
-            attachments: 1,
-        };
         assert_eq!(store.usage("dave").await.unwrap(), Usage::default());
+        assert_eq!(
+            store.append_messages(&[pending(6, "dave")]).await.unwrap(),
+            vec![BatchOutcome::Stored(6)]
+        );
         let sixth = StoredMessage {
-            channel_id: "c1".into(),
             index: 6,
-            sender_identity: "dave".into(),
-            client_message_id: vec![6; 16],
-            ..Default::default()
+            ..pending(6, "dave").message
         };
+        assert_eq!(
+            store.usage("dave").await.unwrap().message_bytes,
+            sixth.encoded_len() as u64,
+            "charged with the message"
+        );
         channel.next_index = 7;
-        let stale = UsageChange {
-            before: usage,
-            after: usage,
+        // A statement whose place was read before messages were stored
+        // (by another replica) extends nothing.
+        let stale = StatementChange {
+            channel: ChannelRecord {
+                chain_length: 3,
+                chain_head: vec![3; 32],
+                next_index: 6,
+                ..channel.clone()
+            },
+            entry: entry(2),
+            put_members: vec![],
+            remove_members: vec![],
         };
-        assert_eq!(
-            store
-                .append_message(&channel, &sixth, &stale)
+        assert!(
+            !store
+                .append_statement("c1", 2, &[2; 32], &stale)
                 .await
                 .unwrap(),
-            Appended::Moved,
-            "the sender's usage is not what the caller read"
+            "messages were stored since its place was read"
         );
-        let change = UsageChange {
-            before: Usage::default(),
-            after: usage,
-        };
-        assert_eq!(
-            store
-                .append_message(&channel, &sixth, &change)
-                .await
-                .unwrap(),
-            Appended::Stored
-        );
-        assert_eq!(store.usage("dave").await.unwrap(), usage);
+        assert_eq!(store.channel("c1").await.unwrap().unwrap().next_index, 7);
         assert_eq!(store.dedupe("c1", &[3; 16]).await.unwrap(), Some(3));
         assert_eq!(store.dedupe("c1", &[9; 16]).await.unwrap(), None);
 
@@ -1007,6 +1096,8 @@ pub mod conformance {
         assert_eq!(store.attachment("a1").await.unwrap(), Some(attachment));
         assert_eq!(store.usage("frank").await.unwrap(), frank);
 
+        batches(store, &entry).await;
+
         store.set_read_horizon("alice", "c1", 4).await.unwrap();
         assert_eq!(store.read_horizon("alice", "c1").await.unwrap(), 4);
         assert_eq!(store.read_horizon("bob", "c1").await.unwrap(), 0);
@@ -1017,5 +1108,149 @@ pub mod conformance {
         );
         store.set_org_member("alice", false).await.unwrap();
         assert!(store.org_members().await.unwrap().is_empty());
+    }
+
+    /// [`Store::append_messages`]: indices in order, duplicates (stored or
+    /// in the batch), a moved chain, a message over its quota refused
+    /// alone, nothing of a refused message stored, usage charged once.
+    async fn batches(store: &dyn Store, entry: &dyn Fn(u8) -> ChainEntry) {
+        let channel = ChannelRecord {
+            channel_id: "cb".into(),
+            next_index: 1,
+            chain_length: 1,
+            chain_head: vec![1; 32],
+            ..Default::default()
+        };
+        let creation = StatementChange {
+            channel,
+            entry: entry(0),
+            put_members: vec![],
+            remove_members: vec![],
+        };
+        assert!(
+            store
+                .append_statement("cb", 0, &[], &creation)
+                .await
+                .unwrap()
+        );
+        let send = |n: u8, sender: &str| PendingMessage {
+            chain_length: 1,
+            message: StoredMessage {
+                channel_id: "cb".into(),
+                sender_identity: sender.into(),
+                client_message_id: vec![n; 16],
+                envelope: vec![n; 100],
+                ..Default::default()
+            },
+            max_message_bytes: u64::MAX,
+        };
+        // Every message here is charged the same (senders' names of four
+        // letters; indices below 128 take one byte).
+        let size = {
+            let mut m = send(1, "gina").message;
+            m.index = 1;
+            m.encoded_len() as u64
+        };
+        let limited = |n: u8, sender: &str, max: u64| PendingMessage {
+            max_message_bytes: max,
+            ..send(n, sender)
+        };
+        assert!(store.append_messages(&[]).await.unwrap().is_empty());
+        let mut elsewhere = send(6, "gina");
+        elsewhere.message.channel_id = "no such channel".into();
+        let batch = [
+            send(1, "gina"),
+            send(2, "hank"),
+            send(1, "gina"),
+            limited(3, "ivan", size - 1),
+            send(4, "gina"),
+            PendingMessage {
+                chain_length: 2,
+                ..send(5, "gina")
+            },
+            elsewhere,
+        ];
+        assert_eq!(
+            store.append_messages(&batch).await.unwrap(),
+            vec![
+                BatchOutcome::Stored(1),
+                BatchOutcome::Stored(2),
+                BatchOutcome::Duplicate(1),
+                BatchOutcome::OverQuota,
+                BatchOutcome::Stored(3),
+                BatchOutcome::Moved,
+                BatchOutcome::Moved,
+            ]
+        );
+        let stored = |from, to| async move {
+            store
+                .messages("cb", from, to, 100, usize::MAX)
+                .await
+                .unwrap()
+                .iter()
+                .map(|m| (m.index, m.client_message_id[0], m.sender_identity.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            stored(1, 100).await,
+            vec![
+                (1, 1, "gina".to_string()),
+                (2, 2, "hank".to_string()),
+                (3, 4, "gina".to_string())
+            ]
+        );
+        assert_eq!(store.channel("cb").await.unwrap().unwrap().next_index, 4);
+        assert_eq!(store.dedupe("cb", &[4; 16]).await.unwrap(), Some(3));
+        for refused in [3u8, 5, 6] {
+            assert_eq!(
+                store.dedupe("cb", &[refused; 16]).await.unwrap(),
+                None,
+                "nothing of a refused message"
+            );
+        }
+        assert_eq!(store.usage("gina").await.unwrap().message_bytes, 2 * size);
+        assert_eq!(store.usage("hank").await.unwrap().message_bytes, size);
+        assert_eq!(store.usage("ivan").await.unwrap(), Usage::default());
+        // Against what is stored; usage adds up within a batch, and a
+        // message exactly at the quota fits.
+        assert_eq!(
+            store
+                .append_messages(&[
+                    send(2, "hank"),
+                    send(7, "hank"),
+                    limited(8, "ivan", size),
+                    limited(9, "ivan", 2 * size),
+                    limited(10, "ivan", 2 * size),
+                ])
+                .await
+                .unwrap(),
+            vec![
+                BatchOutcome::Duplicate(2),
+                BatchOutcome::Stored(4),
+                BatchOutcome::Stored(5),
+                BatchOutcome::Stored(6),
+                BatchOutcome::OverQuota,
+            ]
+        );
+        assert_eq!(store.usage("hank").await.unwrap().message_bytes, 2 * size);
+        assert_eq!(store.usage("ivan").await.unwrap().message_bytes, 2 * size);
+        let indices: Vec<u64> = stored(1, 100).await.iter().map(|m| m.0).collect();
+        assert_eq!(indices, (1..=6).collect::<Vec<u64>>(), "consecutive");
+        // A batch of refusals alone writes nothing.
+        assert_eq!(
+            store
+                .append_messages(&[
+                    PendingMessage {
+                        chain_length: 0,
+                        ..send(11, "hank")
+                    },
+                    limited(12, "hank", 0),
+                ])
+                .await
+                .unwrap(),
+            vec![BatchOutcome::Moved, BatchOutcome::OverQuota]
+        );
+        assert_eq!(store.channel("cb").await.unwrap().unwrap().next_index, 7);
+        assert_eq!(store.usage("hank").await.unwrap().message_bytes, 2 * size);
     }
 }

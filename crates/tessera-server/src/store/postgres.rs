@@ -4,10 +4,11 @@
 //! Where the embedded stores rely on the caller's in-process locks (one
 //! process owns a sled database), this store decides in one transaction:
 //!
-//! * a message is stored at the channel's next index, with its client id
-//!   for deduplication, under the channel row's lock (`SELECT … FOR
-//!   UPDATE`): two replicas cannot give one index twice, nor store one
-//!   client message id twice;
+//! * a batch of messages is stored at the channels' next indices, with
+//!   their client ids for deduplication and their senders' usage, under
+//!   the channel rows' locks (`SELECT … FOR UPDATE`, by id) and then the
+//!   usage rows' (by identity): two replicas cannot give one index twice,
+//!   nor store one client message id twice, nor both spend one quota;
 //! * a statement extends the membership chain only if the channel row,
 //!   locked, still has the expected length and head (compare-and-set);
 //! * a write that charges a user's usage (messages, sender keys,
@@ -23,9 +24,13 @@
 //! applied at start (`tessera_service::postgres::migrate`, service
 //! `server`). A stored message or statement is announced to every replica
 //! by `NOTIFY` in the same transaction (`listen`). A transaction is
-//! durable when its COMMIT returns, so `flush` has nothing left to do:
-//! one transaction per send (no group commit on this backend;
-//! PostgreSQL's own `commit_delay` can batch WAL flushes).
+//! durable when its COMMIT returns, so `flush` has nothing left to do.
+//! Concurrent sends to one channel share one transaction (group commit:
+//! the server's per-channel committer calls [`Store::append_messages`]
+//! with every send that waited for it), so a channel's sends pay one
+//! commit, and about four round trips, per batch rather than per message.
+
+use std::collections::BTreeMap;
 
 use deadpool_postgres::{GenericClient, Pool};
 use prost::Message;
@@ -42,9 +47,11 @@ use thiserror::Error;
 use tokio_postgres::{Row, types::ToSql};
 
 use super::{
-    Account, Announced, Appended, AttachmentRecord, ChannelRecord, Device, MemberRecord,
-    SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange,
-    active_besides, at_index, decode, extends, listen::notify, take_bounded,
+    Account, Announced, AttachmentRecord, BatchOutcome, ChannelRecord, Device, MemberRecord,
+    PendingMessage, SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage,
+    UsageChange, active_besides, batch_keys, decode, extends,
+    listen::{CHANNEL, notify},
+    plan_batch, take_bounded,
 };
 
 /// This service's name in `schema_migrations`.
@@ -223,6 +230,182 @@ async fn lock_channel(
     .map_err(pg_error)?
     .map(|row| decode(column(&row, 0)?, "channel"))
     .transpose()
+}
+
+/// Tries of a batch of sends that PostgreSQL aborted for a deadlock or a
+/// serialization failure.
+const BATCH_ATTEMPTS: usize = 8;
+
+/// Why one try of a batch failed: the database's own error (which may be
+/// worth a retry) or anything else.
+enum BatchError {
+    Pg(tokio_postgres::Error),
+    Store(StorageError),
+}
+
+impl From<tokio_postgres::Error> for BatchError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Pg(e)
+    }
+}
+
+impl From<StorageError> for BatchError {
+    fn from(e: StorageError) -> Self {
+        Self::Store(e)
+    }
+}
+
+/// A deadlock or serialization failure: the transaction was rolled back
+/// and the same one may succeed again.
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
+impl PgStore {
+    /// One try of [`Store::append_messages`], in one transaction of four
+    /// round trips whatever the batch's size: BEGIN; the reads, pipelined
+    /// (the channels' rows locked in id order, the stored client ids, the
+    /// senders' usage rows made if missing and locked in identity order);
+    /// the writes, pipelined, one multi-row statement each (messages,
+    /// client ids, usage, channels, and one NOTIFY per channel with its
+    /// last index: a replica's subscribers read what they lack from the
+    /// store by index, so the last one is enough); COMMIT. Locking
+    /// channels before usage, and usage alone
+    /// elsewhere (sender keys, attachments), two batches or a batch and
+    /// another write never wait for each other in a cycle.
+    async fn append_batch(
+        &self,
+        batch: &[PendingMessage],
+    ) -> Result<Vec<BatchOutcome>, BatchError> {
+        let (channel_ids, senders) = batch_keys(batch);
+        let (ids, client_ids): (Vec<&str>, Vec<&[u8]>) = batch
+            .iter()
+            .map(|p| {
+                (
+                    p.message.channel_id.as_str(),
+                    p.message.client_message_id.as_slice(),
+                )
+            })
+            .unzip();
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        let (lock_channels, read_ids, make_usage, lock_usage) = futures_util::try_join!(
+            tx.prepare_cached(
+                "SELECT channel_id, record FROM server_channels WHERE channel_id = ANY($1) \
+                 ORDER BY channel_id FOR UPDATE"
+            ),
+            tx.prepare_cached(
+                "SELECT d.channel_id, d.client_message_id, d.idx FROM server_dedupe d \
+                 JOIN unnest($1::text[], $2::bytea[]) AS q(channel_id, client_message_id) \
+                 USING (channel_id, client_message_id)"
+            ),
+            // A missing row is made first (zero usage: no bytes), so every
+            // sender's row exists to be locked, in order.
+            tx.prepare_cached(
+                "INSERT INTO server_usage (identity, record) \
+                 SELECT i, ''::bytea FROM unnest($1::text[]) AS i ORDER BY i \
+                 ON CONFLICT (identity) DO NOTHING"
+            ),
+            tx.prepare_cached(
+                "SELECT identity, record FROM server_usage WHERE identity = ANY($1) \
+                 ORDER BY identity FOR UPDATE"
+            ),
+        )?;
+        let (by_channel, by_id, by_sender): (Params<'_>, Params<'_>, Params<'_>) =
+            (&[&channel_ids], &[&ids, &client_ids], &[&senders]);
+        let (channel_rows, id_rows, _, usage_rows) = futures_util::try_join!(
+            tx.query(&lock_channels, by_channel),
+            tx.query(&read_ids, by_id),
+            tx.execute(&make_usage, by_sender),
+            tx.query(&lock_usage, by_sender),
+        )?;
+        let mut channels = BTreeMap::new();
+        for row in &channel_rows {
+            channels.insert(column(row, 0)?, decode(column(row, 1)?, "channel")?);
+        }
+        let mut stored_ids = BTreeMap::new();
+        for row in &id_rows {
+            let index: i64 = column(row, 2)?;
+            stored_ids.insert((column(row, 0)?, column(row, 1)?), index as u64);
+        }
+        let mut usage = BTreeMap::new();
+        for row in &usage_rows {
+            usage.insert(column(row, 0)?, decode(column(row, 1)?, "usage")?);
+        }
+        let plan = plan_batch(batch, channels, stored_ids, usage);
+        if plan.messages.is_empty() {
+            return Ok(plan.outcomes); // nothing to write: rolled back when dropped
+        }
+        let mut m_ids = Vec::new();
+        let mut m_indices = Vec::new();
+        let mut m_records = Vec::new();
+        let mut m_client_ids = Vec::new();
+        for m in &plan.messages {
+            m_ids.push(m.channel_id.as_str());
+            m_indices.push(to_i64(m.index)?);
+            m_records.push(m.encode_to_vec());
+            m_client_ids.push(m.client_message_id.as_slice());
+        }
+        let (u_ids, u_records): (Vec<&str>, Vec<Vec<u8>>) = plan
+            .usage
+            .iter()
+            .map(|(identity, u)| (identity.as_str(), u.encode_to_vec()))
+            .unzip();
+        let (c_ids, c_records): (Vec<&str>, Vec<Vec<u8>>) = plan
+            .channels
+            .iter()
+            .map(|(id, c)| (id.as_str(), c.encode_to_vec()))
+            .unzip();
+        let payloads: Vec<String> = plan
+            .channels
+            .iter()
+            .filter_map(|(id, c)| {
+                Announced::Message {
+                    channel_id: id.clone(),
+                    index: c.next_index - 1,
+                }
+                .payload()
+            })
+            .collect();
+        let (put_messages, put_ids, put_usage, put_channels, announce) = futures_util::try_join!(
+            tx.prepare_cached(
+                "INSERT INTO server_messages (channel_id, idx, record) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])"
+            ),
+            tx.prepare_cached(
+                "INSERT INTO server_dedupe (channel_id, client_message_id, idx) \
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])"
+            ),
+            tx.prepare_cached(
+                "UPDATE server_usage SET record = u.record \
+                 FROM unnest($1::text[], $2::bytea[]) AS u(identity, record) \
+                 WHERE server_usage.identity = u.identity"
+            ),
+            tx.prepare_cached(
+                "UPDATE server_channels SET record = c.record \
+                 FROM unnest($1::text[], $2::bytea[]) AS c(channel_id, record) \
+                 WHERE server_channels.channel_id = c.channel_id"
+            ),
+            tx.prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"),
+        )?;
+        let messages: Params<'_> = &[&m_ids, &m_indices, &m_records];
+        let client_ids: Params<'_> = &[&m_ids, &m_client_ids, &m_indices];
+        let usage: Params<'_> = &[&u_ids, &u_records];
+        let channels: Params<'_> = &[&c_ids, &c_records];
+        let notices: Params<'_> = &[&CHANNEL, &payloads];
+        futures_util::try_join!(
+            tx.execute(&put_messages, messages),
+            tx.execute(&put_ids, client_ids),
+            tx.execute(&put_usage, usage),
+            tx.execute(&put_channels, channels),
+            tx.execute(&announce, notices),
+        )?;
+        tx.commit().await?;
+        Ok(plan.outcomes)
+    }
 }
 
 impl Store for PgStore {
@@ -410,7 +593,12 @@ impl Store for PgStore {
             let mut client = self.pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(pg_error)?;
             let current = lock_channel(&tx, channel_id).await?;
-            if !extends(current.as_ref(), expected_length, expected_head) {
+            if !extends(
+                current.as_ref(),
+                expected_length,
+                expected_head,
+                &change.channel,
+            ) {
                 return Ok(false); // the transaction rolls back when dropped
             }
             let record = change.channel.encode_to_vec();
@@ -514,61 +702,29 @@ impl Store for PgStore {
         })
     }
 
-    fn append_message<'a>(
+    fn append_messages<'a>(
         &'a self,
-        channel: &'a ChannelRecord,
-        message: &'a StoredMessage,
-        usage: &'a UsageChange,
-    ) -> StoreFuture<'a, Appended> {
+        batch: &'a [PendingMessage],
+    ) -> StoreFuture<'a, Vec<BatchOutcome>> {
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let id = channel.channel_id.as_str();
-            let mut client = self.pool.get().await.map_err(pool_error)?;
-            let tx = client.transaction().await.map_err(pg_error)?;
-            // Under the channel row's lock: the index and the dedupe.
-            let stored = lock_channel(&tx, id).await?;
-            let duplicate = tx
-                .query_opt(
-                    "SELECT idx FROM server_dedupe WHERE channel_id = $1 AND client_message_id = $2",
-                    &[&id, &message.client_message_id],
-                )
-                .await
-                .map_err(pg_error)?;
-            if let Some(row) = duplicate {
-                return Ok(Appended::Duplicate(column::<i64>(&row, 0)? as u64));
+            let mut attempt = 1;
+            loop {
+                match self.append_batch(batch).await {
+                    Ok(outcomes) => {
+                        record_store("append_messages", started);
+                        return Ok(outcomes);
+                    }
+                    // Rows are locked in a fixed order, so this is rare
+                    // (a transaction elsewhere that locks them otherwise):
+                    // nothing was written, the batch is tried again whole.
+                    Err(BatchError::Pg(e)) if retryable(&e) && attempt < BATCH_ATTEMPTS => {
+                        attempt += 1;
+                    }
+                    Err(BatchError::Pg(e)) => return Err(pg_error(e)),
+                    Err(BatchError::Store(e)) => return Err(e),
+                }
             }
-            if !at_index(stored.as_ref(), channel, message.index)
-                || !cas_usage(&tx, &message.sender_identity, usage).await?
-            {
-                return Ok(Appended::Moved);
-            }
-            let index = to_i64(message.index)?;
-            tx.execute(
-                "INSERT INTO server_messages (channel_id, idx, record) VALUES ($1, $2, $3)",
-                &[&id, &index, &message.encode_to_vec()],
-            )
-            .await
-            .map_err(pg_error)?;
-            tx.execute(
-                "INSERT INTO server_dedupe (channel_id, client_message_id, idx) VALUES ($1, $2, $3)",
-                &[&id, &message.client_message_id, &index],
-            )
-            .await
-            .map_err(pg_error)?;
-            tx.execute(
-                "UPDATE server_channels SET record = $2 WHERE channel_id = $1",
-                &[&id, &channel.encode_to_vec()],
-            )
-            .await
-            .map_err(pg_error)?;
-            let stored = Announced::Message {
-                channel_id: id.to_owned(),
-                index: message.index,
-            };
-            notify(&tx, &stored).await?;
-            tx.commit().await.map_err(pg_error)?;
-            record_store("append_message", started);
-            Ok(Appended::Stored)
         })
     }
 
@@ -924,77 +1080,125 @@ mod tests {
         );
     }
 
-    /// Two stores on one database (two replicas): concurrent sends to one
-    /// channel each read the channel and try to store at its next index;
-    /// the database lets exactly one store each index, and the others see
-    /// the channel moved.
+    /// Two stores on one database (two replicas) store batches at once,
+    /// each spanning two channels (named in either order) and four
+    /// senders, some repeating another batch's client ids: the database
+    /// lets no index be stored twice or skipped, each id once, each charge
+    /// once, and no batch fails (rows are locked in one order: no
+    /// deadlock).
     #[tokio::test]
-    async fn replicas_never_store_one_index_twice() {
+    async fn replicas_store_concurrent_batches_without_gaps_or_deadlocks() {
+        const TASKS: u8 = 8;
+        const BATCHES: u8 = 6;
         let pg = Postgres::start();
         let a = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
         let b = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
-        let channel = ChannelRecord {
-            channel_id: "c".into(),
-            next_index: 1,
-            chain_length: 1,
-            chain_head: vec![1; 32],
-            ..Default::default()
-        };
-        let creation = StatementChange {
-            channel: channel.clone(),
-            entry: ChainEntry::default(),
-            put_members: vec![],
-            remove_members: vec![],
-        };
-        assert!(a.append_statement("c", 0, &[], &creation).await.unwrap());
-        assert!(
-            !b.append_statement("c", 0, &[], &creation).await.unwrap(),
-            "created once, whichever replica asks"
-        );
+        for id in ["c", "d"] {
+            let creation = StatementChange {
+                channel: ChannelRecord {
+                    channel_id: id.into(),
+                    next_index: 1,
+                    chain_length: 1,
+                    chain_head: vec![1; 32],
+                    ..Default::default()
+                },
+                entry: ChainEntry::default(),
+                put_members: vec![],
+                remove_members: vec![],
+            };
+            assert!(a.append_statement(id, 0, &[], &creation).await.unwrap());
+        }
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(usize::from(TASKS)));
         let mut tasks = Vec::new();
-        for n in 0..32u8 {
-            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+        for t in 0..TASKS {
+            let store = if t % 2 == 0 { a.clone() } else { b.clone() };
+            let barrier = barrier.clone();
             tasks.push(tokio::spawn(async move {
-                // Retry until stored, as a send does.
-                loop {
-                    let mut channel = store.channel("c").await.unwrap().unwrap();
-                    let message = StoredMessage {
-                        channel_id: "c".into(),
-                        index: channel.next_index,
-                        sender_identity: format!("u{}", n % 4),
-                        client_message_id: vec![n; 16],
-                        ..Default::default()
+                barrier.wait().await;
+                let mut stored = Vec::new();
+                for n in 0..BATCHES {
+                    // Channels and senders named in either order.
+                    let ks: Vec<u8> = if t % 2 == 0 {
+                        (0..8).collect()
+                    } else {
+                        (0..8).rev().collect()
                     };
-                    channel.next_index += 1;
-                    let before = store.usage(&message.sender_identity).await.unwrap();
-                    let after = Usage {
-                        message_bytes: before.message_bytes + 1,
-                        ..before
-                    };
-                    match store
-                        .append_message(&channel, &message, &UsageChange { before, after })
-                        .await
-                        .unwrap()
-                    {
-                        Appended::Stored => return message.index,
-                        Appended::Duplicate(i) => panic!("not sent twice, yet duplicate at {i}"),
-                        Appended::Moved => tokio::task::yield_now().await,
+                    let batch: Vec<PendingMessage> = ks
+                        .into_iter()
+                        .map(|k| {
+                            // Tasks t and t^1 send the same ids in batch 0.
+                            let id = if n == 0 { [t / 2, 0, k] } else { [t, n, k] };
+                            PendingMessage {
+                                chain_length: 1,
+                                message: StoredMessage {
+                                    channel_id: ["c", "d"][usize::from(k % 2)].into(),
+                                    sender_identity: format!("u{}", (k + t) % 4),
+                                    client_message_id: [&id[..], &[0xee; 13]].concat(),
+                                    ..Default::default()
+                                },
+                                max_message_bytes: u64::MAX,
+                            }
+                        })
+                        .collect();
+                    let outcomes = store.append_messages(&batch).await.unwrap();
+                    for (p, o) in batch.iter().zip(outcomes) {
+                        match o {
+                            BatchOutcome::Stored(i) => stored.push((
+                                p.message.channel_id.clone(),
+                                i,
+                                p.message.client_message_id.clone(),
+                                p.message.sender_identity.clone(),
+                            )),
+                            BatchOutcome::Duplicate(_) => assert_eq!(n, 0, "only batch 0 repeats"),
+                            other => panic!("{other:?}"),
+                        }
                     }
                 }
+                stored
             }));
         }
-        let mut indices = Vec::new();
+        let mut stored = Vec::new();
         for t in tasks {
-            indices.push(t.await.unwrap());
+            stored.extend(t.await.unwrap());
         }
-        indices.sort_unstable();
-        assert_eq!(indices, (1..=32).collect::<Vec<u64>>(), "each index once");
-        let stored = a.messages("c", 1, 100, 100, usize::MAX).await.unwrap();
-        assert_eq!(stored.len(), 32);
-        for u in 0..4 {
+        // Batch 0: 4 distinct id sets of 8; then 8 tasks × 5 batches × 8.
+        let total = 4 * 8 + usize::from(TASKS) * usize::from(BATCHES - 1) * 8;
+        assert_eq!(stored.len(), total, "each id stored once");
+        for id in ["c", "d"] {
+            let mut indices: Vec<u64> = stored.iter().filter(|s| s.0 == id).map(|s| s.1).collect();
+            indices.sort_unstable();
+            let n = indices.len() as u64;
             assert_eq!(
-                b.usage(&format!("u{u}")).await.unwrap().message_bytes,
-                8,
+                indices,
+                (1..=n).collect::<Vec<u64>>(),
+                "{id}: each index once"
+            );
+            let messages = a
+                .messages(id, 1, u64::MAX, usize::MAX, usize::MAX)
+                .await
+                .unwrap();
+            assert_eq!(messages.len() as u64, n);
+            assert_eq!(a.channel(id).await.unwrap().unwrap().next_index, n + 1);
+        }
+        for u in 0..4 {
+            let identity = format!("u{u}");
+            let charged: u64 = stored
+                .iter()
+                .filter(|s| s.3 == identity)
+                .map(|s| {
+                    StoredMessage {
+                        channel_id: s.0.clone(),
+                        index: s.1,
+                        sender_identity: s.3.clone(),
+                        client_message_id: s.2.clone(),
+                        ..Default::default()
+                    }
+                    .encoded_len() as u64
+                })
+                .sum();
+            assert_eq!(
+                b.usage(&identity).await.unwrap().message_bytes,
+                charged,
                 "every charge counted once"
             );
         }

@@ -1,6 +1,7 @@
 //! The sled store, the embedded default.
 
 use std::{
+    collections::BTreeMap,
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -13,9 +14,9 @@ use tessera_service::{
 };
 
 use super::{
-    Account, Appended, AttachmentRecord, ChannelRecord, Device, MemberRecord, SenderKeyChain,
-    SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange, at_index, decode,
-    extends, take_bounded,
+    Account, AttachmentRecord, BatchOutcome, ChannelRecord, Device, MemberRecord, PendingMessage,
+    SenderKeyChain, SenderKeysPut, StatementChange, Store, StoreFuture, Usage, UsageChange,
+    batch_keys, decode, extends, plan_batch, take_bounded,
 };
 
 /// The sled records of a key range, bounded as [`take_bounded`] says (from
@@ -265,7 +266,12 @@ impl Store for SledStore {
                     .map(|v| decode::<ChannelRecord>(&v, "channel"))
                     .transpose()
                     .map_err(Conflict::Abort)?;
-                if !extends(current.as_ref(), expected_length, expected_head) {
+                if !extends(
+                    current.as_ref(),
+                    expected_length,
+                    expected_head,
+                    &change.channel,
+                ) {
                     return Ok(false);
                 }
                 tx.insert(channel_key.as_slice(), channel.as_slice())?;
@@ -322,45 +328,60 @@ impl Store for SledStore {
         })
     }
 
-    fn append_message<'a>(
+    fn append_messages<'a>(
         &'a self,
-        channel: &'a ChannelRecord,
-        message: &'a StoredMessage,
-        usage: &'a UsageChange,
-    ) -> StoreFuture<'a, Appended> {
+        batch: &'a [PendingMessage],
+    ) -> StoreFuture<'a, Vec<BatchOutcome>> {
         Box::pin(async move {
-            // The checks and the batch are not one sled transaction: the
-            // caller holds the channel's and the sender's locks (one process
-            // owns a sled database), so nothing changes in between.
-            let id = channel.channel_id.as_bytes();
-            if let Some(index) = self
-                .dedupe(&channel.channel_id, &message.client_message_id)
-                .await?
-            {
-                return Ok(Appended::Duplicate(index));
-            }
-            let stored = self.channel(&channel.channel_id).await?;
-            if !at_index(stored.as_ref(), channel, message.index)
-                || self.usage(&message.sender_identity).await? != usage.before
-            {
-                return Ok(Appended::Moved);
-            }
-            let mut batch = sled::Batch::default();
-            batch.insert(
-                key(b"uq/", &[message.sender_identity.as_bytes()]),
-                usage.after.encode_to_vec(),
-            );
-            batch.insert(
-                key(b"m/", &[id, &u64_key(message.index)]),
-                message.encode_to_vec(),
-            );
-            batch.insert(
-                key(b"md/", &[id, &message.client_message_id]),
-                u64_key(message.index).to_vec(),
-            );
-            batch.insert(key(b"c/", &[id]), channel.encode_to_vec());
-            time_store("append_message", || self.db.apply_batch(batch))?;
-            Ok(Appended::Stored)
+            use sled::transaction::ConflictableTransactionError as Conflict;
+            let (channel_ids, senders) = batch_keys(batch);
+            // One sled transaction: a statement appended meanwhile (also a
+            // transaction) conflicts with it, so the chain length it checks
+            // is the one it writes next to. Usage is written elsewhere only
+            // under the user's lock, which the caller holds for every
+            // sender of the batch. Durable at the caller's one flush.
+            time_store("append_messages", || {
+                self.db.transaction(|tx| {
+                    let corrupt = Conflict::Abort;
+                    let mut channels = BTreeMap::new();
+                    for id in &channel_ids {
+                        if let Some(v) = tx.get(key(b"c/", &[id.as_bytes()]))? {
+                            channels.insert(id.clone(), decode(&v, "channel").map_err(corrupt)?);
+                        }
+                    }
+                    let mut stored_ids = BTreeMap::new();
+                    for p in batch {
+                        let (id, client_id) = (&p.message.channel_id, &p.message.client_message_id);
+                        if let Some(v) = tx.get(key(b"md/", &[id.as_bytes(), client_id]))? {
+                            let index = read_u64(&v).map_err(corrupt)?;
+                            stored_ids.insert((id.clone(), client_id.clone()), index);
+                        }
+                    }
+                    let mut usage = BTreeMap::new();
+                    for identity in &senders {
+                        if let Some(v) = tx.get(key(b"uq/", &[identity.as_bytes()]))? {
+                            usage.insert(identity.clone(), decode(&v, "usage").map_err(corrupt)?);
+                        }
+                    }
+                    let plan = plan_batch(batch, channels, stored_ids, usage);
+                    for m in &plan.messages {
+                        let id = m.channel_id.as_bytes();
+                        tx.insert(key(b"m/", &[id, &u64_key(m.index)]), m.encode_to_vec())?;
+                        tx.insert(
+                            key(b"md/", &[id, &m.client_message_id]),
+                            u64_key(m.index).to_vec(),
+                        )?;
+                    }
+                    for (id, channel) in &plan.channels {
+                        tx.insert(key(b"c/", &[id.as_bytes()]), channel.encode_to_vec())?;
+                    }
+                    for (identity, u) in &plan.usage {
+                        tx.insert(key(b"uq/", &[identity.as_bytes()]), u.encode_to_vec())?;
+                    }
+                    Ok(plan.outcomes)
+                })
+            })
+            .map_err(StorageError::from)
         })
     }
 
@@ -431,7 +452,7 @@ impl Store for SledStore {
         usage: &'a UsageChange,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            // Under the uploader's lock (see `append_message`).
+            // Under the uploader's lock (the caller holds it; see `append_messages`).
             if self.usage(&record.uploader).await? != usage.before {
                 return Ok(false);
             }
@@ -493,7 +514,7 @@ impl Store for SledStore {
         usage: &'a UsageChange,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            // Under the sender's lock (see `append_message`).
+            // Under the sender's lock (the caller holds it; see `append_messages`).
             if self.usage(&put.sender_identity).await? != usage.before {
                 return Ok(false);
             }
