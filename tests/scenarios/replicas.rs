@@ -1,15 +1,24 @@
 //! Two app-server replicas on one PostgreSQL database (the same keys and
 //! attachments directory): live delivery across them (LISTEN/NOTIFY), a
-//! replica SIGKILLed mid-send while its subscriber moves to the other, and
-//! a replica whose listening connection the database ends.
+//! replica SIGKILLed mid-send while its subscriber moves to the other, a
+//! replica whose listening connection the database ends, and enrollments
+//! racing through both at the device limit.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use tessera_client::Client;
+use tessera_card::{CardId, CardKind, NewCard};
+use tessera_client::{CardStatus, Client, ClientError};
+use tessera_crypto::DeviceKeys;
+use tessera_proto::server::v1::{EnrollDeviceRequest, devices_client::DevicesClient};
 use tessera_stack::hostile::Proxy;
 use tessera_testkit::{CliProcess, Cluster, Postgres, Service, Writes, approve};
+use tonic::Code;
 
-use crate::{behind_relay, channel, durability::send_through_crashes, text};
+use crate::{behind_relay, channel, connect, durability::send_through_crashes, text, user_tokens};
 
 const WAIT: Duration = Duration::from_secs(30);
 const SUBSCRIBE: &str = "/tessera.server.v1.Channels/Subscribe";
@@ -190,7 +199,7 @@ async fn a_replica_whose_listening_connection_is_ended_reconnects_and_misses_not
     carol.send_text(&channel, "around").await.unwrap();
     // Each replica listens again, logs it and counts it.
     for replica in [&cluster.server, &b] {
-        let deadline = std::time::Instant::now() + WAIT;
+        let deadline = Instant::now() + WAIT;
         while replica
             .scrape()
             .await
@@ -198,7 +207,7 @@ async fn a_replica_whose_listening_connection_is_ended_reconnects_and_misses_not
             < 1.0
         {
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "no reconnection: {}",
                 replica.log_tail()
             );
@@ -215,6 +224,184 @@ async fn a_replica_whose_listening_connection_is_ended_reconnects_and_misses_not
     carol.send_text(&channel, "after").await.unwrap();
     let texts: Vec<String> = printed(on_a, 3).await.into_iter().map(|(_, t)| t).collect();
     assert_eq!(texts, ["before", "around", "after"]);
+}
+
+const REGISTER: &str = "/tessera.kms.v1.KeyDirectory/RegisterCard";
+
+/// Two replicas enroll devices of one user at once, with one place left
+/// under the device limit. The key service is paused until each replica
+/// has checked the limit (each saw the place free) and asked to register
+/// its card: then the database lets one replica record its device, and the
+/// other revokes again the card it registered and answers
+/// RESOURCE_EXHAUSTED; the enrollments queued behind them are refused
+/// before registering anything.
+#[tokio::test]
+async fn replicas_racing_enrollments_at_the_device_limit_enroll_the_limit_and_revoke_the_refused_card()
+ {
+    const LIMIT: usize = 3;
+    /// Enrollments sent through each replica at once.
+    const EACH: usize = 3;
+    let pg = Postgres::start();
+    let limit = LIMIT.to_string();
+    let database = pg.url("postgres");
+    let mut cluster = Cluster::start_with_env(&[
+        ("tessera-server", "TESSERA_SERVER_DATABASE_URL", &database),
+        (
+            "tessera-server",
+            "TESSERA_SERVER_MAX_DEVICES_PER_USER",
+            &limit,
+        ),
+    ])
+    .await;
+    // Both replicas reach the key service through a proxy that counts the
+    // cards they register.
+    let directory = Proxy::directory(&cluster.kms.url()).await.unwrap();
+    cluster
+        .server
+        .set_env("TESSERA_SERVER_KMS_URL", &directory.url());
+    assert!(cluster.server.stop().await, "app server exit status");
+    cluster.server.start().await;
+    let mut b = cluster.server_replica("server-b");
+    b.start().await;
+    // Two of alice's places taken, one through each replica.
+    let alice = cluster.device("alice-0", "alice", true).await;
+    cluster
+        .device_with("alice-1", "alice", false, cluster.endpoints_via(&b))
+        .await;
+    let token = user_tokens(&cluster, "alice").await.server;
+    let cards: Vec<_> = (0..2 * EACH)
+        .map(|n| {
+            NewCard {
+                identity: "alice",
+                kind: CardKind::Client,
+                device_name: &format!("racer-{n}"),
+                created_at: 0,
+                previous_card_id: None,
+            }
+            .self_signed(&DeviceKeys::generate().unwrap())
+            .unwrap()
+        })
+        .collect();
+    let ids: Vec<CardId> = cards
+        .iter()
+        .map(|c| CardId::of_snapshot(&c.content_snapshot))
+        .collect();
+
+    let registered = directory.control.calls(REGISTER);
+    cluster.kms.pause();
+    let urls = [cluster.server.url(), b.url()];
+    let racing: Vec<_> = cards
+        .into_iter()
+        .enumerate()
+        .map(|(n, card)| {
+            let (url, token) = (urls[n % 2].clone(), token.clone());
+            tokio::spawn(async move {
+                let mut request = tonic::Request::new(EnrollDeviceRequest {
+                    card: Some(card),
+                    statement: None,
+                });
+                request
+                    .metadata_mut()
+                    .insert("authorization", token.parse().unwrap());
+                DevicesClient::new(connect(&url).await)
+                    .enroll_device(request)
+                    .await
+                    .map(drop)
+                    .map_err(|s| (s.code(), s.message().to_owned()))
+            })
+        })
+        .collect();
+    // Each replica now holds alice's lock over one enrollment that saw the
+    // place free and waits for the key service; the others queue behind.
+    let deadline = Instant::now() + WAIT;
+    while directory.control.calls(REGISTER) < registered + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the replicas did not both ask the key service to register a card"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kms.resume();
+    let mut outcomes = Vec::new();
+    for r in racing {
+        outcomes.push(r.await.unwrap());
+    }
+
+    let enrolled: Vec<&CardId> = ids
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(id, o)| o.is_ok().then_some(id))
+        .collect();
+    assert_eq!(
+        enrolled.len(),
+        LIMIT - 2,
+        "one place was left: {outcomes:?}"
+    );
+    for outcome in &outcomes {
+        if let Err((code, message)) = outcome {
+            assert_eq!(*code, Code::ResourceExhausted, "{message}");
+            assert!(message.contains("devices per user"), "{message}");
+        }
+    }
+    assert_eq!(
+        directory.control.calls(REGISTER),
+        registered + 2,
+        "only the two enrollments that saw the place free registered a card"
+    );
+    // The app server records exactly the limit active, and the refused
+    // card it registered as revoked.
+    let listed = alice.devices().await.unwrap();
+    let status_of = |id: &CardId| {
+        listed
+            .iter()
+            .find(|d| d.card_id == id.to_vec())
+            .map(|d| d.status)
+    };
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|d| d.status == CardStatus::Active as i32)
+            .count(),
+        LIMIT,
+        "active devices"
+    );
+    // The key service, asked through alice's device (which checks every
+    // answer's proofs): the enrolled card is active, the registered and
+    // refused card revoked, the others unknown.
+    let mut revoked = 0;
+    for (id, outcome) in ids.iter().zip(&outcomes) {
+        let at_kms = alice.card_by_id(id, "alice", CardKind::Client).await;
+        match (outcome, at_kms) {
+            (Ok(()), Ok(info)) => {
+                assert_eq!(info.status, CardStatus::Active, "enrolled {id}");
+                assert_eq!(status_of(id), Some(CardStatus::Active as i32));
+            }
+            (Err(_), Ok(info)) => {
+                assert_eq!(
+                    info.status,
+                    CardStatus::Revoked,
+                    "refused {id} left registered at the key service"
+                );
+                assert_eq!(status_of(id), Some(CardStatus::Revoked as i32));
+                revoked += 1;
+            }
+            (Err(_), Err(e)) => {
+                assert!(
+                    matches!(
+                        e,
+                        ClientError::Rejected {
+                            code: Code::NotFound,
+                            ..
+                        }
+                    ),
+                    "refused {id} before registering: {e:?}"
+                );
+                assert_eq!(status_of(id), None, "refused {id} recorded");
+            }
+            (Ok(()), Err(e)) => panic!("enrolled {id} unknown at the key service: {e}"),
+        }
+    }
+    assert_eq!(revoked, 1, "the card the database refused, revoked again");
 }
 
 /// Ends the app servers' listening connections as a database

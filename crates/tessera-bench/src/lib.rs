@@ -184,21 +184,57 @@ impl Backend {
 
 /// The PostgreSQL server the `postgres` backend uses: `given` (a URL
 /// without a database, `postgresql://user@host:port`), else a throwaway
-/// one (the testkit's: the distribution's binaries, fsync off), kept
-/// running as long as the returned handle lives. `None` without the
-/// `postgres` backend.
+/// one (the testkit's: the distribution's binaries; `fsync` off, or on
+/// with `fsync`), kept running as long as the returned handle lives.
+/// `None` without the `postgres` backend. An error names a flag that does
+/// not fit the others (`--pg-fsync` with `--database-url`, or without the
+/// `postgres` backend).
 pub fn database_server(
     backends: &[Backend],
     given: Option<&str>,
-) -> (Option<String>, Option<tessera_testkit::Postgres>) {
+    fsync: bool,
+) -> Result<(Option<String>, Option<tessera_testkit::Postgres>), String> {
     if !backends.contains(&Backend::Postgres) {
-        return (None, None);
+        if fsync {
+            return Err("--pg-fsync is for the postgres backend: add --backends postgres".into());
+        }
+        return Ok((None, None));
     }
     if let Some(url) = given {
-        return (Some(url.trim_end_matches('/').to_owned()), None);
+        if fsync {
+            return Err(
+                "--pg-fsync sets up the throwaway server; a server given by --database-url \
+                 runs with its own settings (set fsync there)"
+                    .into(),
+            );
+        }
+        return Ok((Some(url.trim_end_matches('/').to_owned()), None));
     }
-    let pg = tessera_testkit::Postgres::start();
-    (Some(pg.url("").trim_end_matches('/').to_owned()), Some(pg))
+    let pg = if fsync {
+        tessera_testkit::Postgres::start_durable()
+    } else {
+        tessera_testkit::Postgres::start()
+    };
+    Ok((Some(pg.url("").trim_end_matches('/').to_owned()), Some(pg)))
+}
+
+/// What `server` (a URL without a database) runs with, for the reports:
+/// `fsync on, synchronous_commit on`.
+pub async fn durability(server: &str) -> Result<String, tokio_postgres::Error> {
+    let (admin, connection) =
+        tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let row = admin
+        .query_one(
+            "SELECT current_setting('fsync'), current_setting('synchronous_commit')",
+            &[],
+        )
+        .await?;
+    Ok(format!(
+        "fsync {}, synchronous_commit {}",
+        row.get::<_, String>(0),
+        row.get::<_, String>(1)
+    ))
 }
 
 /// Drops and creates database `name` on `server` (a URL without a

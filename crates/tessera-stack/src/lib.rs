@@ -122,12 +122,16 @@ pub enum StackError {
     },
     #[error("admin account: {0}")]
     Admin(String),
+    #[error("app-server replicas need the app server on PostgreSQL (server_database)")]
+    Replica,
 }
 
 /// The running stack. Dropping it stops every service.
 pub struct Stack {
     info: StackInfo,
-    server: Arc<Server>,
+    config: StackConfig,
+    /// The app server, then its replicas ([`Stack::start_server_replica`]).
+    servers: Vec<Arc<Server>>,
     running: Vec<Running>,
 }
 
@@ -253,7 +257,8 @@ impl Stack {
         };
         Ok(Self {
             info,
-            server,
+            config,
+            servers: vec![server],
             running,
         })
     }
@@ -262,9 +267,38 @@ impl Stack {
         &self.info
     }
 
+    /// Starts another app server on the stack's PostgreSQL database (a
+    /// replica, as docs/operations.md describes: the same keys, data
+    /// directory and key service, its own listener on a free port and its
+    /// own connection that listens for what the others store); returns its
+    /// URL. Only with [`StackConfig::server_database`]: on sled the
+    /// database belongs to one process.
+    pub async fn start_server_replica(&mut self) -> Result<String, StackError> {
+        let Some(database) = &self.config.server_database else {
+            return Err(StackError::Replica);
+        };
+        let server_config = Config::server(
+            &self.config.data_dir.join("server"),
+            self.info.kms_url.clone(),
+            &self.config,
+        );
+        let server = Arc::new(Server::open_postgres(server_config, database).await?);
+        let running = Running::spawn(
+            server.routes().await?,
+            bind(SocketAddr::new(self.config.host, 0)).await?,
+            ServeOptions::default(),
+        )?;
+        let url = running.url();
+        self.servers.push(server);
+        self.running.push(running);
+        Ok(url)
+    }
+
     /// Stops every service (live subscriptions end first) and waits.
     pub async fn stop(mut self) {
-        self.server.begin_shutdown();
+        for server in &self.servers {
+            server.begin_shutdown();
+        }
         while let Some(r) = self.running.pop() {
             let _ = r.stop().await;
         }

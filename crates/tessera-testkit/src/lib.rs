@@ -390,6 +390,31 @@ impl Service {
         self.start().await;
     }
 
+    /// SIGSTOP: the process stops where it is, its sockets open; calls to
+    /// it wait (the kernel still accepts connections and queues requests)
+    /// until [`Service::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Service::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {}", self.name);
+    }
+
     /// Starts again on the same address and data.
     pub async fn restart(&mut self) {
         self.start().await;

@@ -20,7 +20,11 @@
 //! and dies with the test).
 //!
 //! `fsync` is off (a test database need not survive a power cut; a server
-//! that is killed still keeps every commit it acknowledged).
+//! that is killed still keeps every commit it acknowledged), unless it is
+//! started with [`Postgres::start_durable`] (benchmarks that want the cost
+//! of durable commits). `synchronous_commit` keeps PostgreSQL's default,
+//! `on`, either way: a COMMIT is answered once its WAL is written (and,
+//! with fsync on, flushed).
 
 use std::{
     path::{Path, PathBuf},
@@ -41,6 +45,8 @@ pub struct Postgres {
     run_as: Option<RunAs>,
     port: u16,
     child: Option<Child>,
+    /// `fsync=on` (else off).
+    fsync: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -123,8 +129,19 @@ fn run_as() -> Option<RunAs> {
 
 impl Postgres {
     /// Creates a cluster in a new temporary directory and starts it on a
-    /// free port; returns once it accepts connections.
+    /// free port, with `fsync=off`; returns once it accepts connections.
     pub fn start() -> Self {
+        Self::start_with_fsync(false)
+    }
+
+    /// [`Postgres::start`] with `fsync=on`: every commit waits for its WAL
+    /// to reach the disk, as on a production server (for benchmarks; the
+    /// tests need not pay for it).
+    pub fn start_durable() -> Self {
+        Self::start_with_fsync(true)
+    }
+
+    fn start_with_fsync(fsync: bool) -> Self {
         let bindir = find_bindir();
         let run_as = run_as();
         let dir = tempfile::Builder::new()
@@ -142,6 +159,7 @@ impl Postgres {
             run_as,
             port: 0,
             child: None,
+            fsync,
         };
         let data = pg.data_dir();
         let log = pg.dir().join("initdb.log");
@@ -176,6 +194,11 @@ impl Postgres {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether the server runs with `fsync=on` ([`Postgres::start_durable`]).
+    pub fn fsync(&self) -> bool {
+        self.fsync
     }
 
     /// `postgresql://postgres@127.0.0.1:<port>/<database>` (no password:
@@ -234,7 +257,8 @@ impl Postgres {
             .arg(self.port.to_string())
             .arg("-k")
             .arg(self.dir())
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(if self.fsync { "fsync=on" } else { "fsync=off" })
             .stdin(Stdio::null())
             .stdout(log_file(&log))
             .stderr(log_file(&log));

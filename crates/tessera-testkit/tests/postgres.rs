@@ -96,3 +96,39 @@ fn a_test_that_panics_still_stops_and_removes_its_server() {
     let (port, dir) = started.lock().unwrap().take().unwrap();
     gone(port, &dir);
 }
+
+/// What the server runs with: `fsync` off for tests, on when started
+/// durable (benchmarks), also after a restart; `synchronous_commit` on.
+#[tokio::test]
+async fn fsync_is_off_for_tests_and_on_for_a_durable_server_and_commits_stay_synchronous() {
+    async fn settings(pg: &Postgres) -> (String, String) {
+        let row = connect(pg)
+            .await
+            .query_one(
+                "SELECT current_setting('fsync'), current_setting('synchronous_commit')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+    let on = |s: &str| (s.to_owned(), "on".to_owned());
+    let test = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    assert!(!test.fsync());
+    assert_eq!(settings(&test).await, on("off"));
+    let mut durable = tokio::task::spawn_blocking(Postgres::start_durable)
+        .await
+        .unwrap();
+    assert!(durable.fsync());
+    assert_eq!(settings(&durable).await, on("on"));
+    durable = tokio::task::spawn_blocking(move || {
+        durable.restart();
+        durable
+    })
+    .await
+    .unwrap();
+    assert_eq!(settings(&durable).await, on("on"), "after a restart");
+    tokio::task::spawn_blocking(move || drop((test, durable)))
+        .await
+        .unwrap();
+}

@@ -104,6 +104,10 @@ struct Args {
     /// (the testkit's: the distribution's binaries, fsync off) is started.
     #[arg(long)]
     database_url: Option<String>,
+    /// Start the throwaway PostgreSQL server with `fsync=on` (durable
+    /// commits, as in production).
+    #[arg(long)]
+    pg_fsync: bool,
 }
 
 struct Load {
@@ -656,7 +660,12 @@ async fn main() {
             .bytes,
     );
     // A throwaway PostgreSQL server unless one is given.
-    let (database, throwaway) = database_server(&args.backends, args.database_url.as_deref());
+    let (database, throwaway) =
+        database_server(&args.backends, args.database_url.as_deref(), args.pg_fsync)
+            .unwrap_or_else(|e| {
+                eprintln!("kms-load: {e}");
+                std::process::exit(2)
+            });
     // Every size on every backend is preloaded and served at once, so the
     // rounds below can take them in turns.
     let mut services = Vec::new();

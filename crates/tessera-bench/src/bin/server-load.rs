@@ -19,6 +19,17 @@
 //! The app server keeps its data in sled in a temporary directory, or in
 //! PostgreSQL (`--backends sled,postgres` measures both in one run, each on
 //! a stack of its own, one after the other).
+//!
+//! On PostgreSQL, `--replicas 1,2` runs the app server as that many
+//! replicas in this process, on the one database (each its own listener
+//! and its own LISTEN connection, as in production) and the one key
+//! service: the subscribers are spread over them round-robin, and so are
+//! the messages of the latency run and the senders of the throughput run.
+//! A subscriber on another replica than the one a message was sent through
+//! receives it through LISTEN/NOTIFY; the latency run reports those
+//! deliveries apart. Each count gets a fresh database. Every acknowledged message
+//! must reach every subscriber exactly once: missing and duplicate
+//! deliveries are counted and printed for both runs.
 
 #![allow(
     clippy::unwrap_used,
@@ -29,14 +40,19 @@
 )]
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
-use tessera_bench::{Backend, closed_loop, database_server, fresh_database, machine, percentile};
+use tessera_bench::{
+    Backend, closed_loop, database_server, durability, fresh_database, machine, percentile,
+};
 use tessera_client::{Client, Enrollment, Home, KdfParams, Visibility};
 use tessera_crypto::{
     EncryptionSecret, SigningKey,
@@ -77,6 +93,14 @@ struct Args {
     /// testkit's: the distribution's binaries, fsync off) is started.
     #[arg(long)]
     database_url: Option<String>,
+    /// Start the throwaway PostgreSQL server with `fsync=on` (durable
+    /// commits, as in production).
+    #[arg(long)]
+    pg_fsync: bool,
+    /// App-server replicas on the one database, each count measured in
+    /// turn on a fresh database (more than 1: `postgres` only).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    replicas: Vec<usize>,
     /// Most sends to one channel the app server stores together (group
     /// commit), each measured in turn: `--max-send-batch 256,1` compares
     /// batching with each send stored alone.
@@ -137,46 +161,161 @@ fn seq_id(seq: u64) -> Vec<u8> {
     id
 }
 
+/// The first sequence number of the throughput run (the latency run's
+/// are 1..=rate×seconds).
+const THROUGHPUT_SEQ: u64 = 1_000_000;
+
+/// What one subscriber received.
+#[derive(Default)]
+struct Received {
+    /// Arrivals by sequence number.
+    count: HashMap<u64, u32>,
+    /// Send → first receipt, for the latency run's messages, and whether
+    /// the message was sent through another replica than this
+    /// subscriber's (so it came by LISTEN/NOTIFY).
+    latencies: Vec<(Duration, bool)>,
+}
+
+/// What a subscriber received so far, shared with its task.
+type Subscriber = Arc<Mutex<Received>>;
+
+/// How the deliveries of a run's acknowledged sends went.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Tally {
+    expected: usize,
+    delivered: usize,
+    missing: usize,
+    duplicates: usize,
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} deliveries, {} missing, {} duplicates",
+            self.delivered, self.expected, self.missing, self.duplicates
+        )
+    }
+}
+
+/// Counts, over every subscriber, the deliveries of `acked`.
+fn tally(subscribers: &[Subscriber], acked: &HashSet<u64>) -> Tally {
+    let mut t = Tally {
+        expected: acked.len() * subscribers.len(),
+        ..Tally::default()
+    };
+    for s in subscribers {
+        let received = s.lock().unwrap();
+        for seq in acked {
+            match received.count.get(seq).copied().unwrap_or(0) {
+                0 => t.missing += 1,
+                n => {
+                    t.delivered += 1;
+                    t.duplicates += n as usize - 1;
+                }
+            }
+        }
+    }
+    t
+}
+
+/// Waits until every subscriber has every message of `acked`, or nothing
+/// more arrived for 3 s (then what is missing is missing).
+async fn settle(subscribers: &[Subscriber], acked: &HashSet<u64>) -> Tally {
+    let mut last = tally(subscribers, acked);
+    let mut still = Instant::now();
+    loop {
+        if last.missing == 0 || still.elapsed() > Duration::from_secs(3) {
+            // A duplicate may still be on its way: a last look.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return tally(subscribers, acked);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = tally(subscribers, acked);
+        if now != last {
+            still = Instant::now();
+        }
+        last = now;
+    }
+}
+
+fn exit_with(message: &str) -> ! {
+    eprintln!("server-load: {message}");
+    std::process::exit(2)
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let (database, _throwaway) = database_server(&args.backends, args.database_url.as_deref());
+    if args.replicas.contains(&0) {
+        exit_with("--replicas: each count must be at least 1");
+    }
+    if args.replicas.iter().any(|&n| n > 1) && args.backends.contains(&Backend::Sled) {
+        exit_with(
+            "--replicas above 1 needs --backends postgres: app-server replicas share a \
+             PostgreSQL database (on sled one process owns the database)",
+        );
+    }
+    let (database, _throwaway) =
+        database_server(&args.backends, args.database_url.as_deref(), args.pg_fsync)
+            .unwrap_or_else(|e| exit_with(&e));
     for &backend in &args.backends {
         for &batch in &args.max_send_batch {
-            run(&args, backend, batch, database.as_deref()).await;
+            for &replicas in &args.replicas {
+                run(&args, backend, batch, replicas, database.as_deref()).await;
+            }
         }
     }
 }
 
-/// Enrolls the devices on a fresh stack over `backend`, then measures.
-async fn run(args: &Args, backend: Backend, max_send_batch: usize, database: Option<&str>) {
+/// Enrolls the devices on a fresh stack over `backend` with `replicas`
+/// app servers, each storing sends in batches of at most `max_send_batch`,
+/// then measures.
+async fn run(
+    args: &Args,
+    backend: Backend,
+    max_send_batch: usize,
+    replicas: usize,
+    database: Option<&str>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = StackConfig::for_tests(dir.path().join("stack"));
     config.org_identity = None;
     config.server_max_send_batch = Some(max_send_batch);
+    let mut store = backend.name().to_owned();
     if backend == Backend::Postgres {
         let server = database.expect("a PostgreSQL server");
         config.server_database = Some(PgOptions {
             url: fresh_database(server, "server_load").await.unwrap(),
             pool_size: 16,
         });
+        store = format!("postgres ({})", durability(server).await.unwrap());
     }
-    let stack = Stack::start(config).await.unwrap();
+    let mut stack = Stack::start(config).await.unwrap();
     let info = stack.info().clone();
+    let mut urls = vec![info.server_url.clone()];
+    for _ in 1..replicas {
+        urls.push(stack.start_server_replica().await.unwrap());
+    }
     let home = Home::new(dir.path().join("home"));
-    // This stack runs without an organisation, so there is no backup URL.
-    let endpoints = info.endpoints();
-    eprintln!("enrolling {} devices...", args.devices);
+    eprintln!(
+        "enrolling {} devices over {replicas} app server(s)...",
+        args.devices
+    );
     let mut clients = Vec::new();
     for i in 0..args.devices {
         let identity = format!("user{i}");
         let password = format!("{identity}-bench-password");
+        // This stack runs without an organisation, so there is no backup
+        // URL; device i reaches the app server through replica i mod n.
+        let mut endpoints = info.endpoints();
+        endpoints.server_url = urls[i % replicas].clone();
         clients.push(
             Client::enroll(
                 &home,
                 &identity,
                 Enrollment {
-                    endpoints: endpoints.clone(),
+                    endpoints,
                     identity: &identity,
                     password: &password,
                     sign_up: true,
@@ -262,21 +401,30 @@ async fn run(args: &Args, backend: Backend, max_send_batch: usize, database: Opt
         }
     };
 
-    // Every device subscribes live; receipt times are recorded per (seq, device).
-    let sent_at: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
-    let mut streams = Vec::new();
-    for c in &clients {
-        streams.push(c.subscribe_messages(&channel_id, 0).await.unwrap());
-    }
-    for mut stream in streams {
-        let (sent_at, latencies) = (sent_at.clone(), latencies.clone());
+    // Every device subscribes live (through its replica); each records
+    // what it receives and, for the latency run, how long after the send.
+    let sent_at: Arc<Mutex<HashMap<u64, (Instant, usize)>>> = Arc::default();
+    let mut subscribers = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let mut stream = c.subscribe_messages(&channel_id, 0).await.unwrap();
+        let received: Arc<Mutex<Received>> = Arc::default();
+        let replica = i % replicas;
+        subscribers.push(received.clone());
+        let sent_at = sent_at.clone();
         tokio::spawn(async move {
             while let Some(Ok(m)) = stream.next().await {
                 let now = Instant::now();
                 let seq = u64::from_be_bytes(m.client_message_id[..8].try_into().unwrap());
-                if let Some(t) = sent_at.lock().unwrap().get(&seq) {
-                    latencies.lock().unwrap().push(now - *t);
+                let sent = if seq < THROUGHPUT_SEQ {
+                    sent_at.lock().unwrap().get(&seq).copied()
+                } else {
+                    None
+                };
+                let mut received = received.lock().unwrap();
+                let count = received.count.entry(seq).or_default();
+                *count += 1;
+                if let (1, Some((t, through))) = (*count, sent) {
+                    received.latencies.push((now - t, through != replica));
                 }
             }
         });
@@ -284,10 +432,8 @@ async fn run(args: &Args, backend: Backend, max_send_batch: usize, database: Opt
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     println!(
-        "\nserver-load on {} — app server on {} (sends stored in batches of at most {}), {} live devices on one channel, {} envelope {} bytes",
+        "\nserver-load on {} — app server on {store} (sends stored in batches of at most {max_send_batch}), {replicas} replica(s), {} live devices on one channel, {} envelope {} bytes",
         machine(),
-        backend.name(),
-        max_send_batch,
         args.devices,
         match args.envelope {
             Mode::Group => "group (sender keys)",
@@ -295,84 +441,162 @@ async fn run(args: &Args, backend: Backend, max_send_batch: usize, database: Opt
         },
         envelope.len()
     );
-    // Latency at a fixed rate (open loop).
+    // Latency at a fixed rate (open loop), message n sent through replica
+    // n mod replicas.
+    let mut through = vec![channel.clone()];
+    for url in &urls[1..] {
+        through.push(
+            Channel::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
     let total = args.rate * args.seconds;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
     let mut pending = Vec::new();
     let start = Instant::now();
     for seq in 1..=total {
         ticker.tick().await;
-        sent_at.lock().unwrap().insert(seq, Instant::now());
-        pending.push(tokio::spawn(send(
-            ChannelsClient::new(channel.clone()),
+        let replica = (seq as usize - 1) % replicas;
+        sent_at
+            .lock()
+            .unwrap()
+            .insert(seq, (Instant::now(), replica));
+        pending.push((
             seq,
-        )));
+            tokio::spawn(send(ChannelsClient::new(through[replica].clone()), seq)),
+        ));
     }
-    let mut send_errors = 0;
-    for p in pending {
-        if !p.await.unwrap() {
-            send_errors += 1;
+    let mut acked = HashSet::new();
+    for (seq, p) in pending {
+        if p.await.unwrap() {
+            acked.insert(seq);
         }
     }
     let sending = start.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut all = latencies.lock().unwrap().clone();
-    all.sort_unstable();
-    let expected = total as usize * args.devices;
+    let delivered = settle(&subscribers, &acked).await;
     println!(
-        "\nDelivery at {} msg/s for {} s: {} of {} deliveries ({} send errors), sent in {:.1} s",
+        "\nDelivery at {} msg/s for {} s: {delivered} ({} send errors), sent in {:.1} s",
         args.rate,
         args.seconds,
-        all.len(),
-        expected,
-        send_errors,
+        total as usize - acked.len(),
         sending.as_secs_f64()
     );
     println!(
         "| send → receipt by each of {} devices | p50 | p99 | max |\n|---|---|---|---|",
         args.devices
     );
-    println!(
-        "| {} msg/s | {:.2} ms | {:.2} ms | {:.2} ms |",
-        args.rate,
-        percentile(&all, 50.0).as_secs_f64() * 1e3,
-        percentile(&all, 99.0).as_secs_f64() * 1e3,
-        all.last().copied().unwrap_or_default().as_secs_f64() * 1e3
-    );
+    let latencies = |on: &dyn Fn(bool) -> bool| {
+        let mut all: Vec<Duration> = subscribers
+            .iter()
+            .flat_map(|s| s.lock().unwrap().latencies.clone())
+            .filter(|(_, across)| on(*across))
+            .map(|(latency, _)| latency)
+            .collect();
+        all.sort_unstable();
+        all
+    };
+    let row = |what: &str, all: &[Duration]| {
+        println!(
+            "| {what} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            percentile(all, 50.0).as_secs_f64() * 1e3,
+            percentile(all, 99.0).as_secs_f64() * 1e3,
+            all.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+        );
+    };
+    row(&format!("{} msg/s", args.rate), &latencies(&|_| true));
+    if replicas > 1 {
+        row(
+            "subscriber on the replica the message was sent through",
+            &latencies(&|across| !across),
+        );
+        row(
+            "subscriber on another replica (LISTEN/NOTIFY)",
+            &latencies(&|across| across),
+        );
+    }
 
-    // Throughput: closed loop, subscribers still attached.
-    latencies.lock().unwrap().clear();
-    let channels: Vec<Channel> = (0..4)
-        .map(|_| {
-            Channel::from_shared(info.server_url.clone())
-                .unwrap()
-                .connect_lazy()
+    // Throughput: closed loop, subscribers still attached; the senders
+    // spread over the replicas (worker w through replica w mod n).
+    let channels: Vec<Vec<Channel>> = urls
+        .iter()
+        .map(|url| {
+            (0..4)
+                .map(|_| Channel::from_shared(url.clone()).unwrap().connect_lazy())
+                .collect()
         })
         .collect();
-    let next = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
-    let stats = closed_loop(
-        args.send_concurrency,
-        Duration::from_secs(args.seconds),
-        move |w, _| {
-            let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            send(
-                ChannelsClient::new(channels[w % channels.len()].clone()),
-                seq,
-            )
-        },
-    )
-    .await;
+    let next = Arc::new(AtomicU64::new(THROUGHPUT_SEQ));
+    let acked: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let stats = {
+        let acked = acked.clone();
+        closed_loop(
+            args.send_concurrency,
+            Duration::from_secs(args.seconds),
+            move |w, _| {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                let replica = &channels[w % channels.len()];
+                let sent = send(
+                    ChannelsClient::new(replica[(w / channels.len()) % replica.len()].clone()),
+                    seq,
+                );
+                let acked = acked.clone();
+                async move {
+                    let ok = sent.await;
+                    if ok {
+                        acked.lock().unwrap().insert(seq);
+                    }
+                    ok
+                }
+            },
+        )
+        .await
+    };
+    let acked = acked.lock().unwrap().clone();
+    let delivered = settle(&subscribers, &acked).await;
     println!(
         "\n| call | concurrency | QPS | p50 | p99 | CPU per call |\n|---|---|---|---|---|---|"
     );
     println!(
         "{}",
         stats.row(&format!(
-            "SendMessage {} batch ≤ {} ({} live subscribers)",
+            "SendMessage {} batch ≤ {max_send_batch}, {replicas} replica(s) ({} live subscribers)",
             backend.name(),
-            max_send_batch,
             args.devices
         ))
     );
+    println!("Deliveries of the acknowledged sends: {delivered}");
     stack.stop().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tally_counts_missing_and_duplicate_deliveries_of_acknowledged_sends_only() {
+        let subscriber = |counts: &[(u64, u32)]| -> Subscriber {
+            Arc::new(Mutex::new(Received {
+                count: counts.iter().copied().collect(),
+                latencies: Vec::new(),
+            }))
+        };
+        // 9 was delivered but never acknowledged: not counted.
+        let subscribers = [
+            subscriber(&[(1, 1), (2, 1), (3, 1), (9, 1)]),
+            subscriber(&[(1, 1), (2, 3)]),
+        ];
+        let acked: HashSet<u64> = [1, 2, 3].into();
+        assert_eq!(
+            tally(&subscribers, &acked),
+            Tally {
+                expected: 6,
+                delivered: 5,
+                missing: 1,
+                duplicates: 2,
+            }
+        );
+    }
 }
