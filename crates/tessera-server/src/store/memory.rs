@@ -192,14 +192,11 @@ impl Store for MemoryStore {
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let mut m = self.lock()?;
-            if !extends(
-                m.channels.get(channel_id),
-                expected_length,
-                expected_head,
-                &change.channel,
-            ) {
+            let current = m.channels.get(channel_id);
+            if !extends(current, expected_length, expected_head) {
                 return Ok(false);
             }
+            let change = change.placed(current);
             let id = channel_id.to_owned();
             m.channels.insert(id.clone(), change.channel.clone());
             m.chains

@@ -593,14 +593,11 @@ impl Store for PgStore {
             let mut client = self.pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(pg_error)?;
             let current = lock_channel(&tx, channel_id).await?;
-            if !extends(
-                current.as_ref(),
-                expected_length,
-                expected_head,
-                &change.channel,
-            ) {
+            if !extends(current.as_ref(), expected_length, expected_head) {
                 return Ok(false); // the transaction rolls back when dropped
             }
+            // Placed after every message stored so far: the row is locked.
+            let change = &change.placed(current.as_ref());
             let record = change.channel.encode_to_vec();
             let written = if current.is_none() {
                 // A creation: another replica may create the same id at once.
@@ -1200,6 +1197,148 @@ mod tests {
                 b.usage(&identity).await.unwrap().message_bytes,
                 charged,
                 "every charge counted once"
+            );
+        }
+    }
+
+    /// One replica stores batches in a loop while another appends
+    /// statements, each built from a read of the channel made before some
+    /// of those batches: every statement is stored (none starved by the
+    /// messages), each at the channel's `next_index` when it was written,
+    /// so every message's epoch is the one its index falls under.
+    #[tokio::test]
+    async fn a_statement_is_placed_after_the_batches_another_replica_stored() {
+        const STATEMENTS: u8 = 6;
+        let pg = Postgres::start();
+        let a = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
+        let b = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
+        let record = |length: u8| ChannelRecord {
+            channel_id: "c".into(),
+            next_index: 1,
+            chain_length: u64::from(length),
+            chain_head: vec![length; 32],
+            ..Default::default()
+        };
+        let creation = StatementChange {
+            channel: record(1),
+            entry: ChainEntry {
+                next_index: 1,
+                ..Default::default()
+            },
+            put_members: vec![],
+            remove_members: vec![],
+        };
+        assert!(a.append_statement("c", 0, &[], &creation).await.unwrap());
+        let batch = |channel: &ChannelRecord, n: u32| -> Vec<PendingMessage> {
+            (0..4u32)
+                .map(|k| PendingMessage {
+                    chain_length: channel.chain_length,
+                    message: StoredMessage {
+                        channel_id: "c".into(),
+                        sender_identity: "u".into(),
+                        client_message_id: [&n.to_be_bytes()[..], &k.to_be_bytes(), &[0; 8]]
+                            .concat(),
+                        epoch: channel.chain_length - 1,
+                        ..Default::default()
+                    },
+                    max_message_bytes: u64::MAX,
+                })
+                .collect()
+        };
+        // The statement's read, then a batch of the other replica, then
+        // the statement: placed after the batch, not refused.
+        let read = a.channel("c").await.unwrap().unwrap();
+        let first = batch(&read, 0);
+        assert!(
+            b.append_messages(&first)
+                .await
+                .unwrap()
+                .iter()
+                .all(|o| matches!(o, BatchOutcome::Stored(_)))
+        );
+        let mut statements = 0u8;
+        let statement = |read: &ChannelRecord, length: u8| StatementChange {
+            channel: ChannelRecord {
+                chain_length: u64::from(length),
+                chain_head: vec![length; 32],
+                ..read.clone()
+            },
+            entry: ChainEntry {
+                next_index: read.next_index,
+                server_time_ms: i64::from(length),
+                ..Default::default()
+            },
+            put_members: vec![],
+            remove_members: vec![],
+        };
+        assert!(
+            a.append_statement("c", 1, &[1; 32], &statement(&read, 2))
+                .await
+                .unwrap(),
+            "messages stored since the read do not refuse the statement"
+        );
+        statements += 1;
+        assert_eq!(
+            a.chain("c", 1, 2, 1, usize::MAX).await.unwrap()[0].next_index,
+            5,
+            "placed after the other replica's batch"
+        );
+        // Now at once: batches on b in a loop, statements on a.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let (b, done) = (b.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut n = 1;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let channel = b.channel("c").await.unwrap().unwrap();
+                    b.append_messages(&batch(&channel, n)).await.unwrap();
+                    n += 1;
+                }
+            })
+        };
+        while statements < STATEMENTS {
+            let read = a.channel("c").await.unwrap().unwrap();
+            // Room for the other replica's batches between read and write.
+            let _ = a.dedupe("c", &[0; 16]).await.unwrap();
+            let length = 2 + statements;
+            assert!(
+                a.append_statement(
+                    "c",
+                    read.chain_length,
+                    &read.chain_head,
+                    &statement(&read, length)
+                )
+                .await
+                .unwrap(),
+                "statement {length} stored"
+            );
+            statements += 1;
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        sender.await.unwrap();
+        let channel = a.channel("c").await.unwrap().unwrap();
+        assert_eq!(channel.chain_length, u64::from(STATEMENTS) + 1);
+        let chain = a
+            .chain("c", 0, u64::MAX, usize::MAX, usize::MAX)
+            .await
+            .unwrap();
+        let messages = a
+            .messages("c", 1, u64::MAX, usize::MAX, usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(
+            messages.iter().map(|m| m.index).collect::<Vec<_>>(),
+            (1..channel.next_index).collect::<Vec<_>>(),
+            "no index skipped or stored twice"
+        );
+        for m in &messages {
+            let epoch = usize::try_from(m.epoch).unwrap();
+            let from = chain[epoch].next_index;
+            let to = chain.get(epoch + 1).map_or(u64::MAX, |e| e.next_index);
+            assert!(
+                (from..to).contains(&m.index),
+                "message {} sealed at epoch {epoch} lies in {from}..{to}",
+                m.index
             );
         }
     }

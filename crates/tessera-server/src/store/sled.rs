@@ -258,23 +258,18 @@ impl Store for SledStore {
             use sled::transaction::ConflictableTransactionError as Conflict;
             let id = channel_id.as_bytes();
             let channel_key = key(b"c/", &[id]);
-            let channel = change.channel.encode_to_vec();
-            let entry = change.entry.encode_to_vec();
             let appended = self.db.transaction(|tx| {
                 let current = tx
                     .get(&channel_key)?
                     .map(|v| decode::<ChannelRecord>(&v, "channel"))
                     .transpose()
                     .map_err(Conflict::Abort)?;
-                if !extends(
-                    current.as_ref(),
-                    expected_length,
-                    expected_head,
-                    &change.channel,
-                ) {
+                if !extends(current.as_ref(), expected_length, expected_head) {
                     return Ok(false);
                 }
-                tx.insert(channel_key.as_slice(), channel.as_slice())?;
+                let change = change.placed(current.as_ref());
+                let entry = change.entry.encode_to_vec();
+                tx.insert(channel_key.as_slice(), change.channel.encode_to_vec())?;
                 tx.insert(
                     key(b"cs/", &[id, &u64_key(expected_length)]),
                     entry.as_slice(),
