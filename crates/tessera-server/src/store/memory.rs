@@ -37,8 +37,30 @@ pub struct MemoryStore {
     inner: Arc<Mutex<Memory>>,
 }
 
+#[cfg(test)]
+impl MemoryStore {
+    /// The next `append_messages` call fails as `how` says.
+    pub(crate) fn sabotage_next_batch(&self, how: Sabotage) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.sabotage = Some(how);
+        }
+    }
+}
+
+/// How the next batch fails, for tests of the committer.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sabotage {
+    /// `append_messages` answers an error.
+    Fail,
+    /// `append_messages` panics.
+    Panic,
+}
+
 #[derive(Default)]
 struct Memory {
+    #[cfg(test)]
+    sabotage: Option<Sabotage>,
     accounts: BTreeMap<String, Account>,
     devices: BTreeMap<Vec<u8>, Device>,
     org: BTreeMap<String, ()>,
@@ -251,6 +273,21 @@ impl Store for MemoryStore {
         batch: &'a [PendingMessage],
     ) -> StoreFuture<'a, Vec<BatchOutcome>> {
         Box::pin(async move {
+            #[cfg(test)]
+            {
+                let sabotage = self.lock()?.sabotage.take();
+                match sabotage {
+                    Some(Sabotage::Fail) => {
+                        return Err(StorageError::Backend {
+                            backend: "memory",
+                            message: "the batch was made to fail".into(),
+                        });
+                    }
+                    #[allow(clippy::panic)]
+                    Some(Sabotage::Panic) => panic!("the batch was made to panic"),
+                    None => {}
+                }
+            }
             let mut m = self.lock()?;
             let (channel_ids, senders) = batch_keys(batch);
             let channels = channel_ids

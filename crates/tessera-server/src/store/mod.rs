@@ -23,6 +23,8 @@ use prost::Message;
 use tessera_proto::server::v1::{ChainEntry, StoredMessage};
 use tessera_service::storage::{FlushFuture, StorageError};
 
+#[cfg(test)]
+pub(crate) use self::memory::Sabotage;
 pub use self::{
     listen::{Announced, Listening, listen},
     memory::MemoryStore,
