@@ -18,10 +18,12 @@
 //! refused as busy), and a queued send whose caller has gone is dropped
 //! when the next batch is formed.
 //!
-//! The task holds the user locks of the batch's senders (shared with the
-//! rest of the server, taken in one fixed order) while the store decides:
-//! the embedded stores check a user's usage and write it under that lock
-//! elsewhere (sender keys, attachments). It never holds a channel's lock
+//! On the embedded stores the task holds the user locks of the batch's
+//! senders (shared with the rest of the server, taken in one fixed order)
+//! while the store decides: they check a user's usage and write it under
+//! that lock elsewhere (sender keys, attachments). On PostgreSQL it takes
+//! none ([`Store::batch_needs_user_locks`]): the transaction locks the
+//! usage rows. It never holds a channel's lock
 //! or gate: a statement accepted meanwhile (by another replica) moves the
 //! chain, the store answers `Moved` and that sender checks again. A
 //! statement on this replica takes the channel's send gate exclusive and
@@ -280,10 +282,17 @@ impl SendBatches {
         &self,
         batch: &mut [PendingMessage],
     ) -> Result<(Vec<BatchOutcome>, i64), StorageError> {
-        let senders: Vec<String> = batch
-            .iter()
-            .map(|p| p.message.sender_identity.clone())
-            .collect();
+        // Only where the store needs them (the embedded stores): on
+        // PostgreSQL no user's lock (held, say, across a key-service call
+        // while enrolling a device) stalls the channel's batches.
+        let senders: Vec<String> = if self.store.batch_needs_user_locks() {
+            batch
+                .iter()
+                .map(|p| p.message.sender_identity.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let locks = self
             .user_locks
             .lock_all(senders.iter().map(String::as_str))

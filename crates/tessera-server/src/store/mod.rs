@@ -538,6 +538,16 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         batch: &'a [PendingMessage],
     ) -> StoreFuture<'a, Vec<BatchOutcome>>;
+    /// Whether the caller of [`Self::append_messages`] must hold the
+    /// user locks (`crate::Locks`) of the batch's senders. The embedded
+    /// stores (one process each) need them: the other writers of a user's
+    /// usage (sender keys, attachments) read and write it in two steps
+    /// under that lock. A database that locks the usage rows in the
+    /// batch's transaction, and whose other writers compare-and-set the
+    /// usage, needs none (PostgreSQL), so no user's lock stalls a batch.
+    fn batch_needs_user_locks(&self) -> bool {
+        true
+    }
     /// Messages with `from <= index < to`, at most `limit` and, but for the
     /// first, at most `max_bytes` of stored records (a page never holds more
     /// than that in memory, whatever the envelopes' sizes), taken from the

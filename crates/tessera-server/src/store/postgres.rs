@@ -725,6 +725,12 @@ impl Store for PgStore {
         })
     }
 
+    fn batch_needs_user_locks(&self) -> bool {
+        // Usage rows are locked FOR UPDATE in the batch's transaction;
+        // sender keys and attachments compare-and-set them (`cas_usage`).
+        false
+    }
+
     fn message_range<'a>(
         &'a self,
         channel_id: &'a str,
