@@ -30,7 +30,7 @@
 //! with every send that waited for it), so a channel's sends pay one
 //! commit, and about four round trips, per batch rather than per message.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use deadpool_postgres::{GenericClient, Pool};
 use prost::Message;
@@ -96,10 +96,62 @@ pub struct PgStore {
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
+/// The server-side bound on one statement of the app server's store,
+/// unless the URL's `options` set `statement_timeout` (e.g.
+/// `?options=-c%20statement_timeout%3D5s`): a hung statement (a lock never
+/// released, a stuck backend) fails its call instead of stalling the
+/// channel's batches, and the statements waiting for them, for ever.
+const STATEMENT_TIMEOUT: &str = "30s";
+/// How long a session may sit idle inside a transaction before the server
+/// ends it (a client that vanished mid-transaction frees its row locks).
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
+
+/// `config` with the store's bounds: `statement_timeout` and
+/// `idle_in_transaction_session_timeout` (through the startup `options`,
+/// added to the URL's own unless it names them), and TCP keepalives (idle
+/// 30 s, every 10 s, 3 probes) and a TCP user timeout of 60 s unless the
+/// URL sets them, so a peer that vanished without closing the connection
+/// (a network partition) fails the call within about a minute instead of
+/// never.
+fn with_timeouts(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+    let own = config.get_options().unwrap_or_default().to_owned();
+    let mut options = own.clone();
+    for (name, value) in [
+        ("statement_timeout", STATEMENT_TIMEOUT),
+        (
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        ),
+    ] {
+        if !own.contains(name) {
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(&format!("-c {name}={value}"));
+        }
+    }
+    config.options(options);
+    config.keepalives(true);
+    // The driver's default idle time is 2 hours: shorten only that.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(30));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(10));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(60));
+    }
+    config
+}
+
 impl PgStore {
     /// Connects, applies the migrations and opens the pool.
     pub async fn open(options: &PgOptions) -> Result<Self, PgOpenError> {
-        let config = config(options, "tessera-server")?;
+        let config = with_timeouts(config(options, "tessera-server")?);
         let pool = read_pool(config, options.pool_size)?;
         let mut client = pool.get().await.map_err(pool_error)?;
         migrate(&mut client, SERVICE, MIGRATIONS).await?;
@@ -1372,5 +1424,33 @@ mod tests {
                 m.index
             );
         }
+    }
+
+    /// The store's connections carry a statement timeout and an idle in
+    /// transaction timeout, unless the URL's options set their own.
+    #[tokio::test]
+    async fn connections_carry_statement_timeouts_unless_the_url_sets_them() {
+        let pg = Postgres::start();
+        let show = |store: PgStore, name: &'static str| async move {
+            let rows = store.query(&format!("SHOW {name}"), &[]).await.unwrap();
+            column::<String>(&rows[0], 0).unwrap()
+        };
+        let store = PgStore::open(&options(&pg)).await.unwrap();
+        assert_eq!(show(store, "statement_timeout").await, "30s");
+        let store = PgStore::open(&options(&pg)).await.unwrap();
+        assert_eq!(
+            show(store, "idle_in_transaction_session_timeout").await,
+            "1min"
+        );
+        let own = PgOptions {
+            url: format!("{}?options=-c%20statement_timeout%3D5s", options(&pg).url),
+            ..options(&pg)
+        };
+        let store = PgStore::open(&own).await.unwrap();
+        assert_eq!(
+            show(store, "statement_timeout").await,
+            "5s",
+            "the URL's own"
+        );
     }
 }
