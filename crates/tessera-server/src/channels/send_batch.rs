@@ -253,19 +253,34 @@ impl SendBatches {
         self.largest.fetch_max(pending.len(), Ordering::Relaxed);
         metrics::record(metrics::SERVER_SEND_BATCH, pending.len() as f64);
         match self.store_batch(&mut pending).await {
-            Ok((outcomes, stamp)) => {
+            Ok((outcomes, stamp, flushed)) => {
                 for ((p, reply), outcome) in pending.into_iter().zip(replies).zip(outcomes) {
-                    if let BatchOutcome::Stored(index) = outcome {
-                        metrics::increment(metrics::SERVER_MESSAGES_STORED);
-                        let mut message = p.message;
-                        message.index = index;
-                        self.hub.publish(message);
-                    }
+                    let answer = match (&outcome, &flushed) {
+                        // Written but not known durable: an error, and
+                        // subscribers read the store for it (not published
+                        // whole; a later message would open a gap anyway).
+                        (BatchOutcome::Stored(index), Err(e)) => {
+                            self.hub.publish_index(&p.message.channel_id, *index);
+                            Err(ServerError::Storage(copy(e)))
+                        }
+                        (BatchOutcome::Stored(index), Ok(())) => {
+                            metrics::increment(metrics::SERVER_MESSAGES_STORED);
+                            let mut message = p.message;
+                            message.index = *index;
+                            self.hub.publish(message);
+                            Ok(Committed {
+                                outcome,
+                                server_time_ms: stamp,
+                            })
+                        }
+                        // Nothing of its own written: its real outcome.
+                        _ => Ok(Committed {
+                            outcome,
+                            server_time_ms: stamp,
+                        }),
+                    };
                     // A sender that hung up no longer waits: nothing to do.
-                    let _ = reply.send(Ok(Committed {
-                        outcome,
-                        server_time_ms: stamp,
-                    }));
+                    let _ = reply.send(answer);
                 }
             }
             Err(e) => {
@@ -277,11 +292,12 @@ impl SendBatches {
     }
 
     /// Stamps the batch with the time it is stored at and stores it: its
-    /// outcomes, and that stamp.
+    /// outcomes, that stamp, and how its flush went (a failed flush leaves
+    /// the outcomes standing: the messages were written).
     async fn store_batch(
         &self,
         batch: &mut [PendingMessage],
-    ) -> Result<(Vec<BatchOutcome>, i64), StorageError> {
+    ) -> Result<(Vec<BatchOutcome>, i64, Result<(), StorageError>), StorageError> {
         // Only where the store needs them (the embedded stores): on
         // PostgreSQL no user's lock (held, say, across a key-service call
         // while enrolling a device) stalls the channel's batches.
@@ -313,13 +329,15 @@ impl SendBatches {
                 "a batch's outcomes do not match its sends",
             ));
         }
-        if outcomes
+        let flushed = if outcomes
             .iter()
             .any(|o| matches!(o, BatchOutcome::Stored(_)))
         {
-            self.store.flush().await?;
-        }
-        Ok((outcomes, stamp))
+            self.store.flush().await
+        } else {
+            Ok(())
+        };
+        Ok((outcomes, stamp, flushed))
     }
 
     /// Batches committed since start, and the most messages in one.

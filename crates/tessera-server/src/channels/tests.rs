@@ -1623,3 +1623,42 @@ async fn a_queued_send_is_stamped_when_stored() {
         "the stamp stored"
     );
 }
+
+/// The flush after a written batch fails: the message it wrote answers an
+/// error (not known durable), but a duplicate of it in the same batch
+/// answers its real outcome (duplicate, its index), and a subscriber
+/// still hears of the written message.
+#[tokio::test]
+async fn a_failed_flush_errs_only_the_messages_it_wrote() {
+    let store = Arc::new(MemoryStore::default());
+    let w = World::on(store.clone(), Limits::default());
+    let alice = w.user("alice").await;
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &[]).await;
+    let mut raw = w.channels.hub.subscribe(CH).unwrap();
+    let held = w.channels.user_locks.of("alice").lock().await;
+    let spawn = |n: u8| {
+        let (channels, who, r) = (
+            w.channels.clone(),
+            caller(&alice),
+            send_request(&alice, 0, n),
+        );
+        tokio::spawn(async move { channels.send(&who, r).await })
+    };
+    let blocker = spawn(1);
+    w.queued_reaches(0).await;
+    let (first, again) = (spawn(2), spawn(2));
+    w.queued_reaches(2).await;
+    store.sabotage_next_batch(crate::store::Sabotage::FailFlushAfterBatchOf(2));
+    drop(held);
+    assert_eq!(blocker.await.unwrap().unwrap().index, 1);
+    let first = first.await.unwrap().unwrap_err();
+    assert_eq!(tonic::Status::from(first).code(), Code::Internal);
+    let again = again.await.unwrap().expect("a duplicate's real answer");
+    assert_eq!((again.index, again.duplicate), (2, true));
+    let mut heard = Vec::new();
+    while let Ok(item) = raw.try_recv() {
+        heard.extend(item.index());
+    }
+    assert_eq!(heard, [1, 2], "the written message announced too");
+}

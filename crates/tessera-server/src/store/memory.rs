@@ -55,12 +55,17 @@ pub(crate) enum Sabotage {
     Fail,
     /// `append_messages` panics.
     Panic,
+    /// The flush after the next batch of this many messages answers an
+    /// error (the batch itself is written).
+    FailFlushAfterBatchOf(usize),
 }
 
 #[derive(Default)]
 struct Memory {
     #[cfg(test)]
     sabotage: Option<Sabotage>,
+    #[cfg(test)]
+    fail_flush: bool,
     accounts: BTreeMap<String, Account>,
     devices: BTreeMap<Vec<u8>, Device>,
     org: BTreeMap<String, ()>,
@@ -285,6 +290,14 @@ impl Store for MemoryStore {
                     }
                     #[allow(clippy::panic)]
                     Some(Sabotage::Panic) => panic!("the batch was made to panic"),
+                    Some(Sabotage::FailFlushAfterBatchOf(n)) => {
+                        let mut m = self.lock()?;
+                        if batch.len() == n {
+                            m.fail_flush = true;
+                        } else {
+                            m.sabotage = sabotage;
+                        }
+                    }
                     None => {}
                 }
             }
@@ -467,7 +480,18 @@ impl Store for MemoryStore {
     }
 
     fn flush(&self) -> FlushFuture<'_> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async {
+            #[cfg(test)]
+            if let Ok(mut m) = self.inner.lock()
+                && std::mem::take(&mut m.fail_flush)
+            {
+                return Err(StorageError::Backend {
+                    backend: "memory",
+                    message: "the flush was made to fail".into(),
+                });
+            }
+            Ok(())
+        })
     }
 }
 
