@@ -335,6 +335,12 @@ impl Store for SledStore {
             // is the one it writes next to. Usage is written elsewhere only
             // under the user's lock, which the caller holds for every
             // sender of the batch. Durable at the caller's one flush.
+            // Known cost, kept: sled 0.34 runs the whole closure (up to
+            // `max_send_batch` dedupe reads, encoding up to 8 MiB) under
+            // its process-wide write lock, so every other read of the
+            // process's sled databases waits meanwhile, on its tokio
+            // worker. Reading the dedupe keys outside the transaction, or
+            // a `spawn_blocking`, would shorten that.
             time_store("append_messages", || {
                 self.db.transaction(|tx| {
                     let corrupt = Conflict::Abort;
