@@ -198,6 +198,21 @@ impl World {
         panic!("{n} sends never waited for the next batch");
     }
 
+    /// A send from `from` (message `n`, epoch 0) on a task of its own.
+    fn spawn_send(
+        &self,
+        from: &Dev,
+        n: u8,
+    ) -> tokio::task::JoinHandle<Result<tessera_proto::server::v1::SendMessageResponse, ServerError>>
+    {
+        let (channels, who, r) = (
+            self.channels.clone(),
+            caller(from),
+            send_request(from, 0, n),
+        );
+        tokio::spawn(async move { channels.send(&who, r).await })
+    }
+
     async fn send(&self, from: &Dev, epoch: u64, n: u8) -> Result<u64, ServerError> {
         self.channels
             .send(&caller(from), send_request(from, epoch, n))
@@ -1461,19 +1476,9 @@ async fn a_failed_batch(how: crate::store::Sabotage) -> Vec<Result<u64, Code>> {
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &["bob"]).await;
     let held = w.channels.user_locks.of("bob").lock().await;
-    let spawn = |n: u8| {
-        let (channels, who, r) = (w.channels.clone(), caller(&bob), send_request(&bob, 0, n));
-        tokio::spawn(async move {
-            channels
-                .send(&who, r)
-                .await
-                .map(|r| r.index)
-                .map_err(|e| tonic::Status::from(e).code())
-        })
-    };
-    let mut sends = vec![spawn(1)];
+    let mut sends = vec![w.spawn_send(&bob, 1)];
     w.queued_reaches(0).await; // the first batch is in flight
-    sends.extend([spawn(2), spawn(3)]);
+    sends.extend([w.spawn_send(&bob, 2), w.spawn_send(&bob, 3)]);
     w.queued_reaches(2).await;
     store.sabotage_next_batch(how);
     drop(held);
@@ -1483,7 +1488,12 @@ async fn a_failed_batch(how: crate::store::Sabotage) -> Vec<Result<u64, Code>> {
         let answer = tokio::time::timeout(Duration::from_secs(60), s)
             .await
             .expect("every sender gets an answer");
-        answers.push(answer.unwrap());
+        answers.push(
+            answer
+                .unwrap()
+                .map(|r| r.index)
+                .map_err(|e| tonic::Status::from(e).code()),
+        );
     }
     let next = tokio::time::timeout(Duration::from_secs(60), w.send(&bob, 0, 4))
         .await
@@ -1592,22 +1602,17 @@ async fn a_queued_send_is_stamped_when_stored() {
     let mut chain = Chain::new();
     w.create(&mut chain, &alice, &[]).await;
     let held = w.channels.user_locks.of("alice").lock().await;
-    let spawn = |n: u8| {
-        let (channels, who, r) = (
-            w.channels.clone(),
-            caller(&alice),
-            send_request(&alice, 0, n),
-        );
-        tokio::spawn(async move { channels.send(&who, r).await.unwrap() })
-    };
-    let first = spawn(1);
+    let first = w.spawn_send(&alice, 1);
     w.queued_reaches(0).await;
-    let second = spawn(2);
+    let second = w.spawn_send(&alice, 2);
     w.queued_reaches(1).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let released = tessera_service::now_ms();
     drop(held);
-    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    let (first, second) = (
+        first.await.unwrap().unwrap(),
+        second.await.unwrap().unwrap(),
+    );
     assert!(
         second.server_time_ms >= released,
         "stamped at {} before it was stored (released at {released})",
@@ -1637,17 +1642,9 @@ async fn a_failed_flush_errs_only_the_messages_it_wrote() {
     w.create(&mut chain, &alice, &[]).await;
     let mut raw = w.channels.hub.subscribe(CH).unwrap();
     let held = w.channels.user_locks.of("alice").lock().await;
-    let spawn = |n: u8| {
-        let (channels, who, r) = (
-            w.channels.clone(),
-            caller(&alice),
-            send_request(&alice, 0, n),
-        );
-        tokio::spawn(async move { channels.send(&who, r).await })
-    };
-    let blocker = spawn(1);
+    let blocker = w.spawn_send(&alice, 1);
     w.queued_reaches(0).await;
-    let (first, again) = (spawn(2), spawn(2));
+    let (first, again) = (w.spawn_send(&alice, 2), w.spawn_send(&alice, 2));
     w.queued_reaches(2).await;
     store.sabotage_next_batch(crate::store::Sabotage::FailFlushAfterBatchOf(2));
     drop(held);
