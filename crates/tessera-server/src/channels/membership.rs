@@ -27,10 +27,6 @@ use crate::{
     store::{ChannelRecord, MemberRecord, StatementChange},
 };
 
-/// Tries of a statement while messages keep being stored under it (by
-/// another replica sharing the database).
-const STATEMENT_ATTEMPTS: usize = 16;
-
 impl Channels {
     /// Starts a channel from its signed creation (epoch 0), under the id
     /// the creation names. The same creation sent again (a retry) answers
@@ -132,29 +128,22 @@ impl Channels {
             ));
         }
         let signer = self.statement_signer(caller, &parsed).await?;
-        for _ in 0..STATEMENT_ATTEMPTS {
-            if let Some(channel) = self
-                .try_publish(caller, channel_id, &parsed, &signer)
-                .await?
-            {
-                return Ok(channel);
-            }
-        }
-        Err(ServerError::Aborted(format!(
-            "channel {channel_id} took messages under {STATEMENT_ATTEMPTS} attempts to store the statement; send it again"
-        )))
+        self.try_publish(caller, channel_id, &parsed, &signer).await
     }
 
-    /// One attempt of [`Self::publish`], under the channel's lock: `None`
-    /// when messages were stored (by another replica) between reading the
-    /// statement's place and storing it.
+    /// The rest of [`Self::publish`], under the channel's lock. Messages
+    /// stored meanwhile by another replica sharing the database do not
+    /// refuse the statement: the store places it after them, in the same
+    /// atomic step that checks the chain ([`StatementChange::placed`]).
+    ///
+    /// [`StatementChange::placed`]: crate::store::StatementChange::placed
     async fn try_publish(
         &self,
         caller: &Caller,
         channel_id: &str,
         parsed: &ParsedChannelStatement,
         signer: &DeviceSigner,
-    ) -> Result<Option<PbChannel>, ServerError> {
+    ) -> Result<PbChannel, ServerError> {
         // Held until the statement is stored (and announced): a message is
         // sent either before it or after it, at a known index.
         let _lock = self.channel_locks.of(channel_id).lock().await;
@@ -175,13 +164,13 @@ impl Channels {
             // left with it, or replays an old statement of theirs) learns
             // only the chain's length, not the channel's name or members.
             return if member {
-                self.view_for(&channel, &caller.identity).await.map(Some)
+                self.view_for(&channel, &caller.identity).await
             } else {
-                Ok(Some(PbChannel {
+                Ok(PbChannel {
                     channel_id: channel_id.to_owned(),
                     chain_length: channel.chain_length,
                     ..PbChannel::default()
-                }))
+                })
             };
         }
         if !member {
@@ -238,13 +227,8 @@ impl Channels {
             )
             .await?
         {
-            // Only messages stored meanwhile (by a replica sharing the
-            // database): the statement goes after them, tried again.
-            let moved = self.channel(channel_id).await?;
-            if moved.chain_length == channel.chain_length && moved.chain_head == channel.chain_head
-            {
-                return Ok(None);
-            }
+            // Another statement took this epoch (on a replica sharing the
+            // database, which has no lock in common with this one).
             return Err(ServerError::Aborted(
                 "the channel's chain changed meanwhile: refetch it and sign again".into(),
             ));
@@ -253,9 +237,13 @@ impl Channels {
         self.hub
             .publish_chain(channel_id, stored.channel.chain_length);
         tracing::info!(%channel_id, epoch = parsed.epoch(), by = %caller.identity, change = change_name(&change), "membership statement accepted");
-        self.view_for(&stored.channel, &caller.identity)
-            .await
-            .map(Some)
+        // As stored: its place may be past the `next_index` read above.
+        let now_stored = self.store.channel(channel_id).await?;
+        self.view_for(
+            now_stored.as_ref().unwrap_or(&stored.channel),
+            &caller.identity,
+        )
+        .await
     }
 
     /// The chain's statements from `from_epoch` on, for a current member.

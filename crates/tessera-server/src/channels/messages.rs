@@ -10,7 +10,9 @@ use tessera_proto::server::v1::{
 };
 use tessera_service::{Caller, limits};
 
-use super::{Channels, legacy, sender_keys::check_current_epoch, visible_from};
+use super::{
+    Channels, legacy, send_batch::SendBatches, sender_keys::check_current_epoch, visible_from,
+};
 use crate::{
     error::ServerError,
     signers::own_active_device,
@@ -143,27 +145,30 @@ impl Channels {
             sender_identity: caller.identity.clone(),
             sender_card_id: sender_card.to_vec(),
             client_message_id: r.client_message_id.clone(),
-            server_time_ms: tessera_service::now_ms(),
+            server_time_ms: 0, // stamped by the batch, when stored
             envelope: r.envelope.clone(),
             epoch,
             kind: kind as i32,
         };
-        // The checks hold for this chain length; the gate is not held while
-        // the batch commits (other sends check meanwhile and join the next
-        // batch). A statement accepted since moves the chain: the store
-        // answers `Moved` and the send is checked again.
-        drop(gate);
         let pending = PendingMessage {
             chain_length: channel.chain_length,
             message,
             max_message_bytes: self.limits.max_message_bytes_per_user,
         };
-        let server_time_ms = pending.message.server_time_ms;
+        // The checks hold for this chain length. Queued before the gate is
+        // released, so a statement that takes the gate next waits for this
+        // send's batch; the gate is not held while the batch commits
+        // (other sends check meanwhile and join the next batch). A
+        // statement accepted since (by another replica) moves the chain:
+        // the store answers `Moved` and the send is checked again.
+        let answer = self.send_batches.enqueue(pending)?;
+        drop(gate);
         // Stored, flushed and published (in index order) by the batch.
-        match self.send_batches.submit(pending).await? {
+        let committed = SendBatches::answer(answer).await?;
+        match committed.outcome {
             BatchOutcome::Stored(index) => Ok(Some(SendMessageResponse {
                 index,
-                server_time_ms,
+                server_time_ms: committed.server_time_ms,
                 duplicate: false,
             })),
             BatchOutcome::Duplicate(index) => self.duplicate(&r.channel_id, index).await.map(Some),

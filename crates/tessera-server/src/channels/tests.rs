@@ -198,6 +198,21 @@ impl World {
         panic!("{n} sends never waited for the next batch");
     }
 
+    /// A send from `from` (message `n`, epoch 0) on a task of its own.
+    fn spawn_send(
+        &self,
+        from: &Dev,
+        n: u8,
+    ) -> tokio::task::JoinHandle<Result<tessera_proto::server::v1::SendMessageResponse, ServerError>>
+    {
+        let (channels, who, r) = (
+            self.channels.clone(),
+            caller(from),
+            send_request(from, 0, n),
+        );
+        tokio::spawn(async move { channels.send(&who, r).await })
+    }
+
     async fn send(&self, from: &Dev, epoch: u64, n: u8) -> Result<u64, ServerError> {
         self.channels
             .send(&caller(from), send_request(from, epoch, n))
@@ -1332,6 +1347,10 @@ async fn concurrent_sends(max_send_batch: usize) -> (u64, usize) {
     );
     // The first batch's committer takes its senders' locks: holding
     // alice's stalls it, and the other sends queue behind it.
+    // The hub's raw feed: the subscription above delivers in index order
+    // whatever the publish order (it fills gaps from the store), so only
+    // this shows the order the batch publishes in.
+    let mut raw = w.channels.hub.subscribe(CH).unwrap();
     let held = w.channels.user_locks.of("alice").lock().await;
     let spawn = |n: u8| {
         let (channels, who, r) = (
@@ -1364,7 +1383,16 @@ async fn concurrent_sends(max_send_batch: usize) -> (u64, usize) {
         }
     }
     let expected: Vec<String> = (1..=N).map(|i| format!("m{i}")).collect();
-    assert_eq!(heard, expected, "published in order");
+    assert_eq!(heard, expected, "each delivered once");
+    let mut published = Vec::new();
+    while let Ok(item) = raw.try_recv() {
+        published.extend(item.index());
+    }
+    assert_eq!(
+        published,
+        (1..=u64::from(N)).collect::<Vec<_>>(),
+        "published in index order"
+    );
     w.channels.send_batches.stats()
 }
 
@@ -1424,4 +1452,210 @@ async fn a_statement_waits_for_the_sends_already_checked() {
         .entries;
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].next_index, 2, "the statement comes after it");
+}
+
+/// A batch whose store call fails (`Fail`) or panics (`Panic`) while two
+/// more sends wait behind it (batches of one): every sender gets an
+/// answer, the channel is not wedged (the next send is stored) and a
+/// statement still goes through (it waits for the channel to drain).
+/// Returns the answers of the failed send and of the two queued ones.
+async fn a_failed_batch(how: crate::store::Sabotage) -> Vec<Result<u64, Code>> {
+    let store = Arc::new(MemoryStore::default());
+    let w = World::on(
+        store.clone(),
+        Limits {
+            max_send_batch: 1,
+            ..Limits::default()
+        },
+    );
+    let (alice, bob, _carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    let held = w.channels.user_locks.of("bob").lock().await;
+    let mut sends = vec![w.spawn_send(&bob, 1)];
+    w.queued_reaches(0).await; // the first batch is in flight
+    sends.extend([w.spawn_send(&bob, 2), w.spawn_send(&bob, 3)]);
+    w.queued_reaches(2).await;
+    store.sabotage_next_batch(how);
+    drop(held);
+    let mut answers = Vec::new();
+    for s in sends {
+        // A send never answered would hang: fail instead.
+        let answer = tokio::time::timeout(Duration::from_secs(60), s)
+            .await
+            .expect("every sender gets an answer");
+        answers.push(
+            answer
+                .unwrap()
+                .map(|r| r.index)
+                .map_err(|e| tonic::Status::from(e).code()),
+        );
+    }
+    let next = tokio::time::timeout(Duration::from_secs(60), w.send(&bob, 0, 4))
+        .await
+        .expect("the next send is answered")
+        .expect("the channel still takes sends");
+    let statement = chain.sign(&alice, add("carol"));
+    w.channels
+        .publish(&caller(&alice), CH, Some(statement.clone()))
+        .await
+        .expect("a statement still goes through");
+    chain.accepted(&statement);
+    let stored = answers.iter().filter(|a| a.is_ok()).count() as u64;
+    assert_eq!(next, stored + 1, "stored after the others, no gap");
+    assert_eq!(w.channels.send_batches.queued(CH), None, "drained");
+    answers
+}
+
+#[tokio::test]
+async fn a_batch_that_fails_answers_its_senders_and_the_queue_goes_on() {
+    let answers = a_failed_batch(crate::store::Sabotage::Fail).await;
+    assert_eq!(answers, vec![Err(Code::Internal), Ok(1), Ok(2)]);
+}
+
+#[tokio::test]
+async fn a_committer_that_panics_answers_every_waiting_sender() {
+    let answers = a_failed_batch(crate::store::Sabotage::Panic).await;
+    assert_eq!(answers, vec![Err(Code::Internal); 3]);
+}
+
+/// A channel's queue takes at most `max(4 × max_send_batch, 1024)` sends
+/// behind the batch in flight: the next is refused RESOURCE_EXHAUSTED
+/// with a retry delay. Sends whose caller went away while queued are
+/// dropped when a batch is formed, unstored; the others are stored in
+/// order at consecutive indices.
+#[tokio::test]
+async fn a_full_queue_refuses_sends_and_abandoned_ones_are_not_stored() {
+    use crate::store::{BatchOutcome, PendingMessage};
+    use tessera_proto::server::v1::StoredMessage;
+
+    use super::send_batch::SendBatches;
+    let w = World::with(Limits {
+        max_send_batch: 1,
+        ..Limits::default()
+    });
+    let alice = w.user("alice").await;
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &[]).await;
+    let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
+    let pending = |n: u16| PendingMessage {
+        chain_length: length,
+        message: StoredMessage {
+            channel_id: CH.into(),
+            sender_identity: "alice".into(),
+            client_message_id: [&n.to_be_bytes()[..], &[0; 14]].concat(),
+            ..Default::default()
+        },
+        max_message_bytes: u64::MAX,
+    };
+    let batches = w.channels.send_batches.clone();
+    let held = w.channels.user_locks.of("alice").lock().await;
+    let first = batches.enqueue(pending(0)).unwrap();
+    w.queued_reaches(0).await; // in flight
+    let mut kept = Vec::new();
+    for n in 1..=1024u16 {
+        let answer = batches.enqueue(pending(n)).unwrap();
+        // The odd ones' callers hang up.
+        if n % 2 == 0 {
+            kept.push(answer);
+        }
+    }
+    let full = batches.enqueue(pending(1025)).unwrap_err();
+    let status = tonic::Status::from(full);
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(tessera_service::limits::retry_after(&status).is_some());
+    drop(held);
+    let stored = |a| async move {
+        match SendBatches::answer(a).await.unwrap().outcome {
+            BatchOutcome::Stored(index) => index,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(stored(first).await, 1);
+    let mut indices = Vec::new();
+    for a in kept {
+        indices.push(stored(a).await);
+    }
+    assert_eq!(indices, (2..=513).collect::<Vec<_>>(), "only the kept ones");
+    assert_eq!(
+        w.store
+            .dedupe(CH, &pending(1).message.client_message_id)
+            .await
+            .unwrap(),
+        None
+    );
+    // Room again.
+    stored(batches.enqueue(pending(1025)).unwrap()).await;
+}
+
+/// A send's `server_time_ms` is stamped when its batch is stored, not
+/// when it was checked: a send that waited in the queue is not dated
+/// before the batch that stored it was let go.
+#[tokio::test]
+async fn a_queued_send_is_stamped_when_stored() {
+    let w = World::new();
+    let alice = w.user("alice").await;
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &[]).await;
+    let held = w.channels.user_locks.of("alice").lock().await;
+    let first = w.spawn_send(&alice, 1);
+    w.queued_reaches(0).await;
+    let second = w.spawn_send(&alice, 2);
+    w.queued_reaches(1).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let released = tessera_service::now_ms();
+    drop(held);
+    let (first, second) = (
+        first.await.unwrap().unwrap(),
+        second.await.unwrap().unwrap(),
+    );
+    assert!(
+        second.server_time_ms >= released,
+        "stamped at {} before it was stored (released at {released})",
+        second.server_time_ms
+    );
+    assert!(
+        second.server_time_ms >= first.server_time_ms,
+        "monotonic along the index"
+    );
+    let stored = w.channels.stored_message(CH, second.index).await.unwrap();
+    assert_eq!(
+        stored.server_time_ms, second.server_time_ms,
+        "the stamp stored"
+    );
+}
+
+/// The flush after a written batch fails: the message it wrote answers an
+/// error (not known durable), but a duplicate of it in the same batch
+/// answers its real outcome (duplicate, its index), and a subscriber
+/// still hears of the written message.
+#[tokio::test]
+async fn a_failed_flush_errs_only_the_messages_it_wrote() {
+    let store = Arc::new(MemoryStore::default());
+    let w = World::on(store.clone(), Limits::default());
+    let alice = w.user("alice").await;
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &[]).await;
+    let mut raw = w.channels.hub.subscribe(CH).unwrap();
+    let held = w.channels.user_locks.of("alice").lock().await;
+    let blocker = w.spawn_send(&alice, 1);
+    w.queued_reaches(0).await;
+    let (first, again) = (w.spawn_send(&alice, 2), w.spawn_send(&alice, 2));
+    w.queued_reaches(2).await;
+    store.sabotage_next_batch(crate::store::Sabotage::FailFlushAfterBatchOf(2));
+    drop(held);
+    assert_eq!(blocker.await.unwrap().unwrap().index, 1);
+    let first = first.await.unwrap().unwrap_err();
+    assert_eq!(tonic::Status::from(first).code(), Code::Internal);
+    let again = again.await.unwrap().expect("a duplicate's real answer");
+    assert_eq!((again.index, again.duplicate), (2, true));
+    let mut heard = Vec::new();
+    while let Ok(item) = raw.try_recv() {
+        heard.extend(item.index());
+    }
+    assert_eq!(heard, [1, 2], "the written message announced too");
 }

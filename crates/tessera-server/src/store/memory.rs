@@ -37,8 +37,35 @@ pub struct MemoryStore {
     inner: Arc<Mutex<Memory>>,
 }
 
+#[cfg(test)]
+impl MemoryStore {
+    /// The next `append_messages` call fails as `how` says.
+    pub(crate) fn sabotage_next_batch(&self, how: Sabotage) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.sabotage = Some(how);
+        }
+    }
+}
+
+/// How the next batch fails, for tests of the committer.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sabotage {
+    /// `append_messages` answers an error.
+    Fail,
+    /// `append_messages` panics.
+    Panic,
+    /// The flush after the next batch of this many messages answers an
+    /// error (the batch itself is written).
+    FailFlushAfterBatchOf(usize),
+}
+
 #[derive(Default)]
 struct Memory {
+    #[cfg(test)]
+    sabotage: Option<Sabotage>,
+    #[cfg(test)]
+    fail_flush: bool,
     accounts: BTreeMap<String, Account>,
     devices: BTreeMap<Vec<u8>, Device>,
     org: BTreeMap<String, ()>,
@@ -192,14 +219,11 @@ impl Store for MemoryStore {
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let mut m = self.lock()?;
-            if !extends(
-                m.channels.get(channel_id),
-                expected_length,
-                expected_head,
-                &change.channel,
-            ) {
+            let current = m.channels.get(channel_id);
+            if !extends(current, expected_length, expected_head) {
                 return Ok(false);
             }
+            let change = change.placed(current);
             let id = channel_id.to_owned();
             m.channels.insert(id.clone(), change.channel.clone());
             m.chains
@@ -254,6 +278,29 @@ impl Store for MemoryStore {
         batch: &'a [PendingMessage],
     ) -> StoreFuture<'a, Vec<BatchOutcome>> {
         Box::pin(async move {
+            #[cfg(test)]
+            {
+                let sabotage = self.lock()?.sabotage.take();
+                match sabotage {
+                    Some(Sabotage::Fail) => {
+                        return Err(StorageError::Backend {
+                            backend: "memory",
+                            message: "the batch was made to fail".into(),
+                        });
+                    }
+                    #[allow(clippy::panic)]
+                    Some(Sabotage::Panic) => panic!("the batch was made to panic"),
+                    Some(Sabotage::FailFlushAfterBatchOf(n)) => {
+                        let mut m = self.lock()?;
+                        if batch.len() == n {
+                            m.fail_flush = true;
+                        } else {
+                            m.sabotage = sabotage;
+                        }
+                    }
+                    None => {}
+                }
+            }
             let mut m = self.lock()?;
             let (channel_ids, senders) = batch_keys(batch);
             let channels = channel_ids
@@ -433,7 +480,18 @@ impl Store for MemoryStore {
     }
 
     fn flush(&self) -> FlushFuture<'_> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async {
+            #[cfg(test)]
+            if let Ok(mut m) = self.inner.lock()
+                && std::mem::take(&mut m.fail_flush)
+            {
+                return Err(StorageError::Backend {
+                    backend: "memory",
+                    message: "the flush was made to fail".into(),
+                });
+            }
+            Ok(())
+        })
     }
 }
 

@@ -23,6 +23,8 @@ use prost::Message;
 use tessera_proto::server::v1::{ChainEntry, StoredMessage};
 use tessera_service::storage::{FlushFuture, StorageError};
 
+#[cfg(test)]
+pub(crate) use self::memory::Sabotage;
 pub use self::{
     listen::{Announced, Listening, listen},
     memory::MemoryStore,
@@ -383,14 +385,14 @@ pub struct StatementChange {
 
 /// Whether a stored channel is the one a statement expects to extend:
 /// none for a creation (`expected_length` 0), else a channel whose chain
-/// has `expected_length` statements ending at `expected_head`, with no
-/// message stored since the statement's place (`after.next_index`) was
-/// read (a replica sharing the database may have stored some).
+/// has `expected_length` statements ending at `expected_head`. Messages
+/// stored since the statement was read (by a replica sharing the database)
+/// do not matter: the store places the statement after them
+/// ([`StatementChange::placed`]).
 pub(crate) fn extends(
     current: Option<&ChannelRecord>,
     expected_length: u64,
     expected_head: &[u8],
-    after: &ChannelRecord,
 ) -> bool {
     match current {
         None => expected_length == 0,
@@ -398,7 +400,44 @@ pub(crate) fn extends(
             expected_length > 0
                 && c.chain_length == expected_length
                 && c.chain_head == expected_head
-                && c.next_index == after.next_index
+        }
+    }
+}
+
+impl StatementChange {
+    /// This change as the store writes it over `current`, the channel as
+    /// stored in the same atomic step: the statement's place is the
+    /// channel's `next_index` then (a creation keeps its own), not the one
+    /// read before, so messages stored meanwhile by another replica go
+    /// before it. The channel's `next_index`, the chain entry's and the
+    /// joining members' `joined_at_index` (members this statement adds:
+    /// `added_at_epoch` is its epoch) take that place; none of them is
+    /// covered by the statement's signature.
+    pub(crate) fn placed(&self, current: Option<&ChannelRecord>) -> StatementChange {
+        let place = current.map_or(self.channel.next_index, |c| c.next_index);
+        let epoch = self.channel.chain_length.saturating_sub(1);
+        StatementChange {
+            channel: ChannelRecord {
+                next_index: place,
+                ..self.channel.clone()
+            },
+            entry: ChainEntry {
+                next_index: place,
+                ..self.entry.clone()
+            },
+            put_members: self
+                .put_members
+                .iter()
+                .map(|m| MemberRecord {
+                    joined_at_index: if m.added_at_epoch == epoch {
+                        place
+                    } else {
+                        m.joined_at_index
+                    },
+                    ..m.clone()
+                })
+                .collect(),
+            remove_members: self.remove_members.clone(),
         }
     }
 }
@@ -452,11 +491,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreFuture<'a, Option<MemberRecord>>;
     fn members<'a>(&'a self, channel_id: &'a str) -> StoreFuture<'a, Vec<MemberRecord>>;
     fn channels_of<'a>(&'a self, identity: &'a str) -> StoreFuture<'a, Vec<String>>;
-    /// Appends a statement to a channel's chain by compare-and-set: stores
-    /// `change` atomically if the channel's chain still has
+    /// Appends a statement to a channel's chain by compare-and-set on the
+    /// chain: stores `change` atomically if the channel's chain still has
     /// `expected_length` statements ending at `expected_head` (for a
     /// creation, `expected_length` 0: if no channel has this id); `false`,
-    /// changing nothing, otherwise.
+    /// changing nothing, otherwise. The statement's place is the channel's
+    /// `next_index` read in the same atomic step, whatever messages were
+    /// stored since the caller read it ([`StatementChange::placed`]).
     fn append_statement<'a>(
         &'a self,
         channel_id: &'a str,
@@ -497,6 +538,16 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         batch: &'a [PendingMessage],
     ) -> StoreFuture<'a, Vec<BatchOutcome>>;
+    /// Whether the caller of [`Self::append_messages`] must hold the
+    /// user locks (`crate::Locks`) of the batch's senders. The embedded
+    /// stores (one process each) need them: the other writers of a user's
+    /// usage (sender keys, attachments) read and write it in two steps
+    /// under that lock. A database that locks the usage rows in the
+    /// batch's transaction, and whose other writers compare-and-set the
+    /// usage, needs none (PostgreSQL), so no user's lock stalls a batch.
+    fn batch_needs_user_locks(&self) -> bool {
+        true
+    }
     /// Messages with `from <= index < to`, at most `limit` and, but for the
     /// first, at most `max_bytes` of stored records (a page never holds more
     /// than that in memory, whatever the envelopes' sizes), taken from the
@@ -939,9 +990,19 @@ pub mod conformance {
             sixth.encoded_len() as u64,
             "charged with the message"
         );
-        channel.next_index = 7;
         // A statement whose place was read before messages were stored
-        // (by another replica) extends nothing.
+        // (by another replica): stored after them, at the channel's
+        // `next_index` when it is written; so are the joining member's
+        // index and the chain entry's, not the other members'.
+        let carol = MemberRecord {
+            joined_at_index: 6,
+            added_at_epoch: 2,
+            ..member("carol")
+        };
+        let promoted = MemberRecord {
+            role: 2,
+            ..member("alice")
+        };
         let stale = StatementChange {
             channel: ChannelRecord {
                 chain_length: 3,
@@ -949,18 +1010,37 @@ pub mod conformance {
                 next_index: 6,
                 ..channel.clone()
             },
-            entry: entry(2),
-            put_members: vec![],
+            entry: ChainEntry {
+                next_index: 6,
+                ..entry(2)
+            },
+            put_members: vec![carol.clone(), promoted.clone()],
             remove_members: vec![],
         };
         assert!(
-            !store
+            store
                 .append_statement("c1", 2, &[2; 32], &stale)
                 .await
                 .unwrap(),
-            "messages were stored since its place was read"
+            "messages stored since its place was read do not refuse it"
         );
-        assert_eq!(store.channel("c1").await.unwrap().unwrap().next_index, 7);
+        let placed = store.channel("c1").await.unwrap().unwrap();
+        assert_eq!((placed.next_index, placed.chain_length), (7, 3));
+        assert_eq!(
+            store.chain("c1", 2, 3, 1, usize::MAX).await.unwrap(),
+            vec![ChainEntry {
+                next_index: 7,
+                ..entry(2)
+            }]
+        );
+        assert_eq!(
+            store.member("c1", "carol").await.unwrap(),
+            Some(MemberRecord {
+                joined_at_index: 7,
+                ..carol
+            })
+        );
+        assert_eq!(store.member("c1", "alice").await.unwrap(), Some(promoted));
         assert_eq!(store.dedupe("c1", &[3; 16]).await.unwrap(), Some(3));
         assert_eq!(store.dedupe("c1", &[9; 16]).await.unwrap(), None);
 

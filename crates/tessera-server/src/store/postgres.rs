@@ -30,7 +30,7 @@
 //! with every send that waited for it), so a channel's sends pay one
 //! commit, and about four round trips, per batch rather than per message.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use deadpool_postgres::{GenericClient, Pool};
 use prost::Message;
@@ -89,18 +89,85 @@ pub(super) const DEVICE_LOCK_CLASS: i32 = 0x7464_6576;
 
 pub struct PgStore {
     pool: Pool,
+    /// Batches of sends tried again after PostgreSQL aborted them
+    /// (deadlock or serialization failure) since the store opened.
+    batch_retries: std::sync::atomic::AtomicU64,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
+/// The server-side bound on one statement of the app server's store,
+/// unless the URL's `options` set `statement_timeout` (e.g.
+/// `?options=-c%20statement_timeout%3D5s`): a hung statement (a lock never
+/// released, a stuck backend) fails its call instead of stalling the
+/// channel's batches, and the statements waiting for them, for ever.
+const STATEMENT_TIMEOUT: &str = "30s";
+/// How long a session may sit idle inside a transaction before the server
+/// ends it (a client that vanished mid-transaction frees its row locks).
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
+
+/// `config` with the store's bounds: `statement_timeout` and
+/// `idle_in_transaction_session_timeout` (through the startup `options`,
+/// added to the URL's own unless it names them), and TCP keepalives (idle
+/// 30 s, every 10 s, 3 probes) and a TCP user timeout of 60 s unless the
+/// URL sets them, so a peer that vanished without closing the connection
+/// (a network partition) fails the call within about a minute instead of
+/// never.
+fn with_timeouts(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+    let own = config.get_options().unwrap_or_default().to_owned();
+    let mut options = own.clone();
+    for (name, value) in [
+        ("statement_timeout", STATEMENT_TIMEOUT),
+        (
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        ),
+    ] {
+        if !own.contains(name) {
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(&format!("-c {name}={value}"));
+        }
+    }
+    config.options(options);
+    config.keepalives(true);
+    // The driver's default idle time is 2 hours: shorten only that.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(30));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(10));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(60));
+    }
+    config
+}
+
 impl PgStore {
     /// Connects, applies the migrations and opens the pool.
     pub async fn open(options: &PgOptions) -> Result<Self, PgOpenError> {
-        let config = config(options, "tessera-server")?;
+        let config = with_timeouts(config(options, "tessera-server")?);
         let pool = read_pool(config, options.pool_size)?;
         let mut client = pool.get().await.map_err(pool_error)?;
         migrate(&mut client, SERVICE, MIGRATIONS).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            batch_retries: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Batches of sends tried again after PostgreSQL aborted them
+    /// (deadlock or serialization failure) since the store opened: rows
+    /// are locked in one order, so this stays 0 unless something locks
+    /// them otherwise.
+    pub fn batch_retries(&self) -> u64 {
+        self.batch_retries
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StorageError> {
@@ -593,14 +660,11 @@ impl Store for PgStore {
             let mut client = self.pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(pg_error)?;
             let current = lock_channel(&tx, channel_id).await?;
-            if !extends(
-                current.as_ref(),
-                expected_length,
-                expected_head,
-                &change.channel,
-            ) {
+            if !extends(current.as_ref(), expected_length, expected_head) {
                 return Ok(false); // the transaction rolls back when dropped
             }
+            // Placed after every message stored so far: the row is locked.
+            let change = &change.placed(current.as_ref());
             let record = change.channel.encode_to_vec();
             let written = if current.is_none() {
                 // A creation: another replica may create the same id at once.
@@ -719,6 +783,9 @@ impl Store for PgStore {
                     // (a transaction elsewhere that locks them otherwise):
                     // nothing was written, the batch is tried again whole.
                     Err(BatchError::Pg(e)) if retryable(&e) && attempt < BATCH_ATTEMPTS => {
+                        self.batch_retries
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(attempt, error = %e, "a batch of sends was aborted by PostgreSQL; trying it again");
                         attempt += 1;
                     }
                     Err(BatchError::Pg(e)) => return Err(pg_error(e)),
@@ -726,6 +793,12 @@ impl Store for PgStore {
                 }
             }
         })
+    }
+
+    fn batch_needs_user_locks(&self) -> bool {
+        // Usage rows are locked FOR UPDATE in the batch's transaction;
+        // sender keys and attachments compare-and-set them (`cas_usage`).
+        false
     }
 
     fn message_range<'a>(
@@ -1202,5 +1275,182 @@ mod tests {
                 "every charge counted once"
             );
         }
+        // Rows locked in one order: PostgreSQL aborted no batch (a retry
+        // would hide a lock-order bug, only slower).
+        assert_eq!(
+            (a.batch_retries(), b.batch_retries()),
+            (0, 0),
+            "no deadlock or serialization failure retried"
+        );
+    }
+
+    /// One replica stores batches in a loop while another appends
+    /// statements, each built from a read of the channel made before some
+    /// of those batches: every statement is stored (none starved by the
+    /// messages), each at the channel's `next_index` when it was written,
+    /// so every message's epoch is the one its index falls under.
+    #[tokio::test]
+    async fn a_statement_is_placed_after_the_batches_another_replica_stored() {
+        const STATEMENTS: u8 = 6;
+        let pg = Postgres::start();
+        let a = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
+        let b = std::sync::Arc::new(PgStore::open(&options(&pg)).await.unwrap());
+        let record = |length: u8| ChannelRecord {
+            channel_id: "c".into(),
+            next_index: 1,
+            chain_length: u64::from(length),
+            chain_head: vec![length; 32],
+            ..Default::default()
+        };
+        let creation = StatementChange {
+            channel: record(1),
+            entry: ChainEntry {
+                next_index: 1,
+                ..Default::default()
+            },
+            put_members: vec![],
+            remove_members: vec![],
+        };
+        assert!(a.append_statement("c", 0, &[], &creation).await.unwrap());
+        let batch = |channel: &ChannelRecord, n: u32| -> Vec<PendingMessage> {
+            (0..4u32)
+                .map(|k| PendingMessage {
+                    chain_length: channel.chain_length,
+                    message: StoredMessage {
+                        channel_id: "c".into(),
+                        sender_identity: "u".into(),
+                        client_message_id: [&n.to_be_bytes()[..], &k.to_be_bytes(), &[0; 8]]
+                            .concat(),
+                        epoch: channel.chain_length - 1,
+                        ..Default::default()
+                    },
+                    max_message_bytes: u64::MAX,
+                })
+                .collect()
+        };
+        // The statement's read, then a batch of the other replica, then
+        // the statement: placed after the batch, not refused.
+        let read = a.channel("c").await.unwrap().unwrap();
+        let first = batch(&read, 0);
+        assert!(
+            b.append_messages(&first)
+                .await
+                .unwrap()
+                .iter()
+                .all(|o| matches!(o, BatchOutcome::Stored(_)))
+        );
+        let mut statements = 0u8;
+        let statement = |read: &ChannelRecord, length: u8| StatementChange {
+            channel: ChannelRecord {
+                chain_length: u64::from(length),
+                chain_head: vec![length; 32],
+                ..read.clone()
+            },
+            entry: ChainEntry {
+                next_index: read.next_index,
+                server_time_ms: i64::from(length),
+                ..Default::default()
+            },
+            put_members: vec![],
+            remove_members: vec![],
+        };
+        assert!(
+            a.append_statement("c", 1, &[1; 32], &statement(&read, 2))
+                .await
+                .unwrap(),
+            "messages stored since the read do not refuse the statement"
+        );
+        statements += 1;
+        assert_eq!(
+            a.chain("c", 1, 2, 1, usize::MAX).await.unwrap()[0].next_index,
+            5,
+            "placed after the other replica's batch"
+        );
+        // Now at once: batches on b in a loop, statements on a.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let (b, done) = (b.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut n = 1;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let channel = b.channel("c").await.unwrap().unwrap();
+                    b.append_messages(&batch(&channel, n)).await.unwrap();
+                    n += 1;
+                }
+            })
+        };
+        while statements < STATEMENTS {
+            let read = a.channel("c").await.unwrap().unwrap();
+            // Room for the other replica's batches between read and write.
+            let _ = a.dedupe("c", &[0; 16]).await.unwrap();
+            let length = 2 + statements;
+            assert!(
+                a.append_statement(
+                    "c",
+                    read.chain_length,
+                    &read.chain_head,
+                    &statement(&read, length)
+                )
+                .await
+                .unwrap(),
+                "statement {length} stored"
+            );
+            statements += 1;
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        sender.await.unwrap();
+        let channel = a.channel("c").await.unwrap().unwrap();
+        assert_eq!(channel.chain_length, u64::from(STATEMENTS) + 1);
+        let chain = a
+            .chain("c", 0, u64::MAX, usize::MAX, usize::MAX)
+            .await
+            .unwrap();
+        let messages = a
+            .messages("c", 1, u64::MAX, usize::MAX, usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(
+            messages.iter().map(|m| m.index).collect::<Vec<_>>(),
+            (1..channel.next_index).collect::<Vec<_>>(),
+            "no index skipped or stored twice"
+        );
+        for m in &messages {
+            let epoch = usize::try_from(m.epoch).unwrap();
+            let from = chain[epoch].next_index;
+            let to = chain.get(epoch + 1).map_or(u64::MAX, |e| e.next_index);
+            assert!(
+                (from..to).contains(&m.index),
+                "message {} sealed at epoch {epoch} lies in {from}..{to}",
+                m.index
+            );
+        }
+    }
+
+    /// The store's connections carry a statement timeout and an idle in
+    /// transaction timeout, unless the URL's options set their own.
+    #[tokio::test]
+    async fn connections_carry_statement_timeouts_unless_the_url_sets_them() {
+        let pg = Postgres::start();
+        let show = |store: PgStore, name: &'static str| async move {
+            let rows = store.query(&format!("SHOW {name}"), &[]).await.unwrap();
+            column::<String>(&rows[0], 0).unwrap()
+        };
+        let store = PgStore::open(&options(&pg)).await.unwrap();
+        assert_eq!(show(store, "statement_timeout").await, "30s");
+        let store = PgStore::open(&options(&pg)).await.unwrap();
+        assert_eq!(
+            show(store, "idle_in_transaction_session_timeout").await,
+            "1min"
+        );
+        let own = PgOptions {
+            url: format!("{}?options=-c%20statement_timeout%3D5s", options(&pg).url),
+            ..options(&pg)
+        };
+        let store = PgStore::open(&own).await.unwrap();
+        assert_eq!(
+            show(store, "statement_timeout").await,
+            "5s",
+            "the URL's own"
+        );
     }
 }

@@ -228,3 +228,25 @@ async fn a_lost_listening_connection_is_made_again_and_nothing_stored_meanwhile_
     b.send(&alice, 0, missed + 1).await.unwrap();
     assert_eq!(live.next(1).await, [format!("m{}", missed + 1)]);
 }
+
+/// On PostgreSQL a batch takes no user locks (the transaction locks the
+/// usage rows): a sender whose user lock is held elsewhere (an enrollment
+/// waiting on the key service, say) does not stall the channel's batch.
+#[tokio::test]
+async fn a_held_user_lock_does_not_stall_a_batch_on_postgres() {
+    let pg = Postgres::start();
+    let (w, _) = replica(&pg, false).await;
+    let (alice, bob) = (w.user("alice").await, w.user("bob").await);
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob"]).await;
+    let _held = w.channels.user_locks.of("alice").lock().await;
+    let sent = tokio::time::timeout(Duration::from_secs(30), async {
+        let (a, b) = tokio::join!(w.send(&alice, 0, 1), w.send(&bob, 0, 2));
+        (a.unwrap(), b.unwrap())
+    })
+    .await
+    .expect("stored while alice's user lock is held");
+    let mut indices = [sent.0, sent.1];
+    indices.sort_unstable();
+    assert_eq!(indices, [1, 2]);
+}
