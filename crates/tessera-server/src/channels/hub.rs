@@ -79,7 +79,14 @@ impl Live {
 pub(crate) struct Hub {
     /// Items buffered per channel for slow subscribers before they reload.
     capacity: usize,
-    channels: Mutex<HashMap<String, broadcast::Sender<Live>>>,
+    channels: Mutex<HashMap<String, Feed>>,
+}
+
+/// One chat channel's broadcast.
+struct Feed {
+    sender: broadcast::Sender<Live>,
+    /// The highest message index broadcast so far, if any.
+    last_index: Option<u64>,
 }
 
 impl Hub {
@@ -95,7 +102,11 @@ impl Hub {
         Some(
             channels
                 .entry(channel_id.to_owned())
-                .or_insert_with(|| broadcast::channel(self.capacity).0)
+                .or_insert_with(|| Feed {
+                    sender: broadcast::channel(self.capacity).0,
+                    last_index: None,
+                })
+                .sender
                 .subscribe(),
         )
     }
@@ -121,24 +132,86 @@ impl Hub {
         self.send(channel_id, Live::Stored(index));
     }
 
+    /// What the database announced: a message stored at `index` by some
+    /// replica, this one included. Skipped when this hub has broadcast a
+    /// message at `index` or past it already: this replica's own sends are
+    /// published by their batch, and a subscriber that got a later index
+    /// than the one it expects reads the gap from the store. Without this
+    /// each subscriber would read again, from the database, the batch its
+    /// own replica had just handed it.
+    pub(crate) fn announced_index(&self, channel_id: &str, index: u64) {
+        self.send_if(channel_id, Live::Stored(index), |last| {
+            last.is_none_or(|last| last < index)
+        });
+    }
+
     /// Wakes every channel's subscribers to read the store again.
     pub(crate) fn wake_all(&self) {
         let Ok(mut channels) = self.channels.lock() else {
             return;
         };
-        channels.retain(|_, sender| sender.send(Live::Wake).is_ok());
+        channels.retain(|_, feed| feed.sender.send(Live::Wake).is_ok());
     }
 
     fn send(&self, channel_id: &str, item: Live) {
+        self.send_if(channel_id, item, |_| true);
+    }
+
+    /// Broadcasts `item` if `wanted` says so, given the highest message
+    /// index broadcast so far.
+    fn send_if(&self, channel_id: &str, item: Live, wanted: impl FnOnce(Option<u64>) -> bool) {
         let Ok(mut channels) = self.channels.lock() else {
             return;
         };
-        let Some(sender) = channels.get(channel_id) else {
+        let Some(feed) = channels.get_mut(channel_id) else {
             return;
         };
-        if sender.send(item).is_err() {
+        if !wanted(feed.last_index) {
+            return;
+        }
+        if let Some(index) = item.index() {
+            feed.last_index = Some(feed.last_index.map_or(index, |last| last.max(index)));
+        }
+        if feed.sender.send(item).is_err() {
             // Nobody listens any more.
             channels.remove(channel_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(index: u64) -> StoredMessage {
+        StoredMessage {
+            channel_id: "c".into(),
+            index,
+            ..StoredMessage::default()
+        }
+    }
+
+    fn indices(rx: &mut broadcast::Receiver<Live>) -> Vec<Option<u64>> {
+        std::iter::from_fn(|| rx.try_recv().ok().map(|item| item.index())).collect()
+    }
+
+    #[test]
+    fn announcements_of_what_this_replica_broadcast_are_skipped_and_others_pass() {
+        let hub = Hub::new(16);
+        let mut rx = hub.subscribe("c").unwrap();
+        hub.publish(message(1));
+        hub.publish(message(2));
+        // The database announces this replica's own batch (its last index),
+        // then another replica's message, then a late announcement of an
+        // index this replica passed already.
+        hub.announced_index("c", 2);
+        hub.announced_index("c", 5);
+        hub.announced_index("c", 4);
+        hub.publish_chain("c", 3);
+        hub.announced_index("c", 6);
+        assert_eq!(indices(&mut rx), [Some(1), Some(2), Some(5), None, Some(6)]);
+        // A channel nobody listens to keeps nothing.
+        hub.announced_index("other", 1);
+        assert!(hub.channels.lock().unwrap().get("other").is_none());
     }
 }

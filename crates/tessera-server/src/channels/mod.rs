@@ -102,7 +102,9 @@ impl Channels {
     /// included) to this process's subscribers.
     pub(crate) fn announced(&self, announced: Announced) {
         match announced {
-            Announced::Message { channel_id, index } => self.hub.publish_index(&channel_id, index),
+            Announced::Message { channel_id, index } => {
+                self.hub.announced_index(&channel_id, index);
+            }
             Announced::Chain { channel_id, length } => self.hub.publish_chain(&channel_id, length),
             Announced::Missed => self.hub.wake_all(),
         }
