@@ -136,6 +136,12 @@ pub async fn migrate(
     migrations: &[Migration],
 ) -> Result<(), PgSetupError> {
     let tx = client.transaction().await.map_err(pg_error)?;
+    // A service may run its queries under a statement timeout (the app
+    // server's connections carry one); a migration, and the wait for
+    // another replica's, must not be cut short by it.
+    tx.batch_execute("SET LOCAL statement_timeout = 0")
+        .await
+        .map_err(pg_error)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
         .map_err(pg_error)?;

@@ -23,7 +23,7 @@ use super::{Channels, check_id, visible_from};
 use crate::{
     error::ServerError,
     quota::UploadSlot,
-    store::{AttachmentRecord, UsageChange},
+    store::{AttachmentRecord, Usage, UsageChange},
 };
 
 const ATTACHMENT_CHUNK: usize = 64 * 1024;
@@ -172,46 +172,51 @@ impl Channels {
         sha256: Vec<u8>,
     ) -> Result<Vec<u8>, ServerError> {
         let _user = self.user_locks.of(&caller.identity).lock().await;
-        let before = self.store.usage(&caller.identity).await?;
-        let mut usage = before;
-        usage.attachment_bytes = usage.attachment_bytes.saturating_add(size);
-        usage.attachments += 1;
-        let limits = &self.limits;
-        if usage.attachment_bytes > limits.max_attachment_bytes_per_user
-            || usage.attachments > limits.max_attachments_per_user as u64
-        {
-            return Err(attachment_quota(
-                caller,
-                limits.max_attachment_bytes_per_user,
-            ));
-        }
+        let charge = |before: Usage| {
+            let mut usage = before;
+            usage.attachment_bytes = usage.attachment_bytes.saturating_add(size);
+            usage.attachments += 1;
+            let limits = &self.limits;
+            if usage.attachment_bytes > limits.max_attachment_bytes_per_user
+                || usage.attachments > limits.max_attachments_per_user as u64
+            {
+                return Err(attachment_quota(
+                    caller,
+                    limits.max_attachment_bytes_per_user,
+                ));
+            }
+            Ok(UsageChange {
+                before,
+                after: usage,
+            })
+        };
+        let mut change = charge(self.store.usage(&caller.identity).await?)?;
         // The message that will carry it can only come after this index:
         // who may not see a message stored now may not fetch the file.
         let (channel, _) = self.membership(channel_id, &caller.identity).await?;
         tokio::fs::rename(tmp, self.attachments_dir.join(id))
             .await
             .map_err(io)?;
-        let put = self
-            .store
-            .put_attachment(
-                &AttachmentRecord {
-                    attachment_id: id.to_owned(),
-                    channel_id: channel_id.to_owned(),
-                    size,
-                    sha256: sha256.clone(),
-                    uploader: caller.identity.clone(),
-                    created_at_ms: tessera_service::now_ms(),
-                    uploaded_at_index: channel.next_index,
-                },
-                &UsageChange {
-                    before,
-                    after: usage,
-                },
-            )
-            .await?;
-        if !put {
-            // The file stays unreferenced; a retried upload stores another.
-            return Err(super::moved(&caller.identity));
+        let record = AttachmentRecord {
+            attachment_id: id.to_owned(),
+            channel_id: channel_id.to_owned(),
+            size,
+            sha256: sha256.clone(),
+            uploader: caller.identity.clone(),
+            created_at_ms: tessera_service::now_ms(),
+            uploaded_at_index: channel.next_index,
+        };
+        // On PostgreSQL the user's own batches of sends (which take no user
+        // lock there) may charge its usage between the read and the
+        // compare-and-set: read it again and retry.
+        let mut attempts = 0;
+        while !self.store.put_attachment(&record, &change).await? {
+            attempts += 1;
+            if attempts == super::USAGE_ATTEMPTS {
+                // The file stays unreferenced; a retried upload stores another.
+                return Err(super::moved(&caller.identity));
+            }
+            change = charge(self.store.usage(&caller.identity).await?)?;
         }
         self.store.flush().await?;
         Ok(sha256)

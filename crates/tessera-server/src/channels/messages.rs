@@ -11,7 +11,8 @@ use tessera_proto::server::v1::{
 use tessera_service::{Caller, limits};
 
 use super::{
-    Channels, legacy, send_batch::SendBatches, sender_keys::check_current_epoch, visible_from,
+    Channels, check_id, legacy, send_batch::SendBatches, sender_keys::check_current_epoch,
+    visible_from,
 };
 use crate::{
     error::ServerError,
@@ -74,6 +75,30 @@ impl Channels {
                 group_chain = Some(envelope.chain_id());
             }
         }
+        check_id("channel_id", &r.channel_id)?;
+        // A retry of a send already stored (its first answer was lost, or
+        // was an error after the write) is answered as a duplicate first:
+        // before the epoch check, and, when the stored message is the
+        // caller's own from this device, even if the caller was removed or
+        // the device revoked since. A send racing its retry is caught by
+        // its batch (`Duplicate`).
+        if let Some(index) = self
+            .store
+            .dedupe(&r.channel_id, &r.client_message_id)
+            .await?
+        {
+            let stored = self
+                .store
+                .messages(&r.channel_id, index, index + 1, 1, usize::MAX)
+                .await?;
+            let own = stored.first().is_some_and(|m| {
+                m.sender_identity == caller.identity && m.sender_card_id == sender_card.as_bytes()
+            });
+            if !own {
+                self.membership(&r.channel_id, &caller.identity).await?;
+            }
+            return self.duplicate(&r.channel_id, index).await;
+        }
         self.membership(&r.channel_id, &caller.identity).await?;
         own_active_device(&*self.store, caller, sender_card, "send").await?;
 
@@ -114,14 +139,6 @@ impl Channels {
         // makes the send check again.
         let gate = self.send_gates.of(&r.channel_id).read().await;
         let channel = self.channel(&r.channel_id).await?;
-        if let Some(index) = self
-            .store
-            .dedupe(&r.channel_id, &r.client_message_id)
-            .await?
-        {
-            drop(gate);
-            return self.duplicate(&r.channel_id, index).await.map(Some);
-        }
         if channel.chain_length == 0 {
             return Err(legacy(&r.channel_id));
         }

@@ -287,10 +287,15 @@ fn head_of(channel: &ChannelRecord) -> Result<Hash, ServerError> {
         .map_err(|_| ServerError::Internal("a stored chain head is not 32 bytes"))
 }
 
-/// What a write answers when another replica changed the caller's usage
-/// between its read and the write (nothing was written).
+/// How often a write charging a user's usage reads it again when it
+/// changed between its read and the compare-and-set (on PostgreSQL the
+/// user's own batches of sends and other replicas charge it unlocked).
+pub(super) const USAGE_ATTEMPTS: usize = 16;
+
+/// What a write answers when the caller's usage kept changing between its
+/// read and the write, [`USAGE_ATTEMPTS`] times (nothing was written).
 pub(super) fn moved(identity: &str) -> ServerError {
     ServerError::Aborted(format!(
-        "the usage of {identity} changed meanwhile (another app server wrote); try again"
+        "the usage of {identity} kept changing while this was stored (other writes of the same user); try again"
     ))
 }

@@ -57,6 +57,8 @@ pub(crate) const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// batch in flight); past it, or past [`queue_limit`] sends, a send is
 /// refused RESOURCE_EXHAUSTED with a retry delay.
 pub(crate) const MAX_QUEUE_BYTES: usize = 32 * 1024 * 1024;
+/// One sender may hold at most 1/`SENDER_SHARE` of a channel's queue.
+const SENDER_SHARE: usize = 4;
 /// Fewest sends a channel's queue takes, whatever `max_send_batch`.
 const MIN_QUEUE_SENDS: usize = 1024;
 /// The retry delay a send refused for a full queue carries.
@@ -159,7 +161,26 @@ impl SendBatches {
         let start = match self.queues().entry(channel_id.clone()) {
             Entry::Occupied(mut queue) => {
                 let queue = queue.get_mut();
-                if queue.waiting.len() >= queue_limit(self.max_batch)
+                let limit = queue_limit(self.max_batch);
+                // One sender holds at most a quarter of the queue: its own
+                // sends cannot crowd out the other members' (a send costs
+                // quota only once stored, and one client id may be queued
+                // many times before it is).
+                let sender = &waiting.pending.message.sender_identity;
+                let own = queue
+                    .waiting
+                    .iter()
+                    .filter(|w| &w.pending.message.sender_identity == sender)
+                    .count();
+                if own >= limit / SENDER_SHARE {
+                    return Err(ServerError::Busy {
+                        what: format!(
+                            "{sender} has {own} sends waiting to be stored in channel {channel_id}"
+                        ),
+                        retry_after: QUEUE_RETRY,
+                    });
+                }
+                if queue.waiting.len() >= limit
                     || queue.bytes.saturating_add(size) > MAX_QUEUE_BYTES
                 {
                     return Err(ServerError::Busy {

@@ -207,54 +207,62 @@ impl Channels {
         // replaced copy gives its bytes back), under the user's lock taken
         // after the channel's, as for a send.
         let user = self.user_locks.of(&caller.identity).lock().await;
-        let before = self.store.usage(&caller.identity).await?;
-        let mut usage = before;
         // A new chain's record (its recipient list) is stored too: it counts.
-        if new_chain {
-            usage.message_bytes = usage
-                .message_bytes
-                .saturating_add(record.encoded_len() as u64);
-        }
+        let mut added = if new_chain {
+            record.encoded_len() as u64
+        } else {
+            0
+        };
+        let mut replaced = 0u64;
         for (recipient, copy) in &copies {
-            let replaced = self
-                .store
-                .sender_key(&r.channel_id, &sender, &chain, recipient)
-                .await?
-                .map_or(0, |(old, _)| old.len() as u64);
+            replaced = replaced.saturating_add(
+                self.store
+                    .sender_key(&r.channel_id, &sender, &chain, recipient)
+                    .await?
+                    .map_or(0, |(old, _)| old.len() as u64),
+            );
+            added = added.saturating_add(copy.len() as u64);
+        }
+        let stored = copies.len();
+        let put = SenderKeysPut {
+            channel_id: r.channel_id,
+            sender_card_id: sender,
+            chain_id: chain,
+            chain: record,
+            copies,
+            sender_identity: caller.identity.clone(),
+        };
+        // On PostgreSQL the sender's own batches of sends (which take no
+        // user lock there) may charge its usage between the read and the
+        // compare-and-set: read it again and retry with the same change.
+        let mut attempts = 0;
+        loop {
+            let before = self.store.usage(&caller.identity).await?;
+            let mut usage = before;
             usage.message_bytes = usage
                 .message_bytes
                 .saturating_sub(replaced)
-                .saturating_add(copy.len() as u64);
+                .saturating_add(added);
+            if usage.message_bytes > self.limits.max_message_bytes_per_user {
+                return Err(ServerError::ResourceExhausted(format!(
+                    "{} has used up its quota of {} bytes of stored messages",
+                    caller.identity, self.limits.max_message_bytes_per_user
+                )));
+            }
+            let change = UsageChange {
+                before,
+                after: usage,
+            };
+            if self.store.put_sender_keys(&put, &change).await? {
+                break;
+            }
+            attempts += 1;
+            if attempts == super::USAGE_ATTEMPTS {
+                return Err(moved(&caller.identity));
+            }
         }
-        if usage.message_bytes > self.limits.max_message_bytes_per_user {
-            return Err(ServerError::ResourceExhausted(format!(
-                "{} has used up its quota of {} bytes of stored messages",
-                caller.identity, self.limits.max_message_bytes_per_user
-            )));
-        }
-        let stored = copies.len();
-        let put = self
-            .store
-            .put_sender_keys(
-                &SenderKeysPut {
-                    channel_id: r.channel_id,
-                    sender_card_id: sender,
-                    chain_id: chain,
-                    chain: record,
-                    copies,
-                    sender_identity: caller.identity.clone(),
-                },
-                &UsageChange {
-                    before,
-                    after: usage,
-                },
-            )
-            .await?;
         drop(user);
         drop(lock);
-        if !put {
-            return Err(moved(&caller.identity));
-        }
         self.store.flush().await?;
         metrics::increment_by(metrics::SERVER_SENDER_KEYS_STORED, stored as u64);
         Ok(PutSenderKeysResponse {

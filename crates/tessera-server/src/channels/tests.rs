@@ -1546,7 +1546,8 @@ async fn a_full_queue_refuses_sends_and_abandoned_ones_are_not_stored() {
         chain_length: length,
         message: StoredMessage {
             channel_id: CH.into(),
-            sender_identity: "alice".into(),
+            // Four senders: one may hold a quarter of the queue.
+            sender_identity: ["alice", "bob", "carol", "dave"][usize::from(n) % 4].into(),
             client_message_id: [&n.to_be_bytes()[..], &[0; 14]].concat(),
             ..Default::default()
         },
@@ -1658,4 +1659,83 @@ async fn a_failed_flush_errs_only_the_messages_it_wrote() {
         heard.extend(item.index());
     }
     assert_eq!(heard, [1, 2], "the written message announced too");
+}
+
+#[tokio::test]
+async fn one_sender_holds_at_most_a_quarter_of_a_channels_queue() {
+    use crate::store::PendingMessage;
+    use tessera_proto::server::v1::StoredMessage;
+
+    let w = World::with(Limits {
+        max_send_batch: 1,
+        ..Limits::default()
+    });
+    let alice = w.user("alice").await;
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &[]).await;
+    let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
+    let pending = |sender: &str, n: u16| PendingMessage {
+        chain_length: length,
+        message: StoredMessage {
+            channel_id: CH.into(),
+            sender_identity: sender.into(),
+            client_message_id: [&n.to_be_bytes()[..], sender.as_bytes()].concat(),
+            ..Default::default()
+        },
+        max_message_bytes: u64::MAX,
+    };
+    let batches = w.channels.send_batches.clone();
+    let held = w.channels.user_locks.of("mallory").lock().await;
+    let mut answers = vec![batches.enqueue(pending("mallory", 0)).unwrap()];
+    w.queued_reaches(0).await; // in flight, stalled on mallory's lock
+    for n in 1..=256 {
+        answers.push(batches.enqueue(pending("mallory", n)).unwrap());
+    }
+    let refused = tonic::Status::from(batches.enqueue(pending("mallory", 257)).unwrap_err());
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("mallory has 256 sends waiting"),
+        "{refused:?}"
+    );
+    // The other members still get in.
+    answers.push(batches.enqueue(pending("alice", 0)).unwrap());
+    drop(held);
+    for answer in answers {
+        super::send_batch::SendBatches::answer(answer)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_removed_members_retry_of_a_stored_send_is_answered_as_a_duplicate() {
+    let w = World::new();
+    let (alice, bob, carol) = (
+        w.user("alice").await,
+        w.user("bob").await,
+        w.user("carol").await,
+    );
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &["bob", "carol"]).await;
+    assert_eq!(w.send(&bob, 0, 7).await.unwrap(), 1);
+    w.publish(
+        &mut chain,
+        &alice,
+        Change::Remove {
+            identity: "bob".into(),
+        },
+    )
+    .await
+    .unwrap();
+    // Its first answer was lost: the retry learns it was stored.
+    let again = w
+        .channels
+        .send(&caller(&bob), send_request(&bob, 0, 7))
+        .await
+        .unwrap();
+    assert_eq!((again.index, again.duplicate), (1, true));
+    // A new message is refused, and nobody else's id answers for bob.
+    assert_eq!(code(w.send(&bob, 0, 8).await), Code::PermissionDenied);
+    assert_eq!(w.send(&carol, 1, 9).await.unwrap(), 2);
+    assert_eq!(code(w.send(&bob, 0, 9).await), Code::PermissionDenied);
 }
