@@ -186,6 +186,19 @@ impl World {
         Ok(())
     }
 
+    /// A world whose sends are stored one per batch, with channel `CH`
+    /// made by alice; and the channel's chain length.
+    async fn batches_of_one() -> (Self, u64) {
+        let w = World::with(Limits {
+            max_send_batch: 1,
+            ..Limits::default()
+        });
+        let alice = w.user("alice").await;
+        w.create(&mut Chain::new(), &alice, &[]).await;
+        let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
+        (w, length)
+    }
+
     /// Waits until `n` sends wait for `CH`'s next batch while one is in
     /// flight (up to 10 s).
     async fn queued_reaches(&self, n: usize) {
@@ -218,6 +231,21 @@ impl World {
             .send(&caller(from), send_request(from, epoch, n))
             .await
             .map(|r| r.index)
+    }
+}
+
+/// A send to `CH` past its checks at chain length `length`, as the
+/// committer queues it: message `n` of `sender` (its id names both).
+fn queued(length: u64, sender: &str, n: u16) -> crate::store::PendingMessage {
+    crate::store::PendingMessage {
+        chain_length: length,
+        message: tessera_proto::server::v1::StoredMessage {
+            channel_id: CH.into(),
+            sender_identity: sender.into(),
+            client_message_id: [&n.to_be_bytes()[..], sender.as_bytes()].concat(),
+            ..Default::default()
+        },
+        max_message_bytes: u64::MAX,
     }
 }
 
@@ -1530,28 +1558,17 @@ async fn a_committer_that_panics_answers_every_waiting_sender() {
 /// order at consecutive indices.
 #[tokio::test]
 async fn a_full_queue_refuses_sends_and_abandoned_ones_are_not_stored() {
-    use crate::store::{BatchOutcome, PendingMessage};
-    use tessera_proto::server::v1::StoredMessage;
+    use crate::store::BatchOutcome;
 
     use super::send_batch::SendBatches;
-    let w = World::with(Limits {
-        max_send_batch: 1,
-        ..Limits::default()
-    });
-    let alice = w.user("alice").await;
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &[]).await;
-    let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
-    let pending = |n: u16| PendingMessage {
-        chain_length: length,
-        message: StoredMessage {
-            channel_id: CH.into(),
-            // Four senders: one may hold a quarter of the queue.
-            sender_identity: ["alice", "bob", "carol", "dave"][usize::from(n) % 4].into(),
-            client_message_id: [&n.to_be_bytes()[..], &[0; 14]].concat(),
-            ..Default::default()
-        },
-        max_message_bytes: u64::MAX,
+    let (w, length) = World::batches_of_one().await;
+    // Four senders: one may hold a quarter of the queue.
+    let pending = |n: u16| {
+        queued(
+            length,
+            ["alice", "bob", "carol", "dave"][usize::from(n) % 4],
+            n,
+        )
     };
     let batches = w.channels.send_batches.clone();
     let held = w.channels.user_locks.of("alice").lock().await;
@@ -1663,27 +1680,8 @@ async fn a_failed_flush_errs_only_the_messages_it_wrote() {
 
 #[tokio::test]
 async fn one_sender_holds_at_most_a_quarter_of_a_channels_queue() {
-    use crate::store::PendingMessage;
-    use tessera_proto::server::v1::StoredMessage;
-
-    let w = World::with(Limits {
-        max_send_batch: 1,
-        ..Limits::default()
-    });
-    let alice = w.user("alice").await;
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &[]).await;
-    let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
-    let pending = |sender: &str, n: u16| PendingMessage {
-        chain_length: length,
-        message: StoredMessage {
-            channel_id: CH.into(),
-            sender_identity: sender.into(),
-            client_message_id: [&n.to_be_bytes()[..], sender.as_bytes()].concat(),
-            ..Default::default()
-        },
-        max_message_bytes: u64::MAX,
-    };
+    let (w, length) = World::batches_of_one().await;
+    let pending = |sender: &str, n: u16| queued(length, sender, n);
     let batches = w.channels.send_batches.clone();
     let held = w.channels.user_locks.of("mallory").lock().await;
     let mut answers = vec![batches.enqueue(pending("mallory", 0)).unwrap()];
