@@ -190,7 +190,9 @@ impl Channels {
                 after: usage,
             })
         };
-        let mut change = charge(self.store.usage(&caller.identity).await?)?;
+        // Refused over quota before the file is moved into place.
+        let usage = self.store.usage(&caller.identity).await?;
+        charge(usage)?;
         // The message that will carry it can only come after this index:
         // who may not see a message stored now may not fetch the file.
         let (channel, _) = self.membership(channel_id, &caller.identity).await?;
@@ -208,16 +210,15 @@ impl Channels {
         };
         // On PostgreSQL the user's own batches of sends (which take no user
         // lock there) may charge its usage between the read and the
-        // compare-and-set: read it again and retry.
-        let mut attempts = 0;
-        while !self.store.put_attachment(&record, &change).await? {
-            attempts += 1;
-            if attempts == super::USAGE_ATTEMPTS {
-                // The file stays unreferenced; a retried upload stores another.
-                return Err(super::moved(&caller.identity));
-            }
-            change = charge(self.store.usage(&caller.identity).await?)?;
-        }
+        // compare-and-set: `charge_usage` reads it again and retries (a
+        // refused record leaves the file unreferenced; a retried upload
+        // stores another).
+        let store = &self.store;
+        self.charge_usage(&caller.identity, usage, charge, |change| {
+            let record = &record;
+            async move { store.put_attachment(record, &change).await }
+        })
+        .await?;
         self.store.flush().await?;
         Ok(sha256)
     }

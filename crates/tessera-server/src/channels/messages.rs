@@ -87,17 +87,14 @@ impl Channels {
             .dedupe(&r.channel_id, &r.client_message_id)
             .await?
         {
-            let stored = self
-                .store
-                .messages(&r.channel_id, index, index + 1, 1, usize::MAX)
-                .await?;
-            let own = stored.first().is_some_and(|m| {
+            let stored = self.message_at(&r.channel_id, index).await?;
+            let own = stored.as_ref().is_some_and(|m| {
                 m.sender_identity == caller.identity && m.sender_card_id == sender_card.as_bytes()
             });
             if !own {
                 self.membership(&r.channel_id, &caller.identity).await?;
             }
-            return self.duplicate(&r.channel_id, index).await;
+            return self.answer_duplicate(index, stored.as_ref()).await;
         }
         self.membership(&r.channel_id, &caller.identity).await?;
         own_active_device(&*self.store, caller, sender_card, "send").await?;
@@ -204,15 +201,36 @@ impl Channels {
         channel_id: &str,
         index: u64,
     ) -> Result<SendMessageResponse, ServerError> {
-        let stored = self
+        let stored = self.message_at(channel_id, index).await?;
+        self.answer_duplicate(index, stored.as_ref()).await
+    }
+
+    /// The message stored at `index`, if any.
+    async fn message_at(
+        &self,
+        channel_id: &str,
+        index: u64,
+    ) -> Result<Option<StoredMessage>, ServerError> {
+        Ok(self
             .store
-            .messages(channel_id, index, index + 1, 1, usize::MAX)
-            .await?;
+            // One message, however large (a page always carries its first).
+            .messages(channel_id, index, index.saturating_add(1), 1, 0)
+            .await?
+            .into_iter()
+            .find(|m| m.index == index))
+    }
+
+    /// [`Self::duplicate`]'s answer, with the message at `index` read.
+    async fn answer_duplicate(
+        &self,
+        index: u64,
+        stored: Option<&StoredMessage>,
+    ) -> Result<SendMessageResponse, ServerError> {
         // The first copy's own send may still be waiting for its flush.
         self.store.flush().await?;
         Ok(SendMessageResponse {
             index,
-            server_time_ms: stored.first().map_or(0, |m| m.server_time_ms),
+            server_time_ms: stored.map_or(0, |m| m.server_time_ms),
             duplicate: true,
         })
     }
@@ -279,15 +297,9 @@ impl Channels {
         index: u64,
     ) -> Result<StoredMessage, ServerError> {
         self.channel(channel_id).await?;
-        self.store
-            // One message, however large (a page always carries its first).
-            .messages(channel_id, index, index.saturating_add(1), 1, 0)
-            .await?
-            .into_iter()
-            .find(|m| m.index == index)
-            .ok_or_else(|| {
-                ServerError::NotFound(format!("no message {index} in channel {channel_id}"))
-            })
+        self.message_at(channel_id, index).await?.ok_or_else(|| {
+            ServerError::NotFound(format!("no message {index} in channel {channel_id}"))
+        })
     }
 
     /// Moves the caller's read horizon up to `index` (never down).

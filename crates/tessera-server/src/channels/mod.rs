@@ -290,11 +290,38 @@ fn head_of(channel: &ChannelRecord) -> Result<Hash, ServerError> {
 /// How often a write charging a user's usage reads it again when it
 /// changed between its read and the compare-and-set (on PostgreSQL the
 /// user's own batches of sends and other replicas charge it unlocked).
-pub(super) const USAGE_ATTEMPTS: usize = 16;
+const USAGE_ATTEMPTS: usize = 16;
+
+impl Channels {
+    /// Charges `identity`'s usage, read as `usage`, for a write: `charge`
+    /// computes the change (or refuses it, over quota), and `write` stores
+    /// the record with that compare-and-set; when the usage moved meanwhile
+    /// (`write` answers false, nothing written), reads it again, up to
+    /// [`USAGE_ATTEMPTS`] times.
+    async fn charge_usage<W, F>(
+        &self,
+        identity: &str,
+        mut usage: crate::store::Usage,
+        charge: impl Fn(crate::store::Usage) -> Result<crate::store::UsageChange, ServerError>,
+        mut write: W,
+    ) -> Result<(), ServerError>
+    where
+        W: FnMut(crate::store::UsageChange) -> F,
+        F: Future<Output = Result<bool, tessera_service::storage::StorageError>>,
+    {
+        for _ in 0..USAGE_ATTEMPTS {
+            if write(charge(usage)?).await? {
+                return Ok(());
+            }
+            usage = self.store.usage(identity).await?;
+        }
+        Err(moved(identity))
+    }
+}
 
 /// What a write answers when the caller's usage kept changing between its
 /// read and the write, [`USAGE_ATTEMPTS`] times (nothing was written).
-pub(super) fn moved(identity: &str) -> ServerError {
+fn moved(identity: &str) -> ServerError {
     ServerError::Aborted(format!(
         "the usage of {identity} kept changing while this was stored (other writes of the same user); try again"
     ))

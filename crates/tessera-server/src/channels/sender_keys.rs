@@ -16,11 +16,11 @@ use tessera_proto::server::v1::{
 };
 use tessera_service::{Caller, limits, metrics};
 
-use super::{Channels, legacy, moved};
+use super::{Channels, legacy};
 use crate::{
     error::ServerError,
     signers::own_active_device,
-    store::{ChannelRecord, SenderKeyChain, SenderKeysPut, UsageChange},
+    store::{ChannelRecord, SenderKeyChain, SenderKeysPut, Usage, UsageChange},
 };
 
 /// The most bytes of one encoded `SenderKeyDistribution` (one is about 440).
@@ -234,33 +234,29 @@ impl Channels {
         };
         // On PostgreSQL the sender's own batches of sends (which take no
         // user lock there) may charge its usage between the read and the
-        // compare-and-set: read it again and retry with the same change.
-        let mut attempts = 0;
-        loop {
-            let before = self.store.usage(&caller.identity).await?;
-            let mut usage = before;
-            usage.message_bytes = usage
+        // compare-and-set: `charge_usage` reads it again and retries.
+        let limit = self.limits.max_message_bytes_per_user;
+        let charge = |before: Usage| {
+            let mut after = before;
+            after.message_bytes = after
                 .message_bytes
                 .saturating_sub(replaced)
                 .saturating_add(added);
-            if usage.message_bytes > self.limits.max_message_bytes_per_user {
+            if after.message_bytes > limit {
                 return Err(ServerError::ResourceExhausted(format!(
-                    "{} has used up its quota of {} bytes of stored messages",
-                    caller.identity, self.limits.max_message_bytes_per_user
+                    "{} has used up its quota of {limit} bytes of stored messages",
+                    caller.identity
                 )));
             }
-            let change = UsageChange {
-                before,
-                after: usage,
-            };
-            if self.store.put_sender_keys(&put, &change).await? {
-                break;
-            }
-            attempts += 1;
-            if attempts == super::USAGE_ATTEMPTS {
-                return Err(moved(&caller.identity));
-            }
-        }
+            Ok(UsageChange { before, after })
+        };
+        let store = &self.store;
+        let usage = self.store.usage(&caller.identity).await?;
+        self.charge_usage(&caller.identity, usage, charge, |change| {
+            let put = &put;
+            async move { store.put_sender_keys(put, &change).await }
+        })
+        .await?;
         drop(user);
         drop(lock);
         self.store.flush().await?;

@@ -162,6 +162,19 @@ impl World {
         self.store.member(CH, identity).await.unwrap()
     }
 
+    /// Users alice, bob and carol, and channel `CH` made by alice with
+    /// `members`, with its chain.
+    async fn channel_of_alice_with(&self, members: &[&str]) -> (Dev, Dev, Dev, Chain) {
+        let (alice, bob, carol) = (
+            self.user("alice").await,
+            self.user("bob").await,
+            self.user("carol").await,
+        );
+        let mut chain = Chain::new();
+        self.create(&mut chain, &alice, members).await;
+        (alice, bob, carol, chain)
+    }
+
     /// Creates channel `CH` by `creator` (admin) with `members`.
     async fn create(&self, chain: &mut Chain, creator: &Dev, members: &[&str]) {
         let creation = chain.creation(creator, Visibility::Shared, members);
@@ -623,13 +636,7 @@ async fn only_an_active_device_of_the_caller_signs() {
 #[tokio::test]
 async fn statements_extend_the_head_by_compare_and_set_and_retries_answer_ok() {
     let w = World::new();
-    let (alice, bob, _carol) = (
-        w.user("alice").await,
-        w.user("bob").await,
-        w.user("carol").await,
-    );
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _carol, mut chain) = w.channel_of_alice_with(&["bob"]).await;
     assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
     // Two statements made against the same head: the first wins, the
     // second is told to refetch.
@@ -956,13 +963,7 @@ async fn the_chain_is_served_to_current_members_only_from_an_epoch_in_pages() {
 #[tokio::test]
 async fn messages_name_the_current_epoch() {
     let w = World::new();
-    let (alice, bob, _carol) = (
-        w.user("alice").await,
-        w.user("bob").await,
-        w.user("carol").await,
-    );
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _carol, mut chain) = w.channel_of_alice_with(&["bob"]).await;
     assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
     w.publish(&mut chain, &alice, add("carol")).await.unwrap();
     // Sealed at the old epoch: refetch and seal again.
@@ -1444,13 +1445,7 @@ async fn concurrent_sends_to_one_channel_are_stored_in_one_batch() {
 #[tokio::test]
 async fn a_statement_waits_for_the_sends_already_checked() {
     let w = World::new();
-    let (alice, bob, _carol) = (
-        w.user("alice").await,
-        w.user("bob").await,
-        w.user("carol").await,
-    );
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _carol, mut chain) = w.channel_of_alice_with(&["bob"]).await;
     // Bob's batch stalls on his lock (its committer takes it).
     let held = w.channels.user_locks.of("bob").lock().await;
     let send = {
@@ -1496,13 +1491,7 @@ async fn a_failed_batch(how: crate::store::Sabotage) -> Vec<Result<u64, Code>> {
             ..Limits::default()
         },
     );
-    let (alice, bob, _carol) = (
-        w.user("alice").await,
-        w.user("bob").await,
-        w.user("carol").await,
-    );
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _carol, mut chain) = w.channel_of_alice_with(&["bob"]).await;
     let held = w.channels.user_locks.of("bob").lock().await;
     let mut sends = vec![w.spawn_send(&bob, 1)];
     w.queued_reaches(0).await; // the first batch is in flight
@@ -1708,13 +1697,7 @@ async fn one_sender_holds_at_most_a_quarter_of_a_channels_queue() {
 #[tokio::test]
 async fn a_removed_members_retry_of_a_stored_send_is_answered_as_a_duplicate() {
     let w = World::new();
-    let (alice, bob, carol) = (
-        w.user("alice").await,
-        w.user("bob").await,
-        w.user("carol").await,
-    );
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &["bob", "carol"]).await;
+    let (alice, bob, carol, mut chain) = w.channel_of_alice_with(&["bob", "carol"]).await;
     assert_eq!(w.send(&bob, 0, 7).await.unwrap(), 1);
     w.publish(
         &mut chain,

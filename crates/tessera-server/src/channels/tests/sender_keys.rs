@@ -309,13 +309,7 @@ async fn copies_are_stored_once_per_device_and_handed_to_that_device_only() {
 #[tokio::test]
 async fn puts_that_break_a_rule_are_refused_with_their_status() {
     let w = World::new();
-    let (alice, bob, carol) = (
-        w.user("alice").await,
-        w.user("bob").await,
-        w.user("carol").await,
-    );
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, carol, mut chain) = w.channel_of_alice_with(&["bob"]).await;
     let group = Group::new(&alice, CH, 0);
     let good = group.copies(&alice, &[&bob]);
     let refused = |r: PutSenderKeysRequest, by: &Dev| {
@@ -447,13 +441,7 @@ fn group_copies_at(from: &Dev, to: &Dev, epoch: u64) -> Vec<Vec<u8>> {
 #[tokio::test]
 async fn group_messages_need_their_chain_stored_at_that_epoch() {
     let w = World::new();
-    let (alice, bob, _carol) = (
-        w.user("alice").await,
-        w.user("bob").await,
-        w.user("carol").await,
-    );
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _carol, mut chain) = w.channel_of_alice_with(&["bob"]).await;
     let mut group = Group::new(&alice, CH, 0);
     let first = group.seal(&alice);
     let err = w
