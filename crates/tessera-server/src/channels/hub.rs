@@ -79,7 +79,16 @@ impl Live {
 pub(crate) struct Hub {
     /// Items buffered per channel for slow subscribers before they reload.
     capacity: usize,
-    channels: Mutex<HashMap<String, Feed>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    feeds: HashMap<String, Feed>,
+    /// Channels with a batch of this replica's being stored, and the
+    /// highest index the database announced meanwhile (held back until
+    /// the batch is published: see [`Hub::local_batch`]).
+    local: HashMap<String, Option<u64>>,
 }
 
 /// One chat channel's broadcast.
@@ -93,14 +102,15 @@ impl Hub {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             capacity: capacity.max(1),
-            channels: Mutex::default(),
+            state: Mutex::default(),
         }
     }
 
     pub(crate) fn subscribe(&self, channel_id: &str) -> Option<broadcast::Receiver<Live>> {
-        let mut channels = self.channels.lock().ok()?;
+        let mut state = self.state.lock().ok()?;
         Some(
-            channels
+            state
+                .feeds
                 .entry(channel_id.to_owned())
                 .or_insert_with(|| Feed {
                     sender: broadcast::channel(self.capacity).0,
@@ -139,30 +149,81 @@ impl Hub {
     /// than the one it expects reads the gap from the store. Without this
     /// each subscriber would read again, from the database, the batch its
     /// own replica had just handed it.
+    ///
+    /// While this replica stores a batch of the channel's, announcements
+    /// are held back until the batch is published ([`Self::local_batch`]):
+    /// the database announces a batch as it commits, before its committer
+    /// has published it here, and a subscriber handed that index first
+    /// would read the whole batch from the database.
     pub(crate) fn announced_index(&self, channel_id: &str, index: u64) {
-        self.send_if(channel_id, Live::Stored(index), |last| {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        if let Some(held) = state.local.get_mut(channel_id) {
+            *held = Some(held.map_or(index, |held| held.max(index)));
+            return;
+        }
+        state.send_if(channel_id, Live::Stored(index), |last| {
             last.is_none_or(|last| last < index)
         });
     }
 
+    /// Marks a batch of `channel_id`'s being stored and published by this
+    /// replica, until the guard drops: the database's announcements of the
+    /// channel meanwhile are held back, then passed on as one if they name
+    /// an index past what the batch published. One batch per channel is
+    /// in flight at a time (`send_batch`).
+    pub(crate) fn local_batch<'a>(&'a self, channel_id: &'a str) -> LocalBatch<'a> {
+        if let Ok(mut state) = self.state.lock() {
+            state.local.insert(channel_id.to_owned(), None);
+        }
+        LocalBatch {
+            hub: self,
+            channel_id,
+        }
+    }
+
     /// Wakes every channel's subscribers to read the store again.
     pub(crate) fn wake_all(&self) {
-        let Ok(mut channels) = self.channels.lock() else {
+        let Ok(mut state) = self.state.lock() else {
             return;
         };
-        channels.retain(|_, feed| feed.sender.send(Live::Wake).is_ok());
+        state
+            .feeds
+            .retain(|_, feed| feed.sender.send(Live::Wake).is_ok());
     }
 
     fn send(&self, channel_id: &str, item: Live) {
-        self.send_if(channel_id, item, |_| true);
+        if let Ok(mut state) = self.state.lock() {
+            state.send_if(channel_id, item, |_| true);
+        }
     }
+}
 
-    /// Broadcasts `item` if `wanted` says so, given the highest message
-    /// index broadcast so far.
-    fn send_if(&self, channel_id: &str, item: Live, wanted: impl FnOnce(Option<u64>) -> bool) {
-        let Ok(mut channels) = self.channels.lock() else {
+/// A batch of this replica's in flight ([`Hub::local_batch`]).
+pub(crate) struct LocalBatch<'a> {
+    hub: &'a Hub,
+    channel_id: &'a str,
+}
+
+impl Drop for LocalBatch<'_> {
+    fn drop(&mut self) {
+        let Ok(mut state) = self.hub.state.lock() else {
             return;
         };
+        if let Some(Some(index)) = state.local.remove(self.channel_id) {
+            state.send_if(self.channel_id, Live::Stored(index), |last| {
+                last.is_none_or(|last| last < index)
+            });
+        }
+    }
+}
+
+impl State {
+    /// Broadcasts `item` if `wanted` says so, given the highest message
+    /// index broadcast so far.
+    fn send_if(&mut self, channel_id: &str, item: Live, wanted: impl FnOnce(Option<u64>) -> bool) {
+        let channels = &mut self.feeds;
         let Some(feed) = channels.get_mut(channel_id) else {
             return;
         };
@@ -212,6 +273,39 @@ mod tests {
         assert_eq!(indices(&mut rx), [Some(1), Some(2), Some(5), None, Some(6)]);
         // A channel nobody listens to keeps nothing.
         hub.announced_index("other", 1);
-        assert!(hub.channels.lock().unwrap().get("other").is_none());
+        assert!(!hub.state.lock().unwrap().feeds.contains_key("other"));
+    }
+
+    #[test]
+    fn announcements_during_a_local_batch_wait_for_it_and_pass_only_past_it() {
+        let hub = Hub::new(16);
+        let mut rx = hub.subscribe("c").unwrap();
+        let mut other = hub.subscribe("d").unwrap();
+        {
+            let _batch = hub.local_batch("c");
+            // The database announces the batch as it commits, before its
+            // committer publishes it; another channel is not held back.
+            hub.announced_index("c", 3);
+            hub.announced_index("d", 7);
+            assert_eq!(indices(&mut rx), []);
+            assert_eq!(indices(&mut other), [Some(7)]);
+            for index in 1..=3 {
+                hub.publish(message(index));
+            }
+        }
+        assert_eq!(indices(&mut rx), [Some(1), Some(2), Some(3)]);
+        // A batch that published nothing (its store failed) while another
+        // replica's was announced: the highest announcement passes when it
+        // ends.
+        {
+            let _batch = hub.local_batch("c");
+            hub.announced_index("c", 5);
+            hub.announced_index("c", 4);
+            assert_eq!(indices(&mut rx), []);
+        }
+        assert_eq!(indices(&mut rx), [Some(5)]);
+        // Once it has ended, announcements pass at once again.
+        hub.announced_index("c", 6);
+        assert_eq!(indices(&mut rx), [Some(6)]);
     }
 }

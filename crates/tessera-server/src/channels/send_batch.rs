@@ -273,6 +273,10 @@ impl SendBatches {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.largest.fetch_max(pending.len(), Ordering::Relaxed);
         metrics::record(metrics::SERVER_SEND_BATCH, pending.len() as f64);
+        // Holds back the database's announcement of this very batch until
+        // it is published below (`Hub::local_batch`).
+        let channel_id = pending[0].message.channel_id.clone();
+        let _announcements = self.hub.local_batch(&channel_id);
         match self.store_batch(&mut pending).await {
             Ok((outcomes, stamp, flushed)) => {
                 for ((p, reply), outcome) in pending.into_iter().zip(replies).zip(outcomes) {
