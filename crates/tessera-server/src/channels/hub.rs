@@ -9,6 +9,13 @@
 //! and after a lost announcement every channel is woken: a subscriber
 //! reads the store by index, so an item heard twice is delivered once.
 //!
+//! Messages go out in index order. What another replica stored is read
+//! from the store once here, by one task per channel, and broadcast like
+//! this replica's own, rather than read by each subscriber; this
+//! replica's messages past such a gap wait (at most `capacity` of them)
+//! until it is read. Should the read fail, what waits goes out as it is
+//! and subscribers read the gap themselves.
+//!
 //! The broadcast keeps its last `capacity` items for slow subscribers, so
 //! only small messages travel in it whole; for a larger one it carries the
 //! index and each subscriber reads the message from the store when it is
@@ -16,8 +23,10 @@
 //! INLINE_MAX_BYTES`, whatever the envelopes' sizes.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
+    mem,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use prost::Message as _;
@@ -28,6 +37,12 @@ use crate::{error::ServerError, store::Store};
 
 /// Largest stored message carried whole by the broadcast.
 const INLINE_MAX_BYTES: usize = 16 * 1024;
+/// Messages and bytes of them read at a time to fill a gap.
+const FILL_MESSAGES: usize = 256;
+const FILL_BYTES: usize = 1024 * 1024;
+/// How long one read filling a gap may take before subscribers are left
+/// to read it themselves.
+const FILL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the broadcast carries: a new message, or a statement accepted into
 /// the chain.
@@ -45,6 +60,15 @@ pub(crate) enum Live {
 }
 
 impl Live {
+    /// A stored message as the broadcast carries it: whole if small.
+    fn of(message: StoredMessage) -> Self {
+        if message.encoded_len() <= INLINE_MAX_BYTES {
+            Self::Inline(Arc::new(message))
+        } else {
+            Self::Stored(message.index)
+        }
+    }
+
     /// The new message's index (none for a statement).
     pub(crate) fn index(&self) -> Option<u64> {
         match self {
@@ -79,6 +103,8 @@ impl Live {
 pub(crate) struct Hub {
     /// Items buffered per channel for slow subscribers before they reload.
     capacity: usize,
+    /// Where gaps are read from.
+    store: Arc<dyn Store>,
     state: Mutex<State>,
 }
 
@@ -94,14 +120,105 @@ struct State {
 /// One chat channel's broadcast.
 struct Feed {
     sender: broadcast::Sender<Live>,
-    /// The highest message index broadcast so far, if any.
+    /// The highest message index broadcast so far, if any: every index
+    /// below it went out before it (or was left to the subscribers to
+    /// read, see [`Feed::give_up`]).
     last_index: Option<u64>,
+    /// The highest index known stored: announced, or waiting.
+    known: Option<u64>,
+    /// This replica's messages past a gap, by index, until it is filled.
+    waiting: BTreeMap<u64, Live>,
+    /// Whether a task is reading a gap from the store ([`Hub::fill`]).
+    filling: bool,
+}
+
+impl Feed {
+    fn new(capacity: usize) -> Self {
+        Self {
+            sender: broadcast::channel(capacity).0,
+            last_index: None,
+            known: None,
+            waiting: BTreeMap::new(),
+            filling: false,
+        }
+    }
+
+    /// Sends `item` to the subscribers, noting its index.
+    fn broadcast(&mut self, item: Live) {
+        if let Some(index) = item.index() {
+            self.last_index = Some(self.last_index.map_or(index, |last| last.max(index)));
+        }
+        // None listening: the hub drops the feed (`Hub::with_feed`).
+        let _ = self.sender.send(item);
+    }
+
+    /// Takes the message at `index` in order: broadcast if it is the next
+    /// (with what waited behind it), kept while a gap comes before it,
+    /// dropped if it went out already.
+    fn offer(&mut self, index: u64, item: Live, capacity: usize) {
+        match self.last_index {
+            Some(last) if index <= last => {}
+            Some(last) if index > last + 1 => {
+                self.known = Some(self.known.map_or(index, |known| known.max(index)));
+                self.waiting.insert(index, item);
+                if self.waiting.len() > capacity {
+                    self.give_up();
+                }
+            }
+            // The next index, or the first this feed hears of.
+            _ => {
+                self.broadcast(item);
+                while let Some(entry) = self.waiting.first_entry() {
+                    if Some(*entry.key()) != self.last_index.map(|last| last + 1) {
+                        break;
+                    }
+                    let item = entry.remove();
+                    self.broadcast(item);
+                }
+            }
+        }
+    }
+
+    /// Notes that a message is stored at `index` (by some replica).
+    fn announce(&mut self, index: u64) {
+        match self.last_index {
+            // Nothing to read from yet: the subscribers read the store.
+            None => self.broadcast(Live::Stored(index)),
+            Some(last) if index <= last => {}
+            Some(_) => self.known = Some(self.known.map_or(index, |known| known.max(index))),
+        }
+    }
+
+    /// The indices to read from the store: after the last broadcast, up
+    /// to the first waiting message or the highest known index.
+    fn gap(&self) -> Option<(u64, u64)> {
+        let last = self.last_index?;
+        let end = match self.waiting.keys().next() {
+            Some(&first) => first - 1,
+            None => self.known?,
+        };
+        (end > last).then_some((last + 1, end))
+    }
+
+    /// Broadcasts what waits as it is and the highest index known: each
+    /// subscriber reads what it lacks from the store.
+    fn give_up(&mut self) {
+        for (_, item) in mem::take(&mut self.waiting) {
+            self.broadcast(item);
+        }
+        if let Some(known) = self.known
+            && self.last_index.is_none_or(|last| last < known)
+        {
+            self.broadcast(Live::Stored(known));
+        }
+    }
 }
 
 impl Hub {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, store: Arc<dyn Store>) -> Self {
         Self {
             capacity: capacity.max(1),
+            store,
             state: Mutex::default(),
         }
     }
@@ -112,74 +229,136 @@ impl Hub {
             state
                 .feeds
                 .entry(channel_id.to_owned())
-                .or_insert_with(|| Feed {
-                    sender: broadcast::channel(self.capacity).0,
-                    last_index: None,
-                })
+                .or_insert_with(|| Feed::new(self.capacity))
                 .sender
                 .subscribe(),
         )
     }
 
-    pub(crate) fn publish(&self, message: StoredMessage) {
-        let id = message.channel_id.clone();
-        let item = if message.encoded_len() <= INLINE_MAX_BYTES {
-            Live::Inline(Arc::new(message))
-        } else {
-            Live::Stored(message.index)
-        };
-        self.send(&id, item);
+    /// Runs `f` on `channel_id`'s feed, if it has subscribers (dropping it
+    /// once it has none), then starts reading its gap if it has one.
+    fn with_feed<T>(
+        self: &Arc<Self>,
+        channel_id: &str,
+        f: impl FnOnce(&mut Feed) -> T,
+    ) -> Option<T> {
+        let mut state = self.state.lock().ok()?;
+        let feed = state.feeds.get_mut(channel_id)?;
+        let out = f(feed);
+        if feed.sender.receiver_count() == 0 {
+            state.feeds.remove(channel_id);
+        } else if !feed.filling && feed.gap().is_some() {
+            feed.filling = true;
+            tokio::spawn(
+                self.clone()
+                    .fill(channel_id.to_owned(), feed.sender.clone()),
+            );
+        }
+        Some(out)
+    }
+
+    /// Reads `channel_id`'s gaps from the store and broadcasts them, until
+    /// it has none, its feed is gone (`sender`: the feed this task was
+    /// started for), or a read fails.
+    async fn fill(self: Arc<Self>, channel_id: String, sender: broadcast::Sender<Live>) {
+        let ours = |feed: &Feed| feed.sender.same_channel(&sender);
+        loop {
+            let gap = self.with_feed(&channel_id, |feed| {
+                if !ours(feed) {
+                    return None;
+                }
+                let gap = feed.gap();
+                feed.filling = gap.is_some();
+                gap
+            });
+            let Some(Some((from, to))) = gap else {
+                return;
+            };
+            let read = tokio::time::timeout(
+                FILL_TIMEOUT,
+                self.store
+                    .messages(&channel_id, from, to + 1, FILL_MESSAGES, FILL_BYTES),
+            )
+            .await;
+            let capacity = self.capacity;
+            let filled = self.with_feed(&channel_id, |feed| {
+                if !ours(feed) {
+                    return false;
+                }
+                match read {
+                    Ok(Ok(messages)) if messages.first().is_some_and(|m| m.index == from) => {
+                        for message in messages {
+                            let index = message.index;
+                            feed.offer(index, Live::of(message), capacity);
+                        }
+                        true
+                    }
+                    // An error, a timeout, or the gap's start missing:
+                    // the subscribers read the store themselves.
+                    _ => {
+                        feed.give_up();
+                        feed.filling = false;
+                        false
+                    }
+                }
+            });
+            if filled != Some(true) {
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn publish(self: &Arc<Self>, message: StoredMessage) {
+        let (id, index) = (message.channel_id.clone(), message.index);
+        let capacity = self.capacity;
+        self.with_feed(&id, |feed| feed.offer(index, Live::of(message), capacity));
     }
 
     /// Announces that `channel_id`'s chain grew to `length` statements.
-    pub(crate) fn publish_chain(&self, channel_id: &str, length: u64) {
-        self.send(channel_id, Live::Chain { length });
+    pub(crate) fn publish_chain(self: &Arc<Self>, channel_id: &str, length: u64) {
+        self.with_feed(channel_id, |feed| feed.broadcast(Live::Chain { length }));
     }
 
     /// Announces that `channel_id` has a message at `index`, to be read
     /// from the store.
-    pub(crate) fn publish_index(&self, channel_id: &str, index: u64) {
-        self.send(channel_id, Live::Stored(index));
+    pub(crate) fn publish_index(self: &Arc<Self>, channel_id: &str, index: u64) {
+        let capacity = self.capacity;
+        self.with_feed(channel_id, |feed| {
+            feed.offer(index, Live::Stored(index), capacity);
+        });
     }
 
     /// What the database announced: a message stored at `index` by some
-    /// replica, this one included. Skipped when this hub has broadcast a
-    /// message at `index` or past it already: this replica's own sends are
-    /// published by their batch, and a subscriber that got a later index
-    /// than the one it expects reads the gap from the store. Without this
-    /// each subscriber would read again, from the database, the batch its
-    /// own replica had just handed it.
+    /// replica, this one included. Nothing to do when this hub has
+    /// broadcast a message at `index` or past it already (this replica's
+    /// own sends are published by their batch); otherwise the gap up to it
+    /// is read once, here, and broadcast.
     ///
     /// While this replica stores a batch of the channel's, announcements
     /// are held back until the batch is published ([`Self::local_batch`]):
     /// the database announces a batch as it commits, before its committer
-    /// has published it here, and a subscriber handed that index first
-    /// would read the whole batch from the database.
-    pub(crate) fn announced_index(&self, channel_id: &str, index: u64) {
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
-        if let Some(held) = state.local.get_mut(channel_id) {
+    /// has published it here, and the batch would be read back.
+    pub(crate) fn announced_index(self: &Arc<Self>, channel_id: &str, index: u64) {
+        if let Ok(mut state) = self.state.lock()
+            && let Some(held) = state.local.get_mut(channel_id)
+        {
             *held = Some(held.map_or(index, |held| held.max(index)));
             return;
         }
-        state.send_if(channel_id, Live::Stored(index), |last| {
-            last.is_none_or(|last| last < index)
-        });
+        self.with_feed(channel_id, |feed| feed.announce(index));
     }
 
     /// Marks a batch of `channel_id`'s being stored and published by this
     /// replica, until the guard drops: the database's announcements of the
-    /// channel meanwhile are held back, then passed on as one if they name
-    /// an index past what the batch published. One batch per channel is
-    /// in flight at a time (`send_batch`).
-    pub(crate) fn local_batch<'a>(&'a self, channel_id: &'a str) -> LocalBatch<'a> {
+    /// channel meanwhile are held back, then taken as one. One batch per
+    /// channel is in flight at a time (`send_batch`).
+    pub(crate) fn local_batch(self: &Arc<Self>, channel_id: &str) -> LocalBatch {
         if let Ok(mut state) = self.state.lock() {
             state.local.insert(channel_id.to_owned(), None);
         }
         LocalBatch {
-            hub: self,
-            channel_id,
+            hub: self.clone(),
+            channel_id: channel_id.to_owned(),
         }
     }
 
@@ -192,50 +371,23 @@ impl Hub {
             .feeds
             .retain(|_, feed| feed.sender.send(Live::Wake).is_ok());
     }
-
-    fn send(&self, channel_id: &str, item: Live) {
-        if let Ok(mut state) = self.state.lock() {
-            state.send_if(channel_id, item, |_| true);
-        }
-    }
 }
 
 /// A batch of this replica's in flight ([`Hub::local_batch`]).
-pub(crate) struct LocalBatch<'a> {
-    hub: &'a Hub,
-    channel_id: &'a str,
+pub(crate) struct LocalBatch {
+    hub: Arc<Hub>,
+    channel_id: String,
 }
 
-impl Drop for LocalBatch<'_> {
+impl Drop for LocalBatch {
     fn drop(&mut self) {
-        let Ok(mut state) = self.hub.state.lock() else {
-            return;
+        let held = match self.hub.state.lock() {
+            Ok(mut state) => state.local.remove(&self.channel_id).flatten(),
+            Err(_) => None,
         };
-        if let Some(Some(index)) = state.local.remove(self.channel_id) {
-            state.send_if(self.channel_id, Live::Stored(index), |last| {
-                last.is_none_or(|last| last < index)
-            });
-        }
-    }
-}
-
-impl State {
-    /// Broadcasts `item` if `wanted` says so, given the highest message
-    /// index broadcast so far.
-    fn send_if(&mut self, channel_id: &str, item: Live, wanted: impl FnOnce(Option<u64>) -> bool) {
-        let channels = &mut self.feeds;
-        let Some(feed) = channels.get_mut(channel_id) else {
-            return;
-        };
-        if !wanted(feed.last_index) {
-            return;
-        }
-        if let Some(index) = item.index() {
-            feed.last_index = Some(feed.last_index.map_or(index, |last| last.max(index)));
-        }
-        if feed.sender.send(item).is_err() {
-            // Nobody listens any more.
-            channels.remove(channel_id);
+        if let Some(index) = held {
+            self.hub
+                .with_feed(&self.channel_id, |feed| feed.announce(index));
         }
     }
 }
@@ -252,33 +404,50 @@ mod tests {
         }
     }
 
+    /// A hub whose store holds nothing: any gap it reads is missing, and
+    /// it leaves the subscribers to read it.
+    fn hub() -> Arc<Hub> {
+        Arc::new(Hub::new(16, Arc::new(crate::store::MemoryStore::default())))
+    }
+
+    /// What the feed holds now.
     fn indices(rx: &mut broadcast::Receiver<Live>) -> Vec<Option<u64>> {
         std::iter::from_fn(|| rx.try_recv().ok().map(|item| item.index())).collect()
     }
 
-    #[test]
-    fn announcements_of_what_this_replica_broadcast_are_skipped_and_others_pass() {
-        let hub = Hub::new(16);
+    /// The next item, within 10 s.
+    async fn next(rx: &mut broadcast::Receiver<Live>) -> Option<u64> {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an item within 10 s")
+            .expect("the feed is open")
+            .index()
+    }
+
+    #[tokio::test]
+    async fn announcements_of_what_this_replica_broadcast_are_skipped_and_others_pass() {
+        let hub = hub();
         let mut rx = hub.subscribe("c").unwrap();
         hub.publish(message(1));
         hub.publish(message(2));
-        // The database announces this replica's own batch (its last index),
-        // then another replica's message, then a late announcement of an
-        // index this replica passed already.
+        // The database announces this replica's own batch (its last
+        // index), then late an index passed already.
         hub.announced_index("c", 2);
-        hub.announced_index("c", 5);
-        hub.announced_index("c", 4);
+        hub.announced_index("c", 1);
         hub.publish_chain("c", 3);
-        hub.announced_index("c", 6);
-        assert_eq!(indices(&mut rx), [Some(1), Some(2), Some(5), None, Some(6)]);
+        assert_eq!(indices(&mut rx), [Some(1), Some(2), None]);
+        // Another replica's message, which the hub cannot read (not in its
+        // store): it names the index, and subscribers read the store.
+        hub.announced_index("c", 5);
+        assert_eq!(next(&mut rx).await, Some(5));
         // A channel nobody listens to keeps nothing.
         hub.announced_index("other", 1);
         assert!(!hub.state.lock().unwrap().feeds.contains_key("other"));
     }
 
-    #[test]
-    fn announcements_during_a_local_batch_wait_for_it_and_pass_only_past_it() {
-        let hub = Hub::new(16);
+    #[tokio::test]
+    async fn announcements_during_a_local_batch_wait_for_it_and_pass_only_past_it() {
+        let hub = hub();
         let mut rx = hub.subscribe("c").unwrap();
         let mut other = hub.subscribe("d").unwrap();
         {
@@ -295,17 +464,18 @@ mod tests {
         }
         assert_eq!(indices(&mut rx), [Some(1), Some(2), Some(3)]);
         // A batch that published nothing (its store failed) while another
-        // replica's was announced: the highest announcement passes when it
-        // ends.
+        // replica's was announced: the highest announcement is taken when
+        // it ends.
         {
             let _batch = hub.local_batch("c");
             hub.announced_index("c", 5);
             hub.announced_index("c", 4);
             assert_eq!(indices(&mut rx), []);
         }
-        assert_eq!(indices(&mut rx), [Some(5)]);
-        // Once it has ended, announcements pass at once again.
+        assert_eq!(next(&mut rx).await, Some(5));
+        // Once it has ended, announcements are taken at once again.
         hub.announced_index("c", 6);
-        assert_eq!(indices(&mut rx), [Some(6)]);
+        assert_eq!(next(&mut rx).await, Some(6));
+        assert_eq!(indices(&mut rx), []);
     }
 }

@@ -72,7 +72,7 @@ impl Channels {
         attachments_dir: PathBuf,
         closing: watch::Receiver<bool>,
     ) -> Self {
-        let hub = Arc::new(hub::Hub::new(limits.live_buffer_messages));
+        let hub = Arc::new(hub::Hub::new(limits.live_buffer_messages, store.clone()));
         let send_batches = Arc::new(send_batch::SendBatches::new(
             store.clone(),
             hub.clone(),

@@ -1720,3 +1720,50 @@ async fn a_removed_members_retry_of_a_stored_send_is_answered_as_a_duplicate() {
     assert_eq!(w.send(&carol, 1, 9).await.unwrap(), 2);
     assert_eq!(code(w.send(&bob, 0, 9).await), Code::PermissionDenied);
 }
+
+/// What another replica stored (written here behind the hub's back, then
+/// announced as the database would, late) is read once by the hub and
+/// broadcast whole, in index order with this replica's own messages: its
+/// subscribers need not each read it from the store.
+#[tokio::test]
+async fn another_replicas_messages_are_read_once_by_the_hub_and_broadcast_whole_in_order() {
+    let w = World::new();
+    let alice = w.user("alice").await;
+    let mut chain = Chain::new();
+    w.create(&mut chain, &alice, &[]).await;
+    let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
+    let mut raw = w.channels.hub.subscribe(CH).unwrap();
+    let elsewhere = |n| queued(length, "alice", n);
+    let announce = |index| {
+        w.channels.announced(crate::store::Announced::Message {
+            channel_id: CH.into(),
+            index,
+        });
+    };
+    assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
+    // Another replica stores 2 and 3; its announcement comes after this
+    // replica has stored 4.
+    w.store
+        .append_messages(&[elsewhere(102), elsewhere(103)])
+        .await
+        .unwrap();
+    assert_eq!(w.send(&alice, 0, 4).await.unwrap(), 4);
+    announce(3);
+    w.store
+        .append_messages(&[elsewhere(105), elsewhere(106)])
+        .await
+        .unwrap();
+    announce(6);
+    let mut heard = Vec::new();
+    while heard.len() < 6 {
+        let item = tokio::time::timeout(Duration::from_secs(10), raw.recv())
+            .await
+            .expect("an item within 10 s")
+            .unwrap();
+        match item {
+            super::hub::Live::Inline(m) => heard.push(m.index),
+            other => panic!("{:?} was not broadcast whole", other.index()),
+        }
+    }
+    assert_eq!(heard, [1, 2, 3, 4, 5, 6]);
+}
