@@ -82,7 +82,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "echo,echo-large,search,search-no-lists,register"
+        default_value = "echo,echo-large,echo-token,search,search-no-lists,register"
     )]
     calls: Vec<String>,
     /// Rounds: each measures every size in turn, so a change in the
@@ -139,6 +139,7 @@ impl Load {
         match call {
             Call::Echo => self.echo(worker, 0).await,
             Call::SameSizeEcho => self.echo(worker, answer_bytes).await,
+            Call::TokenEcho => self.echo_with_token(worker, answer_bytes).await,
             Call::Search => self.search(worker, seq, size, true).await,
             Call::SearchNoLists => self.search(worker, seq, size, false).await,
             Call::Register => self.register(worker).await,
@@ -206,6 +207,19 @@ impl Load {
             })
             .await
             .is_ok()
+    }
+
+    /// [`Self::echo`] answered with `answer_bytes` and carrying the
+    /// search's `authorization` header: a search's transport without its
+    /// work (HTTP/2 never indexes an `authorization` value in HPACK, so
+    /// each call sends the whole token).
+    async fn echo_with_token(&self, worker: usize, answer_bytes: u32) -> bool {
+        let mut client = self.echo[worker % self.echo.len()].clone();
+        let message = EchoMessage {
+            payload: vec![7; 32],
+            answer_bytes,
+        };
+        client.echo(with(&self.user_token, message)).await.is_ok()
     }
 
     /// Encoded size of one search answer at this directory size (`size`
@@ -583,7 +597,7 @@ async fn start_kms(
 #[derive(Default)]
 struct Measured {
     /// One entry per round, for each of [`CALLS`].
-    runs: [Vec<Stats>; 5],
+    runs: [Vec<Stats>; 6],
 }
 
 /// What is measured: the `--calls` name, the row's label.
@@ -591,14 +605,20 @@ struct Measured {
 enum Call {
     Echo,
     SameSizeEcho,
+    TokenEcho,
     Search,
     SearchNoLists,
     Register,
 }
 
-const CALLS: [(Call, &str, &str); 5] = [
+const CALLS: [(Call, &str, &str); 6] = [
     (Call::Echo, "echo", "echo (baseline)"),
     (Call::SameSizeEcho, "echo-large", "same-size echo"),
+    (
+        Call::TokenEcho,
+        "echo-token",
+        "same-size echo with the search's token",
+    ),
     (Call::Search, "search", "SearchCards"),
     (
         Call::SearchNoLists,
@@ -612,6 +632,27 @@ impl Measured {
     fn of(&self, call: Call) -> &[Stats] {
         &self.runs[call as usize]
     }
+}
+
+/// Search QPS at one size against the smallest, each divided by the echo
+/// measured just before it in the same round: the echo does not depend on
+/// the directory, so this takes out the machine's changes of speed between
+/// the two measurements. The median over the rounds.
+fn normalised_change(at: &Measured, smallest: &Measured) -> Option<f64> {
+    let ratios = |m: &Measured| -> Vec<f64> {
+        m.of(Call::Search)
+            .iter()
+            .zip(m.of(Call::Echo))
+            .map(|(search, echo)| search.qps() / echo.qps())
+            .collect()
+    };
+    let mut changes: Vec<f64> = ratios(at)
+        .iter()
+        .zip(ratios(smallest))
+        .map(|(a, b)| a / b - 1.0)
+        .collect();
+    changes.sort_by(f64::total_cmp);
+    changes.get(changes.len() / 2).copied()
 }
 
 /// The round with the median QPS.
@@ -757,7 +798,7 @@ async fn main() {
         }
     }
     println!(
-        "\n| cards | concurrency | search QPS | against the smallest size | search / echo | search / same-size echo | search p99 | search CPU per call | against the smallest size |\n|---|---|---|---|---|---|---|---|---|"
+        "\n| cards | concurrency | search QPS | against the smallest size | search / echo | search / same-size echo | search / same-size echo with token | search p99 | search CPU per call | against the smallest size | search / echo against the smallest size |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let pct = |r: Option<f64>| r.map_or("—".to_owned(), |r| format!("{:.0} %", r * 100.0));
     for (s, (_, name, base, ..)) in services.iter().enumerate() {
@@ -771,17 +812,19 @@ async fn main() {
                 |d: Option<f64>| d.map_or("—".to_owned(), |d| format!("{:+.0} %", d * 100.0));
             let cpu = search.cpu_us_per_op();
             println!(
-                "| {name} | {c} | {:.0} | {} | {} | {} | {:.2} ms | {} | {} |",
+                "| {name} | {c} | {:.0} | {} | {} | {} | {} | {:.2} ms | {} | {} | {} |",
                 search.qps(),
                 change(smallest.map(|f| search.qps() / f.qps() - 1.0)),
                 pct(median(m.of(Call::Echo)).map(|e| search.qps() / e.qps())),
                 pct(median(m.of(Call::SameSizeEcho)).map(|e| search.qps() / e.qps())),
+                pct(median(m.of(Call::TokenEcho)).map(|e| search.qps() / e.qps())),
                 search.p99.as_secs_f64() * 1e3,
                 cpu.map_or("—".to_owned(), |c| format!("{c:.0} µs")),
                 change(
                     cpu.zip(smallest.and_then(Stats::cpu_us_per_op))
                         .map(|(c, f)| c / f - 1.0)
                 ),
+                change(normalised_change(m, &measured[*base][ci])),
             );
         }
     }
