@@ -12,15 +12,20 @@
 //! Messages go out in index order. What another replica stored is read
 //! from the store once here, by one task per channel, and broadcast like
 //! this replica's own, rather than read by each subscriber; this
-//! replica's messages past such a gap wait (at most `capacity` of them)
-//! until it is read. Should the read fail, what waits goes out as it is
-//! and subscribers read the gap themselves.
+//! replica's messages past such a gap wait until it is read. Only gaps of
+//! at most half the buffer (`capacity / 2`) are read, and at most as many
+//! messages wait: a wider gap would make the subscribers lag anyway. For
+//! a wider gap, a failed or slow read, or one that does not find the
+//! gap's start, what waits goes out as it is and subscribers read the gap
+//! themselves. The hub trusts the database's announcements as it trusts
+//! its rows.
 //!
 //! The broadcast keeps its last `capacity` items for slow subscribers, so
 //! only small messages travel in it whole; for a larger one it carries the
 //! index and each subscriber reads the message from the store when it is
 //! ready for it. A channel's buffer thus holds at most `capacity ×
-//! INLINE_MAX_BYTES`, whatever the envelopes' sizes.
+//! INLINE_MAX_BYTES`, whatever the envelopes' sizes, and what waits behind
+//! a gap half as much again.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -31,14 +36,14 @@ use std::{
 
 use prost::Message as _;
 use tessera_proto::server::v1::StoredMessage;
-use tokio::sync::broadcast;
+use tokio::{runtime::Handle, sync::broadcast};
 
 use crate::{error::ServerError, store::Store};
 
 /// Largest stored message carried whole by the broadcast.
 const INLINE_MAX_BYTES: usize = 16 * 1024;
-/// Messages and bytes of them read at a time to fill a gap.
-const FILL_MESSAGES: usize = 256;
+/// Bytes of messages read at a time to fill a gap (the gap's messages
+/// are at most half the broadcast's capacity).
 const FILL_BYTES: usize = 1024 * 1024;
 /// How long one read filling a gap may take before subscribers are left
 /// to read it themselves.
@@ -120,6 +125,8 @@ struct State {
 /// One chat channel's broadcast.
 struct Feed {
     sender: broadcast::Sender<Live>,
+    /// Widest gap read, and most messages waiting behind one.
+    limit: u64,
     /// The highest message index broadcast so far, if any: every index
     /// below it went out before it (or was left to the subscribers to
     /// read, see [`Feed::give_up`]).
@@ -130,16 +137,20 @@ struct Feed {
     waiting: BTreeMap<u64, Live>,
     /// Whether a task is reading a gap from the store ([`Hub::fill`]).
     filling: bool,
+    /// Counts wake-ups: a read started before one is void.
+    generation: u64,
 }
 
 impl Feed {
     fn new(capacity: usize) -> Self {
         Self {
             sender: broadcast::channel(capacity).0,
+            limit: (capacity as u64 / 2).max(1),
             last_index: None,
             known: None,
             waiting: BTreeMap::new(),
             filling: false,
+            generation: 0,
         }
     }
 
@@ -155,13 +166,13 @@ impl Feed {
     /// Takes the message at `index` in order: broadcast if it is the next
     /// (with what waited behind it), kept while a gap comes before it,
     /// dropped if it went out already.
-    fn offer(&mut self, index: u64, item: Live, capacity: usize) {
+    fn offer(&mut self, index: u64, item: Live) {
         match self.last_index {
             Some(last) if index <= last => {}
-            Some(last) if index > last + 1 => {
+            Some(last) if index > last.saturating_add(1) => {
                 self.known = Some(self.known.map_or(index, |known| known.max(index)));
                 self.waiting.insert(index, item);
-                if self.waiting.len() > capacity {
+                if self.waiting.len() as u64 > self.limit {
                     self.give_up();
                 }
             }
@@ -169,7 +180,7 @@ impl Feed {
             _ => {
                 self.broadcast(item);
                 while let Some(entry) = self.waiting.first_entry() {
-                    if Some(*entry.key()) != self.last_index.map(|last| last + 1) {
+                    if Some(*entry.key()) != self.last_index.map(|last| last.saturating_add(1)) {
                         break;
                     }
                     let item = entry.remove();
@@ -194,10 +205,20 @@ impl Feed {
     fn gap(&self) -> Option<(u64, u64)> {
         let last = self.last_index?;
         let end = match self.waiting.keys().next() {
-            Some(&first) => first - 1,
+            Some(&first) => first.saturating_sub(1),
             None => self.known?,
         };
         (end > last).then_some((last + 1, end))
+    }
+
+    /// The gap, if it is to be read: a wider one is given up on at once.
+    fn gap_to_read(&mut self) -> Option<(u64, u64)> {
+        let (from, to) = self.gap()?;
+        if to - from >= self.limit {
+            self.give_up();
+            return None;
+        }
+        Some((from, to))
     }
 
     /// Broadcasts what waits as it is and the highest index known: each
@@ -211,6 +232,17 @@ impl Feed {
         {
             self.broadcast(Live::Stored(known));
         }
+    }
+
+    /// After announcements may have been lost: what waits goes out, every
+    /// subscriber reads the store, and the feed starts afresh (a read in
+    /// flight is void: the subscribers have read past it).
+    fn wake(&mut self) {
+        self.give_up();
+        let _ = self.sender.send(Live::Wake);
+        self.last_index = None;
+        self.known = None;
+        self.generation += 1;
     }
 }
 
@@ -236,82 +268,48 @@ impl Hub {
     }
 
     /// Runs `f` on `channel_id`'s feed, if it has subscribers (dropping it
-    /// once it has none), then starts reading its gap if it has one.
+    /// once it has none), then starts a task reading its gap if it has one
+    /// and none runs.
     fn with_feed<T>(
         self: &Arc<Self>,
         channel_id: &str,
         f: impl FnOnce(&mut Feed) -> T,
     ) -> Option<T> {
-        let mut state = self.state.lock().ok()?;
-        let feed = state.feeds.get_mut(channel_id)?;
-        let out = f(feed);
-        if feed.sender.receiver_count() == 0 {
-            state.feeds.remove(channel_id);
-        } else if !feed.filling && feed.gap().is_some() {
-            feed.filling = true;
-            tokio::spawn(
-                self.clone()
-                    .fill(channel_id.to_owned(), feed.sender.clone()),
-            );
+        let (out, fill) = {
+            let mut state = self.state.lock().ok()?;
+            let feed = state.feeds.get_mut(channel_id)?;
+            let out = f(feed);
+            let mut fill = None;
+            if feed.sender.receiver_count() == 0 {
+                state.feeds.remove(channel_id);
+            } else if !feed.filling && feed.gap_to_read().is_some() {
+                feed.filling = true;
+                fill = Some(feed.sender.clone());
+            }
+            (out, fill)
+        };
+        // Spawned with the lock released.
+        if let Some(sender) = fill {
+            let task = Fill {
+                hub: self.clone(),
+                channel_id: channel_id.to_owned(),
+                sender,
+                running: true,
+            };
+            match Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(task.run());
+                }
+                // No runtime to read in: the guard gives the gap up.
+                Err(_) => drop(task),
+            }
         }
         Some(out)
     }
 
-    /// Reads `channel_id`'s gaps from the store and broadcasts them, until
-    /// it has none, its feed is gone (`sender`: the feed this task was
-    /// started for), or a read fails.
-    async fn fill(self: Arc<Self>, channel_id: String, sender: broadcast::Sender<Live>) {
-        let ours = |feed: &Feed| feed.sender.same_channel(&sender);
-        loop {
-            let gap = self.with_feed(&channel_id, |feed| {
-                if !ours(feed) {
-                    return None;
-                }
-                let gap = feed.gap();
-                feed.filling = gap.is_some();
-                gap
-            });
-            let Some(Some((from, to))) = gap else {
-                return;
-            };
-            let read = tokio::time::timeout(
-                FILL_TIMEOUT,
-                self.store
-                    .messages(&channel_id, from, to + 1, FILL_MESSAGES, FILL_BYTES),
-            )
-            .await;
-            let capacity = self.capacity;
-            let filled = self.with_feed(&channel_id, |feed| {
-                if !ours(feed) {
-                    return false;
-                }
-                match read {
-                    Ok(Ok(messages)) if messages.first().is_some_and(|m| m.index == from) => {
-                        for message in messages {
-                            let index = message.index;
-                            feed.offer(index, Live::of(message), capacity);
-                        }
-                        true
-                    }
-                    // An error, a timeout, or the gap's start missing:
-                    // the subscribers read the store themselves.
-                    _ => {
-                        feed.give_up();
-                        feed.filling = false;
-                        false
-                    }
-                }
-            });
-            if filled != Some(true) {
-                return;
-            }
-        }
-    }
-
     pub(crate) fn publish(self: &Arc<Self>, message: StoredMessage) {
         let (id, index) = (message.channel_id.clone(), message.index);
-        let capacity = self.capacity;
-        self.with_feed(&id, |feed| feed.offer(index, Live::of(message), capacity));
+        self.with_feed(&id, |feed| feed.offer(index, Live::of(message)));
     }
 
     /// Announces that `channel_id`'s chain grew to `length` statements.
@@ -322,10 +320,7 @@ impl Hub {
     /// Announces that `channel_id` has a message at `index`, to be read
     /// from the store.
     pub(crate) fn publish_index(self: &Arc<Self>, channel_id: &str, index: u64) {
-        let capacity = self.capacity;
-        self.with_feed(channel_id, |feed| {
-            feed.offer(index, Live::Stored(index), capacity);
-        });
+        self.with_feed(channel_id, |feed| feed.offer(index, Live::Stored(index)));
     }
 
     /// What the database announced: a message stored at `index` by some
@@ -362,14 +357,99 @@ impl Hub {
         }
     }
 
-    /// Wakes every channel's subscribers to read the store again.
+    /// Wakes every channel's subscribers to read the store again (after
+    /// announcements may have been lost).
     pub(crate) fn wake_all(&self) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        state
-            .feeds
-            .retain(|_, feed| feed.sender.send(Live::Wake).is_ok());
+        state.feeds.retain(|_, feed| {
+            feed.wake();
+            feed.sender.receiver_count() > 0
+        });
+    }
+}
+
+/// The task reading one channel's gaps ([`Hub::with_feed`] starts it):
+/// reads each gap once and broadcasts it, until the channel has none, its
+/// feed is gone (`sender`: the feed it was started for), or a read fails.
+/// Should it end otherwise (a panic, the task aborted), its guard gives
+/// the gap up to the subscribers and lets a later gap start a new task.
+struct Fill {
+    hub: Arc<Hub>,
+    channel_id: String,
+    sender: broadcast::Sender<Live>,
+    running: bool,
+}
+
+impl Fill {
+    async fn run(mut self) {
+        while self.fill_one().await {}
+        self.running = false;
+    }
+
+    /// Runs `f` on this task's feed (not one made afresh since).
+    fn with_own_feed<T>(&self, f: impl FnOnce(&mut Feed) -> T) -> Option<T> {
+        let sender = &self.sender;
+        self.hub
+            .with_feed(&self.channel_id, |feed| {
+                feed.sender.same_channel(sender).then(|| f(feed))
+            })
+            .flatten()
+    }
+
+    /// Reads and broadcasts the feed's next gap; false when done.
+    async fn fill_one(&mut self) -> bool {
+        let gap = self.with_own_feed(|feed| {
+            let gap = feed.gap_to_read().map(|gap| (gap, feed.generation));
+            feed.filling = gap.is_some();
+            gap
+        });
+        let Some(Some(((from, to), generation))) = gap else {
+            return false;
+        };
+        let want = usize::try_from(to - from + 1).unwrap_or(usize::MAX);
+        let read = tokio::time::timeout(
+            FILL_TIMEOUT,
+            self.hub
+                .store
+                .messages(&self.channel_id, from, to + 1, want, FILL_BYTES),
+        )
+        .await;
+        self.with_own_feed(|feed| {
+            if feed.generation != generation {
+                // Woken meanwhile: the subscribers read past this.
+                return true;
+            }
+            match read {
+                Ok(Ok(messages)) if messages.first().is_some_and(|m| m.index == from) => {
+                    for message in messages {
+                        let index = message.index;
+                        feed.offer(index, Live::of(message));
+                    }
+                    true
+                }
+                // An error, a timeout, or the gap's start missing: the
+                // subscribers read the store themselves.
+                _ => {
+                    feed.give_up();
+                    feed.filling = false;
+                    false
+                }
+            }
+        })
+        .unwrap_or(false)
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        if self.running {
+            self.with_own_feed(|feed| {
+                feed.give_up();
+                feed.filling = false;
+            });
+        }
     }
 }
 
@@ -477,5 +557,61 @@ mod tests {
         hub.announced_index("c", 6);
         assert_eq!(next(&mut rx).await, Some(6));
         assert_eq!(indices(&mut rx), []);
+    }
+
+    #[tokio::test]
+    async fn a_gap_wider_than_half_the_buffer_is_left_to_the_subscribers_unread() {
+        let hub = hub(); // a buffer of 16: gaps of up to 8 are read
+        let mut rx = hub.subscribe("c").unwrap();
+        hub.publish(message(1));
+        hub.announced_index("c", 20);
+        // At once, before any task could have read the store.
+        assert_eq!(indices(&mut rx), [Some(1), Some(20)]);
+        // This replica's messages waiting behind a gap: at most 8.
+        for index in 22..=29 {
+            hub.publish(message(index));
+        }
+        assert_eq!(indices(&mut rx), []);
+        hub.publish(message(30));
+        assert_eq!(
+            indices(&mut rx),
+            (22..=30).map(Some).collect::<Vec<_>>(),
+            "the ninth sends them all out, in order"
+        );
+    }
+
+    #[test]
+    fn without_a_runtime_to_read_in_a_gap_is_left_to_the_subscribers() {
+        let hub = hub();
+        let mut rx = hub.subscribe("c").unwrap();
+        hub.publish(message(1));
+        hub.publish(message(3));
+        assert_eq!(indices(&mut rx), [Some(1), Some(3)]);
+        // The hub still works (its lock was not poisoned).
+        assert!(hub.subscribe("c").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_fill_task_that_ends_abnormally_gives_its_gap_up() {
+        let hub = hub();
+        let mut rx = hub.subscribe("c").unwrap();
+        let sender = {
+            let mut state = hub.state.lock().unwrap();
+            let feed = state.feeds.get_mut("c").unwrap();
+            feed.offer(1, Live::of(message(1)));
+            feed.offer(3, Live::of(message(3)));
+            feed.filling = true; // as if a task were reading 2
+            feed.sender.clone()
+        };
+        assert_eq!(indices(&mut rx), [Some(1)]);
+        // The task ends without finishing (a panic, or aborted).
+        drop(Fill {
+            hub: hub.clone(),
+            channel_id: "c".into(),
+            sender,
+            running: true,
+        });
+        assert_eq!(indices(&mut rx), [Some(3)]);
+        assert!(!hub.state.lock().unwrap().feeds["c"].filling);
     }
 }

@@ -177,7 +177,8 @@ impl Channels {
         // the store answers `Moved` and the send is checked again.
         let answer = self.send_batches.enqueue(pending)?;
         drop(gate);
-        // Stored, flushed and published (in index order) by the batch.
+        // Stored, flushed and handed to the hub (broadcast in index
+        // order) by the batch.
         let committed = SendBatches::answer(answer).await?;
         match committed.outcome {
             BatchOutcome::Stored(index) => Ok(Some(SendMessageResponse {

@@ -210,7 +210,9 @@ impl SendBatches {
     }
 
     /// The outcome of a send [`Self::enqueue`]d, once its batch is durable
-    /// (and its stored messages are published).
+    /// (and its stored messages handed to the hub, which broadcasts them
+    /// in index order: behind a gap another replica left, they wait for
+    /// it to be read).
     pub(crate) async fn answer(answer: Answer) -> Result<Committed, ServerError> {
         answer
             .await

@@ -1768,13 +1768,11 @@ async fn another_replicas_messages_are_read_once_by_the_hub_and_broadcast_whole_
     assert_eq!(heard, [1, 2, 3, 4, 5, 6]);
 }
 
-/// Review (hubrev): after a lost announcement (`Announced::Missed`) every
-/// subscriber is woken and reads the store itself; the hub's own idea of
-/// the last index broadcast stays where it was, so the next announcement
-/// makes it read again, and broadcast, everything stored meanwhile
-/// (which its subscribers already read), in reads of 256, before the new
-/// message: a delay and a read proportional to the backlog. Fails today:
-/// the next message item after the wake-up is index 2, not the new one.
+/// After a lost announcement (`Announced::Missed`) every subscriber is
+/// woken and reads the store itself; the hub starts afresh, so the next
+/// announcement goes out at once instead of the hub reading back, and
+/// broadcasting, everything stored meanwhile (which made subscribers lag,
+/// `Lagged(343)`, before the wake-up reset the hub).
 #[tokio::test]
 async fn after_a_missed_announcement_the_hub_does_not_read_back_the_backlog() {
     let w = World::new();

@@ -251,7 +251,7 @@ async fn a_held_user_lock_does_not_stall_a_batch_on_postgres() {
     assert_eq!(indices, [1, 2]);
 }
 
-/// Review (hubrev): a member removed through another replica gets
+/// A member removed through another replica gets
 /// nothing sent after the statement even when this replica's hub reads
 /// that replica's message (sent after the statement) from the store and
 /// broadcasts it whole, before the statement's announcement (here it
