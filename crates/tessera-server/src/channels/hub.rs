@@ -45,8 +45,8 @@ const INLINE_MAX_BYTES: usize = 16 * 1024;
 /// Bytes of messages read at a time to fill a gap (the gap's messages
 /// are at most half the broadcast's capacity).
 const FILL_BYTES: usize = 1024 * 1024;
-/// How long one read filling a gap may take before subscribers are left
-/// to read it themselves.
+/// How long reading one gap may take before subscribers are left to read
+/// it themselves.
 const FILL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the broadcast carries: a new message, or a statement accepted into
@@ -208,7 +208,7 @@ impl Feed {
             Some(&first) => first.saturating_sub(1),
             None => self.known?,
         };
-        (end > last).then_some((last + 1, end))
+        (end > last).then(|| (last + 1, end))
     }
 
     /// The gap, if it is to be read: a wider one is given up on at once.
@@ -295,6 +295,7 @@ impl Hub {
                 channel_id: channel_id.to_owned(),
                 sender,
                 running: true,
+                deadline: None,
             };
             match Handle::try_current() {
                 Ok(runtime) => {
@@ -327,7 +328,9 @@ impl Hub {
     /// replica, this one included. Nothing to do when this hub has
     /// broadcast a message at `index` or past it already (this replica's
     /// own sends are published by their batch); otherwise the gap up to it
-    /// is read once, here, and broadcast.
+    /// is read here, for all subscribers, and broadcast (unless it is too
+    /// wide, or the feed is new or just woken: then the index goes out and
+    /// each subscriber reads).
     ///
     /// While this replica stores a batch of the channel's, announcements
     /// are held back until the batch is published ([`Self::local_batch`]):
@@ -380,6 +383,9 @@ struct Fill {
     channel_id: String,
     sender: broadcast::Sender<Live>,
     running: bool,
+    /// When the gap being read is given up on ([`FILL_TIMEOUT`] after its
+    /// first read: a gap of large messages takes a read per megabyte).
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl Fill {
@@ -409,17 +415,24 @@ impl Fill {
             return false;
         };
         let want = usize::try_from(to - from + 1).unwrap_or(usize::MAX);
-        let read = tokio::time::timeout(
-            FILL_TIMEOUT,
-            self.hub
-                .store
-                .messages(&self.channel_id, from, to + 1, want, FILL_BYTES),
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + FILL_TIMEOUT);
+        let read = tokio::time::timeout_at(
+            deadline,
+            self.hub.store.messages(
+                &self.channel_id,
+                from,
+                to.saturating_add(1),
+                want,
+                FILL_BYTES,
+            ),
         )
         .await;
-        self.with_own_feed(|feed| {
+        let filled = self.with_own_feed(|feed| {
             if feed.generation != generation {
                 // Woken meanwhile: the subscribers read past this.
-                return true;
+                return Some(true);
             }
             match read {
                 Ok(Ok(messages)) if messages.first().is_some_and(|m| m.index == from) => {
@@ -427,18 +440,27 @@ impl Fill {
                         let index = message.index;
                         feed.offer(index, Live::of(message));
                     }
-                    true
+                    // The gap read whole: the next one gets a new deadline.
+                    Some(feed.last_index.is_some_and(|last| last >= to))
                 }
                 // An error, a timeout, or the gap's start missing: the
                 // subscribers read the store themselves.
                 _ => {
                     feed.give_up();
                     feed.filling = false;
-                    false
+                    None
                 }
             }
-        })
-        .unwrap_or(false)
+        });
+        match filled {
+            Some(Some(whole)) => {
+                if whole {
+                    self.deadline = None;
+                }
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -587,6 +609,7 @@ mod tests {
         hub.publish(message(1));
         hub.publish(message(3));
         assert_eq!(indices(&mut rx), [Some(1), Some(3)]);
+        assert!(!hub.state.lock().unwrap().feeds["c"].filling);
         // The hub still works (its lock was not poisoned).
         assert!(hub.subscribe("c").is_some());
     }
@@ -610,6 +633,7 @@ mod tests {
             channel_id: "c".into(),
             sender,
             running: true,
+            deadline: None,
         });
         assert_eq!(indices(&mut rx), [Some(3)]);
         assert!(!hub.state.lock().unwrap().feeds["c"].filling);

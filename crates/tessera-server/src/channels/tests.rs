@@ -1771,45 +1771,55 @@ async fn another_replicas_messages_are_read_once_by_the_hub_and_broadcast_whole_
 /// After a lost announcement (`Announced::Missed`) every subscriber is
 /// woken and reads the store itself; the hub starts afresh, so the next
 /// announcement goes out at once instead of the hub reading back, and
-/// broadcasting, everything stored meanwhile (which made subscribers lag,
-/// `Lagged(343)`, before the wake-up reset the hub).
+/// broadcasting, everything stored meanwhile (a backlog of 5: without the
+/// fresh start the first item after the wake-up is 2; of 598: the
+/// subscribers lagged, `Lagged(343)`, before gaps that wide were left to
+/// them).
 #[tokio::test]
 async fn after_a_missed_announcement_the_hub_does_not_read_back_the_backlog() {
-    let w = World::new();
-    let alice = w.user("alice").await;
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &[]).await;
-    let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
-    let mut raw = w.channels.hub.subscribe(CH).unwrap();
-    assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
-    // Another replica stores 2..=599 while this one's listening
-    // connection is down: nothing announced.
-    for chunk in (102u16..700).collect::<Vec<_>>().chunks(100) {
-        let batch: Vec<_> = chunk.iter().map(|&n| queued(length, "alice", n)).collect();
-        w.store.append_messages(&batch).await.unwrap();
-    }
-    w.channels.announced(crate::store::Announced::Missed);
-    // Listening again: the next message, 600, is announced.
-    w.store
-        .append_messages(&[queued(length, "alice", 700)])
-        .await
-        .unwrap();
-    w.channels.announced(crate::store::Announced::Message {
-        channel_id: CH.into(),
-        index: 600,
-    });
-    let mut first_after_wake = None;
-    let mut woken = false;
-    while first_after_wake.is_none() {
-        let item = tokio::time::timeout(Duration::from_secs(10), raw.recv())
-            .await
-            .expect("an item within 10 s");
-        match item {
-            Ok(super::hub::Live::Wake) => woken = true,
-            Ok(other) if woken => first_after_wake = Some(format!("{:?}", other.index())),
-            Ok(_) => {}
-            Err(e) => first_after_wake = Some(format!("{e:?}")),
+    for backlog in [5u16, 598] {
+        let w = World::new();
+        let alice = w.user("alice").await;
+        let mut chain = Chain::new();
+        w.create(&mut chain, &alice, &[]).await;
+        let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
+        let mut raw = w.channels.hub.subscribe(CH).unwrap();
+        assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
+        // Another replica stores 2..=backlog + 1 while this one's
+        // listening connection is down: nothing announced.
+        let ids: Vec<u16> = (1000..1000 + backlog).collect();
+        for chunk in ids.chunks(100) {
+            let batch: Vec<_> = chunk.iter().map(|&n| queued(length, "alice", n)).collect();
+            w.store.append_messages(&batch).await.unwrap();
         }
+        w.channels.announced(crate::store::Announced::Missed);
+        // Listening again: the next message is announced.
+        w.store
+            .append_messages(&[queued(length, "alice", 1)])
+            .await
+            .unwrap();
+        let next = u64::from(backlog) + 2;
+        w.channels.announced(crate::store::Announced::Message {
+            channel_id: CH.into(),
+            index: next,
+        });
+        let mut first_after_wake = None;
+        let mut woken = false;
+        while first_after_wake.is_none() {
+            let item = tokio::time::timeout(Duration::from_secs(10), raw.recv())
+                .await
+                .expect("an item within 10 s");
+            match item {
+                Ok(super::hub::Live::Wake) => woken = true,
+                Ok(other) if woken => first_after_wake = Some(format!("{:?}", other.index())),
+                Ok(_) => {}
+                Err(e) => first_after_wake = Some(format!("{e:?}")),
+            }
+        }
+        assert_eq!(
+            first_after_wake.unwrap(),
+            format!("Some({next})"),
+            "backlog {backlog}"
+        );
     }
-    assert_eq!(first_after_wake.unwrap(), "Some(600)");
 }

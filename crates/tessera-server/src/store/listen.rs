@@ -65,7 +65,9 @@ impl Announced {
         if parts.next().is_some() || channel_id.is_empty() {
             return None;
         }
-        let (channel_id, n) = (channel_id.to_owned(), n.parse().ok()?);
+        // Indices and lengths are BIGINT in the database.
+        let n: u64 = n.parse().ok().filter(|&n| i64::try_from(n).is_ok())?;
+        let channel_id = channel_id.to_owned();
         match kind {
             "m" => Some(Self::Message {
                 channel_id,
@@ -234,14 +236,24 @@ mod tests {
             },
             Announced::Chain {
                 channel_id: id.clone(),
-                length: u64::MAX,
+                length: i64::MAX as u64,
             },
         ] {
             assert_eq!(Announced::parse(&a.payload().unwrap()), Some(a));
         }
         assert_eq!(Announced::Missed.payload(), None);
         for bad in [
-            "", "m", "m id", "m id x", "m id -1", "x id 1", "m  1", "m id 1 2",
+            "",
+            "m",
+            "m id",
+            "m id x",
+            "m id -1",
+            "x id 1",
+            "m  1",
+            "m id 1 2",
+            // Past a BIGINT: no index or length is that large.
+            "m id 9223372036854775808",
+            "c id 18446744073709551615",
         ] {
             assert_eq!(Announced::parse(bad), None, "{bad:?}");
         }
