@@ -175,6 +175,15 @@ impl World {
         (alice, bob, carol, chain)
     }
 
+    /// Channel `CH` of alice alone, created by her: alice, and the
+    /// channel's chain length.
+    async fn channel_of_alice_alone(&self) -> (Dev, u64) {
+        let alice = self.user("alice").await;
+        self.create(&mut Chain::new(), &alice, &[]).await;
+        let length = self.store.channel(CH).await.unwrap().unwrap().chain_length;
+        (alice, length)
+    }
+
     /// Creates channel `CH` by `creator` (admin) with `members`.
     async fn create(&self, chain: &mut Chain, creator: &Dev, members: &[&str]) {
         let creation = chain.creation(creator, Visibility::Shared, members);
@@ -1605,9 +1614,7 @@ async fn a_full_queue_refuses_sends_and_abandoned_ones_are_not_stored() {
 #[tokio::test]
 async fn a_queued_send_is_stamped_when_stored() {
     let w = World::new();
-    let alice = w.user("alice").await;
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &[]).await;
+    let (alice, _) = w.channel_of_alice_alone().await;
     let held = w.channels.user_locks.of("alice").lock().await;
     let first = w.spawn_send(&alice, 1);
     w.queued_reaches(0).await;
@@ -1644,9 +1651,7 @@ async fn a_queued_send_is_stamped_when_stored() {
 async fn a_failed_flush_errs_only_the_messages_it_wrote() {
     let store = Arc::new(MemoryStore::default());
     let w = World::on(store.clone(), Limits::default());
-    let alice = w.user("alice").await;
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &[]).await;
+    let (alice, _) = w.channel_of_alice_alone().await;
     let mut raw = w.channels.hub.subscribe(CH).unwrap();
     let held = w.channels.user_locks.of("alice").lock().await;
     let blocker = w.spawn_send(&alice, 1);
@@ -1728,10 +1733,7 @@ async fn a_removed_members_retry_of_a_stored_send_is_answered_as_a_duplicate() {
 #[tokio::test]
 async fn another_replicas_messages_are_read_once_by_the_hub_and_broadcast_whole_in_order() {
     let w = World::new();
-    let alice = w.user("alice").await;
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &[]).await;
-    let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
+    let (alice, length) = w.channel_of_alice_alone().await;
     let mut raw = w.channels.hub.subscribe(CH).unwrap();
     let elsewhere = |n| queued(length, "alice", n);
     let announce = |index| {
@@ -1779,10 +1781,7 @@ async fn another_replicas_messages_are_read_once_by_the_hub_and_broadcast_whole_
 async fn after_a_missed_announcement_the_hub_does_not_read_back_the_backlog() {
     for backlog in [5u16, 598] {
         let w = World::new();
-        let alice = w.user("alice").await;
-        let mut chain = Chain::new();
-        w.create(&mut chain, &alice, &[]).await;
-        let length = w.store.channel(CH).await.unwrap().unwrap().chain_length;
+        let (alice, length) = w.channel_of_alice_alone().await;
         let mut raw = w.channels.hub.subscribe(CH).unwrap();
         assert_eq!(w.send(&alice, 0, 1).await.unwrap(), 1);
         // Another replica stores 2..=backlog + 1 while this one's

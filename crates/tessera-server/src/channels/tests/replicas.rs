@@ -35,7 +35,7 @@ async fn replica(pg: &Postgres, listens: bool) -> (World, Option<Listening>) {
 
 /// A subscription pulled all the time (as a client reading at once
 /// does), so it waits on its live feed whenever it has caught up; its
-/// events as labels.
+/// events as labels, an error as `err <code>`, and `end` when it ends.
 struct Live(tokio::sync::mpsc::UnboundedReceiver<String>);
 
 impl Live {
@@ -49,10 +49,15 @@ impl Live {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(event) = s.next().await {
-                if tx.send(label(event.unwrap())).is_err() {
+                let event = match event {
+                    Ok(event) => label(event),
+                    Err(e) => format!("err {:?}", e.code()),
+                };
+                if tx.send(event).is_err() {
                     return;
                 }
             }
+            let _ = tx.send("end".into());
         });
         Self(rx)
     }
@@ -265,29 +270,11 @@ async fn a_member_removed_elsewhere_gets_nothing_the_hub_fills_after_the_stateme
     let (alice, bob) = (a.user("alice").await, a.user("bob").await);
     let mut chain = Chain::new();
     a.create(&mut chain, &alice, &["bob"]).await;
-    let mut s = Box::pin(
-        a.channels
-            .subscribe(caller(&bob), CH.into(), 0)
-            .await
-            .unwrap(),
-    );
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(event) = s.next().await {
-            let l = match event {
-                Ok(e) => label(e),
-                Err(e) => format!("err {:?}", e.code()),
-            };
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-        let _ = tx.send("end".into());
-    });
-    assert_eq!(next_label(&mut rx).await, "chain1");
+    let mut bob_on_a = Live::of(&a, &bob, 0).await;
+    assert_eq!(bob_on_a.next(1).await, ["chain1"]);
     settle().await;
     a.send(&alice, 0, 1).await.unwrap();
-    assert_eq!(next_label(&mut rx).await, "m1");
+    assert_eq!(bob_on_a.next(1).await, ["m1"]);
     b.publish(
         &mut chain,
         &alice,
@@ -303,13 +290,5 @@ async fn a_member_removed_elsewhere_gets_nothing_the_hub_fills_after_the_stateme
     // broadcasts 2 and 3 whole.
     assert_eq!(a.send(&alice, 1, 3).await.unwrap(), 3);
     // The statement's check ends the stream before anything past it.
-    assert_eq!(next_label(&mut rx).await, "err PermissionDenied");
-    assert_eq!(next_label(&mut rx).await, "end");
-}
-
-async fn next_label(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("an event within 10 s")
-        .expect("open")
+    assert_eq!(bob_on_a.next(2).await, ["err PermissionDenied", "end"]);
 }
