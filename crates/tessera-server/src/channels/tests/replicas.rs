@@ -88,9 +88,7 @@ async fn subscribers_on_each_replica_get_what_either_stores_once_in_order() {
     let pg = Postgres::start();
     let (a, _a_listens) = replica(&pg, true).await;
     let (b, _b_listens) = replica(&pg, true).await;
-    let (alice, bob) = (a.user("alice").await, a.user("bob").await);
-    let mut chain = Chain::new();
-    a.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _, mut chain) = a.channel_of_alice_with(&["bob"]).await;
     let mut on_a = Live::of(&a, &bob, 0).await;
     let mut on_b = Live::of(&b, &bob, 0).await;
     assert_eq!(on_a.next(1).await, ["chain1"]);
@@ -149,9 +147,7 @@ async fn a_message_comes_after_a_statement_another_replica_accepted() {
     let pg = Postgres::start();
     let (a, _) = replica(&pg, false).await;
     let (b, _) = replica(&pg, false).await;
-    let (alice, bob) = (a.user("alice").await, a.user("bob").await);
-    let mut chain = Chain::new();
-    a.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _, mut chain) = a.channel_of_alice_with(&["bob"]).await;
     let mut live = Live::of(&a, &bob, 0).await;
     settle().await;
     a.send(&alice, 0, 1).await.unwrap();
@@ -195,9 +191,7 @@ async fn a_lost_listening_connection_is_made_again_and_nothing_stored_meanwhile_
     let admin = admin(&pg).await;
     let (a, _a_listens) = replica(&pg, true).await;
     let (b, _) = replica(&pg, false).await;
-    let (alice, bob) = (a.user("alice").await, a.user("bob").await);
-    let mut chain = Chain::new();
-    a.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _, _) = a.channel_of_alice_with(&["bob"]).await;
     let mut live = Live::of(&a, &bob, 0).await;
     assert_eq!(live.next(1).await, ["chain1"]);
     settle().await;
@@ -241,9 +235,7 @@ async fn a_lost_listening_connection_is_made_again_and_nothing_stored_meanwhile_
 async fn a_held_user_lock_does_not_stall_a_batch_on_postgres() {
     let pg = Postgres::start();
     let (w, _) = replica(&pg, false).await;
-    let (alice, bob) = (w.user("alice").await, w.user("bob").await);
-    let mut chain = Chain::new();
-    w.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _, _) = w.channel_of_alice_with(&["bob"]).await;
     let _held = w.channels.user_locks.of("alice").lock().await;
     let sent = tokio::time::timeout(Duration::from_secs(30), async {
         let (a, b) = tokio::join!(w.send(&alice, 0, 1), w.send(&bob, 0, 2));
@@ -267,9 +259,7 @@ async fn a_member_removed_elsewhere_gets_nothing_the_hub_fills_after_the_stateme
     let pg = Postgres::start();
     let (a, _) = replica(&pg, false).await;
     let (b, _) = replica(&pg, false).await;
-    let (alice, bob) = (a.user("alice").await, a.user("bob").await);
-    let mut chain = Chain::new();
-    a.create(&mut chain, &alice, &["bob"]).await;
+    let (alice, bob, _, mut chain) = a.channel_of_alice_with(&["bob"]).await;
     let mut bob_on_a = Live::of(&a, &bob, 0).await;
     assert_eq!(bob_on_a.next(1).await, ["chain1"]);
     settle().await;
