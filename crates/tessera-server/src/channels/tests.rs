@@ -208,6 +208,19 @@ impl World {
         Ok(())
     }
 
+    /// Publishes `by`'s removal of `identity` at `chain`'s head.
+    async fn remove(&self, chain: &mut Chain, by: &Dev, identity: &str) {
+        self.publish(
+            chain,
+            by,
+            Change::Remove {
+                identity: identity.into(),
+            },
+        )
+        .await
+        .unwrap();
+    }
+
     /// A world whose sends are stored one per batch, with channel `CH`
     /// made by alice; and the channel's chain length.
     async fn batches_of_one() -> (Self, u64) {
@@ -843,15 +856,7 @@ async fn only_admins_change_members_and_the_rules_answer_their_statuses() {
         .await
         .unwrap();
     w.publish(&mut chain, &carol, Change::Leave).await.unwrap();
-    w.publish(
-        &mut chain,
-        &bob,
-        Change::Remove {
-            identity: "dave".into(),
-        },
-    )
-    .await
-    .unwrap();
+    w.remove(&mut chain, &bob, "dave").await;
     let record = w.record().await;
     assert_eq!(record.name, "ours");
     assert_eq!(
@@ -1006,15 +1011,7 @@ async fn messages_name_the_current_epoch() {
     let epochs: Vec<(u64, u64)> = stored.iter().map(|m| (m.index, m.epoch)).collect();
     assert_eq!(epochs, [(1, 0), (2, 1)]);
     // A member removed cannot send, at any epoch; nor a revoked device.
-    w.publish(
-        &mut chain,
-        &alice,
-        Change::Remove {
-            identity: "bob".into(),
-        },
-    )
-    .await
-    .unwrap();
+    w.remove(&mut chain, &alice, "bob").await;
     assert_eq!(code(w.send(&bob, 2, 3).await), Code::PermissionDenied);
     let laptop = w.device("alice").await;
     w.revoke(&laptop).await;
@@ -1287,15 +1284,7 @@ async fn a_removed_member_gets_nothing_sent_after_the_removal() {
     assert_eq!(label(next_event(&mut live).await.unwrap()), "m1");
     // Bob does not read while he is removed and more is sent.
     w.send(&alice, 0, 2).await.unwrap();
-    w.publish(
-        &mut chain,
-        &alice,
-        Change::Remove {
-            identity: "bob".into(),
-        },
-    )
-    .await
-    .unwrap();
+    w.remove(&mut chain, &alice, "bob").await;
     w.send(&alice, 1, 3).await.unwrap();
     assert_eq!(label(next_event(&mut live).await.unwrap()), "m2");
     let end = next_event(&mut live).await.unwrap_err();
@@ -1704,15 +1693,7 @@ async fn a_removed_members_retry_of_a_stored_send_is_answered_as_a_duplicate() {
     let w = World::new();
     let (alice, bob, carol, mut chain) = w.channel_of_alice_with(&["bob", "carol"]).await;
     assert_eq!(w.send(&bob, 0, 7).await.unwrap(), 1);
-    w.publish(
-        &mut chain,
-        &alice,
-        Change::Remove {
-            identity: "bob".into(),
-        },
-    )
-    .await
-    .unwrap();
+    w.remove(&mut chain, &alice, "bob").await;
     // Its first answer was lost: the retry learns it was stored.
     let again = w
         .channels

@@ -265,15 +265,7 @@ async fn a_member_removed_elsewhere_gets_nothing_the_hub_fills_after_the_stateme
     settle().await;
     a.send(&alice, 0, 1).await.unwrap();
     assert_eq!(bob_on_a.next(1).await, ["m1"]);
-    b.publish(
-        &mut chain,
-        &alice,
-        Change::Remove {
-            identity: "bob".into(),
-        },
-    )
-    .await
-    .unwrap();
+    b.remove(&mut chain, &alice, "bob").await;
     assert_eq!(b.send(&alice, 1, 2).await.unwrap(), 2);
     settle().await;
     // This replica's own message past the gap: the hub reads 2 and
