@@ -137,9 +137,9 @@ impl Load {
         answer_bytes: u32,
     ) -> bool {
         match call {
-            Call::Echo => self.echo(worker, 0).await,
-            Call::SameSizeEcho => self.echo(worker, answer_bytes).await,
-            Call::TokenEcho => self.echo_with_token(worker, answer_bytes).await,
+            Call::Echo => self.echo(worker, 0, false).await,
+            Call::SameSizeEcho => self.echo(worker, answer_bytes, false).await,
+            Call::TokenEcho => self.echo(worker, answer_bytes, true).await,
             Call::Search => self.search(worker, seq, size, true).await,
             Call::SearchNoLists => self.search(worker, seq, size, false).await,
             Call::Register => self.register(worker).await,
@@ -197,29 +197,22 @@ impl Load {
             .into_inner())
     }
 
-    /// A 32-byte echo; with `answer_bytes`, answered with that many bytes.
-    async fn echo(&self, worker: usize, answer_bytes: u32) -> bool {
-        let mut client = self.echo[worker % self.echo.len()].clone();
-        client
-            .echo(EchoMessage {
-                payload: vec![7; 32],
-                answer_bytes,
-            })
-            .await
-            .is_ok()
-    }
-
-    /// [`Self::echo`] answered with `answer_bytes` and carrying the
-    /// search's `authorization` header: a search's transport without its
-    /// work (HTTP/2 never indexes an `authorization` value in HPACK, so
-    /// each call sends the whole token).
-    async fn echo_with_token(&self, worker: usize, answer_bytes: u32) -> bool {
+    /// A 32-byte echo; with `answer_bytes`, answered with that many bytes;
+    /// `with_token`: carrying the search's `authorization` header, so a
+    /// search's transport without its work (HTTP/2 never indexes an
+    /// `authorization` value in HPACK: each call sends the whole token).
+    async fn echo(&self, worker: usize, answer_bytes: u32, with_token: bool) -> bool {
         let mut client = self.echo[worker % self.echo.len()].clone();
         let message = EchoMessage {
             payload: vec![7; 32],
             answer_bytes,
         };
-        client.echo(with(&self.user_token, message)).await.is_ok()
+        let request = if with_token {
+            with(&self.user_token, message)
+        } else {
+            Request::new(message)
+        };
+        client.echo(request).await.is_ok()
     }
 
     /// Encoded size of one search answer at this directory size (`size`
